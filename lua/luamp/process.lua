@@ -1,0 +1,271 @@
+-- luamp.process: Process objects and the functions about processes (current_process,
+-- parent_process, active_children, getpid...). The fork itself, reaping and the
+-- end-of-program join live in runtime/process.c; this file keeps the Python-shaped state:
+-- names, identities, the daemon flag, exitcode and the list of active children.
+local core = require "luamp._core"
+local U = require "luamp.util"
+
+local raise = U.raise
+
+-- private state of each Process, keyed by the object (ephemeron table)
+local S = setmetatable({}, {__mode = "k"})
+
+local Process = {}
+local Process_mt = {}
+
+-- Per-process bookkeeping, reset in each child.
+local current          -- the Process object (or MainProcess) for this process
+local parent_info      -- {pid=, name=} of the process that started this one, or nil
+local children = {}    -- started and not yet known to have ended: object -> true
+local child_counter = 0
+
+local function check_open(self)
+  local s = S[self]
+  if s.closed then raise("Value", "process object is closed") end
+  return s
+end
+
+local function check_started(self, what)
+  local s = check_open(self)
+  if not s.handle then raise("Value", "cannot " .. what .. " a process that was not started") end
+  return s
+end
+
+local function note_exit(self, code)
+  if code ~= nil then children[self] = nil end
+  return code
+end
+
+local function exitcode(self)
+  local s = check_open(self)
+  if not s.handle then return nil end
+  if s.exitcode == nil then s.exitcode = note_exit(self, s.handle:poll()) end
+  return s.exitcode
+end
+
+local getters = {
+  name = function(self) return S[self].name end,
+  daemon = function(self) return S[self].daemon end,
+  pid = function(self)
+    local s = check_open(self)
+    return s.handle and s.handle:pid() or s.pid
+  end,
+  exitcode = exitcode,
+  sentinel = function(self)
+    return check_started(self, "get the sentinel of").handle:sentinel()
+  end,
+  authkey = function(self) return S[self].authkey end,
+}
+getters.ident = getters.pid
+
+Process_mt.__index = function(self, k)
+  local g = getters[k]
+  if g then return g(self) end
+  return Process[k]
+end
+
+Process_mt.__newindex = function(self, k, v)
+  local s = S[self]
+  if k == "name" then
+    if type(v) ~= "string" then raise("Value", "name must be a string") end
+    s.name = v
+  elseif k == "daemon" then
+    if s.handle then raise("Value", "cannot set daemon status of an active process") end
+    s.daemon = not not v
+  elseif getters[k] then
+    raise("Value", "cannot set " .. k)
+  else
+    rawset(self, k, v)
+  end
+end
+
+Process_mt.__tostring = function(self)
+  local s = S[self]
+  if s.closed then return string.format("<Process name=%s closed>", s.name) end
+  local state
+  if s.main then
+    state = "started"
+  elseif not s.handle then
+    state = "initial"
+  else
+    local code = exitcode(self)
+    state = code == nil and "started" or ("stopped exitcode=" .. code)
+  end
+  local pid = s.handle and (" pid=" .. s.handle:pid()) or (s.pid and (" pid=" .. s.pid) or "")
+  return string.format("<Process name=%s%s%s %s>", s.name, pid,
+    s.daemon and " daemon" or "", state)
+end
+
+Process_mt.__name = "luamp.Process"
+
+-- The target of the default run; subclass-style objects pass their own `run`.
+function Process:run()
+  local s = S[self]
+  if s.target then return s.target(U.unpack_args(s.args)) end
+end
+
+-- The child's traceback ends where luamp called the target: the frames below belong to
+-- the parent's program (its main chunk, a test runner) and would only mislead.
+local function traceback_handler(e)
+  local tb = debug.traceback(tostring(e), 2)
+  local cut = tb:find("\n%s*%(%.%.%.tail calls%.%.%.%)\n%s*%[C%]: in function 'xpcall'")
+           or tb:find("\n%s*%[C%]: in function 'xpcall'")
+  return cut and tb:sub(1, cut - 1) or tb
+end
+
+-- Runs in the child right after fork; its result is the exit code.
+local function child_main(self)
+  local s = S[self]
+  parent_info = {pid = core.parent_pid(), name = current and S[current].name or "MainProcess"}
+  current = self
+  s.pid = core.getpid()
+  children = {}
+  child_counter = 0
+  local ok, err = xpcall(self.run, traceback_handler, self)
+  io.stdout:flush()
+  if not ok then
+    io.stderr:write("Process ", s.name, ":\n", err, "\n")
+    io.stderr:flush()
+    return 1
+  end
+  return 0
+end
+
+function Process:start()
+  local s = check_open(self)
+  if s.handle then raise("Value", "cannot start a process twice") end
+  if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
+  s.handle = core.fork(function() return child_main(self) end, s.daemon)
+  children[self] = true
+end
+
+function Process:join(timeout)
+  U.check_timeout("join", timeout)
+  local s = check_started(self, "join")
+  if self == current then raise("Value", "cannot join the current process") end
+  local code = s.handle:wait(timeout)
+  if code ~= nil then s.exitcode = note_exit(self, code) end
+end
+
+function Process:is_alive()
+  local s = check_open(self)
+  if self == current then return true end
+  if not s.handle then return false end
+  return exitcode(self) == nil
+end
+
+function Process:terminate()
+  check_started(self, "terminate").handle:signal(core.SIGTERM)
+end
+
+function Process:kill()
+  check_started(self, "kill").handle:signal(core.SIGKILL)
+end
+
+function Process:close()
+  local s = S[self]
+  if s.closed then return end
+  if s.handle then
+    s.handle:close()          -- raises Value while the child runs
+    children[self] = nil
+  end
+  s.closed = true
+end
+
+local known = {target = true, args = true, name = true, daemon = true, run = true, group = true}
+
+local function new_process(opts)
+  opts = U.options("Process", opts, nil, known, type(opts) == "table" and opts.run ~= nil)
+  if opts.target ~= nil and type(opts.target) ~= "function" and not (getmetatable(opts.target) or {}).__call then
+    raise("Value", "Process: target must be callable")
+  end
+  if opts.args ~= nil and type(opts.args) ~= "table" then raise("Value", "Process: args must be a table") end
+  if opts.name ~= nil and type(opts.name) ~= "string" then raise("Value", "Process: name must be a string") end
+  local self = setmetatable({}, Process_mt)
+  child_counter = child_counter + 1
+  local identity = (current and S[current].identity or "") .. (current and not S[current].main and ":" or "") .. child_counter
+  S[self] = {
+    target = opts.target,
+    args = opts.args,
+    identity = identity,
+    name = opts.name or ("Process-" .. identity),
+    daemon = opts.daemon and true or false,
+  }
+  if opts.run ~= nil then
+    if type(opts.run) ~= "function" then raise("Value", "Process: run must be a function") end
+    for k, v in pairs(opts) do
+      if not known[k] then rawset(self, k, v) end
+    end
+    rawset(self, "run", opts.run)
+  end
+  return self
+end
+
+-- The main process as a Process-like object.
+local main = setmetatable({}, Process_mt)
+S[main] = {name = "MainProcess", identity = "", main = true, daemon = false, pid = core.getpid()}
+current = main
+
+-- A handle on the process that started this one: pid, name, is_alive, join, sentinel.
+local Parent = {}
+Parent.__index = Parent
+Parent.__name = "luamp.ParentProcess"
+function Parent:is_alive() return core.getppid() == self.pid end
+function Parent:join(timeout)
+  U.check_timeout("join", timeout)
+  if not self:is_alive() then return end
+  local fd = rawget(self, "sentinel")
+  if fd then core.wait_fds({fd}, timeout) end
+end
+Parent.__tostring = function(self)
+  return string.format("<ParentProcess name=%s pid=%d %s>", self.name, self.pid,
+    self:is_alive() and "started" or "stopped")
+end
+
+local parent_obj
+local P = {}
+
+function P.Process(opts) return new_process(opts) end
+
+function P.current_process()
+  -- the pid is read live: after a raw fork outside luamp, it is still right
+  if S[current].main then S[current].pid = core.getpid() end
+  return current
+end
+
+function P.parent_process()
+  if not parent_info then return nil end
+  if not parent_obj or parent_obj.pid ~= parent_info.pid then
+    parent_obj = setmetatable({pid = parent_info.pid, name = parent_info.name,
+      sentinel = core.pidfd_open(parent_info.pid)}, Parent)
+  end
+  return parent_obj
+end
+
+function P.active_children()
+  local list = {}
+  for p in pairs(children) do
+    if exitcode(p) == nil then list[#list + 1] = p end
+  end
+  table.sort(list, function(a, b) return S[a].identity < S[b].identity end)
+  return list
+end
+
+P.cpu_count = core.cpu_count
+P.getpid = core.getpid
+P.getppid = core.getppid
+P.sleep = core.sleep
+P.time = core.time
+
+local method = "fork"
+local methods = {fork = true}
+function P.get_start_method() return method end
+function P.get_all_start_methods() return {"fork"} end
+function P.set_start_method(m)
+  if not methods[m] then
+    raise("Value", "unknown or unsupported start method: " .. tostring(m))
+  end
+  method = m
+end
+
+return P

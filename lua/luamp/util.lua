@@ -1,0 +1,47 @@
+-- luamp.util: small helpers the Lua parts share (option tables, argument checks).
+local core = require "luamp._core"
+
+local U = {}
+
+function U.raise(kind, message, fields)
+  core.raise(kind, message, fields)
+end
+
+-- Normalises `Ctor(x)` / `Ctor{...}`: a plain table (no metatable) is the options table,
+-- anything else is the single positional option `positional`. Unknown keys raise Value
+-- unless `allow_extra` is set.
+function U.options(what, arg, positional, known, allow_extra)
+  local opts
+  if type(arg) == "table" and getmetatable(arg) == nil then
+    opts = arg
+  elseif arg == nil then
+    opts = {}
+  elseif positional then
+    opts = {[positional] = arg}
+  else
+    U.raise("Value", what .. ": expected an options table, got " .. type(arg))
+  end
+  if not allow_extra then
+    for k in pairs(opts) do
+      if not known[k] then
+        U.raise("Value", string.format("%s: unknown option '%s'", what, tostring(k)))
+      end
+    end
+  end
+  return opts
+end
+
+-- Argument list with nils: honours `n` (as table.pack makes it), else #t.
+function U.unpack_args(t)
+  if t == nil then return end
+  return table.unpack(t, 1, t.n or #t)
+end
+
+function U.check_timeout(what, t)
+  if t ~= nil and (type(t) ~= "number" or t ~= t) then
+    U.raise("Value", what .. ": timeout must be a number of seconds or nil")
+  end
+  return t
+end
+
+return U

@@ -1,0 +1,108 @@
+/*
+ * internal.h — what the runtime's C files share with each other and nobody else.
+ *
+ * Conventions every runtime file follows:
+ *  - Each concept file exports `int luamp_open_<concept>(lua_State *L)`, called by
+ *    luaopen_luamp with the core table (`luamp._core`, the private C surface that the
+ *    Lua modules under lua/ build the public API from) on top of the stack.
+ *  - Errors are raised with luamp_raise(), never with a plain string.
+ *  - Blocking waits go through luamp_wait_fds(), the runtime's one wait primitive.
+ */
+#ifndef LUAMP_INTERNAL_H
+#define LUAMP_INTERNAL_H
+
+#include <errno.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "luamp.h"
+
+/* ---- errors (error.c) ---------------------------------------------------------------
+ * A luamp error is a table {kind = "Timeout", message = "..."} with a shared metatable
+ * whose __tostring gives "luamp.Timeout: ...". */
+#define LUAMP_ERROR_KINDS(X) \
+  X(Timeout) X(Empty) X(Full) X(EOF) X(BrokenPipe) X(Closed) X(Value) X(Serialize) \
+  X(Remote) X(WorkerLost) X(BrokenBarrier) X(Auth) X(CalledProcess) X(NotFound) \
+  X(Interrupted)
+
+/* Pushes a new error object of `kind` (e.g. "Value") with a formatted message. */
+void luamp_error_push(lua_State *L, const char *kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Pushes the error object and raises it. Never returns. Call only when the C frame holds
+ * no malloc'd memory, fd or lock that would leak. */
+int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4), noreturn));
+/* Raises an error of `kind` whose message is "<what>: strerror(err)". */
+int luamp_raise_errno(lua_State *L, const char *kind, const char *what, int err)
+    __attribute__((noreturn));
+
+/* ---- time and waiting (wait.c) -------------------------------------------------------- */
+
+/* Monotonic seconds. */
+double luamp_now(void);
+/* Deadline for a Lua timeout argument at idx: nil/none -> -1 (forever), else now+t
+ * (a negative t is treated as 0). Raises Value for a non-number. */
+double luamp_deadline_arg(lua_State *L, int idx);
+/* Waits until one of fds is ready (events as for poll(2)) or the deadline passes
+ * (deadline < 0: forever). Retries EINTR with the remaining time; if an interrupt
+ * (SIGINT seen by the host) is pending it returns -2. Returns the number of ready fds
+ * (revents set), 0 on timeout, -1 with errno on failure. */
+int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
+/* Async-signal-safe: marks a Ctrl-C for the next (or current) wait to report. The host's
+ * SIGINT handler calls it; the library itself installs no signal handler. */
+void luamp_request_interrupt(void);
+/* Returns and clears the pending-interrupt mark. */
+int luamp_take_interrupt(void);
+
+/* ---- fds ------------------------------------------------------------------------------ */
+
+/* close() that keeps errno and never retries on EINTR (Linux frees the fd anyway). */
+void luamp_close_fd(int fd);
+
+/* ---- the value codec (codec.c) --------------------------------------------------------
+ * A growable byte buffer; the codec appends to it. */
+typedef struct luamp_buf {
+  char *data;
+  size_t len, cap;
+} luamp_buf;
+
+void luamp_buf_init(luamp_buf *b);
+int luamp_buf_reserve(luamp_buf *b, size_t extra);   /* 0 ok, -1 ENOMEM */
+void luamp_buf_free(luamp_buf *b);
+
+/* Encodes the value at idx, appending to b. On failure returns -1 and pushes an error
+ * object (Serialize, naming the path to the offending value); b's contents are then
+ * unspecified but it is still freeable. Returns 0 on success, pushing nothing. */
+int luamp_encode(lua_State *L, int idx, luamp_buf *b);
+/* Decodes len bytes; on success pushes the value and returns 0; on malformed input
+ * pushes a Serialize error object and returns -1. Never reads past len. */
+int luamp_decode(lua_State *L, const char *data, size_t len);
+
+/* ---- processes (process.c) ------------------------------------------------------------ */
+
+/* fork() with the runtime's discipline (stdio flushed, signals blocked across it, child
+ * state reset). Returns as fork() does. `daemon` marks the child as a daemon: it dies
+ * with its parent and may not start children. */
+pid_t luamp_fork(int daemon);
+/* True in a daemon process (which may not start children). */
+int luamp_is_daemon(void);
+/* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
+void luamp_children_finish(void);
+
+/* ---- host settings (module.c) -------------------------------------------------------- */
+struct uv_loop_s *luamp_loop(void);          /* the host's loop, or libuv's default */
+const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */
+
+/* ---- module openers (one per concept file) -------------------------------------------- */
+int luamp_open_error(lua_State *L);
+int luamp_open_wait(lua_State *L);
+int luamp_open_codec(lua_State *L);
+int luamp_open_process(lua_State *L);
+int luamp_open_repl(lua_State *L);
+
+#endif

@@ -1,0 +1,375 @@
+/*
+ * process.c — child processes started by fork, and the registry that outlives them.
+ *
+ * luamp_fork() is the only place the runtime forks: stdio is flushed first (so nothing
+ * prints twice), every signal is blocked across the fork (so no handler runs in a
+ * half-made child), and the child resets the state it must not share with its parent.
+ *
+ * Each child has a C record in a process-wide list, independent of Lua's collector, so
+ * that a child whose Process object was dropped is still joined when the program ends
+ * (luamp_children_finish: daemons get SIGTERM, then everyone is reaped). Records are
+ * reaped by pid only — never waitpid(-1), which would steal other code's children —
+ * and watched through a pidfd, which is also the Process sentinel: it becomes readable
+ * when the child ends, even if the child's own children live on.
+ *
+ * The Lua side sees a "luamp.Child" handle: wait, poll, signal, sentinel, close. A
+ * handle inherited by a forked child belongs to another process: there it only frees
+ * its copy and never kills or reaps anything.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define CHILD_MT "luamp.Child"
+
+typedef struct child {
+  pid_t pid;
+  pid_t owner;          /* the process that forked it: only it may wait or signal */
+  int pidfd;
+  int daemon;
+  int reaped;
+  int exitcode;         /* valid once reaped: status, or -signal */
+  int has_handle;       /* a Lua handle still points here */
+  struct child *prev, *next;   /* live list, while not reaped */
+} child;
+
+static child *live_children;
+static int in_daemon;
+static pid_t parent_at_fork;    /* who forked this process, 0 in the first process */
+
+int luamp_is_daemon(void) { return in_daemon; }
+
+static void list_remove(child *c) {
+  if (c->prev) c->prev->next = c->next;
+  else if (live_children == c) live_children = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = c->next = NULL;
+}
+
+static void list_push(child *c) {
+  c->prev = NULL;
+  c->next = live_children;
+  if (live_children) live_children->prev = c;
+  live_children = c;
+}
+
+static int exitcode_of(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return -WTERMSIG(status);
+  return 255;
+}
+
+static void child_free(child *c) {
+  luamp_close_fd(c->pidfd);
+  free(c);
+}
+
+/* Reaps c if it has ended (or waits for it when `block`). Returns 1 once reaped. */
+static int child_reap(child *c, int block) {
+  if (c->reaped) return 1;
+  int status;
+  pid_t r;
+  do r = waitpid(c->pid, &status, block ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
+  if (r == 0) return 0;
+  if (r < 0) {
+    /* ECHILD: reaped behind our back (SIGCHLD set to SIG_IGN by a host); the status is
+     * lost, so report the conventional "unknown failure" code. */
+    c->exitcode = 255;
+  } else {
+    c->exitcode = exitcode_of(status);
+  }
+  c->reaped = 1;
+  list_remove(c);
+  return 1;
+}
+
+void luamp_children_finish(void) {
+  pid_t me = getpid();
+  for (child *c = live_children; c; c = c->next)
+    if (c->owner == me && c->daemon) kill(c->pid, SIGTERM);
+  while (live_children) {
+    child *c = live_children;
+    if (c->owner != me) { list_remove(c); continue; }
+    child_reap(c, 1);
+    if (!c->has_handle) child_free(c);
+  }
+}
+
+/* In a new child: nothing in the inherited list is ours to wait for. */
+static void reset_after_fork(int daemon, pid_t parent) {
+  live_children = NULL;
+  in_daemon = daemon;
+  parent_at_fork = parent;
+  luamp_take_interrupt();
+  if (daemon) {
+    /* A daemon dies with its parent; if the parent is already gone (the race between
+     * fork and prctl), go now. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+  }
+}
+
+pid_t luamp_fork(int daemon) {
+  sigset_t all, old;
+  pid_t parent = getpid();
+  fflush(NULL);
+  sigfillset(&all);
+  sigprocmask(SIG_BLOCK, &all, &old);
+  pid_t pid = fork();
+  int saved = errno;
+  if (pid == 0) reset_after_fork(daemon, parent);
+  sigprocmask(SIG_SETMASK, &old, NULL);
+  errno = saved;
+  return pid;
+}
+
+/* Leaves a child process: its own children are settled, stdio flushed, and no atexit
+ * handler or finalizer of the parent's program runs. */
+static _Noreturn void child_exit(int code) {
+  luamp_children_finish();
+  fflush(NULL);
+  _exit(code & 0xff);
+}
+
+static int pidfd_open_cloexec(pid_t pid) {
+  /* pidfds are always close-on-exec */
+  return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+/* ---- Lua binding ---------------------------------------------------------------------- */
+
+typedef struct { child *c; } child_ud;
+
+static child *check_child(lua_State *L) {
+  child_ud *u = luaL_checkudata(L, 1, CHILD_MT);
+  if (!u->c) luamp_raise(L, "Value", "process object is closed");
+  return u->c;
+}
+
+static child *check_own_child(lua_State *L) {
+  child *c = check_child(L);
+  if (c->owner != getpid()) luamp_raise(L, "Value", "can only wait for or signal a child of this process");
+  return c;
+}
+
+/* os.exit replacement inside a child: same arguments as Lua's, but leaves via _exit. */
+static int l_child_os_exit(lua_State *L) {
+  int code;
+  if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
+  else code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+  child_exit(code);
+}
+
+static void install_child_os_exit(lua_State *L) {
+  if (lua_getglobal(L, "os") == LUA_TTABLE) {
+    lua_pushcfunction(L, l_child_os_exit);
+    lua_setfield(L, -2, "exit");
+  }
+  lua_pop(L, 1);
+}
+
+/* _core.fork(entry, [daemon]) -> Child handle in the parent. In the child, calls
+ * entry() and exits with its integer result (0 if none, 1 if it raised); never returns. */
+static int l_fork(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  int daemon = lua_toboolean(L, 2);
+  if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->c = NULL;
+  luaL_setmetatable(L, CHILD_MT);
+  child *c = calloc(1, sizeof *c);
+  if (!c) luamp_raise(L, "Value", "out of memory");
+  c->pidfd = -1;
+  pid_t pid = luamp_fork(daemon);
+  if (pid < 0) {
+    int err = errno;
+    free(c);
+    luamp_raise_errno(L, "Value", "fork", err);
+  }
+  if (pid == 0) {
+    install_child_os_exit(L);
+    lua_pushvalue(L, 1);
+    int code = 0;
+    if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
+      fprintf(stderr, "%s\n", luaL_tolstring(L, -1, NULL));
+      code = 1;
+    } else if (lua_isinteger(L, -1)) {
+      code = (int)lua_tointeger(L, -1);
+    }
+    child_exit(code);
+  }
+  c->pid = pid;
+  c->owner = getpid();
+  c->daemon = daemon;
+  c->has_handle = 1;
+  c->pidfd = pidfd_open_cloexec(pid);
+  list_push(c);
+  u->c = c;
+  return 1;
+}
+
+static int l_child_pid(lua_State *L) {
+  lua_pushinteger(L, check_child(L)->pid);
+  return 1;
+}
+
+static int l_child_sentinel(lua_State *L) {
+  lua_pushinteger(L, check_child(L)->pidfd);
+  return 1;
+}
+
+/* :poll() -> exitcode or nil while running */
+static int l_child_poll(lua_State *L) {
+  child *c = check_own_child(L);
+  if (!child_reap(c, 0)) return 0;
+  lua_pushinteger(L, c->exitcode);
+  return 1;
+}
+
+/* :wait([timeout]) -> exitcode, or nil if the timeout passed first */
+static int l_child_wait(lua_State *L) {
+  child *c = check_own_child(L);
+  double deadline = luamp_deadline_arg(L, 2);
+  while (!child_reap(c, 0)) {
+    struct pollfd pfd = {.fd = c->pidfd, .events = POLLIN};
+    int n = luamp_wait_fds(&pfd, 1, deadline);
+    if (n == 0) return 0;
+    if (n == -2) {
+      luamp_take_interrupt();
+      luamp_raise(L, "Interrupted", "interrupted while joining process %d", (int)c->pid);
+    }
+    if (n < 0) luamp_raise_errno(L, "Value", "join", errno);
+  }
+  lua_pushinteger(L, c->exitcode);
+  return 1;
+}
+
+/* :signal(signum): a no-op once the child has been reaped (its pid may be reused). */
+static int l_child_signal(lua_State *L) {
+  child *c = check_own_child(L);
+  int sig = (int)luaL_checkinteger(L, 2);
+  if (!c->reaped && kill(c->pid, sig) < 0 && errno != ESRCH)
+    luamp_raise_errno(L, "Value", "kill", errno);
+  return 0;
+}
+
+static void child_release(child_ud *u) {
+  child *c = u->c;
+  if (!c) return;
+  u->c = NULL;
+  if (c->owner != getpid()) { child_free(c); return; }   /* our copy of a parent's record */
+  c->has_handle = 0;
+  if (c->reaped) child_free(c);   /* else luamp_children_finish frees it */
+}
+
+/* :close(): running -> Value; idempotent */
+static int l_child_close(lua_State *L) {
+  child_ud *u = luaL_checkudata(L, 1, CHILD_MT);
+  if (u->c && u->c->owner == getpid() && !child_reap(u->c, 0))
+    luamp_raise(L, "Value", "cannot close a process while it is still running");
+  child_release(u);
+  return 0;
+}
+
+static int l_child_gc(lua_State *L) {
+  child_release(luaL_checkudata(L, 1, CHILD_MT));
+  return 0;
+}
+
+static int l_child_tostring(lua_State *L) {
+  child_ud *u = luaL_checkudata(L, 1, CHILD_MT);
+  if (!u->c) lua_pushliteral(L, "<luamp.Child closed>");
+  else lua_pushfstring(L, "<luamp.Child pid=%d>", (int)u->c->pid);
+  return 1;
+}
+
+static int l_getpid(lua_State *L) { lua_pushinteger(L, getpid()); return 1; }
+static int l_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
+static int l_is_daemon(lua_State *L) { lua_pushboolean(L, in_daemon); return 1; }
+
+/* the pid of the process that forked this one, or nil in the first process */
+static int l_parent_pid(lua_State *L) {
+  if (!parent_at_fork) return 0;
+  lua_pushinteger(L, parent_at_fork);
+  return 1;
+}
+
+static int l_cpu_count(lua_State *L) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  lua_pushinteger(L, n > 0 ? n : 1);
+  return 1;
+}
+
+/* pid_alive(pid, [pidfd]) -> boolean: for processes we did not fork (the parent). */
+static int l_pid_alive(lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  lua_pushboolean(L, kill(pid, 0) == 0 || errno == EPERM);
+  return 1;
+}
+
+/* pidfd_open(pid) -> fd that becomes readable when pid ends, or nil, message */
+static int l_pidfd_open(lua_State *L) {
+  int fd = pidfd_open_cloexec((pid_t)luaL_checkinteger(L, 1));
+  if (fd < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, strerror(errno));
+    return 2;
+  }
+  lua_pushinteger(L, fd);
+  return 1;
+}
+
+static int l_close_fd(lua_State *L) {
+  luamp_close_fd((int)luaL_checkinteger(L, 1));
+  return 0;
+}
+
+int luamp_open_process(lua_State *L) {
+  static const luaL_Reg child_methods[] = {
+    {"pid", l_child_pid},
+    {"sentinel", l_child_sentinel},
+    {"poll", l_child_poll},
+    {"wait", l_child_wait},
+    {"signal", l_child_signal},
+    {"close", l_child_close},
+    {NULL, NULL}
+  };
+  static const luaL_Reg child_meta[] = {
+    {"__gc", l_child_gc},
+    {"__close", l_child_gc},
+    {"__tostring", l_child_tostring},
+    {"__index", NULL},
+    {NULL, NULL}
+  };
+  static const luaL_Reg fns[] = {
+    {"fork", l_fork},
+    {"getpid", l_getpid},
+    {"getppid", l_getppid},
+    {"is_daemon", l_is_daemon},
+    {"parent_pid", l_parent_pid},
+    {"cpu_count", l_cpu_count},
+    {"pid_alive", l_pid_alive},
+    {"pidfd_open", l_pidfd_open},
+    {"close_fd", l_close_fd},
+    {NULL, NULL}
+  };
+  if (luaL_newmetatable(L, CHILD_MT)) {
+    luaL_setfuncs(L, child_meta, 0);
+    luaL_newlib(L, child_methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  luaL_setfuncs(L, fns, 0);
+  lua_pushinteger(L, SIGTERM);
+  lua_setfield(L, -2, "SIGTERM");
+  lua_pushinteger(L, SIGKILL);
+  lua_setfield(L, -2, "SIGKILL");
+  return 0;
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages luamp needs (only those missing), then builds into
+# ${LUAMP_BUILD:-build}. LUAMP_SANITIZE=1 builds with ASan+UBSan.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=(cmake gcc make pkg-config liblua5.4-dev lua5.4 libuv1-dev libedit-dev lua-busted
+      libsodium-dev python3)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+build=${LUAMP_BUILD:-build}
+cmake -S . -B "$build" -DLUAMP_SANITIZE="${LUAMP_SANITIZE:-0}" >/dev/null
+cmake --build "$build" -j"$(nproc)"

@@ -1,0 +1,66 @@
+-- Shared by the specs: the module under test, where the build is, and a way to run the
+-- luamp host on a script and see its output and exit status.
+local H = {}
+
+H.build = os.getenv("LUAMP_BUILD") or "build"
+H.luamp = require "luamp"
+H.root = (function()
+  local p = io.popen("pwd")
+  local d = p:read("l")
+  p:close()
+  return d
+end)()
+H.host = H.root .. "/" .. H.build .. "/luamp"
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+H.q = shell_quote
+
+-- Runs a shell command; returns stdout, exit code (-N if killed by signal N).
+function H.sh(cmd)
+  local p = io.popen(cmd, "r")
+  local out = p:read("a")
+  local ok, how, code = p:close()
+  if how == "signal" then code = -code end
+  return out, code
+end
+
+-- Runs the luamp host with args (a list) and optional stdin text; stderr is captured
+-- separately. Returns stdout, stderr, exit code.
+function H.run(args, stdin)
+  local errf = os.tmpname()
+  local inf
+  local cmd = shell_quote(H.host)
+  for _, a in ipairs(args) do cmd = cmd .. " " .. shell_quote(a) end
+  if stdin then
+    inf = os.tmpname()
+    local f = assert(io.open(inf, "wb")); f:write(stdin); f:close()
+    cmd = cmd .. " < " .. inf
+  else
+    cmd = cmd .. " < /dev/null"
+  end
+  local out, code = H.sh(cmd .. " 2> " .. errf)
+  local f = assert(io.open(errf, "rb")); local err = f:read("a"); f:close()
+  os.remove(errf)
+  if inf then os.remove(inf) end
+  return out, err, code
+end
+
+-- Writes a Lua script to a temp file and returns its path.
+function H.script(src)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w")); f:write(src); f:close()
+  return path
+end
+
+-- Asserts that fn raises a luamp error of `kind`; returns the error object.
+function H.raises(kind, fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert(not ok, "expected a luamp." .. kind .. " error, but the call succeeded")
+  assert(type(err) == "table" and err.kind == kind,
+    "expected a luamp." .. kind .. " error, got " .. tostring(err))
+  return err
+end
+
+return H
