@@ -34,4 +34,19 @@ int luamp_decode(lua_State *L, const char *data, size_t len) {
   return -1;
 }
 
-int luamp_open_codec(lua_State *L) { (void)L; return 0; }
+/* _core.register_handle(type_name, rebuild) */
+static int l_register_handle(lua_State *L) {
+  luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUAMP_HANDLES_KEY);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  lua_rawset(L, -3);
+  return 0;
+}
+
+int luamp_open_codec(lua_State *L) {
+  lua_pushcfunction(L, l_register_handle);
+  lua_setfield(L, -2, "register_handle");
+  return 0;
+}

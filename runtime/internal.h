@@ -83,6 +83,13 @@ int luamp_encode(lua_State *L, int idx, luamp_buf *b);
  * pushes a Serialize error object and returns -1. Never reads past len. */
 int luamp_decode(lua_State *L, const char *data, size_t len);
 
+/* Handles: a luamp object (userdata or table) crosses the codec by reference when its
+ * metatable has a field __luamp_handle = function(obj) -> type_name, payload. The payload
+ * is any codec value (say {fd = 7, offset = 64}); the receiver rebuilds the object by
+ * calling the function registered for type_name with _core.register_handle(type_name,
+ * function(payload) -> obj). Registrations live in the registry table "luamp.handles". */
+#define LUAMP_HANDLES_KEY "luamp.handles"
+
 /* ---- processes (process.c) ------------------------------------------------------------ */
 
 /* fork() with the runtime's discipline (stdio flushed, signals blocked across it, child
@@ -104,5 +111,10 @@ int luamp_open_wait(lua_State *L);
 int luamp_open_codec(lua_State *L);
 int luamp_open_process(lua_State *L);
 int luamp_open_repl(lua_State *L);
+int luamp_open_sync(lua_State *L);
+int luamp_open_shared(lua_State *L);
+int luamp_open_subprocess(lua_State *L);
+int luamp_open_connection(lua_State *L);
+int luamp_open_queue(lua_State *L);
 
 #endif

@@ -88,6 +88,11 @@ static const opener openers[] = {
   luamp_open_codec,
   luamp_open_process,
   luamp_open_repl,
+  luamp_open_sync,
+  luamp_open_shared,
+  luamp_open_subprocess,
+  luamp_open_connection,
+  luamp_open_queue,
   NULL
 };
 
