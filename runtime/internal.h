@@ -105,6 +105,10 @@ void luamp_children_finish(void);
 struct uv_loop_s *luamp_loop(void);          /* the host's loop, or libuv's default */
 const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */
 
+/* Called in every new child by luamp_fork (subprocess.c): libuv state inherited from the
+ * parent must be re-made (uv_loop_fork) before the child uses it. */
+void luamp_subprocess_after_fork(void);
+
 /* ---- module openers (one per concept file) -------------------------------------------- */
 int luamp_open_error(lua_State *L);
 int luamp_open_wait(lua_State *L);

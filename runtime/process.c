@@ -108,6 +108,7 @@ static void reset_after_fork(int daemon, pid_t parent) {
   in_daemon = daemon;
   parent_at_fork = parent;
   luamp_take_interrupt();
+  luamp_subprocess_after_fork();
   if (daemon) {
     /* A daemon dies with its parent; if the parent is already gone (the race between
      * fork and prctl), go now. */
