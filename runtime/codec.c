@@ -77,12 +77,20 @@ void luamp_buf_free(luamp_buf *b) { free(b->data); luamp_buf_init(b); }
 /* ---- little-endian fixed-width and varint helpers --------------------------------- */
 
 static inline void store_le(unsigned char *p, uint64_t v, int n) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  memcpy(p, &v, (size_t)n);
+#else
   for (int i = 0; i < n; i++) p[i] = (unsigned char)(v >> (8 * i));
+#endif
 }
 
 static inline uint64_t load_le(const unsigned char *p, int n) {
   uint64_t v = 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  memcpy(&v, p, (size_t)n);
+#else
   for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+#endif
   return v;
 }
 
@@ -95,63 +103,71 @@ static inline int varint_put(unsigned char *p, uint64_t v) {
 
 /* ---- pointer memo: object/upvalue identity -> reference number ---------------------- */
 
+/* Entries from earlier calls (older gen) count as empty, so a memo kept between calls
+ * is cleared in O(1). Values are 32-bit: no message holds 4 billion objects. */
+typedef struct memo_entry { const void *key; uint32_t val, gen; } memo_entry;
 typedef struct memo {
-  const void **keys;
-  uint64_t *vals;
-  size_t cap, count;      /* cap is 0 or a power of two */
+  memo_entry *e;
+  size_t cap, count;      /* cap is 0 or a power of two; count: entries of this gen */
+  uint32_t gen;
 } memo;
 
+/* Keeps neighbouring addresses in neighbouring slots: objects built one after another
+ * (the common case) then probe memory in order instead of at random, which is most of
+ * the memo's cost; the high bits folded in break up regular strides. */
 static inline size_t memo_hash(const void *p, size_t mask) {
   uint64_t h = (uint64_t)(uintptr_t)p;
-  h ^= h >> 29;
-  h *= 0x9e3779b97f4a7c15ull;
-  return (size_t)(h >> 32) & mask;
-}
-
-static int memo_find(const memo *m, const void *key, uint64_t *val) {
-  if (!m->count) return 0;
-  size_t mask = m->cap - 1;
-  for (size_t i = memo_hash(key, mask);; i = (i + 1) & mask) {
-    if (m->keys[i] == key) { *val = m->vals[i]; return 1; }
-    if (!m->keys[i]) return 0;
-  }
+  return (size_t)((h >> 4) ^ (h >> 23) ^ (h >> 41)) & mask;
 }
 
 static int memo_grow(memo *m) {
   size_t ncap = m->cap ? m->cap * 2 : 64;
-  const void **nk = calloc(ncap, sizeof *nk);
-  uint64_t *nv = malloc(ncap * sizeof *nv);
-  if (!nk || !nv) { free(nk); free(nv); return -1; }
+  memo_entry *ne = calloc(ncap, sizeof *ne);
+  if (!ne) return -1;
   for (size_t i = 0; i < m->cap; i++) {
-    if (!m->keys[i]) continue;
-    size_t j = memo_hash(m->keys[i], ncap - 1);
-    while (nk[j]) j = (j + 1) & (ncap - 1);
-    nk[j] = m->keys[i];
-    nv[j] = m->vals[i];
+    if (m->e[i].gen != m->gen) continue;
+    size_t j = memo_hash(m->e[i].key, ncap - 1);
+    while (ne[j].gen == m->gen) j = (j + 1) & (ncap - 1);
+    ne[j] = m->e[i];
   }
-  free(m->keys);
-  free(m->vals);
-  m->keys = nk;
-  m->vals = nv;
+  free(m->e);
+  m->e = ne;
   m->cap = ncap;
   return 0;
 }
 
-/* Only called for keys known to be absent. */
-static int memo_add(memo *m, const void *key, uint64_t val) {
-  if ((m->count + 1) * 2 > m->cap && memo_grow(m)) return -1;
-  size_t mask = m->cap - 1, i = memo_hash(key, mask);
-  while (m->keys[i]) i = (i + 1) & mask;
-  m->keys[i] = key;
-  m->vals[i] = val;
+/* The entry for key: either holding it (gen current), or free where it belongs; the
+ * caller fills a free one with memo_fill before any other memo call. NULL when out of
+ * memory. */
+static inline memo_entry *memo_slot(memo *m, const void *key) {
+  if ((m->count + 1) * 2 > m->cap && memo_grow(m)) return NULL;
+  size_t mask = m->cap - 1;
+  for (size_t i = memo_hash(key, mask);; i = (i + 1) & mask)
+    if (m->e[i].gen != m->gen || m->e[i].key == key) return &m->e[i];
+}
+
+static inline int memo_hit(const memo *m, const memo_entry *s) { return s->gen == m->gen; }
+
+static inline void memo_fill(memo *m, memo_entry *s, const void *key, uint32_t val) {
+  s->key = key;
+  s->val = val;
+  s->gen = m->gen;
   m->count++;
-  return 0;
+}
+
+/* Forgets every entry. A new memo starts at gen 1 (calloc'd entries are gen 0). */
+static void memo_clear(memo *m) {
+  m->count = 0;
+  if (++m->gen == 0) {
+    if (m->e) memset(m->e, 0, m->cap * sizeof *m->e);
+    m->gen = 1;
+  }
 }
 
 static void memo_free(memo *m) {
-  free(m->keys);
-  free(m->vals);
+  free(m->e);
   memset(m, 0, sizeof *m);
+  m->gen = 1;
 }
 
 /* ---- the reverse map of named values (package.loaded) ------------------------------
@@ -333,7 +349,7 @@ typedef struct enc {
   lua_State *L;
   luamp_buf *b;
   const char *root;
-  memo m;
+  memo *m;
   uint64_t nrefs;
   int depth, nsteps;
   step path[MAX_DEPTH + 8];
@@ -465,8 +481,16 @@ static void put_ref(enc *e, uint64_t ref) {
   e->b->len += 1 + varint_put(p + 1, ref);
 }
 
-static void memo_insert(enc *e, const void *key, uint64_t val) {
-  if (memo_add(&e->m, key, val)) enc_fail(e, "out of memory");
+static inline memo_entry *enc_slot(enc *e, const void *key) {
+  memo_entry *s = memo_slot(e->m, key);
+  if (!s) enc_fail(e, "out of memory");
+  return s;
+}
+
+/* Records key in an empty slot from enc_slot (no memo change may happen in between). */
+static inline void slot_fill(enc *e, memo_entry *s, const void *key, uint64_t val) {
+  if (val > UINT32_MAX) enc_fail(e, "too many objects");
+  memo_fill(e->m, s, key, (uint32_t)val);
 }
 
 static void encode_string(enc *e, int idx) {
@@ -474,14 +498,19 @@ static void encode_string(enc *e, int idx) {
   const char *s = lua_tolstring(e->L, idx, &len);
   if (len >= MEMO_STRLEN) {
     const void *p = lua_topointer(e->L, idx);
-    uint64_t ref;
-    if (memo_find(&e->m, p, &ref)) { put_ref(e, ref); return; }
-    memo_insert(e, p, e->nrefs++);
+    memo_entry *s = enc_slot(e, p);
+    if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
+    slot_fill(e, s, p, e->nrefs++);
   }
   unsigned char *p = enc_room(e, 11 + len);
   if (len < 64) {
     *p++ = (unsigned char)(T_SHORTSTR + len);
     e->b->len++;
+    if (len <= 16) {                                /* cheaper than calling memcpy */
+      for (size_t i = 0; i < len; i++) p[i] = (unsigned char)s[i];
+      e->b->len += len;
+      return;
+    }
   } else {
     *p = T_STR;
     int n = varint_put(p + 1, len);
@@ -493,10 +522,30 @@ static void encode_string(enc *e, int idx) {
 }
 
 static void encode_value(enc *e, int idx);
+static void encode_compound(enc *e, int idx, int type);
 
-static void enter(enc *e) {
+/* Encodes nil, booleans, numbers and strings (type as from lua_type); 0 for others. */
+static inline int encode_scalar(enc *e, int idx, int type) {
+  lua_State *L = e->L;
+  switch (type) {
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, idx)) put_int(e, lua_tointeger(L, idx));
+      else put_float(e, lua_tonumber(L, idx));
+      return 1;
+    case LUA_TSTRING: encode_string(e, idx); return 1;
+    case LUA_TBOOLEAN: put_byte(e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE); return 1;
+    case LUA_TNIL: put_byte(e, T_NIL); return 1;
+    default: return 0;
+  }
+}
+
+/* Each level uses at most STACK_PER_LEVEL Lua stack slots; room is made for several
+ * levels at a time. */
+#define STACK_PER_LEVEL 8
+static inline void enter(enc *e) {
   if (++e->depth > MAX_DEPTH) enc_fail(e, "too deeply nested (more than %d levels)", MAX_DEPTH);
-  if (!lua_checkstack(e->L, 8)) enc_fail(e, "too deeply nested (Lua stack exhausted)");
+  if ((e->depth & 3) == 1 && !lua_checkstack(e->L, 5 * STACK_PER_LEVEL))
+    enc_fail(e, "too deeply nested (Lua stack exhausted)");
 }
 
 static inline void encode_child(enc *e, int kind, int idx, const char *name, int vidx) {
@@ -508,17 +557,65 @@ static inline void encode_child(enc *e, int kind, int idx, const char *name, int
   e->nsteps--;
 }
 
+/* encode_child for a value of known type: scalars need no path step. */
+static inline void encode_child_t(enc *e, int kind, int idx, int vidx, int type) {
+  if (encode_scalar(e, vidx, type)) return;
+  step *s = &e->path[e->nsteps++];
+  s->kind = kind;
+  s->idx = idx;
+  s->name = NULL;
+  encode_compound(e, vidx, type);
+  e->nsteps--;
+}
+
+/* package.loaded gets a metatable whose __newindex drops the cached map: require adds
+ * modules through it, so a new module is noticed without scanning package.loaded on
+ * every call. If package.loaded has a metatable of someone else's, fall back to a
+ * fingerprint of its entries, checked on each use. */
+static char watch_regkey;
+
+static int loaded_newindex(lua_State *L) {
+  lua_settop(L, 3);
+  lua_rawset(L, 1);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &names_regkey);
+  return 0;
+}
+
+/* Is package.loaded (at idx) watched? Installs the watch if it has no metatable. */
+static int watch_loaded(lua_State *L, int loaded) {
+  if (lua_getmetatable(L, loaded)) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &watch_regkey);
+    int ours = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    return ours;
+  }
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &watch_regkey) == LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, loaded_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &watch_regkey);
+  }
+  lua_setmetatable(L, loaded);
+  lua_pushnil(L);                                   /* built unwatched: may be stale */
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &names_regkey);
+  return 1;
+}
+
 /* Makes sure e->nm is the map for the current package.loaded. */
 static void need_names(enc *e, int force) {
   lua_State *L = e->L;
   if (e->nm && !force) return;
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   int loaded = lua_gettop(L);
-  uint64_t fp = loaded_fingerprint(L, loaded);
+  int watched = watch_loaded(L, loaded);
+  uint64_t fp = watched ? 0 : loaded_fingerprint(L, loaded);
   names *nm = NULL;
   if (!force && lua_rawgetp(L, LUA_REGISTRYINDEX, &names_regkey) == LUA_TUSERDATA) {
     nm = lua_touserdata(L, -1);
-    if (nm->fingerprint != fp) nm = NULL;
+    if (!watched && nm->fingerprint != fp) nm = NULL;
   }
   if (!nm) {
     lua_pop(L, 1);
@@ -563,16 +660,17 @@ static void encode_handle(enc *e, int idx, int mt) {
   size_t tlen;
   const char *tname = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &tlen) : NULL;
   if (!tname) enc_fail(e, "handle hook returned no type name");
-  unsigned char *p = enc_room(e, 11 + tlen);
-  p[0] = T_HANDLE;
-  e->b->len += 1 + varint_put(p + 1, tlen);
+  unsigned char *w = enc_room(e, 11 + tlen);
+  w[0] = T_HANDLE;
+  e->b->len += 1 + varint_put(w + 1, tlen);
   put_bytes(e, tname, tlen);
   enter(e);
   encode_child(e, STEP_PAYLOAD, 0, NULL, lua_gettop(L));
   e->depth--;
   anchor_top(e);                                    /* payload: addresses stay unique */
   lua_pop(L, 1);
-  memo_insert(e, lua_topointer(L, idx), e->nrefs++);
+  const void *p = lua_topointer(L, idx);
+  slot_fill(e, enc_slot(e, p), p, e->nrefs++);
 }
 
 /* If the object at idx has a metatable, leaves it pushed and returns its index; if that
@@ -608,13 +706,13 @@ static void patch_counts(enc *e, size_t at, uint64_t n1, uint64_t n2) {
 static void encode_table(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
-  uint64_t ref;
-  if (memo_find(&e->m, p, &ref)) { put_ref(e, ref); return; }
+  memo_entry *s = enc_slot(e, p);
+  if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
   if (p == e->globals) { put_byte(e, T_GLOBALS); return; }
   if (encode_named(e, p)) return;
   int mt = metatable_or_handle(e, idx);
   if (mt < 0) return;
-  memo_insert(e, p, e->nrefs++);
+  slot_fill(e, s, p, e->nrefs++);                   /* s is still valid: no memo change */
   enter(e);
   put_byte(e, mt ? T_TABLE_MT : T_TABLE);
   size_t at = e->b->len;
@@ -623,30 +721,25 @@ static void encode_table(enc *e, int idx) {
   lua_Integer narr = 0;
   uint64_t nhash = 0;
   int in_array = 1;
+  int k = lua_gettop(L) + 1, v = k + 1;             /* where lua_next puts key and value */
   lua_pushnil(L);
   while (lua_next(L, idx)) {
-    int k = lua_gettop(L) - 1;
     if (in_array) {
       if (lua_isinteger(L, k) && lua_tointeger(L, k) == narr + 1) {
         narr++;
-        switch (lua_type(L, k + 1)) {              /* the common cases, inline */
-          case LUA_TNUMBER:
-            if (lua_isinteger(L, k + 1)) put_int(e, lua_tointeger(L, k + 1));
-            else put_float(e, lua_tonumber(L, k + 1));
-            break;
-          case LUA_TSTRING: encode_string(e, k + 1); break;
-          default: encode_child(e, STEP_KEY, k, NULL, k + 1);
-        }
-        lua_pop(L, 1);
+        if (lua_isinteger(L, v)) put_int(e, lua_tointeger(L, v));   /* int arrays: fewest calls */
+        else encode_child_t(e, STEP_KEY, k, v, lua_type(L, v));
+        lua_settop(L, k);
         continue;
       }
       in_array = 0;
     }
     nhash++;
-    if (lua_type(L, k) == LUA_TSTRING) encode_string(e, k);
-    else encode_child(e, STEP_KEYOF, k, NULL, k);
-    encode_child(e, STEP_KEY, k, NULL, k + 1);
-    lua_pop(L, 1);
+    int kt = lua_type(L, k);
+    if (kt == LUA_TSTRING) encode_string(e, k);
+    else encode_child_t(e, STEP_KEYOF, k, k, kt);
+    encode_child_t(e, STEP_KEY, k, v, lua_type(L, v));
+    lua_settop(L, k);
   }
   if (mt) {
     encode_child(e, STEP_META, 0, NULL, mt);
@@ -668,8 +761,8 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
 static void encode_function(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
-  uint64_t ref;
-  if (memo_find(&e->m, p, &ref)) { put_ref(e, ref); return; }
+  memo_entry *s = enc_slot(e, p);
+  if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
   if (encode_named(e, p)) return;
   if (lua_iscfunction(L, idx)) {
     /* a module may have gained the field since the map was built: look once more */
@@ -680,7 +773,7 @@ static void encode_function(enc *e, int idx) {
     enc_fail(e, "cannot send a C function that is not a field of a loaded module");
   }
   uint64_t self = e->nrefs++;
-  memo_insert(e, p, self);
+  slot_fill(e, s, p, self);
   enter(e);
   put_byte(e, T_FUNC);
   size_t at = e->b->len;
@@ -698,14 +791,16 @@ static void encode_function(enc *e, int idx) {
   put_byte(e, ar.nups);
   for (int i = 1; i <= ar.nups; i++) {
     const void *id = lua_upvalueid(L, idx, i);
-    uint64_t owner;
-    if (memo_find(&e->m, id, &owner)) {
+    memo_entry *u = enc_slot(e, id);
+    if (memo_hit(e->m, u)) {
+      uint64_t owner = u->val;
       put_byte(e, UP_SHARED);
       put_varint(e, owner >> 8);
       put_byte(e, (unsigned char)(owner & 0xff));
       continue;
     }
-    memo_insert(e, id, (self << 8) | (uint64_t)i);
+    if (self >= (1u << 24)) enc_fail(e, "too many functions");
+    slot_fill(e, u, id, (self << 8) | (uint64_t)i);
     put_byte(e, UP_NEW);
     const char *name = lua_getupvalue(L, idx, i);
     encode_child(e, STEP_UPVAL, 0, name, lua_gettop(L));
@@ -716,8 +811,8 @@ static void encode_function(enc *e, int idx) {
 
 static void encode_userdata(enc *e, int idx) {
   lua_State *L = e->L;
-  uint64_t ref;
-  if (memo_find(&e->m, lua_topointer(L, idx), &ref)) { put_ref(e, ref); return; }
+  memo_entry *s = enc_slot(e, lua_topointer(L, idx));
+  if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
   int mt = metatable_or_handle(e, idx);
   if (mt < 0) return;
   if (mt && lua_getfield(L, mt, "__name") == LUA_TSTRING)
@@ -725,16 +820,9 @@ static void encode_userdata(enc *e, int idx) {
   enc_fail(e, "cannot send a userdata");
 }
 
-static void encode_value(enc *e, int idx) {
+static void encode_compound(enc *e, int idx, int type) {
   lua_State *L = e->L;
-  switch (lua_type(L, idx)) {
-    case LUA_TNIL: put_byte(e, T_NIL); break;
-    case LUA_TBOOLEAN: put_byte(e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE); break;
-    case LUA_TNUMBER:
-      if (lua_isinteger(L, idx)) put_int(e, lua_tointeger(L, idx));
-      else put_float(e, lua_tonumber(L, idx));
-      break;
-    case LUA_TSTRING: encode_string(e, idx); break;
+  switch (type) {
     case LUA_TTABLE: encode_table(e, idx); break;
     case LUA_TFUNCTION: encode_function(e, idx); break;
     case LUA_TUSERDATA: encode_userdata(e, idx); break;
@@ -744,17 +832,29 @@ static void encode_value(enc *e, int idx) {
   }
 }
 
+static void encode_value(enc *e, int idx) {
+  int type = lua_type(e->L, idx);
+  if (!encode_scalar(e, idx, type)) encode_compound(e, idx, type);
+}
+
+/* Encodes the value at idx into e->b. Needs two free stack slots at e->names_slot and
+ * e->anchor_slot (nil). Raises on failure. */
+static void encode_root(enc *e, int idx) {
+  lua_State *L = e->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  e->globals = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  put_byte(e, CODEC_VERSION);
+  encode_value(e, idx);
+}
+
 /* lua_pcall'd: (enc*, value). */
 static int encode_protected(lua_State *L) {
   enc *e = lua_touserdata(L, 1);
   lua_settop(L, 4);
   e->names_slot = 3;
   e->anchor_slot = 4;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-  e->globals = lua_topointer(L, -1);
-  lua_pop(L, 1);
-  put_byte(e, CODEC_VERSION);
-  encode_value(e, 2);
+  encode_root(e, 2);
   return 0;
 }
 
@@ -774,9 +874,13 @@ static void normalize_error(lua_State *L) {
 int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
   idx = lua_absindex(L, idx);
   enc e;
+  memo m;
   memset(&e, 0, sizeof e);
+  memset(&m, 0, sizeof m);
+  m.gen = 1;
   e.L = L;
   e.b = b;
+  e.m = &m;
   e.root = root ? root : "value";
   if (!lua_checkstack(L, 8)) {
     luamp_error_push(L, "Serialize", "Lua stack exhausted");
@@ -786,7 +890,7 @@ int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
   lua_pushlightuserdata(L, &e);
   lua_pushvalue(L, idx);
   int rc = lua_pcall(L, 2, 0, 0);
-  memo_free(&e.m);
+  memo_free(&m);
   if (rc == LUA_OK) return 0;
   normalize_error(L);
   return -1;
@@ -985,7 +1089,10 @@ static void decode_named(dec *d) {
       dec_fail(d, "module '%s' has no field '%.*s'", lua_tostring(L, name),
                (int)(fl - 1), field);
   }
-  if (untrusted && lua_type(L, -1) == LUA_TFUNCTION)
+  int t = lua_type(L, -1);
+  if (t != LUA_TTABLE && t != LUA_TFUNCTION)       /* as the encoder names nothing else */
+    dec_fail(d, "named value '%s' is a %s", lua_tostring(L, name), lua_typename(L, t));
+  if (untrusted && t == LUA_TFUNCTION)
     dec_fail(d, "functions are not accepted from an untrusted peer");
   lua_replace(L, name);
   lua_settop(L, name);
@@ -1052,27 +1159,37 @@ static void decode_value(dec *d) {
   }
 }
 
-/* lua_pcall'd: (dec*). Leaves the value at the top. */
-static int decode_protected(lua_State *L) {
-  dec *d = lua_touserdata(L, 1);
-  lua_settop(L, 2);
-  d->refs_slot = 2;
+static void dec_init(dec *d, lua_State *L, const char *data, size_t len, int flags) {
+  memset(d, 0, sizeof *d);
+  d->L = L;
+  d->start = d->p = (const unsigned char *)data;
+  d->end = d->p + len;
+  d->flags = flags;
+  d->budget = len;
+}
+
+/* Pushes the decoded value. Needs a free (nil) stack slot at d->refs_slot. Raises on
+ * failure; holds no C resources. */
+static void decode_root(dec *d) {
   if (d->p == d->end) dec_fail(d, "empty input");
   if (*d->p != CODEC_VERSION) dec_fail(d, "unsupported format version %d", *d->p);
   d->p++;
   decode_value(d);
   if (d->p != d->end) dec_fail(d, "%zu trailing bytes", (size_t)(d->end - d->p));
+}
+
+/* lua_pcall'd: (dec*). Leaves the value at the top. */
+static int decode_protected(lua_State *L) {
+  dec *d = lua_touserdata(L, 1);
+  lua_settop(L, 2);
+  d->refs_slot = 2;
+  decode_root(d);
   return 1;
 }
 
 int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
   dec d;
-  memset(&d, 0, sizeof d);
-  d.L = L;
-  d.start = d.p = (const unsigned char *)data;
-  d.end = d.p + len;
-  d.flags = flags;
-  d.budget = len;
+  dec_init(&d, L, data, len, flags);
   if (!lua_checkstack(L, 8)) {
     luamp_error_push(L, "Serialize", "Lua stack exhausted");
     return -1;
@@ -1090,35 +1207,85 @@ int luamp_decode(lua_State *L, const char *data, size_t len) {
 
 /* ---- Lua bindings ---------------------------------------------------------------- */
 
-/* A luamp_buf owned by a userdata, so that an error raised between encoding and
- * pushing the result (out of memory) cannot leak it. */
+/* luamp.dumps works without a pcall: its buffer and memo belong to a userdata (one per
+ * state, reused between calls; a fresh one when a handle hook calls dumps meanwhile)
+ * that is closed on return or error and freed by the GC. */
+typedef struct scratch {
+  luamp_buf b;
+  memo m;
+  int busy;
+} scratch;
+
+#define SCRATCH_MT "luamp.codec.scratch"
+#define SCRATCH_KEEP (1u << 20)    /* buffer bytes kept between calls */
+#define SCRATCH_MEMO_KEEP (1u << 16)  /* memo entries kept between calls */
+
+static char scratch_regkey;
+
 static int scratch_gc(lua_State *L) {
-  luamp_buf_free(lua_touserdata(L, 1));
+  scratch *s = lua_touserdata(L, 1);
+  luamp_buf_free(&s->b);
+  memo_free(&s->m);
   return 0;
 }
 
-static luamp_buf *push_scratch(lua_State *L) {
-  luamp_buf *b = lua_newuserdatauv(L, sizeof *b, 0);
-  luamp_buf_init(b);
-  if (luaL_newmetatable(L, "luamp.codec.buf")) {
+static int scratch_close(lua_State *L) {
+  scratch *s = lua_touserdata(L, 1);
+  s->busy = 0;
+  if (s->b.cap > SCRATCH_KEEP) luamp_buf_free(&s->b);
+  if (s->m.cap > SCRATCH_MEMO_KEEP) memo_free(&s->m);
+  s->b.len = 0;
+  return 0;
+}
+
+static scratch *push_scratch(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &scratch_regkey) == LUA_TUSERDATA) {
+    scratch *s = lua_touserdata(L, -1);
+    if (!s->busy) return s;
+  }
+  int cache = lua_isnil(L, -1);
+  lua_pop(L, 1);
+  scratch *s = lua_newuserdatauv(L, sizeof *s, 0);
+  memset(s, 0, sizeof *s);
+  s->m.gen = 1;
+  if (luaL_newmetatable(L, SCRATCH_MT)) {
     lua_pushcfunction(L, scratch_gc);
     lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, scratch_close);
+    lua_setfield(L, -2, "__close");
   }
   lua_setmetatable(L, -2);
-  return b;
+  if (cache) {
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_regkey);
+  }
+  return s;
 }
 
 /* luamp.dumps(v) -> string */
 static int l_dumps(lua_State *L) {
   luaL_checkany(L, 1);
   lua_settop(L, 1);
-  luamp_buf *b = push_scratch(L);
-  if (luamp_encodex(L, 1, b, "value")) {
-    luamp_buf_free(b);
-    return lua_error(L);
-  }
-  lua_pushlstring(L, b->data, b->len);
-  luamp_buf_free(b);
+  scratch *s = push_scratch(L);
+  s->busy = 1;
+  lua_toclose(L, 2);
+  lua_settop(L, 4);
+  enc e;
+  e.L = L;
+  e.b = &s->b;
+  e.m = &s->m;
+  e.root = "value";
+  e.nrefs = 0;
+  e.depth = e.nsteps = 0;
+  e.nm = NULL;
+  e.names_fresh = 0;
+  e.names_slot = 3;
+  e.anchor_slot = 4;
+  e.anchor_n = 0;
+  s->b.len = 0;
+  memo_clear(&s->m);
+  encode_root(&e, 1);
+  lua_pushlstring(L, s->b.data, s->b.len);
   return 1;
 }
 
@@ -1133,7 +1300,11 @@ static int l_loads(lua_State *L) {
     if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) flags |= LUAMP_DECODE_UNTRUSTED;
     lua_pop(L, 1);
   }
-  if (luamp_decodex(L, s, len, flags)) return lua_error(L);
+  lua_settop(L, 3);
+  dec d;
+  dec_init(&d, L, s, len, flags);
+  d.refs_slot = 3;
+  decode_root(&d);
   return 1;
 }
 
