@@ -418,6 +418,10 @@ static int enc_fail(enc *e, const char *fmt, ...) {
   luaL_buffinit(L, &pb);
   luaL_addstring(&pb, e->root);
   for (int i = 0; i < e->nsteps; i++) {
+    if (i == 8 && e->nsteps > 16) {                 /* keep the message readable */
+      luaL_addstring(&pb, "...");
+      i = e->nsteps - 8;
+    }
     const step *s = &e->path[i];
     switch (s->kind) {
       case STEP_KEY: path_key(&pb, L, s->idx, 0); break;
@@ -613,7 +617,7 @@ static void need_names(enc *e, int force) {
   int watched = watch_loaded(L, loaded);
   uint64_t fp = watched ? 0 : loaded_fingerprint(L, loaded);
   names *nm = NULL;
-  if (!force && lua_rawgetp(L, LUA_REGISTRYINDEX, &names_regkey) == LUA_TUSERDATA) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &names_regkey) == LUA_TUSERDATA && !force) {
     nm = lua_touserdata(L, -1);
     if (!watched && nm->fingerprint != fp) nm = NULL;
   }
