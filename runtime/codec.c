@@ -2,12 +2,15 @@
  * codec.c — the value codec: how a Lua value becomes bytes for another process and back.
  *
  * One recursive pass in C over the value, appending to a luamp_buf; decoding is the
- * mirror image, pushing Lua objects as it reads. Both run inside a lua_pcall so that any
- * Lua error (a bad value, a hook failing, out of memory) unwinds only to luamp_encodex /
- * luamp_decodex, which free their C memory and hand back an error object; nothing is
- * ever raised past a caller's buffer.
+ * mirror image, pushing Lua objects as it reads. The C API (luamp_encodex/decodex) runs
+ * the pass inside a lua_pcall, so any Lua error (a bad value, a failing hook, out of
+ * memory) unwinds only to it, which frees its C memory and hands back an error object:
+ * nothing is ever raised past a caller's buffer. luamp.dumps/loads skip the pcall: the
+ * decoder holds no C memory, and dumps keeps its buffer and memo in a userdata that is
+ * closed on error.
  *
- * Format (all integers little-endian; "uv" is an unsigned LEB128 varint):
+ * Format (all integers little-endian; "uv" is an unsigned LEB128 varint, which the
+ * decoder accepts padded with redundant continuation bytes):
  *   byte 0          CODEC_VERSION
  *   value           one tag byte, then:
  *     0x80..0xff    integer 0..127 in the tag itself
@@ -18,8 +21,9 @@
  *     T_TABLE[_MT]  uv n_array, uv n_hash, n_array values (t[1..n]), n_hash key/value
  *                   pairs, then for _MT the metatable value
  *     T_REF         uv index of an object met earlier (see "references")
- *     T_FUNC        uv length, bytecode with debug info (lua_dump), byte nups, then per
- *                   upvalue UP_NEW value | UP_SHARED uv function-ref, byte upvalue-number
+ *     T_FUNC        uv length (written padded to 5 bytes), bytecode with debug info
+ *                   (lua_dump), byte nups, then per upvalue: UP_NEW value, or
+ *                   UP_SHARED uv function-ref, byte n (lua_upvaluejoin to that one's n-th)
  *     T_GLOBALS     the receiver's global table
  *     T_NAMED       uv length, module name, uv (field length + 1, 0 = the module itself),
  *                   field name: looked up with require on the receiving side
@@ -28,11 +32,19 @@
  * References: tables and Lua functions (when their header is read), handles (after their
  * payload) and strings of MEMO_STRLEN bytes or more are numbered from 0 in stream order,
  * identically on both sides, so shared tables, cycles and repeated big strings survive.
+ * Every object is complete or being filled when it gets its number, so a reference never
+ * points at a placeholder.
  *
  * Named values: tables and functions reachable as package.loaded[m] or
  * package.loaded[m][field] cross by name. The reverse map is built on first need and
- * cached in the registry with a fingerprint of package.loaded, rebuilt when that changes.
- * Of _G's fields only C functions are named (a user's global data must cross by value).
+ * cached in the registry; a watch on package.loaded (see watch_loaded) drops it when a
+ * module is added. Of _G's fields only C functions are named: a user's global data and
+ * functions must cross by value.
+ *
+ * Hostile input: every length is checked against the bytes left before anything is
+ * allocated, table preallocation is bounded by the input size overall, nesting by
+ * MAX_DEPTH, and with LUAMP_DECODE_UNTRUSTED no bytecode reaches lua_load (Lua does not
+ * verify bytecode) and no require runs.
  */
 #include <limits.h>
 #include <math.h>
@@ -510,11 +522,20 @@ static void encode_string(enc *e, int idx) {
   if (len < 64) {
     *p++ = (unsigned char)(T_SHORTSTR + len);
     e->b->len++;
-    if (len <= 16) {                                /* cheaper than calling memcpy */
-      for (size_t i = 0; i < len; i++) p[i] = (unsigned char)s[i];
-      e->b->len += len;
+    e->b->len += len;
+    /* short copies as fixed-size moves (two overlapping ones), cheaper than a memcpy
+     * call; enc_room reserved 11 + len bytes and only bytes of s are read */
+    if (len >= 8) {
+      if (len <= 16) { memcpy(p, s, 8); memcpy(p + len - 8, s + len - 8, 8); return; }
+    } else if (len >= 4) {
+      memcpy(p, s, 4); memcpy(p + len - 4, s + len - 4, 4); return;
+    } else {
+      if (len) { p[0] = (unsigned char)s[0]; p[len - 1] = (unsigned char)s[len - 1]; }
+      if (len == 3) p[1] = (unsigned char)s[1];
       return;
     }
+    memcpy(p, s, len);
+    return;
   } else {
     *p = T_STR;
     int n = varint_put(p + 1, len);
