@@ -13,18 +13,21 @@
  * `printf '1+1\n' | luamp -i` prints just the results.
  *
  * At the prompt Ctrl-C discards what was typed. While reading, a SIGINT handler that
- * only sets a flag is installed (and the previous disposition put back after): the read
- * then fails with EINTR instead of the signal killing the program. libedit's own signal
- * handling is off (it would re-send the signal to the whole process group, children
- * included). libedit decodes input per LC_CTYPE, so the environment's locale is in force
- * while libedit works (and only then: Lua code runs in the "C" locale, as under lua5.4).
+ * only sets a flag is installed (and the previous disposition put back after), and the
+ * wait for a key (read_key) ends when the flag is set, instead of the signal killing the
+ * program. libedit's own signal handling is off (it would re-send the signal to the
+ * whole process group, children included). Input is decoded per LC_CTYPE, so the
+ * environment's locale is in force while libedit works (and only then: Lua code runs in
+ * the "C" locale, as under lua5.4).
  */
+#include <limits.h>
 #include <locale.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <wchar.h>
 
 #include <editline/readline.h>
 
@@ -38,6 +41,7 @@ enum { READ_OK, READ_EOF, READ_INTERRUPTED };
 typedef struct repl {
   int tty;                  /* stdin is a terminal: libedit, prompts, history */
   char *history;            /* history file, or NULL for none */
+  char *line;               /* the line read, until it is a Lua string */
   int printer;              /* stack index of the function printing results */
 } repl;
 
@@ -50,7 +54,7 @@ static void on_prompt_sigint(int sig) {
   prompt_interrupted = 1;
 }
 
-/* While reading, Ctrl-C only sets a flag and makes the read fail with EINTR. */
+/* While reading, Ctrl-C only sets a flag, which ends the wait for input. */
 static int catch_prompt_sigint(struct sigaction *old) {
   if (sigaction(SIGINT, NULL, old) < 0 || old->sa_handler == SIG_IGN) return 0;
   struct sigaction sa;
@@ -85,6 +89,65 @@ static void leave_user_locale(char *saved) {
   free(saved);
 }
 
+/* Decodes the n bytes read so far: 1 with *wc once they make a character; else 0 and
+ * *n is how many to keep (bytes of an invalid sequence are dropped, as libedit does,
+ * but its last byte may start the next character). */
+static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
+  for (;;) {
+    mbstate_t state;
+    memset(&state, 0, sizeof state);
+    size_t used = mbrtowc(wc, bytes, *n, &state);
+    if (used == (size_t)-2 && *n < MB_LEN_MAX) return 0;       /* more bytes to come */
+    if (used == (size_t)-1 && *n > 1) {
+      bytes[0] = bytes[*n - 1];
+      *n = 1;
+      continue;
+    }
+    if (used == (size_t)-1 || used == (size_t)-2) {
+      *n = 0;
+      return 0;
+    }
+    *n = 0;
+    return 1;
+  }
+}
+
+/* libedit reads keys through this (rl_getc_function). SIGINT stays blocked except inside
+ * ppoll, so a Ctrl-C is seen whether it comes before the wait or during it (with a
+ * plain read() one landing just before would go unnoticed until the next key). Returns
+ * a character decoded per LC_CTYPE, or EOF at end of input or on Ctrl-C. */
+static int read_key(FILE *in) {
+  int fd = fileno(in);
+  char bytes[MB_LEN_MAX];
+  size_t n = 0;
+  sigset_t sigint, outside, inside;
+  sigemptyset(&sigint);
+  sigaddset(&sigint, SIGINT);
+  for (;;) {
+    sigprocmask(SIG_BLOCK, &sigint, &outside);
+    inside = outside;
+    sigdelset(&inside, SIGINT);
+    int ready = 0;
+    if (!prompt_interrupted) {
+      struct pollfd pfd = {.fd = fd, .events = POLLIN};
+      ready = ppoll(&pfd, 1, NULL, &inside);
+    }
+    int err = errno;
+    sigprocmask(SIG_SETMASK, &outside, NULL);
+    if (prompt_interrupted) return EOF;
+    if (ready < 0) {
+      if (err == EINTR) continue;
+      return EOF;
+    }
+    ssize_t got = read(fd, bytes + n, 1);
+    if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (got <= 0) return EOF;
+    n++;
+    wchar_t wc;
+    if (decode_key(bytes, &n, &wc)) return (int)wc;
+  }
+}
+
 static char *edit_line(const char *prompt) {
   char *saved = enter_user_locale();
   char *line = readline(prompt);
@@ -117,15 +180,16 @@ static int read_line(lua_State *L, repl *r, int continuation) {
   prompt_interrupted = 0;
   int installed = catch_prompt_sigint(&old);
   fflush(stdout);
-  char *line = r->tty ? edit_line(prompt) : plain_line();
+  r->line = r->tty ? edit_line(prompt) : plain_line();
   if (installed) sigaction(SIGINT, &old, NULL);
-  if (!line) {
+  if (!r->line) {
     if (!prompt_interrupted) return READ_EOF;
     if (r->tty) fputc('\n', rl_outstream);
     return READ_INTERRUPTED;
   }
-  lua_pushstring(L, line);
-  free(line);
+  lua_pushstring(L, r->line);
+  free(r->line);
+  r->line = NULL;
   return READ_OK;
 }
 
@@ -168,6 +232,16 @@ static int incomplete(lua_State *L, int status) {
   return msg && len >= mark && strcmp(msg + len - mark, EOF_MARK) == 0;
 }
 
+/* Whether the chunk on top reads as the start of an expression: `1 +` or `{1,` are not
+ * statements at all, yet more lines can complete them as expressions. */
+static int incomplete_expression(lua_State *L) {
+  const char *ret = lua_pushfstring(L, "return %s", lua_tostring(L, -1));
+  int status = luaL_loadbuffer(L, ret, strlen(ret), "=stdin");
+  int more = incomplete(L, status);
+  lua_pop(L, 2);
+  return more;
+}
+
 /* With the line on top: replaces it by the compiled `return <line>;` if that compiles. */
 static int try_expression(lua_State *L, repl *r) {
   const char *line = lua_tostring(L, -1);
@@ -184,13 +258,21 @@ static int try_expression(lua_State *L, repl *r) {
 }
 
 /* With the line on top: compiles it as a statement, reading more lines while it is
- * incomplete. Leaves the function or the error message in the line's place. */
+ * incomplete. Leaves the function or the error message in the line's place. Each
+ * longer chunk is tried as an expression first, so that one spread over lines prints. */
 static int read_statement(lua_State *L, repl *r, int *ended) {
-  for (;;) {
+  for (int first = 1;; first = 0) {
+    if (!first && try_expression(L, r) == LUA_OK) return LUA_OK;
     size_t len;
     const char *chunk = lua_tolstring(L, -1, &len);
     int status = luaL_loadbuffer(L, chunk, len, "=stdin");
-    if (!incomplete(L, status)) {
+    int more = incomplete(L, status);
+    if (!more && status == LUA_ERRSYNTAX) {
+      lua_pushvalue(L, -2);
+      more = incomplete_expression(L);
+      lua_pop(L, 1);
+    }
+    if (!more) {
       history_add(r, chunk);
       lua_remove(L, -2);
       return status;
@@ -228,7 +310,7 @@ static int next_statement(lua_State *L, repl *r, int *ended) {
     lua_remove(L, -2);
   }
   if (try_expression(L, r) == LUA_OK) return LUA_OK;
-  return read_statement(L, r, ended);
+  return read_statement(L, r, ended);     /* which tries the expression no more */
 }
 
 /* ---- running and printing ------------------------------------------------------------- */
@@ -267,7 +349,7 @@ static int run(lua_State *L, int nargs, int nresults) {
 static void print_results(lua_State *L, repl *r, int base) {
   int n = lua_gettop(L) - base;
   if (n == 0) return;
-  luaL_checkstack(L, 1, "too many results to print");
+  luaL_checkstack(L, 2, "too many results to print");
   lua_pushvalue(L, r->printer);
   lua_insert(L, base + 1);
   if (run(L, n, 0) != LUA_OK) report(L, "error printing the results");
@@ -291,39 +373,53 @@ static void banner(void) {
          LUAMP_VERSION, LUA_RELEASE);
 }
 
-int luamp_repl(lua_State *L) {
-  repl r = {.tty = isatty(STDIN_FILENO), .history = NULL, .printer = 0};
+static void setup_terminal(repl *r) {
+  rl_readline_name = "luamp";          /* for "luamp:" lines in ~/.editrc */
+  rl_catch_signals = 0;
+  rl_getc_function = read_key;
+  rl_outstream = isatty(STDOUT_FILENO) ? stdout : stderr;
+  char *saved = enter_user_locale();
+  rl_initialize();
+  history_begin(r);
+  leave_user_locale(saved);
+  banner();
+}
+
+/* The loop, in protected mode: the repl's C-held memory is freed by luamp_repl. */
+static int repl_loop(lua_State *L) {
+  repl *r = lua_touserdata(L, 1);
+  lua_settop(L, 0);
   push_printer(L);
-  r.printer = lua_gettop(L);
-  if (r.tty) {
-    rl_readline_name = "luamp";          /* for "luamp:" lines in ~/.editrc */
-    rl_catch_signals = 0;
-    rl_outstream = isatty(STDOUT_FILENO) ? stdout : stderr;
-    char *saved = enter_user_locale();
-    rl_initialize();
-    history_begin(&r);
-    leave_user_locale(saved);
-    banner();
-  }
+  r->printer = lua_gettop(L);
+  if (r->tty) setup_terminal(r);
   for (;;) {
     int ended = 0;
-    int status = next_statement(L, &r, &ended);
+    int status = next_statement(L, r, &ended);
     if (status == -1) {
       if (ended) break;
       continue;
     }
     if (status == LUA_OK) status = run(L, 0, LUA_MULTRET);
-    if (status == LUA_OK) print_results(L, &r, r.printer);
+    if (status == LUA_OK) print_results(L, r, r->printer);
     else report(L, NULL);
-    lua_settop(L, r.printer);
+    lua_settop(L, r->printer);
     fflush(stdout);
     if (ended) break;
   }
-  if (r.tty) fputc('\n', rl_outstream);
-  fflush(stdout);
-  free(r.history);
-  lua_settop(L, r.printer - 1);
+  if (r->tty) fputc('\n', rl_outstream);
   return 0;
+}
+
+int luamp_repl(lua_State *L) {
+  repl r = {.tty = isatty(STDIN_FILENO), .history = NULL, .line = NULL, .printer = 0};
+  lua_pushcfunction(L, repl_loop);
+  lua_pushlightuserdata(L, &r);
+  int status = lua_pcall(L, 1, 0, 0);
+  if (status != LUA_OK) report(L, "luamp: the REPL failed");
+  fflush(stdout);
+  free(r.line);
+  free(r.history);
+  return status == LUA_OK ? 0 : 1;
 }
 
 int luamp_open_repl(lua_State *L) {

@@ -15,6 +15,9 @@ P.send = function(s) return "send " .. pyquote(s) end
 P.expect = function(rx) return "expect " .. pyquote(rx) end
 P.signal = function(name) return "signal " .. name end
 P.exit = function(code) return "exit " .. code end
+P.raw = "raw"
+-- the prompt, once libedit reads keys (before that the terminal is still cooked)
+P.prompt = function(text) return P.expect(text or "> ") .. "\n" .. P.raw end
 
 -- Runs the host with args on a terminal through the steps (built with P.send...);
 -- env is a table of extra environment variables. Returns passed, transcript.

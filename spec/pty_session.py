@@ -9,6 +9,8 @@ STEPS_FILE has one step per line:
                    as '\\xc3\\xa9')
     expect REGEX   wait until the output not yet consumed matches REGEX (a literal of
                    bytes too); the output up to the end of the match is consumed
+    raw            wait until the terminal is in non-canonical mode: libedit is reading
+                   keys (typed before that, ^C and ^D act as in a cooked terminal)
     signal NAME    send signal NAME (e.g. INT) to the program
     exit CODE      wait for the program to end with status CODE (-N: killed by signal N)
 Every wait gives up after TIMEOUT seconds (the machine may be loaded). On success
@@ -88,6 +90,12 @@ def main():
                     break
                 if not pump(deadline) and (eof or time.monotonic() >= deadline):
                     fail(step)
+        elif verb == "raw":
+            # on Linux the master reports the slave's modes
+            while termios.tcgetattr(fd)[3] & termios.ICANON:
+                if time.monotonic() >= deadline:
+                    fail(step)
+                time.sleep(0.005)
         elif verb == "signal":
             os.kill(pid, getattr(signal, "SIG" + arg))
         elif verb == "exit":
