@@ -315,6 +315,10 @@ static int next_statement(lua_State *L, repl *r, int *ended) {
 
 /* ---- running and printing ------------------------------------------------------------- */
 
+#define C_FRAME "\n\t[C]: in ?"
+
+/* The error as text (error objects through __tostring) and where it happened, down to
+ * the statement typed: the C frames below it are the REPL's own. */
 static int traceback_handler(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
   if (!msg) {
@@ -324,6 +328,11 @@ static int traceback_handler(lua_State *L) {
       msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
   }
   luaL_traceback(L, L, msg, 1);
+  size_t len;
+  const char *tb = lua_tolstring(L, -1, &len);
+  size_t frame = sizeof C_FRAME - 1, keep = len;
+  while (keep >= frame && memcmp(tb + keep - frame, C_FRAME, frame) == 0) keep -= frame;
+  lua_pushlstring(L, tb, keep);
   return 1;
 }
 

@@ -29,7 +29,7 @@ describe("REPL on a pipe", function()
     local out, err, code = repl("error('boom')\nx = = 1\n2 + 2\nluamp.sleep(-1)\n'still here'\n")
     assert.equal(0, code)
     assert.equal('4\n"still here"\n', out)
-    assert.matches("^stdin:1: boom\nstack traceback:\n", err)
+    assert.matches("^stdin:1: boom\nstack traceback:\n\t%[C%]: in function 'error'\n\tstdin:1: in main chunk\n", err)
     assert.matches("\nstdin:1: unexpected symbol near '='\n", err)
     assert.matches("\nluamp.Value: [^\n]+\nstack traceback:", err)
   end)
@@ -151,6 +151,15 @@ describe("REPL on a terminal", function()
       P.prompt(),
       P.send("p = luamp.Process{target = function() print('hi ' .. 'there') end}; p:start(); p:join()\r"),
       P.expect("\r\nhi there\r\n"), P.prompt(), P.send("p.exitcode\r"), P.expect("\r\n0\r\n"),
+      P.prompt(), P.send("\4"), P.exit(0)})
+  end)
+
+  it("interrupts the children started at the prompt too, as the terminal signals them", function()
+    session({
+      P.prompt(),
+      P.send("p = luamp.Process{target = function() luamp.sleep(100) end}; p:start(); print('jo' .. 'ining'); p:join()\r"),
+      P.expect("joining\r\n"), P.send("\3"), P.expect("luamp\\.Interrupted: interrupted"),
+      P.prompt(), P.send("p:join() print(p.exitcode)\r"), P.expect("\r\n1\r\n"),
       P.prompt(), P.send("\4"), P.exit(0)})
   end)
 
