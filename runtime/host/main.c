@@ -168,7 +168,9 @@ static int report(lua_State *L, int status) {
   fprintf(stderr, PROGNAME ": %s\n", msg ? msg : "(error object is not a string)");
   fflush(stderr);
   lua_pop(L, 1);
-  return interrupted ? EXIT_INTERRUPTED : EXIT_FAILURE;
+  int rc = interrupted ? EXIT_INTERRUPTED : EXIT_FAILURE;
+  interrupted = 0;
+  return rc;
 }
 
 /* Calls the function below its nargs arguments, with Ctrl-C able to stop it. */
