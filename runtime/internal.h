@@ -12,6 +12,7 @@
 #define LUAMP_INTERNAL_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -53,9 +54,8 @@ double luamp_deadline_arg(lua_State *L, int idx);
  * (SIGINT seen by the host) is pending it returns -2. Returns the number of ready fds
  * (revents set), 0 on timeout, -1 with errno on failure. */
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
-/* Async-signal-safe: marks a Ctrl-C for the next (or current) wait to report. The host's
- * SIGINT handler calls it; the library itself installs no signal handler. */
-void luamp_request_interrupt(void);
+/* luamp_request_interrupt (luamp.h) marks a Ctrl-C for the next (or current) wait to
+ * report; the library installs no signal handler of its own (see interrupt.c). */
 /* Returns and clears the pending-interrupt mark. */
 int luamp_take_interrupt(void);
 
