@@ -932,7 +932,7 @@ typedef struct dec {
   const unsigned char *start, *p, *end;
   int flags, depth;
   uint64_t nrefs;
-  size_t budget;           /* table slots we may still preallocate on the input's word */
+  size_t budget;           /* input bytes not yet claimed by a table preallocation */
   int refs_slot;
 } dec;
 
@@ -994,9 +994,13 @@ static inline void decode_string(dec *d, size_t len) {
   if (len >= MEMO_STRLEN) dec_register(d, -1);
 }
 
-static size_t prealloc(dec *d, size_t n) {
-  if (n > d->budget || n > INT_MAX / 2) return 0;
-  d->budget -= n;
+/* How many slots to preallocate for n items of at least `unit` input bytes each. Nested
+ * tables may all claim the same bytes; the budget (the input's size) makes the total
+ * preallocated no more than genuine items could need, and claims beyond it grow as
+ * items actually arrive. */
+static size_t prealloc(dec *d, size_t n, size_t unit) {
+  if (n > d->budget / unit || n > INT_MAX / 2) return 0;
+  d->budget -= n * unit;
   return n;
 }
 
@@ -1005,7 +1009,7 @@ static void decode_table(dec *d, int with_mt) {
   size_t narr = get_count(d, 1);
   size_t nhash = get_count(d, 2);
   dec_enter(d);
-  lua_createtable(L, (int)prealloc(d, narr), (int)prealloc(d, nhash));
+  lua_createtable(L, (int)prealloc(d, narr, 1), (int)prealloc(d, nhash, 2));
   int t = lua_gettop(L);
   dec_register(d, t);
   for (size_t i = 1; i <= narr; i++) {

@@ -406,6 +406,25 @@ describe("codec input checks", function()
     end
   end)
 
+  it("bound what nested size claims preallocate", function()
+    -- 20 nested tables each claiming 100000 elements, backed by 100 KB of input: a
+    -- handle at the bottom measures the heap while all 20 are allocated
+    local grew, probed
+    luamp._core.register_handle("spec.Probe", function()
+      grew, probed = collectgarbage("count") - grew, true
+      return {}
+    end)
+    local claim = "\9\160\141\6\0"                     -- table, 100000 array items
+    local s = "\1" .. claim:rep(20) .. "\15\10spec.Probe\128" .. dumps(("p"):rep(100000))
+    collectgarbage()
+    collectgarbage("stop")
+    grew = collectgarbage("count")
+    H.raises("Serialize", loads, s)
+    collectgarbage("restart")
+    assert.is_true(probed)
+    assert.is_true(grew < 8 * 1024, "preallocated " .. grew .. " KB")
+  end)
+
   it("refuse absurd lengths before allocating", function()
     -- a string, a table and a function each claiming far more than the input holds
     for _, s in ipairs({"\1\8\255\255\255\255\255\255\255\255\127",
