@@ -705,6 +705,9 @@ static int l_spawn(lua_State *L) {
   if (lua_getfield(L, 1, "stdio") != LUA_TTABLE) luamp_raise(L, "Value", "stdio must be a table");
   io_spec io[3];
   for (int i = 0; i < 3; i++) io[i] = spec_io(L, i);
+  /* what was printed before must come out before what the child prints */
+  if (io[SP_OUT].kind == IO_INHERIT) fflush(stdout);
+  if (io[SP_ERR].kind == IO_INHERIT || io[SP_ERR].kind == IO_STDOUT) fflush(stderr);
 
   sp_state *st = calloc(1, sizeof *st);
   if (!st) luamp_raise(L, "Value", "out of memory");
@@ -888,22 +891,22 @@ static void drain_stdin(lua_State *L, sp_state *st, size_t limit) {
   if (s->write_err) raise_write_error(L, s->write_err);
 }
 
-/* :write(s): queued writes beyond the high-water mark block until the child catches up */
+/* :write(i, s): queued writes beyond the high-water mark block until the child catches up */
 static int l_write(lua_State *L) {
   sp_state *st = check_own(L);
+  stream *s = check_stream(L, st, stream_arg(L, 2), 1);
   size_t len;
-  const char *data = luaL_checklstring(L, 2, &len);
-  stream *s = check_stream(L, st, SP_IN, 1);
+  const char *data = luaL_checklstring(L, 3, &len);
   int err = stream_write(s, data, len);
   if (err) raise_write_error(L, err);
   drain_stdin(L, st, WRITE_HIGH_WATER);
   return 0;
 }
 
-/* :flush(): until everything written has reached the pipe */
+/* :flush(i): until everything written has reached the pipe */
 static int l_flush(lua_State *L) {
   sp_state *st = check_own(L);
-  check_stream(L, st, SP_IN, 1);
+  check_stream(L, st, stream_arg(L, 2), 1);
   drain_stdin(L, st, 0);
   return 0;
 }

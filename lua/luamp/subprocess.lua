@@ -131,13 +131,13 @@ function Stream:write(...)
     if type(v) ~= "string" and type(v) ~= "number" then
       raise("Value", "write: argument #" .. k .. " must be a string or number, not " .. type(v))
     end
-    self.h:write(v)
+    self.h:write(self.i, v)
   end
   return self
 end
 
 function Stream:flush()
-  self.h:flush()
+  self.h:flush(self.i)
   return self
 end
 
