@@ -36,14 +36,14 @@
  * SIGPIPE they caused is consumed, so the caller sees BrokenPipe instead.
  */
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <limits.h>
-#include <spawn.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -96,7 +96,7 @@ struct sp_state {
   pid_t pid;
   int handles;             /* handles not yet through their close callback */
   int pidfd;
-  int watch_open, watch_is_poll, timer_open;
+  int watch_open, timer_open;
   int exited;
   int returncode;          /* exit status, or -signal */
   int group;               /* the child leads its own process group (session) */
@@ -648,7 +648,6 @@ static int spawn_child(const spawn_req *r, const child_fds *c, pid_t *pid) {
 static void watch_start(sp_state *st) {
   st->pidfd = (int)syscall(SYS_pidfd_open, st->pid, 0);   /* pidfds are close-on-exec */
   if (st->pidfd >= 0 && uv_poll_init(st->loop, &st->watch.poll, st->pidfd) == 0) {
-    st->watch_is_poll = 1;
     st->watch.poll.data = st;
     st->handles++;
     st->watch_open = 1;
@@ -723,6 +722,7 @@ static int l_spawn(lua_State *L) {
 
   sp_state *st = calloc(1, sizeof *st);
   if (!st) luamp_raise(L, "Value", "out of memory");
+  st->pidfd = -1;
   int fds[3][2];
   child_fds c = {.temp = {-1, -1, -1}};
   pid_t pid = -1;
@@ -779,7 +779,7 @@ static int l_returncode(lua_State *L) {
 /* :poll() -> returncode or nil while running */
 static int l_poll(lua_State *L) {
   sp_state *st = check_own(L);
-  if (!st->exited) loop_step(st->loop);
+  try_reap(st);
   if (!st->exited) return 0;
   lua_pushinteger(L, st->returncode);
   return 1;

@@ -304,7 +304,6 @@ function SP.Popen(args, opts)
   if opts.cwd ~= nil and type(opts.cwd) ~= "string" then raise("Value", "cwd must be a string") end
   local stdio = {check_stdio("stdin", opts.stdin), check_stdio("stdout", opts.stdout),
                  check_stdio("stderr", opts.stderr)}
-  if stdio[1] == "stdout" then raise("Value", 'stdin cannot be "stdout"') end
   local h = core.subprocess_spawn{file = file, argv = argv, env = build_env(opts), cwd = opts.cwd,
     stdio = stdio, group = opts.shell or opts.start_new_session or false}
   local self = setmetatable({}, Popen_mt)
