@@ -460,6 +460,47 @@ describe("subprocess.Popen", function()
   end)
 end)
 
+describe("subprocess resources", function()
+  local function open_fds()
+    local n = 0
+    for _ in io.popen("ls /proc/" .. luamp.getpid() .. "/fd"):lines() do n = n + 1 end
+    return n
+  end
+
+  it("leaves no file descriptor behind, on success or failure", function()
+    sp.run({"true"})   -- the loop's own descriptors exist from here on
+    local before = open_fds()
+    for _ = 1, 5 do
+      sp.run({"cat"}, {input = "x", capture_output = true})
+      pcall(sp.run, {"luamp-no-such-program"}, {capture_output = true, input = "x"})
+      pcall(sp.run, {"sleep", "10"}, {capture_output = true, timeout = 0})
+      local p = sp.Popen({"cat"}, {stdin = "pipe", stdout = "pipe", stderr = "pipe"})
+      p:kill()
+      p:wait()
+      p = nil
+      collectgarbage()
+    end
+    assert.equal(before, open_fds())
+  end)
+
+  it("times out cleanly with megabytes of input still queued", function()
+    local e = H.raises("Timeout", sp.run, {"sleep", "10"}, {input = all_bytes:rep(8192), timeout = 0.2})
+    assert.is_nil(e.stdout)   -- stdout was not captured
+  end)
+
+  it("runs many children at once", function()
+    local ps = {}
+    for i = 1, 40 do
+      ps[i] = sp.Popen({"sh", "-c", "read x; echo $x-" .. i}, {stdin = "pipe", stdout = "pipe"})
+    end
+    for i = 40, 1, -1 do
+      local out = ps[i]:communicate("go\n")
+      assert.equal("go-" .. i .. "\n", out)
+      assert.equal(0, ps[i].returncode)
+    end
+  end)
+end)
+
 describe("subprocess with luamp processes", function()
   it("Process reaping and subprocess reaping never take each other's children", function()
     -- a Process ends while a subprocess is being waited for
