@@ -54,19 +54,31 @@ print("%.3f" % ((time.monotonic() - t0) / n * 1e6))
 P
 
 # The machine is shared: the three programs take turns in 5 rounds of n/5 calls, and each
-# one's best round is reported (the least disturbed measure of its own cost).
+# one's best round is reported (the least disturbed measure of its own cost). CPU time
+# (user+sys of the program and its children over all rounds, start-up included) is
+# steadier under load.
 rounds=5 per=$((n / 5))
+TIMEFORMAT='%U %S'
 best() { printf "%s\n" "$@" | sort -g | head -1; }
-cs=() ls=() ps=()
+declare -A wall cpu
 for ((r = 0; r < rounds; r++)); do
-  cs+=("$("$tmp/spawn" "$per")")
-  ls+=("$(build/luamp "$tmp/bench.lua" "$per")")
-  ps+=("$(python3 "$tmp/bench.py" "$per")")
+  for who in c l p; do
+    case $who in
+      c) cmd=("$tmp/spawn" "$per") ;;
+      l) cmd=(build/luamp "$tmp/bench.lua" "$per") ;;
+      p) cmd=(python3 "$tmp/bench.py" "$per") ;;
+    esac
+    { time "${cmd[@]}" > "$tmp/out"; } 2> "$tmp/time"
+    wall[$who]="${wall[$who]:-} $(cat "$tmp/out")"
+    cpu[$who]=$(awk -v acc="${cpu[$who]:-0}" '{ print acc + $1 + $2 }' "$tmp/time")
+  done
 done
-c=$(best "${cs[@]}") l=$(best "${ls[@]}") p=$(best "${ps[@]}")
-echo "run \`true\` $n times: $rounds interleaved rounds of $per, best round per call"
-printf "  %-34s %10s us\n" "raw C posix_spawnp+waitpid" "$c" "luamp subprocess.run" "$l" \
-  "python subprocess.run" "$p"
-awk -v c="$c" -v l="$l" -v p="$p" 'BEGIN {
-  printf "  luamp / raw C      = %.2fx  (goal <= 1.3x)\n", l / c
-  printf "  python / luamp     = %.2fx  (goal > 1x)\n", p / l }'
+c=$(best ${wall[c]}) l=$(best ${wall[l]}) p=$(best ${wall[p]})
+cpu_us() { awk -v s="$1" -v n="$n" 'BEGIN { printf "%.1f", s / n * 1e6 }'; }
+cc=$(cpu_us "${cpu[c]}") lc=$(cpu_us "${cpu[l]}") pc=$(cpu_us "${cpu[p]}")
+echo "run \`true\` $n times: $rounds interleaved rounds of $per; per call: best round's wall time, and CPU"
+printf "  %-30s %10s us wall %10s us cpu\n" "raw C posix_spawnp+waitpid" "$c" "$cc" \
+  "luamp subprocess.run" "$l" "$lc" "python subprocess.run" "$p" "$pc"
+awk -v c="$c" -v l="$l" -v p="$p" -v cc="$cc" -v lc="$lc" -v pc="$pc" 'BEGIN {
+  printf "  luamp / raw C      = %.2fx wall, %.2fx cpu  (goal <= 1.3x)\n", l / c, lc / cc
+  printf "  python / luamp     = %.2fx wall, %.2fx cpu  (goal > 1x)\n", p / l, pc / lc }'
