@@ -65,12 +65,6 @@ static const char *const stream_names[] = {"stdin", "stdout", "stderr"};
 
 typedef struct sp_state sp_state;
 
-/* Received bytes not yet handed to Lua: data[start, end). */
-typedef struct rbuf {
-  char *data;
-  size_t start, end, cap;
-} rbuf;
-
 typedef struct stream {
   uv_pipe_t pipe;
   sp_state *st;
@@ -78,7 +72,8 @@ typedef struct stream {
   int reading;             /* uv_read_start is in effect */
   int eof;                 /* read side: end of data (EOF or a read error) */
   int read_err;            /* a read error other than EOF (uv code), 0 if none */
-  rbuf buf;
+  luamp_buf buf;            /* read side: bytes received; Lua has taken those before `taken` */
+  size_t taken;
   size_t queued;           /* write side: bytes handed to uv_write, not yet written */
   int write_err;           /* write side: first failure (uv code), 0 if none */
   int close_when_drained;  /* write side: close once the queue is empty */
@@ -162,33 +157,29 @@ static void guard_leave(pipe_guard *g) {
 
 /* ---- buffers and handle lifetimes ----------------------------------------------------- */
 
-/* Makes room for `need` more bytes after end; 0 ok, -1 out of memory. */
-static int rbuf_reserve(rbuf *b, size_t need) {
-  if (b->start == b->end) b->start = b->end = 0;
-  if (b->cap - b->end >= need) return 0;
-  if (b->start > 0 && b->start >= b->cap / 2) {
-    memmove(b->data, b->data + b->start, b->end - b->start);
-    b->end -= b->start;
-    b->start = 0;
-    if (b->cap - b->end >= need) return 0;
+/* Makes room to receive `need` more bytes, first sliding out what Lua has taken once that
+ * is at least half the buffer. 0 ok, -1 out of memory. */
+static int rbuf_reserve(stream *s, size_t need) {
+  luamp_buf *b = &s->buf;
+  if (s->taken == b->len) {
+    s->taken = b->len = 0;
+  } else if (b->cap - b->len < need && s->taken >= b->cap / 2) {
+    memmove(b->data, b->data + s->taken, b->len - s->taken);
+    b->len -= s->taken;
+    s->taken = 0;
   }
-  size_t cap = b->cap ? b->cap : READ_CHUNK;
-  while (cap - b->end < need) {
-    if (cap > SIZE_MAX / 2) return -1;
-    cap *= 2;
-  }
-  char *p = realloc(b->data, cap);
-  if (!p) return -1;
-  b->data = p;
-  b->cap = cap;
-  return 0;
+  return luamp_buf_reserve(b, need);
 }
 
-static size_t rbuf_len(const rbuf *b) { return b->end - b->start; }
+/* The bytes received and not yet taken: their start, and how many. */
+static const char *rbuf_data(const stream *s) {
+  return s->buf.data ? s->buf.data + s->taken : "";
+}
+static size_t rbuf_len(const stream *s) { return s->buf.len - s->taken; }
 
 static void state_unref(sp_state *st) {
   if (--st->handles > 0) return;
-  for (int i = 0; i < 3; i++) free(st->io[i].buf.data);
+  for (int i = 0; i < 3; i++) luamp_buf_free(&st->io[i].buf);
   free(st);
 }
 
@@ -260,18 +251,18 @@ static void on_timer(uv_timer_t *t) { ((sp_state *)t->data)->timed_out = 1; }
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out) {
   (void)suggested;
   stream *s = h->data;
-  if (rbuf_reserve(&s->buf, READ_CHUNK) < 0) {
+  if (rbuf_reserve(s, READ_CHUNK) < 0) {
     *out = uv_buf_init(NULL, 0);   /* libuv reports UV_ENOBUFS to on_read */
     return;
   }
-  *out = uv_buf_init(s->buf.data + s->buf.end, (unsigned)(s->buf.cap - s->buf.end));
+  *out = uv_buf_init(s->buf.data + s->buf.len, (unsigned)(s->buf.cap - s->buf.len));
 }
 
 static void on_read(uv_stream_t *h, ssize_t n, const uv_buf_t *b) {
   (void)b;
   stream *s = h->data;
   if (n > 0) {
-    s->buf.end += (size_t)n;
+    s->buf.len += (size_t)n;
   } else if (n < 0) {
     s->eof = 1;
     if (n != UV_EOF) s->read_err = (int)n;
@@ -415,9 +406,9 @@ static int done_readable(sp_state *st, void *ctx) {
   read_ctx *r = ctx;
   stream *s = r->s;
   if (s->eof || !s->open) return 1;
-  size_t have = rbuf_len(&s->buf);
+  size_t have = rbuf_len(s);
   if (!r->line) return have >= r->want;
-  if (have > r->scanned && memchr(s->buf.data + s->buf.start + r->scanned, '\n', have - r->scanned))
+  if (have > r->scanned && memchr(rbuf_data(s) + r->scanned, '\n', have - r->scanned))
     return 1;
   r->scanned = have;
   return 0;
@@ -825,8 +816,8 @@ static int l_signal(lua_State *L) {
 static void push_taken(lua_State *L, sp_state *st, int i, int was_pipe) {
   stream *s = &st->io[i];
   if (!was_pipe) { lua_pushnil(L); return; }
-  lua_pushlstring(L, s->buf.data ? s->buf.data + s->buf.start : "", rbuf_len(&s->buf));
-  s->buf.start = s->buf.end = 0;
+  lua_pushlstring(L, rbuf_data(s), rbuf_len(s));
+  s->taken = s->buf.len = 0;
 }
 
 static int is_pipe(sp_state *st, int i) { return st->io[i].st != NULL; }
@@ -924,8 +915,8 @@ static int l_flush(lua_State *L) {
 }
 
 static void push_consumed(lua_State *L, stream *s, size_t n, size_t skip) {
-  lua_pushlstring(L, s->buf.data + s->buf.start, n);
-  s->buf.start += n + skip;
+  lua_pushlstring(L, rbuf_data(s), n);
+  s->taken += n + skip;
 }
 
 /* :read(i, fmt) with fmt "a", "l", "L" or a byte count -> string, or nil at end of data */
@@ -956,12 +947,12 @@ static int l_read(lua_State *L) {
     if (rc != WAIT_DONE) raise_wait(L, rc, stream_names[i]);
   }
   if (s->read_err) luamp_raise(L, "Value", "reading %s: %s", stream_names[i], uv_strerror(s->read_err));
-  size_t have = rbuf_len(&s->buf);
+  size_t have = rbuf_len(s);
   if (fmt == 'a') {
     push_consumed(L, s, have, 0);
   } else if (r.line) {
     if (have == 0) return 0;
-    const char *p = s->buf.data + s->buf.start;
+    const char *p = rbuf_data(s);
     const char *nl = memchr(p, '\n', have);
     size_t n = nl ? (size_t)(nl - p) : have;
     if (fmt == 'L' && nl) push_consumed(L, s, n + 1, 0);

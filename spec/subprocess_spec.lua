@@ -312,6 +312,11 @@ describe("subprocess.Popen", function()
     assert.is_nil(p.stdout:read(5))
     p:wait()
 
+    p = sp.Popen({"true"}, {stdout = "pipe"})
+    assert.equal("", p.stdout:read("a"))   -- nothing ever arrived
+    assert.is_nil(p.stdout:read("L"))
+    p:wait()
+
     p = sp.Popen({"printf", "a\\nb\\nc\\nd"}, {stdout = "pipe"})
     local a, b = p.stdout:read("l", "l")
     assert.equal("a", a)
