@@ -506,6 +506,39 @@ describe("subprocess resources", function()
   end)
 end)
 
+describe("subprocess and Ctrl-C", function()
+  it("interrupts run in the host, killing what a shell started", function()
+    local pidfile = os.tmpname()
+    local script = H.script([=[
+      local luamp = require "luamp"
+      local sp = luamp.subprocess
+      local pidfile = arg[1]
+      -- a Ctrl-C from outside, once the shell below has started its grandchild
+      sp.Popen({"sh", "-c", 'while [ ! -s "$0" ]; do sleep 0.01; done; kill -INT $1',
+        pidfile, luamp.getpid()})
+      local t0 = luamp.time()
+      local ok, e = pcall(sp.run, {'sleep 30 & echo $! > "$0"; wait', pidfile}, {shell = true})
+      local f = assert(io.open(pidfile))
+      local grandchild = f:read("n")
+      f:close()
+      local gone = false
+      for _ = 1, 500 do
+        local st = io.open("/proc/" .. grandchild .. "/stat")
+        local state = st and st:read("a"):match("^%d+ %(.*%) (%a)")
+        if st then st:close() end
+        if state == nil or state == "Z" then gone = true break end
+        luamp.sleep(0.01)
+      end
+      print(type(e) == "table" and e.kind or tostring(e), luamp.time() - t0 < 10, gone)
+    ]=])
+    local out, err, code = H.run({script, pidfile})
+    os.remove(script)
+    os.remove(pidfile)
+    assert.equal(0, code, err)
+    assert.equal("Interrupted\ttrue\ttrue\n", out)
+  end)
+end)
+
 describe("subprocess with luamp processes", function()
   it("Process reaping and subprocess reaping never take each other's children", function()
     -- a Process ends while a subprocess is being waited for
