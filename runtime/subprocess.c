@@ -112,16 +112,6 @@ static uv_loop_t *active_loop;   /* the loop children were spawned in, once ther
 static int loop_depth;           /* >0 while uv_run runs on our behalf */
 static int writes_in_flight;     /* queued writes in any state: uv_run may write (SIGPIPE) */
 
-/* This process's pid, cached: every method checks ownership, and getpid is a real system
- * call. Every fork (luamp's or anyone's) clears it in the child through pthread_atfork. */
-static pid_t cached_pid;
-
-static pid_t self_pid(void) {
-  if (!cached_pid) cached_pid = getpid();
-  return cached_pid;
-}
-
-static void forget_pid(void) { cached_pid = 0; }
 
 /* ---- SIGPIPE guard -------------------------------------------------------------------- */
 
@@ -226,7 +216,7 @@ static void loop_step(uv_loop_t *loop) {
  * taken. Only the process that spawned it may; a forked copy just stops watching. */
 static void try_reap(sp_state *st) {
   if (st->exited) return;
-  if (st->owner != self_pid()) { watch_close(st); return; }
+  if (st->owner != luamp_self_pid()) { watch_close(st); return; }
   int status;
   pid_t r;
   do r = waitpid(st->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
@@ -433,7 +423,7 @@ static sp_state *check_state(lua_State *L) {
 
 static sp_state *check_own(lua_State *L) {
   sp_state *st = check_state(L);
-  if (st->owner != self_pid())
+  if (st->owner != luamp_self_pid())
     luamp_raise(L, "Value", "this subprocess belongs to another process (inherited through fork)");
   return st;
 }
@@ -732,7 +722,7 @@ static int l_spawn(lua_State *L) {
   }
   st->loop = luamp_loop();
   active_loop = st->loop;
-  st->owner = self_pid();
+  st->owner = luamp_self_pid();
   st->group = r.group;
   st->pid = pid;
   u->st = st;
@@ -973,7 +963,7 @@ static int l_close_stream(lua_State *L) {
   int i = stream_arg(L, 2);
   stream *s = &st->io[i];
   if (!s->open) return 0;
-  if (i == SP_IN && st->owner == self_pid() && s->queued > 0 && !s->write_err) {
+  if (i == SP_IN && st->owner == luamp_self_pid() && s->queued > 0 && !s->write_err) {
     size_t limit = 0;
     reads_start(st);
     int rc = loop_wait(st, done_flushed, &limit, -1);
@@ -994,7 +984,7 @@ static int l_stream_state(lua_State *L) {
 }
 
 static int l_owned(lua_State *L) {
-  lua_pushboolean(L, check_state(L)->owner == self_pid());
+  lua_pushboolean(L, check_state(L)->owner == luamp_self_pid());
   return 1;
 }
 
@@ -1013,7 +1003,7 @@ static void subprocess_release(sp_ud *u) {
   uv_loop_t *loop = st->loop;
   for (int i = 0; i < 3; i++) stream_close(&st->io[i]);
   timer_close(st);
-  if (st->owner == self_pid() && !st->exited && st->watch_open) {
+  if (st->owner == luamp_self_pid() && !st->exited && st->watch_open) {
     /* keep watching so the child is reaped when it ends, without holding the loop open */
     uv_unref((uv_handle_t *)&st->watch);
   } else {
@@ -1055,11 +1045,6 @@ void luamp_subprocess_after_fork(void) {
 }
 
 int luamp_open_subprocess(lua_State *L) {
-  static int atfork_done;
-  if (!atfork_done) {
-    pthread_atfork(NULL, NULL, forget_pid);
-    atfork_done = 1;
-  }
   static const luaL_Reg methods[] = {
     {"pid", l_pid},
     {"returncode", l_returncode},
