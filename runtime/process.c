@@ -135,6 +135,7 @@ pid_t luamp_fork(int daemon) {
  * handler or finalizer of the parent's program runs. */
 static _Noreturn void child_exit(int code) {
   luamp_children_finish();
+  luamp_arena_child_exit();   /* give back the shared objects the child inherited */
   fflush(NULL);
   _exit(code & 0xff);
 }
