@@ -12,6 +12,7 @@
 #define LUAMP_INTERNAL_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>

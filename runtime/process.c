@@ -241,7 +241,15 @@ static int l_child_wait(lua_State *L) {
   double deadline = luamp_deadline_arg(L, 2);
   while (!child_reap(c, 0)) {
     struct pollfd pfd = {.fd = c->pidfd, .events = POLLIN};
-    int n = luamp_wait_fds(&pfd, 1, deadline);
+    int n;
+    if (c->pidfd >= 0) {
+      n = luamp_wait_fds(&pfd, 1, deadline);
+    } else {
+      /* no pidfd (kernel before 5.3): look again every 10 ms */
+      double tick = luamp_now() + 0.01;
+      n = luamp_wait_fds(NULL, 0, deadline >= 0 && deadline < tick ? deadline : tick);
+      if (n == 0 && (deadline < 0 || luamp_now() < deadline)) continue;
+    }
     if (n == 0) return 0;
     if (n == -2) {
       luamp_take_interrupt();

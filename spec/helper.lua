@@ -17,6 +17,19 @@ local function shell_quote(s)
 end
 H.q = shell_quote
 
+-- The shell prefix that runs stock lua5.4 with the built luamp.so on its cpath (with the
+-- sanitizer runtime preloaded when the build is sanitized).
+function H.stock_lua()
+  local env = "LUA_CPATH=" .. shell_quote(H.root .. "/" .. H.build .. "/?.so;;")
+  if os.getenv("LUAMP_SANITIZE") == "1" then
+    local p = io.popen("gcc -print-file-name=libasan.so")
+    local asan = p:read("l")
+    p:close()
+    env = env .. " LD_PRELOAD=" .. shell_quote(asan)
+  end
+  return env .. " lua5.4"
+end
+
 -- Runs a shell command; returns stdout, exit code (-N if killed by signal N).
 function H.sh(cmd)
   local p = io.popen(cmd, "r")
