@@ -9,10 +9,11 @@
  *
  * Locks: the futex word holds the owner's pid (0 when free) and a WAITERS bit. Acquire
  * is one compare-and-swap in the uncontended case and release one exchange; only when
- * WAITERS is set does release make a syscall. Storing the pid lets a waiter notice that
- * the holder died: it checks the owner on entry and every OWNER_CHECK seconds while it
- * waits (a pid that no longer exists, or whose pidfd is readable, i.e. a zombie), and then
- * takes the lock over; the handle that did so reports `recovered`. A pid reused by an
+ * WAITERS is set does release make a syscall. A waiter spins briefly before sleeping.
+ * Storing the pid lets a waiter notice that the holder died: after a millisecond of
+ * waiting, and then every OWNER_CHECK seconds, it looks at the owner (a pid that no
+ * longer exists, or whose pidfd is readable, i.e. a zombie), and then takes the lock
+ * over; the handle that did so reports `recovered`. A pid reused by an
  * unrelated process before the check looks alive, so recovery then waits for that one.
  * An RLock's owner is the process (not a thread or coroutine); its depth lives in the
  * shared word beside it and only the owner touches it.
@@ -84,7 +85,8 @@ enum { K_LOCK = 0x4c4b4c31, K_RLOCK, K_SEM, K_BSEM, K_EVENT, K_COND, K_BARRIER }
 #define WAITERS 0x80000000u
 #define OWNER 0x3fffffffu
 #define SPINS 100
-#define OWNER_CHECK 0.02
+#define OWNER_CHECK 0.02         /* seconds between looks at a waited-for owner */
+#define FIRST_SLICE 0.001
 
 typedef struct lock_obj {
   uint32_t kind;
@@ -156,7 +158,11 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) 
       cpu_relax();
     }
   }
-  int check = 1;   /* the owner may have died long ago: look at once */
+  /* Looking at the owner costs syscalls, so a blocking acquire first sleeps a short
+   * slice (an ordinary holder usually releases within it) and then checks every
+   * OWNER_CHECK; a non-blocking one checks at once. */
+  int check = deadline >= 0 && deadline <= luamp_now();
+  double slice = FIRST_SLICE;
   for (;;) {
     uint32_t c = atomic_load(&o->word);
     if (c == 0) {
@@ -180,11 +186,14 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) 
     }
     double now = luamp_now();
     if (deadline >= 0 && now >= deadline) return 0;
-    double until = now + OWNER_CHECK;
+    double until = now + slice;
     if (deadline >= 0 && deadline < until) until = deadline;
     int r = luamp_futex_wait(&o->word, c, until);
     if (r == -2) return -2;
-    if (r == 1) check = 1;
+    if (r == 1) {
+      check = 1;
+      slice = OWNER_CHECK;
+    }
   }
 }
 
