@@ -16,10 +16,12 @@
  *
  * A block lives while it has references. Every Lua handle (a userdata holding a
  * luamp_ref) is one reference, and each process keeps a list of its live handles so
- * that fork can account for the copies the child inherits: a pthread_atfork handler
- * adds one reference per handle before the fork, and the child drops them all when it
- * leaves (luamp_arena_child_exit). A reference that is dropped twice cannot happen; one
- * that is never dropped (a process killed by a signal) only leaks that block. A block
+ * that luamp_fork can account for the copies the child inherits: one more reference
+ * per handle before the fork, made the child's after it, all dropped when the child
+ * leaves (luamp_arena_child_exit). Each reference records the process it is counted
+ * for, so copies inherited through any other fork (a library's raw fork(), which may
+ * exec or not) are never dropped from the shared count: at worst a block leaks, it is
+ * never freed under someone's feet. A process killed by a signal leaks its blocks. A block
  * whose handle was encoded for another process (luamp_ref_push_payload) is pinned: the
  * sender cannot know when, or how often, the message is decoded, so it lives as long
  * as the arena.
@@ -99,24 +101,40 @@ static void to_hex(const uint8_t *id, char *out) {
 
 /* ---- fork accounting ---------------------------------------------------------------- */
 
-static void before_fork(void) {
-  pthread_mutex_lock(&mu);
-  for (luamp_ref *r = live_refs; r; r = r->next) {
-    block *b = (block *)((char *)r->ptr - BLOCK_HEADER);
-    atomic_fetch_add(&b->refs, 1);
-  }
+static inline block *block_of(const luamp_ref *r) {
+  return (block *)((char *)r->ptr - BLOCK_HEADER);
 }
 
-static void after_fork_parent(void) { pthread_mutex_unlock(&mu); }
+/* mu stays held from prepare to child/parent, so no reference comes or goes between
+ * the count and the fork. */
+static pid_t forking;   /* the parent's pid, from prepare until the fork returns */
 
-static void after_fork_child(void) {
-  luamp_pid_cached = getpid();
+void luamp_arena_fork_prepare(void) {
+  pthread_mutex_lock(&mu);
+  forking = getpid();
+  for (luamp_ref *r = live_refs; r; r = r->next)
+    if (r->owner == forking) atomic_fetch_add(&block_of(r)->refs, 1);
+}
+
+void luamp_arena_fork_parent(int failed) {
+  for (luamp_ref *r = live_refs; failed && r; r = r->next)
+    if (r->owner == forking) atomic_fetch_sub(&block_of(r)->refs, 1);   /* still >= 1: ours */
   pthread_mutex_unlock(&mu);
 }
 
+void luamp_arena_fork_child(void) {
+  luamp_pid_cached = getpid();
+  for (luamp_ref *r = live_refs; r; r = r->next)
+    if (r->owner == forking) r->owner = luamp_pid_cached;
+  pthread_mutex_unlock(&mu);
+}
+
+/* Any fork, luamp's or not, must see the right pid in the child. */
+static void note_pid(void) { luamp_pid_cached = getpid(); }
+
 static void init_once(void) {
   luamp_pid_cached = getpid();
-  pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+  pthread_atfork(NULL, NULL, note_pid);
 }
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -306,6 +324,7 @@ static void ref_link(luamp_ref *ref, struct luamp_arena *a, uint64_t off) {
   ref->arena = a;
   ref->off = (uint32_t)(off >> MIN_SHIFT);
   ref->ptr = a->base + off + BLOCK_HEADER;
+  ref->owner = luamp_pid_cached;
   ref->prev = NULL;
   ref->next = live_refs;
   if (live_refs) live_refs->prev = ref;
@@ -321,6 +340,7 @@ static void ref_unlink(luamp_ref *ref) {
 
 /* Drops one reference to the block; frees it with the last. Called with mu held. */
 static void drop(luamp_ref *ref) {
+  if (ref->owner != luamp_pid_cached) return;   /* an uncounted copy from a raw fork */
   uint64_t off = (uint64_t)ref->off << MIN_SHIFT;
   block *b = block_at(ref->arena, off);
   if (atomic_fetch_sub(&b->refs, 1) == 1) block_free(ref->arena, off);
@@ -353,7 +373,7 @@ void luamp_ref_release(luamp_ref *ref) {
 }
 
 size_t luamp_ref_capacity(const luamp_ref *ref) {
-  block *b = (block *)((char *)ref->ptr - BLOCK_HEADER);
+  block *b = block_of(ref);
   return (size_t)(class_bytes(b->cls) - BLOCK_HEADER);
 }
 
@@ -370,7 +390,7 @@ void luamp_arena_child_exit(void) {
 }
 
 void luamp_ref_push_payload(lua_State *L, const luamp_ref *ref) {
-  block *b = (block *)((char *)ref->ptr - BLOCK_HEADER);
+  block *b = block_of(ref);
   uint32_t r = atomic_load(&b->refs);
   /* the pin is one extra reference that nobody drops */
   while (!(r & REF_PIN) && !atomic_compare_exchange_weak(&b->refs, &r, (r + 1) | REF_PIN)) {}

@@ -112,6 +112,7 @@ typedef struct luamp_ref {
   void *ptr;                        /* the object's bytes (16-aligned); NULL once released */
   struct luamp_arena *arena;
   uint32_t off;
+  pid_t owner;                      /* the process this reference is counted for */
   struct luamp_ref *prev, *next;    /* this process's live references, for fork */
 } luamp_ref;
 
@@ -136,6 +137,13 @@ void luamp_ref_push_payload(lua_State *L, const luamp_ref *ref);
 size_t luamp_ref_capacity(const luamp_ref *ref);
 /* Drops the reference; idempotent. */
 void luamp_ref_release(luamp_ref *ref);
+/* luamp_fork counts the references a child inherits: prepare (parent, before fork)
+ * adds one per live reference, child makes them the child's, parent(failed) takes them
+ * back if fork failed. A child forked any other way (a raw fork()) inherits uncounted
+ * copies, which it never drops from the shared count. */
+void luamp_arena_fork_prepare(void);
+void luamp_arena_fork_child(void);
+void luamp_arena_fork_parent(int failed);
 /* Drops every reference this process holds: a forked child calls it as it leaves. */
 void luamp_arena_child_exit(void);
 /* Adds the arena's private functions to the core table; called by luamp_open_sync. */

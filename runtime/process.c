@@ -123,9 +123,15 @@ pid_t luamp_fork(int daemon) {
   fflush(NULL);
   sigfillset(&all);
   sigprocmask(SIG_BLOCK, &all, &old);
+  luamp_arena_fork_prepare();
   pid_t pid = fork();
   int saved = errno;
-  if (pid == 0) reset_after_fork(daemon, parent);
+  if (pid == 0) {
+    luamp_arena_fork_child();
+    reset_after_fork(daemon, parent);
+  } else {
+    luamp_arena_fork_parent(pid < 0);
+  }
   sigprocmask(SIG_SETMASK, &old, NULL);
   errno = saved;
   return pid;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <lualib.h>
@@ -127,6 +128,27 @@ static void test_lua_interrupts(void) {
   }
 }
 
+/* A child made by a plain fork() (not luamp's) that drops its copies of the parent's
+ * objects must not free them under the parent. */
+static void test_raw_fork_child_frees_nothing(void) {
+  const char *err = run("raw_lock = luamp.Lock(); raw_base = luamp._core.arena_stats().live");
+  CHECK(err == NULL, "setup: %s", err);
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    const char *e = run("raw_lock:close(); raw_lock = nil; collectgarbage(); collectgarbage()");
+    _exit(e ? 1 : 0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child failed");
+  err = run("assert(luamp._core.arena_stats().live == raw_base, 'the child freed our lock')\n"
+            "local other = luamp.Lock()   -- would take the freed block\n"
+            "assert(raw_lock:acquire(false) and not other:locked())\n"
+            "raw_lock:release()");
+  CHECK(err == NULL, "after a raw fork: %s", err);
+}
+
 int main(void) {
   test_futex_deadline(0);
   test_futex_deadline(1);
@@ -138,6 +160,7 @@ int main(void) {
   test_lua_timeouts(0);
   test_lua_timeouts(1);
   test_lua_interrupts();
+  test_raw_fork_child_frees_nothing();
   lua_close(L);
   if (failures) return 1;
   puts("test_sync: ok");
