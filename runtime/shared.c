@@ -581,7 +581,8 @@ static int shm_open_new(shm_ud *u, int named) {
       snprintf(u->name, sizeof u->name, "/luamp_%d_%02x%02x%02x%02x%02x%02x", (int)getpid(),
                r[0], r[1], r[2], r[3], r[4], r[5]);
     }
-    int fd = shm_open(u->name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    int fd;
+    do fd = shm_open(u->name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600); while (fd < 0 && errno == EINTR);
     if (fd >= 0 || named || errno != EEXIST) return fd;
   }
   return -1;
@@ -614,7 +615,7 @@ static int l_shm_new(lua_State *L) {
       luamp_raise_errno(L, "Value", "SharedMemory: ftruncate", err);
     }
   } else {
-    fd = shm_open(u->name, O_RDWR | O_CLOEXEC, 0600);
+    do fd = shm_open(u->name, O_RDWR | O_CLOEXEC, 0600); while (fd < 0 && errno == EINTR);
     err = errno;
     if (fd < 0 && err == ENOENT) luamp_raise(L, "NotFound", "no SharedMemory named '%s'", u->name + 1);
     if (fd < 0) luamp_raise_errno(L, "Value", "shm_open", err);

@@ -898,12 +898,6 @@ static int l_sync_close(lua_State *L) {
   return 0;
 }
 
-static int l_sync_closed(lua_State *L) {
-  sync_ud *u = any_sync(L, 1);
-  lua_pushboolean(L, !u || !u->obj);
-  return 1;
-}
-
 static int l_sync_tostring(lua_State *L) {
   sync_ud *u = checked_any(L, T_LOCK);
   lua_pushfstring(L, "<%s%s>", types[u->t].name, u->obj ? "" : " closed");
@@ -933,8 +927,6 @@ static void define_type(lua_State *L, int t, const luaL_Reg *methods, lua_CFunct
   luaL_setfuncs(L, methods, 0);
   lua_pushcfunction(L, l_sync_close);
   lua_setfield(L, -2, "close");
-  lua_pushcfunction(L, l_sync_closed);
-  lua_setfield(L, -2, "closed");
   if (t == T_LOCK || t == T_RLOCK) {
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "recovered");
