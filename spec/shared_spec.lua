@@ -200,6 +200,22 @@ describe("Array", function()
     assert.same({}, luamp.Array("b", {}):totable())
   end)
 
+  it("comes zeroed even in memory a freed array used", function()
+    local a = luamp.Array("d", 300000)     -- big enough that its pages are given back
+    for i = 1, #a, 1000 do a[i] = i end
+    a[#a] = 5
+    a = nil
+    collectgarbage(); collectgarbage()
+    local b = luamp.Array("d", 300000)
+    for i = 1, #b, 997 do assert.equal(0.0, b[i]) end
+    assert.equal(0.0, b[#b])
+    local small = luamp.Array("q", {7, 7, 7})
+    small = nil
+    collectgarbage(); collectgarbage()
+    assert.same({0, 0, 0}, luamp.Array("q", 3):totable())
+    H.raises("Value", luamp.Array, "d", 1 << 36)   -- more than the arena holds
+  end)
+
   it("raises Value for bad indices, elements, sizes and typecodes", function()
     local a = luamp.Array("b", 3)
     for _, k in ipairs {0, 4, -1, 1.5, math.maxinteger} do
