@@ -769,3 +769,45 @@ describe("handles", function()
     assert.equal(3, sem:get_value())
   end)
 end)
+
+describe("Ctrl-C in the luamp host", function()
+  local P = require "pty"
+
+  local function session(src, steps)
+    local path = H.script(src)
+    local ok, transcript = P.session({path}, steps)
+    os.remove(path)
+    assert(ok, transcript)
+  end
+
+  it("interrupts a blocked acquire, and a Condition wait with its lock held again", function()
+    session([[
+      local l = luamp.Lock(); l:acquire()
+      local ok, e = pcall(function() io.write("ready\n") io.flush() l:acquire() end)
+      print("lock", e.kind)
+      local c = luamp.Condition(); c:acquire()
+      ok, e = pcall(function() io.write("again\n") io.flush() c:wait() end)
+      c:release()                     -- raises if the wait had not taken the lock back
+      print("cond", e.kind)
+      os.exit(3)
+    ]], {P.expect("ready"), P.signal("INT"), P.expect("lock\tInterrupted"),
+         P.expect("again"), P.signal("INT"), P.expect("cond\tInterrupted"), P.exit(3)})
+  end)
+
+  it("interrupts Semaphore, Event and Barrier waits", function()
+    session([[
+      local waits = {
+        function() luamp.Semaphore(0):acquire() end,
+        function() luamp.Event():wait() end,
+        function() luamp.Barrier(2):wait() end,
+      }
+      for i, w in ipairs(waits) do
+        local ok, e = pcall(function() io.write("ready", i, "\n") io.flush() w() end)
+        print("got", e.kind)
+      end
+      os.exit(3)
+    ]], {P.expect("ready1"), P.signal("INT"), P.expect("got\tInterrupted"),
+         P.expect("ready2"), P.signal("INT"), P.expect("got\tInterrupted"),
+         P.expect("ready3"), P.signal("INT"), P.expect("got\tInterrupted"), P.exit(3)})
+  end)
+end)
