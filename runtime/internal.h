@@ -107,6 +107,8 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
  * state reset). Returns as fork() does. `daemon` marks the child as a daemon: it dies
  * with its parent and may not start children. */
 pid_t luamp_fork(int daemon);
+/* This process's pid (cached; correct after any fork). */
+pid_t luamp_self_pid(void);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
