@@ -77,8 +77,6 @@ struct luamp_arena {
   struct luamp_arena *next;
 };
 
-pid_t luamp_pid_cached;
-
 /* This process's arenas (its own plus any attached through /proc) and its live handles;
  * guarded by `mu` because an embedding host may run Lua states in several threads. */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -123,19 +121,13 @@ void luamp_arena_fork_parent(int failed) {
 }
 
 void luamp_arena_fork_child(void) {
-  luamp_pid_cached = getpid();
+  pid_t me = luamp_self_pid();
   for (luamp_ref *r = live_refs; r; r = r->next)
-    if (r->owner == forking) r->owner = luamp_pid_cached;
+    if (r->owner == forking) r->owner = me;
   pthread_mutex_unlock(&mu);
 }
 
-/* Any fork, luamp's or not, must see the right pid in the child. */
-static void note_pid(void) { luamp_pid_cached = getpid(); }
-
-static void init_once(void) {
-  luamp_pid_cached = getpid();
-  pthread_atfork(NULL, NULL, note_pid);
-}
+static void init_once(void) { luamp_self_pid(); }
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
@@ -324,7 +316,7 @@ static void ref_link(luamp_ref *ref, struct luamp_arena *a, uint64_t off) {
   ref->arena = a;
   ref->off = (uint32_t)(off >> MIN_SHIFT);
   ref->ptr = a->base + off + BLOCK_HEADER;
-  ref->owner = luamp_pid_cached;
+  ref->owner = luamp_self_pid();
   ref->prev = NULL;
   ref->next = live_refs;
   if (live_refs) live_refs->prev = ref;
@@ -340,7 +332,7 @@ static void ref_unlink(luamp_ref *ref) {
 
 /* Drops one reference to the block; frees it with the last. Called with mu held. */
 static void drop(luamp_ref *ref) {
-  if (ref->owner != luamp_pid_cached) return;   /* an uncounted copy from a raw fork */
+  if (ref->owner != luamp_self_pid()) return;   /* an uncounted copy from a raw fork */
   uint64_t off = (uint64_t)ref->off << MIN_SHIFT;
   block *b = block_at(ref->arena, off);
   if (atomic_fetch_sub(&b->refs, 1) == 1) block_free(ref->arena, off);
@@ -397,7 +389,7 @@ void luamp_ref_push_payload(lua_State *L, const luamp_ref *ref) {
   lua_createtable(L, 0, 4);
   lua_pushstring(L, ref->arena->idhex);
   lua_setfield(L, -2, "arena");
-  lua_pushinteger(L, luamp_pid_cached);
+  lua_pushinteger(L, luamp_self_pid());
   lua_setfield(L, -2, "pid");
   lua_pushinteger(L, ref->arena->fd);
   lua_setfield(L, -2, "fd");

@@ -107,8 +107,14 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
  * state reset). Returns as fork() does. `daemon` marks the child as a daemon: it dies
  * with its parent and may not start children. */
 pid_t luamp_fork(int daemon);
-/* This process's pid (cached; correct after any fork). */
-pid_t luamp_self_pid(void);
+/* This process's pid (cached; correct after any fork). Inline because the lock fast
+ * paths (sync.c) store it on every acquire. */
+extern pid_t luamp_pid_cache;          /* 0 until first asked; cleared in every fork child */
+pid_t luamp_self_pid_slow(void);
+static inline pid_t luamp_self_pid(void) {
+  pid_t p = luamp_pid_cache;
+  return p ? p : luamp_self_pid_slow();
+}
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
@@ -133,9 +139,6 @@ enum {
   LUAMP_OBJ_LOCK = 1, LUAMP_OBJ_SEMAPHORE, LUAMP_OBJ_EVENT, LUAMP_OBJ_CONDITION,
   LUAMP_OBJ_BARRIER, LUAMP_OBJ_VALUE, LUAMP_OBJ_ARRAY
 };
-
-/* getpid(), cached and kept right in forked children (glibc no longer caches it). */
-extern pid_t luamp_pid_cached;
 
 /* New zeroed object of `size` bytes; raises Value when shared memory is exhausted. */
 void *luamp_ref_alloc(lua_State *L, luamp_ref *ref, unsigned type, size_t size);

@@ -135,7 +135,7 @@ static inline void cpu_relax(void) {
 
 /* True when pid is gone, or has exited and not been reaped yet. */
 static int pid_dead(pid_t pid) {
-  if (pid == luamp_pid_cached) return 0;
+  if (pid == luamp_self_pid()) return 0;
   if (kill(pid, 0) < 0 && errno == ESRCH) return 1;
   int fd = (int)syscall(SYS_pidfd_open, pid, 0);
   if (fd < 0) return errno == ESRCH;
@@ -207,9 +207,9 @@ static void lock_unlock(lock_obj *o) {
 static void mutex_lock(lock_obj *o) {
   int rec;
   uint32_t c = 0;
-  if (atomic_compare_exchange_strong(&o->word, &c, luamp_pid_cached)) return;
+  if (atomic_compare_exchange_strong(&o->word, &c, luamp_self_pid())) return;
   int interrupted = 0;
-  while (lock_wait(o, luamp_pid_cached, -1, &rec) == -2) interrupted |= luamp_take_interrupt();
+  while (lock_wait(o, luamp_self_pid(), -1, &rec) == -2) interrupted |= luamp_take_interrupt();
   if (interrupted) luamp_request_interrupt();
 }
 
@@ -350,7 +350,7 @@ static int raise_interrupted(lua_State *L, const char *what) {
 
 static int acquire_slow(lua_State *L, sync_ud *u, double deadline) {
   lock_obj *o = u->obj;
-  uint32_t me = (uint32_t)luamp_pid_cached;
+  uint32_t me = (uint32_t)luamp_self_pid();
   int rec;
   int r = lock_wait(o, me, deadline, &rec);
   if (r == -2) raise_interrupted(L, types[u->t].name);
@@ -368,7 +368,7 @@ static int l_lock_acquire(lua_State *L) {
   lock_obj *o = u->obj;
   if (lua_gettop(L) == 1) {
     uint32_t c = 0;
-    if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_pid_cached,
+    if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_self_pid(),
                                                 memory_order_acquire, memory_order_relaxed)) {
       if (u->recovered) set_recovered(L, 1, u, 0);
       lua_pushboolean(L, 1);
@@ -391,7 +391,7 @@ static int l_lock_release(lua_State *L) {
 static int l_rlock_acquire(lua_State *L) {
   sync_ud *u = to_sync(L, 1, T_RLOCK);
   lock_obj *o = u->obj;
-  uint32_t me = (uint32_t)luamp_pid_cached;
+  uint32_t me = (uint32_t)luamp_self_pid();
   uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
   if ((c & OWNER) == me) {
     uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
@@ -417,7 +417,7 @@ static int l_rlock_acquire(lua_State *L) {
 static int l_rlock_release(lua_State *L) {
   sync_ud *u = to_sync(L, 1, T_RLOCK);
   lock_obj *o = u->obj;
-  if ((atomic_load_explicit(&o->word, memory_order_relaxed) & OWNER) != (uint32_t)luamp_pid_cached)
+  if ((atomic_load_explicit(&o->word, memory_order_relaxed) & OWNER) != (uint32_t)luamp_self_pid())
     luamp_raise(L, "Value", "cannot release an RLock not held by this process");
   uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
   if (d > 1) {
@@ -581,7 +581,7 @@ static int l_event_tostring(lua_State *L) {
 #define CTR_WAITER ((uint64_t)1 << 32)
 
 static int lock_is_mine(lock_obj *o) {
-  return (atomic_load(&o->word) & OWNER) == (uint32_t)luamp_pid_cached;
+  return (atomic_load(&o->word) & OWNER) == (uint32_t)luamp_self_pid();
 }
 
 /* Takes a token if one is left: returns 1 and leaves the waiters count. */
@@ -628,7 +628,7 @@ static int l_cond_wait(lua_State *L) {
   /* The lock is taken back whatever happened, as the caller's release expects it held. */
   int rec, r;
   if (interrupted) luamp_take_interrupt();
-  while ((r = lock_wait(lk, (uint32_t)luamp_pid_cached, -1, &rec)) == -2) interrupted |= luamp_take_interrupt();
+  while ((r = lock_wait(lk, (uint32_t)luamp_self_pid(), -1, &rec)) == -2) interrupted |= luamp_take_interrupt();
   atomic_store(&lk->depth, depth);
   set_recovered(L, 2, lu, rec);
   if (interrupted) luamp_raise(L, "Interrupted", "interrupted while waiting for a Condition");
