@@ -107,12 +107,70 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
  * state reset). Returns as fork() does. `daemon` marks the child as a daemon: it dies
  * with its parent and may not start children. */
 pid_t luamp_fork(int daemon);
-/* This process's pid (cached; correct after any fork). */
-pid_t luamp_self_pid(void);
+/* This process's pid (cached; correct after any fork). Inline because the lock fast
+ * paths (sync.c) store it on every acquire. */
+extern pid_t luamp_pid_cache;          /* 0 until first asked; cleared in every fork child */
+pid_t luamp_self_pid_slow(void);
+static inline pid_t luamp_self_pid(void) {
+  pid_t p = luamp_pid_cache;
+  return p ? p : luamp_self_pid_slow();
+}
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
 void luamp_children_finish(void);
+
+/* ---- the shared arena (arena.c) -------------------------------------------------------
+ * Small cross-process objects live in blocks of one memfd-backed arena per process tree.
+ * A luamp_ref, embedded in the userdata that owns it, is one counted reference to a
+ * block; the block is freed when the last reference in any process is released. Create
+ * the userdata (with its __gc) before calling luamp_ref_alloc/attach, which raise. */
+struct luamp_arena;
+typedef struct luamp_ref {
+  void *ptr;                        /* the object's bytes (16-aligned); NULL once released */
+  struct luamp_arena *arena;
+  uint32_t off;
+  pid_t owner;                      /* the process this reference is counted for */
+  struct luamp_ref *prev, *next;    /* this process's live references, for fork */
+} luamp_ref;
+
+/* Block types: a handle only attaches to a block of the type it expects. */
+enum {
+  LUAMP_OBJ_LOCK = 1, LUAMP_OBJ_SEMAPHORE, LUAMP_OBJ_EVENT, LUAMP_OBJ_CONDITION,
+  LUAMP_OBJ_BARRIER, LUAMP_OBJ_VALUE, LUAMP_OBJ_ARRAY
+};
+
+/* New zeroed object of `size` bytes; raises Value when shared memory is exhausted. */
+void *luamp_ref_alloc(lua_State *L, luamp_ref *ref, unsigned type, size_t size);
+/* Takes a reference on the object named by the handle payload at idx (as pushed by
+ * luamp_ref_push_payload, possibly in another process); raises Value if the payload
+ * does not name a live object of `type` with at least `size` bytes. */
+void *luamp_ref_attach(lua_State *L, luamp_ref *ref, int idx, unsigned type, size_t size);
+/* Pushes the handle payload {arena, pid, fd, off} for ref; pins the object for good. */
+void luamp_ref_push_payload(lua_State *L, const luamp_ref *ref);
+/* Bytes usable at ref->ptr (at least the size asked for). */
+size_t luamp_ref_capacity(const luamp_ref *ref);
+/* Drops the reference; idempotent. */
+void luamp_ref_release(luamp_ref *ref);
+/* luamp_fork counts the references a child inherits: prepare (parent, before fork)
+ * adds one per live reference, child makes them the child's, parent(failed) takes them
+ * back if fork failed. A child forked any other way (a raw fork()) inherits uncounted
+ * copies, which it never drops from the shared count. */
+void luamp_arena_fork_prepare(void);
+void luamp_arena_fork_child(void);
+void luamp_arena_fork_parent(int failed);
+/* Drops every reference this process holds: a forked child calls it as it leaves. */
+void luamp_arena_child_exit(void);
+/* Adds the arena's private functions to the core table; called by luamp_open_sync. */
+int luamp_open_arena(lua_State *L);
+
+/* ---- futex waits (sync.c) -------------------------------------------------------------
+ * The one place a futex is waited on (a futex cannot be polled like an fd, so a future
+ * coroutine scheduler handles these here). Waits while *word == expect, until woken or
+ * the deadline (luamp_now() seconds, <0 forever). Signals never end it early. Returns 0
+ * when woken (or *word differed), 1 at the deadline, -2 when an interrupt is pending. */
+int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
+void luamp_futex_wake(_Atomic uint32_t *word, int n);
 
 /* ---- host settings (module.c) -------------------------------------------------------- */
 struct uv_loop_s *luamp_loop(void);          /* the host's loop, or libuv's default */

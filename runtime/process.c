@@ -50,18 +50,18 @@ int luamp_is_daemon(void) { return in_daemon; }
 /* getpid() is a real system call and ownership checks are on hot paths (every join,
  * every subprocess read), so the pid is cached; any fork, luamp's or anyone's, clears
  * the cache in the child through pthread_atfork. */
-static pid_t cached_pid;
+pid_t luamp_pid_cache;
 
-static void forget_pid(void) { cached_pid = 0; }
+static void forget_pid(void) { luamp_pid_cache = 0; }
 
-pid_t luamp_self_pid(void) {
+pid_t luamp_self_pid_slow(void) {
   static int atfork_registered;
   if (!atfork_registered) {
     pthread_atfork(NULL, NULL, forget_pid);
     atfork_registered = 1;
   }
-  if (!cached_pid) cached_pid = getpid();
-  return cached_pid;
+  luamp_pid_cache = getpid();
+  return luamp_pid_cache;
 }
 
 static void list_remove(child *c) {
@@ -141,9 +141,15 @@ pid_t luamp_fork(int daemon) {
   fflush(NULL);
   sigfillset(&all);
   sigprocmask(SIG_BLOCK, &all, &old);
+  luamp_arena_fork_prepare();
   pid_t pid = fork();
   int saved = errno;
-  if (pid == 0) reset_after_fork(daemon, parent);
+  if (pid == 0) {
+    luamp_arena_fork_child();
+    reset_after_fork(daemon, parent);
+  } else {
+    luamp_arena_fork_parent(pid < 0);
+  }
   sigprocmask(SIG_SETMASK, &old, NULL);
   errno = saved;
   return pid;
@@ -153,6 +159,7 @@ pid_t luamp_fork(int daemon) {
  * handler or finalizer of the parent's program runs. */
 static _Noreturn void child_exit(int code) {
   luamp_children_finish();
+  luamp_arena_child_exit();   /* give back the shared objects the child inherited */
   fflush(NULL);
   _exit(code & 0xff);
 }

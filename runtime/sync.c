@@ -1,4 +1,1003 @@
-/* sync.c — placeholder: filled in by its issue. */
+/*
+ * sync.c — Lock, RLock, Semaphore, BoundedSemaphore, Event, and the cores of Condition
+ * and Barrier (whose public objects are built in lua/luamp/sync.lua).
+ *
+ * Every object is a few words in the shared arena (arena.c), so it works the same in
+ * every process that has a handle on it: inherited through fork, or rebuilt from a
+ * handle payload that crossed the codec. All waiting is on futexes in those words; the
+ * one function that waits on a futex is luamp_futex_wait().
+ *
+ * Locks: the futex word holds the owner's pid (0 when free) and a WAITERS bit. Acquire
+ * is one compare-and-swap in the uncontended case and release one exchange; only when
+ * WAITERS is set does release make a syscall. A waiter spins briefly before sleeping.
+ * Storing the pid lets a waiter notice that the holder died: after a millisecond of
+ * waiting, and then every OWNER_CHECK seconds, it looks at the owner (a pid that no
+ * longer exists, or whose pidfd is readable, i.e. a zombie), and then takes the lock
+ * over; the handle that did so reports `recovered`. A pid reused by an
+ * unrelated process before the check looks alive, so recovery then waits for that one.
+ * An RLock's owner is the process (not a thread or coroutine); its depth lives in the
+ * shared word beside it and only the owner touches it.
+ *
+ * Semaphore: a counter and a count of sleepers, so release only wakes when someone
+ * sleeps. Event: a flag and a count of sleepers. Condition: a sequence word to sleep on
+ * plus (waiters, wake tokens) in one 64-bit word, so notify(n) wakes exactly n waiters and
+ * a waiter that times out while being notified takes its token (wait returns true).
+ * Barrier: an internal lock guarding (count, generation, broken); waiters sleep on the
+ * generation word, and a bit per recent generation records whether it ended broken.
+ *
+ * The userdata of each type starts with a magic number, which lets the hot methods
+ * check their argument with one comparison instead of a metatable lookup.
+ */
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
 #include "internal.h"
 
-int luamp_open_sync(lua_State *L) { (void)L; return 0; }
+/* ---- futex waits ---------------------------------------------------------------------- */
+
+/* Whether a Ctrl-C is pending, without consuming it (wait.c only offers take). */
+static int interrupt_pending(void) {
+  if (!luamp_take_interrupt()) return 0;
+  luamp_request_interrupt();
+  return 1;
+}
+
+int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline) {
+  for (;;) {
+    if (interrupt_pending()) return -2;
+    double now = luamp_now();
+    if (deadline >= 0 && now >= deadline) return 1;
+    /* Always pass a timeout (an hour when waiting forever): a futex wait with a timeout
+     * returns EINTR whenever a signal handler ran, even with SA_RESTART, which is how a
+     * pending interrupt is noticed. FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC
+     * time, so retrying after EINTR keeps the original deadline. */
+    double until = deadline >= 0 ? deadline : now + 3600;
+    struct timespec ts;
+    ts.tv_sec = (time_t)until;
+    ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    long r = syscall(SYS_futex, word, FUTEX_WAIT_BITSET, expect, &ts, NULL, FUTEX_BITSET_MATCH_ANY);
+    if (r == 0 || errno == EAGAIN) return 0;
+    if (errno == ETIMEDOUT) {
+      if (deadline >= 0) return 1;
+      continue;
+    }
+    if (errno != EINTR) return 0;   /* cannot happen for a valid word; callers re-check */
+  }
+}
+
+void luamp_futex_wake(_Atomic uint32_t *word, int n) {
+  syscall(SYS_futex, word, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* ---- shared objects ------------------------------------------------------------------- */
+
+/* Kinds stored in each object's first word, checked when a handle attaches. */
+enum { K_LOCK = 0x4c4b4c31, K_RLOCK, K_SEM, K_BSEM, K_EVENT, K_COND, K_BARRIER };
+
+#define WAITERS 0x80000000u
+#define OWNER 0x3fffffffu
+#define SPINS 100
+#define OWNER_CHECK 0.02         /* seconds between looks at a waited-for owner */
+#define FIRST_SLICE 0.001
+
+typedef struct lock_obj {
+  uint32_t kind;
+  _Atomic uint32_t word;          /* owner pid | WAITERS, 0 when free */
+  _Atomic uint32_t depth;         /* RLock recursion depth, written by the owner only */
+} lock_obj;
+
+typedef struct sem_obj {
+  uint32_t kind;
+  _Atomic uint32_t value;
+  _Atomic uint32_t sleepers;
+  uint32_t maxvalue;              /* BoundedSemaphore; UINT32_MAX when unbounded */
+} sem_obj;
+
+typedef struct event_obj {
+  uint32_t kind;
+  _Atomic uint32_t flag;
+  _Atomic uint32_t sleepers;
+} event_obj;
+
+typedef struct cond_obj {
+  uint32_t kind;
+  _Atomic uint32_t seq;           /* bumped by every notify; waiters sleep on it */
+  _Atomic uint64_t ctr;           /* waiters << 32 | wake tokens not yet taken */
+} cond_obj;
+
+typedef struct barrier_obj {
+  uint32_t kind;
+  _Atomic uint32_t gen;           /* generation; waiters sleep on it */
+  lock_obj mu;                    /* guards the fields below */
+  uint32_t parties;
+  _Atomic uint32_t count;         /* arrived in this generation */
+  _Atomic uint32_t broken;
+  _Atomic uint32_t tripping;      /* the last arrival is running the action */
+  uint64_t broken_bits;           /* bit g % 64: generation g ended broken */
+  double timeout;                 /* default for wait(); < 0 none */
+} barrier_obj;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* True when pid is gone, or has exited and not been reaped yet. */
+static int pid_dead(pid_t pid) {
+  if (pid == luamp_self_pid()) return 0;
+  if (kill(pid, 0) < 0 && errno == ESRCH) return 1;
+  int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+  if (fd < 0) return errno == ESRCH;
+  struct pollfd p = {.fd = fd, .events = POLLIN};
+  int n;
+  do n = poll(&p, 1, 0); while (n < 0 && errno == EINTR);
+  luamp_close_fd(fd);
+  return n > 0;
+}
+
+/* Takes a lock word for `me`: 1 acquired (*recovered set when taken from a dead owner),
+ * 0 when the deadline passed, -2 on a pending interrupt. */
+static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) {
+  *recovered = 0;
+  if (deadline < 0 || deadline > luamp_now()) {
+    for (int i = 0; i < SPINS; i++) {
+      uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
+      if (c == 0 && atomic_compare_exchange_weak(&o->word, &c, me)) return 1;
+      if (c & WAITERS) break;
+      cpu_relax();
+    }
+  }
+  /* Looking at the owner costs syscalls, so a blocking acquire first sleeps a short
+   * slice (an ordinary holder usually releases within it) and then checks every
+   * OWNER_CHECK; a non-blocking one checks at once. */
+  int check = deadline >= 0 && deadline <= luamp_now();
+  double slice = FIRST_SLICE;
+  for (;;) {
+    uint32_t c = atomic_load(&o->word);
+    if (c == 0) {
+      /* others may still be asleep: keep WAITERS so our release wakes one */
+      if (atomic_compare_exchange_strong(&o->word, &c, me | WAITERS)) return 1;
+      continue;
+    }
+    if (check) {
+      check = 0;
+      if (pid_dead((pid_t)(c & OWNER))) {
+        if (atomic_compare_exchange_strong(&o->word, &c, me | WAITERS)) {
+          *recovered = 1;
+          return 1;
+        }
+        continue;
+      }
+    }
+    if (!(c & WAITERS)) {
+      if (!atomic_compare_exchange_strong(&o->word, &c, c | WAITERS)) continue;
+      c |= WAITERS;
+    }
+    double now = luamp_now();
+    if (deadline >= 0 && now >= deadline) return 0;
+    double until = now + slice;
+    if (deadline >= 0 && deadline < until) until = deadline;
+    int r = luamp_futex_wait(&o->word, c, until);
+    if (r == -2) return -2;
+    if (r == 1) {
+      check = 1;
+      slice = OWNER_CHECK;
+    }
+  }
+}
+
+static void lock_unlock(lock_obj *o) {
+  if (atomic_exchange_explicit(&o->word, 0, memory_order_release) & WAITERS)
+    luamp_futex_wake(&o->word, 1);
+}
+
+/* Internal locks (the Barrier's) are held only for a few instructions; they wait for
+ * ever but still take over from a dead holder. */
+static void mutex_lock(lock_obj *o) {
+  int rec;
+  uint32_t c = 0;
+  if (atomic_compare_exchange_strong(&o->word, &c, luamp_self_pid())) return;
+  int interrupted = 0;
+  while (lock_wait(o, luamp_self_pid(), -1, &rec) == -2) interrupted |= luamp_take_interrupt();
+  if (interrupted) luamp_request_interrupt();
+}
+
+/* ---- userdata ------------------------------------------------------------------------- */
+
+typedef struct sync_type {
+  const char *name;               /* public name: "Lock" */
+  const char *mt;                 /* registry name of its metatable */
+  uint64_t magic;
+  unsigned objtype;               /* LUAMP_OBJ_* block type */
+  uint32_t kind;
+  size_t size;
+} sync_type;
+
+enum { T_LOCK, T_RLOCK, T_SEM, T_BSEM, T_EVENT, T_COND, T_BARRIER, T_COUNT };
+
+static const sync_type types[T_COUNT] = {
+  {"Lock", "luamp.Lock", 0x6b636f4c706d756cULL, LUAMP_OBJ_LOCK, K_LOCK, sizeof(lock_obj)},
+  {"RLock", "luamp.RLock", 0x6b636f4c52706d75ULL, LUAMP_OBJ_LOCK, K_RLOCK, sizeof(lock_obj)},
+  {"Semaphore", "luamp.Semaphore", 0x6d65536d756c0001ULL, LUAMP_OBJ_SEMAPHORE, K_SEM, sizeof(sem_obj)},
+  {"BoundedSemaphore", "luamp.BoundedSemaphore", 0x6d65536d756c0002ULL, LUAMP_OBJ_SEMAPHORE, K_BSEM, sizeof(sem_obj)},
+  {"Event", "luamp.Event", 0x746e6576456d756cULL, LUAMP_OBJ_EVENT, K_EVENT, sizeof(event_obj)},
+  {"CondCore", "luamp.CondCore", 0x646e6f436d756c00ULL, LUAMP_OBJ_CONDITION, K_COND, sizeof(cond_obj)},
+  {"BarrierCore", "luamp.BarrierCore", 0x7272614270756c00ULL, LUAMP_OBJ_BARRIER, K_BARRIER, sizeof(barrier_obj)},
+};
+
+typedef struct sync_ud {
+  uint64_t magic;                 /* types[t].magic; lets hot methods skip the metatable */
+  void *obj;                      /* == ref.ptr; NULL once closed */
+  int t;
+  int recovered;                  /* wears the "recovered" metatable */
+  luamp_ref ref;
+} sync_ud;
+
+#define RECOVERED_SUFFIX ".recovered"
+
+static int type_named(const char *name) {
+  for (int t = 0; t < T_COUNT; t++)
+    if (strcmp(types[t].name, name) == 0) return t;
+  return -1;
+}
+
+/* The slow half of argument checking: says what was wrong. */
+static sync_ud *bad_self(lua_State *L, int idx, int t) {
+  sync_ud *u = lua_touserdata(L, idx);
+  if (u && lua_rawlen(L, idx) == sizeof *u && u->magic == types[t].magic)
+    luamp_raise(L, "Value", "%s is closed", types[t].name);
+  luamp_raise(L, "Value", "expected a %s, got %s", types[t].name, luaL_typename(L, idx));
+}
+
+static inline sync_ud *to_sync(lua_State *L, int idx, int t) {
+  sync_ud *u = lua_touserdata(L, idx);
+  if (u && lua_rawlen(L, idx) == sizeof *u && u->magic == types[t].magic && u->obj) return u;
+  return bad_self(L, idx, t);
+}
+
+/* Any of this file's userdata at idx (open or closed), or NULL. */
+static sync_ud *any_sync(lua_State *L, int idx) {
+  sync_ud *u = lua_touserdata(L, idx);
+  if (u && lua_rawlen(L, idx) == sizeof *u && u->t >= 0 && u->t < T_COUNT &&
+      u->magic == types[u->t].magic)
+    return u;
+  return NULL;
+}
+
+/* Lock or RLock at idx. */
+static sync_ud *to_any_lock(lua_State *L, int idx) {
+  sync_ud *u = lua_touserdata(L, idx);
+  if (u && lua_rawlen(L, idx) == sizeof *u && u->obj &&
+      (u->magic == types[T_LOCK].magic || u->magic == types[T_RLOCK].magic))
+    return u;
+  return bad_self(L, idx, T_LOCK);
+}
+
+/* For metamethods, which users can call with anything. */
+static sync_ud *checked_any(lua_State *L, int t) {
+  sync_ud *u = any_sync(L, 1);
+  if (!u) bad_self(L, 1, t);
+  return u;
+}
+
+static sync_ud *to_any_lock_or_closed(lua_State *L) {
+  sync_ud *u = checked_any(L, T_LOCK);
+  if (u->t != T_LOCK && u->t != T_RLOCK) bad_self(L, 1, T_LOCK);
+  return u;
+}
+
+static sync_ud *push_ud(lua_State *L, int t) {
+  sync_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  memset(u, 0, sizeof *u);
+  u->magic = types[t].magic;
+  u->t = t;
+  luaL_setmetatable(L, types[t].mt);
+  return u;
+}
+
+static sync_ud *new_object(lua_State *L, int t) {
+  sync_ud *u = push_ud(L, t);
+  uint32_t *kind = luamp_ref_alloc(L, &u->ref, types[t].objtype, types[t].size);
+  *kind = types[t].kind;
+  u->obj = kind;
+  return u;
+}
+
+/* A lock handle wears one of two metatables so that `lock.recovered` is a plain table
+ * field (the hot methods stay one table lookup away): switch on a change only. */
+static void set_recovered(lua_State *L, int idx, sync_ud *u, int rec) {
+  if (u->recovered == rec) return;
+  u->recovered = rec;
+  if (rec) {
+    lua_pushfstring(L, "%s%s", types[u->t].mt, RECOVERED_SUFFIX);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+  } else {
+    luaL_getmetatable(L, types[u->t].mt);
+  }
+  lua_setmetatable(L, idx);
+}
+
+static void sync_release(sync_ud *u) {
+  u->obj = NULL;
+  luamp_ref_release(&u->ref);
+}
+
+static double timeout_deadline(lua_State *L, int block_idx, int timeout_idx) {
+  if (!lua_isnoneornil(L, block_idx) && !lua_isboolean(L, block_idx))
+    luamp_raise(L, "Value", "block must be a boolean, got %s", luaL_typename(L, block_idx));
+  int block = lua_isnoneornil(L, block_idx) || lua_toboolean(L, block_idx);
+  double deadline = luamp_deadline_arg(L, timeout_idx);
+  return block ? deadline : luamp_now();
+}
+
+static int raise_interrupted(lua_State *L, const char *what) {
+  luamp_take_interrupt();
+  luamp_raise(L, "Interrupted", "interrupted while waiting for %s", what);
+}
+
+/* ---- Lock and RLock ------------------------------------------------------------------- */
+
+static int acquire_slow(lua_State *L, sync_ud *u, double deadline) {
+  lock_obj *o = u->obj;
+  uint32_t me = (uint32_t)luamp_self_pid();
+  int rec;
+  int r = lock_wait(o, me, deadline, &rec);
+  if (r == -2) raise_interrupted(L, types[u->t].name);
+  if (r == 1) {
+    if (u->t == T_RLOCK) atomic_store_explicit(&o->depth, 1, memory_order_relaxed);
+    set_recovered(L, 1, u, rec);
+  }
+  lua_pushboolean(L, r == 1);
+  return 1;
+}
+
+/* lock:acquire([block=true], [timeout]) -> boolean */
+static int l_lock_acquire(lua_State *L) {
+  sync_ud *u = to_sync(L, 1, T_LOCK);
+  lock_obj *o = u->obj;
+  if (lua_gettop(L) == 1) {
+    uint32_t c = 0;
+    if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_self_pid(),
+                                                memory_order_acquire, memory_order_relaxed)) {
+      if (u->recovered) set_recovered(L, 1, u, 0);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  return acquire_slow(L, u, timeout_deadline(L, 2, 3));
+}
+
+/* lock:release(): Value when it is not held (any process may release a Lock). */
+static int l_lock_release(lua_State *L) {
+  sync_ud *u = to_sync(L, 1, T_LOCK);
+  lock_obj *o = u->obj;
+  uint32_t old = atomic_exchange_explicit(&o->word, 0, memory_order_release);
+  if (old & WAITERS) luamp_futex_wake(&o->word, 1);
+  else if (old == 0) luamp_raise(L, "Value", "release of an unlocked Lock");
+  return 0;
+}
+
+static int l_rlock_acquire(lua_State *L) {
+  sync_ud *u = to_sync(L, 1, T_RLOCK);
+  lock_obj *o = u->obj;
+  uint32_t me = (uint32_t)luamp_self_pid();
+  uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
+  if ((c & OWNER) == me) {
+    uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
+    if (d == UINT32_MAX) luamp_raise(L, "Value", "RLock acquired too many times");
+    atomic_store_explicit(&o->depth, d + 1, memory_order_relaxed);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (lua_gettop(L) == 1) {
+    c = 0;
+    if (atomic_compare_exchange_strong_explicit(&o->word, &c, me, memory_order_acquire,
+                                                memory_order_relaxed)) {
+      atomic_store_explicit(&o->depth, 1, memory_order_relaxed);
+      if (u->recovered) set_recovered(L, 1, u, 0);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  return acquire_slow(L, u, timeout_deadline(L, 2, 3));
+}
+
+/* rlock:release(): Value unless this process holds it. */
+static int l_rlock_release(lua_State *L) {
+  sync_ud *u = to_sync(L, 1, T_RLOCK);
+  lock_obj *o = u->obj;
+  if ((atomic_load_explicit(&o->word, memory_order_relaxed) & OWNER) != (uint32_t)luamp_self_pid())
+    luamp_raise(L, "Value", "cannot release an RLock not held by this process");
+  uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
+  if (d > 1) {
+    atomic_store_explicit(&o->depth, d - 1, memory_order_relaxed);
+    return 0;
+  }
+  atomic_store_explicit(&o->depth, 0, memory_order_relaxed);
+  lock_unlock(o);
+  return 0;
+}
+
+static int l_lock_locked(lua_State *L) {
+  sync_ud *u = to_any_lock(L, 1);
+  lua_pushboolean(L, atomic_load(&((lock_obj *)u->obj)->word) != 0);
+  return 1;
+}
+
+static int l_lock_tostring(lua_State *L) {
+  sync_ud *u = to_any_lock_or_closed(L);
+  const char *name = types[u->t].name;
+  if (!u->obj) return lua_pushfstring(L, "<%s closed>", name), 1;
+  lock_obj *o = u->obj;
+  uint32_t c = atomic_load(&o->word);
+  if (!c) lua_pushfstring(L, "<%s locked=false>", name);
+  else if (u->t == T_RLOCK)
+    lua_pushfstring(L, "<%s locked=true owner=%d depth=%d>", name, (int)(c & OWNER),
+                    (int)atomic_load(&o->depth));
+  else lua_pushfstring(L, "<%s locked=true owner=%d>", name, (int)(c & OWNER));
+  return 1;
+}
+
+/* ---- Semaphore and BoundedSemaphore --------------------------------------------------- */
+
+static int sem_try(sem_obj *o) {
+  uint32_t v = atomic_load(&o->value);
+  while (v > 0)
+    if (atomic_compare_exchange_weak(&o->value, &v, v - 1)) return 1;
+  return 0;
+}
+
+static sync_ud *to_sem(lua_State *L) {
+  sync_ud *u = lua_touserdata(L, 1);
+  if (u && lua_rawlen(L, 1) == sizeof *u && u->obj &&
+      (u->magic == types[T_SEM].magic || u->magic == types[T_BSEM].magic))
+    return u;
+  return bad_self(L, 1, T_SEM);
+}
+
+/* sem:acquire([block=true], [timeout]) -> boolean */
+static int l_sem_acquire(lua_State *L) {
+  sync_ud *u = to_sem(L);
+  sem_obj *o = u->obj;
+  if (lua_gettop(L) == 1 && sem_try(o)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  double deadline = timeout_deadline(L, 2, 3);
+  int got = 0;
+  atomic_fetch_add(&o->sleepers, 1);
+  for (;;) {
+    if (sem_try(o)) { got = 1; break; }
+    int r = luamp_futex_wait(&o->value, 0, deadline);
+    if (r == -2) {
+      atomic_fetch_sub(&o->sleepers, 1);
+      raise_interrupted(L, types[u->t].name);
+    }
+    if (r == 1) { got = sem_try(o); break; }
+  }
+  atomic_fetch_sub(&o->sleepers, 1);
+  lua_pushboolean(L, got);
+  return 1;
+}
+
+/* sem:release([n=1]); a BoundedSemaphore raises Value instead of exceeding its start */
+static int l_sem_release(lua_State *L) {
+  sync_ud *u = to_sem(L);
+  sem_obj *o = u->obj;
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  if (n < 1) luamp_raise(L, "Value", "release count must be at least 1");
+  uint32_t v = atomic_load(&o->value);
+  do {
+    if ((lua_Integer)(o->maxvalue - v) < n) {
+      if (u->t == T_BSEM) luamp_raise(L, "Value", "BoundedSemaphore released too many times");
+      luamp_raise(L, "Value", "Semaphore value would exceed %u", (unsigned)o->maxvalue);
+    }
+  } while (!atomic_compare_exchange_weak(&o->value, &v, v + (uint32_t)n));
+  if (atomic_load(&o->sleepers)) luamp_futex_wake(&o->value, (int)(n > INT_MAX ? INT_MAX : n));
+  return 0;
+}
+
+static int l_sem_get_value(lua_State *L) {
+  sync_ud *u = to_sem(L);
+  lua_pushinteger(L, atomic_load(&((sem_obj *)u->obj)->value));
+  return 1;
+}
+
+static int l_sem_tostring(lua_State *L) {
+  sync_ud *u = checked_any(L, T_SEM);
+  const char *name = types[u->t].name;
+  if (!u->obj) return lua_pushfstring(L, "<%s closed>", name), 1;
+  sem_obj *o = u->obj;
+  if (u->t == T_BSEM)
+    lua_pushfstring(L, "<%s value=%I maxvalue=%I>", name, (lua_Integer)atomic_load(&o->value),
+                    (lua_Integer)o->maxvalue);
+  else lua_pushfstring(L, "<%s value=%I>", name, (lua_Integer)atomic_load(&o->value));
+  return 1;
+}
+
+/* ---- Event ---------------------------------------------------------------------------- */
+
+static int l_event_set(lua_State *L) {
+  event_obj *o = to_sync(L, 1, T_EVENT)->obj;
+  atomic_store(&o->flag, 1);
+  if (atomic_load(&o->sleepers)) luamp_futex_wake(&o->flag, INT_MAX);
+  return 0;
+}
+
+static int l_event_clear(lua_State *L) {
+  atomic_store(&((event_obj *)to_sync(L, 1, T_EVENT)->obj)->flag, 0);
+  return 0;
+}
+
+static int l_event_is_set(lua_State *L) {
+  lua_pushboolean(L, atomic_load(&((event_obj *)to_sync(L, 1, T_EVENT)->obj)->flag) != 0);
+  return 1;
+}
+
+/* ev:wait([timeout]) -> boolean: whether the flag is set */
+static int l_event_wait(lua_State *L) {
+  event_obj *o = to_sync(L, 1, T_EVENT)->obj;
+  if (atomic_load(&o->flag)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  double deadline = luamp_deadline_arg(L, 2);
+  atomic_fetch_add(&o->sleepers, 1);
+  int r = 0;
+  while (!atomic_load(&o->flag) && r != 1) {
+    r = luamp_futex_wait(&o->flag, 0, deadline);
+    if (r == -2) {
+      atomic_fetch_sub(&o->sleepers, 1);
+      raise_interrupted(L, "an Event");
+    }
+  }
+  atomic_fetch_sub(&o->sleepers, 1);
+  lua_pushboolean(L, atomic_load(&o->flag) != 0);
+  return 1;
+}
+
+static int l_event_tostring(lua_State *L) {
+  sync_ud *u = checked_any(L, T_EVENT);
+  if (!u->obj) lua_pushliteral(L, "<Event closed>");
+  else lua_pushfstring(L, "<Event set=%s>", atomic_load(&((event_obj *)u->obj)->flag) ? "true" : "false");
+  return 1;
+}
+
+/* ---- Condition core -------------------------------------------------------------------
+ * cv:wait(lock, [timeout]) -> notified; cv:notify(lock, n); cv:waiters(). The lock is the
+ * Condition's Lock or RLock; this process must hold it. */
+
+#define CTR_WAITER ((uint64_t)1 << 32)
+
+static int lock_is_mine(lock_obj *o) {
+  return (atomic_load(&o->word) & OWNER) == (uint32_t)luamp_self_pid();
+}
+
+/* Takes a token if one is left: returns 1 and leaves the waiters count. */
+static int cond_take_token(cond_obj *o) {
+  uint64_t c = atomic_load(&o->ctr);
+  while (c & 0xffffffffu)
+    if (atomic_compare_exchange_weak(&o->ctr, &c, c - CTR_WAITER - 1)) return 1;
+  return 0;
+}
+
+/* Leaves without a wakeup, unless one arrived meanwhile (then it is ours: returns 1). */
+static int cond_leave(cond_obj *o) {
+  uint64_t c = atomic_load(&o->ctr);
+  for (;;) {
+    uint64_t n = (c & 0xffffffffu) ? c - CTR_WAITER - 1 : c - CTR_WAITER;
+    if (atomic_compare_exchange_weak(&o->ctr, &c, n)) return (c & 0xffffffffu) != 0;
+  }
+}
+
+static int l_cond_wait(lua_State *L) {
+  cond_obj *o = to_sync(L, 1, T_COND)->obj;
+  sync_ud *lu = to_any_lock(L, 2);
+  lock_obj *lk = lu->obj;
+  double deadline = luamp_deadline_arg(L, 3);
+  if (!lock_is_mine(lk)) luamp_raise(L, "Value", "cannot wait on a Condition whose lock this process does not hold");
+  atomic_fetch_add(&o->ctr, CTR_WAITER);
+  uint32_t s = atomic_load(&o->seq);
+  uint32_t depth = atomic_load(&lk->depth);
+  atomic_store(&lk->depth, 0);
+  lock_unlock(lk);
+  int notified = 0, interrupted = 0;
+  for (;;) {
+    int r = luamp_futex_wait(&o->seq, s, deadline);
+    /* read seq before looking for a token: a notify adds its tokens before bumping seq,
+     * so a token we miss here makes the next futex wait return at once */
+    s = atomic_load(&o->seq);
+    if (cond_take_token(o)) { notified = 1; break; }
+    if (r == 1 || r == -2) {
+      notified = cond_leave(o);
+      interrupted = r == -2;
+      break;
+    }
+  }
+  /* The lock is taken back whatever happened, as the caller's release expects it held. */
+  int rec, r;
+  if (interrupted) luamp_take_interrupt();
+  while ((r = lock_wait(lk, (uint32_t)luamp_self_pid(), -1, &rec)) == -2) interrupted |= luamp_take_interrupt();
+  atomic_store(&lk->depth, depth);
+  set_recovered(L, 2, lu, rec);
+  if (interrupted) luamp_raise(L, "Interrupted", "interrupted while waiting for a Condition");
+  lua_pushboolean(L, notified);
+  return 1;
+}
+
+static int l_cond_notify(lua_State *L) {
+  cond_obj *o = to_sync(L, 1, T_COND)->obj;
+  lock_obj *lk = to_any_lock(L, 2)->obj;
+  lua_Integer n = luaL_optinteger(L, 3, 1);
+  if (!lock_is_mine(lk)) luamp_raise(L, "Value", "cannot notify on a Condition whose lock this process does not hold");
+  if (n <= 0) return 0;
+  uint64_t c = atomic_load(&o->ctr);
+  uint64_t k;
+  do {
+    uint64_t waiters = c >> 32, tokens = c & 0xffffffffu;
+    k = waiters > tokens ? waiters - tokens : 0;
+    if ((uint64_t)n < k) k = (uint64_t)n;
+    if (k == 0) return 0;
+  } while (!atomic_compare_exchange_weak(&o->ctr, &c, c + k));
+  atomic_fetch_add(&o->seq, 1);
+  luamp_futex_wake(&o->seq, k > INT_MAX ? INT_MAX : (int)k);
+  return 0;
+}
+
+static int l_cond_waiters(lua_State *L) {
+  cond_obj *o = to_sync(L, 1, T_COND)->obj;
+  uint64_t c = atomic_load(&o->ctr);
+  uint64_t w = c >> 32, t = c & 0xffffffffu;
+  lua_pushinteger(L, (lua_Integer)(w > t ? w - t : 0));
+  return 1;
+}
+
+/* ---- Barrier core ---------------------------------------------------------------------- */
+
+static int gen_broken(barrier_obj *o, uint32_t gen) {
+  return (int)((o->broken_bits >> (gen % 64)) & 1);
+}
+
+/* Ends generation `gen` (which must be current), broken or not, waking everyone.
+ * Called with mu held. */
+static void barrier_advance(barrier_obj *o, uint32_t gen, int broken) {
+  uint64_t bit = (uint64_t)1 << (gen % 64);
+  uint64_t nbit = (uint64_t)1 << ((gen + 1) % 64);
+  o->broken_bits = broken ? (o->broken_bits | bit) : (o->broken_bits & ~bit);
+  o->broken_bits &= ~nbit;
+  if (broken) atomic_store(&o->broken, 1);
+  atomic_store(&o->count, 0);
+  atomic_store(&o->tripping, 0);
+  atomic_store(&o->gen, gen + 1);
+}
+
+static void barrier_wake(barrier_obj *o) { luamp_futex_wake(&o->gen, INT_MAX); }
+
+/* Breaks the barrier if generation `gen` is still current. Called with mu held. */
+static void barrier_break(barrier_obj *o, uint32_t gen) {
+  if (atomic_load(&o->gen) == gen) barrier_advance(o, gen, 1);
+  else atomic_store(&o->broken, 1);
+}
+
+static int barrier_raise(lua_State *L, int interrupted) {
+  if (interrupted) {
+    luamp_take_interrupt();
+    luamp_raise(L, "Interrupted", "interrupted while waiting at a Barrier");
+  }
+  luamp_raise(L, "BrokenBarrier", "the barrier is broken");
+}
+
+static double barrier_deadline(lua_State *L, barrier_obj *o, int idx) {
+  if (!lua_isnoneornil(L, idx)) return luamp_deadline_arg(L, idx);
+  return o->timeout < 0 ? -1 : luamp_now() + o->timeout;
+}
+
+/* core:arrive(has_action, [timeout]) -> index, gen, last
+ * The last arrival with an action gets last=true and must call core:finish(gen, ok)
+ * after running it; everyone else returns when the barrier trips (or raises). */
+static int l_barrier_arrive(lua_State *L) {
+  barrier_obj *o = to_sync(L, 1, T_BARRIER)->obj;
+  int has_action = lua_toboolean(L, 2);
+  double deadline = barrier_deadline(L, o, 3);
+  int failed = 0;   /* 1 broken, 2 interrupted */
+  uint32_t gen, index = 0;
+  mutex_lock(&o->mu);
+  for (;;) {
+    gen = atomic_load(&o->gen);
+    if (atomic_load(&o->broken)) { failed = 1; break; }
+    if (!atomic_load(&o->tripping)) break;
+    /* the previous generation is still running its action: wait for it to end */
+    lock_unlock(&o->mu);
+    int r = luamp_futex_wait(&o->gen, gen, deadline);
+    mutex_lock(&o->mu);
+    if (r != 0 && atomic_load(&o->gen) == gen) {
+      barrier_break(o, gen);
+      failed = r == -2 ? 2 : 1;
+      break;
+    }
+  }
+  if (failed) {
+    lock_unlock(&o->mu);
+    barrier_wake(o);
+    return barrier_raise(L, failed == 2);
+  }
+  index = atomic_load(&o->count);
+  atomic_store(&o->count, index + 1);
+  if (index + 1 == o->parties) {
+    if (has_action) atomic_store(&o->tripping, 1);
+    else barrier_advance(o, gen, 0);
+    lock_unlock(&o->mu);
+    if (!has_action) barrier_wake(o);
+    lua_pushinteger(L, index);
+    lua_pushinteger(L, gen);
+    lua_pushboolean(L, has_action);
+    return 3;
+  }
+  lock_unlock(&o->mu);
+  int r = 0;
+  while (atomic_load(&o->gen) == gen) {
+    r = luamp_futex_wait(&o->gen, gen, deadline);
+    if (r != 0) break;
+  }
+  mutex_lock(&o->mu);
+  if (atomic_load(&o->gen) == gen) {   /* timed out or interrupted first: break it */
+    barrier_break(o, gen);
+    failed = r == -2 ? 2 : 1;
+  } else if (gen_broken(o, gen)) {
+    failed = 1;
+  }
+  lock_unlock(&o->mu);
+  if (failed) {
+    barrier_wake(o);
+    return barrier_raise(L, failed == 2);
+  }
+  lua_pushinteger(L, index);
+  lua_pushinteger(L, gen);
+  lua_pushboolean(L, 0);
+  return 3;
+}
+
+/* core:finish(gen, ok) -> true if the trip went through, false if it broke meanwhile */
+static int l_barrier_finish(lua_State *L) {
+  barrier_obj *o = to_sync(L, 1, T_BARRIER)->obj;
+  uint32_t gen = (uint32_t)luaL_checkinteger(L, 2);
+  int ok = lua_toboolean(L, 3);
+  mutex_lock(&o->mu);
+  int tripped = 0;
+  if (atomic_load(&o->gen) == gen && atomic_load(&o->tripping)) {
+    barrier_advance(o, gen, !ok);
+    tripped = ok;
+  }
+  lock_unlock(&o->mu);
+  barrier_wake(o);
+  lua_pushboolean(L, tripped);
+  return 1;
+}
+
+/* core:reset(): waiters of the current generation get BrokenBarrier; usable again */
+static int l_barrier_reset(lua_State *L) {
+  barrier_obj *o = to_sync(L, 1, T_BARRIER)->obj;
+  mutex_lock(&o->mu);
+  uint32_t gen = atomic_load(&o->gen);
+  if (!atomic_load(&o->tripping) && atomic_load(&o->count) > 0) barrier_advance(o, gen, 1);
+  atomic_store(&o->broken, 0);
+  lock_unlock(&o->mu);
+  barrier_wake(o);
+  return 0;
+}
+
+static int l_barrier_abort(lua_State *L) {
+  barrier_obj *o = to_sync(L, 1, T_BARRIER)->obj;
+  mutex_lock(&o->mu);
+  barrier_advance(o, atomic_load(&o->gen), 1);
+  lock_unlock(&o->mu);
+  barrier_wake(o);
+  return 0;
+}
+
+/* core:state() -> parties, n_waiting, broken */
+static int l_barrier_state(lua_State *L) {
+  barrier_obj *o = to_sync(L, 1, T_BARRIER)->obj;
+  lua_pushinteger(L, o->parties);
+  lua_pushinteger(L, atomic_load(&o->tripping) ? 0 : atomic_load(&o->count));
+  lua_pushboolean(L, atomic_load(&o->broken) != 0);
+  return 3;
+}
+
+/* ---- construction, handles, lifetime ------------------------------------------------ */
+
+static lua_Integer check_count(lua_State *L, int idx, const char *what, lua_Integer dflt,
+                               lua_Integer lo) {
+  if (lua_isnoneornil(L, idx)) return dflt;
+  int ok;
+  lua_Integer n = lua_tointegerx(L, idx, &ok);
+  if (!ok) luamp_raise(L, "Value", "%s must be an integer, got %s", what, luaL_typename(L, idx));
+  if (n < lo || n > INT32_MAX) luamp_raise(L, "Value", "%s out of range: %lld", what, (long long)n);
+  return n;
+}
+
+/* sync_new(type_name, ...) -> object. Semaphore(value), Barrier core(parties, timeout). */
+static int l_sync_new(lua_State *L) {
+  int t = type_named(luaL_checkstring(L, 1));
+  if (t < 0) luamp_raise(L, "Value", "unknown synchronisation type '%s'", lua_tostring(L, 1));
+  lua_Integer value = 0;
+  double timeout = -1;
+  if (t == T_SEM || t == T_BSEM) value = check_count(L, 2, "semaphore value", 1, 0);
+  if (t == T_BARRIER) {
+    value = check_count(L, 2, "parties", 1, 1);
+    if (!lua_isnoneornil(L, 3)) {
+      if (!lua_isnumber(L, 3) || isnan(lua_tonumber(L, 3)))
+        luamp_raise(L, "Value", "timeout must be a number or nil");
+      timeout = lua_tonumber(L, 3);
+      if (timeout < 0) timeout = 0;
+      if (isinf(timeout)) timeout = -1;
+    }
+  }
+  sync_ud *u = new_object(L, t);
+  if (t == T_SEM || t == T_BSEM) {
+    sem_obj *o = u->obj;
+    atomic_store(&o->value, (uint32_t)value);
+    o->maxvalue = t == T_BSEM ? (uint32_t)value : (uint32_t)INT32_MAX;
+  } else if (t == T_BARRIER) {
+    barrier_obj *o = u->obj;
+    o->mu.kind = K_LOCK;
+    o->parties = (uint32_t)value;
+    o->timeout = timeout;
+  }
+  return 1;
+}
+
+/* sync_attach(type_name, payload) -> object: the receiving side of a handle. */
+static int l_sync_attach(lua_State *L) {
+  int t = type_named(luaL_checkstring(L, 1));
+  if (t < 0) luamp_raise(L, "Value", "unknown synchronisation type '%s'", lua_tostring(L, 1));
+  sync_ud *u = push_ud(L, t);
+  uint32_t *kind = luamp_ref_attach(L, &u->ref, 2, types[t].objtype, types[t].size);
+  if (*kind != types[t].kind) {
+    luamp_ref_release(&u->ref);
+    luamp_raise(L, "Value", "cannot attach shared object: it is not a %s", types[t].name);
+  }
+  u->obj = kind;
+  return 1;
+}
+
+/* sync_payload(obj) -> payload table (pins the object) */
+static int l_sync_payload(lua_State *L) {
+  sync_ud *u = any_sync(L, 1);
+  if (!u) luamp_raise(L, "Value", "not a synchronisation object");
+  if (!u->obj) luamp_raise(L, "Value", "%s is closed", types[u->t].name);
+  luamp_ref_push_payload(L, &u->ref);
+  return 1;
+}
+
+/* __luamp_handle: obj -> "luamp.<Type>", payload */
+static int l_sync_handle(lua_State *L) {
+  l_sync_payload(L);
+  sync_ud *u = lua_touserdata(L, 1);
+  lua_pushstring(L, types[u->t].mt);
+  lua_insert(L, -2);
+  return 2;
+}
+
+/* close(), __close and __gc: drops this handle's reference (the object lives on while
+ * other handles, here or in other processes, hold it). Idempotent. */
+static int l_sync_close(lua_State *L) {
+  sync_ud *u = any_sync(L, 1);
+  if (u) sync_release(u);
+  return 0;
+}
+
+static int l_sync_tostring(lua_State *L) {
+  sync_ud *u = checked_any(L, T_LOCK);
+  lua_pushfstring(L, "<%s%s>", types[u->t].name, u->obj ? "" : " closed");
+  return 1;
+}
+
+/* sync_methods(type_name) -> the methods table of that type (luamp.sync adds to it) */
+static int l_sync_methods(lua_State *L) {
+  int t = type_named(luaL_checkstring(L, 1));
+  if (t < 0) luamp_raise(L, "Value", "unknown synchronisation type '%s'", lua_tostring(L, 1));
+  luaL_getmetatable(L, types[t].mt);
+  lua_getfield(L, -1, "__index");
+  return 1;
+}
+
+static void define_type(lua_State *L, int t, const luaL_Reg *methods, lua_CFunction tostring) {
+  const luaL_Reg meta[] = {
+    {"__gc", l_sync_close},
+    {"__close", l_sync_close},
+    {"__tostring", tostring},
+    {"__luamp_handle", l_sync_handle},
+    {NULL, NULL}
+  };
+  luaL_newmetatable(L, types[t].mt);
+  luaL_setfuncs(L, meta, 0);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_pushcfunction(L, l_sync_close);
+  lua_setfield(L, -2, "close");
+  if (t == T_LOCK || t == T_RLOCK) {
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "recovered");
+  }
+  lua_setfield(L, -2, "__index");
+  if (t == T_LOCK || t == T_RLOCK) {
+    /* the same metatable, but its index says recovered = true before the methods */
+    lua_newtable(L);
+    lua_pushnil(L);
+    while (lua_next(L, -3)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4);
+    }
+    lua_newtable(L);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "recovered");
+    lua_newtable(L);
+    lua_getfield(L, -4, "__index");
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "__index");
+    lua_pushfstring(L, "%s%s", types[t].mt, RECOVERED_SUFFIX);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+  lua_pop(L, 1);
+}
+
+int luamp_open_sync(lua_State *L) {
+  static const luaL_Reg lock_methods[] = {
+    {"acquire", l_lock_acquire}, {"release", l_lock_release}, {"locked", l_lock_locked},
+    {NULL, NULL}
+  };
+  static const luaL_Reg rlock_methods[] = {
+    {"acquire", l_rlock_acquire}, {"release", l_rlock_release}, {"locked", l_lock_locked},
+    {NULL, NULL}
+  };
+  static const luaL_Reg sem_methods[] = {
+    {"acquire", l_sem_acquire}, {"release", l_sem_release}, {"get_value", l_sem_get_value},
+    {NULL, NULL}
+  };
+  static const luaL_Reg event_methods[] = {
+    {"set", l_event_set}, {"clear", l_event_clear}, {"is_set", l_event_is_set},
+    {"wait", l_event_wait},
+    {NULL, NULL}
+  };
+  static const luaL_Reg cond_methods[] = {
+    {"wait", l_cond_wait}, {"notify", l_cond_notify}, {"waiters", l_cond_waiters},
+    {NULL, NULL}
+  };
+  static const luaL_Reg barrier_methods[] = {
+    {"arrive", l_barrier_arrive}, {"finish", l_barrier_finish}, {"reset", l_barrier_reset},
+    {"abort", l_barrier_abort}, {"state", l_barrier_state},
+    {NULL, NULL}
+  };
+  static const luaL_Reg fns[] = {
+    {"sync_new", l_sync_new},
+    {"sync_attach", l_sync_attach},
+    {"sync_payload", l_sync_payload},
+    {"sync_methods", l_sync_methods},
+    {NULL, NULL}
+  };
+  luamp_open_arena(L);
+  define_type(L, T_LOCK, lock_methods, l_lock_tostring);
+  define_type(L, T_RLOCK, rlock_methods, l_lock_tostring);
+  define_type(L, T_SEM, sem_methods, l_sem_tostring);
+  define_type(L, T_BSEM, sem_methods, l_sem_tostring);
+  define_type(L, T_EVENT, event_methods, l_event_tostring);
+  define_type(L, T_COND, cond_methods, l_sync_tostring);
+  define_type(L, T_BARRIER, barrier_methods, l_sync_tostring);
+  luaL_setfuncs(L, fns, 0);
+  return 0;
+}

@@ -1,0 +1,168 @@
+/* test_sync.c — futex waits keep their deadlines under a storm of signals (with and
+ * without SA_RESTART), a pending interrupt ends them, and the Lua-level waits (Lock,
+ * Semaphore, Event, Condition, Barrier) behave the same: full timeouts despite EINTR,
+ * Interrupted when a Ctrl-C arrives. */
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "internal.h"
+
+static int failures;
+#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+static volatile sig_atomic_t ticks, interrupt_at;
+static void on_alarm(int sig) {
+  (void)sig;
+  ticks++;
+  if (interrupt_at && ticks == interrupt_at) luamp_request_interrupt();
+}
+
+static void start_signal_storm(int restart) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_alarm;
+  sa.sa_flags = restart ? SA_RESTART : 0;
+  sigaction(SIGALRM, &sa, NULL);
+  ticks = 0;
+  struct itimerval it = {{0, 2000}, {0, 2000}};
+  setitimer(ITIMER_REAL, &it, NULL);
+}
+
+static void stop_signal_storm(void) {
+  struct itimerval it = {{0, 0}, {0, 0}};
+  setitimer(ITIMER_REAL, &it, NULL);
+  interrupt_at = 0;
+}
+
+static void test_futex_deadline(int restart) {
+  _Atomic uint32_t word = 7;
+  start_signal_storm(restart);
+  double t0 = luamp_now();
+  int rc = luamp_futex_wait(&word, 7, t0 + 0.2);
+  double dt = luamp_now() - t0;
+  stop_signal_storm();
+  CHECK(rc == 1, "timeout should return 1, got %d", rc);
+  CHECK(dt >= 0.2, "futex wait returned early after %.3f s", dt);
+  CHECK(dt < 2.0, "futex wait overslept: %.3f s", dt);
+  CHECK(ticks > 5, "the signal storm did not happen (%d ticks)", (int)ticks);
+}
+
+static void test_futex_changed_and_interrupt(void) {
+  _Atomic uint32_t word = 1;
+  CHECK(luamp_futex_wait(&word, 2, -1) == 0, "a word that differs returns at once");
+  /* SA_RESTART on purpose: the interrupt must still be seen although the kernel would
+   * restart a wait without a timeout */
+  start_signal_storm(1);
+  interrupt_at = 10;
+  double t0 = luamp_now();
+  int rc = luamp_futex_wait(&word, 1, -1);
+  double dt = luamp_now() - t0;
+  stop_signal_storm();
+  CHECK(rc == -2, "an interrupt should end a forever wait with -2, got %d", rc);
+  CHECK(dt < 1.0, "the interrupt took %.3f s to notice", dt);
+  CHECK(luamp_take_interrupt() == 1, "the interrupt stays pending for the caller");
+}
+
+/* Runs a Lua chunk with luamp loaded as `luamp`; returns its error message or NULL. */
+static lua_State *L;
+static const char *run(const char *src) {
+  static char msg[512];
+  if (luaL_dostring(L, src) == LUA_OK) return NULL;
+  snprintf(msg, sizeof msg, "%s", luaL_tolstring(L, -1, NULL));
+  lua_settop(L, 0);
+  return msg;
+}
+
+static const char timeouts_lua[] =
+  "local l = luamp.Lock(); l:acquire()\n"
+  "local function timed(what, f, ...)\n"
+  "  local t0 = luamp.time(); local r = f(...); local dt = luamp.time() - t0\n"
+  "  assert(r == false, what .. ' should time out')\n"
+  "  assert(dt >= 0.1 and dt < 2, what .. ' took ' .. dt)\n"
+  "end\n"
+  "timed('Lock', l.acquire, l, true, 0.1)\n"
+  "local s = luamp.Semaphore(0); timed('Semaphore', s.acquire, s, true, 0.1)\n"
+  "local e = luamp.Event(); timed('Event', e.wait, e, 0.1)\n"
+  "local c = luamp.Condition(); c:acquire(); timed('Condition', c.wait, c, 0.1); c:release()\n"
+  "local b = luamp.Barrier(2)\n"
+  "local t0 = luamp.time(); local ok, err = pcall(b.wait, b, 0.1)\n"
+  "assert(not ok and err.kind == 'BrokenBarrier', 'Barrier should break')\n"
+  "assert(luamp.time() - t0 >= 0.1, 'Barrier returned early')\n";
+
+static void test_lua_timeouts(int restart) {
+  start_signal_storm(restart);
+  const char *err = run(timeouts_lua);
+  stop_signal_storm();
+  CHECK(err == NULL, "timeouts under signals (SA_RESTART=%d): %s", restart, err);
+}
+
+static void test_lua_interrupts(void) {
+  static const char *const waits[] = {
+    "local l = luamp.Lock(); l:acquire(); l:acquire()",
+    "luamp.Semaphore(0):acquire()",
+    "luamp.Event():wait()",
+    "local c = luamp.Condition(); c:acquire(); local ok, e = pcall(c.wait, c); "
+    "assert(c:release() == nil, 'the lock is held again after an interrupted wait'); error(e, 0)",
+    "luamp.Barrier(2):wait()",
+  };
+  for (size_t i = 0; i < sizeof waits / sizeof *waits; i++) {
+    start_signal_storm(1);
+    interrupt_at = 20;
+    double t0 = luamp_now();
+    const char *err = run(waits[i]);
+    double dt = luamp_now() - t0;
+    stop_signal_storm();
+    luamp_take_interrupt();
+    CHECK(err && strstr(err, "luamp.Interrupted"), "wait %zu should raise Interrupted, got %s", i,
+          err ? err : "no error");
+    CHECK(dt < 1.0, "wait %zu took %.3f s to notice the interrupt", i, dt);
+  }
+}
+
+/* A child made by a plain fork() (not luamp's) that drops its copies of the parent's
+ * objects must not free them under the parent. */
+static void test_raw_fork_child_frees_nothing(void) {
+  const char *err = run("raw_lock = luamp.Lock(); raw_base = luamp._core.arena_stats().live");
+  CHECK(err == NULL, "setup: %s", err);
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    const char *e = run("raw_lock:close(); raw_lock = nil; collectgarbage(); collectgarbage()");
+    _exit(e ? 1 : 0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child failed");
+  err = run("assert(luamp._core.arena_stats().live == raw_base, 'the child freed our lock')\n"
+            "local other = luamp.Lock()   -- would take the freed block\n"
+            "assert(raw_lock:acquire(false) and not other:locked())\n"
+            "raw_lock:release()");
+  CHECK(err == NULL, "after a raw fork: %s", err);
+}
+
+int main(void) {
+  test_futex_deadline(0);
+  test_futex_deadline(1);
+  test_futex_changed_and_interrupt();
+  L = luaL_newstate();
+  luaL_openlibs(L);
+  luaL_requiref(L, "luamp", luaopen_luamp, 1);
+  lua_pop(L, 1);
+  test_lua_timeouts(0);
+  test_lua_timeouts(1);
+  test_lua_interrupts();
+  test_raw_fork_child_frees_nothing();
+  lua_close(L);
+  if (failures) return 1;
+  puts("test_sync: ok");
+  return 0;
+}

@@ -1,0 +1,35 @@
+-- Port of the seeds' v2ex question (共享变量注意需加锁): three processes each want to
+-- start the `printx` worker, but it must run only once. A Lock around a shared flag
+-- makes the check-and-start atomic. The seed's printx loops forever; this one prints
+-- a few times (first argument, default 3).
+local luamp = require "luamp"
+local rounds = tonumber(arg and arg[1]) or 3
+
+local started = luamp.Value("i", 0)
+local lock = luamp.Lock()
+
+local function printx()
+  for _ = 1, rounds do
+    print("hello x")
+    luamp.sleep(0.01)
+  end
+end
+
+local function run()
+  lock:with(function()
+    if started.value == 0 then
+      print("printx is running...")
+      luamp.Process{target = printx}:start()
+      started.value = started.value + 1
+    else
+      print("printx has ran.")
+    end
+  end)
+end
+
+local ps = {}
+for i = 1, 3 do
+  ps[i] = luamp.Process{target = run}
+  ps[i]:start()
+end
+for i = 1, 3 do ps[i]:join() end
