@@ -411,7 +411,6 @@ static int deliver(lua_State *L, conn *c, const char *data, size_t len, int deco
 
 static int do_recv(lua_State *L, int decode, uint64_t maxlen, const char *what) {
   conn *c = check_conn(L, 1);
-  check_readable(L, c);
   const char *data;
   size_t len;
   int rc = rx_message(c, -1, maxlen, &data, &len);
@@ -421,11 +420,15 @@ static int do_recv(lua_State *L, int decode, uint64_t maxlen, const char *what) 
 
 /* :recv_bytes([maxlength]) -> string */
 static int l_recv_bytes(lua_State *L) {
+  check_readable(L, check_conn(L, 1));
   return do_recv(L, 0, maxlength_arg(L, 2), "recv_bytes");
 }
 
 /* :recv() -> value */
-static int l_recv(lua_State *L) { return do_recv(L, 1, UINT64_MAX, "recv"); }
+static int l_recv(lua_State *L) {
+  check_readable(L, check_conn(L, 1));
+  return do_recv(L, 1, UINT64_MAX, "recv");
+}
 
 static int buffered(const conn *c) { return rbuf_avail(c) > 0; }
 

@@ -218,6 +218,20 @@ static void chain_wakeups(queue *q) {
   if (has_room(q->shm)) wake_one(q, W_PUT);
 }
 
+/* ---- fault injection for the crash specs ----------------------------------------------
+ * _core._queue_stall(point, fd) makes this process, on reaching `point`, write one byte to
+ * fd and stop there for good, so a spec can SIGKILL it at exactly that point. */
+enum { STALL_NONE, STALL_LOCKED_PUT, STALL_LOCKED_GET, STALL_REF_COPY, STALL_REF_GET };
+static int stall_point, stall_fd = -1;
+
+static void stall_here(int point) {
+  if (stall_point != point) return;
+  char c = 's';
+  ssize_t n;
+  do n = write(stall_fd, &c, 1); while (n < 0 && errno == EINTR);
+  for (;;) pause();
+}
+
 /* ---- the lock ------------------------------------------------------------------------- */
 
 /* The previous holder died: replay its half-done commit and wake everyone, since its
@@ -381,7 +395,9 @@ static int append(queue *q, int kind, const void *data, uint32_t len) {
   if (!p) return Q_NOMEM;
   uint32_t rh[2] = {len, (uint32_t)kind};
   memcpy(p, rh, REC_HDR);
-  memcpy(p + REC_HDR, data, len);
+  memcpy(p + REC_HDR, data, len / 2);
+  stall_here(STALL_LOCKED_PUT);
+  memcpy(p + REC_HDR + len / 2, (const char *)data + len / 2, len - len / 2);
   n.tail_pos += need;
   n.count++;
   if (q->kind == K_JOINABLE) n.unfinished++;
@@ -440,6 +456,7 @@ static int pop(queue *q, item *it) {
     } else {
       return Q_CORRUPT;
     }
+    stall_here(STALL_LOCKED_GET);
     n.head_pos += REC_HDR + pad8(len);
     n.count--;
     if (n.count == 0 && n.head_chunk == n.tail_chunk) {
@@ -548,7 +565,9 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
   char *dst = q_at(q, off, ext);
   int rc = Q_NOMEM;
   if (dst) {
-    memcpy(dst, data, len);
+    memcpy(dst, data, len / 2);
+    stall_here(STALL_REF_COPY);
+    memcpy(dst + len / 2, data + len / 2, len - len / 2);
     uint64_t ref[2] = {off, len};
     rc = put_record(q, R_REF, ref, sizeof ref, block, deadline);
   }
@@ -780,6 +799,7 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
     }
     return 1;
   }
+  stall_here(STALL_REF_GET);
   /* A large item is read in place; its extent must be freed whatever the decoding does. */
   const char *data = q_at(q, it.off, it.len);
   if (!data) {
@@ -888,6 +908,16 @@ static int l_wait_end(lua_State *L) {
   chain_wakeups(q);
   q_unlock(q);
   lua_pushboolean(L, ready);
+  return 1;
+}
+
+/* :_waiters([class]) -> processes registered as waiting to "get" (default), "put" or
+ * "join"; lets tests synchronise on a process being blocked. */
+static int l_waiters(lua_State *L) {
+  static const char *const classes[] = {"get", "put", "join", NULL};
+  queue *q = check_queue(L, 1);
+  int w = luaL_checkoption(L, 2, "get", classes);
+  lua_pushinteger(L, q->shm->waiters[w]);
   return 1;
 }
 
@@ -1009,6 +1039,13 @@ static int l_rebuild_queue(lua_State *L) { return rebuild(L, K_QUEUE); }
 static int l_rebuild_simple(lua_State *L) { return rebuild(L, K_SIMPLE); }
 static int l_rebuild_joinable(lua_State *L) { return rebuild(L, K_JOINABLE); }
 
+static int l_stall(lua_State *L) {
+  static const char *const points[] = {"none", "locked-put", "locked-get", "ref-copy", "ref-get", NULL};
+  stall_point = luaL_checkoption(L, 1, NULL, points);
+  stall_fd = (int)luaL_optinteger(L, 2, -1);
+  return 0;
+}
+
 static int l_is_queue(lua_State *L) {
   lua_pushboolean(L, to_queue(L, 1) != NULL);
   return 1;
@@ -1041,6 +1078,7 @@ static void fill_metatable(lua_State *L, int kind, const luaL_Reg *methods) {
     {"_get_raw", l_get_raw},
     {"_wait_begin", l_wait_begin},
     {"_wait_end", l_wait_end},
+    {"_waiters", l_waiters},
     {NULL, NULL}
   };
   luaL_getmetatable(L, kind_mt[kind]);
@@ -1096,6 +1134,7 @@ int luamp_open_queue(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"queue_new", l_queue_new},
     {"is_queue", l_is_queue},
+    {"_queue_stall", l_stall},
     {NULL, NULL}
   };
   push_metatables(L);
