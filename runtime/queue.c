@@ -11,12 +11,14 @@
  * pages) up to RETAIN bytes for reuse and punched out beyond that, so an unbounded queue
  * grows with its backlog and shrinks after. Put never waits for space, only for maxsize.
  *
- * Locking and crashes. A robust process-shared mutex guards the header. Each change of
- * the queue state is committed through a redo record, so a process killed while holding
- * the lock leaves a state the next locker repairs (EOWNERDEAD): a record whose copy was
- * cut short was never committed and simply does not exist. A large item whose copy was
- * cut short was never linked; a large item taken by a process that died while decoding
- * it is gone. Either way only that item is lost, plus the pages of its extent.
+ * Locking and crashes. A robust process-shared mutex guards the header. The queue state
+ * has two slots: a change is written to the spare one and made current by one store
+ * (the allocator's state, changed rarely, goes through a redo record instead), so a
+ * process killed while holding the lock leaves a whole state behind and the next locker
+ * carries on (EOWNERDEAD): a record whose copy was cut short was never committed and
+ * simply does not exist. A large item whose copy was cut short was never linked; a large
+ * item taken by a process that died while decoding it is gone. Either way only that item
+ * is lost, plus the pages of its extent.
  *
  * Waiting. Blocked getters, putters and joiners each wait on their class's eventfd
  * (EFD_SEMAPHORE), through luamp_wait_fds. A waiter registers in the header's waiter
@@ -68,7 +70,7 @@ enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS };
 
 /* What one commit changes. */
 struct qstate {
-  uint64_t head_chunk, head_pos;   /* next record to read */
+  _Alignas(64) uint64_t head_chunk, head_pos;   /* next record to read */
   uint64_t tail_chunk, tail_pos;   /* where the next record goes */
   uint64_t count;                  /* items queued */
   uint64_t unfinished;             /* JoinableQueue: put and not yet task_done */
@@ -88,12 +90,15 @@ typedef struct qshm {
   uint64_t magic, uuid;
   uint64_t kind, maxsize;          /* maxsize 0: unbounded */
   int64_t efd_id[W_CLASSES];       /* the eventfds' ids (fdinfo), -1 if unknown */
-  pthread_mutex_t lock;
-  uint32_t corrupt;
+  /* What a put or get touches sits in two cache lines: the lock with the waiter counts
+   * and the index of the current state, and that state. */
+  _Alignas(64) pthread_mutex_t lock;
   uint32_t waiters[W_CLASSES];     /* registered waiters not yet handed a token */
-  uint32_t st_redo, al_redo;       /* a commit is in progress: replay it */
-  struct qstate st, st_next;
-  struct qalloc al, al_next;
+  uint32_t cur;                    /* st[cur] is the state; a commit fills the other one */
+  uint32_t corrupt;
+  uint32_t al_redo;                /* an allocator commit is in progress: replay it */
+  _Alignas(64) struct qstate st[2];
+  _Alignas(64) struct qalloc al, al_next;
 } qshm;
 
 _Static_assert(sizeof(qshm) <= HEADER_SIZE, "queue header too large");
@@ -132,7 +137,11 @@ static void cpu_relax(void) {
  * in the middle (a compiler barrier on x86, where stores are seen in program order). */
 static void barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
-static uint64_t load_count(const qshm *s) { return __atomic_load_n(&s->st.count, __ATOMIC_ACQUIRE); }
+/* Without the lock (qsize, spinning): a recent count, never a torn one. */
+static uint64_t load_count(const qshm *s) {
+  uint32_t cur = __atomic_load_n(&s->cur, __ATOMIC_ACQUIRE) & 1;
+  return __atomic_load_n(&s->st[cur].count, __ATOMIC_RELAXED);
+}
 
 static int ncpus(void) {
   static int n;
@@ -143,25 +152,17 @@ static int ncpus(void) {
   return n;
 }
 
-/* ---- commits: redo records make every state change all-or-nothing under SIGKILL ---- */
+/* ---- commits: every state change is all-or-nothing under SIGKILL --------------------- */
 
-static void st_apply(qshm *s, const struct qstate *n) {
-  s->st.head_chunk = n->head_chunk;
-  s->st.head_pos = n->head_pos;
-  s->st.tail_chunk = n->tail_chunk;
-  s->st.tail_pos = n->tail_pos;
-  s->st.unfinished = n->unfinished;
-  __atomic_store_n(&s->st.count, n->count, __ATOMIC_RELEASE);
-}
+/* The committed state. The other slot is scratch until a commit makes it current with
+ * one store, so a process killed mid-commit leaves the old state whole. */
+static const struct qstate *st_of(const qshm *s) { return &s->st[s->cur & 1]; }
 
 static void st_commit(qshm *s, const struct qstate *n) {
-  s->st_next = *n;
+  uint32_t next = (s->cur & 1) ^ 1;
+  s->st[next] = *n;
   barrier();
-  s->st_redo = 1;
-  barrier();
-  st_apply(s, n);
-  barrier();
-  s->st_redo = 0;
+  __atomic_store_n(&s->cur, next, __ATOMIC_RELEASE);
 }
 
 static void al_commit(qshm *s, const struct qalloc *n) {
@@ -209,12 +210,12 @@ static void unregister(queue *q, int w) {
   else take_token(q->efd[w]);
 }
 
-static int has_room(const qshm *s) { return s->maxsize == 0 || s->st.count < s->maxsize; }
+static int has_room(const qshm *s) { return s->maxsize == 0 || st_of(s)->count < s->maxsize; }
 
 /* Passes wakeups on while their conditions hold (called before every unlock that follows
  * a change or a departure). */
 static void chain_wakeups(queue *q) {
-  if (q->shm->st.count > 0) wake_one(q, W_GET);
+  if (st_of(q->shm)->count > 0) wake_one(q, W_GET);
   if (has_room(q->shm)) wake_one(q, W_PUT);
 }
 
@@ -238,7 +239,6 @@ static void stall_here(int point) {
  * wakeups may be lost. */
 static void recover(queue *q) {
   qshm *s = q->shm;
-  if (s->st_redo) { st_apply(s, &s->st_next); s->st_redo = 0; }
   if (s->al_redo) { s->al = s->al_next; s->al_redo = 0; }
   for (int w = 0; w < W_CLASSES; w++) wake_all(q, w);
 }
@@ -250,6 +250,11 @@ static int q_lock(queue *q) {
   int spins = ncpus() > 1 ? LOCK_SPIN : 0;
   for (int i = 0; rc == EBUSY && i < spins; i++) {
     cpu_relax();
+#ifdef __GLIBC__
+    /* test before test-and-set: read the lock word until it looks free, so spinning
+     * does not steal the cache line from the holder at every round */
+    if (__atomic_load_n(&q->shm->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+#endif
     rc = pthread_mutex_trylock(&q->shm->lock);
   }
   if (rc == EBUSY) rc = pthread_mutex_lock(&q->shm->lock);
@@ -284,6 +289,17 @@ static char *q_at(queue *q, uint64_t off, uint64_t len) {
     q->winlen = want;
   }
   return q->win + off;
+}
+
+/* Maps [off, off+len) into this process's page tables in one call rather than one page
+ * fault per page (faults are dear, most of all in a VM). Best effort. */
+static void prefault(queue *q, uint64_t off, uint64_t len, int write) {
+#ifdef MADV_POPULATE_WRITE
+  char *p = q_at(q, off, len);
+  if (p) madvise(p, len, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+#else
+  (void)q; (void)off; (void)len; (void)write;
+#endif
 }
 
 static void punch(queue *q, uint64_t off, uint64_t len) {
@@ -371,13 +387,14 @@ static struct chunk_hdr *chunk_at(queue *q, uint64_t off) {
 /* Appends a record (under the lock, with room checked). */
 static int append(queue *q, int kind, const void *data, uint32_t len) {
   qshm *s = q->shm;
-  struct qstate n = s->st;
+  struct qstate n = *st_of(s);
   uint64_t need = REC_HDR + pad8(len);
   if (n.tail_chunk == 0 || n.tail_pos + need > CHUNK_SIZE) {
     uint64_t off = arena_alloc(q, CHUNK_SIZE);
     if (!off) return Q_NOMEM;
     struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
     if (!h) return Q_NOMEM;
+    prefault(q, off, CHUNK_SIZE, 1);
     *h = (struct chunk_hdr){CHUNK_SIZE, 0, CHUNK_HDR, CHUNK_MAGIC};
     if (n.tail_chunk) {
       struct chunk_hdr *old = chunk_at(q, n.tail_chunk);
@@ -419,7 +436,7 @@ static int ensure_rx(queue *q, size_t len) {
  * q->rx. Validates everything it reads, since the memory is shared. */
 static int pop(queue *q, item *it) {
   qshm *s = q->shm;
-  struct qstate n = s->st;
+  struct qstate n = *st_of(s);
   for (;;) {
     struct chunk_hdr *h = chunk_at(q, n.head_chunk);
     if (!h) return Q_CORRUPT;
@@ -432,6 +449,7 @@ static int pop(queue *q, item *it) {
       n.head_pos = CHUNK_HDR;
       st_commit(s, &n);
       arena_free(q, old, CHUNK_SIZE);
+      prefault(q, n.head_chunk, CHUNK_SIZE, 0);
       continue;
     }
     if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
@@ -538,9 +556,9 @@ static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double 
   }
 }
 
-static int items_ready(queue *q) { return q->shm->st.count > 0; }
+static int items_ready(queue *q) { return st_of(q->shm)->count > 0; }
 static int room_ready(queue *q) { return has_room(q->shm); }
-static int join_ready(queue *q) { return q->shm->st.unfinished == 0; }
+static int join_ready(queue *q) { return st_of(q->shm)->unfinished == 0; }
 
 /* Puts a record; the lock is taken and released here. */
 static int put_record(queue *q, int kind, const void *data, uint32_t len, int block, double deadline) {
@@ -565,6 +583,7 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
   char *dst = q_at(q, off, ext);
   int rc = Q_NOMEM;
   if (dst) {
+    prefault(q, off, ext, 1);
     memcpy(dst, data, len / 2);
     stall_here(STALL_REF_COPY);
     memcpy(dst + len / 2, data + len / 2, len - len / 2);
@@ -802,6 +821,7 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
   stall_here(STALL_REF_GET);
   /* A large item is read in place; its extent must be freed whatever the decoding does. */
   const char *data = q_at(q, it.off, it.len);
+  if (data) prefault(q, it.off, pad_page(it.len), 0);
   if (!data) {
     item_done(q, &it);
     luamp_raise(L, "Value", "%s: out of address space", kind_name[q->kind]);
@@ -853,11 +873,11 @@ static int l_task_done(lua_State *L) {
   queue *q = check_queue(L, 1);
   if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
   qshm *s = q->shm;
-  if (s->st.unfinished == 0) {
+  if (st_of(s)->unfinished == 0) {
     q_unlock(q);
     luamp_raise(L, "Value", "task_done() called too many times");
   }
-  struct qstate n = s->st;
+  struct qstate n = *st_of(s);
   n.unfinished--;
   st_commit(s, &n);
   if (n.unfinished == 0) wake_all(q, W_JOIN);
@@ -887,7 +907,7 @@ static int l_join(lua_State *L) {
 static int l_wait_begin(lua_State *L) {
   queue *q = check_queue(L, 1);
   if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
-  if (q->shm->st.count > 0) {
+  if (st_of(q->shm)->count > 0) {
     q_unlock(q);
     return 0;
   }
@@ -904,7 +924,7 @@ static int l_wait_end(lua_State *L) {
   if (!q || !q->shm) return 0;
   if (q_lock(q) < 0) return 0;
   if (!take_token(q->efd[W_GET])) unregister(q, W_GET);
-  int ready = q->shm->st.count > 0;
+  int ready = st_of(q->shm)->count > 0;
   chain_wakeups(q);
   q_unlock(q);
   lua_pushboolean(L, ready);
@@ -945,7 +965,7 @@ static int l_tostring(lua_State *L) {
     luaL_addvalue(&b);
   }
   if (q->kind == K_JOINABLE) {
-    lua_pushfstring(L, " unfinished=%I", (lua_Integer)s->st.unfinished);
+    lua_pushfstring(L, " unfinished=%I", (lua_Integer)st_of(s)->unfinished);
     luaL_addvalue(&b);
   }
   luaL_addchar(&b, '>');
