@@ -384,7 +384,7 @@ static int l_send(lua_State *L) {
   luaL_checkany(L, 2);
   check_writable(L, c);
   c->tx.len = 0;
-  if (luamp_encode(L, 2, &c->tx) < 0) return lua_error(L);
+  if (luamp_encodex(L, 2, &c->tx, "message") < 0) return lua_error(L);
   return finish_send(L, c, send_frame(c, c->tx.data, c->tx.len), "send");
 }
 

@@ -773,7 +773,7 @@ static int l_put(lua_State *L) {
   int block;
   double deadline = block_args(L, 3, &block);
   q->tx.len = 0;
-  if (luamp_encode(L, 2, &q->tx) < 0) return lua_error(L);
+  if (luamp_encodex(L, 2, &q->tx, "item") < 0) return lua_error(L);
   return finish_put(L, q, put_bytes(q, q->tx.data, q->tx.len, block, deadline));
 }
 

@@ -153,6 +153,28 @@ describe("Pipe", function()
     assert.is_true(keep.closed)
   end)
 
+  it("a recv blocked in the host is interrupted by Ctrl-C; the connection goes on", function()
+    local script = H.script([[
+      local luamp = require "luamp"
+      local a, b = luamp.Pipe()
+      local parent = luamp.getpid()
+      local p = luamp.Process{target = function()
+        os.execute("kill -INT " .. parent)
+        a:recv()                       -- sent once the parent was interrupted
+        a:send("after")
+      end}
+      p:start()
+      local ok, e = pcall(function() while true do b:recv() end end)
+      b:send("go")
+      print(e.kind, b:recv())
+      p:join()
+    ]])
+    local out, err, code = H.run({script})
+    os.remove(script)
+    assert.equal(0, code, err)
+    assert.equal("Interrupted\tafter\n", out)
+  end)
+
   it("has a readable tostring and a file descriptor", function()
     local r, w = luamp.Pipe(false)
     local fd = r:fileno()

@@ -207,6 +207,27 @@ describe("Queue", function()
     assert.truthy(msg:find("did not inherit", 1, true), msg)
   end)
 
+  it("a get blocked in the host is interrupted by Ctrl-C and leaves no registration", function()
+    local script = H.script([[
+      local luamp = require "luamp"
+      local q = luamp.Queue()
+      local parent = luamp.getpid()
+      local p = luamp.Process{target = function()
+        while q:_waiters("get") < 1 do luamp.sleep(0.001) end
+        os.execute("kill -INT " .. parent)
+      end}
+      p:start()
+      local ok, e = pcall(q.get, q)
+      p:join()
+      q:put("after")
+      print(e.kind, q:_waiters("get"), q:get(false))
+    ]])
+    local out, err, code = H.run({script})
+    os.remove(script)
+    assert.equal(0, code, err)
+    assert.equal("Interrupted\t0\tafter\n", out)
+  end)
+
   it("can be waited on with luamp.wait", function()
     local q = luamp.Queue()
     assert.same({}, luamp.wait({q}, 0.05))
