@@ -761,7 +761,7 @@ static double block_args(lua_State *L, int idx, int *block) {
 
 static int finish_put(lua_State *L, queue *q, int rc) {
   int err = errno;
-  if (q->tx.cap > 1024 * 1024) luamp_buf_free(&q->tx);
+  if (q->tx.cap > 4 * 1024 * 1024) luamp_buf_free(&q->tx);   /* keep it for the next item */
   if (rc != Q_OK) raise_status(L, q, rc, err, "Full");
   return 0;
 }
