@@ -62,6 +62,7 @@
 #define SPIN_MIN 32            /* spin rounds (a pause each, tens of ns) */
 #define SPIN_MAX 4096
 #define LOCK_SPIN 200
+#define SPIN_STRIDE 8
 
 enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
 enum { W_GET, W_PUT, W_JOIN, W_CLASSES };
@@ -135,6 +136,10 @@ static void cpu_relax(void) {
 
 /* Orders the stores of a commit as other processes will see them, should this one die
  * in the middle (a compiler barrier on x86, where stores are seen in program order). */
+static void relax(int n) {
+  for (int i = 0; i < n; i++) cpu_relax();
+}
+
 static void barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
 /* Without the lock (qsize, spinning): a recent count, never a torn one. */
@@ -502,10 +507,12 @@ static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
   if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
   int i = 0;
+  /* a look every few pauses: each look pulls the state's cache line away from the
+   * process that is about to change it */
   if (for_room)
-    while (i < q->spin && load_count(s) >= s->maxsize) i++, cpu_relax();
+    while (i < q->spin && load_count(s) >= s->maxsize) i += SPIN_STRIDE, relax(SPIN_STRIDE);
   else
-    while (i < q->spin && load_count(s) == 0) i++, cpu_relax();
+    while (i < q->spin && load_count(s) == 0) i += SPIN_STRIDE, relax(SPIN_STRIDE);
   if (i == 0) return;
   if (i < q->spin) q->spin = q->spin * 2 > SPIN_MAX ? SPIN_MAX : q->spin * 2;
   else q->spin = q->spin / 2 < SPIN_MIN ? SPIN_MIN : q->spin / 2;

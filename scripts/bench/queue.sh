@@ -2,7 +2,10 @@
 # Queue throughput: luamp.Queue against Python's multiprocessing.Queue and a raw C
 # shared-memory ring (single producer, single consumer, spinning; the ceiling for any
 # queue between two processes here). Cases: small items (integers) and 1 KiB strings with
-# one producer and one consumer, 1 MiB strings, and 4 producers x 4 consumers. Best of
+# one producer and one consumer, 1 MiB strings, and 4 producers x 4 consumers; small items
+# once more with both processes pinned to one CPU (taskset), which shows the cost of the
+# handover itself without cross-CPU cache traffic, the factor that varies most from one
+# run to the next on a shared machine. Best of
 # ROUNDS (default 3) alternating runs; prints items/s (MB/s for 1 MiB) and the ratios.
 # Usage: scripts/bench/queue.sh [small-items]   (build first: scripts/build.sh)
 set -euo pipefail
@@ -120,17 +123,21 @@ for ((r = 0; r < rounds; r++)); do
     best[l$c]+=$("$build/luamp" "$tmp/q.lua" "$c" "${count[$c]}")$'\n'
     best[p$c]+=$(python3 "$tmp/q.py" "$c" "${pcount[$c]}")$'\n'
   done
+  best[lpinned]+=$(taskset -c 0 "$build/luamp" "$tmp/q.lua" small "$n")$'\n'
+  best[ppinned]+=$(taskset -c 0 python3 "$tmp/q.py" small "$((n / 4))")$'\n'
+  best[cpinned]+=$(taskset -c 0 "$tmp/ring" "$((n * 10))" 8)$'\n'
   best[csmall]+=$("$tmp/ring" "$((n * 10))" 8)$'\n'
   best[c1k]+=$("$tmp/ring" "$n" 1024)$'\n'
   best[c1m]+=$("$tmp/ring" 2000 $((1 << 20)))$'\n'
 done
 echo "Queue throughput (items/s; 1 MiB items also in MB/s), best of $rounds runs"
 printf "  %-24s %14s %14s %14s %10s %10s\n" case luamp python raw_C_ring py/luamp luamp/C
-for c in "${cases[@]}"; do
+for c in "${cases[@]}" pinned; do
   l=$(max <<<"${best[l$c]}"); p=$(max <<<"${best[p$c]}"); k=$(max <<<"${best[c$c]:-}")
   awk -v c="$c" -v l="$l" -v p="$p" -v k="${k:-0}" 'BEGIN {
     names["small"] = "small items, 1P1C"; names["1k"] = "1 KiB items, 1P1C"
     names["1m"] = "1 MiB items, 1P1C"; names["mpmc"] = "small items, 4P x 4C"
+    names["pinned"] = "small, 1P1C, one CPU"
     printf "  %-24s %14.0f %14.0f %14s %9.1fx %10s\n", names[c], l, p,
       (k > 0 ? sprintf("%.0f", k) : "-"), l / p, (k > 0 ? sprintf("%.3f", l / k) : "-")
     if (c == "1m") printf "  %-24s %14.0f %14.0f %14.0f   (MB/s)\n", "", l * 1.048576, p * 1.048576, k * 1.048576 }'
