@@ -67,7 +67,9 @@
 enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
 enum { W_GET, W_PUT, W_JOIN, W_CLASSES };
 enum { R_INLINE = 1, R_REF = 2 };
-enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS };
+/* Q_UNLOCKED: the lock could not be taken again (its memory is garbage); the caller
+ * does not hold it. */
+enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_UNLOCKED };
 
 /* What one commit changes. */
 struct qstate {
@@ -552,7 +554,7 @@ static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double 
     q_unlock(q);
     int rc = wait_token(q, w, deadline);
     int err = errno;
-    if (q_lock(q) < 0) return Q_CORRUPT;
+    if (q_lock(q) < 0) return Q_UNLOCKED;
     if (rc == Q_INTR || rc == Q_SYS) {
       unregister(q, w);
       chain_wakeups(q);
@@ -572,6 +574,7 @@ static int put_record(queue *q, int kind, const void *data, uint32_t len, int bl
   if (block) spin_while(q, 1);
   if (q_lock(q) < 0) return Q_CORRUPT;
   int rc = wait_until(q, W_PUT, room_ready, block, deadline);
+  if (rc == Q_UNLOCKED) return Q_CORRUPT;
   if (rc == Q_OK) rc = append(q, kind, data, len);
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
@@ -609,6 +612,7 @@ static int get_item(queue *q, item *it, int block, double deadline) {
   if (block) spin_while(q, 0);
   if (q_lock(q) < 0) return Q_CORRUPT;
   int rc = wait_until(q, W_GET, items_ready, block, deadline);
+  if (rc == Q_UNLOCKED) return Q_CORRUPT;
   if (rc == Q_OK) rc = pop(q, it);
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
@@ -899,7 +903,8 @@ static int l_join(lua_State *L) {
   if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
   int rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
   int err = errno;
-  q_unlock(q);
+  if (rc == Q_UNLOCKED) rc = Q_CORRUPT;
+  else q_unlock(q);
   if (rc == Q_TIMEOUT) {
     lua_pushboolean(L, 0);
     return 1;

@@ -18,8 +18,9 @@ end
 -- anything with a sentinel field or a fileno method).
 local function kind_of(obj)
   if math.type(obj) == "integer" then return "fd", obj end
-  if core.is_connection(obj) then return "conn" end
-  if core.is_queue and core.is_queue(obj) then return "queue" end
+  -- (fileno and empty raise Closed now, before any queue is registered as a waiter)
+  if core.is_connection(obj) then obj:fileno() return "conn" end
+  if core.is_queue and core.is_queue(obj) then obj:empty() return "queue" end
   if type(obj) == "table" or type(obj) == "userdata" then
     local ok, s = pcall(function() return obj.sentinel end)
     if ok and math.type(s) == "integer" then return "fd", s end
