@@ -1,4 +1,1175 @@
-/* queue.c — placeholder: filled in by its issue. */
+/*
+ * queue.c — Queue, SimpleQueue and JoinableQueue: multi-producer, multi-consumer queues
+ * shared by processes through one memfd and two or three eventfds.
+ *
+ * Memory. The memfd starts with a header page (the lock, the queue state, a small extent
+ * allocator); the rest of the file is a sparse arena of page-aligned extents. Items are
+ * records in a FIFO list of 256 KiB chunks: small items (up to INLINE_MAX bytes) are
+ * copied into the tail chunk under the lock; a larger item is first copied, without the
+ * lock, into an extent of its own, and then a small REF record pointing at it is queued.
+ * A chunk is freed as soon as the readers have left it; freed extents are kept (with their
+ * pages) up to RETAIN bytes for reuse and punched out beyond that, so an unbounded queue
+ * grows with its backlog and shrinks after. Put never waits for space, only for maxsize.
+ *
+ * Locking and crashes. A robust process-shared mutex guards the header. The queue state
+ * has two slots: a change is written to the spare one and made current by one store
+ * (the allocator's state, changed rarely, goes through a redo record instead), so a
+ * process killed while holding the lock leaves a whole state behind and the next locker
+ * carries on (EOWNERDEAD): a record whose copy was cut short was never committed and
+ * simply does not exist. A large item whose copy was cut short was never linked; a large
+ * item taken by a process that died while decoding it is gone. Either way only that item
+ * is lost, plus the pages of its extent.
+ *
+ * Waiting. Blocked getters, putters and joiners each wait on their class's eventfd
+ * (EFD_SEMAPHORE), through luamp_wait_fds. A waiter registers in the header's waiter
+ * count for its class; whoever makes the condition true (an item arrived, a slot freed,
+ * the last task done) posts one token per waiter it wakes and takes them off the count.
+ * A woken waiter takes a token if one is left and rechecks under the lock; whoever
+ * succeeds passes the wakeup on while the condition still holds. With no waiter
+ * registered, put and get make no system call. The same fds let luamp.wait (and later an
+ * event loop) wait for a queue: see _wait_begin / _wait_end.
+ *
+ * The fds are inherited by forked children and a queue crosses to them through other
+ * queues and pipes as a handle (fd numbers checked against the memfd's identity).
+ */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "internal.h"
 
-int luamp_open_queue(lua_State *L) { (void)L; return 0; }
+#define QUEUE_MT "luamp.Queue"
+#define SIMPLE_MT "luamp.SimpleQueue"
+#define JOINABLE_MT "luamp.JoinableQueue"
+
+#define Q_MAGIC 0x6575657551706d6cULL   /* "lmpQueue" */
+#define PAGE 4096u
+#define HEADER_SIZE (2 * PAGE)
+#define CHUNK_SIZE (256u * 1024)
+#define CHUNK_HDR 32u
+#define INLINE_MAX (32u * 1024)
+#define REC_HDR 8u
+#define NFREE 64
+#define RETAIN (8u * 1024 * 1024)      /* freed bytes kept with their pages for reuse */
+#define GROW_STEP (1024u * 1024)       /* the memfd grows in these steps */
+#define SPIN_MIN 32            /* spin rounds (a pause each, tens of ns) */
+#define SPIN_MAX 4096
+#define LOCK_SPIN 200
+#define SPIN_STRIDE 8
+
+enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
+enum { W_GET, W_PUT, W_JOIN, W_CLASSES };
+enum { R_INLINE = 1, R_REF = 2 };
+/* Q_UNLOCKED: the lock could not be taken again (its memory is garbage); the caller
+ * does not hold it. */
+enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_UNLOCKED };
+
+/* What one commit changes. */
+struct qstate {
+  _Alignas(64) uint64_t head_chunk, head_pos;   /* next record to read */
+  uint64_t tail_chunk, tail_pos;   /* where the next record goes */
+  uint64_t count;                  /* items queued */
+  uint64_t unfinished;             /* JoinableQueue: put and not yet task_done */
+};
+
+struct extent { uint64_t off, len, hot; };
+
+struct qalloc {
+  uint64_t top;          /* end of the arena handed out so far */
+  uint64_t fsize;        /* size of the memfd; it never shrinks */
+  uint64_t hot;          /* bytes in the free list whose pages are present */
+  uint64_t nfree;
+  struct extent freel[NFREE];
+};
+
+typedef struct qshm {
+  uint64_t magic, uuid;
+  uint64_t kind, maxsize;          /* maxsize 0: unbounded */
+  int64_t efd_id[W_CLASSES];       /* the eventfds' ids (fdinfo), -1 if unknown */
+  /* What a put or get touches sits in two cache lines: the lock with the waiter counts
+   * and the index of the current state, and that state. */
+  _Alignas(64) pthread_mutex_t lock;
+  uint32_t waiters[W_CLASSES];     /* registered waiters not yet handed a token */
+  uint32_t cur;                    /* st[cur] is the state; a commit fills the other one */
+  uint32_t corrupt;
+  uint32_t al_redo;                /* an allocator commit is in progress: replay it */
+  _Alignas(64) struct qstate st[2];
+  _Alignas(64) struct qalloc al, al_next;
+} qshm;
+
+_Static_assert(sizeof(qshm) <= HEADER_SIZE, "queue header too large");
+
+struct chunk_hdr { uint64_t size, next, used, magic; };
+#define CHUNK_MAGIC 0x6b6e756863706d6cULL
+
+typedef struct queue {
+  qshm *shm;                 /* the header, mapped on its own; NULL once closed */
+  char *win;                 /* the whole memfd, remapped larger on demand */
+  size_t winlen;
+  int memfd;
+  int efd[W_CLASSES];
+  int kind;
+  int spin;                  /* current spin budget, see spin_while */
+  luamp_buf tx;              /* encoded item being put, reused */
+  char *rx;                  /* small item copied out under the lock */
+  size_t rx_cap;
+} queue;
+
+/* An item taken off the queue: inline bytes in q->rx, or an extent to free after use. */
+typedef struct item { int ref; uint64_t off, len; } item;
+
+static uint64_t pad8(uint64_t n) { return (n + 7) & ~(uint64_t)7; }
+static uint64_t pad_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* Orders the stores of a commit as other processes will see them, should this one die
+ * in the middle (a compiler barrier on x86, where stores are seen in program order). */
+static void relax(int n) {
+  for (int i = 0; i < n; i++) cpu_relax();
+}
+
+static void barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* Without the lock (qsize, spinning): a recent count, never a torn one. */
+static uint64_t load_count(const qshm *s) {
+  uint32_t cur = __atomic_load_n(&s->cur, __ATOMIC_ACQUIRE) & 1;
+  return __atomic_load_n(&s->st[cur].count, __ATOMIC_RELAXED);
+}
+
+static int ncpus(void) {
+  static int n;
+  if (!n) {
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    n = c > 0 ? (int)c : 1;
+  }
+  return n;
+}
+
+/* ---- commits: every state change is all-or-nothing under SIGKILL --------------------- */
+
+/* The committed state. The other slot is scratch until a commit makes it current with
+ * one store, so a process killed mid-commit leaves the old state whole. */
+static const struct qstate *st_of(const qshm *s) { return &s->st[s->cur & 1]; }
+
+static void st_commit(qshm *s, const struct qstate *n) {
+  uint32_t next = (s->cur & 1) ^ 1;
+  s->st[next] = *n;
+  barrier();
+  __atomic_store_n(&s->cur, next, __ATOMIC_RELEASE);
+}
+
+static void al_commit(qshm *s, const struct qalloc *n) {
+  s->al_next = *n;
+  barrier();
+  s->al_redo = 1;
+  barrier();
+  s->al = *n;
+  barrier();
+  s->al_redo = 0;
+}
+
+/* ---- eventfd tokens ------------------------------------------------------------------ */
+
+static void post_tokens(int efd, uint64_t k) {
+  ssize_t n;
+  do n = write(efd, &k, sizeof k); while (n < 0 && errno == EINTR);
+}
+
+static int take_token(int efd) {
+  uint64_t v;
+  ssize_t n;
+  do n = read(efd, &v, sizeof v); while (n < 0 && errno == EINTR);
+  return n == (ssize_t)sizeof v;
+}
+
+/* Wakes one registered waiter of class w (under the lock; the token is written before
+ * the count drops, so a crash in between only leaves a spurious wakeup). */
+static void wake_one(queue *q, int w) {
+  if (q->shm->waiters[w] == 0 || q->efd[w] < 0) return;
+  post_tokens(q->efd[w], 1);
+  q->shm->waiters[w]--;
+}
+
+static void wake_all(queue *q, int w) {
+  if (q->shm->waiters[w] == 0 || q->efd[w] < 0) return;
+  post_tokens(q->efd[w], q->shm->waiters[w]);
+  q->shm->waiters[w] = 0;
+}
+
+/* A registered waiter leaving without being handed a token (timeout, interrupt, done
+ * by itself). If every registration has been handed a token, one of them is ours. */
+static void unregister(queue *q, int w) {
+  if (q->shm->waiters[w] > 0) q->shm->waiters[w]--;
+  else take_token(q->efd[w]);
+}
+
+static int has_room(const qshm *s) { return s->maxsize == 0 || st_of(s)->count < s->maxsize; }
+
+/* Passes wakeups on while their conditions hold (called before every unlock that follows
+ * a change or a departure). */
+static void chain_wakeups(queue *q) {
+  if (st_of(q->shm)->count > 0) wake_one(q, W_GET);
+  if (has_room(q->shm)) wake_one(q, W_PUT);
+}
+
+/* ---- fault injection for the crash specs ----------------------------------------------
+ * _core._queue_stall(point, fd) makes this process, on reaching `point`, write one byte to
+ * fd and stop there for good, so a spec can SIGKILL it at exactly that point. */
+enum { STALL_NONE, STALL_LOCKED_PUT, STALL_LOCKED_GET, STALL_REF_COPY, STALL_REF_GET };
+static int stall_point, stall_fd = -1;
+
+static void stall_here(int point) {
+  if (stall_point != point) return;
+  char c = 's';
+  ssize_t n;
+  do n = write(stall_fd, &c, 1); while (n < 0 && errno == EINTR);
+  for (;;) pause();
+}
+
+/* ---- the lock ------------------------------------------------------------------------- */
+
+/* The previous holder died: replay its half-done commit and wake everyone, since its
+ * wakeups may be lost. */
+static void recover(queue *q) {
+  qshm *s = q->shm;
+  if (s->al_redo) { s->al = s->al_next; s->al_redo = 0; }
+  for (int w = 0; w < W_CLASSES; w++) wake_all(q, w);
+}
+
+/* The lock is held for a few hundred nanoseconds at most, so a contender spins before
+ * it sleeps (glibc's robust mutex would go to the kernel at once). */
+static int q_lock(queue *q) {
+  int rc = pthread_mutex_trylock(&q->shm->lock);
+  int spins = ncpus() > 1 ? LOCK_SPIN : 0;
+  for (int i = 0; rc == EBUSY && i < spins; i++) {
+    cpu_relax();
+#ifdef __GLIBC__
+    /* test before test-and-set: read the lock word until it looks free, so spinning
+     * does not steal the cache line from the holder at every round */
+    if (__atomic_load_n(&q->shm->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+#endif
+    rc = pthread_mutex_trylock(&q->shm->lock);
+  }
+  if (rc == EBUSY) rc = pthread_mutex_lock(&q->shm->lock);
+  if (rc == EOWNERDEAD) {
+    recover(q);
+    pthread_mutex_consistent(&q->shm->lock);
+    rc = 0;
+  }
+  if (rc != 0) {
+    q->shm->corrupt = 1;
+    return -1;
+  }
+  return 0;
+}
+
+static void q_unlock(queue *q) { pthread_mutex_unlock(&q->shm->lock); }
+
+/* ---- the arena ------------------------------------------------------------------------ */
+
+/* A pointer to [off, off+len) of the memfd, growing this process's window as needed.
+ * Only offsets inside the file are ever asked for (the file never shrinks). */
+static char *q_at(queue *q, uint64_t off, uint64_t len) {
+  uint64_t end = off + len;
+  if (end < off) return NULL;
+  if (end > q->winlen) {
+    uint64_t want = q->winlen ? q->winlen * 2 : 4 * GROW_STEP;
+    while (want < end) want *= 2;
+    void *p = q->win ? mremap(q->win, q->winlen, want, MREMAP_MAYMOVE)
+                     : mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_SHARED, q->memfd, 0);
+    if (p == MAP_FAILED) return NULL;
+    q->win = p;
+    q->winlen = want;
+  }
+  return q->win + off;
+}
+
+/* Maps [off, off+len) into this process's page tables in one call rather than one page
+ * fault per page (faults are dear, most of all in a VM). Best effort. */
+static void prefault(queue *q, uint64_t off, uint64_t len, int write) {
+#ifdef MADV_POPULATE_WRITE
+  char *p = q_at(q, off, len);
+  if (p) madvise(p, len, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+#else
+  (void)q; (void)off; (void)len; (void)write;
+#endif
+}
+
+static void punch(queue *q, uint64_t off, uint64_t len) {
+  fallocate(q->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
+}
+
+static void freel_remove(struct qalloc *a, uint64_t i) {
+  a->freel[i] = a->freel[--a->nfree];
+}
+
+/* Allocates len bytes (a multiple of PAGE) under the lock; 0 when out of memory. */
+static uint64_t arena_alloc(queue *q, uint64_t len) {
+  struct qalloc a = q->shm->al;
+  int64_t best = -1;
+  for (uint64_t i = 0; i < a.nfree; i++) {
+    struct extent *e = &a.freel[i];
+    if (e->len < len) continue;
+    /* smallest fit, pages present first */
+    if (best < 0 || e->hot > a.freel[best].hot ||
+        (e->hot == a.freel[best].hot && e->len < a.freel[best].len))
+      best = (int64_t)i;
+  }
+  uint64_t off;
+  if (best >= 0) {
+    struct extent *e = &a.freel[best];
+    off = e->off;
+    if (e->hot) a.hot -= len;
+    e->off += len;
+    e->len -= len;
+    if (e->len == 0) freel_remove(&a, (uint64_t)best);
+  } else {
+    off = a.top;
+    if (off + len > a.fsize) {
+      uint64_t size = (off + len + GROW_STEP - 1) / GROW_STEP * GROW_STEP;
+      int rc;
+      do rc = ftruncate(q->memfd, (off_t)size); while (rc < 0 && errno == EINTR);
+      if (rc < 0) return 0;
+      a.fsize = size;
+    }
+    a.top = off + len;
+  }
+  al_commit(q->shm, &a);
+  return off;
+}
+
+/* Returns an extent to the free list, merging neighbours of the same kind; pages beyond
+ * the RETAIN budget are given back to the system. */
+static void arena_free(queue *q, uint64_t off, uint64_t len) {
+  struct qalloc a = q->shm->al;
+  uint64_t hot = 1;
+  if (a.hot + len > RETAIN) {
+    punch(q, off, len);
+    hot = 0;
+  }
+  for (uint64_t i = 0; i < a.nfree;) {
+    struct extent *e = &a.freel[i];
+    if (e->hot == hot && (e->off + e->len == off || off + len == e->off)) {
+      if (e->off < off) off = e->off;
+      len += e->len;
+      if (hot) a.hot -= e->len;
+      freel_remove(&a, i);
+      continue;
+    }
+    i++;
+  }
+  if (a.nfree == NFREE) {
+    if (hot) punch(q, off, len);   /* the address range is lost, the memory is not */
+  } else {
+    a.freel[a.nfree++] = (struct extent){off, len, hot};
+    if (hot) a.hot += len;
+  }
+  al_commit(q->shm, &a);
+}
+
+/* ---- records -------------------------------------------------------------------------- */
+
+static struct chunk_hdr *chunk_at(queue *q, uint64_t off) {
+  const struct qalloc *a = &q->shm->al;
+  if (off < HEADER_SIZE || off % PAGE || off + CHUNK_SIZE > a->fsize) return NULL;
+  struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
+  if (!h || h->magic != CHUNK_MAGIC || h->size != CHUNK_SIZE) return NULL;
+  return h;
+}
+
+/* Appends a record (under the lock, with room checked). */
+static int append(queue *q, int kind, const void *data, uint32_t len) {
+  qshm *s = q->shm;
+  struct qstate n = *st_of(s);
+  uint64_t need = REC_HDR + pad8(len);
+  if (n.tail_chunk == 0 || n.tail_pos + need > CHUNK_SIZE) {
+    uint64_t off = arena_alloc(q, CHUNK_SIZE);
+    if (!off) return Q_NOMEM;
+    struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
+    if (!h) return Q_NOMEM;
+    prefault(q, off, CHUNK_SIZE, 1);
+    *h = (struct chunk_hdr){CHUNK_SIZE, 0, CHUNK_HDR, CHUNK_MAGIC};
+    if (n.tail_chunk) {
+      struct chunk_hdr *old = chunk_at(q, n.tail_chunk);
+      if (!old) return Q_CORRUPT;
+      old->used = n.tail_pos;
+      old->next = off;
+    } else {
+      n.head_chunk = off;
+      n.head_pos = CHUNK_HDR;
+    }
+    n.tail_chunk = off;
+    n.tail_pos = CHUNK_HDR;
+  }
+  char *p = q_at(q, n.tail_chunk + n.tail_pos, need);
+  if (!p) return Q_NOMEM;
+  uint32_t rh[2] = {len, (uint32_t)kind};
+  memcpy(p, rh, REC_HDR);
+  memcpy(p + REC_HDR, data, len / 2);
+  stall_here(STALL_LOCKED_PUT);
+  memcpy(p + REC_HDR + len / 2, (const char *)data + len / 2, len - len / 2);
+  n.tail_pos += need;
+  n.count++;
+  if (q->kind == K_JOINABLE) n.unfinished++;
+  st_commit(s, &n);
+  return Q_OK;
+}
+
+static int ensure_rx(queue *q, size_t len) {
+  if (q->rx_cap >= len && q->rx) return 0;
+  size_t cap = len < 256 ? 256 : len;
+  char *p = realloc(q->rx, cap);
+  if (!p) return -1;
+  q->rx = p;
+  q->rx_cap = cap;
+  return 0;
+}
+
+/* Takes the first record (under the lock, with count > 0): an inline item is copied to
+ * q->rx. Validates everything it reads, since the memory is shared. */
+static int pop(queue *q, item *it) {
+  qshm *s = q->shm;
+  struct qstate n = *st_of(s);
+  for (;;) {
+    struct chunk_hdr *h = chunk_at(q, n.head_chunk);
+    if (!h) return Q_CORRUPT;
+    uint64_t end = n.head_chunk == n.tail_chunk ? n.tail_pos : h->used;
+    if (end > CHUNK_SIZE || n.head_pos > end) return Q_CORRUPT;
+    if (n.head_pos == end) {
+      if (n.head_chunk == n.tail_chunk) return Q_CORRUPT;   /* count said otherwise */
+      uint64_t old = n.head_chunk;
+      n.head_chunk = h->next;
+      n.head_pos = CHUNK_HDR;
+      st_commit(s, &n);
+      arena_free(q, old, CHUNK_SIZE);
+      prefault(q, n.head_chunk, CHUNK_SIZE, 0);
+      continue;
+    }
+    if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
+    const char *p = q_at(q, n.head_chunk + n.head_pos, end - n.head_pos);
+    if (!p) return Q_NOMEM;
+    uint32_t rh[2];
+    memcpy(rh, p, REC_HDR);
+    uint64_t len = rh[0];
+    if (REC_HDR + pad8(len) > end - n.head_pos) return Q_CORRUPT;
+    if (rh[1] == R_INLINE) {
+      if (len > INLINE_MAX) return Q_CORRUPT;
+      if (ensure_rx(q, len) < 0) return Q_NOMEM;
+      memcpy(q->rx, p + REC_HDR, len);
+      *it = (item){0, 0, len};
+    } else if (rh[1] == R_REF && len == 16) {
+      uint64_t ref[2];
+      memcpy(ref, p + REC_HDR, 16);
+      if (ref[0] < HEADER_SIZE || ref[0] % PAGE || ref[1] > s->al.fsize ||
+          ref[0] > s->al.fsize - pad_page(ref[1]) || ref[1] <= INLINE_MAX)
+        return Q_CORRUPT;
+      *it = (item){1, ref[0], ref[1]};
+    } else {
+      return Q_CORRUPT;
+    }
+    stall_here(STALL_LOCKED_GET);
+    n.head_pos += REC_HDR + pad8(len);
+    n.count--;
+    if (n.count == 0 && n.head_chunk == n.tail_chunk) {
+      n.head_pos = n.tail_pos = CHUNK_HDR;   /* empty: write from the start again */
+    } else if (n.head_chunk != n.tail_chunk && n.head_pos == h->used) {
+      uint64_t old = n.head_chunk;
+      n.head_chunk = h->next;
+      n.head_pos = CHUNK_HDR;
+      st_commit(s, &n);
+      arena_free(q, old, CHUNK_SIZE);
+      return Q_OK;
+    }
+    st_commit(s, &n);
+    return Q_OK;
+  }
+}
+
+/* ---- blocking -------------------------------------------------------------------------- */
+
+/* Before sleeping, spins a little (on a multi-CPU machine) while the queue is empty or
+ * full, so that a busy producer-consumer pair hands items over without system calls.
+ * The budget adapts per object: it doubles when a spin ends in success and halves when
+ * it ends in vain (the other side is not running, or the machine is busy). */
+static void spin_while(queue *q, int for_room) {
+  const qshm *s = q->shm;
+  if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
+  int i = 0;
+  /* a look every few pauses: each look pulls the state's cache line away from the
+   * process that is about to change it */
+  if (for_room)
+    while (i < q->spin && load_count(s) >= s->maxsize) i += SPIN_STRIDE, relax(SPIN_STRIDE);
+  else
+    while (i < q->spin && load_count(s) == 0) i += SPIN_STRIDE, relax(SPIN_STRIDE);
+  if (i == 0) return;
+  if (i < q->spin) q->spin = q->spin * 2 > SPIN_MAX ? SPIN_MAX : q->spin * 2;
+  else q->spin = q->spin / 2 < SPIN_MIN ? SPIN_MIN : q->spin / 2;
+}
+
+/* Waits (lock not held) for a token of class w; returns Q_OK when woken, Q_TIMEOUT when
+ * the deadline passed, Q_INTR on Ctrl-C, Q_SYS on failure. */
+static int wait_token(queue *q, int w, double deadline) {
+  struct pollfd p = {.fd = q->efd[w], .events = POLLIN};
+  int n = luamp_wait_fds(&p, 1, deadline);
+  if (n == -2) return Q_INTR;
+  if (n < 0) return Q_SYS;
+  return n == 0 ? Q_TIMEOUT : Q_OK;
+}
+
+/* The common loop of get, put and join, entered and left with the lock held.
+ * ready(q) says whether the caller can go ahead; returns Q_OK when it can. */
+static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double deadline) {
+  int registered = 0;
+  for (;;) {
+    if (q->shm->corrupt) {
+      if (registered) unregister(q, w);
+      return Q_CORRUPT;
+    }
+    if (ready(q)) {
+      if (registered) unregister(q, w);
+      return Q_OK;
+    }
+    if (!block || (deadline >= 0 && luamp_now() >= deadline)) {
+      if (registered) unregister(q, w);
+      return Q_TIMEOUT;
+    }
+    if (!registered) {
+      q->shm->waiters[w]++;
+      registered = 1;
+    }
+    q_unlock(q);
+    int rc = wait_token(q, w, deadline);
+    int err = errno;
+    if (q_lock(q) < 0) return Q_UNLOCKED;
+    if (rc == Q_INTR || rc == Q_SYS) {
+      unregister(q, w);
+      chain_wakeups(q);
+      errno = err;
+      return rc;
+    }
+    if (rc == Q_OK && take_token(q->efd[w])) registered = 0;   /* a waker counted us out */
+  }
+}
+
+static int items_ready(queue *q) { return st_of(q->shm)->count > 0; }
+static int room_ready(queue *q) { return has_room(q->shm); }
+static int join_ready(queue *q) { return st_of(q->shm)->unfinished == 0; }
+
+/* Puts a record; the lock is taken and released here. */
+static int put_record(queue *q, int kind, const void *data, uint32_t len, int block, double deadline) {
+  if (block) spin_while(q, 1);
+  if (q_lock(q) < 0) return Q_CORRUPT;
+  int rc = wait_until(q, W_PUT, room_ready, block, deadline);
+  if (rc == Q_UNLOCKED) return Q_CORRUPT;
+  if (rc == Q_OK) rc = append(q, kind, data, len);
+  if (rc == Q_CORRUPT) q->shm->corrupt = 1;
+  chain_wakeups(q);
+  q_unlock(q);
+  return rc;
+}
+
+/* Puts len bytes: inline, or copied to an extent of their own first. */
+static int put_bytes(queue *q, const char *data, size_t len, int block, double deadline) {
+  if (len <= INLINE_MAX) return put_record(q, R_INLINE, data, (uint32_t)len, block, deadline);
+  uint64_t ext = pad_page(len);
+  if (q_lock(q) < 0) return Q_CORRUPT;
+  uint64_t off = arena_alloc(q, ext);
+  q_unlock(q);
+  if (!off) return Q_NOMEM;
+  char *dst = q_at(q, off, ext);
+  int rc = Q_NOMEM;
+  if (dst) {
+    prefault(q, off, ext, 1);
+    memcpy(dst, data, len / 2);
+    stall_here(STALL_REF_COPY);
+    memcpy(dst + len / 2, data + len / 2, len - len / 2);
+    uint64_t ref[2] = {off, len};
+    rc = put_record(q, R_REF, ref, sizeof ref, block, deadline);
+  }
+  if (rc != Q_OK) {
+    if (q_lock(q) < 0) return Q_CORRUPT;
+    arena_free(q, off, ext);
+    q_unlock(q);
+  }
+  return rc;
+}
+
+static int get_item(queue *q, item *it, int block, double deadline) {
+  if (block) spin_while(q, 0);
+  if (q_lock(q) < 0) return Q_CORRUPT;
+  int rc = wait_until(q, W_GET, items_ready, block, deadline);
+  if (rc == Q_UNLOCKED) return Q_CORRUPT;
+  if (rc == Q_OK) rc = pop(q, it);
+  if (rc == Q_CORRUPT) q->shm->corrupt = 1;
+  chain_wakeups(q);
+  q_unlock(q);
+  return rc;
+}
+
+/* Frees the extent of a large item once it has been decoded. */
+static void item_done(queue *q, const item *it) {
+  if (!it->ref || q_lock(q) < 0) return;
+  arena_free(q, it->off, pad_page(it->len));
+  q_unlock(q);
+}
+
+/* ---- creation and release -------------------------------------------------------------- */
+
+static const char *const kind_mt[] = {QUEUE_MT, SIMPLE_MT, JOINABLE_MT};
+static const char *const kind_name[] = {"Queue", "SimpleQueue", "JoinableQueue"};
+
+static void queue_release(queue *q) {
+  if (q->win) munmap(q->win, q->winlen);
+  q->win = NULL;
+  q->winlen = 0;
+  if (q->shm) munmap(q->shm, HEADER_SIZE);
+  q->shm = NULL;
+  luamp_close_fd(q->memfd);
+  q->memfd = -1;
+  for (int w = 0; w < W_CLASSES; w++) {
+    luamp_close_fd(q->efd[w]);
+    q->efd[w] = -1;
+  }
+  luamp_buf_free(&q->tx);
+  free(q->rx);
+  q->rx = NULL;
+  q->rx_cap = 0;
+}
+
+static queue *new_queue_ud(lua_State *L, int kind) {
+  queue *q = lua_newuserdatauv(L, sizeof *q, 0);
+  memset(q, 0, sizeof *q);
+  q->memfd = -1;
+  for (int w = 0; w < W_CLASSES; w++) q->efd[w] = -1;
+  q->kind = kind;
+  q->spin = SPIN_MAX / 4;
+  luamp_buf_init(&q->tx);
+  luaL_setmetatable(L, kind_mt[kind]);
+  return q;
+}
+
+/* The eventfd's id from /proc/self/fdinfo (Linux 6.0+), or -1 where it is not shown. */
+static int64_t eventfd_id(int fd) {
+  char path[64], buf[512];
+  snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+  int f = open(path, O_RDONLY | O_CLOEXEC);
+  if (f < 0) return -1;
+  ssize_t n;
+  do n = read(f, buf, sizeof buf - 1); while (n < 0 && errno == EINTR);
+  luamp_close_fd(f);
+  if (n <= 0) return -1;
+  buf[n] = 0;
+  const char *p = strstr(buf, "eventfd-id:");
+  return p ? strtoll(p + 11, NULL, 10) : -1;
+}
+
+static int map_header(queue *q) {
+  void *p = mmap(NULL, HEADER_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, q->memfd, 0);
+  if (p == MAP_FAILED) return -1;
+  q->shm = p;
+  return 0;
+}
+
+static int init_shared(queue *q, uint64_t maxsize) {
+  qshm *s = q->shm;
+  pthread_mutexattr_t ma;
+  if (pthread_mutexattr_init(&ma) != 0) return -1;
+  pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+  int rc = pthread_mutex_init(&s->lock, &ma);
+  pthread_mutexattr_destroy(&ma);
+  if (rc != 0) { errno = rc; return -1; }
+  uint64_t uuid = 0;
+  if (getrandom(&uuid, sizeof uuid, GRND_NONBLOCK) != sizeof uuid)
+    uuid = (uint64_t)getpid() * 0x9e3779b97f4a7c15ULL ^ (uint64_t)(luamp_now() * 1e9);
+  s->uuid = uuid;
+  s->kind = (uint64_t)q->kind;
+  s->maxsize = maxsize;
+  s->al.top = HEADER_SIZE;
+  s->al.fsize = HEADER_SIZE;
+  for (int w = 0; w < W_CLASSES; w++) s->efd_id[w] = q->efd[w] >= 0 ? eventfd_id(q->efd[w]) : -1;
+  barrier();
+  s->magic = Q_MAGIC;
+  return 0;
+}
+
+/* _core.queue_new(kind, maxsize) where kind is "Queue", "SimpleQueue" or "JoinableQueue" */
+static int l_queue_new(lua_State *L) {
+  static const char *const kinds[] = {"Queue", "SimpleQueue", "JoinableQueue", NULL};
+  int kind = luaL_checkoption(L, 1, NULL, kinds);
+  lua_Integer maxsize = luaL_optinteger(L, 2, 0);
+  if (maxsize < 0) maxsize = 0;
+  queue *q = new_queue_ud(L, kind);
+  q->memfd = memfd_create("luamp-queue", MFD_CLOEXEC);
+  if (q->memfd < 0) luamp_raise_errno(L, "Value", "Queue: memfd_create", errno);
+  int nfd = kind == K_JOINABLE ? 3 : 2;
+  for (int w = 0; w < nfd; w++) {
+    q->efd[w] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE);
+    if (q->efd[w] < 0) luamp_raise_errno(L, "Value", "Queue: eventfd", errno);
+  }
+  if (ftruncate(q->memfd, HEADER_SIZE) < 0) luamp_raise_errno(L, "Value", "Queue: ftruncate", errno);
+  if (map_header(q) < 0) luamp_raise_errno(L, "Value", "Queue: mmap", errno);
+  if (init_shared(q, (uint64_t)maxsize) < 0) luamp_raise_errno(L, "Value", "Queue: mutex", errno);
+  return 1;
+}
+
+/* ---- Lua binding ----------------------------------------------------------------------- */
+
+/* Every function of this file has the three metatables as upvalues 1-3, which makes the
+ * type check a pointer comparison. */
+static queue *to_queue(lua_State *L, int idx) {
+  void *p = lua_touserdata(L, idx);
+  if (!p || !lua_getmetatable(L, idx)) return NULL;
+  int ok = 0;
+  for (int k = 1; k <= 3 && !ok; k++) ok = lua_rawequal(L, -1, lua_upvalueindex(k));
+  lua_pop(L, 1);
+  return ok ? p : NULL;
+}
+
+static queue *check_queue(lua_State *L, int idx) {
+  queue *q = to_queue(L, idx);
+  if (!q) luaL_typeerror(L, idx, "luamp queue");
+  if (!q->shm) luamp_raise(L, "Closed", "%s is closed", kind_name[q->kind]);
+  if (q->shm->corrupt) luamp_raise(L, "Value", "%s: shared memory is corrupt", kind_name[q->kind]);
+  return q;
+}
+
+static void raise_status(lua_State *L, queue *q, int rc, int err, const char *timeout_kind) {
+  const char *name = kind_name[q->kind];
+  switch (rc) {
+    case Q_TIMEOUT:
+      luamp_raise(L, timeout_kind, "%s is %s", name, timeout_kind[0] == 'E' ? "empty" : "full");
+    case Q_INTR: luamp_take_interrupt(); luamp_raise(L, "Interrupted", "%s: interrupted", name);
+    case Q_NOMEM: luamp_raise(L, "Value", "%s: out of memory", name);
+    case Q_CORRUPT: luamp_raise(L, "Value", "%s: shared memory is corrupt", name);
+    default: luamp_raise_errno(L, "Value", name, err);
+  }
+}
+
+/* block and timeout as in Python: block=false never waits and ignores the timeout. */
+static double block_args(lua_State *L, int idx, int *block) {
+  *block = lua_isnoneornil(L, idx) ? 1 : lua_toboolean(L, idx);
+  if (!*block) {
+    if (!lua_isnoneornil(L, idx + 1)) luamp_deadline_arg(L, idx + 1);   /* still type-checked */
+    return 0;
+  }
+  return luamp_deadline_arg(L, idx + 1);
+}
+
+static int finish_put(lua_State *L, queue *q, int rc) {
+  int err = errno;
+  if (q->tx.cap > 4 * 1024 * 1024) luamp_buf_free(&q->tx);   /* keep it for the next item */
+  if (rc != Q_OK) raise_status(L, q, rc, err, "Full");
+  return 0;
+}
+
+/* :put(v, [block], [timeout]) */
+static int l_put(lua_State *L) {
+  queue *q = check_queue(L, 1);
+  luaL_checkany(L, 2);
+  int block;
+  double deadline = block_args(L, 3, &block);
+  q->tx.len = 0;
+  if (luamp_encodex(L, 2, &q->tx, "item") < 0) return lua_error(L);
+  return finish_put(L, q, put_bytes(q, q->tx.data, q->tx.len, block, deadline));
+}
+
+static int l_put_nowait(lua_State *L) {
+  lua_settop(L, 2);
+  lua_pushboolean(L, 0);
+  return l_put(L);
+}
+
+/* :_put_raw(s, [block], [timeout]): bytes as they are, without the codec */
+static int l_put_raw(lua_State *L) {
+  queue *q = check_queue(L, 1);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  int block;
+  double deadline = block_args(L, 3, &block);
+  return finish_put(L, q, put_bytes(q, s, len, block, deadline));
+}
+
+/* Runs inside lua_pcall: pushes the item (decoded, or as a string). */
+static int push_item_protected(lua_State *L) {
+  const char *data = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tointeger(L, 2);
+  if (lua_toboolean(L, 3)) {
+    if (luamp_decode(L, data, len) < 0) return lua_error(L);
+  } else {
+    lua_pushlstring(L, data, len);
+  }
+  return 1;
+}
+
+static int do_get(lua_State *L, int block, double deadline, int decode) {
+  queue *q = check_queue(L, 1);
+  item it;
+  int rc = get_item(q, &it, block, deadline);
+  if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
+  if (!it.ref) {
+    if (!decode) {
+      lua_pushlstring(L, q->rx, (size_t)it.len);
+    } else if (luamp_decode(L, q->rx, (size_t)it.len) < 0) {
+      return lua_error(L);
+    }
+    return 1;
+  }
+  stall_here(STALL_REF_GET);
+  /* A large item is read in place; its extent must be freed whatever the decoding does. */
+  const char *data = q_at(q, it.off, it.len);
+  if (data) prefault(q, it.off, pad_page(it.len), 0);
+  if (!data) {
+    item_done(q, &it);
+    luamp_raise(L, "Value", "%s: out of address space", kind_name[q->kind]);
+  }
+  lua_pushcfunction(L, push_item_protected);
+  lua_pushlightuserdata(L, (void *)data);
+  lua_pushinteger(L, (lua_Integer)it.len);
+  lua_pushboolean(L, decode);
+  int status = lua_pcall(L, 3, 1, 0);
+  item_done(q, &it);
+  if (status != LUA_OK) return lua_error(L);
+  return 1;
+}
+
+/* :get([block], [timeout]) -> value */
+static int l_get(lua_State *L) {
+  int block;
+  double deadline = block_args(L, 2, &block);
+  return do_get(L, block, deadline, 1);
+}
+
+static int l_get_nowait(lua_State *L) { return do_get(L, 0, 0, 1); }
+
+/* :_get_raw([block], [timeout]) -> string */
+static int l_get_raw(lua_State *L) {
+  int block;
+  double deadline = block_args(L, 2, &block);
+  return do_get(L, block, deadline, 0);
+}
+
+static int l_qsize(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)load_count(check_queue(L, 1)->shm));
+  return 1;
+}
+
+static int l_empty(lua_State *L) {
+  lua_pushboolean(L, load_count(check_queue(L, 1)->shm) == 0);
+  return 1;
+}
+
+static int l_full(lua_State *L) {
+  qshm *s = check_queue(L, 1)->shm;
+  lua_pushboolean(L, s->maxsize > 0 && load_count(s) >= s->maxsize);
+  return 1;
+}
+
+/* :task_done(): Value when called more times than items were put */
+static int l_task_done(lua_State *L) {
+  queue *q = check_queue(L, 1);
+  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  qshm *s = q->shm;
+  if (st_of(s)->unfinished == 0) {
+    q_unlock(q);
+    luamp_raise(L, "Value", "task_done() called too many times");
+  }
+  struct qstate n = *st_of(s);
+  n.unfinished--;
+  st_commit(s, &n);
+  if (n.unfinished == 0) wake_all(q, W_JOIN);
+  q_unlock(q);
+  return 0;
+}
+
+/* :join([timeout]) -> true when every item put has been task_done, false on timeout */
+static int l_join(lua_State *L) {
+  queue *q = check_queue(L, 1);
+  double deadline = luamp_deadline_arg(L, 2);
+  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  int rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
+  int err = errno;
+  if (rc == Q_UNLOCKED) rc = Q_CORRUPT;
+  else q_unlock(q);
+  if (rc == Q_TIMEOUT) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (rc != Q_OK) raise_status(L, q, rc, err, "Empty");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* :_wait_begin() -> fd to poll, or nil when an item is there now. Registers this process
+ * as a getter waiting on the fd; _wait_end must follow. */
+static int l_wait_begin(lua_State *L) {
+  queue *q = check_queue(L, 1);
+  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  if (st_of(q->shm)->count > 0) {
+    q_unlock(q);
+    return 0;
+  }
+  q->shm->waiters[W_GET]++;
+  q_unlock(q);
+  lua_pushinteger(L, q->efd[W_GET]);
+  return 1;
+}
+
+/* :_wait_end() -> whether an item is there. Leaves without taking it, so any wakeup
+ * this process received is passed on. */
+static int l_wait_end(lua_State *L) {
+  queue *q = to_queue(L, 1);
+  if (!q || !q->shm) return 0;
+  if (q_lock(q) < 0) return 0;
+  if (!take_token(q->efd[W_GET])) unregister(q, W_GET);
+  int ready = st_of(q->shm)->count > 0;
+  chain_wakeups(q);
+  q_unlock(q);
+  lua_pushboolean(L, ready);
+  return 1;
+}
+
+/* :_waiters([class]) -> processes registered as waiting to "get" (default), "put" or
+ * "join"; lets tests synchronise on a process being blocked. */
+static int l_waiters(lua_State *L) {
+  static const char *const classes[] = {"get", "put", "join", NULL};
+  queue *q = check_queue(L, 1);
+  int w = luaL_checkoption(L, 2, "get", classes);
+  lua_pushinteger(L, q->shm->waiters[w]);
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  queue *q = to_queue(L, 1);
+  if (!q) luaL_typeerror(L, 1, "luamp queue");
+  queue_release(q);
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  queue *q = to_queue(L, 1);
+  const char *name = kind_name[q->kind];
+  if (!q->shm) {
+    lua_pushfstring(L, "<%s closed>", name);
+    return 1;
+  }
+  qshm *s = q->shm;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  lua_pushfstring(L, "<%s size=%I", name, (lua_Integer)load_count(s));
+  luaL_addvalue(&b);
+  if (s->maxsize) {
+    lua_pushfstring(L, " maxsize=%I", (lua_Integer)s->maxsize);
+    luaL_addvalue(&b);
+  }
+  if (q->kind == K_JOINABLE) {
+    lua_pushfstring(L, " unfinished=%I", (lua_Integer)st_of(s)->unfinished);
+    luaL_addvalue(&b);
+  }
+  luaL_addchar(&b, '>');
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* __luamp_handle: fd numbers plus the memfd's identity and the queue's uuid */
+static int l_handle(lua_State *L) {
+  queue *q = check_queue(L, 1);
+  struct stat st;
+  if (fstat(q->memfd, &st) < 0) luamp_raise_errno(L, "Serialize", kind_name[q->kind], errno);
+  lua_pushstring(L, kind_mt[q->kind]);
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, q->memfd);
+  lua_setfield(L, -2, "fd");
+  lua_createtable(L, W_CLASSES, 0);
+  for (int w = 0; w < W_CLASSES; w++) {
+    lua_pushinteger(L, q->efd[w]);
+    lua_rawseti(L, -2, w + 1);
+  }
+  lua_setfield(L, -2, "efd");
+  lua_pushinteger(L, (lua_Integer)st.st_ino);
+  lua_setfield(L, -2, "ino");
+  lua_pushinteger(L, (lua_Integer)st.st_dev);
+  lua_setfield(L, -2, "dev");
+  lua_pushinteger(L, (lua_Integer)q->shm->uuid);
+  lua_setfield(L, -2, "uuid");
+  lua_pushinteger(L, getpid());
+  lua_setfield(L, -2, "pid");
+  return 2;
+}
+
+static lua_Integer int_field(lua_State *L, int t, const char *k) {
+  lua_getfield(L, t, k);
+  int ok;
+  lua_Integer v = lua_tointegerx(L, -1, &ok);
+  lua_pop(L, 1);
+  if (!ok) luamp_raise(L, "Value", "queue handle: bad field '%s'", k);
+  return v;
+}
+
+static int dup_fd(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
+
+static void not_inherited(lua_State *L, int kind, lua_Integer pid) {
+  luamp_raise(L, "Value",
+              "cannot receive a %s from process %lld: this process did not inherit it "
+              "(create the queue before starting this process)", kind_name[kind], (long long)pid);
+}
+
+/* Rebuilds a queue from its handle: dups of the inherited fds, after checking that the
+ * memfd is the queue's and the eventfds are the ones recorded in its header. */
+static int rebuild(lua_State *L, int kind) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Integer fd = int_field(L, 1, "fd");
+  lua_Integer ino = int_field(L, 1, "ino");
+  lua_Integer dev = int_field(L, 1, "dev");
+  lua_Integer uuid = int_field(L, 1, "uuid");
+  lua_Integer pid = int_field(L, 1, "pid");
+  lua_Integer efd[W_CLASSES];
+  lua_getfield(L, 1, "efd");
+  if (!lua_istable(L, -1)) luamp_raise(L, "Value", "queue handle: bad field 'efd'");
+  for (int w = 0; w < W_CLASSES; w++) {
+    lua_rawgeti(L, -1, w + 1);
+    efd[w] = luaL_optinteger(L, -1, -1);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  struct stat st;
+  if (fd < 0 || fd > INT32_MAX || fstat((int)fd, &st) < 0 || (lua_Integer)st.st_ino != ino ||
+      (lua_Integer)st.st_dev != dev)
+    not_inherited(L, kind, pid);
+  queue *q = new_queue_ud(L, kind);
+  q->memfd = dup_fd((int)fd);
+  if (q->memfd < 0) luamp_raise_errno(L, "Value", "queue: dup", errno);
+  if (map_header(q) < 0) luamp_raise_errno(L, "Value", "queue: mmap", errno);
+  if (q->shm->magic != Q_MAGIC || (lua_Integer)q->shm->uuid != uuid || q->shm->kind != (uint64_t)kind)
+    not_inherited(L, kind, pid);
+  int nfd = kind == K_JOINABLE ? 3 : 2;
+  for (int w = 0; w < nfd; w++) {
+    if (efd[w] < 0 || efd[w] > INT32_MAX) not_inherited(L, kind, pid);
+    int64_t id = q->shm->efd_id[w];
+    if (id >= 0 && eventfd_id((int)efd[w]) != id) not_inherited(L, kind, pid);
+    q->efd[w] = dup_fd((int)efd[w]);
+    if (q->efd[w] < 0) not_inherited(L, kind, pid);
+  }
+  return 1;
+}
+
+static int l_rebuild_queue(lua_State *L) { return rebuild(L, K_QUEUE); }
+static int l_rebuild_simple(lua_State *L) { return rebuild(L, K_SIMPLE); }
+static int l_rebuild_joinable(lua_State *L) { return rebuild(L, K_JOINABLE); }
+
+static int l_stall(lua_State *L) {
+  static const char *const points[] = {"none", "locked-put", "locked-get", "ref-copy", "ref-get", NULL};
+  stall_point = luaL_checkoption(L, 1, NULL, points);
+  stall_fd = (int)luaL_optinteger(L, 2, -1);
+  return 0;
+}
+
+static int l_is_queue(lua_State *L) {
+  lua_pushboolean(L, to_queue(L, 1) != NULL);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  queue *q = to_queue(L, 1);
+  if (q) queue_release(q);
+  return 0;
+}
+
+static void push_metatables(lua_State *L) {
+  for (int k = 0; k < 3; k++) luaL_getmetatable(L, kind_mt[k]);
+}
+
+static void fill_metatable(lua_State *L, int kind, const luaL_Reg *methods) {
+  static const luaL_Reg meta[] = {
+    {"__gc", l_gc},
+    {"__close", l_gc},
+    {"__tostring", l_tostring},
+    {"__luamp_handle", l_handle},
+    {NULL, NULL}
+  };
+  static const luaL_Reg common[] = {
+    {"put", l_put},
+    {"get", l_get},
+    {"empty", l_empty},
+    {"close", l_close},
+    {"_put_raw", l_put_raw},
+    {"_get_raw", l_get_raw},
+    {"_wait_begin", l_wait_begin},
+    {"_wait_end", l_wait_end},
+    {"_waiters", l_waiters},
+    {NULL, NULL}
+  };
+  luaL_getmetatable(L, kind_mt[kind]);
+  push_metatables(L);
+  luaL_setfuncs(L, meta, 3);
+  lua_pushstring(L, kind_mt[kind]);
+  lua_setfield(L, -2, "__name");
+  lua_createtable(L, 0, 16);
+  push_metatables(L);
+  luaL_setfuncs(L, common, 3);
+  if (methods) {
+    push_metatables(L);
+    luaL_setfuncs(L, methods, 3);
+  }
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+int luamp_open_queue(lua_State *L) {
+  static const luaL_Reg queue_methods[] = {
+    {"put_nowait", l_put_nowait},
+    {"get_nowait", l_get_nowait},
+    {"qsize", l_qsize},
+    {"full", l_full},
+    {NULL, NULL}
+  };
+  static const luaL_Reg joinable_methods[] = {
+    {"put_nowait", l_put_nowait},
+    {"get_nowait", l_get_nowait},
+    {"qsize", l_qsize},
+    {"full", l_full},
+    {"task_done", l_task_done},
+    {"join", l_join},
+    {NULL, NULL}
+  };
+  for (int k = 0; k < 3; k++) {
+    luaL_newmetatable(L, kind_mt[k]);
+    lua_pop(L, 1);
+  }
+  fill_metatable(L, K_QUEUE, queue_methods);
+  fill_metatable(L, K_SIMPLE, NULL);
+  fill_metatable(L, K_JOINABLE, joinable_methods);
+  static const luaL_Reg rebuilders[] = {
+    {QUEUE_MT, l_rebuild_queue},
+    {SIMPLE_MT, l_rebuild_simple},
+    {JOINABLE_MT, l_rebuild_joinable},
+    {NULL, NULL}
+  };
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUAMP_HANDLES_KEY);
+  push_metatables(L);
+  luaL_setfuncs(L, rebuilders, 3);
+  lua_pop(L, 1);
+  static const luaL_Reg fns[] = {
+    {"queue_new", l_queue_new},
+    {"is_queue", l_is_queue},
+    {"_queue_stall", l_stall},
+    {NULL, NULL}
+  };
+  push_metatables(L);
+  luaL_setfuncs(L, fns, 3);
+  return 0;
+}

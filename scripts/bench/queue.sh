@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Queue throughput: luamp.Queue against Python's multiprocessing.Queue and a raw C
+# shared-memory ring (single producer, single consumer, spinning; the ceiling for any
+# queue between two processes here). Cases: small items (integers) and 1 KiB strings with
+# one producer and one consumer, 1 MiB strings, and 4 producers x 4 consumers; small items
+# once more with both processes pinned to one CPU (taskset), which shows the cost of the
+# handover itself without cross-CPU cache traffic, the factor that varies most from one
+# run to the next on a shared machine. Best of
+# ROUNDS (default 3) alternating runs; prints items/s (MB/s for 1 MiB) and the ratios.
+# Usage: scripts/bench/queue.sh [small-items]   (build first: scripts/build.sh)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=${LUAMP_BUILD:-build}
+n=${1:-200000}
+rounds=${ROUNDS:-3}
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+cat > "$tmp/ring.c" <<'C'
+/* SPSC ring in a MAP_SHARED mapping: head and tail counters, fixed-size slots. */
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+struct ring { _Alignas(64) unsigned long head; _Alignas(64) unsigned long tail; };
+int main(int argc, char **argv) {
+  long n = atol(argv[1]);
+  size_t item = (size_t)atol(argv[2]), slots = item >= 4096 ? 8 : 65536;
+  struct ring *r = mmap(NULL, sizeof *r + slots * item, PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  char *data = (char *)(r + 1), *buf = malloc(item);
+  memset(buf, 'x', item);
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  pid_t p = fork();
+  if (p == 0) {
+    for (long i = 0; i < n; i++) {
+      while (i - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) >= (long)slots) sched_yield();
+      memcpy(data + (i % slots) * item, buf, item);
+      __atomic_store_n(&r->head, i + 1, __ATOMIC_RELEASE);
+    }
+    _exit(0);
+  }
+  char *out = malloc(item);
+  for (long i = 0; i < n; i++) {
+    while (__atomic_load_n(&r->head, __ATOMIC_ACQUIRE) <= (unsigned long)i) sched_yield();
+    memcpy(out, data + (i % slots) * item, item);
+    __atomic_store_n(&r->tail, i + 1, __ATOMIC_RELEASE);
+  }
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  waitpid(p, NULL, 0);
+  printf("%.0f\n", n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9));
+  return out[0] != 'x';
+}
+C
+cc -O2 -o "$tmp/ring" "$tmp/ring.c"
+
+cat > "$tmp/q.lua" <<'L'
+local luamp = require "luamp"
+local case, n = arg[1], tonumber(arg[2])
+local q = luamp.Queue()
+local item = case == "small" and 12345 or case == "1k" and string.rep("x", 1024)
+          or string.rep("x", 1 << 20)
+local t0 = luamp.time()
+if case == "mpmc" then
+  local ps, cs = {}, {}
+  for k = 1, 4 do
+    ps[k] = luamp.Process{target = function() for i = 1, n // 4 do q:put(i) end end}
+    cs[k] = luamp.Process{target = function() while q:get() do end end}
+    ps[k]:start(); cs[k]:start()
+  end
+  for k = 1, 4 do ps[k]:join() end
+  for k = 1, 4 do q:put(false) end
+  for k = 1, 4 do cs[k]:join() end
+else
+  local p = luamp.Process{target = function() for _ = 1, n do q:put(item) end end}
+  p:start()
+  for _ = 1, n do q:get() end
+  p:join()
+end
+print(string.format("%.0f", n / (luamp.time() - t0)))
+L
+
+cat > "$tmp/q.py" <<'P'
+import multiprocessing as mp, sys, time
+def produce(q, n, item):
+    for _ in range(n): q.put(item)
+def produce_ints(q, n):
+    for i in range(n): q.put(i)
+def consume(q):
+    while q.get() is not None: pass
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    case, n = sys.argv[1], int(sys.argv[2])
+    q = mp.Queue()
+    item = 12345 if case == "small" else b"x" * 1024 if case == "1k" else b"x" * (1 << 20)
+    t0 = time.monotonic()
+    if case == "mpmc":
+        ps = [mp.Process(target=produce_ints, args=(q, n // 4)) for _ in range(4)]
+        cs = [mp.Process(target=consume, args=(q,)) for _ in range(4)]
+        for p in ps + cs: p.start()
+        for p in ps: p.join()
+        for _ in cs: q.put(None)
+        for c in cs: c.join()
+    else:
+        p = mp.Process(target=produce, args=(q, n, item)); p.start()
+        for _ in range(n): q.get()
+        p.join()
+    print("%.0f" % (n / (time.monotonic() - t0)))
+P
+
+max() { { grep . || true; } | sort -g | tail -1; }
+declare -A best
+cases=(small 1k 1m mpmc)
+declare -A count=([small]=$n [1k]=$((n / 2)) [1m]=$((n / 200 > 200 ? n / 200 : 200)) [mpmc]=$n)
+# Python is slower: fewer items keep its runs short (rates are per second either way)
+declare -A pcount=([small]=$((n / 4)) [1k]=$((n / 4)) [1m]=$((n / 1000 > 50 ? n / 1000 : 50)) [mpmc]=$((n / 2)))
+for ((r = 0; r < rounds; r++)); do
+  for c in "${cases[@]}"; do
+    best[l$c]+=$("$build/luamp" "$tmp/q.lua" "$c" "${count[$c]}")$'\n'
+    best[p$c]+=$(python3 "$tmp/q.py" "$c" "${pcount[$c]}")$'\n'
+  done
+  best[lpinned]+=$(taskset -c 0 "$build/luamp" "$tmp/q.lua" small "$n")$'\n'
+  best[ppinned]+=$(taskset -c 0 python3 "$tmp/q.py" small "$((n / 4))")$'\n'
+  best[cpinned]+=$(taskset -c 0 "$tmp/ring" "$((n * 10))" 8)$'\n'
+  best[csmall]+=$("$tmp/ring" "$((n * 10))" 8)$'\n'
+  best[c1k]+=$("$tmp/ring" "$n" 1024)$'\n'
+  best[c1m]+=$("$tmp/ring" 2000 $((1 << 20)))$'\n'
+done
+echo "Queue throughput (items/s; 1 MiB items also in MB/s), best of $rounds runs"
+printf "  %-24s %14s %14s %14s %10s %10s\n" case luamp python raw_C_ring py/luamp luamp/C
+for c in "${cases[@]}" pinned; do
+  l=$(max <<<"${best[l$c]}"); p=$(max <<<"${best[p$c]}"); k=$(max <<<"${best[c$c]:-}")
+  awk -v c="$c" -v l="$l" -v p="$p" -v k="${k:-0}" 'BEGIN {
+    names["small"] = "small items, 1P1C"; names["1k"] = "1 KiB items, 1P1C"
+    names["1m"] = "1 MiB items, 1P1C"; names["mpmc"] = "small items, 4P x 4C"
+    names["pinned"] = "small, 1P1C, one CPU"
+    printf "  %-24s %14.0f %14.0f %14s %9.1fx %10s\n", names[c], l, p,
+      (k > 0 ? sprintf("%.0f", k) : "-"), l / p, (k > 0 ? sprintf("%.3f", l / k) : "-")
+    if (c == "1m") printf "  %-24s %14.0f %14.0f %14.0f   (MB/s)\n", "", l * 1.048576, p * 1.048576, k * 1.048576 }'
+done
+echo "  goals: small items 1P1C py/luamp >= 20x; 1 MiB items py/luamp >= 10x"
