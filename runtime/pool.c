@@ -2,7 +2,9 @@
  * pool.c — the few system calls the Pool (lua/luamp/pool.lua) needs that no other
  * concept owns: whether stderr is a terminal (the progress line is drawn only then) and
  * the worker's signal setup (workers ignore SIGINT: Ctrl-C reaches the whole foreground
- * process group, and only the parent should act on it — it terminates the pool).
+ * process group, and only the parent should act on it — it terminates the pool) — plus
+ * two table helpers for the hot path: Lua cannot make a table of a known size, and
+ * growing a table of a million results one doubling at a time costs more than the work.
  */
 #include <signal.h>
 #include <unistd.h>
@@ -27,10 +29,34 @@ static int l_worker_signals(lua_State *L) {
   return 0;
 }
 
+/* table_new(narr) -> a table with room for narr array items */
+static int l_table_new(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  if (n < 0 || n > (1 << 26)) n = 0;   /* a hint only: beyond this, let it grow */
+  lua_createtable(L, (int)n, 1);
+  return 1;
+}
+
+/* table_slice(t, i, j) -> {t[i], ..., t[j]} (holes kept as holes), sized up front */
+static int l_table_slice(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3);
+  if (i < 1 || j < i - 1 || j - i >= INT32_MAX) luamp_raise(L, "Value", "table_slice: bad range");
+  lua_Integer n = j - i + 1;
+  lua_createtable(L, n > (1 << 26) ? 0 : (int)n, 0);
+  for (lua_Integer k = i; k <= j; k++) {
+    lua_geti(L, 1, k);
+    lua_rawseti(L, -2, k - i + 1);
+  }
+  return 1;
+}
+
 int luamp_open_pool(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"isatty", l_isatty},
     {"worker_signals", l_worker_signals},
+    {"table_new", l_table_new},
+    {"table_slice", l_table_slice},
     {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
