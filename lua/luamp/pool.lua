@@ -46,6 +46,8 @@ local FN_CACHE = 64             -- functions a worker keeps
 local MAX_AHEAD = 32            -- chunks one worker may hold
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
+local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
+local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
 local TERM_GRACE = 1.0          -- seconds between SIGTERM and SIGKILL in terminate
 local NIL = setmetatable({}, {__name = "luamp.pool.nil"})   -- a nil result in a buffer
 
@@ -164,8 +166,14 @@ local function worker_loop(conn, maxtasks)
     end
     for i = 3, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
+      local abytes = msg[i + 5]
+      if not abytes then
+        local okr, data = pcall(conn.recv_bytes, conn)
+        if not okr then return 0 end
+        abytes = data
+      end
       local t0 = now()
-      local okc, res = xpcall(exec_chunk, remote_payload, fns[fid], mode, n, msg[i + 5])
+      local okc, res = xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
       local dt = now() - t0
       io.stdout:flush()
       local oke, out = pcall(dumps, {jobid, k, okc, dt, res})
@@ -183,7 +191,7 @@ end
 
 -- Entry of a worker process (runs in the child after fork).
 local function worker_main(st, parent_end, conn)
-  core.worker_signals()
+  core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
   for _, w in ipairs(st.workers) do pcall(w.conn.close, w.conn) end
@@ -234,7 +242,7 @@ end
 
 -- ---- parent side: jobs ---------------------------------------------------------------
 
-local queue_callback, dispatch, spawn, terminate, service_fd
+local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended
 
 local function job_finish(st, job, ok, value)
   if job.ready then return end
@@ -326,7 +334,13 @@ local function produce(st, job)
     local last = math.min(job.len, first + job.chunksize - 1)
     n = last - first + 1
     if n <= 0 then job.exhausted = true; return nil end
-    args = core.table_slice(job.list, first, last)
+    if n >= SCRATCH_MIN then
+      -- one table per job, refilled: a fresh one per chunk would fault in new pages
+      args = core.table_slice(job.list, first, last, job.scratch, job.scratch_n)
+      job.scratch, job.scratch_n = args, n
+    else
+      args = core.table_slice(job.list, first, last)
+    end
     if last >= job.len then job.exhausted = true end
   else
     args, n = {}, 0
@@ -427,8 +441,9 @@ local function remove_worker(st, w)
     if x == w then table.remove(st.workers, i); break end
   end
   unregister(st, w)
-  pcall(w.conn.close, w.conn)
   w.dead = true
+  pcall(w.conn.close, w.conn)
+  pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
 -- How many chunks of job may be sent to w now. An idle worker always takes one; more
@@ -472,6 +487,7 @@ local function queue_pop(w)
   if dq_len(w.inflight) == 0 then w.queued_est = 0 end   -- no drift from float sums
   w.busy_since = now()
   w.ahead_bytes = w.ahead_bytes - (c.ahead or 0)
+  c.bytes = nil    -- kept until answered: a chunk of a worker that died is sent again
   return c
 end
 
@@ -510,7 +526,7 @@ local function send_chunks(st, w, chunks)
     defs = remember_fn(w, fe, defs)
     local m = #msg
     msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
-      c.job.id, c.k, fe.id, c.job.mode, c.n, c.bytes
+      c.job.id, c.k, fe.id, c.job.mode, c.n, #c.bytes <= INLINE_MAX and c.bytes
     bytes_total = bytes_total + #c.bytes
   end
   msg[1] = defs or false
@@ -524,7 +540,13 @@ local function send_chunks(st, w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
-  local ok, err = pcall(w.conn.send_bytes, w.conn, data)
+  local ok, err = pcall(function()
+    local conn = w.conn
+    conn:send_bytes(data)
+    for _, c in ipairs(chunks) do
+      if #c.bytes > INLINE_MAX then conn:send_bytes(c.bytes) end
+    end
+  end)
   w.sending = false
   if not ok then
     if is_error(err, "Interrupted") then error(err, 0) end
@@ -625,15 +647,17 @@ end
 local function drain_messages(st, w)
   local got = {}
   local conn = w.conn
-  while true do
+  while not w.dead do
     local okp, ready = pcall(conn.poll, conn)
     if not okp or not ready then break end
     local ok, data = pcall(conn.recv_bytes, conn)
     if not ok then
       if is_error(data, "Interrupted") then error(data, 0) end
-      w.eof = true
-      st.fds_dirty = true
-      core.pump_remove(w.cfd)
+      if not w.dead then
+        w.eof = true
+        st.fds_dirty = true
+        core.pump_remove(w.cfd)
+      end
       break
     end
     if not w.init_seen then
@@ -666,6 +690,13 @@ local function drain(st, w)
   local ok, err = pcall(drain_messages, st, w)
   w.reading = false
   if not ok then error(err, 0) end
+  local code = w.ended_code
+  if code ~= nil then
+    -- it ended while we were reading: now that all it sent is in, settle its account
+    w.ended_code = nil
+    worker_ended(st, w, code)
+    return
+  end
   if w.garbled and not w.killed then
     -- a worker that breaks the protocol cannot be trusted with more work
     w.killed = true
@@ -681,7 +712,8 @@ local function repopulate(st)
 end
 
 -- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
-local function worker_ended(st, w, code)
+function worker_ended(st, w, code)
+  if w.dead then return end
   drain(st, w)
   remove_worker(st, w)
   local c = dq_pop(w.inflight)
@@ -713,7 +745,9 @@ end
 local function check_ended(st, w)
   if w.dead then return end
   local ok, code = pcall(w.handle.poll, w.handle)
-  if ok and code ~= nil then worker_ended(st, w, code) end
+  if not ok or code == nil then return end
+  if w.reading then w.ended_code = code; return end
+  worker_ended(st, w, code)
 end
 
 local function send_stops(st)
