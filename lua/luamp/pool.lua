@@ -178,9 +178,12 @@ local function worker_loop(conn, maxtasks)
       io.stdout:flush()
       local oke, out = pcall(dumps, {jobid, k, okc, dt, res})
       if not oke then
-        local why = okc and "result could not be sent: " or "error could not be sent whole: "
-        local e = out
-        out = dumps({jobid, k, false, dt, {why .. tostring(e), okc and "" or res[2], e}})
+        if okc then
+          out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
+        else
+          -- the error value cannot cross: its string stands in for it
+          out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+        end
       end
       if not pcall(conn.send_bytes, conn, out) then return 0 end
       done = done + 1
