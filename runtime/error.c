@@ -37,22 +37,24 @@ static void push_error_table(lua_State *L, const char *kind, const char *msg) {
   luaL_setmetatable(L, ERROR_MT);
 }
 
-void luamp_error_push(lua_State *L, const char *kind, const char *fmt, ...) {
+static void push_errorv(lua_State *L, const char *kind, const char *fmt, va_list ap) {
   char msg[512];
-  va_list ap;
-  va_start(ap, fmt);
   vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
   push_error_table(L, kind, msg);
 }
 
-int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
-  char msg[512];
+void luamp_error_push(lua_State *L, const char *kind, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
+  push_errorv(L, kind, fmt, ap);
   va_end(ap);
-  push_error_table(L, kind, msg);
+}
+
+int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  push_errorv(L, kind, fmt, ap);
+  va_end(ap);
   lua_error(L);
   __builtin_unreachable();
 }

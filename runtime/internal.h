@@ -54,9 +54,8 @@ double luamp_deadline_arg(lua_State *L, int idx);
  * (SIGINT seen by the host) is pending it returns -2. Returns the number of ready fds
  * (revents set), 0 on timeout, -1 with errno on failure. */
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
-/* Async-signal-safe: marks a Ctrl-C for the next (or current) wait to report. The host's
- * SIGINT handler calls it; the library itself installs no signal handler. */
-void luamp_request_interrupt(void);
+/* luamp_request_interrupt (luamp.h) marks a Ctrl-C for the next (or current) wait to
+ * report; the library installs no signal handler of its own (see interrupt.c). */
 /* Returns and clears the pending-interrupt mark. */
 int luamp_take_interrupt(void);
 /* Background pumps (fd + Lua function, registered with _core.pump_add) are serviced by
@@ -81,12 +80,23 @@ int luamp_buf_reserve(luamp_buf *b, size_t extra);   /* 0 ok, -1 ENOMEM */
 void luamp_buf_free(luamp_buf *b);
 
 /* Encodes the value at idx, appending to b. On failure returns -1 and pushes an error
- * object (Serialize, naming the path to the offending value); b's contents are then
- * unspecified but it is still freeable. Returns 0 on success, pushing nothing. */
-int luamp_encode(lua_State *L, int idx, luamp_buf *b);
+ * object (Serialize, naming the path to the offending value from `root`, e.g.
+ * "args[2].handler: cannot send a coroutine"; root NULL means "value"); b's contents are
+ * then unspecified but it is still freeable. Returns 0 on success, pushing nothing.
+ * Never raises: Lua errors met on the way (a failing handle hook, out of memory) come
+ * back as the error object. */
+int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root);
+int luamp_encode(lua_State *L, int idx, luamp_buf *b);     /* root "value" */
+
 /* Decodes len bytes; on success pushes the value and returns 0; on malformed input
- * pushes a Serialize error object and returns -1. Never reads past len. */
-int luamp_decode(lua_State *L, const char *data, size_t len);
+ * pushes a Serialize error object and returns -1. Never reads past len, never raises.
+ * Trusted input may carry Lua bytecode, which Lua does not verify: data from a peer
+ * that has not authenticated must be decoded with LUAMP_DECODE_UNTRUSTED, which refuses
+ * every function (without loading it) and looks named values up only among the modules
+ * already loaded (no require). */
+#define LUAMP_DECODE_UNTRUSTED 1
+int luamp_decodex(lua_State *L, const char *data, size_t len, int flags);
+int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
 
 /* Handles: a luamp object (userdata or table) crosses the codec by reference when its
  * metatable has a field __luamp_handle = function(obj) -> type_name, payload. The payload
@@ -104,6 +114,8 @@ int luamp_decode(lua_State *L, const char *data, size_t len);
 #define LUAMP_FORK_WORKER 2   /* a pool worker: dies with its parent and is terminated at
                                * the end like a daemon, but may start children (nested pools) */
 pid_t luamp_fork(int daemon);
+/* This process's pid (cached; correct after any fork). */
+pid_t luamp_self_pid(void);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */

@@ -26,7 +26,22 @@ void luamp_set_loop(struct uv_loop_s *loop);
 void luamp_set_executable(const char *path);
 
 /* Runs the interactive read-eval-print loop on L (which must have luamp opened) until
- * end of input. Returns 0 on a normal end. */
+ * end of input. Returns 0 on a normal end. While a statement runs, Ctrl-C interrupts it
+ * (as luamp_pcall_interruptible); at the prompt, Ctrl-C discards the line being typed.
+ * On a terminal it edits lines with libedit and keeps history in $LUAMP_HISTORY, else
+ * ~/.luamp_history (LUAMP_HISTORY="" keeps none); otherwise it reads plain lines and
+ * prints no prompts. */
 int luamp_repl(lua_State *L);
+
+/* lua_pcall during which Ctrl-C (SIGINT) stops the call with a luamp.Interrupted error,
+ * whether the code is running Lua or blocked in a luamp wait (sleep, join, get...). The
+ * SIGINT handler exists only for the duration of the call and the previous one is put
+ * back after; a SIGINT disposition of SIG_IGN is left alone. Lua code running in another
+ * coroutine than L is stopped only when it next waits (as in lua.c). */
+int luamp_pcall_interruptible(lua_State *L, int nargs, int nresults, int msgh);
+
+/* Async-signal-safe: for hosts with their own SIGINT handler. Makes the current (or the
+ * next) luamp wait end with a luamp.Interrupted error. */
+void luamp_request_interrupt(void);
 
 #endif

@@ -16,6 +16,7 @@
  * handle inherited by a forked child belongs to another process: there it only frees
  * its copy and never kills or reaps anything.
  */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,23 @@ static int in_daemon;
 static pid_t parent_at_fork;    /* who forked this process, 0 in the first process */
 
 int luamp_is_daemon(void) { return in_daemon; }
+
+/* getpid() is a real system call and ownership checks are on hot paths (every join,
+ * every subprocess read), so the pid is cached; any fork, luamp's or anyone's, clears
+ * the cache in the child through pthread_atfork. */
+static pid_t cached_pid;
+
+static void forget_pid(void) { cached_pid = 0; }
+
+pid_t luamp_self_pid(void) {
+  static int atfork_registered;
+  if (!atfork_registered) {
+    pthread_atfork(NULL, NULL, forget_pid);
+    atfork_registered = 1;
+  }
+  if (!cached_pid) cached_pid = getpid();
+  return cached_pid;
+}
 
 static void list_remove(child *c) {
   if (c->prev) c->prev->next = c->next;
@@ -91,7 +109,7 @@ static int child_reap(child *c, int block) {
 }
 
 void luamp_children_finish(void) {
-  pid_t me = getpid();
+  pid_t me = luamp_self_pid();
   for (child *c = live_children; c; c = c->next)
     if (c->owner == me && c->daemon) kill(c->pid, SIGTERM);
   while (live_children) {
@@ -119,7 +137,7 @@ static void reset_after_fork(int daemon, pid_t parent) {
 
 pid_t luamp_fork(int daemon) {
   sigset_t all, old;
-  pid_t parent = getpid();
+  pid_t parent = luamp_self_pid();
   fflush(NULL);
   sigfillset(&all);
   sigprocmask(SIG_BLOCK, &all, &old);
@@ -156,7 +174,7 @@ static child *check_child(lua_State *L) {
 
 static child *check_own_child(lua_State *L) {
   child *c = check_child(L);
-  if (c->owner != getpid()) luamp_raise(L, "Value", "can only wait for or signal a child of this process");
+  if (c->owner != luamp_self_pid()) luamp_raise(L, "Value", "can only wait for or signal a child of this process");
   return c;
 }
 
@@ -209,7 +227,7 @@ static int l_fork(lua_State *L) {
     child_exit(code);
   }
   c->pid = pid;
-  c->owner = getpid();
+  c->owner = luamp_self_pid();
   c->daemon = daemon;
   c->has_handle = 1;
   c->pidfd = pidfd_open_cloexec(pid);
@@ -275,7 +293,7 @@ static void child_release(child_ud *u) {
   child *c = u->c;
   if (!c) return;
   u->c = NULL;
-  if (c->owner != getpid()) { child_free(c); return; }   /* our copy of a parent's record */
+  if (c->owner != luamp_self_pid()) { child_free(c); return; }   /* our copy of a parent's record */
   c->has_handle = 0;
   if (c->reaped) child_free(c);   /* else luamp_children_finish frees it */
 }
@@ -283,7 +301,7 @@ static void child_release(child_ud *u) {
 /* :close(): running -> Value; idempotent */
 static int l_child_close(lua_State *L) {
   child_ud *u = luaL_checkudata(L, 1, CHILD_MT);
-  if (u->c && u->c->owner == getpid() && !child_reap(u->c, 0))
+  if (u->c && u->c->owner == luamp_self_pid() && !child_reap(u->c, 0))
     luamp_raise(L, "Value", "cannot close a process while it is still running");
   child_release(u);
   return 0;
@@ -301,7 +319,7 @@ static int l_child_tostring(lua_State *L) {
   return 1;
 }
 
-static int l_getpid(lua_State *L) { lua_pushinteger(L, getpid()); return 1; }
+static int l_getpid(lua_State *L) { lua_pushinteger(L, luamp_self_pid()); return 1; }
 static int l_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
 static int l_is_daemon(lua_State *L) { lua_pushboolean(L, in_daemon); return 1; }
 

@@ -1,6 +1,437 @@
-/* repl.c — placeholder until the REPL lands. */
+/*
+ * repl.c — the interactive read-eval-print loop (luamp_repl, in luamp.h).
+ *
+ * Each turn reads a statement, runs it and prints what it returned:
+ *  - a line is first tried as an expression (`return <line>;`, so `1+1` prints 2), then
+ *    as a statement; while the parser's complaint ends in "<eof>" the statement is
+ *    incomplete and the next line is appended (prompt `>>`), as lua.c does;
+ *  - it runs through luamp_pcall_interruptible, so Ctrl-C stops it and the loop goes on;
+ *  - results are printed by luamp.pprint (lua/luamp/pretty.lua), tab-separated, or by
+ *    the global print when luamp is not loaded.
+ * On a terminal lines come from libedit (readline interface) with a history file. With
+ * anything else on stdin, lines are read plainly and no prompts are printed, so that
+ * `printf '1+1\n' | luamp -i` prints just the results.
+ *
+ * At the prompt Ctrl-C discards what was typed. While reading, a SIGINT handler that
+ * only sets a flag is installed (and the previous disposition put back after), and the
+ * wait for a key (read_key) ends when the flag is set, instead of the signal killing the
+ * program. libedit's own signal handling is off (it would re-send the signal to the
+ * whole process group, children included). Input is decoded per LC_CTYPE, so the
+ * environment's locale is in force while libedit works (and only then: Lua code runs in
+ * the "C" locale, as under lua5.4).
+ */
+#include <limits.h>
+#include <locale.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <wchar.h>
+
+#include <editline/readline.h>
+
 #include "internal.h"
 
-int luamp_repl(lua_State *L) { (void)L; fputs("luamp: no REPL in this build\n", stderr); return 1; }
-int luamp_open_repl(lua_State *L) { (void)L; return 0; }
+#define REPL_HISTORY_LINES 1000
+#define EOF_MARK "<eof>"
+
+enum { READ_OK, READ_EOF, READ_INTERRUPTED };
+
+typedef struct repl {
+  int tty;                  /* stdin is a terminal: libedit, prompts, history */
+  char *history;            /* history file, or NULL for none */
+  char *line;               /* the line read, until it is a Lua string */
+  int printer;              /* stack index of the function printing results */
+} repl;
+
+/* ---- reading lines -------------------------------------------------------------------- */
+
+static volatile sig_atomic_t prompt_interrupted;
+
+static void on_prompt_sigint(int sig) {
+  (void)sig;
+  prompt_interrupted = 1;
+}
+
+/* While reading, Ctrl-C only sets a flag, which ends the wait for input. */
+static int catch_prompt_sigint(struct sigaction *old) {
+  if (sigaction(SIGINT, NULL, old) < 0 || old->sa_handler == SIG_IGN) return 0;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_prompt_sigint;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(SIGINT, &sa, NULL) == 0;
+}
+
+static const char *prompt_of(lua_State *L, int continuation) {
+  const char *p = continuation ? ">> " : "> ";
+  /* only a string: one held by a global outlives the pop (a converted number would not) */
+  if (lua_getglobal(L, continuation ? "_PROMPT2" : "_PROMPT") == LUA_TSTRING)
+    p = lua_tostring(L, -1);
+  lua_pop(L, 1);
+  return p;
+}
+
+/* libedit decodes and echoes input per LC_CTYPE (and decides at initialisation whether
+ * the charset is UTF-8): the environment's locale is in force while it works. Returns
+ * the locale to put back. */
+static char *enter_user_locale(void) {
+  const char *cur = setlocale(LC_CTYPE, NULL);
+  char *saved = cur ? strdup(cur) : NULL;
+  setlocale(LC_CTYPE, "");
+  return saved;
+}
+
+static void leave_user_locale(char *saved) {
+  if (!saved) return;
+  setlocale(LC_CTYPE, saved);
+  free(saved);
+}
+
+/* Decodes the n bytes read so far: 1 with *wc once they make a character; else 0 and
+ * *n is how many to keep (bytes of an invalid sequence are dropped, as libedit does,
+ * but its last byte may start the next character). */
+static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
+  for (;;) {
+    mbstate_t state;
+    memset(&state, 0, sizeof state);
+    size_t used = mbrtowc(wc, bytes, *n, &state);
+    if (used == (size_t)-2 && *n < MB_LEN_MAX) return 0;       /* more bytes to come */
+    if (used == (size_t)-1 && *n > 1) {
+      bytes[0] = bytes[*n - 1];
+      *n = 1;
+      continue;
+    }
+    if (used == (size_t)-1 || used == (size_t)-2) {
+      *n = 0;
+      return 0;
+    }
+    *n = 0;
+    return 1;
+  }
+}
+
+/* libedit reads keys through this (rl_getc_function). SIGINT stays blocked except inside
+ * ppoll, so a Ctrl-C is seen whether it comes before the wait or during it (with a
+ * plain read() one landing just before would go unnoticed until the next key). Returns
+ * a character decoded per LC_CTYPE, or EOF at end of input or on Ctrl-C. */
+static int read_key(FILE *in) {
+  int fd = fileno(in);
+  char bytes[MB_LEN_MAX];
+  size_t n = 0;
+  sigset_t sigint, outside, inside;
+  sigemptyset(&sigint);
+  sigaddset(&sigint, SIGINT);
+  for (;;) {
+    sigprocmask(SIG_BLOCK, &sigint, &outside);
+    inside = outside;
+    sigdelset(&inside, SIGINT);
+    int ready = 0;
+    if (!prompt_interrupted) {
+      struct pollfd pfd = {.fd = fd, .events = POLLIN};
+      ready = ppoll(&pfd, 1, NULL, &inside);
+    }
+    int err = errno;
+    sigprocmask(SIG_SETMASK, &outside, NULL);
+    if (prompt_interrupted) return EOF;
+    if (ready < 0) {
+      if (err == EINTR) continue;
+      return EOF;
+    }
+    ssize_t got = read(fd, bytes + n, 1);
+    if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (got <= 0) return EOF;
+    n++;
+    wchar_t wc;
+    if (decode_key(bytes, &n, &wc)) return (int)wc;
+  }
+}
+
+static char *edit_line(const char *prompt) {
+  char *saved = enter_user_locale();
+  char *line = readline(prompt);
+  int err = errno;
+  leave_user_locale(saved);
+  errno = err;
+  return line;
+}
+
+static char *plain_line(void) {
+  char *line = NULL;
+  size_t cap = 0;
+  ssize_t n = getline(&line, &cap, stdin);
+  if (n < 0) {
+    int err = errno;
+    free(line);
+    clearerr(stdin);        /* an EINTR must not look like end of input next time */
+    errno = err;
+    return NULL;
+  }
+  if (n > 0 && line[n - 1] == '\n') line[--n] = '\0';
+  if (n > 0 && line[n - 1] == '\r') line[--n] = '\0';
+  return line;
+}
+
+/* Reads one line and pushes it (READ_OK), or pushes nothing (READ_EOF, READ_INTERRUPTED). */
+static int read_line(lua_State *L, repl *r, int continuation) {
+  const char *prompt = prompt_of(L, continuation);
+  struct sigaction old;
+  prompt_interrupted = 0;
+  int installed = catch_prompt_sigint(&old);
+  fflush(stdout);
+  r->line = r->tty ? edit_line(prompt) : plain_line();
+  if (installed) sigaction(SIGINT, &old, NULL);
+  if (!r->line) {
+    if (!prompt_interrupted) return READ_EOF;
+    if (r->tty) fputc('\n', rl_outstream);
+    return READ_INTERRUPTED;
+  }
+  lua_pushstring(L, r->line);
+  free(r->line);
+  r->line = NULL;
+  return READ_OK;
+}
+
+/* ---- history ------------------------------------------------------------------------ */
+
+static char *history_path(void) {
+  const char *env = getenv("LUAMP_HISTORY");
+  if (env) return env[0] ? strdup(env) : NULL;
+  const char *home = getenv("HOME");
+  if (!home || !home[0]) return NULL;
+  size_t n = strlen(home) + sizeof "/.luamp_history";
+  char *p = malloc(n);
+  if (p) snprintf(p, n, "%s/.luamp_history", home);
+  return p;
+}
+
+static void history_begin(repl *r) {
+  r->history = history_path();
+  using_history();
+  stifle_history(REPL_HISTORY_LINES);
+  if (r->history) read_history(r->history);      /* a missing file is a first session */
+}
+
+/* Saved after every entry so that a session ended by os.exit() or a crash keeps it; an
+ * unwritable file (read-only HOME) just means no saved history. */
+static void history_add(repl *r, const char *entry) {
+  if (!r->tty || !entry[0]) return;
+  add_history(entry);
+  if (r->history) write_history(r->history);
+}
+
+/* ---- compiling a statement ------------------------------------------------------------ */
+
+/* A syntax error at the end of the input: more lines may complete the statement. */
+static int incomplete(lua_State *L, int status) {
+  if (status != LUA_ERRSYNTAX) return 0;
+  size_t len;
+  const char *msg = lua_tolstring(L, -1, &len);
+  size_t mark = sizeof EOF_MARK - 1;
+  return msg && len >= mark && strcmp(msg + len - mark, EOF_MARK) == 0;
+}
+
+/* Whether the chunk on top reads as the start of an expression: `1 +` or `{1,` are not
+ * statements at all, yet more lines can complete them as expressions. */
+static int incomplete_expression(lua_State *L) {
+  const char *ret = lua_pushfstring(L, "return %s", lua_tostring(L, -1));
+  int status = luaL_loadbuffer(L, ret, strlen(ret), "=stdin");
+  int more = incomplete(L, status);
+  lua_pop(L, 2);
+  return more;
+}
+
+/* With the line on top: replaces it by the compiled `return <line>;` if that compiles. */
+static int try_expression(lua_State *L, repl *r) {
+  const char *line = lua_tostring(L, -1);
+  const char *ret = lua_pushfstring(L, "return %s;", line);
+  int status = luaL_loadbuffer(L, ret, strlen(ret), "=stdin");
+  if (status == LUA_OK) {
+    history_add(r, line);
+    lua_replace(L, -3);           /* the function takes the line's place */
+    lua_pop(L, 1);
+  } else {
+    lua_pop(L, 2);                /* the error and the `return` text */
+  }
+  return status;
+}
+
+/* With the line on top: compiles it as a statement, reading more lines while it is
+ * incomplete. Leaves the function or the error message in the line's place. Each
+ * longer chunk is tried as an expression first, so that one spread over lines prints. */
+static int read_statement(lua_State *L, repl *r, int *ended) {
+  for (int first = 1;; first = 0) {
+    if (!first && try_expression(L, r) == LUA_OK) return LUA_OK;
+    size_t len;
+    const char *chunk = lua_tolstring(L, -1, &len);
+    int status = luaL_loadbuffer(L, chunk, len, "=stdin");
+    int more = incomplete(L, status);
+    if (!more && status == LUA_ERRSYNTAX) {
+      lua_pushvalue(L, -2);
+      more = incomplete_expression(L);
+      lua_pop(L, 1);
+    }
+    if (!more) {
+      history_add(r, chunk);
+      lua_remove(L, -2);
+      return status;
+    }
+    int rd = read_line(L, r, 1);
+    if (rd != READ_OK) {
+      if (rd == READ_INTERRUPTED) {
+        lua_pop(L, 2);
+        return -1;
+      }
+      *ended = 1;                   /* end of input mid-statement: report the error */
+      history_add(r, chunk);
+      lua_remove(L, -2);
+      return status;
+    }
+    lua_remove(L, -2);              /* the <eof> error */
+    lua_pushliteral(L, "\n");
+    lua_insert(L, -2);
+    lua_concat(L, 3);
+  }
+}
+
+/* Pushes the next statement compiled (LUA_OK) or its error message (another status).
+ * Returns -1 when the input ended or was discarded by Ctrl-C (then nothing is pushed;
+ * *ended tells which). */
+static int next_statement(lua_State *L, repl *r, int *ended) {
+  int rd = read_line(L, r, 0);
+  if (rd != READ_OK) {
+    *ended = rd == READ_EOF;
+    return -1;
+  }
+  const char *line = lua_tostring(L, -1);
+  if (line[0] == '=') {             /* `=expr`, as in Lua 5.1 to 5.3 */
+    lua_pushfstring(L, "return %s", line + 1);
+    lua_remove(L, -2);
+  }
+  if (try_expression(L, r) == LUA_OK) return LUA_OK;
+  return read_statement(L, r, ended);     /* which tries the expression no more */
+}
+
+/* ---- running and printing ------------------------------------------------------------- */
+
+#define C_FRAME "\n\t[C]: in ?"
+
+/* The error as text (error objects through __tostring) and where it happened, down to
+ * the statement typed: the C frames below it are the REPL's own. */
+static int traceback_handler(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (!msg) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      msg = lua_tostring(L, -1);
+    else
+      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  size_t len;
+  const char *tb = lua_tolstring(L, -1, &len);
+  size_t frame = sizeof C_FRAME - 1, keep = len;
+  while (keep >= frame && memcmp(tb + keep - frame, C_FRAME, frame) == 0) keep -= frame;
+  lua_pushlstring(L, tb, keep);
+  return 1;
+}
+
+static void report(lua_State *L, const char *what) {
+  const char *msg = lua_tostring(L, -1);
+  fflush(stdout);
+  if (what) fprintf(stderr, "%s (%s)\n", what, msg ? msg : "?");
+  else fprintf(stderr, "%s\n", msg ? msg : "(error object is not a string)");
+  fflush(stderr);
+  lua_pop(L, 1);
+}
+
+/* Runs the function on top; leaves its results above `base` or reports its error. */
+static int run(lua_State *L, int nargs, int nresults) {
+  int fn = lua_gettop(L) - nargs;
+  lua_pushcfunction(L, traceback_handler);
+  lua_insert(L, fn);
+  int status = luamp_pcall_interruptible(L, nargs, nresults, fn);
+  lua_remove(L, fn);
+  return status;
+}
+
+static void print_results(lua_State *L, repl *r, int base) {
+  int n = lua_gettop(L) - base;
+  if (n == 0) return;
+  luaL_checkstack(L, 2, "too many results to print");
+  lua_pushvalue(L, r->printer);
+  lua_insert(L, base + 1);
+  if (run(L, n, 0) != LUA_OK) report(L, "error printing the results");
+}
+
+/* The printer: luamp.pretty's pprint, or the global print without luamp. */
+static void push_printer(lua_State *L) {
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "luamp.pretty");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_istable(L, -1)) {
+    lua_getfield(L, -1, "pprint");
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1)) return;
+  }
+  lua_pop(L, 1);
+  lua_getglobal(L, "print");
+}
+
+static void banner(void) {
+  printf("luamp %s (%s)  Ctrl-C stops the running code, Ctrl-D exits\n",
+         LUAMP_VERSION, LUA_RELEASE);
+}
+
+static void setup_terminal(repl *r) {
+  rl_readline_name = "luamp";          /* for "luamp:" lines in ~/.editrc */
+  rl_catch_signals = 0;
+  rl_getc_function = read_key;
+  rl_outstream = isatty(STDOUT_FILENO) ? stdout : stderr;
+  char *saved = enter_user_locale();
+  rl_initialize();
+  history_begin(r);
+  leave_user_locale(saved);
+  banner();
+}
+
+/* The loop, in protected mode: the repl's C-held memory is freed by luamp_repl. */
+static int repl_loop(lua_State *L) {
+  repl *r = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  push_printer(L);
+  r->printer = lua_gettop(L);
+  if (r->tty) setup_terminal(r);
+  for (;;) {
+    int ended = 0;
+    int status = next_statement(L, r, &ended);
+    if (status == -1) {
+      if (ended) break;
+      continue;
+    }
+    if (status == LUA_OK) status = run(L, 0, LUA_MULTRET);
+    if (status == LUA_OK) print_results(L, r, r->printer);
+    else report(L, NULL);
+    lua_settop(L, r->printer);
+    fflush(stdout);
+    if (ended) break;
+  }
+  if (r->tty) fputc('\n', rl_outstream);
+  return 0;
+}
+
+int luamp_repl(lua_State *L) {
+  repl r = {.tty = isatty(STDIN_FILENO), .history = NULL, .line = NULL, .printer = 0};
+  lua_pushcfunction(L, repl_loop);
+  lua_pushlightuserdata(L, &r);
+  int status = lua_pcall(L, 1, 0, 0);
+  if (status != LUA_OK) report(L, "luamp: the REPL failed");
+  fflush(stdout);
+  free(r.line);
+  free(r.history);
+  return status == LUA_OK ? 0 : 1;
+}
+
+int luamp_open_repl(lua_State *L) {
+  (void)L;
+  return 0;
+}

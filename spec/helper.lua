@@ -17,10 +17,10 @@ local function shell_quote(s)
 end
 H.q = shell_quote
 
--- The shell prefix that runs stock lua5.4 with the built luamp.so on its cpath (with the
--- sanitizer runtime preloaded when the build is sanitized).
-function H.stock_lua()
-  local env = "LUA_CPATH=" .. shell_quote(H.root .. "/" .. H.build .. "/?.so;;")
+-- The shell prefix that runs stock lua5.4 with the built luamp.so (or `cpath`) on its
+-- cpath (with the sanitizer runtime preloaded when the build is sanitized).
+function H.stock_lua(cpath)
+  local env = "LUA_CPATH=" .. shell_quote(cpath or (H.root .. "/" .. H.build .. "/?.so;;"))
   if os.getenv("LUAMP_SANITIZE") == "1" then
     local p = io.popen("gcc -print-file-name=libasan.so")
     local asan = p:read("l")

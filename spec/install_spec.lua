@@ -22,8 +22,8 @@ describe("cmake --install", function()
   end)
 
   it("installs luamp.so where lua5.4 finds it", function()
-    local out = H.sh("cd / && LUA_CPATH=" .. H.q(dest .. "/usr/local/lib/lua/5.4/?.so") ..
-      [[ lua5.4 -e 'print(require("luamp").get_start_method())']])
+    local out = H.sh("cd / && " .. H.stock_lua(dest .. "/usr/local/lib/lua/5.4/?.so") ..
+      [[ -e 'print(require("luamp").get_start_method())']])
     assert.equal("fork\n", out)
   end)
 

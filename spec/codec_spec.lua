@@ -1,0 +1,450 @@
+-- The value codec: luamp.dumps / luamp.loads, as every value crossing a process boundary
+-- goes through it.
+local H = require "helper"
+local luamp = H.luamp
+local dumps, loads = luamp.dumps, luamp.loads
+
+local function rt(v, opts) return loads(dumps(v), opts) end
+
+-- Structural equality: same types (math.type too), floats bit for bit (nan, -0.0),
+-- tables key by key with cycles followed in step, metatables compared the same way.
+local function same(a, b, seen)
+  seen = seen or {}
+  if type(a) ~= type(b) then return false end
+  if type(a) == "number" then
+    if math.type(a) ~= math.type(b) then return false end
+    if a ~= a then return b ~= b end
+    return a == b and (a ~= 0 or 1 / a == 1 / b)
+  end
+  if type(a) ~= "table" or rawequal(a, b) then return rawequal(a, b) end
+  if seen[a] then return seen[a] == b end
+  seen[a] = b
+  for k, v in next, a do
+    if type(k) ~= "table" and not same(v, rawget(b, k), seen) then return false end
+  end
+  for k in next, b do
+    if type(k) ~= "table" and rawget(a, k) == nil then return false end
+  end
+  local ma, mb = getmetatable(a), getmetatable(b)
+  if (ma == nil) ~= (mb == nil) then return false end
+  return ma == nil or same(ma, mb, seen)
+end
+
+local function serialize_error(fn, ...)
+  return H.raises("Serialize", fn, ...).message
+end
+
+describe("codec scalars", function()
+  it("round-trip exactly, keeping integer and float apart", function()
+    local values = {true, false, 0, 1, -1, 127, 128, -128, -129, 32767, 65536, -2^31 | 0,
+      2^31 | 0, 2^53 + 1 | 0, math.maxinteger, math.mininteger, 0.0, 1.0, -1.5, 0.1,
+      5e-324, 1.7976931348623157e308, math.pi, math.huge, -math.huge}
+    for _, v in ipairs(values) do
+      local back = rt(v)
+      assert.equal(math.type(v), math.type(back))
+      assert.equal(v, back)
+    end
+    assert.is_nil(rt(nil))
+  end)
+
+  it("keep nan and the sign of zero", function()
+    local n = rt(0 / 0)
+    assert.is_true(n ~= n)
+    assert.equal(-math.huge, 1 / rt(-0.0))
+    assert.equal(math.huge, 1 / rt(0.0))
+  end)
+
+  it("keep binary strings, every byte and length", function()
+    local all = {}
+    for i = 0, 255 do all[#all + 1] = string.char(i) end
+    all = table.concat(all)
+    for _, s in ipairs({"", "\0", "a\0b", all, all:rep(3), ("x"):rep(63), ("x"):rep(64),
+                        ("x"):rep(200)}) do
+      assert.equal(s, rt(s))
+    end
+  end)
+
+  it("carry a 1 MB string", function()
+    local s = ("0123456789abcdef"):rep(65536)
+    assert.equal(s, rt(s))
+  end)
+end)
+
+describe("codec tables", function()
+  it("round-trip nested, mixed and sparse tables", function()
+    local t = {1, 2.5, "three", {4, {5}}, nil, 7, a = 1, b = {c = {d = "e"}},
+      [true] = false, [2.5] = "float key", [-3] = "neg", [100] = "far"}
+    assert.is_true(same(t, rt(t)))
+    assert.is_true(same({}, rt({})))
+    local holes = {}
+    holes[1], holes[3], holes[1000] = 1, 3, 1000
+    assert.is_true(same(holes, rt(holes)))
+  end)
+
+  it("keep string keys that look like numbers apart from number keys", function()
+    local t = {10, 20, ["3"] = "s3", ["1"] = "s1", [3] = 30}
+    local back = rt(t)
+    assert.equal(30, back[3])
+    assert.equal("s3", back["3"])
+    assert.equal("s1", back["1"])
+    assert.equal(10, back[1])
+  end)
+
+  it("preserve shared references", function()
+    local s = {"shared"}
+    local back = rt({a = s, b = s, list = {s, s}})
+    assert.equal(back.a, back.b)
+    assert.equal(back.a, back.list[1])
+    assert.equal(back.a, back.list[2])
+    assert.same({"shared"}, back.a)
+  end)
+
+  it("preserve cycles, including through keys", function()
+    local t = {}
+    t.self = t
+    t[t] = t
+    t.child = {parent = t}
+    local back = rt(t)
+    assert.equal(back, back.self)
+    assert.equal(back, back[back])
+    assert.equal(back, back.child.parent)
+  end)
+
+  it("send a repeated long string once", function()
+    local s = ("long and repeated "):rep(100)
+    local one = #dumps({s})
+    local many = #dumps({s, s, s, s, s, s, s, s})
+    assert.is_true(many < one + 40, "8 copies took " .. many .. " bytes vs " .. one)
+    local back = rt({s, s})
+    assert.equal(s, back[1])
+    assert.equal(s, back[2])
+  end)
+
+  it("carry big arrays of each kind", function()
+    local ints, floats, strs, recs = {}, {}, {}, {}
+    for i = 1, 20000 do
+      ints[i] = i * 7919 - 50000
+      floats[i] = i / 3
+      strs[i] = "s" .. i
+      recs[i] = {id = i, name = "user" .. i, tags = {"a", "b"}}
+    end
+    for _, t in ipairs({ints, floats, strs, recs}) do
+      assert.is_true(same(t, rt(t)))
+    end
+  end)
+end)
+
+describe("codec functions", function()
+  it("carry upvalues", function()
+    local base, name = 10, "n"
+    local function f(x) return base + x, name end
+    local g = rt(f)
+    assert.are_not.equal(f, g)
+    local r, n = g(5)
+    assert.equal(15, r)
+    assert.equal("n", n)
+  end)
+
+  it("keep an upvalue shared between closures shared", function()
+    local function counter()
+      local n = 0
+      return {inc = function() n = n + 1 return n end, get = function() return n end}
+    end
+    local c = rt(counter())
+    c.inc()
+    c.inc()
+    assert.equal(2, c.get())
+    assert.equal(3, c.inc())
+  end)
+
+  it("carry recursive and mutually recursive local functions", function()
+    local function fact(n) return n <= 1 and 1 or n * fact(n - 1) end
+    assert.equal(720, rt(fact)(6))
+    local even, odd
+    function even(n) if n == 0 then return true end return odd(n - 1) end
+    function odd(n) if n == 0 then return false end return even(n - 1) end
+    local t = rt({even = even, odd = odd})
+    assert.is_true(t.even(10))
+    assert.is_false(t.odd(10))
+    assert.is_false(t.even(7))
+  end)
+
+  it("bring along tables the function captures, with their sharing", function()
+    local data = {1, 2, 3}
+    local function sum() local s = 0 for _, v in ipairs(data) do s = s + v end return s end
+    local t = rt({sum = sum, data = data})
+    table.insert(t.data, 4)
+    assert.equal(10, t.sum())
+  end)
+
+  it("keep file and line for errors and tracebacks", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local function boom() error("kaboom") end
+    local g = rt(boom)
+    local ok, err = pcall(g)
+    assert.is_false(ok)
+    assert.truthy(err:find("codec_spec.lua:" .. line .. ": kaboom", 1, true), err)
+    local _, tb = xpcall(g, debug.traceback)
+    assert.truthy(tb:find("codec_spec.lua:" .. line, 1, true), tb)
+  end)
+
+  it("bind _ENV to the receiver's globals", function()
+    -- dump in this process, load and call in another one with different globals
+    -- (busted runs specs in an environment of its own: give the function the real one)
+    local globals = debug.getregistry()[2]
+    local greet = load("return GREETING .. ' from ' .. type(luamp_codec_marker)", "=greet",
+                       "t", globals)
+    local file = os.tmpname()
+    local f = assert(io.open(file, "wb"))
+    f:write(dumps(greet))
+    f:close()
+    local script = H.script(([[
+      local luamp = require "luamp"
+      local f = assert(io.open(%q, "rb"))
+      local g = luamp.loads(f:read("a"))
+      f:close()
+      GREETING = "hello"
+      luamp_codec_marker = {}
+      io.write(g())
+    ]]):format(file))
+    local out, err, code = H.run({script})
+    os.remove(file)
+    os.remove(script)
+    assert.equal(0, code, err)
+    assert.equal("hello from table", out)
+  end)
+
+  it("send module functions and modules by name", function()
+    assert.equal(string.format, rt(string.format))
+    assert.equal(string, rt(string))
+    assert.equal(luamp.getpid, rt(luamp.getpid))
+    assert.equal(luamp, rt(luamp))
+    assert.equal(print, rt(print))
+    local t = rt({fmt = string.format, m = math, ins = table.insert})
+    assert.equal(string.format, t.fmt)
+    assert.equal(math, t.m)
+    assert.equal(table.insert, t.ins)
+  end)
+
+  it("notice modules loaded after an earlier dumps", function()
+    dumps({1, 2, 3})                       -- builds the name map
+    local mod = {answer = function() return 42 end, data = {}}
+    package.loaded["codec_spec_late_module"] = mod
+    assert.equal(mod, rt(mod))
+    assert.equal(mod.answer, rt(mod.answer))
+    assert.equal(mod.data, rt({mod.data})[1])
+    package.loaded["codec_spec_late_module"] = nil
+  end)
+
+  it("sends a user's global data by value, not by name", function()
+    codec_spec_global_data = {1, 2, 3}
+    local back = rt(codec_spec_global_data)
+    assert.are_not.equal(codec_spec_global_data, back)
+    assert.same({1, 2, 3}, back)
+    codec_spec_global_data = nil
+  end)
+end)
+
+describe("codec metatables", function()
+  it("travel by value with their table", function()
+    local Point = {}
+    Point.__index = Point
+    function Point.norm2(p) return p.x * p.x + p.y * p.y end
+    local p = rt(setmetatable({x = 3, y = 4}, Point))
+    assert.equal(25, p:norm2())
+    local q = rt({setmetatable({x = 1, y = 1}, Point), setmetatable({x = 2, y = 0}, Point)})
+    assert.equal(getmetatable(q[1]), getmetatable(q[2]))
+  end)
+
+  it("travel by name when they are a module's field", function()
+    local mod = {}
+    mod.Class = {__index = {hello = function() return "hi" end}}
+    package.loaded["codec_spec_classes"] = mod
+    local obj = rt(setmetatable({}, mod.Class))
+    assert.equal(mod.Class, getmetatable(obj))
+    assert.equal("hi", obj:hello())
+    package.loaded["codec_spec_classes"] = nil
+  end)
+end)
+
+describe("codec handles", function()
+  local Thing = {}
+  Thing.__index = Thing
+  Thing.__luamp_handle = function(obj) return "spec.Thing", {id = obj.id} end
+  local rebuilt = 0
+  luamp._core.register_handle("spec.Thing", function(payload)
+    rebuilt = rebuilt + 1
+    return setmetatable({id = payload.id, rebuilt = true}, Thing)
+  end)
+
+  it("cross through the registered rebuild function", function()
+    local obj = setmetatable({id = 7, secret = "not sent"}, Thing)
+    local back = rt({obj = obj})
+    assert.is_true(back.obj.rebuilt)
+    assert.equal(7, back.obj.id)
+    assert.is_nil(back.obj.secret)
+  end)
+
+  it("rebuild an object met twice once", function()
+    local obj = setmetatable({id = 8}, Thing)
+    local before = rebuilt
+    local back = rt({obj, obj, {obj}})
+    assert.equal(before + 1, rebuilt)
+    assert.equal(back[1], back[2])
+    assert.equal(back[1], back[3][1])
+  end)
+
+  it("raise Serialize for an unknown handle type", function()
+    local Ghost = {__luamp_handle = function() return "spec.Ghost", 1 end}
+    local s = dumps(setmetatable({}, Ghost))
+    assert.truthy(serialize_error(loads, s):find("unknown handle type 'spec.Ghost'", 1, true))
+  end)
+
+  it("raise Serialize with the path when the hook fails", function()
+    local Bad = {__luamp_handle = function() error("hook broke") end}
+    local msg = serialize_error(dumps, {x = setmetatable({}, Bad)})
+    assert.truthy(msg:find("^value%.x: handle hook failed: .*hook broke"), msg)
+  end)
+end)
+
+describe("codec errors", function()
+  it("name the path to a coroutine", function()
+    local args = {1, {handler = coroutine.create(print)}}
+    assert.equal("value[2].handler: cannot send a coroutine", serialize_error(dumps, args))
+  end)
+
+  it("name the path to a foreign userdata", function()
+    assert.equal("value.out: cannot send a userdata (FILE*)",
+      serialize_error(dumps, {out = io.stdout}))
+  end)
+
+  it("refuse C functions that are not a loaded module's field", function()
+    local msg = serialize_error(dumps, {cb = {coroutine.wrap(function() end)}})
+    assert.equal("value.cb[1]: cannot send a C function that is not a field of a loaded module",
+      msg)
+  end)
+
+  it("name table keys, metatables and upvalues in paths", function()
+    local co = coroutine.create(print)
+    assert.equal("value[<table>][1]: cannot send a coroutine",
+      serialize_error(dumps, {[{}] = {co}}))
+    assert.equal("value[key <coroutine>]: cannot send a coroutine",
+      serialize_error(dumps, {[co] = 1}))
+    assert.equal("value(metatable).__index: cannot send a coroutine",
+      serialize_error(dumps, setmetatable({}, {__index = co})))
+    local function f() return co end
+    assert.equal("value.f(upvalue co): cannot send a coroutine", serialize_error(dumps, {f = f}))
+    assert.equal('value["odd key"]: cannot send a coroutine',
+      serialize_error(dumps, {["odd key"] = co}))
+  end)
+
+  it("limit nesting depth in both directions", function()
+    local function nest(n)
+      local t = {}
+      for _ = 2, n do t = {t} end
+      return t
+    end
+    assert.is_true(same(nest(200), rt(nest(200))))
+    assert.truthy(serialize_error(dumps, nest(201)):find("too deeply nested"))
+    -- a hand-made encoding 100000 tables deep
+    local deep = "\1" .. ("\9\1\0"):rep(100000) .. ("\0")
+    assert.truthy(serialize_error(loads, deep):find("too deeply nested"))
+  end)
+
+  it("leave the state usable after a failed dumps", function()
+    for _ = 1, 3 do serialize_error(dumps, {1, 2, coroutine.create(print)}) end
+    assert.same({1, 2, {3}}, rt({1, 2, {3}}))
+  end)
+end)
+
+describe("codec input checks", function()
+  local samples = {
+    {1, 2.5, "s", true, {nested = {1, 2}}},
+    {id = 1, name = "user1", score = 1.5, tags = {"a", "b"}},
+    setmetatable({x = 1}, {__index = {y = 2}}),
+    {("long string "):rep(10), ("long string "):rep(10), string, _G},
+  }
+
+  it("reject a wrong version, empty input and trailing bytes", function()
+    assert.truthy(serialize_error(loads, ""):find("empty input"))
+    assert.truthy(serialize_error(loads, "\99\0"):find("unsupported format version 99"))
+    assert.truthy(serialize_error(loads, dumps(1) .. "x"):find("trailing bytes"))
+  end)
+
+  it("reject every truncated prefix", function()
+    for _, v in ipairs(samples) do
+      local s = dumps(v)
+      for n = 0, #s - 1 do
+        local ok, err = pcall(loads, s:sub(1, n))
+        assert.is_false(ok)
+        assert.equal("Serialize", err.kind)
+      end
+    end
+    local f = dumps(function() return 1 end)
+    for n = 0, #f - 1, 7 do H.raises("Serialize", loads, f:sub(1, n)) end
+  end)
+
+  it("survive random bytes and corrupted encodings", function()
+    math.randomseed(20240611)
+    local function check(s)
+      local ok, err = pcall(loads, s, {trusted = false})
+      assert.is_true(ok or err.kind == "Serialize", tostring(err))
+    end
+    for _ = 1, 3000 do
+      local n = math.random(0, 64)
+      local b = {}
+      for i = 1, n do b[i] = string.char(math.random(0, 255)) end
+      check(table.concat(b))
+      check("\1" .. table.concat(b))
+    end
+    for _, v in ipairs(samples) do
+      local s = dumps(v)
+      for _ = 1, 500 do
+        local i = math.random(1, #s)
+        check(s:sub(1, i - 1) .. string.char(math.random(0, 255)) .. s:sub(i + 1))
+      end
+    end
+  end)
+
+  it("refuse absurd lengths before allocating", function()
+    -- a string, a table and a function each claiming far more than the input holds
+    for _, s in ipairs({"\1\8\255\255\255\255\255\255\255\255\127",
+                        "\1\9\255\255\255\255\15\0", "\1\9\0\255\255\255\255\15",
+                        "\1\12\255\255\255\255\15\0"}) do
+      assert.truthy(serialize_error(loads, s):find("exceeds input"))
+    end
+    H.raises("Serialize", loads, "\1\11\0")            -- reference to nothing
+    H.raises("Serialize", loads, "\1\9\0\1\0\5")       -- nil key
+  end)
+end)
+
+describe("codec untrusted mode", function()
+  it("refuses functions without loading them", function()
+    local s = dumps({f = function() return 1 end})
+    assert.truthy(serialize_error(loads, s, {trusted = false})
+      :find("functions are not accepted from an untrusted peer", 1, true))
+    assert.truthy(serialize_error(loads, dumps(string.format), {trusted = false})
+      :find("functions are not accepted from an untrusted peer", 1, true))
+  end)
+
+  it("accepts plain data and loaded modules", function()
+    local v = {1, "two", {three = 3.0}, string}
+    local back = loads(dumps(v), {trusted = false})
+    assert.equal(string, back[4])
+    assert.is_true(same(v, back))
+  end)
+
+  it("does not require modules that are not loaded", function()
+    package.loaded["codec_spec_unloaded"] = {x = 1}
+    local s = dumps(package.loaded["codec_spec_unloaded"])
+    package.loaded["codec_spec_unloaded"] = nil
+    assert.truthy(serialize_error(loads, s, {trusted = false}):find("is not loaded"))
+    -- trusted: require is called, and fails here as there is no such module file
+    assert.truthy(serialize_error(loads, s):find("cannot require 'codec_spec_unloaded'"))
+  end)
+
+  it("is what trusted = true is not", function()
+    local f = loads(dumps(function() return "ok" end), {trusted = true})
+    assert.equal("ok", f())
+  end)
+end)
