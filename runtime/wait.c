@@ -81,7 +81,7 @@ static pid_t pumps_pid;       /* the process the registrations belong to */
 
 static int pumps_active(void) {
   if (npumps == 0) return 0;
-  if (pumps_pid != getpid()) {
+  if (pumps_pid != luamp_self_pid()) {
     /* inherited through fork: the Lua side of these belongs to the parent's program */
     npumps = 0;
     return 0;
@@ -359,7 +359,7 @@ static int l_pump_add(lua_State *L) {
   p->ref = luaL_ref(L, LUA_REGISTRYINDEX);
   p->thread = T;
   p->id = ++pump_next_id;
-  pumps_pid = getpid();
+  pumps_pid = luamp_self_pid();
   return 0;
 }
 

@@ -540,19 +540,21 @@ describe("Pool", function()
         local luamp = require "luamp"
         local r, w = luamp.Pipe(false)
         local p = luamp.Pool(2)
-        for _ = 1, 2 do p:apply_async(function() w:send(luamp.getpid()); luamp.sleep(60) end) end
+        for _ = 1, 2 do p:apply_async(function() w:send(luamp.getpid()); luamp.sleep(20) end) end
         for _ = 1, 2 do io.write(r:recv(), " ") end
         print("ready")
         io.stdout:flush()
-        p:map(luamp.sleep, {60, 60})
+        p:map(luamp.sleep, {20, 20})
       ]])
       local out_path = os.tmpname()
       local err_path = os.tmpname()
+      -- its own process group, SIGINT not ignored (as a background job's would be), and
+      -- the signal sent to the whole group: what Ctrl-C on a terminal does
       local cmd = string.format([[
-        %s %s > %s 2> %s &
+        setsid env --default-signal=INT %s %s > %s 2> %s &
         pid=$!
-        for i in $(seq 1 200); do grep -q ready %s && break; sleep 0.05; done
-        kill -INT $pid
+        for i in $(seq 1 400); do grep -q ready %s && break; sleep 0.05; done
+        kill -INT -$pid
         wait $pid
         echo $?
       ]], H.q(H.host), H.q(script), out_path, err_path, out_path)
