@@ -449,10 +449,21 @@ local function remove_worker(st, w)
   pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
--- How many chunks of job may be sent to w now. An idle worker always takes one; more
--- only while w's queue adds up to at most PREFETCH_TIME of work known to be short, and
--- its current chunk has not run longer than that: so nothing waits behind a long task
--- while another worker is idle.
+-- Chunks not yet handed out: the rest of job, and at least one per other waiting job.
+local function backlog(st, job)
+  local n = dq_len(job.retry) + dq_len(st.feed) - 1
+  if job.list and not job.exhausted then
+    n = n + (job.len - job.pulled + job.chunksize - 1) // job.chunksize
+  end
+  return n
+end
+
+-- How many chunks of job may be sent to w now. An idle worker always takes one. A busy
+-- one takes more only when they are known to be short: up to PREFETCH_TIME of queued
+-- work (topped up once half of it is done, so that one message carries many), or a
+-- single long chunk waiting behind the running one while there is work enough for every
+-- worker. So the worker does not wait for the parent between chunks, and no chunk waits
+-- behind a long task while another worker is idle.
 local function capacity(st, w, job)
   if w.dead or w.stopping or w.sending or w.broken then return 0 end
   local held = dq_len(w.inflight)
@@ -460,14 +471,20 @@ local function capacity(st, w, job)
   if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
   if room <= 0 then return 0 end
   local est = job.fe.est
-  if held == 0 then
-    if not est then return 1 end
-    return math.max(1, math.min(room, math.floor(PREFETCH_TIME / math.max(est * job.chunksize, 1e-7))))
+  if not est then return held == 0 and 1 or 0 end
+  local per = math.max(est * job.chunksize, 1e-7)
+  -- a fair share at most: the estimate comes from earlier chunks and may be far off
+  local left = backlog(st, job)
+  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // #st.workers))
+  if held == 0 then return math.max(1, math.min(room, want)) end
+  if w.unknown > 0 or w.ahead_bytes >= AHEAD_BYTES then return 0 end
+  if want >= 2 then
+    local budget = PREFETCH_TIME - w.queued_est - (now() - w.busy_since)
+    local n = math.min(room, want, math.floor(budget / per))
+    return n >= want // 2 and n or 0
   end
-  if not est or w.unknown > 0 or w.ahead_bytes >= AHEAD_BYTES then return 0 end
-  local budget = PREFETCH_TIME - w.queued_est - (now() - w.busy_since)
-  if budget <= 0 then return 0 end
-  return math.min(room, math.floor(budget / math.max(est * job.chunksize, 1e-7)))
+  if held == 1 and left >= 2 * #st.workers then return 1 end
+  return 0
 end
 
 -- Bookkeeping of a worker's queue: the work it holds, as far as it is known.
