@@ -335,6 +335,14 @@ describe("Pool", function()
       end
     end)
 
+    it("results that look like anything are yielded as they are", function()
+      local r = {}
+      for v in pool:imap(function(x) return {err = "not an error", skip = x} end, range(3)) do
+        r[#r + 1] = v.skip
+      end
+      assert.same({1, 2, 3}, r)
+    end)
+
     it("a failing task raises at its place and iteration goes on", function()
       local it = pool:imap(function(x) if x == 2 then error("two") end return x end, range(3))
       assert.equal(1, it:next())

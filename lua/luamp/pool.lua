@@ -18,11 +18,14 @@
 --    {pid, exitcode}; chunks queued behind it never started and are dispatched again.
 --    Death is seen through the process sentinel (a pidfd), waited on together with the
 --    connections. The dead worker is replaced.
---  * Prefetch is adaptive: the workers report how long chunks take; a worker gets more
---    than one chunk ahead only when that function's chunks are short (PREFETCH_TIME),
---    so short tasks stream without a round trip each while a long task never holds up
---    work queued behind it (the fifth of five long tasks on four workers starts when the
---    first worker finishes). An imap keeps at most a window of items between the input
+--  * Prefetch is adaptive (see capacity): the workers report how long chunks take; a
+--    busy worker is given more only while its queue holds short, known work (at most
+--    PREFETCH_TIME of it, and a fair share of what is left), or one long chunk while
+--    there is work for every worker. So short tasks stream without a round trip each,
+--    a worker rarely waits for the parent between chunks, and a task never waits behind
+--    a long one while another worker is idle (the fifth of five long tasks on four
+--    workers starts when the first of them finishes). Chunk arguments above INLINE_MAX
+--    follow their message as messages of their own (no second copy). An imap keeps at most a window of items between the input
 --    pulled and the results consumed, so an endless generator uses bounded memory.
 --  * Progress without a thread: every fd of a pool is a background pump (wait.c). Any
 --    luamp call that waits, or luamp.poll(), collects results, feeds the workers and runs
@@ -50,6 +53,7 @@ local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of
 local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
 local TERM_GRACE = 1.0          -- seconds between SIGTERM and SIGKILL in terminate
 local NIL = setmetatable({}, {__name = "luamp.pool.nil"})   -- a nil result in a buffer
+local FAILED = {__name = "luamp.pool.failed"}   -- metatable of a failed chunk's mark
 
 local Pipe = function(...) return require("luamp.connection").Pipe(...) end
 
@@ -266,9 +270,9 @@ end
 -- A chunk of an imap failed: its first position raises err, the rest are skipped.
 local function imap_mark_error(job, c, err)
   if job.ordered then
-    job.buf[c.first] = {err = err, skip = c.n}
+    job.buf[c.first] = setmetatable({err = err, skip = c.n}, FAILED)
   else
-    dq_push(job.uq, {err = err, skip = c.n})
+    dq_push(job.uq, setmetatable({err = err, skip = c.n}, FAILED))
   end
   job.done_items = job.done_items + c.n
 end
@@ -276,7 +280,6 @@ end
 local function chunk_failed(st, job, c, err)
   if job.ready or job.cancelled then return end
   if job.kind == "imap" then
-    job.chunks_out = job.chunks_out - 1
     imap_mark_error(job, c, err)
   else
     job_finish(st, job, false, err)
@@ -295,7 +298,6 @@ local function chunk_ok(st, job, c, res)
     chunk_failed(st, job, c, core.error("Remote", "malformed result from a worker"))
     return
   end
-  job.chunks_out = job.chunks_out - 1
   job.done_items = job.done_items + n
   if job.kind == "map" then
     table.move(res, 1, n, c.first, job.results)
@@ -362,7 +364,6 @@ local function produce(st, job)
   end
   job.pulled = job.pulled + n
   job.next_k = job.next_k + 1
-  job.chunks_out = job.chunks_out + 1
   c = {job = job, k = job.next_k, first = first, n = n}
   local ok, bytes = pcall(dumps, args)
   if not ok then
@@ -511,14 +512,14 @@ local function queue_pop(w)
   return c
 end
 
-local function remember_fn(w, fe, defs, drops)
-  if w.known[fe.id] then return defs, drops end
+local function remember_fn(w, fe, defs)
+  if w.known[fe.id] then return defs end
   defs = defs or {}
   defs[#defs + 1] = fe.id
   defs[#defs + 1] = fe.bytes
   w.known[fe.id] = true
   dq_push(w.known_order, fe.id)
-  return defs, drops
+  return defs
 end
 
 local function evict_fns(w, keep)
@@ -539,7 +540,6 @@ local function send_chunks(st, w, chunks)
   local msg = {false, false}
   local defs
   local keep = {}
-  local bytes_total = 0
   for _, c in ipairs(chunks) do
     local fe = c.job.fe
     keep[fe.id] = true
@@ -547,7 +547,6 @@ local function send_chunks(st, w, chunks)
     local m = #msg
     msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
       c.job.id, c.k, fe.id, c.job.mode, c.n, #c.bytes <= INLINE_MAX and c.bytes
-    bytes_total = bytes_total + #c.bytes
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
@@ -647,7 +646,7 @@ end
 
 local function on_init_message(st, w, data)
   local ok, msg = pcall(loads, data)
-  if ok and msg == true then w.alive_ok = true; return end
+  if ok and msg == true then return end
   local err = remote_error(ok and msg or {"garbled initializer report"}, "pool initializer raised: ")
   if not st.broken then
     st.broken = err
@@ -975,7 +974,7 @@ local function imap_take(job)
     local v = job.buf[pos]
     if v == nil then return false end
     job.buf[pos] = nil
-    if type(v) == "table" and getmetatable(v) == nil and v.err ~= nil and v.skip then
+    if getmetatable(v) == FAILED then
       job.yielded = job.yielded + v.skip
       job.consumed = job.consumed + v.skip
       return true, nil, nil, v.err
@@ -987,7 +986,7 @@ local function imap_take(job)
   end
   local v = dq_pop(job.uq)
   if v == nil then return false end
-  if type(v) == "table" and getmetatable(v) == nil and v.err ~= nil and v.skip then
+  if getmetatable(v) == FAILED then
     job.yielded = job.yielded + v.skip
     job.consumed = job.consumed + v.skip
     return true, nil, nil, v.err
@@ -1085,7 +1084,7 @@ local function new_job(self, st, kind, f, mode)
   local job = {
     st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
     fe = func_entry(st, f),
-    pulled = 0, consumed = 0, next_k = 0, chunks_out = 0, done_items = 0,
+    pulled = 0, consumed = 0, next_k = 0, done_items = 0,
     retry = dq_new(),
   }
   st.jobs[job.id] = job
