@@ -493,6 +493,41 @@ describe("Pool", function()
     end)
   end)
 
+  describe("parent killed", function()
+    it("the workers die with it", function()
+      local script = H.script([[
+        local luamp = require "luamp"
+        local r, w = luamp.Pipe(false)
+        local p = luamp.Pool(2)
+        for _ = 1, 2 do p:apply_async(function() w:send(luamp.getpid()); luamp.sleep(60) end) end
+        print(r:recv(), r:recv())
+        io.stdout:flush()
+        luamp.sleep(60)
+      ]])
+      local out_path = os.tmpname()
+      H.sh(string.format([[
+        %s %s > %s 2>/dev/null &
+        pid=$!
+        for i in $(seq 1 400); do [ -s %s ] && break; sleep 0.05; done
+        kill -9 $pid
+        wait $pid
+      ]], H.q(H.host), H.q(script), out_path, out_path))
+      local f = io.open(out_path); local out = f:read("a"); f:close()
+      os.remove(script); os.remove(out_path)
+      local n = 0
+      for pid in out:gmatch("%d+") do
+        n = n + 1
+        local fd = luamp._core.pidfd_open(tonumber(pid))
+        if fd then
+          -- readable once the process has ended
+          assert.equal(1, #luamp._core.wait_fds({fd}, 5), "worker " .. pid .. " outlived its parent")
+          luamp._core.close_fd(fd)
+        end
+      end
+      assert.equal(2, n)
+    end)
+  end)
+
   describe("nesting", function()
     it("a Pool works inside a child process", function()
       local proc = luamp.Process{target = function()
