@@ -156,7 +156,9 @@ local function worker_loop(conn, maxtasks)
   local fns = {}
   local done = 0
   while true do
-    local ok, bytes = pcall(conn.recv_bytes, conn)
+    -- waiting in poll first saves the receive that would find nothing yet
+    local ok, bytes = pcall(conn.poll, conn, math.huge)
+    if ok then ok, bytes = pcall(conn.recv_bytes, conn) end
     if not ok then return 0 end            -- EOF: the parent is gone
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
@@ -333,8 +335,11 @@ local function produce(st, job)
   local first = job.pulled + 1
   local args, n
   if job.kind == "apply" then
-    args, n = job.args, 1
-    job.exhausted = true
+    -- encoded when submitted
+    job.exhausted, job.pulled, job.next_k = true, 1, 1
+    local bytes = job.abytes
+    job.abytes = nil
+    return {job = job, k = 1, first = 1, n = 1, bytes = bytes}
   elseif job.list then
     local last = math.min(job.len, first + job.chunksize - 1)
     n = last - first + 1
@@ -416,7 +421,7 @@ local function rebuild_fds(st)
     if not w.eof then fds[#fds + 1] = w.cfd; by_fd[w.cfd] = w end
     if w.sfd and w.sfd >= 0 then fds[#fds + 1] = w.sfd; by_fd[w.sfd] = w end
   end
-  st.fds, st.by_fd = fds, by_fd
+  st.fds, st.by_fd, st.fds_dirty = fds, by_fd, false
 end
 
 local function unregister(st, w)
@@ -535,6 +540,13 @@ local function evict_fns(w, keep)
   return drops
 end
 
+local function send_message(conn, data, chunks)
+  conn:send_bytes(data)
+  for _, c in ipairs(chunks) do
+    if #c.bytes > INLINE_MAX then conn:send_bytes(c.bytes) end
+  end
+end
+
 -- Sends chunks (a list) to w as one message.
 local function send_chunks(st, w, chunks)
   local msg = {false, false}
@@ -559,13 +571,7 @@ local function send_chunks(st, w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
-  local ok, err = pcall(function()
-    local conn = w.conn
-    conn:send_bytes(data)
-    for _, c in ipairs(chunks) do
-      if #c.bytes > INLINE_MAX then conn:send_bytes(c.bytes) end
-    end
-  end)
+  local ok, err = pcall(send_message, w.conn, data, chunks)
   w.sending = false
   if not ok then
     if is_error(err, "Interrupted") then error(err, 0) end
@@ -599,12 +605,15 @@ local function dispatch_round(st)
   return true
 end
 
+local function dispatch_rounds(st)
+  while dispatch_round(st) do end
+end
+
 function dispatch(st)
   if st.dispatching or st.state == "TERMINATE" or st.broken then return end
+  if st.feed.first > st.feed.last then return end
   st.dispatching = true
-  local ok, err = pcall(function()
-    while dispatch_round(st) do end
-  end)
+  local ok, err = pcall(dispatch_rounds, st)
   st.dispatching = false
   if not ok then error(err, 0) end
 end
@@ -663,13 +672,20 @@ end
 
 -- Reads every message w has for us; results are taken off w's queue first and decoded
 -- after the freed worker has been given new work.
-local function drain_messages(st, w)
+local function drain_messages(st, w, ready)
   local got = {}
   local conn = w.conn
   local resets = 0
+  w.drained = st.round
   while not w.dead do
-    local okp, ready = pcall(conn.poll, conn)
-    if not okp or not ready then break end
+    if not ready then
+      -- a worker that owes us nothing has nothing more to say (but EOF, which the next
+      -- wait reports): no system call to ask
+      if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
+      local okp, more = pcall(conn.poll, conn)
+      if not okp or not more then break end
+    end
+    ready = false
     local ok, data = pcall(conn.recv_bytes, conn)
     if not ok and not is_error(data, "EOF") and not is_error(data, "Interrupted") and resets < 3 then
       -- a worker that dies with our messages unread resets the socket: the kernel
@@ -710,11 +726,11 @@ local function drain_messages(st, w)
   end
 end
 
-local function drain(st, w)
+local function drain(st, w, ready)
   -- not re-entered: a receive waiting for the rest of a message runs other pumps
   if w.eof or w.dead or w.reading then return end
   w.reading = true
-  local ok, err = pcall(drain_messages, st, w)
+  local ok, err = pcall(drain_messages, st, w, ready)
   w.reading = false
   if not ok then error(err, 0) end
   local code = w.ended_code
@@ -825,14 +841,16 @@ local function settle(st)
   run_callbacks(st)
 end
 
--- One fd of this pool is ready (called from the pool's waits and as a pump).
-function service_fd(st, fd)
+-- One fd of this pool is ready (called from the pool's waits and as a pump). `fresh`:
+-- the wait that reported it has just returned, so a connection nobody has read from
+-- since then surely has a message (or EOF) and needs no poll before the receive.
+function service_fd(st, fd, fresh)
   if st.state == "TERMINATE" and #st.workers == 0 then return end
   local w = st.by_fd and st.by_fd[fd]
   if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
   if not w then return end
   if fd == w.cfd and not w.eof then
-    drain(st, w)
+    drain(st, w, fresh and w.drained ~= st.round)
     if w.eof then check_ended(st, w) end
   else
     check_ended(st, w)
@@ -868,7 +886,8 @@ local function wait_once(st, deadline)
     end
     error(ready, 0)
   end
-  for _, fd in ipairs(ready) do service_fd(st, fd) end
+  st.round = st.round + 1
+  for _, fd in ipairs(ready) do service_fd(st, fd, true) end
   if tick then
     for _, w in ipairs(st.workers) do check_ended(st, w) end
   end
@@ -924,21 +943,23 @@ local AsyncResult = {}
 AsyncResult.__index = AsyncResult
 AsyncResult.__name = "luamp.AsyncResult"
 
-local R = setmetatable({}, {__mode = "k"})   -- result object -> job
+-- A result or iterator object holds its job under a key only this file has (a weak
+-- table from objects to jobs would cost the collector an ephemeron pass per result).
+local JOB = setmetatable({}, {__name = "luamp.pool.job"})
 
 function AsyncResult:ready()
-  return R[self].ready == true
+  return self[JOB].ready == true
 end
 
 function AsyncResult:wait(timeout)
-  local job = R[self]
+  local job = self[JOB]
   if job.ready then return end
   check_owner(job.st)
   wait_until(job.st, function() return job.ready end, timeout)
 end
 
 function AsyncResult:get(timeout)
-  local job = R[self]
+  local job = self[JOB]
   if not job.ready then
     check_owner(job.st)
     if not wait_until(job.st, function() return job.ready end, timeout) then
@@ -951,13 +972,13 @@ function AsyncResult:get(timeout)
 end
 
 function AsyncResult:successful()
-  local job = R[self]
+  local job = self[JOB]
   if not job.ready then raise("Value", "result is not ready") end
   return job.ok
 end
 
 AsyncResult.__tostring = function(self)
-  local job = R[self]
+  local job = self[JOB]
   if not job.ready then return "<AsyncResult ready=false>" end
   return string.format("<AsyncResult ready=true successful=%s>", tostring(job.ok))
 end
@@ -1015,7 +1036,7 @@ end
 -- it:next([timeout]) -> value, input index; nothing at the end. Raises Timeout, the
 -- error of a task (Remote, WorkerLost) at its place, or the input iterator's error.
 function IMap:next(timeout)
-  local job = R[self]
+  local job = self[JOB]
   local st = job.st
   if job.ended then return end
   check_owner(st)
@@ -1046,7 +1067,7 @@ IMap.__call = function(self) return self:next() end
 
 -- Leaving a for loop early (break, error) cancels what is left.
 IMap.__close = function(self)
-  local job = R[self]
+  local job = self[JOB]
   if job.ended then return end
   job.cancelled = true
   job.exhausted = true
@@ -1057,7 +1078,7 @@ end
 IMap.__gc = IMap.__close
 
 IMap.__tostring = function(self)
-  local job = R[self]
+  local job = self[JOB]
   return string.format("<IMapIterator%s done=%d>", job.ordered and "" or " unordered", job.yielded)
 end
 
@@ -1166,8 +1187,7 @@ local function map_job(self, what, f, list, opts, mode)
   job.callback = check_fn_opt(what, "callback", opts.callback)
   job.error_callback = check_fn_opt(what, "error_callback", opts.error_callback)
   if opts.progress then job.progress = progress_new(len) end
-  local res = setmetatable({}, AsyncResult)
-  R[res] = job
+  local res = setmetatable({[JOB] = job}, AsyncResult)
   if len == 0 then
     job_finish(st, job, true, job.results)
     run_callbacks(st)
@@ -1177,22 +1197,30 @@ local function map_job(self, what, f, list, opts, mode)
   return res
 end
 
+local apply_known = {callback = true, error_callback = true}
+local EMPTY = {}
+
 function Pool:apply_async(f, args, opts)
   local st = state_of(self)
   check_running(st)
   check_callable(f, "apply_async")
   if args ~= nil and type(args) ~= "table" then raise("Value", "apply_async: args must be a table") end
   if type(opts) == "function" then opts = {callback = opts} end
-  opts = call_options("apply_async", opts, {callback = true, error_callback = true})
+  local cb, ecb
+  if opts ~= nil then
+    opts = call_options("apply_async", opts, apply_known)
+    cb = check_fn_opt("apply_async", "callback", opts.callback)
+    ecb = check_fn_opt("apply_async", "error_callback", opts.error_callback)
+  end
+  -- encoded now: changes the caller makes to args afterwards do not reach the task, and
+  -- an argument that cannot cross is reported here
+  local abytes = dumps(args or EMPTY)
   local job = new_job(self, st, "apply", f, APPLY)
-  local a = args or {}
-  job.args = {n = a.n or #a, unpack(a, 1, a.n or #a)}
+  job.abytes = abytes
   job.total = 1
-  job.callback = check_fn_opt("apply_async", "callback", opts.callback)
-  job.error_callback = check_fn_opt("apply_async", "error_callback", opts.error_callback)
+  job.callback, job.error_callback = cb, ecb
   job.chunksize = 1
-  local res = setmetatable({}, AsyncResult)
-  R[res] = job
+  local res = setmetatable({[JOB] = job}, AsyncResult)
   submit(st, job)
   return res
 end
@@ -1215,7 +1243,7 @@ local function blocking_map(self, what, f, list, opts, mode)
   end
   local res = map_job(self, what, f, list, opts, mode)
   local ok, v = pcall(res.get, res)
-  local job = R[res]
+  local job = res[JOB]
   if job.progress and not job.ready then progress_draw(job.progress, job.done_items, true) end
   if not ok then error(v, 0) end
   return v
@@ -1247,8 +1275,7 @@ local function imap(self, what, f, list, opts, ordered)
     job.total = job.len
   end
   if opts.progress then job.progress = progress_new(job.total) end
-  local it = setmetatable({}, IMap)
-  R[it] = job
+  local it = setmetatable({[JOB] = job}, IMap)
   submit(st, job)
   return it, nil, nil, it
 end
@@ -1316,7 +1343,7 @@ local function new_pool(opts)
     workers = {}, fds = {}, by_fd = {}, fds_dirty = true,
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
-    callbacks = dq_new(),
+    callbacks = dq_new(), round = 0,
   }
   st.pump = function(fd)
     service_fd(st, fd)
