@@ -58,6 +58,10 @@ int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
  * report; the library installs no signal handler of its own (see interrupt.c). */
 /* Returns and clears the pending-interrupt mark. */
 int luamp_take_interrupt(void);
+/* Background pumps (fd + Lua function, registered with _core.pump_add) are serviced by
+ * every luamp_wait_fds call; this runs the ready ones once without blocking and returns
+ * how many ran. */
+int luamp_pump_poll(void);
 
 /* ---- fds ------------------------------------------------------------------------------ */
 
@@ -104,8 +108,11 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
 /* ---- processes (process.c) ------------------------------------------------------------ */
 
 /* fork() with the runtime's discipline (stdio flushed, signals blocked across it, child
- * state reset). Returns as fork() does. `daemon` marks the child as a daemon: it dies
- * with its parent and may not start children. */
+ * state reset). Returns as fork() does. `daemon` is one of: */
+#define LUAMP_FORK_PLAIN 0    /* an ordinary child */
+#define LUAMP_FORK_DAEMON 1   /* dies with its parent, may not start children */
+#define LUAMP_FORK_WORKER 2   /* a pool worker: dies with its parent and is terminated at
+                               * the end like a daemon, but may start children (nested pools) */
 pid_t luamp_fork(int daemon);
 /* This process's pid (cached; correct after any fork). Inline because the lock fast
  * paths (sync.c) store it on every acquire. */
@@ -191,5 +198,6 @@ int luamp_open_shared(lua_State *L);
 int luamp_open_subprocess(lua_State *L);
 int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
+int luamp_open_pool(lua_State *L);
 
 #endif

@@ -93,6 +93,7 @@ static const opener openers[] = {
   luamp_open_subprocess,
   luamp_open_connection,
   luamp_open_queue,
+  luamp_open_pool,
   NULL
 };
 

@@ -123,7 +123,7 @@ void luamp_children_finish(void) {
 /* In a new child: nothing in the inherited list is ours to wait for. */
 static void reset_after_fork(int daemon, pid_t parent) {
   live_children = NULL;
-  in_daemon = daemon;
+  in_daemon = daemon == LUAMP_FORK_DAEMON;
   parent_at_fork = parent;
   luamp_take_interrupt();
   luamp_subprocess_after_fork();
@@ -202,10 +202,12 @@ static void install_child_os_exit(lua_State *L) {
 }
 
 /* _core.fork(entry, [daemon]) -> Child handle in the parent. In the child, calls
- * entry() and exits with its integer result (0 if none, 1 if it raised); never returns. */
+ * entry() and exits with its integer result (0 if none, 1 if it raised); never returns.
+ * daemon: true for a daemon, "worker" for a pool worker (see LUAMP_FORK_WORKER). */
 static int l_fork(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
-  int daemon = lua_toboolean(L, 2);
+  int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
+             ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;

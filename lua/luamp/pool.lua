@@ -1,0 +1,1370 @@
+-- luamp.pool: Pool, AsyncResult, the imap iterators and luamp.poll.
+--
+-- Design
+--  * Each worker is a forked process (core.fork mode "worker": it dies with the parent
+--    through PR_SET_PDEATHSIG, yet may start children, so pools nest) joined to the
+--    parent by one duplex Connection (luamp.Pipe). The parent dispatches: it knows
+--    exactly which chunks each worker holds, in the order the worker runs them.
+--  * Work is cut into chunks (a run of items of one job). A chunk's arguments are
+--    encoded once (luamp.dumps) when it is made; a message to a worker carries a batch
+--    of chunks plus the definitions of functions that worker has not seen yet (functions
+--    are cached in the workers by an id: a map over a million items sends the function
+--    once). A function with upvalues other than the global table is re-encoded per call
+--    and gets a new id when its bytes changed, so a closure never runs with stale
+--    upvalues; a worker keeps at most FN_CACHE functions, the parent says which to drop.
+--  * A worker runs its chunks in order and answers each with one message
+--    {job id, chunk number, ok, seconds, results | error}. So when a worker dies, the
+--    first unanswered chunk is the one it was running: that chunk fails with WorkerLost
+--    {pid, exitcode}; chunks queued behind it never started and are dispatched again.
+--    Death is seen through the process sentinel (a pidfd), waited on together with the
+--    connections. The dead worker is replaced.
+--  * Prefetch is adaptive (see capacity): the workers report how long chunks take; a
+--    busy worker is given more only while its queue holds short, known work (at most
+--    PREFETCH_TIME of it, and a fair share of what is left), or one long chunk while
+--    there is work for every worker. So short tasks stream without a round trip each,
+--    a worker rarely waits for the parent between chunks, and a task never waits behind
+--    a long one while another worker is idle (the fifth of five long tasks on four
+--    workers starts when the first of them finishes). Chunk arguments above INLINE_MAX
+--    follow their message as messages of their own (no second copy). An imap keeps at most a window of items between the input
+--    pulled and the results consumed, so an endless generator uses bounded memory.
+--  * Progress without a thread: every fd of a pool is a background pump (wait.c). Any
+--    luamp call that waits, or luamp.poll(), collects results, feeds the workers and runs
+--    callbacks. The pool's own waits (get, map, join, imap) wait on its fds directly.
+--    Callbacks are queued while the pool's state is updated and run afterwards; an error
+--    in a callback is printed to stderr (like an exception in a thread) and dropped.
+--  * Ctrl-C: workers ignore SIGINT; a pool wait that sees Interrupted terminates the pool
+--    and raises it. terminate() fails every unfinished result with Closed, sends SIGTERM,
+--    and SIGKILL after a second. A Pool that is garbage (or leaves a <close> scope) is
+--    terminated.
+local core = require "luamp._core"
+local U = require "luamp.util"
+
+local raise = U.raise
+local now = core.time
+local dumps, loads = core.dumps, core.loads
+local unpack = table.unpack
+
+local APPLY, MAP, STAR = 0, 1, 2
+local FN_CACHE = 64             -- functions a worker keeps
+local MAX_AHEAD = 32            -- chunks one worker may hold
+local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
+local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
+local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
+local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
+local TERM_GRACE = 1.0          -- seconds between SIGTERM and SIGKILL in terminate
+local NIL = setmetatable({}, {__name = "luamp.pool.nil"})   -- a nil result in a buffer
+local FAILED = {__name = "luamp.pool.failed"}   -- metatable of a failed chunk's mark
+
+local Pipe = function(...) return require("luamp.connection").Pipe(...) end
+
+-- ---- small deque ---------------------------------------------------------------------
+
+local function dq_new() return {first = 1, last = 0} end
+local function dq_len(q) return q.last - q.first + 1 end
+local function dq_push(q, v) local l = q.last + 1; q.last = l; q[l] = v end
+local function dq_push_front(q, v) local f = q.first - 1; q.first = f; q[f] = v end
+local function dq_peek(q) return q[q.first] end
+local function dq_pop(q)
+  local f = q.first
+  if f > q.last then return nil end
+  local v = q[f]
+  q[f] = nil
+  q.first = f + 1
+  return v
+end
+
+-- ---- errors and tracebacks -----------------------------------------------------------
+
+-- The worker's traceback stops where the pool called the task: frames below are the
+-- pool's own loop and would only mislead.
+local function traceback_of(e)
+  local tb = debug.traceback(tostring(e), 3)
+  local cut = tb:find("\n%s*luamp/pool%.lua:") or tb:find("\n%s*%[C%]: in function 'xpcall'")
+  return cut and tb:sub(1, cut - 1) or tb
+end
+
+local function remote_payload(e)
+  return {tostring(e), traceback_of(e), e}
+end
+
+local function remote_error(p, prefix)
+  if type(p) ~= "table" then p = {tostring(p), ""} end
+  local msg = tostring(p[1])
+  return core.error("Remote", (prefix or "") .. msg,
+    {remote_traceback = p[2], remote_error = p[3] == nil and msg or p[3]})
+end
+
+local function is_error(e, kind) return core.is_error(e, kind) end
+
+-- ---- progress line -------------------------------------------------------------------
+
+local function fmt_time(s)
+  if s ~= s or s == math.huge then return "?" end
+  s = math.floor(s + 0.5)
+  if s >= 3600 then return string.format("%d:%02d:%02d", s // 3600, s % 3600 // 60, s % 60) end
+  return string.format("%d:%02d", s // 60, s % 60)
+end
+
+local function progress_new(total)
+  if not core.isatty(2) then return nil end
+  return {t0 = now(), last = 0, total = total}
+end
+
+local function progress_draw(p, done, final)
+  local t = now()
+  if not final and t - p.last < 0.1 then return end
+  p.last = t
+  local el = t - p.t0
+  local rate = el > 0 and done / el or 0
+  local line
+  if p.total then
+    local pct = p.total > 0 and done * 100 // p.total or 100
+    local eta = rate > 0 and (p.total - done) / rate or math.huge
+    line = string.format("%d/%d (%d%%) %.1f/s ETA %s", done, p.total, pct, rate,
+      final and "0:00" or fmt_time(eta))
+  else
+    line = string.format("%d done %.1f/s %s", done, rate, fmt_time(el))
+  end
+  io.stderr:write("\r", line, "\27[K", final and "\n" or "")
+  io.stderr:flush()
+end
+
+-- ---- the worker process --------------------------------------------------------------
+
+-- Runs one chunk; returns its results (apply: table.pack of the function's results).
+local function exec_chunk(f, mode, n, abytes)
+  if type(f) == "table" and f.bad then error(f.bad, 0) end
+  if f == nil then error("internal: unknown function id", 0) end
+  local args = loads(abytes)
+  if mode == APPLY then
+    return table.pack(f(unpack(args, 1, args.n or #args)))
+  end
+  local out = core.table_new(n)
+  if mode == MAP then
+    for i = 1, n do out[i] = f(args[i]) end
+  else
+    for i = 1, n do
+      local a = args[i]
+      if type(a) ~= "table" then error("starmap: item " .. i .. " is not an argument list", 0) end
+      out[i] = f(unpack(a, 1, a.n or #a))
+    end
+  end
+  return out
+end
+
+local function worker_loop(conn, maxtasks)
+  local fns = {}
+  local done = 0
+  while true do
+    -- waiting in poll first saves the receive that would find nothing yet
+    local ok, bytes = pcall(conn.poll, conn, math.huge)
+    if ok then ok, bytes = pcall(conn.recv_bytes, conn) end
+    if not ok then return 0 end            -- EOF: the parent is gone
+    local msg = loads(bytes)
+    if not msg then return 0 end           -- stop
+    local defs, drops = msg[1], msg[2]
+    if drops then for _, id in ipairs(drops) do fns[id] = nil end end
+    if defs then
+      for i = 1, #defs, 2 do
+        local okf, f = pcall(loads, defs[i + 1])
+        fns[defs[i]] = okf and f or {bad = f}
+      end
+    end
+    for i = 3, #msg, 6 do
+      local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
+      local abytes = msg[i + 5]
+      if not abytes then
+        local okr, data = pcall(conn.recv_bytes, conn)
+        if not okr then return 0 end
+        abytes = data
+      end
+      local t0 = now()
+      local okc, res = xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
+      local dt = now() - t0
+      io.stdout:flush()
+      local oke, out = pcall(dumps, {jobid, k, okc, dt, res})
+      if not oke then
+        if okc then
+          out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
+        else
+          -- the error value cannot cross: its string stands in for it
+          out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+        end
+      end
+      if not pcall(conn.send_bytes, conn, out) then return 0 end
+      done = done + 1
+      if maxtasks and done >= maxtasks then return 0 end
+    end
+  end
+end
+
+-- Entry of a worker process (runs in the child after fork).
+local function worker_main(st, parent_end, conn)
+  core.worker_setup()
+  parent_end:close()
+  -- ends that belong to the parent: holding them would keep sockets alive
+  for _, w in ipairs(st.workers) do pcall(w.conn.close, w.conn) end
+  if st.initializer then
+    local ok, e = xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
+    if not ok then
+      local okd, out = pcall(dumps, e)
+      if not okd then out = dumps({e[1], e[2]}) end
+      pcall(conn.send_bytes, conn, out)
+      return 1
+    end
+  end
+  if not pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
+  return worker_loop(conn, st.maxtasks)
+end
+
+-- ---- parent side: functions ----------------------------------------------------------
+
+-- A function whose only upvalue (if any) is the global table cannot change: its encoding
+-- is cached for good. Others are re-encoded per call and keep their id while unchanged.
+local function is_fixed(f)
+  if type(f) ~= "function" then return false end
+  for i = 1, 255 do
+    local name, v = debug.getupvalue(f, i)
+    if name == nil then return true end
+    if v ~= _G then return false end
+  end
+  return false
+end
+
+local function func_entry(st, f)
+  local e = st.fcache[f]
+  if e and e.fixed then return e end
+  local bytes = dumps(f)
+  if e and e.bytes == bytes then return e end
+  st.next_fid = st.next_fid + 1
+  e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est}
+  st.fcache[f] = e
+  return e
+end
+
+local function check_callable(f, what)
+  if type(f) == "function" then return end
+  local mt = getmetatable(f)
+  if type(mt) == "table" and mt.__call then return end
+  raise("Value", what .. ": expected a function, got " .. type(f))
+end
+
+-- ---- parent side: jobs ---------------------------------------------------------------
+
+local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended
+
+local function job_finish(st, job, ok, value)
+  if job.ready then return end
+  job.ready, job.ok, job.value = true, ok, value
+  job.exhausted = true
+  job.retry = dq_new()
+  st.jobs[job.id] = nil
+  st.njobs = st.njobs - 1
+  if job.progress then progress_draw(job.progress, job.done_items, true); job.progress = nil end
+  if ok and job.callback then
+    if job.kind == "apply" then queue_callback(st, job.callback, unpack(value, 1, value.n))
+    else queue_callback(st, job.callback, value) end
+  elseif not ok and job.error_callback then
+    queue_callback(st, job.error_callback, value)
+  end
+end
+
+-- A chunk of an imap failed: its first position raises err, the rest are skipped.
+local function imap_mark_error(job, c, err)
+  if job.ordered then
+    job.buf[c.first] = setmetatable({err = err, skip = c.n}, FAILED)
+  else
+    dq_push(job.uq, setmetatable({err = err, skip = c.n}, FAILED))
+  end
+  job.done_items = job.done_items + c.n
+end
+
+local function chunk_failed(st, job, c, err)
+  if job.ready or job.cancelled then return end
+  if job.kind == "imap" then
+    imap_mark_error(job, c, err)
+  else
+    job_finish(st, job, false, err)
+  end
+end
+
+local function chunk_ok(st, job, c, res)
+  if job.ready or job.cancelled then return end
+  local n = c.n
+  if job.kind == "apply" then
+    job.done_items = 1
+    job_finish(st, job, true, res)
+    return
+  end
+  if type(res) ~= "table" then
+    chunk_failed(st, job, c, core.error("Remote", "malformed result from a worker"))
+    return
+  end
+  job.done_items = job.done_items + n
+  if job.kind == "map" then
+    table.move(res, 1, n, c.first, job.results)
+    if job.progress then progress_draw(job.progress, job.done_items) end
+    if job.done_items >= job.total then job_finish(st, job, true, job.results) end
+  else
+    if job.ordered then
+      local buf, first = job.buf, c.first
+      for i = 1, n do
+        local v = res[i]
+        if v == nil then v = NIL end
+        buf[first + i - 1] = v
+      end
+    else
+      for i = 1, n do
+        local v = res[i]
+        if v == nil then v = NIL end
+        dq_push(job.uq, v)
+        dq_push(job.uq, c.first + i - 1)
+      end
+    end
+    if job.progress then progress_draw(job.progress, job.done_items) end
+  end
+end
+
+-- Makes the next chunk of a job: returns it, or nil (nothing now; `job.exhausted` tells
+-- whether there will ever be more).
+local function produce(st, job)
+  local c = dq_pop(job.retry)
+  if c then return c end
+  if job.exhausted then return nil end
+  if job.window and job.pulled - job.consumed >= job.window then return nil end
+  local first = job.pulled + 1
+  local args, n
+  if job.kind == "apply" then
+    -- encoded when submitted
+    job.exhausted, job.pulled, job.next_k = true, 1, 1
+    local bytes = job.abytes
+    job.abytes = nil
+    return {job = job, k = 1, first = 1, n = 1, bytes = bytes}
+  elseif job.list then
+    local last = math.min(job.len, first + job.chunksize - 1)
+    n = last - first + 1
+    if n <= 0 then job.exhausted = true; return nil end
+    if n >= SCRATCH_MIN then
+      -- one table per job, refilled: a fresh one per chunk would fault in new pages
+      args = core.table_slice(job.list, first, last, job.scratch, job.scratch_n)
+      job.scratch, job.scratch_n = args, n
+    else
+      args = core.table_slice(job.list, first, last)
+    end
+    if last >= job.len then job.exhausted = true end
+  else
+    args, n = {}, 0
+    local iter = job.iter
+    for _ = 1, job.chunksize do
+      local ok, v = pcall(iter)
+      if not ok then
+        job.input_error, job.exhausted = {v}, true
+        break
+      end
+      if v == nil then job.exhausted = true; break end
+      n = n + 1
+      args[n] = v
+    end
+    if n == 0 then return nil end
+  end
+  job.pulled = job.pulled + n
+  job.next_k = job.next_k + 1
+  c = {job = job, k = job.next_k, first = first, n = n}
+  local ok, bytes = pcall(dumps, args)
+  if not ok then
+    if job.kind == "imap" then
+      chunk_failed(st, job, c, bytes)
+      return produce(st, job)
+    end
+    job_finish(st, job, false, bytes)
+    return nil
+  end
+  c.bytes = bytes
+  return c
+end
+
+-- The oldest job that can make a chunk now (jobs whose imap window is full are passed
+-- over); jobs that will never make one again leave the feed.
+local function feed_head(st)
+  local feed = st.feed
+  local i = feed.first
+  while i <= feed.last do
+    local job = feed[i]
+    if job then
+      local more = dq_len(job.retry) > 0 or not job.exhausted
+      if more and not job.cancelled and not job.ready then
+        if dq_len(job.retry) > 0 or not job.window or job.pulled - job.consumed < job.window then
+          return job
+        end
+      else
+        job.feeding = false
+        feed[i] = false
+      end
+    end
+    if not feed[i] and i == feed.first then dq_pop(feed) end
+    i = i + 1
+  end
+  return nil
+end
+
+local function feed_job(st, job, front)
+  if job.feeding then return end
+  job.feeding = true
+  if front then dq_push_front(st.feed, job) else dq_push(st.feed, job) end
+end
+
+-- ---- parent side: workers ------------------------------------------------------------
+
+local function rebuild_fds(st)
+  local fds, by_fd = {}, {}
+  for _, w in ipairs(st.workers) do
+    if not w.eof then fds[#fds + 1] = w.cfd; by_fd[w.cfd] = w end
+    if w.sfd and w.sfd >= 0 then fds[#fds + 1] = w.sfd; by_fd[w.sfd] = w end
+  end
+  st.fds, st.by_fd, st.fds_dirty = fds, by_fd, false
+end
+
+local function unregister(st, w)
+  core.pump_remove(w.cfd)
+  if w.sfd and w.sfd >= 0 then core.pump_remove(w.sfd) end
+  st.fds_dirty = true
+end
+
+function spawn(st)
+  local a, b = Pipe()
+  local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
+             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0}
+  local ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")
+  b:close()
+  if not ok then a:close(); error(h, 0) end
+  w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
+  st.workers[#st.workers + 1] = w
+  core.pump_add(w.cfd, st.pump)
+  if w.sfd and w.sfd >= 0 then core.pump_add(w.sfd, st.pump) end
+  st.fds_dirty = true
+  return w
+end
+
+local function remove_worker(st, w)
+  for i, x in ipairs(st.workers) do
+    if x == w then table.remove(st.workers, i); break end
+  end
+  unregister(st, w)
+  w.dead = true
+  pcall(w.conn.close, w.conn)
+  pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
+end
+
+-- Chunks not yet handed out: the rest of job, and at least one per other waiting job.
+local function backlog(st, job)
+  local n = dq_len(job.retry) + dq_len(st.feed) - 1
+  if job.list and not job.exhausted then
+    n = n + (job.len - job.pulled + job.chunksize - 1) // job.chunksize
+  end
+  return n
+end
+
+-- How many chunks of job may be sent to w now. An idle worker always takes one. A busy
+-- one takes more only when they are known to be short: up to PREFETCH_TIME of queued
+-- work (topped up once half of it is done, so that one message carries many), or a
+-- single long chunk waiting behind the running one while there is work enough for every
+-- worker. So the worker does not wait for the parent between chunks, and no chunk waits
+-- behind a long task while another worker is idle.
+local function capacity(st, w, job)
+  if w.dead or w.stopping or w.sending or w.broken then return 0 end
+  local held = dq_len(w.inflight)
+  local room = MAX_AHEAD - held
+  if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
+  if room <= 0 then return 0 end
+  local est = job.fe.est
+  if not est then return held == 0 and 1 or 0 end
+  local per = math.max(est * job.chunksize, 1e-7)
+  -- a fair share at most: the estimate comes from earlier chunks and may be far off
+  local left = backlog(st, job)
+  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // #st.workers))
+  if held == 0 then return math.max(1, math.min(room, want)) end
+  if w.unknown > 0 or w.ahead_bytes >= AHEAD_BYTES then return 0 end
+  if want >= 2 then
+    local budget = PREFETCH_TIME - w.queued_est - (now() - w.busy_since)
+    local n = math.min(room, want, math.floor(budget / per))
+    return n >= want // 2 and n or 0
+  end
+  if held == 1 and left >= 2 * #st.workers then return 1 end
+  return 0
+end
+
+-- Bookkeeping of a worker's queue: the work it holds, as far as it is known.
+local function queue_add(w, c)
+  local est = c.job.fe.est
+  if dq_len(w.inflight) == 0 then w.busy_since = now() end
+  dq_push(w.inflight, c)
+  if est then
+    c.est = est * c.n
+    w.queued_est = w.queued_est + c.est
+  else
+    w.unknown = w.unknown + 1
+  end
+end
+
+local function queue_pop(w)
+  local c = dq_pop(w.inflight)
+  if not c then return nil end
+  if c.est then w.queued_est = w.queued_est - c.est else w.unknown = w.unknown - 1 end
+  if dq_len(w.inflight) == 0 then w.queued_est = 0 end   -- no drift from float sums
+  w.busy_since = now()
+  w.ahead_bytes = w.ahead_bytes - (c.ahead or 0)
+  c.bytes = nil    -- kept until answered: a chunk of a worker that died is sent again
+  return c
+end
+
+local function remember_fn(w, fe, defs)
+  if w.known[fe.id] then return defs end
+  defs = defs or {}
+  defs[#defs + 1] = fe.id
+  defs[#defs + 1] = fe.bytes
+  w.known[fe.id] = true
+  dq_push(w.known_order, fe.id)
+  return defs
+end
+
+local function evict_fns(w, keep)
+  local drops
+  while dq_len(w.known_order) > FN_CACHE do
+    local id = dq_peek(w.known_order)
+    if keep[id] then break end
+    dq_pop(w.known_order)
+    w.known[id] = nil
+    drops = drops or {}
+    drops[#drops + 1] = id
+  end
+  return drops
+end
+
+local function send_message(conn, data, chunks)
+  conn:send_bytes(data)
+  for _, c in ipairs(chunks) do
+    if #c.bytes > INLINE_MAX then conn:send_bytes(c.bytes) end
+  end
+end
+
+-- Sends chunks (a list) to w as one message.
+local function send_chunks(st, w, chunks)
+  local msg = {false, false}
+  local defs
+  local keep = {}
+  for _, c in ipairs(chunks) do
+    local fe = c.job.fe
+    keep[fe.id] = true
+    defs = remember_fn(w, fe, defs)
+    local m = #msg
+    msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
+      c.job.id, c.k, fe.id, c.job.mode, c.n, #c.bytes <= INLINE_MAX and c.bytes
+  end
+  msg[1] = defs or false
+  msg[2] = evict_fns(w, keep) or false
+  local busy = dq_len(w.inflight) > 0
+  for _, c in ipairs(chunks) do
+    queue_add(w, c)
+    c.ahead = busy and #c.bytes or 0
+    w.ahead_bytes = w.ahead_bytes + c.ahead
+  end
+  w.sent = w.sent + #chunks
+  local data = dumps(msg)
+  w.sending = true
+  local ok, err = pcall(send_message, w.conn, data, chunks)
+  w.sending = false
+  if not ok then
+    if is_error(err, "Interrupted") then error(err, 0) end
+    -- the worker is gone: its sentinel will tell, and these chunks go with it
+    w.broken = true
+  end
+end
+
+-- Hands out chunks while some worker can take them: each goes to the worker holding
+-- the least; a batch carries further chunks of the same function when they are short.
+local function dispatch_round(st)
+  local job = feed_head(st)
+  if not job then return false end
+  local best, cap
+  for _, w in ipairs(st.workers) do
+    local c = capacity(st, w, job)
+    if c > 0 and (not best or dq_len(w.inflight) < dq_len(best.inflight)) then best, cap = w, c end
+  end
+  if not best then return false end
+  local batch, bytes = {}, 0
+  while #batch < cap and bytes < AHEAD_BYTES do
+    local j = feed_head(st)
+    if not j or (j ~= job and (j.fe ~= job.fe or j.chunksize ~= job.chunksize)) then break end
+    local c = produce(st, j)
+    if c then
+      batch[#batch + 1] = c
+      bytes = bytes + #c.bytes
+    end
+  end
+  if #batch > 0 then send_chunks(st, best, batch) end
+  return true
+end
+
+local function dispatch_rounds(st)
+  while dispatch_round(st) do end
+end
+
+function dispatch(st)
+  if st.dispatching or st.state == "TERMINATE" or st.broken then return end
+  if st.feed.first > st.feed.last then return end
+  st.dispatching = true
+  local ok, err = pcall(dispatch_rounds, st)
+  st.dispatching = false
+  if not ok then error(err, 0) end
+end
+
+-- Every unfinished job fails with err; undispatched work is dropped.
+local function fail_all(st, err)
+  local list = {}
+  for _, job in pairs(st.jobs) do list[#list + 1] = job end
+  table.sort(list, function(a, b) return a.id < b.id end)
+  for _, job in ipairs(list) do
+    if job.kind == "imap" then
+      job.failed = err
+      job.exhausted = true
+      job.retry = dq_new()
+      st.jobs[job.id] = nil
+      st.njobs = st.njobs - 1
+    else
+      job_finish(st, job, false, err)
+    end
+  end
+  st.feed = dq_new()
+end
+
+-- A result message from w (raw bytes) for chunk c, the head of w's queue.
+local function on_result(st, w, c, data)
+  local ok, msg = pcall(loads, data)
+  if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
+    return false
+  end
+  local fe, dt = c.job.fe, msg[4]
+  if math.type(dt) == "float" and c.n > 0 then
+    local per = dt / c.n
+    fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
+  end
+  if msg[3] then chunk_ok(st, c.job, c, msg[5])
+  else chunk_failed(st, c.job, c, remote_error(msg[5])) end
+  return true
+end
+
+local function on_init_message(st, w, data)
+  local ok, msg = pcall(loads, data)
+  if ok and msg == true then return end
+  local err = remote_error(ok and msg or {"garbled initializer report"}, "pool initializer raised: ")
+  if not st.broken then
+    st.broken = err
+    fail_all(st, err)
+    -- nothing more will run: the healthy workers are told to go
+    for _, x in ipairs(st.workers) do
+      if not x.stopping then
+        x.stopping = true
+        pcall(x.conn.send_bytes, x.conn, dumps(false))
+      end
+    end
+  end
+end
+
+-- Reads every message w has for us; results are taken off w's queue first and decoded
+-- after the freed worker has been given new work.
+local function drain_messages(st, w, ready)
+  local got = {}
+  local conn = w.conn
+  local resets = 0
+  w.drained = st.round
+  while not w.dead do
+    if not ready then
+      -- a worker that owes us nothing has nothing more to say (but EOF, which the next
+      -- wait reports): no system call to ask
+      if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
+      local okp, more = pcall(conn.poll, conn)
+      if not okp or not more then break end
+    end
+    ready = false
+    local ok, data = pcall(conn.recv_bytes, conn)
+    if not ok and not is_error(data, "EOF") and not is_error(data, "Interrupted") and resets < 3 then
+      -- a worker that dies with our messages unread resets the socket: the kernel
+      -- reports that once, ahead of what the worker sent before it died
+      resets = resets + 1
+      goto continue
+    end
+    if not ok then
+      if is_error(data, "Interrupted") then error(data, 0) end
+      if not w.dead then
+        w.eof = true
+        st.fds_dirty = true
+        core.pump_remove(w.cfd)
+      end
+      break
+    end
+    if not w.init_seen then
+      w.init_seen = true
+      on_init_message(st, w, data)
+    else
+      local c = queue_pop(w)
+      if not c then
+        w.garbled = true
+        break
+      end
+      got[#got + 1] = c
+      got[#got + 1] = data
+    end
+    ::continue::
+  end
+  if #got > 0 then dispatch(st) end
+  for i = 1, #got, 2 do
+    if not on_result(st, w, got[i], got[i + 1]) then
+      w.garbled = true
+      chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
+        "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
+    end
+  end
+end
+
+local function drain(st, w, ready)
+  -- not re-entered: a receive waiting for the rest of a message runs other pumps
+  if w.eof or w.dead or w.reading then return end
+  w.reading = true
+  local ok, err = pcall(drain_messages, st, w, ready)
+  w.reading = false
+  if not ok then error(err, 0) end
+  local code = w.ended_code
+  if code ~= nil then
+    -- it ended while we were reading: now that all it sent is in, settle its account
+    w.ended_code = nil
+    worker_ended(st, w, code)
+    return
+  end
+  if w.garbled and not w.killed then
+    -- a worker that breaks the protocol cannot be trusted with more work
+    w.killed = true
+    pcall(w.handle.signal, w.handle, core.SIGKILL)
+  end
+end
+
+-- Replaces workers up to the pool size while there is a reason to.
+local function repopulate(st)
+  if st.state == "TERMINATE" or st.broken then return end
+  if st.state == "CLOSE" and st.njobs == 0 then return end
+  while #st.workers < st.processes do spawn(st) end
+end
+
+-- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
+function worker_ended(st, w, code)
+  if w.dead then return end
+  drain(st, w)
+  remove_worker(st, w)
+  local c = dq_pop(w.inflight)
+  if c then
+    local err = st.broken or core.error("WorkerLost", string.format(
+      "worker %d died while running a task (exitcode %s)", w.pid, tostring(code)),
+      {pid = w.pid, exitcode = code})
+    chunk_failed(st, c.job, c, err)
+    -- the rest never started: back to the front, in order
+    local rest = {}
+    while true do
+      local r = dq_pop(w.inflight)
+      if not r then break end
+      rest[#rest + 1] = r
+    end
+    for i = #rest, 1, -1 do
+      local r = rest[i]
+      local job = r.job
+      if not job.ready and not job.cancelled and not job.failed then
+        dq_push_front(job.retry, r)
+        feed_job(st, job, true)
+      end
+    end
+  end
+  repopulate(st)
+  dispatch(st)
+end
+
+local function check_ended(st, w)
+  if w.dead then return end
+  local ok, code = pcall(w.handle.poll, w.handle)
+  if not ok or code == nil then return end
+  if w.reading then w.ended_code = code; return end
+  worker_ended(st, w, code)
+end
+
+local function send_stops(st)
+  if st.state ~= "CLOSE" or st.njobs > 0 then return end
+  for _, w in ipairs(st.workers) do
+    if not w.stopping and not w.dead then
+      w.stopping = true
+      pcall(w.conn.send_bytes, w.conn, dumps(false))
+    end
+  end
+end
+
+function queue_callback(st, fn, ...)
+  dq_push(st.callbacks, table.pack(fn, ...))
+end
+
+local function callback_handler(e)
+  if is_error(e, "Interrupted") then return e end
+  return traceback_of(e)
+end
+
+local function run_callbacks(st)
+  local interrupted
+  while true do
+    local cb = dq_pop(st.callbacks)
+    if not cb then break end
+    local ok, err = xpcall(cb[1], callback_handler, unpack(cb, 2, cb.n))
+    if not ok then
+      if is_error(err, "Interrupted") then
+        interrupted = err
+      else
+        io.stderr:write("luamp: error in a pool callback: ", tostring(err), "\n")
+        io.stderr:flush()
+      end
+    end
+  end
+  if interrupted then error(interrupted, 0) end
+end
+
+-- After anything happened: feed the workers, stop them when closed and idle, callbacks.
+local function settle(st)
+  dispatch(st)
+  send_stops(st)
+  -- data a send drained into a connection's buffer does not make its fd readable
+  for _, w in ipairs(st.workers) do
+    if not w.eof and not w.dead and w.conn:_ready_now() then drain(st, w) end
+  end
+  run_callbacks(st)
+end
+
+-- One fd of this pool is ready (called from the pool's waits and as a pump). `fresh`:
+-- the wait that reported it has just returned, so a connection nobody has read from
+-- since then surely has a message (or EOF) and needs no poll before the receive.
+function service_fd(st, fd, fresh)
+  if st.state == "TERMINATE" and #st.workers == 0 then return end
+  local w = st.by_fd and st.by_fd[fd]
+  if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
+  if not w then return end
+  if fd == w.cfd and not w.eof then
+    drain(st, w, fresh and w.drained ~= st.round)
+    if w.eof then check_ended(st, w) end
+  else
+    check_ended(st, w)
+  end
+end
+
+-- ---- waiting -------------------------------------------------------------------------
+
+local function check_owner(st)
+  if st.owner ~= core.getpid() then
+    raise("Value", "a pool can only be used by the process that created it")
+  end
+end
+
+-- Waits until something happens in the pool (or the deadline passes) and handles it.
+local function wait_once(st, deadline)
+  if st.fds_dirty then rebuild_fds(st) end
+  local fds = st.fds
+  local timeout
+  if deadline then timeout = math.max(0, deadline - now()) end
+  local tick = false
+  for _, w in ipairs(st.workers) do
+    if not w.sfd or w.sfd < 0 then tick = true end
+  end
+  if tick then timeout = math.min(timeout or 0.05, 0.05) end
+  if #fds == 0 and not tick and not deadline then
+    raise("Value", "pool has no workers left to wait for")
+  end
+  local ok, ready = pcall(core.wait_fds, fds, timeout)
+  if not ok then
+    if is_error(ready, "Interrupted") then
+      terminate(st)
+    end
+    error(ready, 0)
+  end
+  st.round = st.round + 1
+  for _, fd in ipairs(ready) do service_fd(st, fd, true) end
+  if tick then
+    for _, w in ipairs(st.workers) do check_ended(st, w) end
+  end
+  settle(st)
+end
+
+-- Waits until done() is true; returns false on timeout.
+local function wait_until(st, done, timeout)
+  U.check_timeout("wait", timeout)
+  local deadline = timeout and now() + math.max(timeout, 0)
+  settle(st)
+  while not done() do
+    if deadline and now() >= deadline then return false end
+    wait_once(st, deadline)
+  end
+  return true
+end
+
+-- ---- terminate -----------------------------------------------------------------------
+
+function terminate(st)
+  if st.owner ~= core.getpid() then return end
+  if st.state == "TERMINATE" and #st.workers == 0 then return end
+  st.state = "TERMINATE"
+  local closed = core.error("Closed", "the pool was terminated")
+  fail_all(st, closed)
+  st.callbacks = dq_new()
+  local ws = {}
+  for i, w in ipairs(st.workers) do ws[i] = w end
+  for _, w in ipairs(ws) do
+    unregister(st, w)
+    pcall(w.handle.signal, w.handle, core.SIGTERM)
+  end
+  local interrupted
+  local deadline = now() + TERM_GRACE
+  for _, w in ipairs(ws) do
+    local left = math.max(0, deadline - now())
+    local ok, code = pcall(w.handle.wait, w.handle, left)
+    if not ok and is_error(code, "Interrupted") then interrupted = code; ok, code = true, nil end
+    if ok and code == nil then
+      pcall(w.handle.signal, w.handle, core.SIGKILL)
+      ok, code = pcall(w.handle.wait, w.handle, 5)
+      if not ok and is_error(code, "Interrupted") then interrupted = code end
+    end
+  end
+  for _, w in ipairs(ws) do remove_worker(st, w) end
+  if interrupted then error(interrupted, 0) end
+end
+
+-- ---- AsyncResult ---------------------------------------------------------------------
+
+local AsyncResult = {}
+AsyncResult.__index = AsyncResult
+AsyncResult.__name = "luamp.AsyncResult"
+
+-- A result or iterator object holds its job under a key only this file has (a weak
+-- table from objects to jobs would cost the collector an ephemeron pass per result).
+local JOB = setmetatable({}, {__name = "luamp.pool.job"})
+
+function AsyncResult:ready()
+  return self[JOB].ready == true
+end
+
+function AsyncResult:wait(timeout)
+  local job = self[JOB]
+  if job.ready then return end
+  check_owner(job.st)
+  wait_until(job.st, function() return job.ready end, timeout)
+end
+
+function AsyncResult:get(timeout)
+  local job = self[JOB]
+  if not job.ready then
+    check_owner(job.st)
+    if not wait_until(job.st, function() return job.ready end, timeout) then
+      raise("Timeout", string.format("result not ready after %g s", timeout))
+    end
+  end
+  if not job.ok then error(job.value, 0) end
+  if job.kind == "apply" then return unpack(job.value, 1, job.value.n) end
+  return job.value
+end
+
+function AsyncResult:successful()
+  local job = self[JOB]
+  if not job.ready then raise("Value", "result is not ready") end
+  return job.ok
+end
+
+AsyncResult.__tostring = function(self)
+  local job = self[JOB]
+  if not job.ready then return "<AsyncResult ready=false>" end
+  return string.format("<AsyncResult ready=true successful=%s>", tostring(job.ok))
+end
+
+-- ---- IMapIterator --------------------------------------------------------------------
+
+local IMap = {}
+IMap.__index = IMap
+IMap.__name = "luamp.IMapIterator"
+
+local function imap_take(job)
+  if job.ordered then
+    local pos = job.yielded + 1
+    local v = job.buf[pos]
+    if v == nil then return false end
+    job.buf[pos] = nil
+    if getmetatable(v) == FAILED then
+      job.yielded = job.yielded + v.skip
+      job.consumed = job.consumed + v.skip
+      return true, nil, nil, v.err
+    end
+    job.yielded = pos
+    job.consumed = job.consumed + 1
+    if v == NIL then v = nil end
+    return true, v, pos
+  end
+  local v = dq_pop(job.uq)
+  if v == nil then return false end
+  if getmetatable(v) == FAILED then
+    job.yielded = job.yielded + v.skip
+    job.consumed = job.consumed + v.skip
+    return true, nil, nil, v.err
+  end
+  local pos = dq_pop(job.uq)
+  job.yielded = job.yielded + 1
+  job.consumed = job.consumed + 1
+  if v == NIL then v = nil end
+  return true, v, pos
+end
+
+local function imap_finished(job)
+  return job.exhausted and dq_len(job.retry) == 0 and job.yielded >= job.pulled
+end
+
+local function imap_end(st, job)
+  if job.ended then return end
+  job.ended = true
+  if st.jobs[job.id] then
+    st.jobs[job.id] = nil
+    st.njobs = st.njobs - 1
+  end
+  if job.progress then progress_draw(job.progress, job.done_items, true); job.progress = nil end
+end
+
+-- it:next([timeout]) -> value, input index; nothing at the end. Raises Timeout, the
+-- error of a task (Remote, WorkerLost) at its place, or the input iterator's error.
+function IMap:next(timeout)
+  local job = self[JOB]
+  local st = job.st
+  if job.ended then return end
+  check_owner(st)
+  local deadline = timeout and now() + math.max(timeout, 0)
+  U.check_timeout("next", timeout)
+  while true do
+    local got, v, pos, err = imap_take(job)
+    if got then
+      settle(st)   -- the window moved: more input may go out
+      if err ~= nil then error(err, 0) end
+      return v, pos
+    end
+    if job.failed then imap_end(st, job); error(job.failed, 0) end
+    if imap_finished(job) then
+      imap_end(st, job)
+      settle(st)
+      if job.input_error then error(job.input_error[1], 0) end
+      return
+    end
+    if deadline and now() >= deadline then
+      raise("Timeout", string.format("no result within %g s", timeout))
+    end
+    wait_once(st, deadline)
+  end
+end
+
+IMap.__call = function(self) return self:next() end
+
+-- Leaving a for loop early (break, error) cancels what is left.
+IMap.__close = function(self)
+  local job = self[JOB]
+  if job.ended then return end
+  job.cancelled = true
+  job.exhausted = true
+  job.retry = dq_new()
+  imap_end(job.st, job)
+end
+
+IMap.__gc = IMap.__close
+
+IMap.__tostring = function(self)
+  local job = self[JOB]
+  return string.format("<IMapIterator%s done=%d>", job.ordered and "" or " unordered", job.yielded)
+end
+
+-- ---- Pool ----------------------------------------------------------------------------
+
+local Pool = {}
+local Pool_mt = {__index = Pool, __name = "luamp.Pool"}
+local S = setmetatable({}, {__mode = "k"})   -- Pool object -> state
+
+local function state_of(self)
+  local st = S[self]
+  if not st then raise("Value", "not a Pool") end
+  check_owner(st)
+  return st
+end
+
+local function check_running(st)
+  if st.broken then error(st.broken, 0) end
+  if st.state ~= "RUN" then raise("Value", "Pool not running") end
+end
+
+local function new_job(self, st, kind, f, mode)
+  st.next_job = st.next_job + 1
+  local job = {
+    st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
+    fe = func_entry(st, f),
+    pulled = 0, consumed = 0, next_k = 0, done_items = 0,
+    retry = dq_new(),
+  }
+  st.jobs[job.id] = job
+  st.njobs = st.njobs + 1
+  return job
+end
+
+local function submit(st, job)
+  feed_job(st, job)
+  dispatch(st)
+end
+
+local function sequence_len(list, what)
+  if type(list) ~= "table" then
+    raise("Value", what .. ": expected a sequence (table) or an iterator function, got " .. type(list))
+  end
+  local n = list.n
+  if math.type(n) == "integer" and n >= 0 then return n end
+  return #list
+end
+
+-- Options after the function and list: a number (chunksize) or a table.
+local function call_options(what, opts, known)
+  if opts == nil then return {} end
+  if math.type(opts) == "integer" then return {chunksize = opts} end
+  if type(opts) ~= "table" then raise("Value", what .. ": expected a chunksize or an options table") end
+  for k in pairs(opts) do
+    if not known[k] then raise("Value", string.format("%s: unknown option '%s'", what, tostring(k))) end
+  end
+  return opts
+end
+
+local function check_chunksize(what, cs)
+  if cs ~= nil and (math.type(cs) ~= "integer" or cs < 1) then
+    raise("Value", what .. ": chunksize must be a positive integer")
+  end
+  return cs
+end
+
+local function check_fn_opt(what, name, v)
+  if v ~= nil then check_callable(v, what .. ": " .. name) end
+  return v
+end
+
+local map_known = {chunksize = true, callback = true, error_callback = true, progress = true}
+
+local function map_job(self, what, f, list, opts, mode)
+  local st = state_of(self)
+  check_running(st)
+  check_callable(f, what)
+  opts = call_options(what, opts, map_known)
+  check_chunksize(what, opts.chunksize)
+  if type(list) == "function" then
+    -- map needs the length: the input is taken now, and its errors surface here as-is
+    local items, n = {}, 0
+    for v in list do n = n + 1; items[n] = v end
+    list = items
+    list.n = n
+  end
+  local len = sequence_len(list, what)
+  if mode == STAR then
+    for i = 1, len do
+      if type(list[i]) ~= "table" then
+        raise("Value", string.format("%s: item %d is not an argument list", what, i))
+      end
+    end
+  end
+  local job = new_job(self, st, "map", f, mode)
+  job.list, job.len, job.total = list, len, len
+  local cs = opts.chunksize
+  if not cs then
+    -- as Python computes it: about four chunks per worker
+    local div = st.processes * 4
+    cs = math.max(1, len // div + (len % div > 0 and 1 or 0))
+  end
+  job.chunksize = cs
+  job.results = core.table_new(len)
+  job.results.n = len
+  job.callback = check_fn_opt(what, "callback", opts.callback)
+  job.error_callback = check_fn_opt(what, "error_callback", opts.error_callback)
+  if opts.progress then job.progress = progress_new(len) end
+  local res = setmetatable({[JOB] = job}, AsyncResult)
+  if len == 0 then
+    job_finish(st, job, true, job.results)
+    run_callbacks(st)
+    return res
+  end
+  submit(st, job)
+  return res
+end
+
+local apply_known = {callback = true, error_callback = true}
+local EMPTY = {}
+
+function Pool:apply_async(f, args, opts)
+  local st = state_of(self)
+  check_running(st)
+  check_callable(f, "apply_async")
+  if args ~= nil and type(args) ~= "table" then raise("Value", "apply_async: args must be a table") end
+  if type(opts) == "function" then opts = {callback = opts} end
+  local cb, ecb
+  if opts ~= nil then
+    opts = call_options("apply_async", opts, apply_known)
+    cb = check_fn_opt("apply_async", "callback", opts.callback)
+    ecb = check_fn_opt("apply_async", "error_callback", opts.error_callback)
+  end
+  -- encoded now: changes the caller makes to args afterwards do not reach the task, and
+  -- an argument that cannot cross is reported here
+  local abytes = dumps(args or EMPTY)
+  local job = new_job(self, st, "apply", f, APPLY)
+  job.abytes = abytes
+  job.total = 1
+  job.callback, job.error_callback = cb, ecb
+  job.chunksize = 1
+  local res = setmetatable({[JOB] = job}, AsyncResult)
+  submit(st, job)
+  return res
+end
+
+function Pool:apply(f, args)
+  return self:apply_async(f, args):get()
+end
+
+function Pool:map_async(f, list, opts)
+  return map_job(self, "map_async", f, list, opts, MAP)
+end
+
+function Pool:starmap_async(f, list, opts)
+  return map_job(self, "starmap_async", f, list, opts, STAR)
+end
+
+local function blocking_map(self, what, f, list, opts, mode)
+  if opts ~= nil and type(opts) == "table" and (opts.callback or opts.error_callback) then
+    raise("Value", what .. ": callbacks belong to " .. what .. "_async")
+  end
+  local res = map_job(self, what, f, list, opts, mode)
+  local ok, v = pcall(res.get, res)
+  local job = res[JOB]
+  if job.progress and not job.ready then progress_draw(job.progress, job.done_items, true) end
+  if not ok then error(v, 0) end
+  return v
+end
+
+function Pool:map(f, list, opts) return blocking_map(self, "map", f, list, opts, MAP) end
+function Pool:starmap(f, list, opts) return blocking_map(self, "starmap", f, list, opts, STAR) end
+
+local imap_known = {chunksize = true, progress = true}
+
+local function imap(self, what, f, list, opts, ordered)
+  local st = state_of(self)
+  check_running(st)
+  check_callable(f, what)
+  opts = call_options(what, opts, imap_known)
+  local cs = check_chunksize(what, opts.chunksize) or 1
+  local job = new_job(self, st, "imap", f, MAP)
+  job.chunksize = cs
+  job.ordered = ordered
+  job.buf = {}
+  job.uq = dq_new()
+  job.yielded = 0
+  job.window = cs * math.max(st.processes * 8, 64)
+  if type(list) == "function" then
+    job.iter = list
+  else
+    job.list = list
+    job.len = sequence_len(list, what)
+    job.total = job.len
+  end
+  if opts.progress then job.progress = progress_new(job.total) end
+  local it = setmetatable({[JOB] = job}, IMap)
+  submit(st, job)
+  return it, nil, nil, it
+end
+
+function Pool:imap(f, list, opts) return imap(self, "imap", f, list, opts, true) end
+function Pool:imap_unordered(f, list, opts) return imap(self, "imap_unordered", f, list, opts, false) end
+
+function Pool:close()
+  local st = state_of(self)
+  if st.state == "RUN" then
+    st.state = "CLOSE"
+    -- as in Python, what was submitted still runs: imaps now take all their input
+    for _, job in pairs(st.jobs) do job.window = nil end
+    settle(st)
+  end
+end
+
+function Pool:terminate()
+  terminate(state_of(self))
+end
+
+function Pool:join()
+  local st = state_of(self)
+  if st.state == "RUN" then raise("Value", "join: the pool is still running (close or terminate it first)") end
+  wait_until(st, function() return #st.workers == 0 end)
+end
+
+Pool_mt.__tostring = function(self)
+  local st = S[self]
+  return string.format("<Pool processes=%d state=%s>", st.processes, st.state)
+end
+
+Pool_mt.__close = function(self) terminate(S[self]) end
+
+Pool_mt.__gc = function(self)
+  local st = S[self]
+  if st and st.owner == core.getpid() and st.state ~= "TERMINATE" then
+    pcall(terminate, st)
+  end
+end
+
+Pool_mt.__index = function(self, k)
+  if k == "processes" then return S[self].processes end
+  if k == "state" then return S[self].state end
+  return Pool[k]
+end
+
+local pool_known = {processes = true, initializer = true, initargs = true, maxtasksperchild = true}
+
+local function new_pool(opts)
+  opts = U.options("Pool", opts, "processes", pool_known)
+  local n = opts.processes
+  if n == nil then n = core.cpu_count() end
+  if math.type(n) ~= "integer" or n < 1 then raise("Value", "Pool: processes must be a positive integer") end
+  if opts.initializer ~= nil then check_callable(opts.initializer, "Pool: initializer") end
+  if opts.initargs ~= nil and type(opts.initargs) ~= "table" then raise("Value", "Pool: initargs must be a table") end
+  local mt = opts.maxtasksperchild
+  if mt ~= nil and (math.type(mt) ~= "integer" or mt < 1) then
+    raise("Value", "Pool: maxtasksperchild must be a positive integer")
+  end
+  if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
+  local st = {
+    owner = core.getpid(), processes = n, state = "RUN",
+    initializer = opts.initializer, initargs = opts.initargs, maxtasks = mt,
+    workers = {}, fds = {}, by_fd = {}, fds_dirty = true,
+    feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
+    fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
+    callbacks = dq_new(), round = 0,
+  }
+  st.pump = function(fd)
+    service_fd(st, fd)
+    settle(st)
+  end
+  local self = setmetatable({}, Pool_mt)
+  S[self] = st
+  local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)
+  if not ok then
+    terminate(st)
+    error(err, 0)
+  end
+  return self
+end
+
+local P = {}
+
+function P.Pool(opts) return new_pool(opts) end
+
+-- luamp.poll(): runs what is due in the background (pool results, callbacks) without
+-- waiting; returns how many sources had something.
+function P.poll() return core.pump_poll() end
+
+return P
