@@ -132,6 +132,11 @@ static int wait_fd(int fd, short events, double deadline, short *revents) {
 
 /* ---- sending --------------------------------------------------------------------------- */
 
+/* Errors after which a receive is simply tried again. ECONNRESET: when a peer exits with
+ * messages of ours unread, the kernel reports the reset once, and only the next receive
+ * yields the messages the peer sent before it died (then end of file). */
+static int recv_retry(int err) { return err == EINTR || err == ECONNRESET; }
+
 /* Moves every record waiting in the socket into rbuf (while our own send is stuck, so
  * that a peer blocked sending to us can finish and start reading). */
 static int drain_incoming(conn *c) {
@@ -151,7 +156,7 @@ static int drain_incoming(conn *c) {
     }
     ssize_t n;
     do n = recv(c->fd, c->rbuf + c->rbuf_len, CHUNK, MSG_DONTWAIT | MSG_TRUNC);
-    while (n < 0 && errno == EINTR);
+    while (n < 0 && recv_retry(errno));
     if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? T_OK : T_SYS;
     if (n == 0) return T_OK;               /* peer gone: our send will report it */
     if (n > CHUNK) { c->rx_broken = 1; return T_OK; }
@@ -225,7 +230,7 @@ static int rx_start(conn *c, double deadline, uint64_t maxlen, size_t *small, in
         break;
       }
       if (n == 0) return T_EOF;
-      if (errno == EINTR) continue;
+      if (recv_retry(errno)) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) return T_SYS;
       /* Another reader may take the record between poll and recv: then wait again. */
       int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
@@ -271,7 +276,7 @@ static int rx_continue(conn *c, double deadline) {
       continue;
     }
     if (n == 0) { rx_reset(c); return T_EOF; }
-    if (errno == EINTR) continue;
+    if (recv_retry(errno)) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return T_SYS;
     int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
     if (rc != T_OK) return rc;

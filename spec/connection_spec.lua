@@ -8,6 +8,16 @@ local function start(f, ...)
 end
 
 describe("Pipe", function()
+  it("still delivers what a peer sent before dying with our messages unread, then EOF", function()
+    local a, b = luamp.Pipe()
+    local p = start(function() b:send("last words"); os.exit(0) end)
+    a:send(string.rep("x", 1000))   -- the child never reads it: its exit resets the socket
+    p:join()
+    b:close()
+    assert.equal("last words", a:recv())
+    H.raises("EOF", a.recv, a)
+  end)
+
   it("gives two duplex ends that carry values both ways", function()
     local a, b = luamp.Pipe()
     assert.is_true(a.readable and a.writable and b.readable and b.writable)

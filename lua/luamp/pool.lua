@@ -675,7 +675,6 @@ end
 local function drain_messages(st, w, ready)
   local got = {}
   local conn = w.conn
-  local resets = 0
   w.drained = st.round
   while not w.dead do
     if not ready then
@@ -687,12 +686,6 @@ local function drain_messages(st, w, ready)
     end
     ready = false
     local ok, data = pcall(conn.recv_bytes, conn)
-    if not ok and not is_error(data, "EOF") and not is_error(data, "Interrupted") and resets < 3 then
-      -- a worker that dies with our messages unread resets the socket: the kernel
-      -- reports that once, ahead of what the worker sent before it died
-      resets = resets + 1
-      goto continue
-    end
     if not ok then
       if is_error(data, "Interrupted") then error(data, 0) end
       if not w.dead then
@@ -714,7 +707,6 @@ local function drain_messages(st, w, ready)
       got[#got + 1] = c
       got[#got + 1] = data
     end
-    ::continue::
   end
   if #got > 0 then dispatch(st) end
   for i = 1, #got, 2 do
