@@ -1358,3 +1358,12 @@ int luamp_open_codec(lua_State *L) {
   luaL_setfuncs(L, fns, 0);
   return 0;
 }
+
+lua_Integer luamp_handle_field(lua_State *L, int t, const char *what, const char *k) {
+  lua_getfield(L, t, k);
+  int ok;
+  lua_Integer v = lua_tointegerx(L, -1, &ok);
+  lua_pop(L, 1);
+  if (!ok) luamp_raise(L, "Value", "%s: bad field '%s'", what, k);
+  return v;
+}

@@ -561,23 +561,14 @@ static int l_handle(lua_State *L) {
   return 2;
 }
 
-static lua_Integer int_field(lua_State *L, int t, const char *k) {
-  lua_getfield(L, t, k);
-  int ok;
-  lua_Integer v = lua_tointegerx(L, -1, &ok);
-  lua_pop(L, 1);
-  if (!ok) luamp_raise(L, "Value", "Connection handle: bad field '%s'", k);
-  return v;
-}
-
 /* Rebuilds a Connection from its handle payload: a new object on a dup of the same
  * socket, if this process holds it (it inherited it by fork). */
 static int l_from_handle(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_Integer fd = int_field(L, 1, "fd");
-  lua_Integer ino = int_field(L, 1, "ino");
-  lua_Integer dev = int_field(L, 1, "dev");
-  lua_Integer pid = int_field(L, 1, "pid");
+  lua_Integer fd = luamp_handle_field(L, 1, "Connection handle", "fd");
+  lua_Integer ino = luamp_handle_field(L, 1, "Connection handle", "ino");
+  lua_Integer dev = luamp_handle_field(L, 1, "Connection handle", "dev");
+  lua_Integer pid = luamp_handle_field(L, 1, "Connection handle", "pid");
   lua_getfield(L, 1, "readable");
   int readable = lua_toboolean(L, -1);
   lua_getfield(L, 1, "writable");

@@ -104,6 +104,9 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
  * calling the function registered for type_name with _core.register_handle(type_name,
  * function(payload) -> obj). Registrations live in the registry table "luamp.handles". */
 #define LUAMP_HANDLES_KEY "luamp.handles"
+/* The integer field k of the handle payload table at t; Value error naming `what` if it
+ * is missing or not an integer (a payload from a confused or hostile peer). */
+lua_Integer luamp_handle_field(lua_State *L, int t, const char *what, const char *k);
 
 /* ---- processes (process.c) ------------------------------------------------------------ */
 

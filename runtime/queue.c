@@ -1011,15 +1011,6 @@ static int l_handle(lua_State *L) {
   return 2;
 }
 
-static lua_Integer int_field(lua_State *L, int t, const char *k) {
-  lua_getfield(L, t, k);
-  int ok;
-  lua_Integer v = lua_tointegerx(L, -1, &ok);
-  lua_pop(L, 1);
-  if (!ok) luamp_raise(L, "Value", "queue handle: bad field '%s'", k);
-  return v;
-}
-
 static int dup_fd(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 
 static void not_inherited(lua_State *L, int kind, lua_Integer pid) {
@@ -1032,11 +1023,11 @@ static void not_inherited(lua_State *L, int kind, lua_Integer pid) {
  * memfd is the queue's and the eventfds are the ones recorded in its header. */
 static int rebuild(lua_State *L, int kind) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_Integer fd = int_field(L, 1, "fd");
-  lua_Integer ino = int_field(L, 1, "ino");
-  lua_Integer dev = int_field(L, 1, "dev");
-  lua_Integer uuid = int_field(L, 1, "uuid");
-  lua_Integer pid = int_field(L, 1, "pid");
+  lua_Integer fd = luamp_handle_field(L, 1, "queue handle", "fd");
+  lua_Integer ino = luamp_handle_field(L, 1, "queue handle", "ino");
+  lua_Integer dev = luamp_handle_field(L, 1, "queue handle", "dev");
+  lua_Integer uuid = luamp_handle_field(L, 1, "queue handle", "uuid");
+  lua_Integer pid = luamp_handle_field(L, 1, "queue handle", "pid");
   lua_Integer efd[W_CLASSES];
   lua_getfield(L, 1, "efd");
   if (!lua_istable(L, -1)) luamp_raise(L, "Value", "queue handle: bad field 'efd'");

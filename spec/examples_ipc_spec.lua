@@ -1,11 +1,7 @@
 -- Runs the Queue and Pipe example ports in scripts/examples/ through the luamp host.
 local H = require "helper"
 
-local function example(name, ...)
-  local out, err, code = H.run({"scripts/examples/" .. name, ...})
-  assert.equal(0, code, err)
-  return out
-end
+local example = H.example
 
 -- The values of the lines matching pat (one capture), in order.
 local function captures(out, pat)

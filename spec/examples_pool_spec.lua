@@ -2,17 +2,9 @@
 -- sleeps passed as the first argument.
 local H = require "helper"
 
-local function example(name, ...)
-  local out, err, code = H.run({"scripts/examples/" .. name, ...})
-  assert.equal(0, code, err)
-  return out
-end
+local example = H.example
 
-local function lines(s)
-  local t = {}
-  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
-  return t
-end
+local lines = H.lines
 
 describe("Pool examples", function()
   it("pool_map_sleep: squares after the sleep", function()

@@ -1,11 +1,7 @@
 -- Runs the subprocess example ports in scripts/examples/ through the luamp host.
 local H = require "helper"
 
-local function example(name, ...)
-  local out, err, code = H.run({"scripts/examples/" .. name, ...})
-  assert.equal(0, code, err)
-  return out
-end
+local example = H.example
 
 describe("subprocess examples", function()
   it("subprocess_call: the command's output, then its exit code", function()

@@ -1,17 +1,9 @@
 -- Runs the synchronisation and shared-memory example ports in scripts/examples/.
 local H = require "helper"
 
-local function example(name, ...)
-  local out, err, code = H.run({"scripts/examples/" .. name, ...})
-  assert.equal(0, code, err)
-  return out
-end
+local example = H.example
 
-local function lines(s)
-  local t = {}
-  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
-  return t
-end
+local lines = H.lines
 
 local function count(list, pattern)
   local n = 0

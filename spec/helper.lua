@@ -60,6 +60,20 @@ function H.run(args, stdin)
   return out, err, code
 end
 
+-- Runs scripts/examples/<name> in the host, asserts it exited 0, returns its stdout.
+function H.example(name, ...)
+  local out, err, code = H.run({"scripts/examples/" .. name, ...})
+  if code ~= 0 then error(name .. " exited with " .. tostring(code) .. ":\n" .. err, 2) end
+  return out
+end
+
+-- The non-empty lines of s, as a list.
+function H.lines(s)
+  local t = {}
+  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
+  return t
+end
+
 -- Writes a Lua script to a temp file and returns its path.
 function H.script(src)
   local path = os.tmpname() .. ".lua"
