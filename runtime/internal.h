@@ -182,6 +182,10 @@ int luamp_open_arena(lua_State *L);
 int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
 void luamp_futex_wake(_Atomic uint32_t *word, int n);
 
+/* Runs fn (as a __gc) when L is closed, through a userdata kept in the registry under key.
+ * Installs it once per state: returns 1 if it was installed now, 0 if already there. */
+int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn);
+
 /* ---- host settings (module.c) -------------------------------------------------------- */
 struct uv_loop_s *luamp_loop(void);          /* the host's loop, or libuv's default */
 const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */

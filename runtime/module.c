@@ -62,19 +62,24 @@ static int finish_gc(lua_State *L) {
 
 static void at_process_exit(void) { luamp_children_finish(); }
 
-static void install_finish_hook(lua_State *L) {
-  static int atexit_done;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, "luamp.finish") != LUA_TNIL) {
+int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, key) != LUA_TNIL) {
     lua_pop(L, 1);
-    return;
+    return 0;
   }
   lua_pop(L, 1);
   lua_newuserdatauv(L, 1, 0);
   lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, finish_gc);
+  lua_pushcfunction(L, fn);
   lua_setfield(L, -2, "__gc");
   lua_setmetatable(L, -2);
-  lua_setfield(L, LUA_REGISTRYINDEX, "luamp.finish");
+  lua_setfield(L, LUA_REGISTRYINDEX, key);
+  return 1;
+}
+
+static void install_finish_hook(lua_State *L) {
+  static int atexit_done;
+  if (!luamp_on_close(L, "luamp.finish", finish_gc)) return;
   if (!atexit_done) {
     atexit(at_process_exit);
     atexit_done = 1;

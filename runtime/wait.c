@@ -389,22 +389,8 @@ static int pump_guard_gc(lua_State *L) {
   return 0;
 }
 
-static void install_pump_guard(lua_State *L) {
-  if (lua_getfield(L, LUA_REGISTRYINDEX, "luamp.pump_guard") != LUA_TNIL) {
-    lua_pop(L, 1);
-    return;
-  }
-  lua_pop(L, 1);
-  lua_newuserdatauv(L, 1, 0);
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, pump_guard_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  lua_setfield(L, LUA_REGISTRYINDEX, "luamp.pump_guard");
-}
-
 int luamp_open_wait(lua_State *L) {
-  install_pump_guard(L);
+  luamp_on_close(L, "luamp.pump_guard", pump_guard_gc);
   static const luaL_Reg fns[] = {
     {"pump_add", l_pump_add},
     {"pump_remove", l_pump_remove},
