@@ -1,11 +1,7 @@
 local H = require "helper"
 local luamp = H.luamp
 
-local function start(f, ...)
-  local p = luamp.Process{target = f, args = table.pack(...)}
-  p:start()
-  return p
-end
+local start = H.start
 
 describe("Pipe", function()
   it("still delivers what a peer sent before dying with our messages unread, then EOF", function()

@@ -60,6 +60,23 @@ function H.run(args, stdin)
   return out, err, code
 end
 
+-- Starts a Process running f(...) and returns it.
+function H.start(f, ...)
+  local p = H.luamp.Process{target = f, args = table.pack(...)}
+  p:start()
+  return p
+end
+
+-- Waits (on the queue's own bookkeeping, not on time) until n processes are blocked in
+-- q's `class` ("get" or "put" side).
+function H.until_waiting(q, class, n)
+  local deadline = H.luamp.time() + 30
+  while q:_waiters(class) < n do
+    if H.luamp.time() >= deadline then error("no process blocked in " .. class, 2) end
+    H.luamp.sleep(0.001)
+  end
+end
+
 -- Runs scripts/examples/<name> in the host, asserts it exited 0, returns its stdout.
 function H.example(name, ...)
   local out, err, code = H.run({"scripts/examples/" .. name, ...})

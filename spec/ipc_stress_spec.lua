@@ -5,19 +5,9 @@ local H = require "helper"
 local luamp = H.luamp
 local core = luamp._core
 
-local function start(f, ...)
-  local p = luamp.Process{target = f, args = table.pack(...)}
-  p:start()
-  return p
-end
+local start = H.start
 
-local function until_waiting(q, class, n)
-  local deadline = luamp.time() + 30
-  while q:_waiters(class) < n do
-    assert(luamp.time() < deadline, "no process blocked in " .. class)
-    luamp.sleep(0.001)
-  end
-end
+local until_waiting = H.until_waiting
 
 -- Starts a process that runs f(q) with a stall armed at `point`; returns the process once
 -- it sits there, holding whatever that point holds.

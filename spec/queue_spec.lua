@@ -1,20 +1,9 @@
 local H = require "helper"
 local luamp = H.luamp
 
-local function start(f, ...)
-  local p = luamp.Process{target = f, args = table.pack(...)}
-  p:start()
-  return p
-end
+local start = H.start
 
--- Waits (on the queue's own bookkeeping, not on time) until n processes are blocked.
-local function until_waiting(q, class, n)
-  local deadline = luamp.time() + 30
-  while q:_waiters(class) < n do
-    assert(luamp.time() < deadline, "no process blocked in " .. class)
-    luamp.sleep(0.001)
-  end
-end
+local until_waiting = H.until_waiting
 
 describe("Queue", function()
   it("is first in, first out, for any value the codec takes", function()
