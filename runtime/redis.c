@@ -44,6 +44,8 @@
 typedef struct conn {
   redisContext *ctx;      /* NULL once closed */
   redisReply *held;       /* reply tree being converted (freed at the next call or __gc) */
+  lua_Integer unread;     /* replies of conn:send commands, read (and dropped) later */
+  char deferred[128];     /* the first error among those, "" if none */
 } conn;
 
 /* ---- reply functions that refuse huge arrays -------------------------------------------- */
@@ -72,6 +74,7 @@ static conn *check_conn(lua_State *L, int idx) {
 }
 
 static void conn_drop(conn *c) {
+  c->unread = 0;
   if (c->held) { freeReplyObject(c->held); c->held = NULL; }
   if (c->ctx) { redisFree(c->ctx); c->ctx = NULL; }
 }
@@ -101,6 +104,8 @@ static int l_connect(lua_State *L) {
   conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   c->ctx = NULL;
   c->held = NULL;
+  c->unread = 0;
+  c->deferred[0] = '\0';
   luaL_setmetatable(L, CONN_MT);
   c->ctx = redisConnectNonBlock(host, (int)port);
   if (!c->ctx) luamp_raise(L, "Value", "redis: out of memory");
@@ -189,58 +194,107 @@ static int append_command(lua_State *L, conn *c, int idx, lua_Integer n) {
   return rc;
 }
 
+/* Checks then appends every command of the table at idx; returns how many. */
+static lua_Integer append_all(lua_State *L, conn *c, int idx) {
+  if (!c->ctx) luamp_raise(L, "BrokenPipe", "redis: connection closed");
+  lua_Integer n = luaL_len(L, idx);
+  if (n < 1 || n > MAX_COMMANDS) luamp_raise(L, "Value", "redis: pipeline of %lld commands", (long long)n);
+  /* everything is checked before anything is appended: a half-appended pipeline would
+   * leave commands whose replies nobody reads */
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_geti(L, idx, i);
+    check_command(L, lua_gettop(L), i);
+    lua_pop(L, 1);
+  }
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_geti(L, idx, i);
+    int top = lua_gettop(L);
+    if (append_command(L, c, top, luaL_len(L, top)) < 0) {
+      conn_drop(c);
+      luamp_raise(L, "Value", "redis: out of memory");
+    }
+    lua_pop(L, 1);
+  }
+  return n;
+}
+
+static void raise_lost(lua_State *L, conn *c) {
+  char msg[128];
+  snprintf(msg, sizeof msg, "%s", c->ctx && c->ctx->errstr[0] ? c->ctx->errstr : "protocol error");
+  conn_drop(c);
+  luamp_raise(L, "BrokenPipe", "redis: connection lost: %s", msg);
+}
+
+/* Writes the output buffer out and, while doing so and afterwards, reads `want` replies:
+ * the first c->unread of them are dropped (noting an error), the others pushed into the
+ * table on top of the stack. */
+static void exchange(lua_State *L, conn *c, lua_Integer want, int drain, double deadline) {
+  lua_Integer got = 0;
+  int written = 0;
+  for (;;) {
+    if (!written && redisBufferWrite(c->ctx, &written) != REDIS_OK) raise_lost(L, c);
+    int reading = got < want || (drain && c->unread > 0);
+    if (reading) {
+      void *reply = NULL;
+      if (redisGetReplyFromReader(c->ctx, &reply) != REDIS_OK) raise_lost(L, c);
+      if (reply) {
+        c->held = reply;
+        if (c->unread > 0) {
+          c->unread--;
+          if (c->held->type == REDIS_REPLY_ERROR && !c->deferred[0])
+            snprintf(c->deferred, sizeof c->deferred, "%s", c->held->str);
+        } else {
+          push_reply(L, c->held, 0);
+          lua_rawseti(L, -2, ++got);
+        }
+        freeReplyObject(c->held);
+        c->held = NULL;
+        continue;
+      }
+    }
+    if (written && !reading) break;
+    struct pollfd p = {.fd = c->ctx->fd, .events = (reading || !written ? POLLIN : 0) | (written ? 0 : POLLOUT)};
+    int rc = luamp_wait_fds(&p, 1, deadline);
+    if (rc <= 0) raise_wait(L, c, rc, reading ? "reply" : "write");
+    /* reading while writing too: a server blocked on its own output would never read */
+    if ((p.revents & (POLLIN | POLLHUP | POLLERR)) && redisBufferRead(c->ctx) != REDIS_OK) raise_lost(L, c);
+  }
+}
+
 /* conn:pipeline({{"SET", "k", "v"}, {"GET", "k"}, ...}, [timeout]) -> {reply, ...}
- * Sends every command, then reads one reply per command. */
+ * Sends every command, then reads one reply per command (after those of earlier sends). */
 static int l_pipeline(lua_State *L) {
   conn *c = check_conn(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   double deadline = luamp_deadline_arg(L, 3);
   lua_settop(L, 3);
   if (c->held) { freeReplyObject(c->held); c->held = NULL; }
-  if (!c->ctx) luamp_raise(L, "BrokenPipe", "redis: connection closed");
-  lua_Integer n = luaL_len(L, 2);
-  if (n < 1 || n > MAX_COMMANDS) luamp_raise(L, "Value", "redis: pipeline of %lld commands", (long long)n);
-  /* everything is checked before anything is appended: a half-appended pipeline would
-   * leave commands whose replies nobody reads */
-  for (lua_Integer i = 1; i <= n; i++) {
-    lua_geti(L, 2, i);
-    check_command(L, 4, i);
-    lua_pop(L, 1);
-  }
-  for (lua_Integer i = 1; i <= n; i++) {
-    lua_geti(L, 2, i);
-    if (append_command(L, c, 4, luaL_len(L, 4)) < 0) {
-      conn_drop(c);
-      luamp_raise(L, "Value", "redis: out of memory");
-    }
-    lua_pop(L, 1);
-  }
+  lua_Integer n = append_all(L, c, 2);
   lua_createtable(L, (int)n, 0);
-  lua_Integer got = 0;
-  int written = 0;
-  while (got < n) {
-    if (!written && redisBufferWrite(c->ctx, &written) != REDIS_OK) break;
-    void *reply = NULL;
-    if (redisGetReplyFromReader(c->ctx, &reply) != REDIS_OK) break;
-    if (reply) {
-      c->held = reply;
-      push_reply(L, c->held, 0);
-      lua_rawseti(L, -2, ++got);
-      freeReplyObject(c->held);
-      c->held = NULL;
-      continue;
-    }
-    struct pollfd p = {.fd = c->ctx->fd, .events = POLLIN | (written ? 0 : POLLOUT)};
-    int rc = luamp_wait_fds(&p, 1, deadline);
-    if (rc <= 0) raise_wait(L, c, rc, "reply");
-    if ((p.revents & (POLLIN | POLLHUP | POLLERR)) && redisBufferRead(c->ctx) != REDIS_OK) break;
-  }
-  if (got < n) {
-    char msg[128];
-    snprintf(msg, sizeof msg, "%s", c->ctx->errstr[0] ? c->ctx->errstr : "protocol error");
-    conn_drop(c);
-    luamp_raise(L, "BrokenPipe", "redis: connection lost: %s", msg);
-  }
+  exchange(L, c, n, 1, deadline);
+  return 1;
+}
+
+/* conn:send(cmds, [timeout]): sends without waiting for the replies, which a later
+ * pipeline reads and drops; conn:deferred_error() gives the first error among them. */
+static int l_send(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  double deadline = luamp_deadline_arg(L, 3);
+  lua_settop(L, 3);
+  if (c->held) { freeReplyObject(c->held); c->held = NULL; }
+  lua_Integer n = append_all(L, c, 2);
+  lua_createtable(L, 0, 0);
+  exchange(L, c, 0, 0, deadline);
+  c->unread += n;
+  return 0;
+}
+
+static int l_deferred_error(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  if (!c->deferred[0]) return 0;
+  lua_pushstring(L, c->deferred);
+  c->deferred[0] = '\0';
   return 1;
 }
 
@@ -333,14 +387,30 @@ static int l_broker_random_id(lua_State *L) {
 
 /* ---- worker signals ----------------------------------------------------------------------
  * `luamp worker` stops on SIGTERM or SIGINT by finishing its current task: the handler
- * marks a stop (read between tasks) and an interrupt (so a wait returns at once). */
+ * marks a stop (read between tasks) and, unless a task is running, an interrupt (so a
+ * wait on Redis returns at once). A second signal interrupts a running task too. */
 
 static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t in_task;
 
 static void on_stop_signal(int sig) {
   (void)sig;
-  stop_requested = 1;
-  luamp_request_interrupt();
+  if (stop_requested < 2) stop_requested++;
+  if (!in_task || stop_requested >= 2) luamp_request_interrupt();
+}
+
+/* broker_in_task(bool): whether a task is running (a first stop signal lets it finish). */
+static int l_broker_in_task(lua_State *L) {
+  in_task = lua_toboolean(L, 1);
+  return 0;
+}
+
+/* broker_clear_interrupt(): drops a pending interrupt mark (a stopping worker still sends
+ * its results and hands back its tasks). */
+static int l_broker_clear_interrupt(lua_State *L) {
+  (void)L;
+  luamp_take_interrupt();
+  return 0;
 }
 
 /* broker_trap_stop(): installs the handler for SIGTERM and SIGINT in this process. */
@@ -352,12 +422,13 @@ static int l_broker_trap_stop(lua_State *L) {
   if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0)
     luamp_raise_errno(L, "Value", "sigaction", errno);
   stop_requested = 0;
+  in_task = 0;
   return 0;
 }
 
 /* broker_stop_requested() -> boolean (the mark stays set) */
 static int l_broker_stop_requested(lua_State *L) {
-  lua_pushboolean(L, stop_requested);
+  lua_pushboolean(L, stop_requested != 0);
   return 1;
 }
 
@@ -365,6 +436,8 @@ int luamp_open_redis(lua_State *L) {
   if (sodium_init() < 0) luamp_raise(L, "Value", "libsodium failed to initialise");
   static const luaL_Reg conn_methods[] = {
     {"pipeline", l_pipeline},
+    {"send", l_send},
+    {"deferred_error", l_deferred_error},
     {"close", l_conn_close},
     {"closed", l_conn_closed},
     {NULL, NULL}
@@ -389,6 +462,8 @@ int luamp_open_redis(lua_State *L) {
     {"broker_random_id", l_broker_random_id},
     {"broker_trap_stop", l_broker_trap_stop},
     {"broker_stop_requested", l_broker_stop_requested},
+    {"broker_in_task", l_broker_in_task},
+    {"broker_clear_interrupt", l_broker_clear_interrupt},
     {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);

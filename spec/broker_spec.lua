@@ -9,41 +9,8 @@ local sp = luamp.subprocess
 local describe, it, setup, teardown, assert, pending = describe, it, setup, teardown, assert, pending
 local _ENV = _G
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
--- Starts `luamp worker` on server s; returns {proc, log (path), stop}.
-local function start_worker(url, queue, authkey, nproc, extra)
-  local log = os.tmpname()
-  local args = {H.host, "worker", "--broker", url, "--queue", queue, "--authkey", authkey,
-    "--processes", tostring(nproc or 1)}
-  for _, a in ipairs(extra or {}) do args[#args + 1] = a end
-  local w = {log = log}
-  w.proc = sp.Popen(args, {stderr = io.open(log, "w"), stdout = "devnull"})
-  function w.stop()
-    if w.proc.returncode == nil then
-      w.proc:terminate()
-      w.code = w.proc:wait(20)
-    end
-    return w.code
-  end
-  function w.text() return read_file(log) end
-  return w
-end
-
--- Waits (bounded) until the worker's log contains pattern.
-local function until_logged(w, pattern, limit)
-  local deadline = luamp.time() + (limit or 20)
-  while not w.text():find(pattern) do
-    if luamp.time() > deadline then error("worker never logged " .. pattern .. "; log:\n" .. w.text(), 2) end
-    luamp.sleep(0.02)
-  end
-end
+local function start_worker(...) return R.start_worker(H.host, ...) end
+local function until_logged(w, pattern, limit) return w.until_logged(pattern, limit) end
 
 local describe_redis = R.available and describe or function(name) pending(name .. ": redis-server not installed") end
 

@@ -67,4 +67,49 @@ function R.start(opts)
   error("could not start redis-server")
 end
 
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+R.read_file = read_file
+
+-- Starts `luamp worker` (the host at `host`) in its own process group; returns
+-- {proc, log (path), text(), stop(), signal_group(sig)}.
+function R.start_worker(host, url, queue, authkey, nproc, extra)
+  local log = os.tmpname()
+  local args = {host, "worker", "--broker", url, "--queue", queue, "--authkey", authkey,
+    "--processes", tostring(nproc or 1)}
+  for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+  local w = {log = log}
+  w.proc = sp.Popen(args, {stderr = io.open(log, "w"), stdout = "devnull", start_new_session = true})
+  function w.stop()
+    if w.proc.returncode == nil then
+      w.proc:terminate()
+      local ok, code = pcall(w.proc.wait, w.proc, 30)
+      if not ok then w.signal_group("KILL"); code = w.proc:wait() end
+      w.code = code
+    end
+    return w.code
+  end
+  function w.signal_group(sig)
+    os.execute(string.format("kill -%s -%d 2>/dev/null", sig, w.proc.pid))
+  end
+  function w.text() return read_file(log) end
+  -- waits (bounded) until the log matches pattern (count times)
+  function w.until_logged(pattern, limit, count)
+    local deadline = luamp.time() + (limit or 20)
+    while true do
+      local n = 0
+      for _ in w.text():gmatch(pattern) do n = n + 1 end
+      if n >= (count or 1) then return end
+      if luamp.time() > deadline then error("worker never logged " .. pattern .. "; log:\n" .. w.text(), 2) end
+      luamp.sleep(0.02)
+    end
+  end
+  return w
+end
+
 return R

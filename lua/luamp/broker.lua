@@ -138,6 +138,20 @@ function Conn:pipeline(cmds, timeout)
   error(r, 0)
 end
 
+-- Sends cmds without waiting for their replies (a later pipeline reads them); an error
+-- among them shows as deferred_error().
+function Conn:send(cmds, timeout)
+  self:connect()
+  local ok, r = pcall(self.raw.send, self.raw, cmds, timeout)
+  if ok then return end
+  if core.is_error(r, "BrokenPipe") then self:fail("BrokenPipe", "%s", r.message) end
+  error(r, 0)
+end
+
+function Conn:deferred_error()
+  return self.raw and self.raw:deferred_error()
+end
+
 -- One command; an error reply raises Value.
 function Conn:call(...)
   local r = self:pipeline({table.pack(...)})[1]
@@ -322,7 +336,18 @@ end
 
 -- Sends what is queued, refreshes the alive mark (sending every outstanding task again
 -- if it had expired: workers dropped them), all in one pipeline.
-local function flush(st)
+local function flush(st, nowait)
+  if nowait and now() < st.alive_due then
+    -- an apply_async: the task goes out now, its reply is read with the next exchange
+    local cmds = {}
+    for i, tid in ipairs(st.sends) do
+      local task = st.tasks[tid]
+      if task then cmds[#cmds + 1] = {"XADD", st.keys.tasks, "*", "m", task.msg, "l", st.lease_ms, "a", 0} end
+      st.sends[i] = nil
+    end
+    if #cmds > 0 then st.conn:send(cmds) end
+    return
+  end
   while true do
     local cmds = {}
     local t = now()
@@ -337,6 +362,8 @@ local function flush(st)
       end
     end
     local r = #cmds > 0 and st.conn:pipeline(cmds) or {}
+    local deferred = st.conn:deferred_error()
+    if deferred then st.conn:fail("Value", "sending tasks: %s", deferred) end
     st.sends = table.move(sends, nsend + 1, #sends, 1, {})
     for _, reply in ipairs(r) do
       if is_err(reply) then st.conn:fail("Value", "sending tasks: %s", reply.redis_error) end
@@ -465,7 +492,16 @@ local function recover(st, err)
   for tid in pairs(st.tasks) do again[#again + 1] = tid end
   table.sort(again)
   st.sends = again
-  st.alive_due = 0
+  st.alive_due, st.alive_set = 0, false   -- the mark goes with the next flush, nothing twice
+end
+
+-- Sends queued tasks; a lost connection is recovered (and the tasks sent again).
+local function send_now(st, nowait)
+  local ok, e = pcall(flush, st, nowait)
+  if not ok then
+    if not core.is_error(e, "BrokenPipe") then error(e, 0) end
+    recover(st, e)
+  end
 end
 
 -- Takes the results there are, waiting up to `deadline` (nil: CHECK_EVERY at most) for
@@ -625,7 +661,7 @@ local function map_job(self, what, f, list, opts, mode)
     job.left = job.left + 1
     new_task(st, job, {fn = f, mode = mode, args = chunk_of(list, first, n)}, {first = first, n = n})
   end
-  flush(st)
+  send_now(st)
   return res
 end
 
@@ -656,7 +692,7 @@ function Pool:apply_async(f, args, opts)
   a = table.move(a, 1, a.n or #a, 1, {n = a.n or #a})
   new_task(st, job, {fn = f, mode = APPLY, args = a})
   st.jobs[job] = true
-  if #st.sends >= SEND_BATCH then flush(st) end
+  send_now(st, true)
   return setmetatable({[JOB] = job}, AsyncResult)
 end
 
@@ -774,7 +810,7 @@ local function imap(self, what, f, list, opts, ordered)
   if job.len == 0 then job.exhausted = true end
   st.jobs[job] = true
   feed_imap(st, job)
-  flush(st)
+  send_now(st)
   local it = setmetatable({[JOB] = job}, IMap)
   return it, nil, nil, it
 end
@@ -842,7 +878,9 @@ function B.Pool(opts)
   local ma = opts.maxattempts or 3
   if math.type(ma) ~= "integer" or ma < 1 then raise("Value", "Pool: maxattempts must be a positive integer") end
   local lease = opts.lease or 30
-  if type(lease) ~= "number" or lease <= 0 or lease ~= lease then raise("Value", "Pool: lease must be a positive number of seconds") end
+  if type(lease) ~= "number" or not (lease >= 1 and lease <= 86400) then
+    raise("Value", "Pool: lease must be a number of seconds from 1 to 86400")
+  end
   local procs = opts.processes or 4   -- sizes the default chunks: the workers' count is unknown here
   if math.type(procs) ~= "integer" or procs < 1 then raise("Value", "Pool: processes must be a positive integer") end
   local st = {

@@ -26,6 +26,8 @@ local BATCH_TIME = 0.02        -- seconds of work a child takes at once
 local MAX_BATCH = 500
 local FLUSH_EVERY = 0.05       -- seconds between result pipelines inside a batch
 local DEFAULT_LEASE_MS = 30000
+local MIN_LEASE_MS = 1000       -- the shortest lease (a Pool refuses less): > 2 heartbeats
+local RECLAIM_EVERY = 0.25      -- seconds between looks for abandoned entries (at least)
 local unpack = table.unpack
 local now = core.time
 local APPLY, STAR = B.APPLY, B.STAR
@@ -131,15 +133,13 @@ Child.__index = Child
 local function new_child(cfg, name)
   local c = setmetatable({
     cfg = cfg, name = name, key = core.broker_key(cfg.authkey), keys = B.keys(cfg.queue),
-    conn = B.connection(cfg.url), lease_ms = DEFAULT_LEASE_MS, batch = 1, reclaim_due = 0,
+    conn = B.connection(cfg.url), batch = 1, reclaim_due = 0,
     outbox = {}, ncallers = 0, acks = {}, last_flush = now(), refused = {},
   }, Child)
   return c
 end
 
-function Child:reclaim_interval()
-  return math.max(0.1, math.min(self.lease_ms / 4000, 5))
-end
+function Child:reclaim_interval() return RECLAIM_EVERY end
 
 -- Sends the results and acknowledgements gathered so far, in one pipeline.
 function Child:flush()
@@ -201,9 +201,8 @@ function Child:admit(entries)
         log("skipping entry %s: a signed message that is not a task", id)
         self.acks[#self.acks + 1] = id
       else
-        local lease = int_field(f.l, 100, 86400000) or DEFAULT_LEASE_MS
+        local lease = int_field(f.l, MIN_LEASE_MS, 86400000) or DEFAULT_LEASE_MS
         t.lease_ms = lease
-        if lease < self.lease_ms then self.lease_ms = lease end
         local attempts = (int_field(f.a, 0, 1000000) or 0) + dc
         if attempts > t.maxattempts then
           log("task %s:%d lost its worker %d times: failing it with WorkerLost", t.caller, t.id, attempts - 1)
@@ -256,11 +255,18 @@ end
 function Child:run_batch(tasks)
   local t0 = now()
   for i, k in ipairs(tasks) do
-    if core.broker_stop_requested() then self:hand_back(tasks, i); return end
+    if core.broker_stop_requested() then
+      core.broker_clear_interrupt()
+      self:hand_back(tasks, i)
+      return
+    end
     local t = k.t
     if self.cfg.verbose then log("task %s:%d (entry %s, attempt %d)", t.caller, t.id, k.id, k.attempts) end
+    core.broker_in_task(true)
     local ok, v = xpcall(run_task, traceback_handler, t)
+    core.broker_in_task(false)
     if not ok and core.is_error(v[1], "Interrupted") and core.broker_stop_requested() then
+      core.broker_clear_interrupt()
       self:hand_back(tasks, i)
       return
     end
@@ -277,31 +283,45 @@ function Child:run_batch(tasks)
   self.batch = math.max(1, math.min(MAX_BATCH, math.floor(BATCH_TIME / math.max(per, 1e-6))))
 end
 
--- Entries idle past the lease (their consumer died or stopped), claimed for us.
+-- Entries idle past their lease (their consumer died or stopped), claimed for us. Live
+-- consumers' entries never idle much past HEARTBEAT; each candidate's own lease (its l
+-- field) decides, and XCLAIM re-checks the idle time atomically.
 function Child:reclaim()
   local s = self.keys.tasks
-  local pend = self.conn:pipeline({{"XPENDING", s, B.GROUP, "IDLE", self.lease_ms, "-", "+", 100}})[1]
+  local pend = self.conn:pipeline({{"XPENDING", s, B.GROUP, "IDLE", MIN_LEASE_MS, "-", "+", 100}})[1]
   if type(pend) ~= "table" or B.is_err(pend) then return {} end
-  local ids, dcs = {}, {}
+  local cands = {}
   for _, p in ipairs(pend) do
-    if type(p) == "table" and type(p[1]) == "string" and p[2] ~= self.name and math.type(p[4]) == "integer" then
-      ids[#ids + 1] = p[1]
-      dcs[p[1]] = p[4] + 1
+    if type(p) == "table" and type(p[1]) == "string" and p[2] ~= self.name
+        and math.type(p[3]) == "integer" and math.type(p[4]) == "integer" then
+      cands[#cands + 1] = {id = p[1], idle = p[3], dc = p[4] + 1}
     end
   end
-  if #ids == 0 then return {} end
-  local cmd = {"XCLAIM", s, B.GROUP, self.name, self.lease_ms}
-  table.move(ids, 1, #ids, 6, cmd)
-  local got = self.conn:pipeline({cmd})[1]
+  if #cands == 0 then return {} end
+  local cmds = {}
+  for i, c in ipairs(cands) do cmds[i] = {"XRANGE", s, c.id, c.id} end
+  local ranges = self.conn:pipeline(cmds)
+  cmds = {}
+  local claimed = {}
+  for i, c in ipairs(cands) do
+    local e = type(ranges[i]) == "table" and not B.is_err(ranges[i]) and ranges[i][1]
+    local f = type(e) == "table" and fields_of(e[2])
+    local lease = f and int_field(f.l, MIN_LEASE_MS, 86400000) or DEFAULT_LEASE_MS
+    if c.idle >= lease then
+      cmds[#cmds + 1] = {"XCLAIM", s, B.GROUP, self.name, lease, c.id}
+      claimed[#cmds] = c
+    end
+  end
+  if #cmds == 0 then return {} end
+  local got = self.conn:pipeline(cmds)
   local entries = {}
-  if type(got) == "table" and not B.is_err(got) then
-    for _, e in ipairs(got) do
-      if type(e) == "table" and type(e[1]) == "string" and dcs[e[1]] then
-        entries[#entries + 1] = {e[1], fields_of(e[2]), dcs[e[1]]}
-      end
+  for i, r in ipairs(got) do
+    local e = type(r) == "table" and not B.is_err(r) and r[1]
+    if type(e) == "table" and e[1] == claimed[i].id then
+      entries[#entries + 1] = {e[1], fields_of(e[2]), claimed[i].dc}
     end
   end
-  if #entries > 0 then log("claimed %d task(s) idle past the lease", #entries) end
+  if #entries > 0 then log("claimed %d task(s) idle past their lease", #entries) end
   return entries
 end
 
@@ -354,6 +374,9 @@ local function child_main(cfg, name)
       if not ok2 then break end
     end
   end
+  -- stopping: what was done still goes out (the parent hands back what was not)
+  core.broker_clear_interrupt()
+  pcall(Child.flush, c)
 end
 
 -- ---- the parent --------------------------------------------------------------------------
