@@ -413,23 +413,31 @@ static int l_broker_clear_interrupt(lua_State *L) {
   return 0;
 }
 
-/* broker_trap_stop(): installs the handler for SIGTERM and SIGINT in this process. */
+/* broker_trap_stop([child]): installs the handler for SIGTERM, and for SIGINT unless
+ * `child` (a worker's processes stop when their parent tells them, with SIGTERM: a
+ * Ctrl-C at the terminal reaches the whole process group, and must count once). */
 static int l_broker_trap_stop(lua_State *L) {
+  int child = lua_toboolean(L, 1);
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_stop_signal;
   sigemptyset(&sa.sa_mask);
-  if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0)
+  struct sigaction ign;
+  memset(&ign, 0, sizeof ign);
+  ign.sa_handler = SIG_IGN;
+  sigemptyset(&ign.sa_mask);
+  if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, child ? &ign : &sa, NULL) < 0)
     luamp_raise_errno(L, "Value", "sigaction", errno);
   stop_requested = 0;
   in_task = 0;
   return 0;
 }
 
-/* broker_stop_requested() -> boolean (the mark stays set) */
+/* broker_stop_requested() -> boolean, signals seen (1 or 2, 2 meaning "at least 2") */
 static int l_broker_stop_requested(lua_State *L) {
   lua_pushboolean(L, stop_requested != 0);
-  return 1;
+  lua_pushinteger(L, stop_requested);
+  return 2;
 }
 
 int luamp_open_redis(lua_State *L) {

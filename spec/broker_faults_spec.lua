@@ -90,6 +90,32 @@ describe_redis("broker faults", function()
     assert.matches("stopped", a.text())
   end)
 
+  it("Ctrl-C at the terminal (SIGINT to the whole group): tasks finish, exit 0", function()
+    pool = luamp.Pool{broker = s.url, queue = "int", authkey = "k"}
+    local a = worker("int", 2, {"-v"})
+    local r1 = pool:apply_async(function() luamp.sleep(0.5); return "one" end)
+    local r2 = pool:apply_async(function() luamp.sleep(0.5); return "two" end)
+    a.until_logged("task %x+:%d+", 20, 2)
+    a.signal_group("INT")
+    assert.equal(0, a.proc:wait(20))
+    assert.equal("one", r1:get(10))
+    assert.equal("two", r2:get(10))
+  end)
+
+  it("a second signal interrupts a long task, which is handed back and runs elsewhere", function()
+    pool = luamp.Pool{broker = s.url, queue = "int2", authkey = "k"}
+    local a = worker("int2", 1, {"-v"})
+    local res = pool:apply_async(function() luamp.sleep(3); return "long" end)
+    a.until_logged("task %x+:%d+")
+    a.proc:send_signal("TERM")
+    a.until_logged("stopping")
+    a.proc:send_signal("TERM")
+    assert.equal(0, a.proc:wait(20))
+    assert.matches("handed back 1 task", a.text())
+    worker("int2", 1)
+    assert.equal("long", res:get(20))
+  end)
+
   it("refuses a task signed with another key (logged, not acknowledged, never loaded) and skips garbage", function()
     local a = worker("forged", 1)
     pool = luamp.Pool{broker = s.url, queue = "forged", authkey = "k"}

@@ -862,9 +862,14 @@ Pool_mt.__index = function(self, k)
   return Pool[k]
 end
 Pool_mt.__close = function(self) local st = S[self]; if st and st.owner == core.getpid() then self:terminate() end end
+-- A collected pool does no network I/O (a collection may come at any moment): its
+-- connection closes, and its alive key expiring makes workers drop its tasks.
 Pool_mt.__gc = function(self)
   local st = S[self]
-  if st and st.owner == core.getpid() and st.state ~= "TERMINATE" then pcall(Pool.terminate, self) end
+  if st and st.owner == core.getpid() and st.state ~= "TERMINATE" then
+    st.state = "TERMINATE"
+    st.conn:close()
+  end
 end
 Pool_mt.__tostring = function(self)
   local st = S[self]

@@ -358,7 +358,7 @@ function Child:step()
 end
 
 local function child_main(cfg, name)
-  core.broker_trap_stop()
+  core.broker_trap_stop(true)
   local c = new_child(cfg, name)
   local down = false
   while not core.broker_stop_requested() do
@@ -514,18 +514,37 @@ function W.main(argv)
     end
     local _ = wok
   end
-  -- stop: each child finishes its task and hands back the rest
+  -- stop: each child finishes its task and hands back the rest; a second signal
+  -- interrupts the tasks (they are handed back), a third kills the processes. The
+  -- heartbeat goes on meanwhile, so long tasks finishing are not taken away.
   log("stopping")
-  for _, ch in ipairs(children) do
-    if ch.proc:is_alive() then pcall(ch.proc.terminate, ch.proc) end
-  end
-  for _, ch in ipairs(children) do
-    local jok = pcall(ch.proc.join, ch.proc)
-    if not jok then   -- a second signal: do not wait for tasks to finish
-      for _, c2 in ipairs(children) do pcall(c2.proc.kill, c2.proc) end
-      pcall(ch.proc.join, ch.proc)
+  core.broker_clear_interrupt()
+  local signals = 1
+  local function signal_all(how)
+    for _, ch in ipairs(children) do
+      if ch.proc:is_alive() then pcall(ch.proc[how], ch.proc) end
     end
   end
+  signal_all("terminate")
+  while true do
+    local sentinels = {}
+    for _, ch in ipairs(children) do
+      if ch.proc:is_alive() then sentinels[#sentinels + 1] = ch.proc.sentinel end
+    end
+    if #sentinels == 0 then break end
+    local wok = pcall(luamp.wait, sentinels, HEARTBEAT)
+    local _, count = core.broker_stop_requested()
+    if not wok or count > signals then
+      core.broker_clear_interrupt()
+      signals = signals + 1
+      if signals == 2 then log("interrupting the running tasks"); signal_all("terminate")
+      else log("killing the worker processes"); signal_all("kill") end
+    end
+    local names = {}
+    for _, ch in ipairs(children) do if ch.proc:is_alive() then names[#names + 1] = ch.name end end
+    if #names > 0 then pcall(heartbeat, conn, keys, names) end
+  end
+  for _, ch in ipairs(children) do pcall(ch.proc.join, ch.proc) end
   pcall(function()
     for _, ch in ipairs(children) do
       requeue(conn, keys, key, me, ch.name, ch.proc.exitcode ~= 0)
