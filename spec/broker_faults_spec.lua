@@ -123,9 +123,10 @@ describe_redis("broker faults", function()
     os.remove(marker)
     local c = core.redis_connect("127.0.0.1", s.port, 5)
     local stream = "luamp:{forged}:tasks"
-    local forged = core.broker_seal(core.broker_key("not the key"), {
+    local wrong = core.broker_key("not the key")
+    local forged = core.broker_seal(wrong, {
       id = 1, caller = "abcd", q = "forged", maxattempts = 3, mode = 0, args = {marker},
-      fn = function(p) io.open(p, "w"):close() end})
+      fm = core.broker_seal(wrong, function(p) io.open(p, "w"):close() end)})
     local r = c:pipeline({{"XADD", stream, "*", "m", forged, "l", 30000, "a", 0},
                           {"XADD", stream, "*", "junk", "entry"}}, 5)
     local forged_id, junk_id = r[1], r[2]

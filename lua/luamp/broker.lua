@@ -407,6 +407,17 @@ end
 
 local feed_imap
 
+-- The function travels as a sealed message of its own inside the task's: sealed once per
+-- function here, and loaded once per distinct message by a worker, not once per task.
+local function sealed_fn(st, f)
+  local m = st.fcache[f]
+  if not m then
+    m = seal(st.key, f)
+    st.fcache[f] = m
+  end
+  return m
+end
+
 local function new_task(st, job, payload, extra)
   st.next_tid = st.next_tid + 1
   local tid = st.next_tid
@@ -659,7 +670,7 @@ local function map_job(self, what, f, list, opts, mode)
   for first = 1, len, cs do
     local n = math.min(cs, len - first + 1)
     job.left = job.left + 1
-    new_task(st, job, {fn = f, mode = mode, args = chunk_of(list, first, n)}, {first = first, n = n})
+    new_task(st, job, {fm = sealed_fn(st, f), mode = mode, args = chunk_of(list, first, n)}, {first = first, n = n})
   end
   send_now(st)
   return res
@@ -690,7 +701,7 @@ function Pool:apply_async(f, args, opts)
   local job = {pool = self, kind = "apply", callback = opts.callback, error_callback = opts.error_callback}
   local a = args or {}
   a = table.move(a, 1, a.n or #a, 1, {n = a.n or #a})
-  new_task(st, job, {fn = f, mode = APPLY, args = a})
+  new_task(st, job, {fm = sealed_fn(st, f), mode = APPLY, args = a})
   st.jobs[job] = true
   send_now(st, true)
   return setmetatable({[JOB] = job}, AsyncResult)
@@ -720,7 +731,7 @@ function feed_imap(st, job)
       job.next_first = first + n
       job.pulled = job.pulled + n
       job.inflight = job.inflight + 1
-      new_task(st, job, {fn = job.fn, mode = MAP, args = items}, {first = first, n = n})
+      new_task(st, job, {fm = sealed_fn(st, job.fn), mode = MAP, args = items}, {first = first, n = n})
     end
   end
 end
@@ -894,6 +905,7 @@ function B.Pool(opts)
     maxattempts = ma, lease = lease, lease_ms = math.max(1, math.floor(lease * 1000)),
     alive_ttl = B.alive_ttl(lease), alive_due = 0,
     tasks = {}, outstanding = 0, next_tid = 0, sends = {}, jobs = {}, callbacks = {},
+    fcache = setmetatable({}, {__mode = "k"}),
   }
   st.conn:connect()    -- an unreachable server or a wrong password shows here
   B.ensure_group(st.conn, st.keys.tasks)

@@ -24,6 +24,7 @@ local W = {}
 local HEARTBEAT = 0.5          -- seconds between the parent's heartbeats
 local BATCH_TIME = 0.02        -- seconds of work a child takes at once
 local MAX_BATCH = 500
+local FN_CACHE = 64            -- task functions a worker process keeps loaded
 local FLUSH_EVERY = 0.05       -- seconds between result pipelines inside a batch
 local DEFAULT_LEASE_MS = 30000
 local MIN_LEASE_MS = 1000       -- the shortest lease (a Pool refuses less): > 2 heartbeats
@@ -92,7 +93,7 @@ end
 -- A decoded task message has the shape the caller made; anything else is garbage.
 local function valid_task(t)
   return type(t) == "table" and math.type(t.id) == "integer" and type(t.caller) == "string"
-    and t.caller:match("^%x+$") and #t.caller <= 64 and type(t.fn) == "function"
+    and t.caller:match("^%x+$") and #t.caller <= 64 and type(t.fm) == "string"
     and (t.mode == APPLY or t.mode == B.MAP or t.mode == STAR) and type(t.args) == "table"
     and math.type(t.maxattempts) == "integer"
 end
@@ -101,6 +102,7 @@ end
 
 local function run_task(t)
   local f, mode, args = t.fn, t.mode, t.args
+  if f == nil then error("the task's function failed its signature check", 0) end
   local n = args.n or #args
   if mode == APPLY then return table.pack(f(unpack(args, 1, n))) end
   local out = {n = n}
@@ -134,7 +136,7 @@ local function new_child(cfg, name)
   local c = setmetatable({
     cfg = cfg, name = name, key = core.broker_key(cfg.authkey), keys = B.keys(cfg.queue),
     conn = B.connection(cfg.url), batch = 1, reclaim_due = 0,
-    outbox = {}, ncallers = 0, acks = {}, last_flush = now(), refused = {},
+    outbox = {}, acks = {}, last_flush = now(), refused = {}, fcache = {}, nfcache = 0,
   }, Child)
   return c
 end
@@ -181,6 +183,23 @@ function Child:post(t, result)
   box.msgs[#box.msgs + 1] = msg
 end
 
+-- The task's function, from its own sealed message (loaded once per distinct message).
+function Child:load_fn(t)
+  local f = self.fcache[t.fm]
+  if f == nil then
+    local ok, v = core.broker_open(self.key, t.fm)
+    if not ok or (type(v) ~= "function" and not (type(v) == "table" and getmetatable(v) and getmetatable(v).__call)) then
+      return false
+    end
+    if self.nfcache >= FN_CACHE then self.fcache, self.nfcache = {}, 0 end
+    self.fcache[t.fm] = v
+    self.nfcache = self.nfcache + 1
+    f = v
+  end
+  t.fn = f
+  return true
+end
+
 -- Decodes and checks entries: returns the tasks to run ({entry id, fields, task, dc}).
 function Child:admit(entries)
   local tasks, callers = {}, {}
@@ -197,7 +216,7 @@ function Child:admit(entries)
           log("refused entry %s on %s: %s (not signed with this worker's authkey); not acknowledged",
             id, self.conn.url.shown, core.is_error(t) and t.message or tostring(t))
         end
-      elseif not valid_task(t) then
+      elseif not valid_task(t) or not self:load_fn(t) then
         log("skipping entry %s: a signed message that is not a task", id)
         self.acks[#self.acks + 1] = id
       else
