@@ -124,6 +124,26 @@ describe_redis("broker Pool through two `luamp worker` processes", function()
     for i = 1, 5000 do assert.equal(i + 1, r[i]) end
   end)
 
+  it("imap raises a task's error at its place and goes on; any table result passes", function()
+    for _, ordered in ipairs{true, false} do
+      local f = function(x)
+        if x == 2 then error("two") end
+        return {failed = x}
+      end
+      local it = ordered and pool:imap(f, {1, 2, 3}) or pool:imap_unordered(f, {1, 2, 3})
+      local got, errors = {}, 0
+      for _ = 1, 3 do
+        local ok, v = pcall(it.next, it, 20)
+        if ok then got[#got + 1] = v.failed
+        else errors = errors + 1; assert.equal("Remote", v.kind); assert.matches("two", v.message) end
+      end
+      table.sort(got)
+      assert.same({1, 3}, got)
+      assert.equal(1, errors)
+      assert.is_nil(it:next(20))
+    end
+  end)
+
   it("runs callbacks and error callbacks", function()
     local got, err
     local r1 = pool:map_async(function(x) return -x end, {1, 2}, {callback = function(v) got = v end})

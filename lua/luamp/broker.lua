@@ -285,6 +285,7 @@ end
 -- ---- Pool (the caller's side) ------------------------------------------------------------
 
 local NIL = setmetatable({}, {__name = "luamp.broker.nil"})   -- a nil result in a buffer
+local FAILED = {__name = "luamp.broker.failed"}   -- metatable of a failed chunk's mark
 local POP_BATCH = 1000          -- results taken per LPOP
 local SEND_BATCH = 2000         -- task entries per XADD pipeline
 local CHECK_EVERY = 1.0         -- seconds between BLPOPs (a wait re-checks its state)
@@ -461,7 +462,7 @@ local function on_result(st, r)
   -- imap: buffer the chunk's values (or its error at its place)
   if job.ended then return end
   if not r.ok then
-    job.buf[task.first] = {failed = remote_error(r.err), n = task.n}
+    job.buf[task.first] = setmetatable({failed = remote_error(r.err), n = task.n}, FAILED)
   else
     for i = 1, task.n do
       local v = vals[i]
@@ -470,7 +471,10 @@ local function on_result(st, r)
       else job.uq[#job.uq + 1] = {v, task.first + i - 1} end
     end
   end
-  if not r.ok and not job.ordered then job.uq[#job.uq + 1] = {failed = job.buf[task.first]} end
+  if not r.ok and not job.ordered then
+    job.uq[#job.uq + 1] = setmetatable({failed = job.buf[task.first]}, FAILED)
+    job.buf[task.first] = nil
+  end
   job.inflight = job.inflight - 1
   feed_imap(st, job)
 end
@@ -742,7 +746,7 @@ local function imap_take(job)
     local v = job.buf[pos]
     if v == nil then return false end
     job.buf[pos] = nil
-    if type(v) == "table" and v.failed then
+    if getmetatable(v) == FAILED then
       job.yielded = job.yielded + v.n
       return true, nil, nil, v.failed
     end
@@ -752,7 +756,7 @@ local function imap_take(job)
   end
   local e = table.remove(job.uq, 1)
   if e == nil then return false end
-  if e.failed then
+  if getmetatable(e) == FAILED then
     job.yielded = job.yielded + e.failed.n
     return true, nil, nil, e.failed.failed
   end
