@@ -640,7 +640,7 @@ local function chunk_of(list, first, n)
   return items
 end
 
-local map_known = {chunksize = true, callback = true, error_callback = true, progress = true}
+local map_known = {chunksize = true, callback = true, error_callback = true}
 
 local function map_job(self, what, f, list, opts, mode)
   local st = state_of(self)
@@ -810,7 +810,7 @@ IMap.__tostring = function(self)
   return string.format("<IMapIterator%s done=%d>", job.ordered and "" or " unordered", job.yielded)
 end
 
-local imap_known = {chunksize = true, progress = true}
+local imap_known = {chunksize = true}
 
 local function imap(self, what, f, list, opts, ordered)
   local st = state_of(self)
