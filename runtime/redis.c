@@ -396,12 +396,15 @@ static volatile sig_atomic_t in_task;
 static void on_stop_signal(int sig) {
   (void)sig;
   if (stop_requested < 2) stop_requested++;
-  if (!in_task || stop_requested >= 2) luamp_request_interrupt();
+  if (in_task == 0 || (in_task == 1 && stop_requested >= 2)) luamp_request_interrupt();
 }
 
-/* broker_in_task(bool): whether a task is running (a first stop signal lets it finish). */
+/* broker_in_task(mode): 0 idle (a stop signal interrupts the wait), 1 running a task (the
+ * first signal lets it finish, the second interrupts it), 2 sending the last results and
+ * handing tasks back (no signal interrupts; the parent kills on a third). */
 static int l_broker_in_task(lua_State *L) {
-  in_task = lua_toboolean(L, 1);
+  lua_Integer mode = luaL_checkinteger(L, 1);
+  in_task = mode == 1 ? 1 : mode == 2 ? 2 : 0;
   return 0;
 }
 

@@ -2,7 +2,6 @@
 -- no persistence, in a temporary directory; stopped (and the directory removed) by stop.
 -- Nothing needs to be running beforehand.
 local luamp = require "luamp"
-local core = luamp._core
 local sp = luamp.subprocess
 
 local R = {}
@@ -17,7 +16,7 @@ R.available = have_redis()
 local function wait_ready(proc, port, password, deadline)
   while luamp.time() < deadline do
     if proc:poll() ~= nil then return false end
-    local ok, c = pcall(core.redis_connect, "127.0.0.1", port, 1)
+    local ok, c = pcall(luamp._core.redis_connect, "127.0.0.1", port, 1)
     if ok then
       local cmds = password and {{"AUTH", password}, {"PING"}} or {{"PING"}}
       local ok2, r = pcall(c.pipeline, c, cmds, 2)

@@ -24,6 +24,7 @@ local W = {}
 local HEARTBEAT = 0.5          -- seconds between the parent's heartbeats
 local BATCH_TIME = 0.02        -- seconds of work a child takes at once
 local MAX_BATCH = 500
+local FINAL_TIMEOUT = 10       -- seconds a stopping process gives its last Redis calls
 local FN_CACHE = 64            -- task functions a worker process keeps loaded
 local FLUSH_EVERY = 0.05       -- seconds between result pipelines inside a batch
 local DEFAULT_LEASE_MS = 30000
@@ -144,7 +145,7 @@ end
 function Child:reclaim_interval() return RECLAIM_EVERY end
 
 -- Sends the results and acknowledgements gathered so far, in one pipeline.
-function Child:flush()
+function Child:flush(timeout)
   if #self.acks == 0 and next(self.outbox) == nil then return end
   local cmds = {}
   for rk, box in pairs(self.outbox) do
@@ -161,7 +162,7 @@ function Child:flush()
     cmds[#cmds + 1] = ack
     cmds[#cmds + 1] = del
   end
-  self.conn:pipeline(cmds)
+  self.conn:pipeline(cmds, timeout)
   self.outbox, self.acks = {}, {}
   self.last_flush = now()
 end
@@ -265,26 +266,28 @@ function Child:hand_back(tasks, from)
     self.acks[#self.acks + 1] = k.id
   end
   if #cmds > 0 then
-    self.conn:pipeline(cmds)
+    self.conn:pipeline(cmds, FINAL_TIMEOUT)
     log("handed back %d task(s)", #cmds)
   end
-  self:flush()
+  self:flush(FINAL_TIMEOUT)
 end
 
 function Child:run_batch(tasks)
   local t0 = now()
   for i, k in ipairs(tasks) do
     if core.broker_stop_requested() then
+      core.broker_in_task(2)
       core.broker_clear_interrupt()
       self:hand_back(tasks, i)
       return
     end
     local t = k.t
+    core.broker_in_task(1)
     if self.cfg.verbose then log("task %s:%d (entry %s, attempt %d)", t.caller, t.id, k.id, k.attempts) end
-    core.broker_in_task(true)
     local ok, v = xpcall(run_task, traceback_handler, t)
-    core.broker_in_task(false)
+    core.broker_in_task(0)
     if not ok and core.is_error(v[1], "Interrupted") and core.broker_stop_requested() then
+      core.broker_in_task(2)
       core.broker_clear_interrupt()
       self:hand_back(tasks, i)
       return
@@ -394,8 +397,9 @@ local function child_main(cfg, name)
     end
   end
   -- stopping: what was done still goes out (the parent hands back what was not)
+  core.broker_in_task(2)
   core.broker_clear_interrupt()
-  pcall(Child.flush, c)
+  pcall(Child.flush, c, FINAL_TIMEOUT)
 end
 
 -- ---- the parent --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ local describe_redis = R.available and describe or function(name) pending(name .
 describe_redis("broker Queue", function()
   local s
   setup(function() s = R.start{password = "pa55word"} end)
-  teardown(function() if s then s.cleanup() end end)
+  teardown(function() if s then s.cleanup() end; s = nil end)
 
   it("puts and gets values (functions too), with qsize, empty and timeouts", function()
     local q = luamp.Queue{broker = s.url, name = "q1", authkey = "k"}
@@ -104,6 +104,7 @@ describe_redis("broker Pool through two `luamp worker` processes", function()
     if w1 then w1.stop() end
     if w2 then w2.stop() end
     if s then s.cleanup() end
+    s, w1, w2, pool = nil, nil, nil, nil   -- nothing of ours stays reachable from busted's context
   end)
 
   it("maps, starmaps, applies and iterates", function()

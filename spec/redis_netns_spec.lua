@@ -29,6 +29,7 @@ describe_ns("broker across network namespaces", function()
       sh("ip netns del " .. n)
     end
     if dir then sh("rm -rf " .. dir) end
+    dir, redis, workers = nil, nil, {}   -- nothing of ours stays reachable from busted's context
   end
 
   setup(function()
