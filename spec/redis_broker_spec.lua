@@ -64,6 +64,14 @@ describe_redis("broker Queue", function()
     assert.matches("wants a password", e.message)
   end)
 
+  it("luamp worker with a wrong password exits 1 naming the server, password hidden", function()
+    local _, err, code = H.run({"worker", "--broker", "redis://:hunter2@127.0.0.1:" .. s.port .. "/0",
+      "--queue", "q", "--authkey", "k"})
+    assert.equal(1, code)
+    assert.matches("redis://:%*%*%*@127%.0%.0%.1:" .. s.port .. "/0: authentication failed", err)
+    assert.is_nil(err:find("hunter2", 1, true))
+  end)
+
   it("fails at once with the URL (password hidden) when Redis is unreachable", function()
     local dead = R.start()
     local port = dead.port
