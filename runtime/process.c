@@ -15,12 +15,20 @@
  * The Lua side sees a "luamp.Child" handle: wait, poll, signal, sentinel, close. A
  * handle inherited by a forked child belongs to another process: there it only frees
  * its copy and never kills or reaps anything.
+ *
+ * Children nobody joins do not pile up: every fork first reaps the children that have
+ * ended (as Python's Process.start does), and a reaped child's pidfd is closed at once
+ * unless its sentinel was handed out (a number Lua may still wait on; it stays open, or
+ * is made, until the handle is closed). The pidfd of a new child is never missing: an
+ * fd is reserved before the fork, so a process out of fds fails to start (Value) rather
+ * than starting a child it cannot watch.
  */
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -35,6 +43,7 @@ typedef struct child {
   pid_t owner;          /* the process that forked it: only it may wait or signal */
   int pidfd;
   int daemon;
+  int sentinel_out;     /* the pidfd was handed to Lua as the sentinel: keep it open */
   int reaped;
   int exitcode;         /* valid once reaped: status, or -signal */
   int has_handle;       /* a Lua handle still points here */
@@ -105,7 +114,22 @@ static int child_reap(child *c, int block) {
   }
   c->reaped = 1;
   list_remove(c);
+  if (!c->sentinel_out) {
+    /* nobody can be waiting on it: give the fd back now, not when Lua collects c */
+    luamp_close_fd(c->pidfd);
+    c->pidfd = -1;
+  }
   return 1;
+}
+
+/* Reaps this process's children that have ended; the records Lua no longer holds go. */
+static void reap_ended(void) {
+  pid_t me = luamp_self_pid();
+  child *next;
+  for (child *c = live_children; c; c = next) {
+    next = c->next;
+    if (c->owner == me && child_reap(c, 0) && !c->has_handle) child_free(c);
+  }
 }
 
 void luamp_children_finish(void) {
@@ -209,19 +233,29 @@ static int l_fork(lua_State *L) {
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  reap_ended();
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;
   luaL_setmetatable(L, CHILD_MT);
+  /* The fd the child's pidfd will take, held across the fork: without it, a process out
+   * of fds would start a child it cannot watch. */
+  int spare = eventfd(0, EFD_CLOEXEC);
+  if (spare < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
   child *c = calloc(1, sizeof *c);
-  if (!c) luamp_raise(L, "Value", "out of memory");
+  if (!c) {
+    luamp_close_fd(spare);
+    luamp_raise(L, "Value", "out of memory");
+  }
   c->pidfd = -1;
   pid_t pid = luamp_fork(daemon);
   if (pid < 0) {
     int err = errno;
     free(c);
+    luamp_close_fd(spare);
     luamp_raise_errno(L, "Value", "fork", err);
   }
   if (pid == 0) {
+    luamp_close_fd(spare);
     install_child_os_exit(L);
     lua_pushvalue(L, 1);
     int code = 0;
@@ -237,7 +271,17 @@ static int l_fork(lua_State *L) {
   c->owner = luamp_self_pid();
   c->daemon = daemon;
   c->has_handle = 1;
+  luamp_close_fd(spare);
   c->pidfd = pidfd_open_cloexec(pid);
+  if (c->pidfd < 0 && errno != ENOSYS) {
+    /* Only another thread can have taken the reserved fd. The child has only just
+     * started: it goes rather than run unwatched. */
+    int err = errno;
+    kill(pid, SIGKILL);
+    child_reap(c, 1);
+    free(c);
+    luamp_raise_errno(L, "Value", "cannot start a process (pidfd_open)", err);
+  }
   list_push(c);
   u->c = c;
   return 1;
@@ -248,8 +292,25 @@ static int l_child_pid(lua_State *L) {
   return 1;
 }
 
+/* The pidfd, kept open from now on. A child reaped before anyone asked has closed its
+ * pidfd; it gets an fd that is always readable, as the pidfd of an ended child is. */
 static int l_child_sentinel(lua_State *L) {
-  lua_pushinteger(L, check_child(L)->pidfd);
+  child *c = check_child(L);
+  if (c->pidfd < 0 && c->reaped) {
+    c->pidfd = eventfd(1, EFD_CLOEXEC);
+    if (c->pidfd < 0) luamp_raise_errno(L, "Value", "sentinel", errno);
+  }
+  c->sentinel_out = 1;
+  lua_pushinteger(L, c->pidfd);
+  return 1;
+}
+
+/* :ended() -> exitcode if the child is known to have ended (reaped), else nil; no
+ * system call. */
+static int l_child_ended(lua_State *L) {
+  child *c = check_child(L);
+  if (!c->reaped) return 0;
+  lua_pushinteger(L, c->exitcode);
   return 1;
 }
 
@@ -371,6 +432,7 @@ int luamp_open_process(lua_State *L) {
   static const luaL_Reg child_methods[] = {
     {"pid", l_child_pid},
     {"sentinel", l_child_sentinel},
+    {"ended", l_child_ended},
     {"poll", l_child_poll},
     {"wait", l_child_wait},
     {"signal", l_child_signal},
