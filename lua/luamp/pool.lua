@@ -156,10 +156,13 @@ local function worker_loop(conn, maxtasks)
   local fns = {}
   local done = 0
   while true do
-    -- waiting in poll first saves the receive that would find nothing yet
+    -- waiting in poll first saves the receive that would find nothing yet; the receive
+    -- after it must not block (a task may have left pumps behind, and a readiness hint
+    -- never leads to a blocking read)
     local ok, bytes = pcall(conn.poll, conn, math.huge)
-    if ok then ok, bytes = pcall(conn.recv_bytes, conn) end
+    if ok then ok, bytes = pcall(conn._recv_bytes_nowait, conn) end
     if not ok then return 0 end            -- EOF: the parent is gone
+    if bytes == nil then goto continue end
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
     local defs, drops = msg[1], msg[2]
@@ -195,6 +198,7 @@ local function worker_loop(conn, maxtasks)
       done = done + 1
       if maxtasks and done >= maxtasks then return 0 end
     end
+    ::continue::
   end
 end
 
@@ -671,21 +675,19 @@ local function on_init_message(st, w, data)
 end
 
 -- Reads every message w has for us; results are taken off w's queue first and decoded
--- after the freed worker has been given new work.
-local function drain_messages(st, w, ready)
+-- after the freed worker has been given new work. The readiness that brought us here is
+-- only a hint: between a poll and this read other pumps may have run (any wait runs them,
+-- and a pump of this pool run from inside another pool's pump can read this very
+-- connection), so every receive is one that returns nothing when no message is there.
+local function drain_messages(st, w)
   local got = {}
   local conn = w.conn
-  w.drained = st.round
   while not w.dead do
-    if not ready then
-      -- a worker that owes us nothing has nothing more to say (but EOF, which the next
-      -- wait reports): no system call to ask
-      if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-      local okp, more = pcall(conn.poll, conn)
-      if not okp or not more then break end
-    end
-    ready = false
-    local ok, data = pcall(conn.recv_bytes, conn)
+    -- a worker that owes us nothing has nothing more to say (but EOF, which the next
+    -- wait reports): no system call to ask
+    if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
+    local ok, data = pcall(conn._recv_bytes_nowait, conn)
+    if ok and data == nil then break end
     if not ok then
       if is_error(data, "Interrupted") then error(data, 0) end
       if not w.dead then
@@ -718,11 +720,11 @@ local function drain_messages(st, w, ready)
   end
 end
 
-local function drain(st, w, ready)
+local function drain(st, w)
   -- not re-entered: a receive waiting for the rest of a message runs other pumps
   if w.eof or w.dead or w.reading then return end
   w.reading = true
-  local ok, err = pcall(drain_messages, st, w, ready)
+  local ok, err = pcall(drain_messages, st, w)
   w.reading = false
   if not ok then error(err, 0) end
   local code = w.ended_code
@@ -833,16 +835,15 @@ local function settle(st)
   run_callbacks(st)
 end
 
--- One fd of this pool is ready (called from the pool's waits and as a pump). `fresh`:
--- the wait that reported it has just returned, so a connection nobody has read from
--- since then surely has a message (or EOF) and needs no poll before the receive.
-function service_fd(st, fd, fresh)
+-- One fd of this pool is ready, or was when a wait looked (called from the pool's waits
+-- and as a pump).
+function service_fd(st, fd)
   if st.state == "TERMINATE" and #st.workers == 0 then return end
   local w = st.by_fd and st.by_fd[fd]
   if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
   if not w then return end
   if fd == w.cfd and not w.eof then
-    drain(st, w, fresh and w.drained ~= st.round)
+    drain(st, w)
     if w.eof then check_ended(st, w) end
   else
     check_ended(st, w)
@@ -878,8 +879,7 @@ local function wait_once(st, deadline)
     end
     error(ready, 0)
   end
-  st.round = st.round + 1
-  for _, fd in ipairs(ready) do service_fd(st, fd, true) end
+  for _, fd in ipairs(ready) do service_fd(st, fd) end
   if tick then
     for _, w in ipairs(st.workers) do check_ended(st, w) end
   end
@@ -1335,7 +1335,7 @@ local function new_pool(opts)
     workers = {}, fds = {}, by_fd = {}, fds_dirty = true,
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
-    callbacks = dq_new(), round = 0,
+    callbacks = dq_new(),
   }
   st.pump = function(fd)
     service_fd(st, fd)
