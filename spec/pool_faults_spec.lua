@@ -58,3 +58,72 @@ describe("Pool with another pool busy", function()
     check(60, "cb", "sleep")
   end)
 end)
+
+describe("Pool and Ctrl-C", function()
+  -- The pool's protective pcalls (around a receive, the decoding of a result, a worker's
+  -- status...) once caught the Interrupted raised at any instruction by the Ctrl-C hook or
+  -- by a wait: the map went on, or a healthy worker was killed for a "malformed result".
+  local map_script = [[
+    local luamp = require "luamp"
+    local p = luamp.Pool(2)
+    local function sq(x) return x * x end
+    p:map(sq, {1, 2, 3, 4})
+    local input = {}
+    for i = 1, 100000 do input[i] = i end
+    print("ready")
+    io.stdout:flush()
+    local r = p:map(sq, input, tonumber(arg[1]))
+    print("completed", #r)
+  ]]
+
+  it("always ends pool:map with Interrupted (exit 130), never a result or WorkerLost", function()
+    local script = H.script(map_script)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. H.q(dir)))
+    -- REPS runs, BATCH at a time; each in its own process group, SIGINT not ignored (as
+    -- a background job's would be), the signal sent to the whole group as Ctrl-C on a
+    -- terminal does, 0-100 ms after the script said it starts the map (which takes
+    -- seconds). A run still going 10 s later lost its Ctrl-C and is killed.
+    local reps, batch = 32, 4
+    local cmd = string.format([[
+      cd %s
+      one() {
+        setsid env --default-signal=INT %s %s $2 > out$1 2> err$1 &
+        pid=$!
+        for j in $(seq 1 1000); do grep -q ready out$1 && break; sleep 0.01; done
+        sleep 0.$(printf %%03d $((RANDOM %% 100)))
+        kill -INT -$pid
+        for j in $(seq 1 200); do kill -0 $pid 2>/dev/null || break; sleep 0.05; done
+        kill -KILL -$pid 2>/dev/null
+        wait $pid
+        echo "run $1 status $?" > rc$1
+      }
+      for b in $(seq 0 %d); do
+        for k in $(seq 1 %d); do
+          i=$((b * %d + k))
+          one $i $((i %% 2 == 0 ? 1 : 16)) &
+        done
+        wait
+      done
+      cat rc*
+    ]], H.q(dir), H.q(H.host), H.q(script), reps // batch - 1, batch, batch)
+    local summary = H.sh(cmd)
+    local failures, runs = {}, 0
+    for i, code in summary:gmatch("run (%d+) status (%d+)") do
+      runs = runs + 1
+      local f = io.open(dir .. "/out" .. i); local out = f:read("a"); f:close()
+      f = io.open(dir .. "/err" .. i); local err = f:read("a"); f:close()
+      local why
+      if err:find("WorkerLost") then why = "WorkerLost"
+      elseif out:find("completed") then why = "the map completed"
+      elseif code == "137" then why = "still running 10 s after the Ctrl-C"
+      elseif code ~= "130" or not err:find("Interrupted") then why = "exit " .. code end
+      if why then failures[#failures + 1] = "run " .. i .. ": " .. why .. "\n" .. err end
+    end
+    os.remove(script)
+    os.execute("rm -rf " .. H.q(dir))
+    assert.are.equal(reps, runs, summary)
+    assert.are.same({}, failures)
+  end)
+end)

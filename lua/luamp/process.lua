@@ -121,7 +121,7 @@ local function child_main(self)
   s.pid = core.getpid()
   children = {}
   child_counter = 0
-  local ok, err = xpcall(self.run, traceback_handler, self)
+  local ok, err = U.xpcall(self.run, traceback_handler, self)
   io.stdout:flush()
   if not ok then
     io.stderr:write("Process ", s.name, ":\n", err, "\n")
