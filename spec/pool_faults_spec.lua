@@ -127,3 +127,54 @@ describe("Pool and Ctrl-C", function()
     assert.are.same({}, failures)
   end)
 end)
+
+describe("Interrupted through luamp's C pcalls", function()
+  local luamp = H.luamp
+  local core = luamp._core
+  local function interrupted() error(core.error("Interrupted", "interrupted!"), 0) end
+
+  -- a Ctrl-C a test below may leave pending (before the fix) must not hit later tests
+  local function clear_pending() pcall(luamp.sleep, 0) end
+
+  it("passes a Ctrl-C in a handle hook on as Interrupted, not Serialize", function()
+    local Hooked = {__luamp_handle = interrupted}
+    H.raises("Interrupted", luamp.dumps, {x = setmetatable({}, Hooked)})
+    local r, w = luamp.Pipe(false)
+    H.raises("Interrupted", w.send, w, setmetatable({}, Hooked))
+    r:close(); w:close()
+  end)
+
+  it("passes a Ctrl-C in a handle's rebuild on as Interrupted", function()
+    local Thing = {__luamp_handle = function() return "spec.pool_faults.Intr", 1 end}
+    core.register_handle("spec.pool_faults.Intr", interrupted)
+    local r, w = luamp.Pipe(false)
+    w:send(setmetatable({}, Thing))
+    H.raises("Interrupted", r.recv, r)
+    r:close(); w:close()
+  end)
+
+  it("a wait raises the Interrupted a pump met, even when its own fd is ready", function()
+    local pr, pw = luamp.Pipe(false)
+    local r, w = luamp.Pipe(false)
+    core.pump_add(pr:fileno(), function() pr:recv(); interrupted() end)
+    pw:send(1)
+    w:send(2)
+    local ok, err = pcall(core.wait_fds, {r:fileno()})
+    core.pump_remove(pr:fileno())
+    clear_pending()
+    assert.is_false(ok)
+    assert.is_true(core.is_error(err, "Interrupted"), tostring(err))
+    assert.is_true(r:poll())    -- its message is still there
+  end)
+
+  it("luamp.poll() raises the Interrupted a pump met", function()
+    local pr, pw = luamp.Pipe(false)
+    core.pump_add(pr:fileno(), function() pr:recv(); interrupted() end)
+    pw:send(1)
+    local ok, err = pcall(luamp.poll)
+    core.pump_remove(pr:fileno())
+    clear_pending()
+    assert.is_false(ok)
+    assert.is_true(core.is_error(err, "Interrupted"), tostring(err))
+  end)
+end)
