@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -131,6 +132,9 @@ static inline pid_t luamp_self_pid(void) {
   pid_t p = luamp_pid_cache;
   return p ? p : luamp_self_pid_slow();
 }
+/* Adds to set the signals whose disposition this process (a pool worker) changed from
+ * what it inherited, for a spawned child to get back at exec (POSIX_SPAWN_SETSIGDEF). */
+void luamp_spawn_sigdefault(sigset_t *set);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
