@@ -62,6 +62,9 @@ int luamp_take_interrupt(void);
  * every luamp_wait_fds call; this runs the ready ones once without blocking and returns
  * how many ran. */
 int luamp_pump_poll(void);
+/* Runs the pump of fd if there is one and fd is readable right now (zero-timeout poll):
+ * for a readiness learnt earlier, which a wait may have used up since. 1 if fd was ready. */
+int luamp_pump_run_if_ready(int fd);
 
 /* ---- fds ------------------------------------------------------------------------------ */
 
@@ -187,8 +190,21 @@ void luamp_futex_wake(_Atomic uint32_t *word, int n);
 int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn);
 
 /* ---- host settings (module.c) -------------------------------------------------------- */
-struct uv_loop_s *luamp_loop(void);          /* the host's loop, or libuv's default */
 const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */
+
+/* ---- libuv loops (loop.c) -------------------------------------------------------------
+ * luamp runs only its private loop, never re-entrantly, never the host's nor libuv's
+ * default loop. The private loop, made on first use (NULL if libuv cannot make it): */
+struct uv_loop_s *luamp_private_loop(void);
+/* One non-blocking iteration of it; -1 (nothing run) from inside its own run or before
+ * it exists. */
+int luamp_private_loop_step(void);
+int luamp_private_loop_running(void);        /* 1 while luamp_private_loop_step runs it */
+void luamp_private_loop_after_fork(void);    /* in a new child: re-makes the inherited loop */
+/* With a host loop set (luamp_set_loop), watches pump fd on it so the host's own uv_run
+ * runs the pump (luamp_pump_run_if_ready); unwatch when the pump goes. No-ops otherwise. */
+void luamp_host_watch(int fd);
+void luamp_host_unwatch(int fd);
 
 /* Called in every new child by luamp_fork (subprocess.c): libuv state inherited from the
  * parent must be re-made (uv_loop_fork) before the child uses it. */

@@ -17,6 +17,8 @@
  * its own function; one whose function raises is dropped (it would otherwise spin),
  * except that an Interrupted error is handed on to the enclosing wait. Pumps belong to
  * the process that registered them: a forked child's waits ignore the inherited ones.
+ * When a host shares its libuv loop, each pump fd is also watched on that loop (loop.c),
+ * so pumps run from the host's own uv_run through luamp_pump_run_if_ready.
  */
 #include <math.h>
 #include <signal.h>
@@ -102,6 +104,7 @@ static pump *pump_by_id(unsigned id) {
 }
 
 static void pump_drop(pump *p) {
+  luamp_host_unwatch(p->fd);
   luaL_unref(p->thread, LUA_REGISTRYINDEX, p->ref);
   *p = pumps[--npumps];
 }
@@ -190,6 +193,16 @@ int luamp_pump_poll(void) {
   if (r > 0) ran = pumps_run_ready(fds, 0, n);
   if (fds != stackfds) free(fds);
   return ran;
+}
+
+int luamp_pump_run_if_ready(int fd) {
+  if (!pumps_active()) return 0;
+  struct pollfd pfd = {.fd = fd, .events = POLLIN, .revents = 0};
+  int r;
+  do r = poll(&pfd, 1, 0); while (r < 0 && errno == EINTR);
+  if (r <= 0) return 0;
+  pump_run(fd);
+  return 1;
 }
 
 /* poll() on the caller's fds alone; the whole wait when no pump is registered. */
@@ -360,6 +373,7 @@ static int l_pump_add(lua_State *L) {
   p->thread = T;
   p->id = ++pump_next_id;
   pumps_pid = luamp_self_pid();
+  luamp_host_watch((int)fd);
   return 0;
 }
 
