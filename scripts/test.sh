@@ -115,7 +115,7 @@ run_spec() {
     echo "TIMEOUT $file after $limit s (in: ${name:-?}, ${where:-?}; $p passed before)"
     echo "$p $((f + e + 1))" > "$result"
   elif [[ $state != done ]]; then
-    echo "FAIL $file: busted ended with status $rc before finishing ($p passed)"
+    echo "FAIL $file: busted ended with status $rc before finishing (in: ${name:-?}, ${where:-?}; $p passed before)"
     echo "$p $((f + e + 1))" > "$result"
   elif ((f + e > 0 || rc != 0)); then
     echo "FAIL $file: $p passed, $((f + e)) failed ($secs s)"
