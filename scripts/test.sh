@@ -98,10 +98,13 @@ run_spec() {
   # whatever the run left running in its group (an orphaned child) goes too. Zombies
   # (ended, waiting for init to reap them) do not count, and children on their way out
   # (a daemon ending with its parent) get a second to go.
-  local left tries=0
-  while left=$(ps -o pid=,stat=,args= -g "$pid" | awk '$2 !~ /^Z/'); [[ -n $left ]]; do
+  local left= tries=0
+  # (kill -0 first: listing processes is slow, and the group is usually empty)
+  while kill -0 -- -"$pid" 2>/dev/null; do
+    left=$(ps -o pid=,stat=,args= -g "$pid" | awk '$2 !~ /^Z/')
+    [[ -z $left ]] && break
     ((timed_out || ++tries > 10)) && break
-    sleep 0.1
+    sleep 0.1; left=
   done
   if [[ -n $left ]]; then
     kill -KILL -- -"$pid" 2>/dev/null
