@@ -41,10 +41,24 @@ else
 fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/luamp-test.XXXXXX")
+mkdir "$tmp/running"
+# Spec runs have sessions of their own, out of reach of the terminal's Ctrl-C: on Ctrl-C
+# or TERM the ones still running ($tmp/running/<pgid>) are killed here.
+stop() {
+  local g
+  exec 2>/dev/null                                  # no job notices: we are leaving
+  for g in "$tmp"/running/*; do
+    [[ -e $g ]] || continue
+    kill -KILL -- -"${g##*/}" 2>/dev/null
+    kill -TERM "$(<"$g")" 2>/dev/null               # its watchdog
+  done
+  echo "interrupted"
+  exit 130
+}
+trap stop INT TERM
 trap 'rm -rf "$tmp"' EXIT
 passed=0 failed=0
 
-# ---- C unit tests --------------------------------------------------------------------
 files=() busted_opts=()
 for a in "$@"; do
   if [[ -d $a ]]; then
@@ -56,6 +70,7 @@ for a in "$@"; do
   fi
 done
 
+# ---- C unit tests --------------------------------------------------------------------
 if (($# == 0)); then
   echo "== ctest"
   (cd "$build" && ctest --output-on-failure) 2>&1 | tee "$tmp/ctest.log"
@@ -81,6 +96,7 @@ run_spec() {
   LUAMP_TEST_STATUS=$status setsid "${runner[@]}" --cpath="$build/?.so" --lpath="spec/?.lua" \
     -o scripts/test_output.lua "${busted_opts[@]}" "$file" 2>&1 &
   local pid=$!
+  : > "$tmp/running/$pid"
   # the watchdog: kills the group at the limit; its sleep is ended with it when the run
   # finishes first, so nothing is left waiting
   (
@@ -92,6 +108,7 @@ run_spec() {
     kill -KILL -- -"$pid" 2>/dev/null
   ) &
   local watchdog=$! rc timed_out=0
+  echo "$watchdog" > "$tmp/running/$pid"
   wait "$pid" 2>/dev/null; rc=$?     # (quiet: the TIMEOUT line below says it all)
   kill -TERM "$watchdog" 2>/dev/null; wait "$watchdog"
   [[ -e $status.timeout ]] && timed_out=1
@@ -110,6 +127,7 @@ run_spec() {
     kill -KILL -- -"$pid" 2>/dev/null
     ((timed_out)) || printf 'LEFT RUNNING by %s (killed):\n%s\n' "$file" "$left"
   fi
+  rm -f "$tmp/running/$pid"
   local counts name where p=0 f=0 e=0 state=none
   { read -r counts; read -r name; read -r where; } < "$status"
   [[ -n ${counts:-} ]] && read -r p f e _ state <<< "$counts"

@@ -3,7 +3,7 @@
 # spec files, one passing, one hanging (with a child process of its own) and one failing,
 # it must stream their results, name the hung file and the test it hung in with a TIMEOUT
 # line, kill that run's whole process group, count the hang as a failure, and exit
-# non-zero with the right summary line.
+# non-zero with the right summary line; and TERM to the runner must end the run it is in.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(mktemp -d "${TMPDIR:-/tmp}/luamp-selftest.XXXXXX")
@@ -52,4 +52,20 @@ if [[ -n $state && $state != Z ]]; then
   fail "the hung run's child $child was left running"
 fi
 ((elapsed < 30)) || fail "took $elapsed s for a 3 s limit"
+
+# TERM (or Ctrl-C) to the runner ends the spec run it is in, with its children, at once
+rm -f "$dir/a_pass_spec.lua" "$dir/c_fail_spec.lua" "$dir/child.pid"
+env -u LUAMP_SANITIZE LUAMP_TEST_TIMEOUT=60 "$root/scripts/test.sh" "$dir" > "$dir/out" 2>&1 &
+runner=$!
+for _ in $(seq 300); do [[ -s $dir/child.pid ]] && break; sleep 0.1; done
+[[ -s $dir/child.pid ]] || { kill "$runner"; fail "the hanging spec did not start"; }
+kill -TERM "$runner"
+wait "$runner"; rc=$?
+((rc == 130)) || fail "runner ended with $rc after TERM, not 130"
+child=$(<"$dir/child.pid")
+state=$(awk '{print $3}' "/proc/$child/stat" 2>/dev/null)
+if [[ -n $state && $state != Z ]]; then
+  kill "$child"
+  fail "TERM to the runner left the spec's child $child running"
+fi
 echo "test_runner: ok ($elapsed s)"
