@@ -92,9 +92,12 @@ run_spec() {
   : > "$status"
   # setsid: the run is the leader of a process group of its own (test.sh runs without
   # job control, so setsid needs no fork and $! is that leader), which a timeout kills
-  # as a whole, children included.
-  LUAMP_TEST_STATUS=$status setsid "${runner[@]}" --cpath="$build/?.so" --lpath="spec/?.lua" \
-    -o scripts/test_output.lua "${busted_opts[@]}" "$file" 2>&1 &
+  # as a whole, children included. env: bash starts background commands with SIGINT and
+  # SIGQUIT ignored, which the specs' processes would inherit (the luamp host keeps an
+  # inherited SIG_IGN, so its Ctrl-C specs would hang).
+  LUAMP_TEST_STATUS=$status setsid env --default-signal=INT,QUIT "${runner[@]}" \
+    --cpath="$build/?.so" --lpath="spec/?.lua" -o scripts/test_output.lua \
+    "${busted_opts[@]}" "$file" 2>&1 &
   local pid=$!
   : > "$tmp/running/$pid"
   # the watchdog: kills the group at the limit; its sleep is ended with it when the run
