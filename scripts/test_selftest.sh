@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Checks scripts/test.sh itself (run by ctest as test_runner): given a directory of three
 # spec files, one passing (with signals at their defaults), one hanging (with a child
-# process of its own) and one failing, it must stream their results, name the hung file and the test it hung in with a TIMEOUT
-# line, kill that run's whole process group, count the hang as a failure, and exit
-# non-zero with the right summary line; and TERM to the runner must end the run it is in.
+# process of its own) and one failing, it must stream their results, name the hung file
+# and the test it hung in with a TIMEOUT line, kill that run's whole process group,
+# count the hang as a failure, and exit non-zero with the right summary line; and TERM
+# to the runner must end the run it is in.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(mktemp -d "${TMPDIR:-/tmp}/luamp-selftest.XXXXXX")
