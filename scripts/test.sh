@@ -28,6 +28,8 @@ default_limit=${LUAMP_TEST_TIMEOUT:-120}
 declare -A limit_of=(
   [spec/pool_stress_spec.lua]=240
   [spec/ipc_stress_spec.lua]=240
+  [spec/repl_spec.lua]=240                # a pty session per test
+  [spec/rockspec_spec.lua]=360            # builds luamp with luarocks
 )
 scale=1
 jobs=${LUAMP_TEST_JOBS:-1}
