@@ -37,7 +37,8 @@ EOF
 
 start=$SECONDS
 # the fake specs need no luamp: run them under stock lua5.4 in any build
-env -u LUAMP_SANITIZE LUAMP_TEST_TIMEOUT=3 "$root/scripts/test.sh" "$dir" > "$dir/out" 2>&1
+env -u LUAMP_SANITIZE -u LUAMP_TEST_JOBS LUAMP_TEST_TIMEOUT=3 "$root/scripts/test.sh" "$dir" \
+  > "$dir/out" 2>&1
 rc=$?
 elapsed=$((SECONDS - start))
 
@@ -61,9 +62,25 @@ if [[ -n $state && $state != Z ]]; then
 fi
 ((elapsed < 30)) || fail "took $elapsed s for a 3 s limit"
 
+# two files at a time: the same results, each line labelled with its file
+rm -f "$dir/child.pid"
+env -u LUAMP_SANITIZE LUAMP_TEST_JOBS=2 LUAMP_TEST_TIMEOUT=3 "$root/scripts/test.sh" "$dir" \
+  > "$dir/out" 2>&1 && fail "exit status 0 with two files at a time"
+grep -q "^\[b_hang\] TIMEOUT $dir/b_hang_spec.lua after 3 s (in: b hangs forever" "$dir/out" ||
+  fail "no labelled TIMEOUT line with two files at a time"
+grep -q "^\[c_fail\] FAILED " "$dir/out" || fail "no labelled failure with two files at a time"
+[[ $(tail -n 1 "$dir/out") == "2 passed, 2 failed" ]] || fail "wrong summary with two files at a time"
+child=$(<"$dir/child.pid")
+state=$(awk '{print $3}' "/proc/$child/stat" 2>/dev/null)
+if [[ -n $state && $state != Z ]]; then
+  kill "$child"
+  fail "the hung run's child $child was left running (two files at a time)"
+fi
+
 # TERM (or Ctrl-C) to the runner ends the spec run it is in, with its children, at once
 rm -f "$dir/a_pass_spec.lua" "$dir/c_fail_spec.lua" "$dir/child.pid"
-env -u LUAMP_SANITIZE LUAMP_TEST_TIMEOUT=60 "$root/scripts/test.sh" "$dir" > "$dir/out" 2>&1 &
+env -u LUAMP_SANITIZE -u LUAMP_TEST_JOBS LUAMP_TEST_TIMEOUT=60 "$root/scripts/test.sh" "$dir" \
+  > "$dir/out" 2>&1 &
 runner=$!
 for _ in $(seq 300); do [[ -s $dir/child.pid ]] && break; sleep 0.1; done
 [[ -s $dir/child.pid ]] || { kill "$runner"; fail "the hanging spec did not start"; }
