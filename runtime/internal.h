@@ -222,5 +222,6 @@ int luamp_open_subprocess(lua_State *L);
 int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
 int luamp_open_pool(lua_State *L);
+int luamp_open_auth(lua_State *L);
 
 #endif
