@@ -365,6 +365,7 @@ static void raise_wait(lua_State *L, int rc) {
 
 /* _core.auth_listen(host, port) or (path) -> listener */
 static int l_listen(lua_State *L) {
+  lua_settop(L, 2);
   listener_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->fd = -1;
   luaL_setmetatable(L, LISTENER_MT);
@@ -475,6 +476,7 @@ static int l_connect(lua_State *L) {
   size_t hl;
   const char *host = luaL_checklstring(L, 1, &hl);
   double deadline = luamp_deadline_arg(L, 3);
+  lua_settop(L, 3);
   chan_ud *u = push_chan(L, -1, CH_CLIENT);
   struct sockaddr_storage ss;
   socklen_t sl;
