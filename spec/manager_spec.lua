@@ -327,3 +327,33 @@ describe("BaseManager", function()
     end)
   end)
 end)
+
+describe("Manager and Ctrl-C", function()
+  it("Ctrl-C during a blocked proxy call raises Interrupted; the server (same process group) survives", function()
+    local script = H.script([[
+      local m = luamp.Manager()
+      local q = m:Queue()
+      q:put("warm")
+      q:get()
+      io.stdout:write("ready\n")
+      io.stdout:flush()
+      local ok, e = pcall(q.get, q)               -- blocks until the SIGINT
+      print(ok, type(e) == "table" and e.kind or tostring(e))
+      q:put(1)
+      print(q:get())                              -- a new connection, the same server
+      m:shutdown()
+    ]])
+    local out_file = os.tmpname()
+    -- the host leads its own process group; the signal goes to the whole group, as a
+    -- terminal's Ctrl-C does, so the manager's server process gets it too
+    -- (the host runs in the foreground: a background job would start with SIGINT ignored)
+    local inner = "( for i in $(seq 1000); do grep -q ready " .. out_file .. " && break; sleep 0.01; done; "
+      .. "kill -INT -$$ ) & exec setsid " .. H.q(H.host) .. " " .. H.q(script) .. " > " .. out_file .. " 2>&1"
+    local cmd = "sh -c " .. H.q(inner) .. "; echo rc=$?"
+    local rc = H.sh(cmd)
+    local f = assert(io.open(out_file)); local out = f:read("a"); f:close()
+    os.remove(out_file); os.remove(script)
+    assert.equal("rc=0\n", rc, out)
+    assert.equal("ready\nfalse\tInterrupted\n1\n", out)
+  end)
+end)
