@@ -554,9 +554,17 @@ static int l_chan_start(lua_State *L) {
   return 0;
 }
 
-/* chan:step() -> nil (nothing complete), "auth" (handshake done), or "msg", value */
+/* Whether a whole frame is already in the receive buffer (after the last one handed out). */
+static int frame_buffered(const luamp_chan *c) {
+  size_t start = c->in_start + c->consume, have = c->in_end - start;
+  return have >= 4 && have - 4 >= get_be32(c->in + start);
+}
+
+/* chan:step([buffered_only]) -> nil (nothing complete), "auth" (handshake done), or
+ * "msg", value. buffered_only: look only at frames already received (no recv call). */
 static int l_chan_step(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
+  if (lua_toboolean(L, 2) && !frame_buffered(&u->c)) return 0;
   const uint8_t *msg;
   size_t len;
   int r = luamp_chan_step(&u->c, &msg, &len);
@@ -639,7 +647,13 @@ static int l_chan_call(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
   double deadline = luamp_deadline_arg(L, 3);
   seal_value(L, &u->c, 2);
+  if (luamp_chan_flush(&u->c) < 0) flush_or_raise(L, &u->c);
+  /* the reply cannot be here before the request went: wait first, then read (one recv
+   * per reply instead of a wasted one), unless a frame is buffered already */
+  int waited = frame_buffered(&u->c);
   for (;;) {
+    if (!waited) wait_chan(L, &u->c, deadline, "manager call");
+    waited = 0;
     if (luamp_chan_pending(&u->c) && luamp_chan_flush(&u->c) < 0) flush_or_raise(L, &u->c);
     const uint8_t *msg;
     size_t len;
@@ -649,7 +663,6 @@ static int l_chan_call(lua_State *L) {
       return 1;
     }
     if (r != CH_AGAIN) raise_step(L, &u->c, r);
-    wait_chan(L, &u->c, deadline, "manager call");
   }
 }
 

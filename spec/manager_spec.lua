@@ -250,6 +250,22 @@ describe("BaseManager", function()
     QM:shutdown()
   end)
 
+  it("a Unix socket path address: served, connected to, removed at shutdown", function()
+    local path = os.tmpname()
+    os.remove(path)
+    local QM = luamp.BaseManager{address = path, authkey = "p"}
+    QM:register("get", function() return {v = 42} end)
+    QM:start()
+    assert.equal(path, QM.address)
+    assert.truthy(io.open(path, "r") == nil and H.sh("test -S " .. H.q(path) .. " && echo sock") == "sock\n")
+    local C = luamp.BaseManager{address = path, authkey = "p"}
+    C:register("get")
+    C:connect()
+    assert.equal(42, C:get().v)
+    QM:shutdown()
+    assert.equal("", H.sh("test -e " .. H.q(path) .. " && echo exists"))
+  end)
+
   it("get_server():serve_forever() in a child; srv.address before serving", function()
     local QM = luamp.BaseManager{address = {"127.0.0.1", 0}, authkey = "k"}
     local q = luamp.Queue()

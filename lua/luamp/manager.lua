@@ -1014,6 +1014,7 @@ local function serve(listener, authkey, registry, address)
   sched = new_sched()
   local objects, next_id = {}, 0
   local conns = {}                    -- list of connection records
+  local nclosed, handshaking = 0, 0   -- closed since the poll list was made; not yet authed
   local stop = false
   local my_key = address_key(address)
 
@@ -1089,6 +1090,8 @@ local function serve(listener, authkey, registry, address)
   local function close_conn(conn)
     if conn.closed then return end
     conn.closed = true
+    nclosed = nclosed + 1
+    if not conn.authed then handshaking = handshaking - 1 end
     if conn.waiting then unpark(conn.waiting) end
     conn.co = nil
     conn.ch:close()
@@ -1105,41 +1108,55 @@ local function serve(listener, authkey, registry, address)
   end
 
   local start_next
+  local DONE = {}          -- what a request's coroutine yields when it has its reply
+  local idle = {}          -- finished coroutines, reused for the next requests
+
+  local function finish(ok, ...)
+    if ok then return {true, select("#", ...), ...} end
+    local e = ...
+    if type(e) == "table" and e.tb then return {false, error_info(e.raw, e.tb)} end
+    return {false, error_info(e)}
+  end
+
+  -- the body of every request coroutine: one request, then yield DONE and the reply
+  local function worker(conn, req)
+    while true do
+      conn, req = coroutine.yield(DONE, finish(xpcall(handle, traceback, conn, req)))
+    end
+  end
 
   -- resumes a request's coroutine; sends its reply when it has finished
   local function resume(conn, ...)
+    local co = conn.co
     current_conn = conn
-    local ok, r = coroutine.resume(conn.co, ...)
+    local ok, a, reply = coroutine.resume(co, ...)
     current_conn = nil
-    if coroutine.status(conn.co) ~= "dead" then return end   -- parked (r is its waiter)
+    if ok and a ~= DONE then return end          -- parked (a is its waiter)
     conn.co = nil
-    if not ok then r = {false, error_info(r)} end
-    if not conn.closed then send_reply(conn, r) end
+    if ok then idle[#idle + 1] = co else reply = {false, error_info(a)} end
+    if not conn.closed then send_reply(conn, reply) end
     start_next(conn)
-  end
-
-  local function request_body(conn, req)
-    local r = pack(xpcall(handle, traceback, conn, req))
-    if r[1] then
-      local out = {true, r.n - 1}
-      for i = 2, r.n do out[i + 1] = r[i] end
-      return out
-    end
-    local e = r[2]
-    if type(e) == "table" and e.tb then return {false, error_info(e.raw, e.tb)} end
-    return {false, error_info(e)}
   end
 
   start_next = function(conn)
     if conn.closed or conn.co or #conn.inbox == 0 then return end
     local req = table.remove(conn.inbox, 1)
-    conn.co = coroutine.create(request_body)
+    local co = table.remove(idle)
+    if not co then
+      co = coroutine.create(worker)
+      coroutine.resume(co)                       -- to its first yield
+    end
+    conn.co = co
     resume(conn, conn, req)
   end
 
   local function service(conn)
+    local buffered_only = false
     while not conn.closed do
-      local ok, what, msg = pcall(conn.ch.step, conn.ch)
+      -- the first step reads the socket; later ones only take frames already buffered
+      -- (the loop's poll reports anything that arrives after)
+      local ok, what, msg = pcall(conn.ch.step, conn.ch, buffered_only)
+      buffered_only = true
       if not ok then
         if core.is_error(what, "Serialize") and conn.ch:authed() then
           -- an authenticated peer sent what this side cannot decode: answer that request
@@ -1154,6 +1171,7 @@ local function serve(listener, authkey, registry, address)
       elseif what == "auth" then
         conn.authed = true
         conn.deadline = nil
+        handshaking = handshaking - 1
       else
         if type(msg) ~= "table" then
           close_conn(conn)
@@ -1174,6 +1192,7 @@ local function serve(listener, authkey, registry, address)
     end
   end
 
+  local items, owners, dirty = {}, {}, true
   while not stop do
     -- run what notify woke
     while #sched.runnable > 0 do
@@ -1186,30 +1205,37 @@ local function serve(listener, authkey, registry, address)
       end
     end
     if stop then break end
-    -- what to wait for
-    local items, owners = {listener}, {false}
-    local live = {}
-    for _, c in ipairs(conns) do
-      if not c.closed then
-        live[#live + 1] = c
-        items[#items + 1] = c.ch
-        owners[#items] = c
+    -- what to wait for: rebuilt only when connections or fd waits changed
+    if dirty or next(sched.fdwait) or nclosed > 0 then
+      items, owners = {listener}, {false}
+      local live = {}
+      for _, c in ipairs(conns) do
+        if not c.closed then
+          live[#live + 1] = c
+          items[#items + 1] = c.ch
+          owners[#items] = c
+        end
+      end
+      conns = live
+      nclosed = 0
+      for w in pairs(sched.fdwait) do
+        items[#items + 1] = w.fd
+        owners[#items] = w
+      end
+      dirty = false
+    end
+    local soonest
+    if next(sched.timed) then
+      for w in pairs(sched.timed) do
+        if not soonest or w.deadline < soonest then soonest = w.deadline end
       end
     end
-    conns = live
-    for w in pairs(sched.fdwait) do
-      items[#items + 1] = w.fd
-      owners[#items] = w
+    if handshaking > 0 then
+      for _, c in ipairs(conns) do
+        if c.deadline and (not soonest or c.deadline < soonest) then soonest = c.deadline end
+      end
     end
-    local now = core.time()
-    local soonest
-    for w in pairs(sched.timed) do
-      if not soonest or w.deadline < soonest then soonest = w.deadline end
-    end
-    for _, c in ipairs(conns) do
-      if c.deadline and (not soonest or c.deadline < soonest) then soonest = c.deadline end
-    end
-    local ready = core.auth_poll(items, soonest and math.max(soonest - now, 0))
+    local ready = core.auth_poll(items, soonest and math.max(soonest - core.time(), 0))
     for _, i in ipairs(ready) do
       local o = owners[i]
       if o == false then
@@ -1217,7 +1243,13 @@ local function serve(listener, authkey, registry, address)
           local ok, ch = pcall(listener.accept, listener)
           if not ok or not ch then break end
           local c = {ch = ch, inbox = {}, deadline = core.time() + HANDSHAKE_TIMEOUT}
-          if pcall(ch.start, ch, authkey) then conns[#conns + 1] = c else ch:close() end
+          if pcall(ch.start, ch, authkey) then
+            conns[#conns + 1] = c
+            handshaking = handshaking + 1
+            dirty = true
+          else
+            ch:close()
+          end
         end
       elseif o.fd then
         if sched.fdwait[o] then wake(o, true) end
@@ -1226,12 +1258,16 @@ local function serve(listener, authkey, registry, address)
         service(o)
       end
     end
-    now = core.time()
-    for w in pairs(sched.timed) do
-      if w.deadline <= now then wake(w, false) end
-    end
-    for _, c in ipairs(conns) do
-      if c.deadline and c.deadline <= now and not c.authed then close_conn(c) end
+    if soonest then
+      local now = core.time()
+      for w in pairs(sched.timed) do
+        if w.deadline <= now then wake(w, false) end
+      end
+      if handshaking > 0 then
+        for _, c in ipairs(conns) do
+          if c.deadline and c.deadline <= now and not c.authed then close_conn(c) end
+        end
+      end
     end
   end
   -- stopping: answer the shutdown request before the connections go
@@ -1241,7 +1277,7 @@ local function serve(listener, authkey, registry, address)
         if not c.ch:pending() then break end
         local ok, done = pcall(c.ch.flush, c.ch)
         if not ok or done then break end
-        pcall(core.auth_poll, {c.ch}, 0.01)
+        core.auth_poll({c.ch}, 0.01)
       end
       close_conn(c)
     end
