@@ -909,7 +909,7 @@ function Barrier:wait(timeout)
   self.count = self.count + 1
   if self.count == self.parties then
     if self.action then
-      local ok, err = pcall(self.action)
+      local ok, err = U.pcall(self.action)
       if not ok then
         barrier_break(self)
         error(err, 0)
@@ -1098,10 +1098,10 @@ local function serve(listener, authkey, registry, address)
   end
 
   local function send_reply(conn, reply)
-    local ok, err = pcall(conn.ch.send, conn.ch, reply)
+    local ok, err = U.pcall(conn.ch.send, conn.ch, reply)
     if not ok then
       if core.is_error(err, "Serialize") then
-        ok, err = pcall(conn.ch.send, conn.ch, {false, error_info(err)})
+        ok, err = U.pcall(conn.ch.send, conn.ch, {false, error_info(err)})
       end
       if not ok then close_conn(conn) end
     end
@@ -1121,7 +1121,7 @@ local function serve(listener, authkey, registry, address)
   -- the body of every request coroutine: one request, then yield DONE and the reply
   local function worker(conn, req)
     while true do
-      conn, req = coroutine.yield(DONE, finish(xpcall(handle, traceback, conn, req)))
+      conn, req = coroutine.yield(DONE, finish(U.xpcall(handle, traceback, conn, req)))
     end
   end
 
@@ -1155,7 +1155,7 @@ local function serve(listener, authkey, registry, address)
     while not conn.closed do
       -- the first step reads the socket; later ones only take frames already buffered
       -- (the loop's poll reports anything that arrives after)
-      local ok, what, msg = pcall(conn.ch.step, conn.ch, buffered_only)
+      local ok, what, msg = U.pcall(conn.ch.step, conn.ch, buffered_only)
       buffered_only = true
       if not ok then
         if core.is_error(what, "Serialize") and conn.ch:authed() then
@@ -1240,10 +1240,10 @@ local function serve(listener, authkey, registry, address)
       local o = owners[i]
       if o == false then
         for _ = 1, 64 do
-          local ok, ch = pcall(listener.accept, listener)
+          local ok, ch = U.pcall(listener.accept, listener)
           if not ok or not ch then break end
           local c = {ch = ch, inbox = {}, deadline = core.time() + HANDSHAKE_TIMEOUT}
-          if pcall(ch.start, ch, authkey) then
+          if U.pcall(ch.start, ch, authkey) then
             conns[#conns + 1] = c
             handshaking = handshaking + 1
             dirty = true
@@ -1254,7 +1254,7 @@ local function serve(listener, authkey, registry, address)
       elseif o.fd then
         if sched.fdwait[o] then wake(o, true) end
       elseif not o.closed then
-        if o.ch:pending() and not pcall(o.ch.flush, o.ch) then close_conn(o) end
+        if o.ch:pending() and not U.pcall(o.ch.flush, o.ch) then close_conn(o) end
         service(o)
       end
     end
@@ -1275,7 +1275,7 @@ local function serve(listener, authkey, registry, address)
     if not c.closed then
       for _ = 1, 100 do
         if not c.ch:pending() then break end
-        local ok, done = pcall(c.ch.flush, c.ch)
+        local ok, done = U.pcall(c.ch.flush, c.ch)
         if not ok or done then break end
         core.auth_poll({c.ch}, 0.01)
       end
