@@ -242,7 +242,13 @@ describe("BaseManager", function()
     C:connect()
     local s = C:get_store()
     s.x = 5
+    s.y = 6
     assert.equal(5, s.x)
+    assert.equal(2, #C:get_store():keys())
+    local seen = {}
+    for k, v in pairs(s) do seen[k] = v end
+    assert.same({x = 5, y = 6}, seen)
+    assert.equal("d", s:get("z", "d"))
     local c = C:get_counter()
     assert.equal(1, c:incr())
     assert.equal(3, c:incr(2))

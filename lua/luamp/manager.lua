@@ -984,6 +984,27 @@ local function call_user(entry, method, ...)
       return
     end
     if method == "__len" then return #obj end
+    if obj[method] == nil then
+      -- the dict proxy's readers, over the table's own fields
+      if method == "items" or method == "keys" or method == "values" then
+        local out = {}
+        for _, k in ipairs(sorted_keys(obj)) do
+          out[#out + 1] = method == "items" and {k, obj[k]} or method == "keys" and k or obj[k]
+        end
+        return out
+      end
+      if method == "get" then
+        local k, default = ...
+        local v = obj[k]
+        if v == nil then return default end
+        return v
+      end
+      if method == "totable" or method == "copy" then
+        local t = {}
+        for k, v in pairs(obj) do t[k] = v end
+        return t
+      end
+    end
   end
   local f = obj[method]
   if type(f) ~= "function" and not (getmetatable(f) or {}).__call then
@@ -1040,6 +1061,7 @@ local function serve(listener, authkey, registry, address)
     local reg = registry[typeid]
     if reg and reg.callable then
       local obj = reg.callable(...)
+      if obj == nil then raise("Value", "the callable of '" .. typeid .. "' returned nil") end
       local kind = "Auto"
       if type(obj) == "table" and getmetatable(obj) == nil and not reg.exposed then kind = "Dict" end
       local id = add_object(obj, typeid, kind, reg.exposed)
