@@ -41,6 +41,7 @@
 #define MAX_MESSAGE ((uint64_t)1 << 42)   /* a larger length can only be garbage */
 #define KEEP_BUFFER (1024 * 1024)
 #define SOCKET_BUFFER (1024 * 1024)    /* larger receive buffers are freed after use */
+#define POPULATE_MIN (256 * 1024)   /* the first step of populating a receive buffer */
 #define RX_AHEAD (8 * 1024 * 1024)   /* receive buffer allocated ahead of a message's data */
 #define HUGE_PAGE ((size_t)2 << 20)
 #define HUGE ((size_t)4 << 20)     /* receive buffers this large use huge pages */
@@ -59,6 +60,7 @@ typedef struct conn {
   uint64_t rx_total, rx_got;
   char *rx_buf;           /* rx_cap bytes from rx_reserve */
   size_t rx_cap;
+  size_t rx_ready;        /* bytes of rx_buf populated */
   luamp_buf tx;           /* encoded message being sent, reused */
   uint64_t dropped;       /* length of the message a failed receive discarded */
   uint64_t cut_got, cut_total;   /* a message the peer stopped sending midway (T_CUT) */
@@ -122,13 +124,32 @@ static void *rx_map(void *from, size_t old, size_t cap) {
   return a;
 }
 
+/* Populates the buffer up to at least `need` bytes, in steps that double with the data
+ * received, so a claim never makes us touch more than about twice what arrived. */
+static void rx_populate(conn *c, size_t need) {
+  if (need <= c->rx_ready) return;
+  size_t upto = c->rx_ready * 2;
+  if (upto < POPULATE_MIN) upto = POPULATE_MIN;
+  if (upto < need) upto = need;
+  if (upto > c->rx_cap) upto = c->rx_cap;
+  size_t from = c->rx_ready & ~(size_t)4095;
+#ifdef MADV_POPULATE_WRITE
+  madvise(c->rx_buf + from, upto - from, MADV_POPULATE_WRITE);
+#endif
+  c->rx_ready = upto;
+}
+
 /* Makes room for the first `need` bytes of the message being received (need <= rx_total).
  * The length in a frame is only the peer's claim, so the buffer is not sized by it: it
- * starts at RX_AHEAD bytes and doubles as data arrives (the pages already populated are
- * moved, not copied), never beyond the claimed length. What is mapped is thus at most
- * about twice what has arrived, and a header alone costs nothing. */
+ * is mapped RX_AHEAD bytes at first (address space only) and doubles as data arrives
+ * (the pages already populated are moved, not copied), never beyond the claimed length;
+ * pages are populated as the data reaches them. What is mapped is thus at most RX_AHEAD
+ * or about twice what has arrived, what is touched about twice what has arrived. */
 static int rx_reserve(conn *c, uint64_t need) {
-  if (c->rx_buf && c->rx_cap >= need) return 0;
+  if (c->rx_buf && c->rx_cap >= need) {
+    rx_populate(c, (size_t)need);
+    return 0;
+  }
   uint64_t want = (uint64_t)c->rx_cap * 2;
   if (want < RX_AHEAD) want = RX_AHEAD;
   if (want < need) want = need;
@@ -139,11 +160,10 @@ static int rx_reserve(conn *c, uint64_t need) {
   size_t old = c->rx_buf ? c->rx_cap : 0;
   char *p = rx_map(c->rx_buf, old, cap);
   if (p == MAP_FAILED) return -1;
-#ifdef MADV_POPULATE_WRITE
-  madvise(p + old, cap - old, MADV_POPULATE_WRITE);
-#endif
+  if (!c->rx_buf) c->rx_ready = 0;
   c->rx_buf = p;
   c->rx_cap = cap;
+  rx_populate(c, (size_t)need);
   return 0;
 }
 
