@@ -975,7 +975,7 @@ static int push_item_protected(lua_State *L) {
 
 static int do_get(lua_State *L, int block, double deadline, int decode) {
   queue *q = check_queue(L, 1);
-  item it;
+  item it = {0, 0, 0};   /* (set by get_item on Q_OK; -O2 cannot tell) */
   int rc = get_item(q, &it, block, deadline);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
   if (!it.ref) {
