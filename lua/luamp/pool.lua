@@ -41,7 +41,8 @@ local U = require "luamp.util"
 
 local raise = U.raise
 local now = core.time
-local dumps, loads = core.dumps, core.loads
+-- tasks and results pass only between this process and its own workers: trusted
+local dumps, loads = core.dumps, core.loads_trusted
 local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
@@ -1368,7 +1369,12 @@ end
 
 local P = {}
 
-function P.Pool(opts) return new_pool(opts) end
+function P.Pool(opts)
+  if type(opts) == "table" and opts.broker ~= nil then   -- across machines, over Redis
+    return require("luamp.broker").Pool(opts)
+  end
+  return new_pool(opts)
+end
 
 -- luamp.poll(): runs what is due in the background (pool results, callbacks) without
 -- waiting; returns how many sources had something.
