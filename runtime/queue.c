@@ -417,11 +417,14 @@ static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t t
   uint32_t pre = token ? 8 : 0;
   uint64_t need = REC_HDR + pad8((uint64_t)len + pre);
   if (n.tail_chunk == 0 || n.tail_pos + need > CHUNK_SIZE) {
+    int first = q->shm->al.top == HEADER_SIZE;
     uint64_t off = arena_alloc(q, CHUNK_SIZE);
     if (!off) return Q_NOMEM;
     struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
     if (!h) return Q_NOMEM;
-    prefault(q, off, CHUNK_SIZE, 1);
+    /* A queue's first chunk is faulted in as it fills: a queue that only ever carries a
+     * few items (one handed to a worker, say) never pays for 256 KiB of pages. */
+    if (!first) prefault(q, off, CHUNK_SIZE, 1);
     *h = (struct chunk_hdr){CHUNK_SIZE, 0, CHUNK_HDR, CHUNK_MAGIC};
     if (n.tail_chunk) {
       struct chunk_hdr *old = chunk_at(q, n.tail_chunk);
