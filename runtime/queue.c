@@ -970,7 +970,8 @@ static int push_item_protected(lua_State *L) {
 static int do_get(lua_State *L, int block, double deadline, int decode) {
   queue *q = check_queue(L, 1);
   item it;
-  luamp_fdlist fds = {0};
+  luamp_fdlist fds;
+  fds.n = 0;
   int rc = get_item(q, &it, block, deadline, &fds);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
   if (!it.ref && fds.n == 0) {

@@ -215,6 +215,29 @@ describe("handles", function()
     -- nothing leaked: descriptors that came with the bad messages were closed
   end)
 
+  it("frees arena objects sent to workers once every holder lets go", function()
+    local pool = luamp.Pool(2)
+    local function gc_everywhere()
+      for _ = 1, 2 do
+        local bar = luamp.Barrier(2)
+        pool:map(function(b) collectgarbage(); collectgarbage(); b:wait(10) end, {bar, bar}, 1)
+      end
+      collectgarbage(); collectgarbage()
+      return core.arena_stats().live
+    end
+    local function round()
+      local lock, v = luamp.Lock(), luamp.Value("i", 0)
+      assert.equal(1, pool:apply(function(l, x) l:acquire(); l:release(); return x:add(1) end, {lock, v}))
+    end
+    round()
+    local before = gc_everywhere()
+    for _ = 1, 100 do round() end
+    -- and results: a Value made by the worker, dropped by the parent
+    for _ = 1, 50 do assert.equal(5, pool:apply(function() return luamp.Value("i", 5) end).value) end
+    assert.equal(before, gc_everywhere())
+    pool:close(); pool:join()
+  end)
+
   it("does not leak descriptors: create a Queue, send it to a pool worker, use it, drop it", function()
     local rounds = tonumber(os.getenv("LUAMP_HANDLE_ROUNDS") or "200")
     local pool = luamp.Pool(2)
@@ -241,9 +264,11 @@ describe("handles", function()
       assert.equal("x", q:get(true, 10))
       q:close()
     end
-    for _ = 1, 5 do round() end          -- warm up: buffers, the arena, cached functions
+    for _ = 1, 5 do round() end          -- warm up: buffers, cached functions
+    worker_counts()                      -- and the arena (the barrier lives there)
     collectgarbage(); collectgarbage()
-    local before, wbefore = fd_count(), worker_counts()
+    local wbefore = worker_counts()
+    local before = fd_count()
     local t0 = luamp.time()
     for _ = 1, rounds do round() end
     local dt = luamp.time() - t0

@@ -29,8 +29,11 @@ local p = luamp.Process{target = function()
     local obj
     if mode == "queue-in-queue" then obj = carrier:get() else obj = a:recv() end
     if obj == false then return end
+    -- dropped at once, as Python's refcounting drops the proxy (Lua's collector would
+    -- get to it much later, with its descriptors and mappings still held)
     if mode == "lock" then obj:acquire(); obj:release(); a:send(true)
     else obj:put(1) end
+    if mode ~= "same-queue" then obj:close() end
   end
 end}
 p:start()
