@@ -63,6 +63,19 @@ int luamp_raise_errno(lua_State *L, const char *kind, const char *what, int err)
   luamp_raise(L, kind, "%s: %s", what, strerror(err));
 }
 
+int luamp_is_interrupted(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return 0;
+  luaL_getmetatable(L, ERROR_MT);
+  int ours = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  if (!ours) return 0;
+  lua_getfield(L, idx, "kind");
+  const char *kind = lua_tostring(L, -1);
+  int interrupted = kind && strcmp(kind, "Interrupted") == 0;
+  lua_pop(L, 1);
+  return interrupted;
+}
+
 static int check_kind(lua_State *L, int idx) {
   const char *kind = luaL_checkstring(L, idx);
   for (int i = 0; error_kinds[i]; i++)

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -41,6 +42,9 @@ int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...)
 /* Raises an error of `kind` whose message is "<what>: strerror(err)". */
 int luamp_raise_errno(lua_State *L, const char *kind, const char *what, int err)
     __attribute__((noreturn));
+/* Whether the value at idx is a luamp Interrupted error: a lua_pcall that catches one
+ * hands it on as it is (Ctrl-C always wins) rather than reporting it as its own failure. */
+int luamp_is_interrupted(lua_State *L, int idx);
 
 /* ---- time and waiting (wait.c) -------------------------------------------------------- */
 
@@ -62,6 +66,9 @@ int luamp_take_interrupt(void);
  * every luamp_wait_fds call; this runs the ready ones once without blocking and returns
  * how many ran. */
 int luamp_pump_poll(void);
+/* Runs the pump of fd if there is one and fd is readable right now (zero-timeout poll):
+ * for a readiness learnt earlier, which a wait may have used up since. 1 if fd was ready. */
+int luamp_pump_run_if_ready(int fd);
 
 /* ---- fds ------------------------------------------------------------------------------ */
 
@@ -161,6 +168,9 @@ static inline pid_t luamp_self_pid(void) {
   pid_t p = luamp_pid_cache;
   return p ? p : luamp_self_pid_slow();
 }
+/* Adds to set the signals whose disposition this process (a pool worker) changed from
+ * what it inherited, for a spawned child to get back at exec (POSIX_SPAWN_SETSIGDEF). */
+void luamp_spawn_sigdefault(sigset_t *set);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
@@ -228,8 +238,21 @@ void luamp_futex_wake(_Atomic uint32_t *word, int n);
 int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn);
 
 /* ---- host settings (module.c) -------------------------------------------------------- */
-struct uv_loop_s *luamp_loop(void);          /* the host's loop, or libuv's default */
 const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */
+
+/* ---- libuv loops (loop.c) -------------------------------------------------------------
+ * luamp runs only its private loop, never re-entrantly, never the host's nor libuv's
+ * default loop. The private loop, made on first use (NULL if libuv cannot make it): */
+struct uv_loop_s *luamp_private_loop(void);
+/* One non-blocking iteration of it; -1 (nothing run) from inside its own run or before
+ * it exists. */
+int luamp_private_loop_step(void);
+int luamp_private_loop_running(void);        /* 1 while luamp_private_loop_step runs it */
+void luamp_private_loop_after_fork(void);    /* in a new child: re-makes the inherited loop */
+/* With a host loop set (luamp_set_loop), watches pump fd on it so the host's own uv_run
+ * runs the pump (luamp_pump_run_if_ready); unwatch when the pump goes. No-ops otherwise. */
+void luamp_host_watch(int fd);
+void luamp_host_unwatch(int fd);
 
 /* Called in every new child by luamp_fork (subprocess.c): libuv state inherited from the
  * parent must be re-made (uv_loop_fork) before the child uses it. */

@@ -18,7 +18,12 @@ struct uv_loop_s;
 /* Opens the module: returns 1 value, the luamp table. */
 int luaopen_luamp(lua_State *L);
 
-/* Shares the host's libuv loop with luamp instead of luamp's own (call before opening). */
+/* Shares the host's libuv loop with luamp (call before opening; NULL: no loop shared).
+ * luamp never runs that loop (nor uv_default_loop()): its blocking calls use a private
+ * loop, so when made from a host callback they block that callback and nothing more. It
+ * only adds unref'd handles to the host's loop through which pool results and callbacks
+ * arrive while the host runs it; they are closed when the Lua state is, so one more
+ * uv_run after lua_close lets the host close the loop. */
 void luamp_set_loop(struct uv_loop_s *loop);
 
 /* The program that re-enters luamp in a fresh process (spawn start method). Defaults to

@@ -4,27 +4,18 @@
  * The C files each add their private functions to one core table (package.loaded
  * ["luamp._core"]); the Lua sources compiled into the binary (lua/, see cmake/embed.cmake)
  * go into package.preload; then "luamp.main" builds the public table from both. This
- * file also owns the settings an embedding host passes in (loop, executable) and the
- * end-of-program hook that joins or terminates the children still running.
+ * file also owns the executable an embedding host passes in (its loop is loop.c's) and
+ * the end-of-program hook that joins or terminates the children still running.
  */
 #include <stdlib.h>
 #include <string.h>
-
-#include <uv.h>
 
 #include "internal.h"
 
 struct luamp_embedded { const char *name, *chunkname, *src; size_t len; };
 extern const struct luamp_embedded luamp_embedded_modules[];
 
-static uv_loop_t *host_loop;
 static char *executable_path;
-
-void luamp_set_loop(uv_loop_t *loop) { host_loop = loop; }
-
-uv_loop_t *luamp_loop(void) {
-  return host_loop ? host_loop : uv_default_loop();
-}
 
 void luamp_set_executable(const char *path) {
   char *copy = path ? strdup(path) : NULL;

@@ -2,7 +2,8 @@
  * subprocess.c — external programs, run in luamp's libuv loop.
  *
  * A "luamp.Subprocess" handle owns one child, up to three pipes to it (uv_pipe_t), a
- * uv_timer_t for timeouts and a watch on the child's end, all in luamp_loop(). Their C
+ * uv_timer_t for timeouts and a watch on the child's end, all in luamp's private loop
+ * (loop.c: never a host's loop, so a wait here never runs a host's callbacks). Their C
  * state is malloc'd apart from the Lua userdata because libuv finishes closing a handle
  * only in a later loop iteration: the state frees itself when the last of its handles
  * has been through its close callback.
@@ -108,8 +109,6 @@ typedef struct wreq {
   char data[];
 } wreq;
 
-static uv_loop_t *active_loop;   /* the loop children were spawned in, once there is one */
-static int loop_depth;           /* >0 while uv_run runs on our behalf */
 static int writes_in_flight;     /* queued writes in any state: uv_run may write (SIGPIPE) */
 
 
@@ -199,15 +198,15 @@ static void timer_close(sp_state *st) {
   uv_close((uv_handle_t *)&st->timer, on_handle_closed);
 }
 
-/* Runs one non-blocking loop iteration: due timers, ready I/O, exits, close callbacks. */
-static void loop_step(uv_loop_t *loop) {
+/* Runs one non-blocking iteration of the private loop: due timers, ready I/O, exits,
+ * close callbacks. -1 (nothing run) when called from inside that loop's own run. */
+static int loop_step(void) {
   pipe_guard g;
   int guarded = writes_in_flight > 0;
   if (guarded) guard_enter(&g);
-  loop_depth++;
-  uv_run(loop, UV_RUN_NOWAIT);
-  loop_depth--;
+  int rc = luamp_private_loop_step();
   if (guarded) guard_leave(&g);
+  return rc;
 }
 
 /* ---- libuv callbacks ------------------------------------------------------------------ */
@@ -341,7 +340,7 @@ static int loop_wait(sp_state *st, done_fn done, void *ctx, double timeout) {
   }
   int rc;
   for (;;) {
-    loop_step(loop);
+    if (loop_step() < 0) { errno = EDEADLK; rc = WAIT_FAILED; break; }
     if (done(st, ctx)) { rc = WAIT_DONE; break; }
     if (st->timed_out) { rc = WAIT_TIMEOUT; break; }
     if (!uv_loop_alive(loop)) { rc = WAIT_STUCK; break; }
@@ -585,7 +584,8 @@ typedef struct {
 
 /* posix_spawn (a vfork-style clone in glibc: much cheaper than fork for a big parent).
  * The child gets its stdio, cwd, own session when asked, an empty signal mask, and
- * SIGPIPE/SIGXFSZ back to default in case this process ignores them. Returns 0 or an
+ * SIGPIPE/SIGXFSZ back to default in case this process ignores them, as well as what a
+ * pool worker ignores for itself (SIGINT...: luamp_spawn_sigdefault). Returns 0 or an
  * errno (a failed exec included: glibc reports it and reaps that child itself). */
 static int spawn_child(const spawn_req *r, const child_fds *c, pid_t *pid) {
   posix_spawn_file_actions_t fa;
@@ -607,6 +607,7 @@ static int spawn_child(const spawn_req *r, const child_fds *c, pid_t *pid) {
   sigemptyset(&dfl);
   sigaddset(&dfl, SIGPIPE);
   sigaddset(&dfl, SIGXFSZ);
+  luamp_spawn_sigdefault(&dfl);
   short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | (r->group ? POSIX_SPAWN_SETSID : 0);
   if (rc == 0) rc = posix_spawnattr_setflags(&at, flags);
   if (rc == 0) rc = posix_spawnattr_setsigmask(&at, &none);
@@ -684,6 +685,8 @@ static int l_spawn(lua_State *L) {
   sp_ud *u = lua_newuserdatauv(L, sizeof *u, 0);   /* 2: owns the state once spawned */
   u->st = NULL;
   luaL_setmetatable(L, SUBPROCESS_MT);
+  uv_loop_t *loop = luamp_private_loop();
+  if (!loop) luamp_raise(L, "Value", "cannot make luamp's event loop");
   spawn_req r;
   lua_getfield(L, 1, "file");
   r.file = spec_string(L, -1, "program");
@@ -720,8 +723,7 @@ static int l_spawn(lua_State *L) {
     free(st);
     raise_spawn_error(L, err, r.file, r.cwd);
   }
-  st->loop = luamp_loop();
-  active_loop = st->loop;
+  st->loop = loop;
   st->owner = luamp_self_pid();
   st->group = r.group;
   st->pid = pid;
@@ -1000,7 +1002,6 @@ static void subprocess_release(sp_ud *u) {
   sp_state *st = u->st;
   if (!st) return;
   u->st = NULL;
-  uv_loop_t *loop = st->loop;
   for (int i = 0; i < 3; i++) stream_close(&st->io[i]);
   timer_close(st);
   if (st->owner == luamp_self_pid() && !st->exited && st->watch_open) {
@@ -1009,7 +1010,7 @@ static void subprocess_release(sp_ud *u) {
   } else {
     watch_close(st);
   }
-  if (loop_depth == 0) loop_step(loop);   /* lets the close callbacks free the memory */
+  if (!luamp_private_loop_running()) loop_step();   /* lets the close callbacks free the memory */
 }
 
 static int l_close(lua_State *L) {
@@ -1040,8 +1041,7 @@ static int l_environ(lua_State *L) {
 void luamp_subprocess_after_fork(void) {
   /* The child has a copy of the parent's loop (epoll set, signal pipe): it must be made
    * its own before a subprocess can be used here. */
-  loop_depth = 0;
-  if (active_loop) uv_loop_fork(active_loop);
+  luamp_private_loop_after_fork();
 }
 
 int luamp_open_subprocess(lua_State *L) {

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages luamp needs (only those missing), then builds into
-# ${LUAMP_BUILD:-build}. LUAMP_SANITIZE=1 builds with ASan+UBSan.
+# ${LUAMP_BUILD:-build}. LUAMP_SANITIZE=1 builds with ASan+UBSan. Run from anywhere: it
+# works in the repository root it lives in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(cmake gcc make pkg-config liblua5.4-dev lua5.4 libuv1-dev libedit-dev lua-busted
-      libsodium-dev python3)
+# to build: the compiler and CMake, Lua 5.4, libuv, libedit (the REPL's line editor);
+# to test: busted (the specs), luarocks (spec/rockspec_spec.lua), python3 (the pty
+# driver of the REPL specs and the Python side of scripts/bench).
+pkgs=(cmake gcc make pkg-config liblua5.4-dev lua5.4 libuv1-dev libedit-dev
+      lua-busted luarocks python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

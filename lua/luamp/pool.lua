@@ -160,17 +160,20 @@ local function worker_loop(conn, maxtasks)
   local fns = {}
   local done = 0
   while true do
-    -- waiting in poll first saves the receive that would find nothing yet
-    local ok, bytes = pcall(conn.poll, conn, math.huge)
-    if ok then ok, bytes = pcall(conn.recv_bytes, conn) end
+    -- waiting in poll first saves the receive that would find nothing yet; the receive
+    -- after it must not block (a task may have left pumps behind, and a readiness hint
+    -- never leads to a blocking read)
+    local ok, bytes = U.pcall(conn.poll, conn, math.huge)
+    if ok then ok, bytes = U.pcall(conn._recv_bytes_nowait, conn) end
     if not ok then return 0 end            -- EOF: the parent is gone
+    if bytes == nil then goto continue end
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
     local defs, drops = msg[1], msg[2]
     if drops then for _, id in ipairs(drops) do fns[id] = nil end end
     if defs then
       for i = 1, #defs, 2 do
-        local okf, f = pcall(loads, defs[i + 1])
+        local okf, f = U.pcall(loads, defs[i + 1])
         fns[defs[i]] = okf and f or {bad = f}
       end
     end
@@ -178,16 +181,16 @@ local function worker_loop(conn, maxtasks)
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes, afds = msg[i + 5], nil
       if not abytes then
-        local okr, data, fds = pcall(conn._recv, conn)
+        local okr, data, fds = U.pcall(conn._recv, conn)
         if not okr then return 0 end
         abytes, afds = data, fds
       end
       local t0 = now()
-      local okc, res = xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds)
+      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds)
       if afds then afds:close() end
       local dt = now() - t0
       io.stdout:flush()
-      local oke, out, ofds = pcall(dumpx, {jobid, k, okc, dt, res})
+      local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res})
       if not oke then
         if okc then
           out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -196,12 +199,13 @@ local function worker_loop(conn, maxtasks)
           out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
         end
       end
-      local oks = pcall(conn._send, conn, out, ofds)
+      local oks = U.pcall(conn._send, conn, out, ofds)
       if ofds then ofds:close() end
       if not oks then return 0 end
       done = done + 1
       if maxtasks and done >= maxtasks then return 0 end
     end
+    ::continue::
   end
 end
 
@@ -210,17 +214,17 @@ local function worker_main(st, parent_end, conn)
   core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
-  for _, w in ipairs(st.workers) do pcall(w.conn.close, w.conn) end
+  for _, w in ipairs(st.workers) do U.pcall(w.conn.close, w.conn) end
   if st.initializer then
-    local ok, e = xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
+    local ok, e = U.xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
     if not ok then
-      local okd, out = pcall(dumps, e)
+      local okd, out = U.pcall(dumps, e)
       if not okd then out = dumps({e[1], e[2]}) end
-      pcall(conn.send_bytes, conn, out)
+      U.pcall(conn.send_bytes, conn, out)
       return 1
     end
   end
-  if not pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
+  if not U.pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
   return worker_loop(conn, st.maxtasks)
 end
 
@@ -363,7 +367,7 @@ local function produce(st, job)
     args, n = {}, 0
     local iter = job.iter
     for _ = 1, job.chunksize do
-      local ok, v = pcall(iter)
+      local ok, v = U.pcall(iter)
       if not ok then
         job.input_error, job.exhausted = {v}, true
         break
@@ -377,7 +381,7 @@ local function produce(st, job)
   job.pulled = job.pulled + n
   job.next_k = job.next_k + 1
   c = {job = job, k = job.next_k, first = first, n = n}
-  local ok, bytes, fds = pcall(dumpx, args)
+  local ok, bytes, fds = U.pcall(dumpx, args)
   if not ok then
     if job.kind == "imap" then
       chunk_failed(st, job, c, bytes)
@@ -441,7 +445,7 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0}
-  local ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")
+  local ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")   -- re-raised
   b:close()
   if not ok then a:close(); error(h, 0) end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
@@ -458,8 +462,8 @@ local function remove_worker(st, w)
   end
   unregister(st, w)
   w.dead = true
-  pcall(w.conn.close, w.conn)
-  pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
+  U.pcall(w.conn.close, w.conn)
+  U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
 -- Chunks not yet handed out: the rest of job, and at least one per other waiting job.
@@ -578,7 +582,7 @@ local function send_chunks(st, w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
-  local ok, err = pcall(send_message, w.conn, data, chunks)
+  local ok, err = pcall(send_message, w.conn, data, chunks)   -- Interrupted re-raised
   w.sending = false
   if not ok then
     if is_error(err, "Interrupted") then error(err, 0) end
@@ -620,7 +624,7 @@ function dispatch(st)
   if st.dispatching or st.state == "TERMINATE" or st.broken then return end
   if st.feed.first > st.feed.last then return end
   st.dispatching = true
-  local ok, err = pcall(dispatch_rounds, st)
+  local ok, err = pcall(dispatch_rounds, st)   -- re-raised
   st.dispatching = false
   if not ok then error(err, 0) end
 end
@@ -649,7 +653,7 @@ local function on_result(st, w, c, data, fds)
   -- the chunk's own descriptors are no longer needed: it will not be sent again
   if c.fds then c.fds:close() end
   local ok, msg
-  if fds then ok, msg = pcall(loadx, data, fds) else ok, msg = pcall(loads, data) end
+  if fds then ok, msg = U.pcall(loadx, data, fds) else ok, msg = U.pcall(loads, data) end
   if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
     return false
   end
@@ -664,7 +668,7 @@ local function on_result(st, w, c, data, fds)
 end
 
 local function on_init_message(st, w, data)
-  local ok, msg = pcall(loads, data)
+  local ok, msg = U.pcall(loads, data)
   if ok and msg == true then return end
   local err = remote_error(ok and msg or {"garbled initializer report"}, "pool initializer raised: ")
   if not st.broken then
@@ -674,30 +678,29 @@ local function on_init_message(st, w, data)
     for _, x in ipairs(st.workers) do
       if not x.stopping then
         x.stopping = true
-        pcall(x.conn.send_bytes, x.conn, dumps(false))
+        U.pcall(x.conn.send_bytes, x.conn, dumps(false))
       end
     end
   end
 end
 
 -- Reads every message w has for us; results are taken off w's queue first and decoded
--- after the freed worker has been given new work.
-local function drain_messages(st, w, ready)
-  local got = {}
+-- after the freed worker has been given new work. The readiness that brought us here is
+-- only a hint: between a poll and this read other pumps may have run (any wait runs them,
+-- and a pump of this pool run from inside another pool's pump can read this very
+-- connection), so every receive is one that returns nothing when no message is there.
+local function drain_messages(st, w)
+  local got, interrupted = {}
   local conn = w.conn
-  w.drained = st.round
   while not w.dead do
-    if not ready then
-      -- a worker that owes us nothing has nothing more to say (but EOF, which the next
-      -- wait reports): no system call to ask
-      if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-      local okp, more = pcall(conn.poll, conn)
-      if not okp or not more then break end
-    end
-    ready = false
-    local ok, data, fds = pcall(conn._recv, conn)
+    -- a worker that owes us nothing has nothing more to say (but EOF, which the next
+    -- wait reports): no system call to ask
+    if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
+    local ok, data, fds = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
+    if ok and data == nil then break end
     if not ok then
-      if is_error(data, "Interrupted") then error(data, 0) end
+      -- (the results already taken are recorded first; the receive resumes next time)
+      if is_error(data, "Interrupted") then interrupted = data; break end
       if not w.dead then
         w.eof = true
         st.fds_dirty = true
@@ -728,13 +731,14 @@ local function drain_messages(st, w, ready)
         "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
     end
   end
+  if interrupted then error(interrupted, 0) end
 end
 
-local function drain(st, w, ready)
+local function drain(st, w)
   -- not re-entered: a receive waiting for the rest of a message runs other pumps
   if w.eof or w.dead or w.reading then return end
   w.reading = true
-  local ok, err = pcall(drain_messages, st, w, ready)
+  local ok, err = pcall(drain_messages, st, w)   -- re-raised
   w.reading = false
   if not ok then error(err, 0) end
   local code = w.ended_code
@@ -747,7 +751,7 @@ local function drain(st, w, ready)
   if w.garbled and not w.killed then
     -- a worker that breaks the protocol cannot be trusted with more work
     w.killed = true
-    pcall(w.handle.signal, w.handle, core.SIGKILL)
+    U.pcall(w.handle.signal, w.handle, core.SIGKILL)
   end
 end
 
@@ -760,7 +764,10 @@ end
 
 -- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
 function worker_ended(st, w, code)
-  if w.dead then return end
+  if w.dead or w.ending then return end
+  -- its sentinel stays ready while the last messages are read: once is enough (the
+  -- connection may not reach EOF soon, a process the worker started may hold it)
+  w.ending = true
   drain(st, w)
   remove_worker(st, w)
   local c = dq_pop(w.inflight)
@@ -790,8 +797,8 @@ function worker_ended(st, w, code)
 end
 
 local function check_ended(st, w)
-  if w.dead then return end
-  local ok, code = pcall(w.handle.poll, w.handle)
+  if w.dead or w.ending then return end
+  local ok, code = U.pcall(w.handle.poll, w.handle)
   if not ok or code == nil then return end
   if w.reading then w.ended_code = code; return end
   worker_ended(st, w, code)
@@ -802,7 +809,7 @@ local function send_stops(st)
   for _, w in ipairs(st.workers) do
     if not w.stopping and not w.dead then
       w.stopping = true
-      pcall(w.conn.send_bytes, w.conn, dumps(false))
+      U.pcall(w.conn.send_bytes, w.conn, dumps(false))
     end
   end
 end
@@ -821,7 +828,7 @@ local function run_callbacks(st)
   while true do
     local cb = dq_pop(st.callbacks)
     if not cb then break end
-    local ok, err = xpcall(cb[1], callback_handler, unpack(cb, 2, cb.n))
+    local ok, err = xpcall(cb[1], callback_handler, unpack(cb, 2, cb.n))   -- Interrupted re-raised
     if not ok then
       if is_error(err, "Interrupted") then
         interrupted = err
@@ -845,16 +852,15 @@ local function settle(st)
   run_callbacks(st)
 end
 
--- One fd of this pool is ready (called from the pool's waits and as a pump). `fresh`:
--- the wait that reported it has just returned, so a connection nobody has read from
--- since then surely has a message (or EOF) and needs no poll before the receive.
-function service_fd(st, fd, fresh)
+-- One fd of this pool is ready, or was when a wait looked (called from the pool's waits
+-- and as a pump).
+function service_fd(st, fd)
   if st.state == "TERMINATE" and #st.workers == 0 then return end
   local w = st.by_fd and st.by_fd[fd]
   if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
   if not w then return end
   if fd == w.cfd and not w.eof then
-    drain(st, w, fresh and w.drained ~= st.round)
+    drain(st, w)
     if w.eof then check_ended(st, w) end
   else
     check_ended(st, w)
@@ -867,6 +873,15 @@ local function check_owner(st)
   if st.owner ~= core.getpid() then
     raise("Value", "a pool can only be used by the process that created it")
   end
+end
+
+local function wait_round(st, fds, timeout, tick)
+  local ready = core.wait_fds(fds, timeout)
+  for _, fd in ipairs(ready) do service_fd(st, fd) end
+  if tick then
+    for _, w in ipairs(st.workers) do check_ended(st, w) end
+  end
+  settle(st)
 end
 
 -- Waits until something happens in the pool (or the deadline passes) and handles it.
@@ -883,19 +898,15 @@ local function wait_once(st, deadline)
   if #fds == 0 and not tick and not deadline then
     raise("Value", "pool has no workers left to wait for")
   end
-  local ok, ready = pcall(core.wait_fds, fds, timeout)
+  -- A Ctrl-C met anywhere in the round (in the wait, or raised at any instruction while
+  -- the results are handled, which may leave them half recorded) ends the pool.
+  local ok, err = pcall(wait_round, st, fds, timeout, tick)   -- re-raised
   if not ok then
-    if is_error(ready, "Interrupted") then
+    if is_error(err, "Interrupted") then
       terminate(st)
     end
-    error(ready, 0)
+    error(err, 0)
   end
-  st.round = st.round + 1
-  for _, fd in ipairs(ready) do service_fd(st, fd, true) end
-  if tick then
-    for _, w in ipairs(st.workers) do check_ended(st, w) end
-  end
-  settle(st)
 end
 
 -- Waits until done() is true; returns false on timeout.
@@ -921,23 +932,27 @@ function terminate(st)
   st.callbacks = dq_new()
   local ws = {}
   for i, w in ipairs(st.workers) do ws[i] = w end
+  -- a Ctrl-C on the way is raised once every worker is gone (pcalls re-raise it below)
+  local interrupted
+  local function keep(ok, e, ...)
+    if not ok and is_error(e, "Interrupted") then interrupted = interrupted or e end
+    return ok, e, ...
+  end
   for _, w in ipairs(ws) do
     unregister(st, w)
-    pcall(w.handle.signal, w.handle, core.SIGTERM)
+    keep(pcall(w.handle.signal, w.handle, core.SIGTERM))
   end
-  local interrupted
   local deadline = now() + TERM_GRACE
   for _, w in ipairs(ws) do
     local left = math.max(0, deadline - now())
-    local ok, code = pcall(w.handle.wait, w.handle, left)
-    if not ok and is_error(code, "Interrupted") then interrupted = code; ok, code = true, nil end
+    local ok, code = keep(pcall(w.handle.wait, w.handle, left))
+    if not ok and is_error(code, "Interrupted") then ok, code = true, nil end
     if ok and code == nil then
-      pcall(w.handle.signal, w.handle, core.SIGKILL)
-      ok, code = pcall(w.handle.wait, w.handle, 5)
-      if not ok and is_error(code, "Interrupted") then interrupted = code end
+      keep(pcall(w.handle.signal, w.handle, core.SIGKILL))
+      keep(pcall(w.handle.wait, w.handle, 5))
     end
   end
-  for _, w in ipairs(ws) do remove_worker(st, w) end
+  for _, w in ipairs(ws) do keep(pcall(remove_worker, st, w)) end
   if interrupted then error(interrupted, 0) end
 end
 
@@ -1246,7 +1261,7 @@ local function blocking_map(self, what, f, list, opts, mode)
     raise("Value", what .. ": callbacks belong to " .. what .. "_async")
   end
   local res = map_job(self, what, f, list, opts, mode)
-  local ok, v = pcall(res.get, res)
+  local ok, v = pcall(res.get, res)   -- re-raised
   local job = res[JOB]
   if job.progress and not job.ready then progress_draw(job.progress, job.done_items, true) end
   if not ok then error(v, 0) end
@@ -1317,7 +1332,7 @@ Pool_mt.__close = function(self) terminate(S[self]) end
 Pool_mt.__gc = function(self)
   local st = S[self]
   if st and st.owner == core.getpid() and st.state ~= "TERMINATE" then
-    pcall(terminate, st)
+    U.pcall(terminate, st)
   end
 end
 
@@ -1347,7 +1362,7 @@ local function new_pool(opts)
     workers = {}, fds = {}, by_fd = {}, fds_dirty = true,
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
-    callbacks = dq_new(), round = 0,
+    callbacks = dq_new(),
   }
   st.pump = function(fd)
     service_fd(st, fd)
@@ -1355,7 +1370,7 @@ local function new_pool(opts)
   end
   local self = setmetatable({}, Pool_mt)
   S[self] = st
-  local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)
+  local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)   -- re-raised
   if not ok then
     terminate(st)
     error(err, 0)
