@@ -41,9 +41,11 @@ local U = require "luamp.util"
 
 local raise = U.raise
 local now = core.time
-local dumps, loads = core.dumps, core.loads
+-- tasks and results pass only between this process and its own workers: trusted
+local dumps, loads = core.dumps, core.loads_trusted
 -- dumpx also returns the descriptors that luamp objects in the value need (a bundle, or
--- nil): such a chunk or result travels as a frame of its own with them (see handles.c)
+-- nil): such a chunk or result travels as a frame of its own with them (see handles.c);
+-- loadx decodes trusted, with them
 local dumpx, loadx = core.dumpx, core.loadx
 local unpack = table.unpack
 
@@ -1380,7 +1382,12 @@ end
 
 local P = {}
 
-function P.Pool(opts) return new_pool(opts) end
+function P.Pool(opts)
+  if type(opts) == "table" and opts.broker ~= nil then   -- across machines, over Redis
+    return require("luamp.broker").Pool(opts)
+  end
+  return new_pool(opts)
+end
 
 -- luamp.poll(): runs what is due in the background (pool results, callbacks) without
 -- waiting; returns how many sources had something.
