@@ -902,7 +902,9 @@ static void normalize_error(lua_State *L) {
   lua_remove(L, -2);
 }
 
-int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
+/* The carrier list (handles.c) is installed for the pcall only: NULL for a plain encode,
+ * so handles nested in it never put descriptors in a list they do not travel with. */
+static int encode_with(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *fds) {
   idx = lua_absindex(L, idx);
   enc e;
   memo m;
@@ -920,11 +922,21 @@ int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
   lua_pushcfunction(L, encode_protected);
   lua_pushlightuserdata(L, &e);
   lua_pushvalue(L, idx);
+  luamp_fdlist *prev = luamp_fds_send_begin(fds);
   int rc = lua_pcall(L, 2, 0, 0);
+  luamp_fds_send_end(prev);
   memo_free(&m);
   if (rc == LUA_OK) return 0;
   normalize_error(L);
   return -1;
+}
+
+int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
+  return encode_with(L, idx, b, root, NULL);
+}
+
+int luamp_encode_fds(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *out) {
+  return encode_with(L, idx, b, root, out);
 }
 
 int luamp_encode(lua_State *L, int idx, luamp_buf *b) {
@@ -1239,6 +1251,10 @@ static int decode_protected(lua_State *L) {
 }
 
 int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
+  return luamp_decode_fds(L, data, len, flags, NULL);
+}
+
+int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luamp_fdlist *in) {
   dec d;
   dec_init(&d, L, data, len, flags);
   if (!lua_checkstack(L, 8)) {
@@ -1247,7 +1263,10 @@ int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
   }
   lua_pushcfunction(L, decode_protected);
   lua_pushlightuserdata(L, &d);
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK) return 0;
+  luamp_fdlist *prev = luamp_fds_recv_begin(in);
+  int rc = lua_pcall(L, 1, 1, 0);
+  luamp_fds_recv_end(prev);
+  if (rc == LUA_OK) return 0;
   normalize_error(L);
   return -1;
 }
@@ -1265,6 +1284,8 @@ typedef struct scratch {
   luamp_buf b;
   memo m;
   int busy;
+  luamp_fdlist fl;            /* _core.dumpx: the descriptors collected */
+  luamp_fdlist *prev_fl;      /* the carrier list to put back when closed */
 } scratch;
 
 #define SCRATCH_MT "luamp.codec.scratch"
@@ -1282,6 +1303,7 @@ static int scratch_gc(lua_State *L) {
 
 static int scratch_close(lua_State *L) {
   scratch *s = lua_touserdata(L, 1);
+  if (s->busy) luamp_fds_send_end(s->prev_fl);
   s->busy = 0;
   if (s->b.cap > SCRATCH_KEEP) luamp_buf_free(&s->b);
   if (s->m.cap > SCRATCH_MEMO_KEEP) memo_free(&s->m);
@@ -1313,11 +1335,15 @@ static scratch *push_scratch(lua_State *L) {
   return s;
 }
 
-/* luamp.dumps(v) -> string */
+/* luamp.dumps(v) -> string; as _core.dumpx(v) (upvalue true) -> string, fds|nil, where
+ * fds is a bundle (handles.c) holding duplicates of the descriptors the value's handles
+ * need, for a transport that sends them along later. */
 static int l_dumps(lua_State *L) {
+  int carry = lua_toboolean(L, lua_upvalueindex(1));
   luaL_checkany(L, 1);
   lua_settop(L, 1);
   scratch *s = push_scratch(L);
+  s->prev_fl = luamp_fds_send_begin(carry ? &s->fl : NULL);
   s->busy = 1;
   lua_toclose(L, 2);
   lua_settop(L, 4);
@@ -1337,7 +1363,14 @@ static int l_dumps(lua_State *L) {
   memo_clear(&s->m);
   encode_root(&e, 1);
   lua_pushlstring(L, s->b.data, s->b.len);
-  return 1;
+  if (!carry || s->fl.n == 0) return 1;
+  luamp_fdlist *out = luamp_fds_push_bundle(L);
+  for (int i = 0; i < s->fl.n; i++) {
+    int fd = fcntl(s->fl.fd[i], F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) luamp_raise_errno(L, "Serialize", "dumpx: dup", errno);   /* the bundle owns the rest */
+    out->fd[out->n++] = fd;
+  }
+  return 2;
 }
 
 static int loads_with(lua_State *L, int flags) {
@@ -1391,6 +1424,9 @@ int luamp_open_codec(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
+  lua_pushboolean(L, 1);
+  lua_pushcclosure(L, l_dumps, 1);
+  lua_setfield(L, -2, "dumpx");
   return 0;
 }
 

@@ -304,10 +304,10 @@ describe("Value and Array handles", function()
     local script = H.script(string.format([[
       local luamp = require "luamp"
       local rebuild = debug.getregistry()["luamp.handles"]["luamp.Value"]
-      local v = rebuild{core = {arena = %q, pid = %d, fd = %d, off = %d}, lock = false}
+      local v = rebuild{core = {arena = %q, pid = %d, fd = %d, off = %d, gen = %d}, lock = false}
       io.write(v.value)
       v.value = 42
-    ]], p.core.arena, p.core.pid, p.core.fd, p.core.off))
+    ]], p.core.arena, p.core.pid, p.core.fd, p.core.off, p.core.gen))
     local out, err, code = H.run({script})
     os.remove(script)
     assert.equal(0, code, err)

@@ -43,6 +43,10 @@ local raise = U.raise
 local now = core.time
 -- tasks and results pass only between this process and its own workers: trusted
 local dumps, loads = core.dumps, core.loads_trusted
+-- dumpx also returns the descriptors that luamp objects in the value need (a bundle, or
+-- nil): such a chunk or result travels as a frame of its own with them (see handles.c);
+-- loadx decodes trusted, with them
+local dumpx, loadx = core.dumpx, core.loadx
 local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
@@ -133,10 +137,11 @@ end
 -- ---- the worker process --------------------------------------------------------------
 
 -- Runs one chunk; returns its results (apply: table.pack of the function's results).
-local function exec_chunk(f, mode, n, abytes)
+local function exec_chunk(f, mode, n, abytes, afds)
   if type(f) == "table" and f.bad then error(f.bad, 0) end
   if f == nil then error("internal: unknown function id", 0) end
-  local args = loads(abytes)
+  local args
+  if afds then args = loadx(abytes, afds) else args = loads(abytes) end
   if mode == APPLY then
     return table.pack(f(unpack(args, 1, args.n or #args)))
   end
@@ -176,17 +181,18 @@ local function worker_loop(conn, maxtasks)
     end
     for i = 3, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
-      local abytes = msg[i + 5]
+      local abytes, afds = msg[i + 5], nil
       if not abytes then
-        local okr, data = U.pcall(conn.recv_bytes, conn)
+        local okr, data, fds = U.pcall(conn._recv, conn)
         if not okr then return 0 end
-        abytes = data
+        abytes, afds = data, fds
       end
       local t0 = now()
-      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
+      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds)
+      if afds then afds:close() end
       local dt = now() - t0
       io.stdout:flush()
-      local oke, out = U.pcall(dumps, {jobid, k, okc, dt, res})
+      local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res})
       if not oke then
         if okc then
           out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -195,7 +201,9 @@ local function worker_loop(conn, maxtasks)
           out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
         end
       end
-      if not U.pcall(conn.send_bytes, conn, out) then return 0 end
+      local oks = U.pcall(conn._send, conn, out, ofds)
+      if ofds then ofds:close() end
+      if not oks then return 0 end
       done = done + 1
       if maxtasks and done >= maxtasks then return 0 end
     end
@@ -342,9 +350,9 @@ local function produce(st, job)
   if job.kind == "apply" then
     -- encoded when submitted
     job.exhausted, job.pulled, job.next_k = true, 1, 1
-    local bytes = job.abytes
-    job.abytes = nil
-    return {job = job, k = 1, first = 1, n = 1, bytes = bytes}
+    local bytes, fds = job.abytes, job.afds
+    job.abytes, job.afds = nil, nil
+    return {job = job, k = 1, first = 1, n = 1, bytes = bytes, fds = fds}
   elseif job.list then
     local last = math.min(job.len, first + job.chunksize - 1)
     n = last - first + 1
@@ -375,7 +383,7 @@ local function produce(st, job)
   job.pulled = job.pulled + n
   job.next_k = job.next_k + 1
   c = {job = job, k = job.next_k, first = first, n = n}
-  local ok, bytes = U.pcall(dumps, args)
+  local ok, bytes, fds = U.pcall(dumpx, args)
   if not ok then
     if job.kind == "imap" then
       chunk_failed(st, job, c, bytes)
@@ -384,7 +392,7 @@ local function produce(st, job)
     job_finish(st, job, false, bytes)
     return nil
   end
-  c.bytes = bytes
+  c.bytes, c.fds = bytes, fds
   return c
 end
 
@@ -548,7 +556,7 @@ end
 local function send_message(conn, data, chunks)
   conn:send_bytes(data)
   for _, c in ipairs(chunks) do
-    if #c.bytes > INLINE_MAX then conn:send_bytes(c.bytes) end
+    if c.fds or #c.bytes > INLINE_MAX then conn:_send(c.bytes, c.fds) end
   end
 end
 
@@ -563,7 +571,7 @@ local function send_chunks(st, w, chunks)
     defs = remember_fn(w, fe, defs)
     local m = #msg
     msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
-      c.job.id, c.k, fe.id, c.job.mode, c.n, #c.bytes <= INLINE_MAX and c.bytes
+      c.job.id, c.k, fe.id, c.job.mode, c.n, not c.fds and #c.bytes <= INLINE_MAX and c.bytes
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
@@ -643,8 +651,11 @@ local function fail_all(st, err)
 end
 
 -- A result message from w (raw bytes) for chunk c, the head of w's queue.
-local function on_result(st, w, c, data)
-  local ok, msg = U.pcall(loads, data)
+local function on_result(st, w, c, data, fds)
+  -- the chunk's own descriptors are no longer needed: it will not be sent again
+  if c.fds then c.fds:close() end
+  local ok, msg
+  if fds then ok, msg = U.pcall(loadx, data, fds) else ok, msg = U.pcall(loads, data) end
   if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
     return false
   end
@@ -687,7 +698,7 @@ local function drain_messages(st, w)
     -- a worker that owes us nothing has nothing more to say (but EOF, which the next
     -- wait reports): no system call to ask
     if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-    local ok, data = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
+    local ok, data, fds = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
     if ok and data == nil then break end
     if not ok then
       -- (the results already taken are recorded first; the receive resumes next time)
@@ -701,20 +712,22 @@ local function drain_messages(st, w)
     end
     if not w.init_seen then
       w.init_seen = true
+      if fds then fds:close() end
       on_init_message(st, w, data)
     else
       local c = queue_pop(w)
       if not c then
+        if fds then fds:close() end
         w.garbled = true
         break
       end
-      got[#got + 1] = c
-      got[#got + 1] = data
+      local m = #got
+      got[m + 1], got[m + 2], got[m + 3] = c, data, fds or false
     end
   end
   if #got > 0 then dispatch(st) end
-  for i = 1, #got, 2 do
-    if not on_result(st, w, got[i], got[i + 1]) then
+  for i = 1, #got, 3 do
+    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil) then
       w.garbled = true
       chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
         "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
@@ -1222,9 +1235,9 @@ function Pool:apply_async(f, args, opts)
   end
   -- encoded now: changes the caller makes to args afterwards do not reach the task, and
   -- an argument that cannot cross is reported here
-  local abytes = dumps(args or EMPTY)
+  local abytes, afds = dumpx(args or EMPTY)
   local job = new_job(self, st, "apply", f, APPLY)
-  job.abytes = abytes
+  job.abytes, job.afds = abytes, afds
   job.total = 1
   job.callback, job.error_callback = cb, ecb
   job.chunksize = 1
