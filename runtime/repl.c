@@ -317,17 +317,10 @@ static int next_statement(lua_State *L, repl *r, int *ended) {
 
 #define C_FRAME "\n\t[C]: in ?"
 
-/* The error as text (error objects through __tostring) and where it happened, down to
- * the statement typed: the C frames below it are the REPL's own. */
+/* The error as text (luamp_traceback: any value reads well, a Remote error shows the
+ * worker's traceback first) and where it happened, down to the statement typed: the C frames below it are the REPL's own. */
 static int traceback_handler(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (!msg) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
+  luamp_traceback(L);
   size_t len;
   const char *tb = lua_tolstring(L, -1, &len);
   size_t frame = sizeof C_FRAME - 1, keep = len;

@@ -78,13 +78,13 @@ end
 -- The worker's traceback stops where the pool called the task: frames below are the
 -- pool's own loop and would only mislead.
 local function traceback_of(e)
-  local tb = debug.traceback(tostring(e), 3)
+  local tb = core.error_report(e, 3)
   local cut = tb:find("\n%s*luamp/pool%.lua:") or tb:find("\n%s*%[C%]: in function 'xpcall'")
   return cut and tb:sub(1, cut - 1) or tb
 end
 
 local function remote_payload(e)
-  return {tostring(e), traceback_of(e), e}
+  return {core.error_text(e), traceback_of(e), e}
 end
 
 local function remote_error(p, prefix)
@@ -132,21 +132,22 @@ end
 -- ---- the worker process --------------------------------------------------------------
 
 -- Runs one chunk; returns its results (apply: table.pack of the function's results).
-local function exec_chunk(f, mode, n, abytes)
-  if type(f) == "table" and f.bad then error(f.bad, 0) end
-  if f == nil then error("internal: unknown function id", 0) end
+-- (The function is a local named `task`: a traceback names the frame "in local 'task'".)
+local function exec_chunk(task, mode, n, abytes)
+  if type(task) == "table" and task.bad then error(task.bad, 0) end
+  if task == nil then error("internal: unknown function id", 0) end
   local args = loads(abytes)
   if mode == APPLY then
-    return table.pack(f(unpack(args, 1, args.n or #args)))
+    return table.pack(task(unpack(args, 1, args.n or #args)))
   end
   local out = core.table_new(n)
   if mode == MAP then
-    for i = 1, n do out[i] = f(args[i]) end
+    for i = 1, n do out[i] = task(args[i]) end
   else
     for i = 1, n do
       local a = args[i]
       if type(a) ~= "table" then error("starmap: item " .. i .. " is not an argument list", 0) end
-      out[i] = f(unpack(a, 1, a.n or #a))
+      out[i] = task(unpack(a, 1, a.n or #a))
     end
   end
   return out
@@ -234,7 +235,7 @@ end
 local function func_entry(st, f)
   local e = st.fcache[f]
   if e and e.fixed then return e end
-  local bytes = dumps(f)
+  local bytes = dumps(f, "the task function")
   if e and e.bytes == bytes then return e end
   st.next_fid = st.next_fid + 1
   e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est}
@@ -325,6 +326,17 @@ local function chunk_ok(st, job, c, res)
   end
 end
 
+-- A chunk that cannot be encoded: the error again with the path naming the item in the
+-- caller's list (`items[7].f`), not its place in the chunk.
+local function item_error(args, n, first, err)
+  if not is_error(err, "Serialize") then return err end
+  for i = 1, n do
+    local ok, e = pcall(dumps, args[i], string.format("items[%d]", first + i - 1))
+    if not ok then return e end
+  end
+  return err
+end
+
 -- Makes the next chunk of a job: returns it, or nil (nothing now; `job.exhausted` tells
 -- whether there will ever be more).
 local function produce(st, job)
@@ -372,6 +384,7 @@ local function produce(st, job)
   c = {job = job, k = job.next_k, first = first, n = n}
   local ok, bytes = pcall(dumps, args)
   if not ok then
+    bytes = item_error(args, n, first, bytes)
     if job.kind == "imap" then
       chunk_failed(st, job, c, bytes)
       return produce(st, job)
@@ -814,7 +827,7 @@ local function run_callbacks(st)
       if is_error(err, "Interrupted") then
         interrupted = err
       else
-        io.stderr:write("luamp: error in a pool callback: ", tostring(err), "\n")
+        io.stderr:write("luamp: error in a pool callback: ", core.error_text(err), "\n")
         io.stderr:flush()
       end
     end
@@ -1206,7 +1219,7 @@ function Pool:apply_async(f, args, opts)
   end
   -- encoded now: changes the caller makes to args afterwards do not reach the task, and
   -- an argument that cannot cross is reported here
-  local abytes = dumps(args or EMPTY)
+  local abytes = dumps(args or EMPTY, "args")
   local job = new_job(self, st, "apply", f, APPLY)
   job.abytes = abytes
   job.total = 1

@@ -107,7 +107,7 @@ end
 -- The child's traceback ends where luamp called the target: the frames below belong to
 -- the parent's program (its main chunk, a test runner) and would only mislead.
 local function traceback_handler(e)
-  local tb = debug.traceback(tostring(e), 2)
+  local tb = core.error_report(e, 2)
   local cut = tb:find("\n%s*%(%.%.%.tail calls%.%.%.%)\n%s*%[C%]: in function 'xpcall'")
            or tb:find("\n%s*%[C%]: in function 'xpcall'")
   return cut and tb:sub(1, cut - 1) or tb
