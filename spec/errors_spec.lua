@@ -3,6 +3,9 @@
 -- wrote them.
 local H = require "helper"
 local luamp = H.luamp
+-- Task functions carry their _ENV: it must be the real global table, not busted's sandbox.
+local describe, it, setup, teardown, assert = describe, it, setup, teardown, assert
+local _ENV = _G
 
 local function run_script(src, args)
   local path = H.script(src)
