@@ -443,6 +443,8 @@ local function unregister(st, w)
   st.fds_dirty = true
 end
 
+local worker_count = 0           -- names the workers PoolWorker-1, -2... (as Python does)
+
 function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
@@ -451,6 +453,8 @@ function spawn(st)
   b:close()
   if not ok then a:close(); error(h, 0) end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
+  worker_count = worker_count + 1
+  w.name = "PoolWorker-" .. worker_count
   st.workers[#st.workers + 1] = w
   core.pump_add(w.cfd, st.pump)
   if w.sfd and w.sfd >= 0 then core.pump_add(w.sfd, st.pump) end
@@ -963,6 +967,20 @@ function AsyncResult:wait(timeout)
   wait_until(job.st, function() return job.ready end, timeout)
 end
 
+-- For luamp.wait: the fds whose readiness may make this result ready (its pool's
+-- connections and sentinels), or nil when it is ready. The waiter then runs the pool
+-- through luamp.poll() and asks ready() again.
+function AsyncResult:_wait_fds()
+  local job = self[JOB]
+  if job.ready then return nil end
+  local st = job.st
+  check_owner(st)
+  settle(st)
+  if job.ready then return nil end
+  if st.fds_dirty then rebuild_fds(st) end
+  return st.fds
+end
+
 function AsyncResult:get(timeout)
   local job = self[JOB]
   if not job.ready then
@@ -1092,6 +1110,7 @@ end
 local Pool = {}
 local Pool_mt = {__index = Pool, __name = "luamp.Pool"}
 local S = setmetatable({}, {__mode = "k"})   -- Pool object -> state
+local live_pools = setmetatable({}, {__mode = "k"})   -- state -> true, for active_children
 
 local function state_of(self)
   local st = S[self]
@@ -1308,6 +1327,14 @@ function Pool:join()
   wait_until(st, function() return #st.workers == 0 end)
 end
 
+-- pids() -> the pids of the pool's workers now, in the order they were started
+function Pool:pids()
+  local st = state_of(self)
+  local out = {}
+  for i, w in ipairs(st.workers) do out[i] = w.pid end
+  return out
+end
+
 Pool_mt.__tostring = function(self)
   local st = S[self]
   return string.format("<Pool processes=%d state=%s>", st.processes, st.state)
@@ -1356,6 +1383,7 @@ local function new_pool(opts)
   end
   local self = setmetatable({}, Pool_mt)
   S[self] = st
+  live_pools[st] = true
   local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)
   if not ok then
     terminate(st)
@@ -1367,6 +1395,40 @@ end
 local P = {}
 
 function P.Pool(opts) return new_pool(opts) end
+
+-- What luamp.active_children() lists for pool workers: a small read-only view of each
+-- live worker (pid, name, sentinel, is_alive), as Python lists its ForkPoolWorker-N.
+local PoolWorker = {}
+PoolWorker.__name = "luamp.PoolWorker"
+PoolWorker.__index = function(self, k)
+  local w = rawget(self, PoolWorker)
+  if k == "pid" then return w.pid end
+  if k == "name" then return w.name end
+  if k == "sentinel" then return not w.dead and w.sfd or nil end
+  if k == "is_alive" then return function() return not w.dead end end
+  return nil
+end
+PoolWorker.__tostring = function(self)
+  local w = rawget(self, PoolWorker)
+  return string.format("<PoolWorker name=%s pid=%d %s>", w.name, w.pid, w.dead and "stopped" or "started")
+end
+
+function P._active_workers()
+  local out = {}
+  local me = core.getpid()
+  for st in pairs(live_pools) do
+    if st.owner == me then
+      for _, w in ipairs(st.workers) do
+        if not w.dead then
+          w.view = w.view or setmetatable({[PoolWorker] = w}, PoolWorker)
+          out[#out + 1] = w.view
+        end
+      end
+    end
+  end
+  table.sort(out, function(a, b) return a.pid < b.pid end)
+  return out
+end
 
 -- luamp.poll(): runs what is due in the background (pool results, callbacks) without
 -- waiting; returns how many sources had something.

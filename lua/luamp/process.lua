@@ -248,6 +248,11 @@ function P.active_children()
     if exitcode(p) == nil then list[#list + 1] = p end
   end
   table.sort(list, function(a, b) return S[a].identity < S[b].identity end)
+  -- and the workers of this process's pools, as Python lists its pool workers
+  local pool = package.loaded["luamp.pool"]
+  if pool and pool._active_workers then
+    for _, w in ipairs(pool._active_workers()) do list[#list + 1] = w end
+  end
   return list
 end
 

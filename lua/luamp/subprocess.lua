@@ -276,6 +276,7 @@ local getters = {
     return s.returncode
   end,
   args = function(s) return s.args end,
+  sentinel = function(s) return s.sentinel end,
   stdin = function(s) return s.stdin end,
   stdout = function(s) return s.stdout end,
   stderr = function(s) return s.stderr end,
@@ -285,6 +286,11 @@ Popen_mt.__index = function(self, k)
   local g = getters[k]
   if g then return g(S[self]) end
   return Popen[k]
+end
+
+Popen_mt.__gc = function(self)
+  local s = S[self]
+  if s and s.sentinel then core.close_fd(s.sentinel); s.sentinel = nil end
 end
 
 Popen_mt.__newindex = function(_, k)
@@ -307,7 +313,9 @@ function SP.Popen(args, opts)
   local h = core.subprocess_spawn{file = file, argv = argv, env = build_env(opts), cwd = opts.cwd,
     stdio = stdio, group = opts.shell or opts.start_new_session or false}
   local self = setmetatable({}, Popen_mt)
-  local s = {h = h, args = args, pid = h:pid()}
+  -- the sentinel is a pidfd of our own, opened before anything can reap the child, and
+  -- kept until the Popen is garbage (so an fd number in a wait list is never reused)
+  local s = {h = h, args = args, pid = h:pid(), sentinel = core.pidfd_open(h:pid())}
   for i, name in ipairs({"stdin", "stdout", "stderr"}) do
     if stdio[i] == "pipe" then s[name] = new_stream(h, i - 1) end
   end
