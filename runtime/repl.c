@@ -2,6 +2,8 @@
  * repl.c — the interactive read-eval-print loop (luamp_repl, in luamp.h).
  *
  * Each turn reads a statement, runs it and prints what it returned:
+ *  - top-level `local` declarations become globals, so they outlive their line (see
+ *    rewrite_locals);
  *  - a line is first tried as an expression (`return <line>;`, so `1+1` prints 2), then
  *    as a statement; while the parser's complaint ends in "<eof>" the statement is
  *    incomplete and the next line is appended (prompt `>>`), as lua.c does;
@@ -257,6 +259,184 @@ static int try_expression(lua_State *L, repl *r) {
   return status;
 }
 
+/* ---- top-level locals ------------------------------------------------------------------
+ * Each entry is a chunk of its own, so a `local` typed at the prompt would vanish with its
+ * line. The REPL therefore rewrites the top-level declarations of an entry (not those
+ * inside a function or block) into assignments to globals before running it:
+ *   local x, y = 1, 2   ->   x, y = 1, 2
+ *   local z             ->   z = nil;
+ *   local function f()  ->   function f()
+ * so later lines see them, and pool workers too (as globals). The word `local` is blanked
+ * rather than removed, so error positions stay where they were typed. A declaration with
+ * an attribute (`<close>`, `<const>`) is left a real local: its point is its scope. */
+
+typedef struct scan { const char *s; size_t n, i; } scan;
+
+static int name_char(int c) {
+  return c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+/* At `[`: the level of a long bracket `[==[` (number of '='), or -1 if it is not one. */
+static int long_bracket(const scan *sc, size_t at) {
+  size_t j = at + 1;
+  while (j < sc->n && sc->s[j] == '=') j++;
+  return j < sc->n && sc->s[j] == '[' ? (int)(j - at - 1) : -1;
+}
+
+static void skip_long(scan *sc, int level) {
+  sc->i += (size_t)level + 2;
+  while (sc->i < sc->n) {
+    if (sc->s[sc->i] == ']') {
+      size_t j = sc->i + 1;
+      while (j < sc->n && sc->s[j] == '=') j++;
+      if (j < sc->n && sc->s[j] == ']' && (int)(j - sc->i - 1) == level) {
+        sc->i = j + 1;
+        return;
+      }
+    }
+    sc->i++;
+  }
+}
+
+/* Skips blanks and comments. */
+static void skip_space(scan *sc) {
+  while (sc->i < sc->n) {
+    char c = sc->s[sc->i];
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v') {
+      sc->i++;
+    } else if (c == '-' && sc->i + 1 < sc->n && sc->s[sc->i + 1] == '-') {
+      sc->i += 2;
+      int level = sc->i < sc->n && sc->s[sc->i] == '[' ? long_bracket(sc, sc->i) : -1;
+      if (level >= 0) skip_long(sc, level);
+      else while (sc->i < sc->n && sc->s[sc->i] != '\n') sc->i++;
+    } else {
+      return;
+    }
+  }
+}
+
+/* Moves past the token at sc->i (after skip_space); *word gets a name's length (0 for
+ * anything else) so the caller can look at it. */
+static void next_token(scan *sc, size_t *word) {
+  *word = 0;
+  if (sc->i >= sc->n) return;
+  char c = sc->s[sc->i];
+  if (name_char((unsigned char)c)) {
+    size_t j = sc->i;
+    while (j < sc->n && name_char((unsigned char)sc->s[j])) j++;
+    if (!(c >= '0' && c <= '9')) *word = j - sc->i;
+    else while (j < sc->n && (name_char((unsigned char)sc->s[j]) || sc->s[j] == '.')) j++;
+    sc->i = j;
+  } else if (c == '"' || c == '\'') {
+    sc->i++;
+    while (sc->i < sc->n && sc->s[sc->i] != c && sc->s[sc->i] != '\n') {
+      if (sc->s[sc->i] == '\\') sc->i++;
+      sc->i++;
+    }
+    sc->i++;
+  } else if (c == '[' && long_bracket(sc, sc->i) >= 0) {
+    skip_long(sc, long_bracket(sc, sc->i));
+  } else {
+    sc->i++;
+  }
+}
+
+static int is_word(const scan *sc, size_t at, size_t len, const char *w) {
+  return len == strlen(w) && memcmp(sc->s + at, w, len) == 0;
+}
+
+/* Pushes the entry with its top-level locals rewritten and returns 1, or returns 0 (and
+ * pushes nothing) when there are none. */
+static int rewrite_locals(lua_State *L, const char *src, size_t len) {
+  enum { MAX_EDITS = 64 };
+  struct { size_t at; int insert_nil; } edits[MAX_EDITS];
+  int nedits = 0, depth = 0;
+  scan sc = {src, len, 0};
+  for (;;) {
+    skip_space(&sc);
+    if (sc.i >= sc.n) break;
+    size_t at = sc.i, w;
+    next_token(&sc, &w);
+    if (!w) continue;
+    if (is_word(&sc, at, w, "function") || is_word(&sc, at, w, "do") ||
+        is_word(&sc, at, w, "if") || is_word(&sc, at, w, "repeat")) {
+      depth++;
+    } else if (is_word(&sc, at, w, "end") || is_word(&sc, at, w, "until")) {
+      if (depth > 0) depth--;
+    } else if (depth == 0 && is_word(&sc, at, w, "local") && nedits < MAX_EDITS) {
+      scan look = sc;
+      skip_space(&look);
+      size_t nat = look.i, nw;
+      next_token(&look, &nw);
+      if (nw && is_word(&look, nat, nw, "function")) {
+        edits[nedits].at = at;
+        edits[nedits++].insert_nil = 0;
+        continue;                 /* `function` opens a block: the main scan counts it */
+      }
+      /* a name list: name {, name}; an attribute keeps the declaration local */
+      int ok = nw > 0, attrib = 0;
+      size_t names_end = look.i;
+      while (ok) {
+        skip_space(&look);
+        if (look.i < look.n && look.s[look.i] == '<') { attrib = 1; break; }
+        if (look.i < look.n && look.s[look.i] == ',') {
+          look.i++;
+          skip_space(&look);
+          size_t a2 = look.i;
+          next_token(&look, &nw);
+          ok = nw > 0 && a2 < look.n;
+          names_end = look.i;
+          continue;
+        }
+        break;
+      }
+      if (!ok || attrib) continue;
+      int assigned = look.i < look.n && look.s[look.i] == '=' &&
+                     !(look.i + 1 < look.n && look.s[look.i + 1] == '=');
+      edits[nedits].at = at;
+      edits[nedits++].insert_nil = 0;
+      if (!assigned && nedits < MAX_EDITS) {
+        edits[nedits].at = names_end;
+        edits[nedits++].insert_nil = 1;
+      }
+      sc.i = names_end;
+    }
+  }
+  if (nedits == 0) return 0;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  size_t from = 0;
+  for (int k = 0; k < nedits; k++) {
+    luaL_addlstring(&b, src + from, edits[k].at - from);
+    if (edits[k].insert_nil) {
+      luaL_addstring(&b, " = nil;");
+      from = edits[k].at;
+    } else {
+      luaL_addstring(&b, "     ");          /* `local`, blanked */
+      from = edits[k].at + 5;
+    }
+  }
+  luaL_addlstring(&b, src + from, len - from);
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* With the chunk's text at -2 and its compiled function on top: the function of the
+ * rewritten text instead, when it has top-level locals (and still compiles). */
+static void persist_locals(lua_State *L) {
+  size_t len;
+  const char *src = lua_tolstring(L, -2, &len);
+  if (!rewrite_locals(L, src, len)) return;
+  size_t rlen;
+  const char *rsrc = lua_tolstring(L, -1, &rlen);
+  if (luaL_loadbuffer(L, rsrc, rlen, "=stdin") == LUA_OK) {
+    lua_replace(L, -3);           /* the new function takes the old one's place */
+    lua_pop(L, 1);
+  } else {
+    lua_pop(L, 2);
+  }
+}
+
 /* With the line on top: compiles it as a statement, reading more lines while it is
  * incomplete. Leaves the function or the error message in the line's place. Each
  * longer chunk is tried as an expression first, so that one spread over lines prints. */
@@ -274,6 +454,7 @@ static int read_statement(lua_State *L, repl *r, int *ended) {
     }
     if (!more) {
       history_add(r, chunk);
+      if (status == LUA_OK) persist_locals(L);
       lua_remove(L, -2);
       return status;
     }

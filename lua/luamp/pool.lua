@@ -168,7 +168,12 @@ local function worker_loop(conn, maxtasks)
     if defs then
       for i = 1, #defs, 2 do
         local okf, f = pcall(loads, defs[i + 1])
-        fns[defs[i]] = okf and f or {bad = f}
+        -- a string id is a global function the parent defined or changed since the fork
+        if type(defs[i]) == "string" then
+          if okf then rawset(_G, defs[i], f) end
+        else
+          fns[defs[i]] = okf and f or {bad = f}
+        end
       end
     end
     for i = 3, #msg, 6 do
@@ -241,6 +246,92 @@ local function func_entry(st, f)
   e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est}
   st.fcache[f] = e
   return e
+end
+
+-- ---- global functions a task reads -----------------------------------------------------
+-- A worker has the globals of the moment it was forked. A task that calls a global
+-- function defined or changed later (typed in the REPL after the Pool was made, or
+-- redefined by the script) would call nil or the old one. So with each job go the global
+-- functions its function reads (OP_GETTABUP _ENV, found in its bytecode by
+-- core.global_reads), and those they read in turn, whose value differs from the one in
+-- the parent when the pool was made; each worker is sent a given value once.
+
+local reads_of = setmetatable({}, {__mode = "k"})     -- function -> global names it reads
+local lua_fn = setmetatable({}, {__mode = "k"})       -- function -> is a Lua function
+local gbytes = setmetatable({}, {__mode = "k"})       -- function -> its encoding
+
+local function is_lua_fn(v)
+  local yes = lua_fn[v]
+  if yes == nil then
+    yes = debug.getinfo(v, "S").what ~= "C"
+    lua_fn[v] = yes
+  end
+  return yes
+end
+
+-- The function-valued globals now: what a worker forked now starts with.
+local function global_functions()
+  local t = {}
+  for k, v in next, _G do
+    if type(v) == "function" then t[k] = v end
+  end
+  return t
+end
+
+-- {name, bytes, value, ...} of the global functions f reads (through other global
+-- functions too) that changed since the pool was made; nil when none did.
+local function changed_globals(st, f)
+  if type(f) ~= "function" or not is_lua_fn(f) then return nil end
+  local out
+  local seen, stack = {}, {f}
+  while #stack > 0 do
+    local g = table.remove(stack)
+    local names = reads_of[g]
+    if not names then
+      names = core.global_reads(g)
+      reads_of[g] = names
+    end
+    for _, name in ipairs(names) do
+      if not seen[name] then
+        seen[name] = true
+        local v = rawget(_G, name)
+        if type(v) == "function" and is_lua_fn(v) then
+          stack[#stack + 1] = v
+          if st.gbase[name] ~= v then
+            local bytes = gbytes[v]
+            if not bytes then
+              -- one that cannot cross (it captured a file, say) is not sent: the worker
+              -- keeps what it had, as before this rule existed
+              local ok, b = pcall(dumps, v)
+              if not ok and is_error(b, "Interrupted") then error(b, 0) end
+              bytes = ok and b or false
+              gbytes[v] = bytes
+            end
+            if bytes then
+              out = out or {}
+              out[#out + 1], out[#out + 2], out[#out + 3] = name, bytes, v
+            end
+          end
+        end
+      end
+    end
+  end
+  return out
+end
+
+-- Adds to defs the globals of job that worker w has not got yet.
+local function send_globals(w, job, defs)
+  local g = job.globals
+  if not g then return defs end
+  for i = 1, #g, 3 do
+    local name, v = g[i], g[i + 2]
+    if w.gknown[name] ~= v then
+      w.gknown[name] = v
+      defs = defs or {}
+      defs[#defs + 1], defs[#defs + 2] = name, g[i + 1]
+    end
+  end
+  return defs
 end
 
 local function check_callable(f, what)
@@ -453,6 +544,7 @@ function spawn(st)
   b:close()
   if not ok then a:close(); error(h, 0) end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
+  w.gknown = global_functions()
   worker_count = worker_count + 1
   w.name = "PoolWorker-" .. worker_count
   st.workers[#st.workers + 1] = w
@@ -572,6 +664,7 @@ local function send_chunks(st, w, chunks)
   for _, c in ipairs(chunks) do
     local fe = c.job.fe
     keep[fe.id] = true
+    defs = send_globals(w, c.job, defs)
     defs = remember_fn(w, fe, defs)
     local m = #msg
     msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
@@ -1128,7 +1221,7 @@ local function new_job(self, st, kind, f, mode)
   st.next_job = st.next_job + 1
   local job = {
     st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
-    fe = func_entry(st, f),
+    fe = func_entry(st, f), globals = changed_globals(st, f),
     pulled = 0, consumed = 0, next_k = 0, done_items = 0,
     retry = dq_new(),
   }
@@ -1376,6 +1469,7 @@ local function new_pool(opts)
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
     callbacks = dq_new(), round = 0,
+    gbase = global_functions(),
   }
   st.pump = function(fd)
     service_fd(st, fd)
