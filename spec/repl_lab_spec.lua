@@ -92,3 +92,25 @@ print(pcall(pool.apply, pool, function() return log end))
     _G.spec_counter_fn = nil
   end)
 end)
+
+describe("a pool interrupted by Ctrl-C in the REPL", function()
+  it("says it was terminated and how to go on", function()
+    local P = require "pty"
+    local history = os.tmpname()
+    local ok, transcript = P.session({}, {
+      P.prompt(), P.send("pool = luamp.Pool(2)\r"),
+      -- the worker says when it runs the task: the parent is then waiting on the pool
+      P.prompt(), P.send("pool:map(function(x) print('sta' .. 'rted') io.stdout:flush() luamp.sleep(x) end, {30})\r"),
+      P.expect("started\r\n"),
+      P.send("\3"),
+      P.expect("luamp\\.Interrupted: interrupted!? \\(the pool was terminated: make a new luamp\\.Pool to go on\\)"),
+      P.prompt(), P.send("pool:apply(print)\r"),
+      P.expect("Pool not running: Ctrl-C terminated it; make a new one, e\\.g\\. pool = luamp\\.Pool\\(2\\)"),
+      P.prompt(), P.send("pool = luamp.Pool(2)\r"),
+      P.prompt(), P.send("pool:apply(function() return 6 * 7 end)\r"),
+      P.expect("\r\n42\r\n"),
+      P.prompt(), P.send("\4"), P.exit(0)}, {LUAMP_HISTORY = history})
+    os.remove(history)
+    assert(ok, transcript)
+  end)
+end)

@@ -343,7 +343,7 @@ end
 
 -- ---- parent side: jobs ---------------------------------------------------------------
 
-local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended
+local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended, pool_interrupted
 
 local function job_finish(st, job, ok, value)
   if job.ready then return end
@@ -967,6 +967,17 @@ local function check_owner(st)
   end
 end
 
+-- Ctrl-C (err is Interrupted) during a pool call terminates the pool; the error says so
+-- and how to go on, since at the REPL the next line would otherwise meet "Pool not running".
+function pool_interrupted(st, err)
+  if not is_error(err, "Interrupted") or st.interrupted then return end
+  st.interrupted = true
+  if type(err.message) == "string" then
+    err.message = err.message .. " (the pool was terminated: make a new luamp.Pool to go on)"
+  end
+  terminate(st)
+end
+
 -- Waits until something happens in the pool (or the deadline passes) and handles it.
 local function wait_once(st, deadline)
   if st.fds_dirty then rebuild_fds(st) end
@@ -983,9 +994,7 @@ local function wait_once(st, deadline)
   end
   local ok, ready = pcall(core.wait_fds, fds, timeout)
   if not ok then
-    if is_error(ready, "Interrupted") then
-      terminate(st)
-    end
+    pool_interrupted(st, ready)
     error(ready, 0)
   end
   st.round = st.round + 1
@@ -1214,7 +1223,12 @@ end
 
 local function check_running(st)
   if st.broken then error(st.broken, 0) end
-  if st.state ~= "RUN" then raise("Value", "Pool not running") end
+  if st.state ~= "RUN" then
+    if st.interrupted then
+      raise("Value", string.format("Pool not running: Ctrl-C terminated it; make a new one, e.g. pool = luamp.Pool(%d)", st.processes))
+    end
+    raise("Value", "Pool not running")
+  end
 end
 
 local function new_job(self, st, kind, f, mode)
@@ -1343,7 +1357,12 @@ function Pool:apply_async(f, args, opts)
 end
 
 function Pool:apply(f, args)
-  return self:apply_async(f, args):get()
+  local ok, r = pcall(function() return table.pack(self:apply_async(f, args):get()) end)
+  if not ok then
+    pool_interrupted(state_of(self), r)
+    error(r, 0)
+  end
+  return unpack(r, 1, r.n)
 end
 
 function Pool:map_async(f, list, opts)
@@ -1358,9 +1377,14 @@ local function blocking_map(self, what, f, list, opts, mode)
   if opts ~= nil and type(opts) == "table" and (opts.callback or opts.error_callback) then
     raise("Value", what .. ": callbacks belong to " .. what .. "_async")
   end
-  local res = map_job(self, what, f, list, opts, mode)
+  local okj, res = pcall(map_job, self, what, f, list, opts, mode)
+  if not okj then
+    pool_interrupted(state_of(self), res)
+    error(res, 0)
+  end
   local ok, v = pcall(res.get, res)
   local job = res[JOB]
+  if not ok then pool_interrupted(state_of(self), v) end
   if job.progress and not job.ready then progress_draw(job.progress, job.done_items, true) end
   if not ok then error(v, 0) end
   return v
