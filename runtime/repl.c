@@ -29,7 +29,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <time.h>
 #include <wchar.h>
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <termios.h>
 
 #include <editline/readline.h>
 
@@ -114,6 +122,123 @@ static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
   }
 }
 
+/* ---- children's output at the prompt -------------------------------------------------
+ * A child (a Process, a pool worker) that prints while the prompt is shown would write
+ * over it and leave the line being typed garbled. On a terminal, the REPL gives the
+ * children it forks a pty of its own as their stdout/stderr (luamp_child_stdio_fd; they
+ * still see a terminal) and a thread copies what arrives to the real terminal. While the
+ * prompt is shown, the thread first clears the prompt's line and, once the output is
+ * written, wakes read_key through an eventfd, which has libedit redraw the prompt and
+ * what was typed. The thread uses only read/write on fds it owns (no stdio, no locks), so
+ * a fork at any moment is safe; it runs until the program ends, as children may outlive
+ * the REPL. External commands (luamp.subprocess) keep the real terminal. */
+
+static int relay_tty = -1;          /* the real terminal, for the thread's writes */
+static int relay_master = -1;       /* the pty's master: what children wrote */
+static int relay_event = -1;        /* eventfd: output was written over the prompt */
+static atomic_int relay_at_prompt;
+static atomic_int relay_busy;       /* the thread holds output it has not written yet */
+
+static void write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return;
+    p += w;
+    n -= (size_t)w;
+  }
+}
+
+static void *relay_main(void *arg) {
+  (void)arg;
+  char buf[4096], out[4096 + 8];
+  for (;;) {
+    ssize_t n = read(relay_master, buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return NULL;
+    atomic_store(&relay_busy, 1);
+    int prompt = atomic_load(&relay_at_prompt);
+    size_t k = 0;
+    if (prompt) { memcpy(out, "\r\33[K", 4); k = 4; }
+    memcpy(out + k, buf, (size_t)n);         /* the real terminal expands \n itself */
+    k += (size_t)n;
+    if (prompt && buf[n - 1] != '\n') { out[k++] = '\r'; out[k++] = '\n'; }
+    write_all(relay_tty, out, k);
+    atomic_store(&relay_busy, 0);
+    if (prompt) {
+      uint64_t one = 1;
+      if (write(relay_event, &one, sizeof one) < 0) { /* already signalled */ }
+    }
+  }
+}
+
+/* Best effort: without a pty (or a thread) children write to the terminal directly. */
+static void relay_start(void) {
+  if (relay_master >= 0 || !isatty(STDOUT_FILENO)) return;
+  int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (master < 0) return;
+  int slave = -1, tty = -1, ev = -1;
+  if (grantpt(master) < 0 || unlockpt(master) < 0) goto fail;
+  const char *name = ptsname(master);
+  if (!name) goto fail;
+  slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+  tty = fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3);
+  ev = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (slave < 0 || tty < 0 || ev < 0) goto fail;
+  struct termios t;
+  if (tcgetattr(slave, &t) == 0) {
+    t.c_oflag &= (tcflag_t)~OPOST;         /* bytes through unchanged */
+    tcsetattr(slave, TCSANOW, &t);
+  }
+  struct winsize ws;
+  if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0) ioctl(slave, TIOCSWINSZ, &ws);
+  relay_master = master;
+  relay_tty = tty;
+  relay_event = ev;
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);  /* signals stay the main thread's */
+  pthread_t th;
+  pthread_attr_t at;
+  pthread_attr_init(&at);
+  pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+  int rc = pthread_create(&th, &at, relay_main, NULL);
+  pthread_attr_destroy(&at);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc != 0) {
+    relay_master = relay_tty = relay_event = -1;
+    goto fail;
+  }
+  luamp_child_stdio_fd = slave;
+  return;
+fail:
+  if (slave >= 0) close(slave);
+  if (tty >= 0) close(tty);
+  if (ev >= 0) close(ev);
+  close(master);
+}
+
+/* Before the REPL writes (results, the prompt): what children wrote so far goes out
+ * first, so that a child's line printed before p:join() returned shows above the result.
+ * Bounded (50 ms): a child that keeps printing must not hold up the REPL. */
+static void relay_settle(void) {
+  if (relay_master < 0) return;
+  for (int i = 0; i < 50; i++) {
+    int pending = 0;
+    if (ioctl(relay_master, FIONREAD, &pending) < 0) return;
+    if (pending == 0 && !atomic_load(&relay_busy)) return;
+    struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
+}
+
+/* In read_key: output was written over the prompt; draw it again with what was typed. */
+static void relay_redraw(void) {
+  uint64_t v;
+  while (read(relay_event, &v, sizeof v) > 0) {}
+  rl_forced_update_display();
+}
+
 /* libedit reads keys through this (rl_getc_function). SIGINT stays blocked except inside
  * ppoll, so a Ctrl-C is seen whether it comes before the wait or during it (with a
  * plain read() one landing just before would go unnoticed until the next key). Returns
@@ -130,16 +255,18 @@ static int read_key(FILE *in) {
     inside = outside;
     sigdelset(&inside, SIGINT);
     int ready = 0;
-    if (!prompt_interrupted) {
-      struct pollfd pfd = {.fd = fd, .events = POLLIN};
-      ready = ppoll(&pfd, 1, NULL, &inside);
-    }
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = relay_event, .events = POLLIN}};
+    if (!prompt_interrupted) ready = ppoll(pfd, relay_event >= 0 ? 2 : 1, NULL, &inside);
     int err = errno;
     sigprocmask(SIG_SETMASK, &outside, NULL);
     if (prompt_interrupted) return EOF;
     if (ready < 0) {
       if (err == EINTR) continue;
       return EOF;
+    }
+    if (relay_event >= 0 && pfd[1].revents) {
+      relay_redraw();
+      if (!pfd[0].revents) continue;
     }
     ssize_t got = read(fd, bytes + n, 1);
     if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
@@ -152,7 +279,10 @@ static int read_key(FILE *in) {
 
 static char *edit_line(const char *prompt) {
   char *saved = enter_user_locale();
+  relay_settle();
+  atomic_store(&relay_at_prompt, 1);
   char *line = readline(prompt);
+  atomic_store(&relay_at_prompt, 0);
   int err = errno;
   leave_user_locale(saved);
   errno = err;
@@ -530,6 +660,7 @@ static int run(lua_State *L, int nargs, int nresults) {
 }
 
 static void print_results(lua_State *L, repl *r, int base) {
+  relay_settle();
   int n = lua_gettop(L) - base;
   if (n == 0) return;
   luaL_checkstack(L, 2, "too many results to print");
@@ -563,6 +694,7 @@ static void setup_terminal(repl *r) {
   rl_outstream = isatty(STDOUT_FILENO) ? stdout : stderr;
   char *saved = enter_user_locale();
   rl_initialize();
+  relay_start();
   history_begin(r);
   leave_user_locale(saved);
   banner();

@@ -114,3 +114,21 @@ describe("a pool interrupted by Ctrl-C in the REPL", function()
     assert(ok, transcript)
   end)
 end)
+
+describe("children's output at the prompt", function()
+  it("is written above the prompt, which is drawn again with what was typed", function()
+    local P = require "pty"
+    local history = os.tmpname()
+    local ok, transcript = P.session({}, {
+      P.prompt(),
+      P.send("p = luamp.Process{target = function() luamp.sleep(1) print('from ' .. 'child') end} p:start()\r"),
+      P.prompt(), P.send("1 + "), P.expect("1 \\+ "),
+      -- the child's line, then the prompt again (with "1 + " when typed before it came)
+      P.expect("from child\r+\n> "),
+      P.send("2\r"), P.expect("\r\n3\r\n"),
+      P.prompt(), P.send("p:join()\r"), P.prompt(), P.send("p.exitcode\r"), P.expect("\r\n0\r\n"),
+      P.prompt(), P.send("\4"), P.exit(0)}, {LUAMP_HISTORY = history})
+    os.remove(history)
+    assert(ok, transcript)
+  end)
+end)
