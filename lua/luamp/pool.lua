@@ -38,6 +38,7 @@
 --    terminated.
 local core = require "luamp._core"
 local U = require "luamp.util"
+local TR = require("luamp.trace")._T
 
 local raise = U.raise
 local now = core.time
@@ -188,7 +189,7 @@ local function worker_loop(conn, maxtasks)
       local okc, res = xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
       local dt = now() - t0
       io.stdout:flush()
-      local oke, out = pcall(dumps, {jobid, k, okc, dt, res})
+      local oke, out = pcall(dumps, {jobid, k, okc, dt, res, t0})
       if not oke then
         if okc then
           out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -547,6 +548,10 @@ function spawn(st)
   w.gknown = global_functions()
   worker_count = worker_count + 1
   w.name = "PoolWorker-" .. worker_count
+  if TR.on then
+    TR.row(w.pid, w.name)
+    TR.instant("start", w.pid)
+  end
   st.workers[#st.workers + 1] = w
   core.pump_add(w.cfd, st.pump)
   if w.sfd and w.sfd >= 0 then core.pump_add(w.sfd, st.pump) end
@@ -560,6 +565,7 @@ local function remove_worker(st, w)
   end
   unregister(st, w)
   w.dead = true
+  if TR.on then TR.instant("exit", w.pid) end
   pcall(w.conn.close, w.conn)
   pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
@@ -758,6 +764,11 @@ local function on_result(st, w, c, data)
     local per = dt / c.n
     fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
   end
+  if TR.on then
+    -- the worker's start time (one monotonic clock for all processes), else an estimate
+    local t0 = math.type(msg[6]) == "float" and msg[6] or now() - (tonumber(dt) or 0)
+    TR.span(c.job.label or "task", w.pid, t0, tonumber(dt) or 0, c.job.id, c.k, c.n, msg[3] == true)
+  end
   if msg[3] then chunk_ok(st, c.job, c, msg[5])
   else chunk_failed(st, c.job, c, remote_error(msg[5])) end
   return true
@@ -822,6 +833,7 @@ local function drain_messages(st, w, ready)
   for i = 1, #got, 2 do
     if not on_result(st, w, got[i], got[i + 1]) then
       w.garbled = true
+      if TR.on then TR.instant("WorkerLost", w.pid, {malformed = true}) end
       chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
         "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
     end
@@ -862,6 +874,7 @@ function worker_ended(st, w, code)
   drain(st, w)
   remove_worker(st, w)
   local c = dq_pop(w.inflight)
+  if TR.on and c then TR.instant("WorkerLost", w.pid, {exitcode = code}) end
   if c then
     local err = st.broken or core.error("WorkerLost", string.format(
       "worker %d died while running a task (exitcode %s)", w.pid, tostring(code)),
@@ -1088,6 +1101,7 @@ function AsyncResult:get(timeout)
   if not job.ready then
     check_owner(job.st)
     if not wait_until(job.st, function() return job.ready end, timeout) then
+      if TR.on then TR.instant("Timeout", core.getpid(), {job = job.id, timeout = timeout}) end
       raise("Timeout", string.format("result not ready after %g s", timeout))
     end
   end
@@ -1182,6 +1196,7 @@ function IMap:next(timeout)
       return
     end
     if deadline and now() >= deadline then
+      if TR.on then TR.instant("Timeout", core.getpid(), {timeout = timeout}) end
       raise("Timeout", string.format("no result within %g s", timeout))
     end
     wait_once(st, deadline)
@@ -1236,6 +1251,7 @@ local function new_job(self, st, kind, f, mode)
   local job = {
     st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
     fe = func_entry(st, f), globals = changed_globals(st, f),
+    label = TR.on and TR.label(f) or nil,
     pulled = 0, consumed = 0, next_k = 0, done_items = 0,
     retry = dq_new(),
   }

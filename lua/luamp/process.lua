@@ -3,6 +3,7 @@
 -- end-of-program join live in runtime/process.c; this file keeps the Python-shaped state:
 -- names, identities, the daemon flag, exitcode and the list of active children.
 local core = require "luamp._core"
+local TR = require("luamp.trace")._T
 local U = require "luamp.util"
 
 local raise = U.raise
@@ -32,7 +33,13 @@ local function check_started(self, what)
 end
 
 local function note_exit(self, code)
-  if code ~= nil then children[self] = nil end
+  if code ~= nil then
+    if TR.on and children[self] then
+      local pid = S[self].handle:pid()
+      TR.instant("exit", pid, {exitcode = code})
+    end
+    children[self] = nil
+  end
   return code
 end
 
@@ -137,6 +144,11 @@ function Process:start()
   if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
   s.handle = core.fork(function() return child_main(self) end, s.daemon)
   children[self] = true
+  if TR.on then
+    local pid = s.handle:pid()
+    TR.row(pid, s.name)
+    TR.instant("start", pid)
+  end
 end
 
 function Process:join(timeout)
