@@ -111,7 +111,9 @@ local function progress_new(total)
   return {t0 = now(), last = 0, total = total}
 end
 
-local function progress_draw(p, done, final)
+-- final: the last drawing; state (with final): why it ended early ("interrupted",
+-- "failed", "terminated"), shown where the ETA was.
+local function progress_draw(p, done, final, state)
   local t = now()
   if not final and t - p.last < 0.1 then return end
   p.last = t
@@ -121,10 +123,10 @@ local function progress_draw(p, done, final)
   if p.total then
     local pct = p.total > 0 and done * 100 // p.total or 100
     local eta = rate > 0 and (p.total - done) / rate or math.huge
-    line = string.format("%d/%d (%d%%) %.1f/s ETA %s", done, p.total, pct, rate,
-      final and "0:00" or fmt_time(eta))
+    line = string.format("%d/%d (%d%%) %.1f/s %s", done, p.total, pct, rate,
+      state or ("ETA " .. (final and "0:00" or fmt_time(eta))))
   else
-    line = string.format("%d done %.1f/s %s", done, rate, fmt_time(el))
+    line = string.format("%d done %.1f/s %s%s", done, rate, fmt_time(el), state and " " .. state or "")
   end
   io.stderr:write("\r", line, "\27[K", final and "\n" or "")
   io.stderr:flush()
@@ -353,7 +355,14 @@ local function job_finish(st, job, ok, value)
   job.retry = dq_new()
   st.jobs[job.id] = nil
   st.njobs = st.njobs - 1
-  if job.progress then progress_draw(job.progress, job.done_items, true); job.progress = nil end
+  if job.progress then
+    local state
+    if not ok then
+      state = st.interrupted and "interrupted" or is_error(value, "Closed") and "terminated" or "failed"
+    end
+    progress_draw(job.progress, job.done_items, true, state)
+    job.progress = nil
+  end
   if ok and job.callback then
     if job.kind == "apply" then queue_callback(st, job.callback, unpack(value, 1, value.n))
     else queue_callback(st, job.callback, value) end
@@ -1169,7 +1178,10 @@ local function imap_end(st, job)
     st.jobs[job.id] = nil
     st.njobs = st.njobs - 1
   end
-  if job.progress then progress_draw(job.progress, job.done_items, true); job.progress = nil end
+  if job.progress then
+    progress_draw(job.progress, job.done_items, true, not imap_finished(job) and "stopped" or nil)
+    job.progress = nil
+  end
 end
 
 -- it:next([timeout]) -> value, input index; nothing at the end. Raises Timeout, the
@@ -1401,7 +1413,10 @@ local function blocking_map(self, what, f, list, opts, mode)
   local ok, v = pcall(res.get, res)
   local job = res[JOB]
   if not ok then pool_interrupted(state_of(self), v) end
-  if job.progress and not job.ready then progress_draw(job.progress, job.done_items, true) end
+  if job.progress and not job.ready then
+    progress_draw(job.progress, job.done_items, true, is_error(v, "Interrupted") and "interrupted" or "failed")
+    job.progress = nil
+  end
   if not ok then error(v, 0) end
   return v
 end
