@@ -705,6 +705,7 @@ static void encode_handle(enc *e, int idx, int mt) {
   (void)mt;
   lua_pushvalue(L, idx);
   if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+    if (luamp_is_interrupted(L, -1)) lua_error(L);   /* a Ctrl-C is not the hook's failure */
     const char *msg = luaL_tolstring(L, -1, NULL);
     enc_fail(e, "handle hook failed: %s", msg);
   }
@@ -1132,8 +1133,10 @@ static void decode_named(dec *d) {
     lua_pop(L, 1);
     lua_getglobal(L, "require");
     lua_pushvalue(L, name);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+      if (luamp_is_interrupted(L, -1)) lua_error(L);
       dec_fail(d, "cannot require '%s': %s", lua_tostring(L, name), luaL_tolstring(L, -1, NULL));
+    }
   }
   if (field) {
     if (!lua_istable(L, -1)) dec_fail(d, "module '%s' is not a table", lua_tostring(L, name));
@@ -1165,9 +1168,11 @@ static void decode_handle(dec *d) {
   if (lua_rawget(L, -2) != LUA_TFUNCTION)
     dec_fail(d, "unknown handle type '%s'", lua_tostring(L, tname));
   decode_value(d);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    if (luamp_is_interrupted(L, -1)) lua_error(L);
     dec_fail(d, "cannot rebuild a '%s' handle: %s", lua_tostring(L, tname),
              luaL_tolstring(L, -1, NULL));
+  }
   lua_replace(L, tname);
   lua_settop(L, tname);
   dec_register(d, tname);

@@ -210,8 +210,11 @@ static int send_frame(conn *c, const char *data, size_t len) {
 
 /* Starts the next message: reads its length (and, from the socket, its first record).
  * On T_OK either the whole message is in scratch (*small set to its length) or
- * rx_active is set with rx_got bytes of it in place. */
-static int rx_start(conn *c, double deadline, uint64_t maxlen, size_t *small, int *have_small) {
+ * rx_active is set with rx_got bytes of it in place. With nowait, an empty socket
+ * returns T_TIMEOUT at once instead of waiting: a reader acting on a readiness hint
+ * (which code that ran since the poll may have made stale) goes back to its own wait. */
+static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_t *small,
+                    int *have_small) {
   unsigned char hdr[HDR];
   size_t first = 0;
   *have_small = 0;
@@ -232,6 +235,7 @@ static int rx_start(conn *c, double deadline, uint64_t maxlen, size_t *small, in
       if (n == 0) return T_EOF;
       if (recv_retry(errno)) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) return T_SYS;
+      if (nowait) return T_TIMEOUT;
       /* Another reader may take the record between poll and recv: then wait again. */
       int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
       if (rc != T_OK) return rc;
@@ -285,13 +289,16 @@ static int rx_continue(conn *c, double deadline) {
 }
 
 /* Receives one message. On T_OK, *data and *len give it: inside scratch, or in rx_buf
- * (which the caller frees with rx_finish after pushing the value). */
-static int rx_message(conn *c, double deadline, uint64_t maxlen, const char **data, size_t *len) {
+ * (which the caller frees with rx_finish after pushing the value). nowait: see rx_start;
+ * once a message has begun to arrive, its rest is waited for (the sender is in the middle
+ * of it, or gone, which ends the wait with EOF). */
+static int rx_message(conn *c, double deadline, int nowait, uint64_t maxlen, const char **data,
+                      size_t *len) {
   if (c->rx_broken) return T_CORRUPT;
   if (!c->rx_active) {
     size_t small;
     int have_small;
-    int rc = rx_start(c, deadline, maxlen, &small, &have_small);
+    int rc = rx_start(c, deadline, nowait, maxlen, &small, &have_small);
     if (rc != T_OK) return rc;
     if (have_small) {
       *data = c->scratch;
@@ -454,11 +461,12 @@ static int deliver(lua_State *L, conn *c, const char *data, size_t len, int deco
   return 1;
 }
 
-static int do_recv(lua_State *L, int decode, uint64_t maxlen, const char *what) {
+static int do_recv(lua_State *L, int decode, int nowait, uint64_t maxlen, const char *what) {
   conn *c = check_conn(L, 1);
   const char *data;
   size_t len;
-  int rc = rx_message(c, -1, maxlen, &data, &len);
+  int rc = rx_message(c, -1, nowait, maxlen, &data, &len);
+  if (rc == T_TIMEOUT && nowait) return 0;
   if (rc != T_OK) raise_transfer(L, rc, errno, what, c->dropped, maxlen);
   return deliver(L, c, data, len, decode);
 }
@@ -466,13 +474,20 @@ static int do_recv(lua_State *L, int decode, uint64_t maxlen, const char *what) 
 /* :recv_bytes([maxlength]) -> string */
 static int l_recv_bytes(lua_State *L) {
   check_readable(L, check_conn(L, 1));
-  return do_recv(L, 0, maxlength_arg(L, 2), "recv_bytes");
+  return do_recv(L, 0, 0, maxlength_arg(L, 2), "recv_bytes");
+}
+
+/* :_recv_bytes_nowait() -> string, or nothing when no message has begun to arrive: the
+ * receive for a reader that only has a readiness hint (luamp's Pool) */
+static int l_recv_bytes_nowait(lua_State *L) {
+  check_readable(L, check_conn(L, 1));
+  return do_recv(L, 0, 1, UINT64_MAX, "recv_bytes");
 }
 
 /* :recv() -> value */
 static int l_recv(lua_State *L) {
   check_readable(L, check_conn(L, 1));
-  return do_recv(L, 1, UINT64_MAX, "recv");
+  return do_recv(L, 1, 0, UINT64_MAX, "recv");
 }
 
 static int buffered(const conn *c) { return rbuf_avail(c) > 0; }
@@ -608,6 +623,7 @@ int luamp_open_connection(lua_State *L) {
     {"fileno", l_fileno},
     {"close", l_close},
     {"_ready_now", l_ready_now},
+    {"_recv_bytes_nowait", l_recv_bytes_nowait},
     {NULL, NULL}
   };
   static const luaL_Reg meta[] = {

@@ -87,19 +87,28 @@ static int is_error_object(lua_State *L, int idx) {
 
 /* pformat of the value at idx through luamp.pretty, or NULL (pushes nothing) when that
  * is unavailable or fails: a renderer of errors must not raise one of its own. */
+/* lua_pcall for the renderer, which runs in message handlers where raising again would
+ * only give "error in error handling": a Ctrl-C caught here is asked for again, so the
+ * next wait raises it (Ctrl-C always wins), and the rendering goes on. */
+static int render_pcall(lua_State *L, int nargs) {
+  int status = lua_pcall(L, nargs, 1, 0);
+  if (status != LUA_OK && luamp_is_interrupted(L, -1)) luamp_request_interrupt();
+  return status;
+}
+
 static const char *push_pformat(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
   if (!lua_checkstack(L, 4)) return NULL;
   lua_getglobal(L, "require");
   lua_pushliteral(L, "luamp.pretty");
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) {
+  if (render_pcall(L, 1) != LUA_OK || !lua_istable(L, -1)) {
     lua_pop(L, 1);
     return NULL;
   }
   lua_getfield(L, -1, "pformat");
   lua_remove(L, -2);
   lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+  if (render_pcall(L, 1) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
     lua_pop(L, 1);
     return NULL;
   }
@@ -121,7 +130,7 @@ const char *luamp_push_error_text(lua_State *L, int idx) {
     lua_pop(L, 1);
     lua_pushcfunction(L, tolstring_call);
     lua_pushvalue(L, idx);
-    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) return lua_tostring(L, -1);
+    if (render_pcall(L, 1) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) return lua_tostring(L, -1);
     lua_pop(L, 1);
   }
   if (lua_type(L, idx) == LUA_TTABLE) {
@@ -181,6 +190,19 @@ static int l_error_report(lua_State *L) {
   int level = (int)luaL_optinteger(L, 2, 1);
   luamp_push_error_report(L, 1, L, level);
   return 1;
+}
+
+int luamp_is_interrupted(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return 0;
+  luaL_getmetatable(L, ERROR_MT);
+  int ours = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  if (!ours) return 0;
+  lua_getfield(L, idx, "kind");
+  const char *kind = lua_tostring(L, -1);
+  int interrupted = kind && strcmp(kind, "Interrupted") == 0;
+  lua_pop(L, 1);
+  return interrupted;
 }
 
 static int check_kind(lua_State *L, int idx) {

@@ -41,6 +41,9 @@ int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...)
 /* Raises an error of `kind` whose message is "<what>: strerror(err)". */
 int luamp_raise_errno(lua_State *L, const char *kind, const char *what, int err)
     __attribute__((noreturn));
+/* Whether the value at idx is a luamp Interrupted error: a lua_pcall that catches one
+ * hands it on as it is (Ctrl-C always wins) rather than reporting it as its own failure. */
+int luamp_is_interrupted(lua_State *L, int idx);
 
 /* ---- time and waiting (wait.c) -------------------------------------------------------- */
 

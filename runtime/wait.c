@@ -15,10 +15,16 @@
  * run under lua_pcall on one Lua thread per state (anchored in the registry), so no error
  * ever unwinds through a waiting C frame; a pump is never re-entered from a wait inside
  * its own function; one whose function raises is dropped (it would otherwise spin),
- * except that an Interrupted error is handed on to the enclosing wait. Pumps belong to
- * the process that registered them: a forked child's waits ignore the inherited ones.
- * When a host shares its libuv loop, each pump fd is also watched on that loop (loop.c),
- * so pumps run from the host's own uv_run through luamp_pump_run_if_ready.
+ * except that an Interrupted error is handed on to the enclosing wait (which raises it
+ * even when its own fds are ready). Pumps belong to the process that registered them: a
+ * forked child's waits ignore the inherited ones. When a host shares its libuv loop, each
+ * pump fd is also watched on that loop (loop.c), so pumps run from the host's own uv_run
+ * through luamp_pump_run_if_ready.
+ *
+ * The readiness a wait reports is a hint: the pumps it ran after its poll may have read
+ * those very fds (a wait inside a pump runs the other pumps, the waiting caller's own
+ * among them), so a reader acting on it must read without blocking and go back to
+ * waiting when it finds nothing.
  */
 #include <math.h>
 #include <signal.h>
@@ -256,6 +262,8 @@ int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
     int ms = remaining_ms(deadline);
     int ran = 0;
     int n = wait_round(fds, nfds, ms, &ran);
+    /* a pump that met a Ctrl-C handed it on: it wins over the caller's readiness */
+    if (interrupt_pending) return -2;
     if (n > 0) return n;
     if (n < 0) {
       if (errno != EINTR) return -1;
@@ -386,9 +394,12 @@ static int l_pump_remove(lua_State *L) {
   return 0;
 }
 
-/* pump_poll() -> number of pumps that ran: one non-blocking round. */
+/* pump_poll() -> number of pumps that ran: one non-blocking round. A Ctrl-C a pump met
+ * (no wait follows to report it) is raised here. */
 static int l_pump_poll(lua_State *L) {
-  lua_pushinteger(L, luamp_pump_poll());
+  int ran = luamp_pump_poll();
+  if (luamp_take_interrupt()) luamp_raise(L, "Interrupted", "interrupted");
+  lua_pushinteger(L, ran);
   return 1;
 }
 

@@ -24,11 +24,11 @@ local function kind_of(obj)
   if core.is_queue and core.is_queue(obj) then obj:empty() return "queue" end
   if type(obj) == "table" or type(obj) == "userdata" then
     -- an AsyncResult: ready when its job is; waited on through its pool's fds
-    local okr, wf = pcall(function() return obj._wait_fds end)
+    local okr, wf = U.pcall(function() return obj._wait_fds end)
     if okr and type(wf) == "function" then return "result" end
-    local ok, s = pcall(function() return obj.sentinel end)
+    local ok, s = U.pcall(function() return obj.sentinel end)
     if ok and math.type(s) == "integer" then return "fd", s end
-    local ok2, f = pcall(function() return obj.fileno end)
+    local ok2, f = U.pcall(function() return obj.fileno end)
     if ok2 and type(f) == "function" then
       local fd = f(obj)
       if math.type(fd) == "integer" then return "fd", fd end
@@ -84,7 +84,7 @@ function M.wait(objects, timeout)
     local fired = {}
     do
       local left = #ready > 0 and 0 or deadline and math.max(deadline - core.time(), 0)
-      local ok, res = pcall(core.wait_fds, polled, left)
+      local ok, res = pcall(core.wait_fds, polled, left)   -- re-raised below, whatever it is
       if not ok then
         for _, i in ipairs(registered) do objects[i]:_wait_end() end
         error(res, 0)

@@ -160,17 +160,20 @@ local function worker_loop(conn, maxtasks)
   local fns = {}
   local done = 0
   while true do
-    -- waiting in poll first saves the receive that would find nothing yet
-    local ok, bytes = pcall(conn.poll, conn, math.huge)
-    if ok then ok, bytes = pcall(conn.recv_bytes, conn) end
+    -- waiting in poll first saves the receive that would find nothing yet; the receive
+    -- after it must not block (a task may have left pumps behind, and a readiness hint
+    -- never leads to a blocking read)
+    local ok, bytes = U.pcall(conn.poll, conn, math.huge)
+    if ok then ok, bytes = U.pcall(conn._recv_bytes_nowait, conn) end
     if not ok then return 0 end            -- EOF: the parent is gone
+    if bytes == nil then goto continue end
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
     local defs, drops = msg[1], msg[2]
     if drops then for _, id in ipairs(drops) do fns[id] = nil end end
     if defs then
       for i = 1, #defs, 2 do
-        local okf, f = pcall(loads, defs[i + 1])
+        local okf, f = U.pcall(loads, defs[i + 1])
         -- a string id is a global function the parent defined or changed since the fork
         if type(defs[i]) == "string" then
           if okf then rawset(_G, defs[i], f) end
@@ -183,15 +186,15 @@ local function worker_loop(conn, maxtasks)
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes = msg[i + 5]
       if not abytes then
-        local okr, data = pcall(conn.recv_bytes, conn)
+        local okr, data = U.pcall(conn.recv_bytes, conn)
         if not okr then return 0 end
         abytes = data
       end
       local t0 = now()
-      local okc, res = xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
+      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
       local dt = now() - t0
       io.stdout:flush()
-      local oke, out = pcall(dumps, {jobid, k, okc, dt, res, t0})
+      local oke, out = U.pcall(dumps, {jobid, k, okc, dt, res, t0})
       if not oke then
         if okc then
           out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -200,10 +203,11 @@ local function worker_loop(conn, maxtasks)
           out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
         end
       end
-      if not pcall(conn.send_bytes, conn, out) then return 0 end
+      if not U.pcall(conn.send_bytes, conn, out) then return 0 end
       done = done + 1
       if maxtasks and done >= maxtasks then return 0 end
     end
+    ::continue::
   end
 end
 
@@ -212,17 +216,17 @@ local function worker_main(st, parent_end, conn)
   core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
-  for _, w in ipairs(st.workers) do pcall(w.conn.close, w.conn) end
+  for _, w in ipairs(st.workers) do U.pcall(w.conn.close, w.conn) end
   if st.initializer then
-    local ok, e = xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
+    local ok, e = U.xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
     if not ok then
-      local okd, out = pcall(dumps, e)
+      local okd, out = U.pcall(dumps, e)
       if not okd then out = dumps({e[1], e[2]}) end
-      pcall(conn.send_bytes, conn, out)
+      U.pcall(conn.send_bytes, conn, out)
       return 1
     end
   end
-  if not pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
+  if not U.pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
   return worker_loop(conn, st.maxtasks)
 end
 
@@ -305,8 +309,7 @@ local function changed_globals(st, f)
             if not bytes then
               -- one that cannot cross (it captured a file, say) is not sent: the worker
               -- keeps what it had, as before this rule existed
-              local ok, b = pcall(dumps, v)
-              if not ok and is_error(b, "Interrupted") then error(b, 0) end
+              local ok, b = U.pcall(dumps, v)
               bytes = ok and b or false
               gbytes[v] = bytes
             end
@@ -432,7 +435,7 @@ end
 local function item_error(args, n, first, err)
   if not is_error(err, "Serialize") then return err end
   for i = 1, n do
-    local ok, e = pcall(dumps, args[i], string.format("items[%d]", first + i - 1))
+    local ok, e = U.pcall(dumps, args[i], string.format("items[%d]", first + i - 1))
     if not ok then return e end
   end
   return err
@@ -469,7 +472,7 @@ local function produce(st, job)
     args, n = {}, 0
     local iter = job.iter
     for _ = 1, job.chunksize do
-      local ok, v = pcall(iter)
+      local ok, v = U.pcall(iter)
       if not ok then
         job.input_error, job.exhausted = {v}, true
         break
@@ -483,7 +486,7 @@ local function produce(st, job)
   job.pulled = job.pulled + n
   job.next_k = job.next_k + 1
   c = {job = job, k = job.next_k, first = first, n = n}
-  local ok, bytes = pcall(dumps, args)
+  local ok, bytes = U.pcall(dumps, args)
   if not ok then
     bytes = item_error(args, n, first, bytes)
     if job.kind == "imap" then
@@ -550,7 +553,7 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0}
-  local ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")
+  local ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")   -- re-raised
   b:close()
   if not ok then a:close(); error(h, 0) end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
@@ -575,8 +578,8 @@ local function remove_worker(st, w)
   unregister(st, w)
   w.dead = true
   if TR.on then TR.instant("exit", w.pid) end
-  pcall(w.conn.close, w.conn)
-  pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
+  U.pcall(w.conn.close, w.conn)
+  U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
 -- Chunks not yet handed out: the rest of job, and at least one per other waiting job.
@@ -696,7 +699,7 @@ local function send_chunks(st, w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
-  local ok, err = pcall(send_message, w.conn, data, chunks)
+  local ok, err = pcall(send_message, w.conn, data, chunks)   -- Interrupted re-raised
   w.sending = false
   if not ok then
     if is_error(err, "Interrupted") then error(err, 0) end
@@ -738,7 +741,7 @@ function dispatch(st)
   if st.dispatching or st.state == "TERMINATE" or st.broken then return end
   if st.feed.first > st.feed.last then return end
   st.dispatching = true
-  local ok, err = pcall(dispatch_rounds, st)
+  local ok, err = pcall(dispatch_rounds, st)   -- re-raised
   st.dispatching = false
   if not ok then error(err, 0) end
 end
@@ -764,7 +767,7 @@ end
 
 -- A result message from w (raw bytes) for chunk c, the head of w's queue.
 local function on_result(st, w, c, data)
-  local ok, msg = pcall(loads, data)
+  local ok, msg = U.pcall(loads, data)
   if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
     return false
   end
@@ -784,7 +787,7 @@ local function on_result(st, w, c, data)
 end
 
 local function on_init_message(st, w, data)
-  local ok, msg = pcall(loads, data)
+  local ok, msg = U.pcall(loads, data)
   if ok and msg == true then return end
   local err = remote_error(ok and msg or {"garbled initializer report"}, "pool initializer raised: ")
   if not st.broken then
@@ -794,30 +797,29 @@ local function on_init_message(st, w, data)
     for _, x in ipairs(st.workers) do
       if not x.stopping then
         x.stopping = true
-        pcall(x.conn.send_bytes, x.conn, dumps(false))
+        U.pcall(x.conn.send_bytes, x.conn, dumps(false))
       end
     end
   end
 end
 
 -- Reads every message w has for us; results are taken off w's queue first and decoded
--- after the freed worker has been given new work.
-local function drain_messages(st, w, ready)
-  local got = {}
+-- after the freed worker has been given new work. The readiness that brought us here is
+-- only a hint: between a poll and this read other pumps may have run (any wait runs them,
+-- and a pump of this pool run from inside another pool's pump can read this very
+-- connection), so every receive is one that returns nothing when no message is there.
+local function drain_messages(st, w)
+  local got, interrupted = {}
   local conn = w.conn
-  w.drained = st.round
   while not w.dead do
-    if not ready then
-      -- a worker that owes us nothing has nothing more to say (but EOF, which the next
-      -- wait reports): no system call to ask
-      if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-      local okp, more = pcall(conn.poll, conn)
-      if not okp or not more then break end
-    end
-    ready = false
-    local ok, data = pcall(conn.recv_bytes, conn)
+    -- a worker that owes us nothing has nothing more to say (but EOF, which the next
+    -- wait reports): no system call to ask
+    if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
+    local ok, data = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
+    if ok and data == nil then break end
     if not ok then
-      if is_error(data, "Interrupted") then error(data, 0) end
+      -- (the results already taken are recorded first; the receive resumes next time)
+      if is_error(data, "Interrupted") then interrupted = data; break end
       if not w.dead then
         w.eof = true
         st.fds_dirty = true
@@ -847,13 +849,14 @@ local function drain_messages(st, w, ready)
         "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
     end
   end
+  if interrupted then error(interrupted, 0) end
 end
 
-local function drain(st, w, ready)
+local function drain(st, w)
   -- not re-entered: a receive waiting for the rest of a message runs other pumps
   if w.eof or w.dead or w.reading then return end
   w.reading = true
-  local ok, err = pcall(drain_messages, st, w, ready)
+  local ok, err = pcall(drain_messages, st, w)   -- re-raised
   w.reading = false
   if not ok then error(err, 0) end
   local code = w.ended_code
@@ -866,7 +869,7 @@ local function drain(st, w, ready)
   if w.garbled and not w.killed then
     -- a worker that breaks the protocol cannot be trusted with more work
     w.killed = true
-    pcall(w.handle.signal, w.handle, core.SIGKILL)
+    U.pcall(w.handle.signal, w.handle, core.SIGKILL)
   end
 end
 
@@ -911,7 +914,7 @@ end
 
 local function check_ended(st, w)
   if w.dead then return end
-  local ok, code = pcall(w.handle.poll, w.handle)
+  local ok, code = U.pcall(w.handle.poll, w.handle)
   if not ok or code == nil then return end
   if w.reading then w.ended_code = code; return end
   worker_ended(st, w, code)
@@ -922,7 +925,7 @@ local function send_stops(st)
   for _, w in ipairs(st.workers) do
     if not w.stopping and not w.dead then
       w.stopping = true
-      pcall(w.conn.send_bytes, w.conn, dumps(false))
+      U.pcall(w.conn.send_bytes, w.conn, dumps(false))
     end
   end
 end
@@ -941,7 +944,7 @@ local function run_callbacks(st)
   while true do
     local cb = dq_pop(st.callbacks)
     if not cb then break end
-    local ok, err = xpcall(cb[1], callback_handler, unpack(cb, 2, cb.n))
+    local ok, err = xpcall(cb[1], callback_handler, unpack(cb, 2, cb.n))   -- Interrupted re-raised
     if not ok then
       if is_error(err, "Interrupted") then
         interrupted = err
@@ -965,16 +968,15 @@ local function settle(st)
   run_callbacks(st)
 end
 
--- One fd of this pool is ready (called from the pool's waits and as a pump). `fresh`:
--- the wait that reported it has just returned, so a connection nobody has read from
--- since then surely has a message (or EOF) and needs no poll before the receive.
-function service_fd(st, fd, fresh)
+-- One fd of this pool is ready, or was when a wait looked (called from the pool's waits
+-- and as a pump).
+function service_fd(st, fd)
   if st.state == "TERMINATE" and #st.workers == 0 then return end
   local w = st.by_fd and st.by_fd[fd]
   if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
   if not w then return end
   if fd == w.cfd and not w.eof then
-    drain(st, w, fresh and w.drained ~= st.round)
+    drain(st, w)
     if w.eof then check_ended(st, w) end
   else
     check_ended(st, w)
@@ -1000,6 +1002,15 @@ function pool_interrupted(st, err)
   terminate(st)
 end
 
+local function wait_round(st, fds, timeout, tick)
+  local ready = core.wait_fds(fds, timeout)
+  for _, fd in ipairs(ready) do service_fd(st, fd) end
+  if tick then
+    for _, w in ipairs(st.workers) do check_ended(st, w) end
+  end
+  settle(st)
+end
+
 -- Waits until something happens in the pool (or the deadline passes) and handles it.
 local function wait_once(st, deadline)
   if st.fds_dirty then rebuild_fds(st) end
@@ -1014,17 +1025,13 @@ local function wait_once(st, deadline)
   if #fds == 0 and not tick and not deadline then
     raise("Value", "pool has no workers left to wait for")
   end
-  local ok, ready = pcall(core.wait_fds, fds, timeout)
+  -- A Ctrl-C met anywhere in the round (in the wait, or raised at any instruction while
+  -- the results are handled, which may leave them half recorded) ends the pool.
+  local ok, err = pcall(wait_round, st, fds, timeout, tick)   -- re-raised
   if not ok then
-    pool_interrupted(st, ready)
-    error(ready, 0)
+    pool_interrupted(st, err)
+    error(err, 0)
   end
-  st.round = st.round + 1
-  for _, fd in ipairs(ready) do service_fd(st, fd, true) end
-  if tick then
-    for _, w in ipairs(st.workers) do check_ended(st, w) end
-  end
-  settle(st)
 end
 
 -- Waits until done() is true; returns false on timeout.
@@ -1050,23 +1057,27 @@ function terminate(st)
   st.callbacks = dq_new()
   local ws = {}
   for i, w in ipairs(st.workers) do ws[i] = w end
+  -- a Ctrl-C on the way is raised once every worker is gone (pcalls re-raise it below)
+  local interrupted
+  local function keep(ok, e, ...)
+    if not ok and is_error(e, "Interrupted") then interrupted = interrupted or e end
+    return ok, e, ...
+  end
   for _, w in ipairs(ws) do
     unregister(st, w)
-    pcall(w.handle.signal, w.handle, core.SIGTERM)
+    keep(pcall(w.handle.signal, w.handle, core.SIGTERM))
   end
-  local interrupted
   local deadline = now() + TERM_GRACE
   for _, w in ipairs(ws) do
     local left = math.max(0, deadline - now())
-    local ok, code = pcall(w.handle.wait, w.handle, left)
-    if not ok and is_error(code, "Interrupted") then interrupted = code; ok, code = true, nil end
+    local ok, code = keep(pcall(w.handle.wait, w.handle, left))
+    if not ok and is_error(code, "Interrupted") then ok, code = true, nil end
     if ok and code == nil then
-      pcall(w.handle.signal, w.handle, core.SIGKILL)
-      ok, code = pcall(w.handle.wait, w.handle, 5)
-      if not ok and is_error(code, "Interrupted") then interrupted = code end
+      keep(pcall(w.handle.signal, w.handle, core.SIGKILL))
+      keep(pcall(w.handle.wait, w.handle, 5))
     end
   end
-  for _, w in ipairs(ws) do remove_worker(st, w) end
+  for _, w in ipairs(ws) do keep(pcall(remove_worker, st, w)) end
   if interrupted then error(interrupted, 0) end
 end
 
@@ -1385,7 +1396,7 @@ function Pool:apply_async(f, args, opts)
 end
 
 function Pool:apply(f, args)
-  local ok, r = pcall(function() return table.pack(self:apply_async(f, args):get()) end)
+  local ok, r = pcall(function() return table.pack(self:apply_async(f, args):get()) end)   -- re-raised
   if not ok then
     pool_interrupted(state_of(self), r)
     error(r, 0)
@@ -1405,12 +1416,12 @@ local function blocking_map(self, what, f, list, opts, mode)
   if opts ~= nil and type(opts) == "table" and (opts.callback or opts.error_callback) then
     raise("Value", what .. ": callbacks belong to " .. what .. "_async")
   end
-  local okj, res = pcall(map_job, self, what, f, list, opts, mode)
+  local okj, res = pcall(map_job, self, what, f, list, opts, mode)   -- re-raised
   if not okj then
     pool_interrupted(state_of(self), res)
     error(res, 0)
   end
-  local ok, v = pcall(res.get, res)
+  local ok, v = pcall(res.get, res)   -- re-raised
   local job = res[JOB]
   if not ok then pool_interrupted(state_of(self), v) end
   if job.progress and not job.ready then
@@ -1493,7 +1504,7 @@ Pool_mt.__close = function(self) terminate(S[self]) end
 Pool_mt.__gc = function(self)
   local st = S[self]
   if st and st.owner == core.getpid() and st.state ~= "TERMINATE" then
-    pcall(terminate, st)
+    U.pcall(terminate, st)
   end
 end
 
@@ -1523,7 +1534,7 @@ local function new_pool(opts)
     workers = {}, fds = {}, by_fd = {}, fds_dirty = true,
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
-    callbacks = dq_new(), round = 0,
+    callbacks = dq_new(),
     gbase = global_functions(),
   }
   st.pump = function(fd)
@@ -1533,7 +1544,7 @@ local function new_pool(opts)
   local self = setmetatable({}, Pool_mt)
   S[self] = st
   live_pools[st] = true
-  local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)
+  local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)   -- re-raised
   if not ok then
     terminate(st)
     error(err, 0)

@@ -26,7 +26,7 @@ end
 
 -- tostring that cannot fail: a __tostring that raises is shown, not propagated
 local function safe_tostring(v)
-  local ok, s = pcall(tostring, v)
+  local ok, s = U.pcall(tostring, v)
   if ok then return s end
   return "<" .. type(v) .. ": error in __tostring: " .. tostring(s) .. ">"
 end

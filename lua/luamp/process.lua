@@ -128,6 +128,8 @@ local function child_main(self)
   s.pid = core.getpid()
   children = {}
   child_counter = 0
+  -- the top of the child: an Interrupted ends it here like any other error (reported,
+  -- exit code 1, as Python's KeyboardInterrupt does), and there is nothing to hand it on to
   local ok, err = xpcall(self.run, traceback_handler, self)
   io.stdout:flush()
   if not ok then

@@ -171,14 +171,14 @@ end
 
 Stream_mt.__index = function(self, k)
   if k == "closed" then
-    local ok, state = pcall(self.h.stream_state, self.h, self.i)
+    local ok, state = U.pcall(self.h.stream_state, self.h, self.i)
     return not ok or state ~= "open"
   end
   return Stream[k]
 end
 
 Stream_mt.__tostring = function(self)
-  local ok, state = pcall(self.h.stream_state, self.h, self.i)
+  local ok, state = U.pcall(self.h.stream_state, self.h, self.i)
   return string.format("<PopenStream %s %s>", stream_names[self.i], ok and state or "closed")
 end
 
@@ -252,7 +252,7 @@ local function release(s)
 end
 
 local function close_quietly(stream)
-  if stream then pcall(stream.close, stream) end
+  if stream then U.pcall(stream.close, stream) end
 end
 
 -- `<close>`: closes the streams and waits for the child, as Python's `with` does. When the
@@ -377,14 +377,16 @@ function SP.run(args, opts)
   end
   local p = SP.Popen(args, popts)
   local s = S[p]
-  local ok, out, err = pcall(p.communicate, p, opts.input, opts.timeout)
+  local ok, out, err = pcall(p.communicate, p, opts.input, opts.timeout)   -- re-raised below
   if not ok then
     -- Timeout or Ctrl-C: the child goes (with everything it started, when it has its own
     -- process group), is reaped, and its pipes are closed even if a grandchild still
     -- holds them open.
     local e = out
     s.h:signal(SIGKILL, true)
-    pcall(p.wait, p)
+    -- a Ctrl-C while reaping it wins over a Timeout, once the cleanup is done
+    local okw, werr = pcall(p.wait, p)
+    if not okw and U.interrupted(werr) then e = werr end
     if type(e) == "table" and e.kind == "Timeout" then
       e.stdout, e.stderr = s.h:take(1), s.h:take(2)
       e.output = e.stdout

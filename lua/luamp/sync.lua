@@ -26,7 +26,7 @@ local function with(self, fn, ...)
     raise("Value", "with: expected a function, got " .. type(fn))
   end
   self:acquire()
-  return finish_with(self, pcall(fn, ...))
+  return finish_with(self, pcall(fn, ...))   -- finish_with re-raises what it caught
 end
 
 -- local g <close> = lock:guard(): acquired now, released when g goes out of scope. One
@@ -218,7 +218,7 @@ function Barrier:wait(timeout)
   local s = bstate(self)
   U.check_timeout("Barrier:wait", timeout)
   local index, gen, last = s.core:arrive(s.action ~= nil, timeout)
-  if last then return finish_trip(s, index, gen, pcall(s.action)) end
+  if last then return finish_trip(s, index, gen, pcall(s.action)) end   -- re-raised there
   return index
 end
 

@@ -7,6 +7,34 @@ function U.raise(kind, message, fields)
   core.raise(kind, message, fields)
 end
 
+-- Ctrl-C always wins: luamp's protective pcalls must not catch it. U.pcall is pcall,
+-- except that a luamp Interrupted error goes on up as it is (what it caught is otherwise
+-- returned as pcall returns it); U.xpcall is the same for xpcall (the message handler
+-- never sees an Interrupted). Every pcall in luamp's Lua half goes through one of them
+-- unless it re-raises what it caught anyway.
+local is_error = core.is_error
+
+local function interrupted(e)
+  return is_error(e, "Interrupted")
+end
+U.interrupted = interrupted
+
+local function pass(ok, ...)
+  if not ok and interrupted((...)) then error((...), 0) end
+  return ok, ...
+end
+
+function U.pcall(f, ...)
+  return pass(pcall(f, ...))
+end
+
+function U.xpcall(f, msgh, ...)
+  return pass(xpcall(f, function(e)
+    if interrupted(e) then return e end
+    return msgh(e)
+  end, ...))
+end
+
 -- Normalises `Ctor(x)` / `Ctor{...}`: a plain table (no metatable) is the options table,
 -- anything else is the single positional option `positional`. Unknown keys raise Value
 -- unless `allow_extra` is set.
