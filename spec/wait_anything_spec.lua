@@ -57,8 +57,12 @@ describe("luamp.wait", function()
     r = luamp.wait(list)
     assert.equal(1, #r); assert.equal(child, r[1])
     assert.equal(-9, child:wait())
-    -- a finished Popen stays ready
+    -- a finished Popen stays ready, also one whose sentinel is first asked for after it
+    -- was reaped
     assert.equal(child, luamp.wait({child}, 0)[1])
+    local done = luamp.subprocess.Popen({"true"})
+    assert.equal(0, done:wait())
+    assert.equal(done, luamp.wait({done}, 0)[1])
     ev:set()
     r = luamp.wait({held, proc.sentinel})
     while #r < 2 do r = luamp.wait({held, proc.sentinel}) end
