@@ -42,7 +42,8 @@ local TR = require("luamp.trace")._T
 
 local raise = U.raise
 local now = core.time
-local dumps, loads = core.dumps, core.loads
+-- tasks and results pass only between this process and its own workers: trusted
+local dumps, loads = core.dumps, core.loads_trusted
 local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
@@ -882,7 +883,10 @@ end
 
 -- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
 function worker_ended(st, w, code)
-  if w.dead then return end
+  if w.dead or w.ending then return end
+  -- its sentinel stays ready while the last messages are read: once is enough (the
+  -- connection may not reach EOF soon, a process the worker started may hold it)
+  w.ending = true
   drain(st, w)
   remove_worker(st, w)
   local c = dq_pop(w.inflight)
@@ -913,7 +917,7 @@ function worker_ended(st, w, code)
 end
 
 local function check_ended(st, w)
-  if w.dead then return end
+  if w.dead or w.ending then return end
   local ok, code = U.pcall(w.handle.poll, w.handle)
   if not ok or code == nil then return end
   if w.reading then w.ended_code = code; return end
@@ -1554,7 +1558,12 @@ end
 
 local P = {}
 
-function P.Pool(opts) return new_pool(opts) end
+function P.Pool(opts)
+  if type(opts) == "table" and opts.broker ~= nil then   -- across machines, over Redis
+    return require("luamp.broker").Pool(opts)
+  end
+  return new_pool(opts)
+end
 
 -- What luamp.active_children() lists for pool workers: a small read-only view of each
 -- live worker (pid, name, sentinel, is_alive), as Python lists its ForkPoolWorker-N.
