@@ -422,6 +422,53 @@ static void path_key(luaL_Buffer *pb, lua_State *L, int idx, int as_key) {
   luaL_addchar(pb, ']');
 }
 
+/* Pushes where the encoder is, in the user's terms, and a remark to follow the message:
+ * `args[2].name`, `upvalue 'fh' of the task function`, `(upvalue 'cfg' of items[3]).x`.
+ * The path stops at the first metatable: what lies beyond it is the inside of some
+ * object (a Pool's bookkeeping), so the remark names that object's type instead. */
+static void push_path(enc *e) {
+  lua_State *L = e->L;
+  char remark[160] = "";
+  lua_pushstring(L, e->root);
+  int bare = 1;                   /* the path so far needs no parentheses before a key */
+  for (int i = 0; i < e->nsteps; i++) {
+    if (i == 8 && e->nsteps > 16) {                 /* keep the message readable */
+      lua_pushliteral(L, "...");
+      lua_concat(L, 2);
+      i = e->nsteps - 8;
+    }
+    const step *s = &e->path[i];
+    if (s->kind == STEP_META) {
+      if (s->idx && luaL_getmetafield(L, s->idx, "__name") != LUA_TNIL) {
+        if (lua_type(L, -1) == LUA_TSTRING)
+          snprintf(remark, sizeof remark, " (inside a %.100s)", lua_tostring(L, -1));
+        lua_pop(L, 1);
+      }
+      if (!remark[0]) snprintf(remark, sizeof remark, " (inside its metatable)");
+      break;
+    }
+    if (s->kind == STEP_UPVAL) {
+      lua_pushfstring(L, "upvalue '%s' of %s", s->name && *s->name ? s->name : "?",
+                      lua_tostring(L, -1));
+      lua_remove(L, -2);
+      bare = 0;
+      continue;
+    }
+    if (!bare) {
+      lua_pushfstring(L, "(%s)", lua_tostring(L, -1));
+      lua_remove(L, -2);
+      bare = 1;
+    }
+    luaL_Buffer pb;
+    luaL_buffinit(L, &pb);
+    if (s->kind == STEP_PAYLOAD) luaL_addstring(&pb, " (handle payload)");
+    else path_key(&pb, L, s->idx, s->kind == STEP_KEYOF);
+    luaL_pushresult(&pb);
+    lua_concat(L, 2);
+  }
+  lua_pushstring(L, remark);
+}
+
 static int enc_fail(enc *e, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 static int enc_fail(enc *e, const char *fmt, ...) {
   lua_State *L = e->L;
@@ -430,30 +477,9 @@ static int enc_fail(enc *e, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
-  luaL_checkstack(L, 4, NULL);
-  luaL_Buffer pb;
-  luaL_buffinit(L, &pb);
-  luaL_addstring(&pb, e->root);
-  for (int i = 0; i < e->nsteps; i++) {
-    if (i == 8 && e->nsteps > 16) {                 /* keep the message readable */
-      luaL_addstring(&pb, "...");
-      i = e->nsteps - 8;
-    }
-    const step *s = &e->path[i];
-    switch (s->kind) {
-      case STEP_KEY: path_key(&pb, L, s->idx, 0); break;
-      case STEP_KEYOF: path_key(&pb, L, s->idx, 1); break;
-      case STEP_META: luaL_addstring(&pb, "(metatable)"); break;
-      case STEP_PAYLOAD: luaL_addstring(&pb, "(handle payload)"); break;
-      case STEP_UPVAL:
-        luaL_addstring(&pb, "(upvalue ");
-        luaL_addstring(&pb, s->name && *s->name ? s->name : "?");
-        luaL_addchar(&pb, ')');
-        break;
-    }
-  }
-  luaL_pushresult(&pb);
-  luamp_raise(L, "Serialize", "%s: %s", lua_tostring(L, -1), msg);
+  luaL_checkstack(L, 8, NULL);
+  push_path(e);
+  luamp_raise(L, "Serialize", "%s: %s%s", lua_tostring(L, -2), msg, lua_tostring(L, -1));
 }
 
 static inline unsigned char *enc_room(enc *e, size_t n) {
@@ -773,7 +799,7 @@ static void encode_table(enc *e, int idx) {
     lua_settop(L, k);
   }
   if (mt) {
-    encode_child(e, STEP_META, 0, NULL, mt);
+    encode_child(e, STEP_META, idx, NULL, mt);
     lua_pop(L, 1);
   }
   patch_counts(e, at, (uint64_t)narr, nhash);
@@ -1341,6 +1367,9 @@ static scratch *push_scratch(lua_State *L) {
 static int l_dumps(lua_State *L) {
   int carry = lua_toboolean(L, lua_upvalueindex(1));
   luaL_checkany(L, 1);
+  /* luamp's own callers name the value for error messages ("args", "the task function") */
+  char root[64];
+  snprintf(root, sizeof root, "%s", luaL_optstring(L, 2, "value"));
   lua_settop(L, 1);
   scratch *s = push_scratch(L);
   s->prev_fl = luamp_fds_send_begin(carry ? &s->fl : NULL);
@@ -1351,7 +1380,7 @@ static int l_dumps(lua_State *L) {
   e.L = L;
   e.b = &s->b;
   e.m = &s->m;
-  e.root = "value";
+  e.root = root;
   e.nrefs = 0;
   e.depth = e.nsteps = 0;
   e.nm = NULL;

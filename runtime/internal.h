@@ -267,6 +267,16 @@ void luamp_subprocess_after_fork(void);
 
 /* ---- module openers (one per concept file) -------------------------------------------- */
 int luamp_open_error(lua_State *L);
+int luamp_open_bytecode(lua_State *L);
+/* When >= 0 (set by the REPL on a terminal), a forked child puts this fd (a pty whose
+ * output the REPL relays) in place of a stdout/stderr that is a terminal. */
+extern int luamp_child_stdio_fd;
+/* Pushes readable text for any error value at idx (string; __tostring; a table's
+ * message/msg field or its pformat) and returns it. Never raises but for memory. */
+const char *luamp_push_error_text(lua_State *L, int idx);
+/* Pushes the error at idx as text with co's traceback from `level`; a Remote error's
+ * worker traceback comes first, as the cause. */
+void luamp_push_error_report(lua_State *L, int idx, lua_State *co, int level);
 int luamp_open_wait(lua_State *L);
 int luamp_open_codec(lua_State *L);
 int luamp_open_process(lua_State *L);

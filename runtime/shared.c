@@ -495,6 +495,8 @@ static int l_array_index(lua_State *L) {
     return 1;
   }
   if (!u->data) luamp_raise(L, "Value", "Array is closed");
+  /* a[#a + 1] is nil, the border ipairs stops at; other reads out of range raise */
+  if (lua_isinteger(L, 2) && (uint64_t)lua_tointeger(L, 2) == u->n + 1) return 0;
   uint64_t i = check_index(L, u, 2);
   push_elem(L, u->tc, u->data + i * u->tc->size);
   return 1;
