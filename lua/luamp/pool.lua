@@ -47,7 +47,7 @@ local unpack = table.unpack
 local APPLY, MAP, STAR = 0, 1, 2
 local TIMED = 4                 -- added to the mode of a chunk whose job has a timeout
 -- A worker running a timed chunk stamps each task's start in a shared 64-bit word (its
--- slot of st.stamps): bits 40..62 count the timed tasks it has started, bits 0..39 hold
+-- slot of a shared array of the pool): bits 40..62 count the timed tasks it has started, bits 0..39 hold
 -- the start in microseconds since the pool's epoch (modulo 2^40, about 12 days), or
 -- IDLE40 between chunks. One atomic store per task: no message, no system call.
 local MASK40 = (1 << 40) - 1
@@ -238,7 +238,7 @@ local function worker_loop(conn, maxtasks, stamps, slot, epoch)
 end
 
 -- Entry of a worker process (runs in the child after fork).
-local function worker_main(st, parent_end, conn, slot)
+local function worker_main(st, parent_end, conn, stamps, slot)
   core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
@@ -253,7 +253,7 @@ local function worker_main(st, parent_end, conn, slot)
     end
   end
   if not U.pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
-  return worker_loop(conn, st.maxtasks, st.stamps, slot, st.epoch)
+  return worker_loop(conn, st.maxtasks, stamps, slot, st.epoch)
 end
 
 -- ---- parent side: functions ----------------------------------------------------------
@@ -291,6 +291,7 @@ end
 -- ---- parent side: jobs ---------------------------------------------------------------
 
 local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended, feed_job
+local repopulate
 
 local finish_count = 0   -- orders results by finishing time (as_completed)
 
@@ -479,13 +480,19 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0}
+  if #st.free_slots == 0 then
+    -- more workers than slots (killed ones not yet reaped): a new block of slots
+    local block = core.array_new("q", st.processes, false)
+    for i = st.processes, 1, -1 do st.free_slots[#st.free_slots + 1] = {block, i} end
+  end
   local slot = table.remove(st.free_slots)
-  if slot then st.stamps[slot] = IDLE40 end
+  local stamps, i = slot[1], slot[2]
+  stamps[i] = IDLE40
   w.slot = slot
-  local ok, h = pcall(core.fork, function() return worker_main(st, a, b, slot) end, "worker")   -- re-raised
+  local ok, h = pcall(core.fork, function() return worker_main(st, a, b, stamps, i) end, "worker")   -- re-raised
   b:close()
   if not ok then
-    if slot then st.free_slots[#st.free_slots + 1] = slot end
+    st.free_slots[#st.free_slots + 1] = slot
     a:close(); error(h, 0)
   end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
@@ -523,7 +530,7 @@ end
 -- worker. So the worker does not wait for the parent between chunks, and no chunk waits
 -- behind a long task while another worker is idle.
 local function capacity(st, w, job)
-  if w.dead or w.stopping or w.sending or w.broken then return 0 end
+  if w.dead or w.stopping or w.sending or w.broken or w.timeout_kill then return 0 end
   local held = dq_len(w.inflight)
   local room = MAX_AHEAD - held
   if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
@@ -749,7 +756,9 @@ local function drain_messages(st, w)
       end
       break
     end
-    if not w.init_seen then
+    if w.timeout_kill then
+      -- written off (timeout_kill): what it still sends is dropped
+    elseif not w.init_seen then
       w.init_seen = true
       on_init_message(st, w, data)
     else
@@ -831,12 +840,44 @@ local function timed_out(st, c, item, pid)
   end
 end
 
+-- Task `item` of chunk c, the head of w's queue, is over its limit: w is killed and
+-- written off at once (what it still sends is dropped), so the Timeout is raised now,
+-- not when the death is seen; its other chunks never started and go back to the queue.
+-- The sentinel reports the death later and the worker is replaced then.
+local function timeout_kill(st, w, c, item)
+  w.timeout_kill = true
+  st.dying = st.dying + 1
+  U.pcall(w.handle.signal, w.handle, core.SIGKILL)
+  local bytes = c.bytes
+  queue_pop(w)
+  c.bytes = bytes
+  local rest = {}
+  while true do
+    local r = dq_pop(w.inflight)
+    if not r then break end
+    rest[#rest + 1] = r
+  end
+  w.queued_est, w.unknown, w.ahead_bytes = 0, 0, 0
+  for i = #rest, 1, -1 do
+    local r = rest[i]
+    local job = r.job
+    if not job.ready and not job.cancelled and not job.failed then
+      dq_push_front(job.retry, r)
+      feed_job(st, job, true)
+    end
+  end
+  timed_out(st, c, item, w.pid)
+  -- the replacement starts in the next round (settle), after the Timeout is out, while
+  -- the killed one dies
+  st.respawn = true
+end
+
 -- The parent watches the clock: for each worker whose running chunk has a timeout, the
 -- worker's stamp tells which task runs and since when; one over its limit has its
 -- worker killed (the sentinel then reports the death: worker_ended). Returns when to
 -- look again (nil: no timed task is running).
 local function check_timeouts(st)
-  local wake
+  local wake, killed
   local t
   for _, w in ipairs(st.workers) do
     local c = w.inflight[w.inflight.first]
@@ -844,25 +885,19 @@ local function check_timeouts(st)
       local limit = c.job.timeout
       t = t or now()
       local item, started
-      if w.slot then
-        local word = st.stamps[w.slot]
-        local tus = word & MASK40
-        local j = ((word >> 40) - w.timed_done) & SEQMASK
-        if tus ~= IDLE40 and j >= 1 and j <= c.n then
-          item = j
-          started = t - (((math.floor((t - st.epoch) * 1e6) - tus) & MASK40) / 1e6)
-        end
-      else
-        -- no stamp slot: the chunk is taken to start when it reaches the head
-        item, started = 1, w.busy_since
+      local word = w.slot[1][w.slot[2]]
+      local tus = word & MASK40
+      local j = ((word >> 40) - w.timed_done) & SEQMASK
+      if tus ~= IDLE40 and j >= 1 and j <= c.n then
+        item = j
+        started = t - (((math.floor((t - st.epoch) * 1e6) - tus) & MASK40) / 1e6)
       end
       local at
       if item then
         at = started + limit
         if t >= at then
-          w.timeout_kill = {chunk = c, item = item}
-          U.pcall(w.handle.signal, w.handle, core.SIGKILL)
-          at = nil
+          timeout_kill(st, w, c, item)
+          killed, at = true, nil
         end
       else
         at = t + math.min(TIMEOUT_POLL, limit / 4)
@@ -870,14 +905,14 @@ local function check_timeouts(st)
       if at and (not wake or at < wake) then wake = at end
     end
   end
-  return wake
+  return wake, killed
 end
 
 -- Replaces workers up to the pool size while there is a reason to.
-local function repopulate(st)
+function repopulate(st)
   if st.state == "TERMINATE" or st.broken then return end
   if st.state == "CLOSE" and st.njobs == 0 then return end
-  while #st.workers < st.processes do spawn(st) end
+  while #st.workers - st.dying < st.processes do spawn(st) end
 end
 
 -- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
@@ -885,23 +920,15 @@ function worker_ended(st, w, code)
   if w.dead then return end
   drain(st, w)
   remove_worker(st, w)
+  if w.timeout_kill then st.dying = st.dying - 1 end
   local c = dq_pop(w.inflight)
   if c then
-    local rest = {}
-    local tk = w.timeout_kill
-    if tk and tk.chunk == c and not st.broken then
-      timed_out(st, c, tk.item, w.pid)
-    elseif tk and not st.broken then
-      -- killed by us for a task that finished just before: c was cut short or never
-      -- started, and runs again
-      rest[1] = c
-    else
-      local err = st.broken or core.error("WorkerLost", string.format(
-        "worker %d died while running a task (exitcode %s)", w.pid, tostring(code)),
-        {pid = w.pid, exitcode = code})
-      chunk_failed(st, c.job, c, err)
-    end
+    local err = st.broken or core.error("WorkerLost", string.format(
+      "worker %d died while running a task (exitcode %s)", w.pid, tostring(code)),
+      {pid = w.pid, exitcode = code})
+    chunk_failed(st, c.job, c, err)
     -- the rest never started: back to the front, in order
+    local rest = {}
     while true do
       local r = dq_pop(w.inflight)
       if not r then break end
@@ -967,6 +994,7 @@ end
 
 -- After anything happened: feed the workers, stop them when closed and idle, callbacks.
 local function settle(st)
+  if st.respawn then st.respawn = false; repopulate(st) end
   dispatch(st)
   send_stops(st)
   -- data a send drained into a connection's buffer does not make its fd readable
@@ -1009,8 +1037,15 @@ local function wait_round(st, fds, timeout, tick)
 end
 
 -- Waits until something happens in the pool (or the deadline passes) and handles it.
+-- A timed-out task was failed just now: its result is ready and nothing is waited for
+-- (the replacement worker is started by the next round).
+local function after_kill(st)
+  dispatch(st)
+  run_callbacks(st)
+end
+
 local function wait_once(st, deadline)
-  local wake = check_timeouts(st)
+  local wake, killed = check_timeouts(st)
   if st.fds_dirty then rebuild_fds(st) end
   local fds = st.fds
   local timeout
@@ -1026,7 +1061,9 @@ local function wait_once(st, deadline)
   end
   -- A Ctrl-C met anywhere in the round (in the wait, or raised at any instruction while
   -- the results are handled, which may leave them half recorded) ends the pool.
-  local ok, err = pcall(wait_round, st, fds, timeout, tick)   -- re-raised
+  local ok, err
+  if killed then ok, err = pcall(after_kill, st)   -- re-raised
+  else ok, err = pcall(wait_round, st, fds, timeout, tick) end   -- re-raised
   if not ok then
     if is_error(err, "Interrupted") then
       terminate(st)
@@ -1041,8 +1078,10 @@ local function wait_many(sts, deadline)
   if #sts == 1 then return wait_once(sts[1], deadline) end
   local fds, owner, timeout = {}, {}, nil
   if deadline then timeout = math.max(0, deadline - now()) end
+  local any_killed
   for _, st in ipairs(sts) do
-    local wake = check_timeouts(st)
+    local wake, killed = check_timeouts(st)
+    if killed then wake, any_killed = now(), true end
     if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
     if st.fds_dirty then rebuild_fds(st) end
     for _, fd in ipairs(st.fds) do fds[#fds + 1] = fd; owner[fd] = st end
@@ -1054,6 +1093,10 @@ local function wait_many(sts, deadline)
     raise("Value", "the pools have no workers left to wait for")
   end
   local ok, err = pcall(function()   -- re-raised
+    if any_killed then
+      for _, st in ipairs(sts) do after_kill(st) end
+      return
+    end
     local ready = core.wait_fds(fds, timeout)
     for _, fd in ipairs(ready) do service_fd(owner[fd], fd) end
     for _, st in ipairs(sts) do
@@ -1559,12 +1602,10 @@ local function new_pool(opts)
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
     callbacks = dq_new(),
-    epoch = now(), free_slots = {},
+    epoch = now(), free_slots = {}, dying = 0,
   }
-  -- the workers' start stamps (see TIMED): one slot per worker, twice the pool size so
-  -- that a replacement never waits for a slot
-  st.stamps = core.array_new("q", 2 * n, false)
-  for i = 2 * n, 1, -1 do st.free_slots[#st.free_slots + 1] = i end
+  -- the workers' start stamps (see TIMED): one slot per worker, in blocks of n made as
+  -- needed (a replacement starts before the killed worker it replaces is reaped)
   st.pump = function(fd)
     service_fd(st, fd)
     settle(st)
@@ -1633,7 +1674,10 @@ function P.poll()
   -- the timed tasks are looked at here too (a task that hangs makes no fd ready)
   local me = core.getpid()
   for _, st in pairs(S) do
-    if st.owner == me and st.state ~= "TERMINATE" then check_timeouts(st) end
+    if st.owner == me and st.state ~= "TERMINATE" then
+      local _, killed = check_timeouts(st)
+      if killed then settle(st) end
+    end
   end
   return n
 end
