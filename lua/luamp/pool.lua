@@ -1044,8 +1044,18 @@ local function after_kill(st)
   run_callbacks(st)
 end
 
+-- check_timeouts for a wait: a Ctrl-C met there ends the pool, as one met in the wait.
+local function checked_timeouts(st)
+  local ok, wake, killed = pcall(check_timeouts, st)   -- re-raised
+  if not ok then
+    if is_error(wake, "Interrupted") then terminate(st) end
+    error(wake, 0)
+  end
+  return wake, killed
+end
+
 local function wait_once(st, deadline)
-  local wake, killed = check_timeouts(st)
+  local wake, killed = checked_timeouts(st)
   if st.fds_dirty then rebuild_fds(st) end
   local fds = st.fds
   local timeout
@@ -1080,7 +1090,7 @@ local function wait_many(sts, deadline)
   if deadline then timeout = math.max(0, deadline - now()) end
   local any_killed
   for _, st in ipairs(sts) do
-    local wake, killed = check_timeouts(st)
+    local wake, killed = checked_timeouts(st)
     if killed then wake, any_killed = now(), true end
     if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
     if st.fds_dirty then rebuild_fds(st) end
