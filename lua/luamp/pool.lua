@@ -32,6 +32,14 @@
 --    callbacks. The pool's own waits (get, map, join, imap) wait on its fds directly.
 --    Callbacks are queued while the pool's state is updated and run afterwards; an error
 --    in a callback is printed to stderr (like an exception in a thread) and dropped.
+--  * Per-task timeouts ({timeout = s}): the parent watches the clock. A worker stamps
+--    the start of each task of a timed chunk in a shared-memory word (see TIMED); every
+--    pool wait (and as_completed, luamp.poll) reads the stamps of the workers whose head
+--    chunk is timed and sleeps no longer than the nearest limit. A task over its limit:
+--    its worker is SIGKILLed and written off at once (its queue goes back to the feed,
+--    what it still sends is dropped), the task alone fails with Timeout, the other tasks
+--    of its chunk are re-sent as chunks of their own, and a replacement is forked in the
+--    next round; the sentinel reaps the killed one later.
 --  * Ctrl-C: workers ignore SIGINT; a pool wait that sees Interrupted terminates the pool
 --    and raises it. terminate() fails every unfinished result with Closed, sends SIGTERM,
 --    and SIGKILL after a second. A Pool that is garbage (or leaves a <close> scope) is
