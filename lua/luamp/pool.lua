@@ -886,19 +886,21 @@ end
 -- look again (nil: no timed task is running).
 local function check_timeouts(st)
   local wake, killed
-  local t
   for _, w in ipairs(st.workers) do
     local c = w.inflight[w.inflight.first]
     if c and c.timed and not w.timeout_kill and not w.dead and not w.killed then
       local limit = c.job.timeout
-      t = t or now()
       local item, started
       local word = w.slot[1][w.slot[2]]
+      -- the clock is read after the stamp, so that the stamp is never in the future
+      local t = now()
       local tus = word & MASK40
       local j = ((word >> 40) - w.timed_done) & SEQMASK
       if tus ~= IDLE40 and j >= 1 and j <= c.n then
         item = j
-        started = t - (((math.floor((t - st.epoch) * 1e6) - tus) & MASK40) / 1e6)
+        local ran = (math.floor((t - st.epoch) * 1e6) - tus) & MASK40
+        if ran > MASK40 >> 1 then ran = 0 end   -- (a clock step backwards: not past)
+        started = t - ran / 1e6
       end
       local at
       if item then
