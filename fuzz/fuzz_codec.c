@@ -1,11 +1,16 @@
 /*
  * fuzz_codec.c — libFuzzer target for the value codec.
  *
- * Every input is decoded as from an untrusted peer (no bytecode is ever loaded). When it
- * decodes, the value must re-encode, the encoding must decode again, and the two decoded
- * values must be structurally equal (same shape, same scalars bit for bit, same sharing
- * of named objects). Any crash, sanitizer report, hang or broken round trip is a bug.
- * A "fuzz" handle type is registered so that the handle path is exercised too.
+ * No input is ever decoded trusted (no bytecode is ever loaded). Each input is decoded
+ * three ways: by luamp.loads(s) called from Lua, as a program reading bytes from outside
+ * does (untrusted by default); by luamp_decodex with LUAMP_DECODE_UNTRUSTED, which must
+ * agree with it; and with LUAMP_DECODE_NO_CODE only, which also accepts the tags that
+ * hand out live objects (global table, named modules and fields, handles), so those
+ * decoding paths are fuzzed too. Whatever decodes must re-encode, the encoding must
+ * decode again in the same mode, and the two decoded values must be structurally equal
+ * (same shape, same scalars bit for bit, same sharing of named objects). Any crash,
+ * sanitizer report, hang, disagreement or broken round trip is a bug. A "fuzz" handle
+ * type is registered so that the handle path is exercised too.
  */
 #include <math.h>
 #include <stdint.h>
@@ -102,6 +107,16 @@ static int equal(lua_State *S, int a, int b, int seen) {
   return na == nb && oa == ob;
 }
 
+/* Is the value at the top a luamp Serialize error object? */
+static int is_serialize_error(lua_State *S) {
+  if (!lua_istable(S, -1)) return 0;
+  lua_getfield(S, -1, "kind");
+  const char *k = lua_tostring(S, -1);
+  int yes = k && strcmp(k, "Serialize") == 0;
+  lua_pop(S, 1);
+  return yes;
+}
+
 static int deep_error(lua_State *S) {
   lua_getfield(S, -1, "message");
   const char *m = lua_tostring(S, -1);
@@ -110,11 +125,12 @@ static int deep_error(lua_State *S) {
   return deep;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  if (!L) setup();
-  lua_gc(L, LUA_GCSTOP);     /* weak tables must not change between decode and compare */
+/* Decodes in one mode; when it decodes, checks the round trip. Returns whether it
+ * decoded. Leaves the stack as it found it. */
+static int decode_and_round_trip(const uint8_t *data, size_t size, int flags) {
   int base = lua_gettop(L);
-  if (luamp_decodex(L, (const char *)data, size, LUAMP_DECODE_UNTRUSTED) == 0) {
+  int ok = luamp_decodex(L, (const char *)data, size, flags) == 0;
+  if (ok) {
     int v = lua_gettop(L);
     luamp_buf b;
     luamp_buf_init(&b);
@@ -125,8 +141,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         abort();
       }
     } else {
-      if (luamp_decodex(L, b.data, b.len, LUAMP_DECODE_UNTRUSTED) != 0) {
-        fprintf(stderr, "decode of own encoding failed: %s\n", luaL_tolstring(L, -1, NULL));
+      if (luamp_decodex(L, b.data, b.len, flags) != 0) {
+        fprintf(stderr, "decode of own encoding failed (flags %d): %s\n", flags,
+                luaL_tolstring(L, -1, NULL));
         abort();
       }
       lua_newtable(L);
@@ -136,8 +153,45 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       }
     }
     luamp_buf_free(&b);
+  } else if (!is_serialize_error(L)) {
+    fprintf(stderr, "decode failed with something else than Serialize: %s\n",
+            luaL_tolstring(L, -1, NULL));
+    abort();
   }
   lua_settop(L, base);
+  return ok;
+}
+
+/* luamp.loads(s) from Lua, with no options: whether it decoded. */
+static int public_loads(const uint8_t *data, size_t size) {
+  int base = lua_gettop(L);
+  lua_getglobal(L, "luamp");
+  lua_getfield(L, -1, "loads");
+  lua_pushlstring(L, (const char *)data, size);
+  int ok = lua_pcall(L, 1, 1, 0) == LUA_OK;
+  if (!ok && !is_serialize_error(L)) {
+    fprintf(stderr, "luamp.loads raised something else than Serialize: %s\n",
+            luaL_tolstring(L, -1, NULL));
+    abort();
+  }
+  lua_settop(L, base);
+  return ok;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  if (!L) setup();
+  lua_gc(L, LUA_GCSTOP);     /* weak tables must not change between decode and compare */
+  int by_lua = public_loads(data, size);
+  int untrusted = decode_and_round_trip(data, size, LUAMP_DECODE_UNTRUSTED);
+  if (by_lua != untrusted) {
+    fprintf(stderr, "luamp.loads and LUAMP_DECODE_UNTRUSTED disagree\n");
+    abort();
+  }
+  int no_code = decode_and_round_trip(data, size, LUAMP_DECODE_NO_CODE);
+  if (untrusted && !no_code) {
+    fprintf(stderr, "refused with fewer refusals, accepted with more\n");
+    abort();
+  }
   lua_gc(L, LUA_GCRESTART);
   static unsigned runs;
   if (++runs % 256 == 0) lua_gc(L, LUA_GCCOLLECT);  /* stopped GC cannot keep up alone */

@@ -43,8 +43,13 @@
  *
  * Hostile input: every length is checked against the bytes left before anything is
  * allocated, table preallocation is bounded by the input size overall, nesting by
- * MAX_DEPTH, and with LUAMP_DECODE_UNTRUSTED no bytecode reaches lua_load (Lua does not
- * verify bytecode) and no require runs.
+ * MAX_DEPTH. Trust is the caller's to give (see internal.h): luamp's own processes
+ * decode each other trusted; luamp.loads is untrusted unless asked. Untrusted input
+ * (LUAMP_DECODE_UNTRUSTED) yields plain data only: no bytecode reaches lua_load (Lua does
+ * not verify bytecode, and bad bytecode crashes it), no require runs, and no tag that
+ * hands out a live object of the receiver is accepted (the global table, a module or its
+ * field by name, which includes luamp's error metatable, a handle, whose rebuild would
+ * open the descriptors a payload names).
  */
 #include <limits.h>
 #include <math.h>
@@ -1046,10 +1051,17 @@ static int is_lua_function(lua_State *L, int idx) {
   return lua_type(L, idx) == LUA_TFUNCTION && !lua_iscfunction(L, idx);
 }
 
+/* Raises unless the decode's flags allow what the tag just read carries. */
+static void allow(dec *d, int forbidden_by, const char *what) {
+  if (d->flags & forbidden_by) {
+    d->p--;                                         /* the error names the tag's offset */
+    dec_fail(d, "%s not accepted from an untrusted peer", what);
+  }
+}
+
 static void decode_function(dec *d) {
   lua_State *L = d->L;
-  if (d->flags & LUAMP_DECODE_UNTRUSTED)
-    dec_fail(d, "functions are not accepted from an untrusted peer");
+  allow(d, LUAMP_DECODE_NO_CODE, "functions are");
   size_t len = get_count(d, 1);
   dec_enter(d);
   chunk c = { (const char *)d->p, len };
@@ -1087,10 +1099,11 @@ static void decode_function(dec *d) {
   d->depth--;
 }
 
-/* require-free lookup in package.loaded (untrusted) or require (trusted). */
+/* require-free lookup in package.loaded (LUAMP_DECODE_NO_CODE) or require (trusted). */
 static void decode_named(dec *d) {
   lua_State *L = d->L;
-  int untrusted = d->flags & LUAMP_DECODE_UNTRUSTED;
+  allow(d, LUAMP_DECODE_NO_LIVE, "modules and their fields are");
+  int no_code = d->flags & LUAMP_DECODE_NO_CODE;
   size_t modlen = get_count(d, 1);
   const char *mod = (const char *)d->p;
   d->p += modlen;
@@ -1103,7 +1116,7 @@ static void decode_named(dec *d) {
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushvalue(L, name);
   if (lua_rawget(L, -2) == LUA_TNIL) {
-    if (untrusted) dec_fail(d, "module '%s' is not loaded", lua_tostring(L, name));
+    if (no_code) dec_fail(d, "module '%s' is not loaded", lua_tostring(L, name));
     lua_pop(L, 1);
     lua_getglobal(L, "require");
     lua_pushvalue(L, name);
@@ -1115,7 +1128,7 @@ static void decode_named(dec *d) {
   if (field) {
     if (!lua_istable(L, -1)) dec_fail(d, "module '%s' is not a table", lua_tostring(L, name));
     lua_pushlstring(L, field, (size_t)fl - 1);
-    if (untrusted) lua_rawget(L, -2);
+    if (no_code) lua_rawget(L, -2);
     else lua_gettable(L, -2);
     if (lua_isnil(L, -1))
       dec_fail(d, "module '%s' has no field '%.*s'", lua_tostring(L, name),
@@ -1124,7 +1137,7 @@ static void decode_named(dec *d) {
   int t = lua_type(L, -1);
   if (t != LUA_TTABLE && t != LUA_TFUNCTION)       /* as the encoder names nothing else */
     dec_fail(d, "named value '%s' is a %s", lua_tostring(L, name), lua_typename(L, t));
-  if (untrusted && t == LUA_TFUNCTION)
+  if (no_code && t == LUA_TFUNCTION)
     dec_fail(d, "functions are not accepted from an untrusted peer");
   lua_replace(L, name);
   lua_settop(L, name);
@@ -1132,6 +1145,7 @@ static void decode_named(dec *d) {
 
 static void decode_handle(dec *d) {
   lua_State *L = d->L;
+  allow(d, LUAMP_DECODE_NO_LIVE, "handles (luamp objects) are");
   size_t tlen = get_count(d, 1);
   lua_pushlstring(L, (const char *)d->p, tlen);
   d->p += tlen;
@@ -1186,7 +1200,10 @@ static void decode_value(dec *d) {
       return;
     }
     case T_FUNC: decode_function(d); return;
-    case T_GLOBALS: lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); return;
+    case T_GLOBALS:
+      allow(d, LUAMP_DECODE_NO_LIVE, "the global table is");
+      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+      return;
     case T_NAMED: decode_named(d); return;
     case T_HANDLE: decode_handle(d); return;
     default: d->p--; dec_fail(d, "unknown tag 0x%02x", t);
@@ -1323,24 +1340,36 @@ static int l_dumps(lua_State *L) {
   return 1;
 }
 
-/* luamp.loads(s, [{trusted = false}]) -> v */
-static int l_loads(lua_State *L) {
+static int loads_with(lua_State *L, int flags) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  int flags = 0;
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_getfield(L, 2, "trusted");
-    if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) flags |= LUAMP_DECODE_UNTRUSTED;
-    lua_pop(L, 1);
-  }
-  lua_settop(L, 3);
+  lua_settop(L, 2);
+  lua_pushnil(L);                                   /* refs_slot: filled on first need */
   dec d;
   dec_init(&d, L, s, len, flags);
   d.refs_slot = 3;
   decode_root(&d);
   return 1;
 }
+
+/* luamp.loads(s, [{trusted = true}]) -> v: bytes from anywhere, so untrusted unless the
+ * caller vouches for them. */
+static int l_loads(lua_State *L) {
+  int flags = LUAMP_DECODE_UNTRUSTED;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int t = lua_getfield(L, 2, "trusted");
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+      luamp_raise(L, "Value", "loads: option 'trusted' must be a boolean, not a %s",
+                  lua_typename(L, t));
+    if (lua_toboolean(L, -1)) flags = 0;
+  }
+  return loads_with(L, flags);
+}
+
+/* _core.loads_trusted(s) -> v: for luamp's own messages between its processes (pool
+ * tasks and results), which carry functions and handles. */
+static int l_loads_trusted(lua_State *L) { return loads_with(L, 0); }
 
 /* _core.register_handle(type_name, rebuild) */
 static int l_register_handle(lua_State *L) {
@@ -1357,6 +1386,7 @@ int luamp_open_codec(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"dumps", l_dumps},
     {"loads", l_loads},
+    {"loads_trusted", l_loads_trusted},
     {"register_handle", l_register_handle},
     {NULL, NULL}
   };

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -96,11 +97,18 @@ int luamp_encode(lua_State *L, int idx, luamp_buf *b);     /* root "value" */
 
 /* Decodes len bytes; on success pushes the value and returns 0; on malformed input
  * pushes a Serialize error object and returns -1. Never reads past len, never raises.
- * Trusted input may carry Lua bytecode, which Lua does not verify: data from a peer
- * that has not authenticated must be decoded with LUAMP_DECODE_UNTRUSTED, which refuses
- * every function (without loading it) and looks named values up only among the modules
- * already loaded (no require). */
-#define LUAMP_DECODE_UNTRUSTED 1
+ * Trusted input (flags 0: between luamp's own processes) may carry Lua bytecode, which
+ * Lua does not verify, and live objects of the receiver. Data from anyone else must be
+ * decoded with LUAMP_DECODE_UNTRUSTED, which accepts plain data only (nil, booleans,
+ * numbers, strings, tables and their metatables):
+ *   LUAMP_DECODE_NO_CODE  refuses every function (without loading it) and looks named
+ *                         values up only among the modules already loaded (no require);
+ *   LUAMP_DECODE_NO_LIVE  refuses the tags that hand out a live object: the global
+ *                         table, modules and their fields by name, handles.
+ * (NO_CODE alone is for the fuzzer, to reach the named and handle paths safely.) */
+#define LUAMP_DECODE_NO_CODE 1
+#define LUAMP_DECODE_NO_LIVE 2
+#define LUAMP_DECODE_UNTRUSTED (LUAMP_DECODE_NO_CODE | LUAMP_DECODE_NO_LIVE)
 int luamp_decodex(lua_State *L, const char *data, size_t len, int flags);
 int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
 
@@ -131,6 +139,9 @@ static inline pid_t luamp_self_pid(void) {
   pid_t p = luamp_pid_cache;
   return p ? p : luamp_self_pid_slow();
 }
+/* Adds to set the signals whose disposition this process (a pool worker) changed from
+ * what it inherited, for a spawned child to get back at exec (POSIX_SPAWN_SETSIGDEF). */
+void luamp_spawn_sigdefault(sigset_t *set);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */

@@ -15,12 +15,33 @@
  * The Lua side sees a "luamp.Child" handle: wait, poll, signal, sentinel, close. A
  * handle inherited by a forked child belongs to another process: there it only frees
  * its copy and never kills or reaps anything.
+ *
+ * Children nobody joins do not pile up: every fork first reaps the children that have
+ * ended (as Python's Process.start does), and a reaped child's pidfd is closed at once
+ * unless its sentinel was handed out (a number Lua may still wait on; it stays open, or
+ * is made, until the handle is closed). The pidfd of a new child is never missing: an
+ * fd is reserved before the fork, so a process out of fds fails to start (Value) rather
+ * than starting a child it cannot watch.
+ *
+ * Pool workers (LUAMP_FORK_WORKER) take their descendants with them. A worker leads its
+ * own process group, which everything it starts joins unless it moves out of it itself
+ * (setsid, setpgid: start_new_session and shell = true subprocesses escape, as with any
+ * Unix tool). Whoever reaps a worker SIGKILLs its group first, while the unreaped
+ * zombie still holds the group's id (no pid reuse can redirect the kill): so a worker
+ * that was terminated, timed out, crashed or was killed leaves nothing behind. A worker's
+ * SIGTERM handler, which is also its parent-death signal, SIGKILLs its group at once:
+ * that covers the pool's terminate and a parent that died without reaping anyone.
+ * Being outside the terminal's foreground group, a worker never sees the terminal's
+ * Ctrl-C (it ignores SIGINT anyway: the parent stops the pool) and ignores SIGTTOU and
+ * SIGTTIN, so writing to the terminal (with `stty tostop`) or reading it never stops it.
+ * The dispositions a worker changed are put back in its children, forked or spawned.
  */
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -35,6 +56,8 @@ typedef struct child {
   pid_t owner;          /* the process that forked it: only it may wait or signal */
   int pidfd;
   int daemon;
+  int group;            /* leads its own process group (a pool worker): killed when reaped */
+  int sentinel_out;     /* the pidfd was handed to Lua as the sentinel: keep it open */
   int reaped;
   int exitcode;         /* valid once reaped: status, or -signal */
   int has_handle;       /* a Lua handle still points here */
@@ -44,6 +67,12 @@ typedef struct child {
 static child *live_children;
 static int in_daemon;
 static pid_t parent_at_fork;    /* who forked this process, 0 in the first process */
+
+/* In a pool worker: the signals whose disposition it changed, and what it inherited. */
+static const int worker_signals[] = {SIGINT, SIGTTIN, SIGTTOU, SIGTERM};
+#define N_WORKER_SIGNALS (int)(sizeof worker_signals / sizeof worker_signals[0])
+static int in_worker;
+static struct sigaction worker_inherited[N_WORKER_SIGNALS];
 
 int luamp_is_daemon(void) { return in_daemon; }
 
@@ -89,11 +118,21 @@ static void child_free(child *c) {
   free(c);
 }
 
-/* Reaps c if it has ended (or waits for it when `block`). Returns 1 once reaped. */
+/* Reaps c if it has ended (or waits for it when `block`). Returns 1 once reaped. A group
+ * leader's group is killed between its end and its reaping: until then its zombie keeps
+ * the id, so the kill cannot reach a stranger that reused it. */
 static int child_reap(child *c, int block) {
   if (c->reaped) return 1;
   int status;
   pid_t r;
+  if (c->group) {
+    siginfo_t si;
+    si.si_pid = 0;
+    do r = waitid(P_PID, (id_t)c->pid, &si, WEXITED | WNOWAIT | (block ? 0 : WNOHANG));
+    while (r < 0 && errno == EINTR);
+    if (r == 0 && si.si_pid == 0) return 0;
+    if (r == 0) kill(-c->pid, SIGKILL);
+  }
   do r = waitpid(c->pid, &status, block ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
   if (r == 0) return 0;
   if (r < 0) {
@@ -105,7 +144,22 @@ static int child_reap(child *c, int block) {
   }
   c->reaped = 1;
   list_remove(c);
+  if (!c->sentinel_out) {
+    /* nobody can be waiting on it: give the fd back now, not when Lua collects c */
+    luamp_close_fd(c->pidfd);
+    c->pidfd = -1;
+  }
   return 1;
+}
+
+/* Reaps this process's children that have ended; the records Lua no longer holds go. */
+static void reap_ended(void) {
+  pid_t me = luamp_self_pid();
+  child *next;
+  for (child *c = live_children; c; c = next) {
+    next = c->next;
+    if (c->owner == me && child_reap(c, 0) && !c->has_handle) child_free(c);
+  }
 }
 
 void luamp_children_finish(void) {
@@ -120,6 +174,44 @@ void luamp_children_finish(void) {
   }
 }
 
+/* A worker's SIGTERM (and parent-death signal): its process group goes with it. Only
+ * if it does lead its group — never the parent's. Async-signal-safe: kill, getpid, getpgrp. */
+static void worker_sigterm(int sig) {
+  (void)sig;
+  pid_t me = getpid();
+  if (getpgrp() == me) kill(0, SIGKILL);
+  kill(me, SIGKILL);
+}
+
+static void set_disposition(int sig, void (*handler)(int)) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = handler;
+  sigemptyset(&sa.sa_mask);
+  sigaction(sig, &sa, NULL);
+}
+
+/* In a new pool worker (signals still blocked): own process group, dispositions saved
+ * for its children and changed, parent-death signal. */
+static void become_worker(pid_t parent) {
+  setpgid(0, 0);
+  for (int i = 0; i < N_WORKER_SIGNALS; i++) sigaction(worker_signals[i], NULL, &worker_inherited[i]);
+  in_worker = 1;
+  set_disposition(SIGINT, SIG_IGN);
+  set_disposition(SIGTTIN, SIG_IGN);
+  set_disposition(SIGTTOU, SIG_IGN);
+  set_disposition(SIGTERM, worker_sigterm);
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  /* the parent died before prctl: nobody will send the signal */
+  if (getppid() != parent) worker_sigterm(SIGTERM);
+}
+
+void luamp_spawn_sigdefault(sigset_t *set) {
+  if (!in_worker) return;
+  for (int i = 0; i < N_WORKER_SIGNALS; i++)
+    if (worker_inherited[i].sa_handler != SIG_IGN) sigaddset(set, worker_signals[i]);
+}
+
 /* In a new child: nothing in the inherited list is ours to wait for. */
 static void reset_after_fork(int daemon, pid_t parent) {
   live_children = NULL;
@@ -127,7 +219,14 @@ static void reset_after_fork(int daemon, pid_t parent) {
   parent_at_fork = parent;
   luamp_take_interrupt();
   luamp_subprocess_after_fork();
-  if (daemon) {
+  if (in_worker) {
+    /* a worker's child: what the worker changed for itself is not inherited */
+    for (int i = 0; i < N_WORKER_SIGNALS; i++) sigaction(worker_signals[i], &worker_inherited[i], NULL);
+    in_worker = 0;
+  }
+  if (daemon == LUAMP_FORK_WORKER) {
+    become_worker(parent);
+  } else if (daemon) {
     /* A daemon dies with its parent; if the parent is already gone (the race between
      * fork and prctl), go now. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -209,19 +308,29 @@ static int l_fork(lua_State *L) {
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  reap_ended();
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;
   luaL_setmetatable(L, CHILD_MT);
+  /* The fd the child's pidfd will take, held across the fork: without it, a process out
+   * of fds would start a child it cannot watch. */
+  int spare = eventfd(0, EFD_CLOEXEC);
+  if (spare < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
   child *c = calloc(1, sizeof *c);
-  if (!c) luamp_raise(L, "Value", "out of memory");
+  if (!c) {
+    luamp_close_fd(spare);
+    luamp_raise(L, "Value", "out of memory");
+  }
   c->pidfd = -1;
   pid_t pid = luamp_fork(daemon);
   if (pid < 0) {
     int err = errno;
     free(c);
+    luamp_close_fd(spare);
     luamp_raise_errno(L, "Value", "fork", err);
   }
   if (pid == 0) {
+    luamp_close_fd(spare);
     install_child_os_exit(L);
     lua_pushvalue(L, 1);
     int code = 0;
@@ -237,7 +346,21 @@ static int l_fork(lua_State *L) {
   c->owner = luamp_self_pid();
   c->daemon = daemon;
   c->has_handle = 1;
+  if (daemon == LUAMP_FORK_WORKER) {
+    c->group = 1;
+    setpgid(pid, pid);   /* as the child does: whichever runs first makes the group */
+  }
+  luamp_close_fd(spare);
   c->pidfd = pidfd_open_cloexec(pid);
+  if (c->pidfd < 0 && errno != ENOSYS) {
+    /* Only another thread can have taken the reserved fd. The child has only just
+     * started: it goes (with its group) rather than run unwatched. */
+    int err = errno;
+    kill(pid, SIGKILL);
+    child_reap(c, 1);
+    free(c);
+    luamp_raise_errno(L, "Value", "cannot start a process (pidfd_open)", err);
+  }
   list_push(c);
   u->c = c;
   return 1;
@@ -248,8 +371,25 @@ static int l_child_pid(lua_State *L) {
   return 1;
 }
 
+/* The pidfd, kept open from now on. A child reaped before anyone asked has closed its
+ * pidfd; it gets an fd that is always readable, as the pidfd of an ended child is. */
 static int l_child_sentinel(lua_State *L) {
-  lua_pushinteger(L, check_child(L)->pidfd);
+  child *c = check_child(L);
+  if (c->pidfd < 0 && c->reaped) {
+    c->pidfd = eventfd(1, EFD_CLOEXEC);
+    if (c->pidfd < 0) luamp_raise_errno(L, "Value", "sentinel", errno);
+  }
+  c->sentinel_out = 1;
+  lua_pushinteger(L, c->pidfd);
+  return 1;
+}
+
+/* :ended() -> exitcode if the child is known to have ended (reaped), else nil; no
+ * system call. */
+static int l_child_ended(lua_State *L) {
+  child *c = check_child(L);
+  if (!c->reaped) return 0;
+  lua_pushinteger(L, c->exitcode);
   return 1;
 }
 
@@ -371,6 +511,7 @@ int luamp_open_process(lua_State *L) {
   static const luaL_Reg child_methods[] = {
     {"pid", l_child_pid},
     {"sentinel", l_child_sentinel},
+    {"ended", l_child_ended},
     {"poll", l_child_poll},
     {"wait", l_child_wait},
     {"signal", l_child_signal},

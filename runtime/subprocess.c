@@ -584,7 +584,8 @@ typedef struct {
 
 /* posix_spawn (a vfork-style clone in glibc: much cheaper than fork for a big parent).
  * The child gets its stdio, cwd, own session when asked, an empty signal mask, and
- * SIGPIPE/SIGXFSZ back to default in case this process ignores them. Returns 0 or an
+ * SIGPIPE/SIGXFSZ back to default in case this process ignores them, as well as what a
+ * pool worker ignores for itself (SIGINT...: luamp_spawn_sigdefault). Returns 0 or an
  * errno (a failed exec included: glibc reports it and reaps that child itself). */
 static int spawn_child(const spawn_req *r, const child_fds *c, pid_t *pid) {
   posix_spawn_file_actions_t fa;
@@ -606,6 +607,7 @@ static int spawn_child(const spawn_req *r, const child_fds *c, pid_t *pid) {
   sigemptyset(&dfl);
   sigaddset(&dfl, SIGPIPE);
   sigaddset(&dfl, SIGXFSZ);
+  luamp_spawn_sigdefault(&dfl);
   short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | (r->group ? POSIX_SPAWN_SETSID : 0);
   if (rc == 0) rc = posix_spawnattr_setflags(&at, flags);
   if (rc == 0) rc = posix_spawnattr_setsigmask(&at, &none);

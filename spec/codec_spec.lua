@@ -4,7 +4,9 @@ local H = require "helper"
 local luamp = H.luamp
 local dumps, loads = luamp.dumps, luamp.loads
 
-local function rt(v, opts) return loads(dumps(v), opts) end
+-- luamp's own processes decode each other's messages trusted: round trips do the same
+local TRUSTED = {trusted = true}
+local function rt(v) return loads(dumps(v), TRUSTED) end
 
 -- Structural equality: same types (math.type too), floats bit for bit (nan, -0.0),
 -- tables key by key with cycles followed in step, metatables compared the same way.
@@ -201,7 +203,7 @@ describe("codec functions", function()
     local script = H.script(([[
       local luamp = require "luamp"
       local f = assert(io.open(%q, "rb"))
-      local g = luamp.loads(f:read("a"))
+      local g = luamp.loads(f:read("a"), {trusted = true})
       f:close()
       GREETING = "hello"
       luamp_codec_marker = {}
@@ -297,7 +299,7 @@ describe("codec handles", function()
   it("raise Serialize for an unknown handle type", function()
     local Ghost = {__luamp_handle = function() return "spec.Ghost", 1 end}
     local s = dumps(setmetatable({}, Ghost))
-    assert.truthy(serialize_error(loads, s):find("unknown handle type 'spec.Ghost'", 1, true))
+    assert.truthy(serialize_error(loads, s, TRUSTED):find("unknown handle type 'spec.Ghost'", 1, true))
   end)
 
   it("raise Serialize with the path when the hook fails", function()
@@ -375,13 +377,13 @@ describe("codec input checks", function()
     for _, v in ipairs(samples) do
       local s = dumps(v)
       for n = 0, #s - 1 do
-        local ok, err = pcall(loads, s:sub(1, n))
+        local ok, err = pcall(loads, s:sub(1, n), TRUSTED)
         assert.is_false(ok)
         assert.equal("Serialize", err.kind)
       end
     end
     local f = dumps(function() return 1 end)
-    for n = 0, #f - 1, 7 do H.raises("Serialize", loads, f:sub(1, n)) end
+    for n = 0, #f - 1, 7 do H.raises("Serialize", loads, f:sub(1, n), TRUSTED) end
   end)
 
   it("survive random bytes and corrupted encodings", function()
@@ -419,7 +421,7 @@ describe("codec input checks", function()
     collectgarbage()
     collectgarbage("stop")
     grew = collectgarbage("count")
-    H.raises("Serialize", loads, s)
+    H.raises("Serialize", loads, s, TRUSTED)
     collectgarbage("restart")
     assert.is_true(probed)
     assert.is_true(grew < 8 * 1024, "preallocated " .. grew .. " KB")
@@ -430,40 +432,158 @@ describe("codec input checks", function()
     for _, s in ipairs({"\1\8\255\255\255\255\255\255\255\255\127",
                         "\1\9\255\255\255\255\15\0", "\1\9\0\255\255\255\255\15",
                         "\1\12\255\255\255\255\15\0"}) do
-      assert.truthy(serialize_error(loads, s):find("exceeds input"))
+      assert.truthy(serialize_error(loads, s, TRUSTED):find("exceeds input"))
     end
     H.raises("Serialize", loads, "\1\11\0")            -- reference to nothing
     H.raises("Serialize", loads, "\1\9\0\1\0\5")       -- nil key
   end)
 end)
 
+
 describe("codec untrusted mode", function()
-  it("refuses functions without loading them", function()
+  -- What an untrusted decode (luamp.loads without {trusted = true}) refuses: the message
+  -- it gives, checked against both the default and an explicit trusted = false.
+  local function refused(s, what)
+    for _, opts in ipairs({{}, {trusted = false}}) do
+      local msg = serialize_error(loads, s, opts)
+      assert.truthy(msg:find(what .. " not accepted from an untrusted peer", 1, true), msg)
+    end
+    assert.truthy(serialize_error(loads, s):find(what, 1, true))
+  end
+
+  it("is the default of luamp.loads", function()
     local s = dumps({f = function() return 1 end})
-    assert.truthy(serialize_error(loads, s, {trusted = false})
-      :find("functions are not accepted from an untrusted peer", 1, true))
-    assert.truthy(serialize_error(loads, dumps(string.format), {trusted = false})
-      :find("functions are not accepted from an untrusted peer", 1, true))
+    refused(s, "functions are")
+    assert.equal(1, loads(s, {trusted = true}).f())
   end)
 
-  it("accepts plain data and loaded modules", function()
-    local v = {1, "two", {three = 3.0}, string}
-    local back = loads(dumps(v), {trusted = false})
-    assert.equal(string, back[4])
+  it("takes trusted as a boolean only", function()
+    assert.equal("x", loads(dumps("x"), {trusted = false}))
+    H.raises("Value", loads, dumps("x"), {trusted = "yes"})
+    H.raises("Value", loads, dumps("x"), {trusted = 1})
+  end)
+
+  it("accepts plain data, metatables by value included", function()
+    local v = {1, "two", {three = 3.0}, [true] = 0 / 0, setmetatable({}, {__index = {y = 2}})}
+    local back = loads(dumps(v))
     assert.is_true(same(v, back))
+    assert.equal(2, back[4].y)
   end)
 
-  it("does not require modules that are not loaded", function()
+  -- Each object below crosses (trusted) as the receiver's own live object; untrusted,
+  -- the bytes a trusted dumps made of it are refused, and trusted they still work.
+  local globals = debug.getregistry()[2]
+  local live = {
+    {"the global table", globals, "the global table is"},
+    {"package.loaded", package.loaded, "modules and their fields are"},
+    {"a module table", string, "modules and their fields are"},
+    {"a module's table field", luamp.errors, "modules and their fields are"},
+    {"a module function", string.format, "modules and their fields are"},
+    {"luamp's error metatable", getmetatable(luamp._core.error("Value", "x")),
+     "modules and their fields are"},
+  }
+  for _, case in ipairs(live) do
+    local name, obj, what = case[1], case[2], case[3]
+    it("refuses " .. name, function()
+      local s = dumps(obj)
+      refused(s, what)
+      refused(dumps({nested = {obj}}), what)
+      assert.equal(obj, loads(s, {trusted = true}))
+    end)
+  end
+
+  it("refuses a luamp error object (its metatable is luamp's own)", function()
+    local ok, err = pcall(luamp._core.raise, "Value", "boom")
+    assert.is_false(ok)
+    refused(dumps(err), "modules and their fields are")
+    local back = loads(dumps(err), {trusted = true})
+    assert.equal("luamp.Value: boom", tostring(back))
+  end)
+
+  it("refuses handles before rebuilding anything", function()
+    local handles = debug.getregistry()["luamp.handles"]
+    local objects = {Lock = luamp.Lock(), Queue = luamp.Queue(), Event = luamp.Event(),
+                     Value = luamp.Value("i", 1)}
+    for kind, obj in pairs(objects) do
+      local tname = "luamp." .. kind
+      local real, calls = handles[tname], 0
+      handles[tname] = function(...) calls = calls + 1; return real(...) end
+      local ok, err = pcall(function()
+        refused(dumps(obj), "handles (luamp objects) are")
+        refused(dumps({inner = {obj}}), "handles (luamp objects) are")
+      end)
+      handles[tname] = real
+      assert(ok, err)
+      assert.equal(0, calls, tname .. " was rebuilt")
+      assert.is_not_nil(loads(dumps(obj), {trusted = true}))
+    end
+  end)
+
+  it("refuses hand-made bytes of each live tag", function()
+    local function named(mod, field)
+      local f = field and (string.char(#field + 1) .. field) or "\0"
+      return "\1\14" .. string.char(#mod) .. mod .. f
+    end
+    refused("\1\13", "the global table is")
+    refused(named("_G"), "modules and their fields are")
+    refused(named("package", "loaded"), "modules and their fields are")
+    refused(named("luamp._core", "error_mt"), "modules and their fields are")
+    refused(named("io", "stdout"), "modules and their fields are")
+    refused(named("os", "execute"), "modules and their fields are")
+    -- a forged Lock handle naming another process's descriptor (pid 1, fd 0): trusted,
+    -- the rebuild would open /proc/1/fd/0; untrusted it is never called
+    local handles = debug.getregistry()["luamp.handles"]
+    local real, calls = handles["luamp.Lock"], 0
+    handles["luamp.Lock"] = function() calls = calls + 1 end
+    local forged = "\1\15\10luamp.Lock" .. dumps({arena = ("0"):rep(32), pid = 1, fd = 0, off = 64}):sub(2)
+    local ok, err = pcall(refused, forged, "handles (luamp objects) are")
+    loads(forged, {trusted = true})                 -- the spy shows the bytes reach it
+    handles["luamp.Lock"] = real
+    assert(ok, err)
+    assert.equal(1, calls)
+    -- a handle of a type nobody registered, and a table whose metatable is a named one
+    refused("\1\15\5ghost\0", "handles (luamp objects) are")
+    refused("\1\10\0\0" .. named("luamp._core", "error_mt"):sub(2), "modules and their fields are")
+  end)
+
+  it("does not require modules, even trusted ones it refuses", function()
     package.loaded["codec_spec_unloaded"] = {x = 1}
     local s = dumps(package.loaded["codec_spec_unloaded"])
     package.loaded["codec_spec_unloaded"] = nil
-    assert.truthy(serialize_error(loads, s, {trusted = false}):find("is not loaded"))
+    refused(s, "modules and their fields are")
+    assert.is_nil(package.loaded["codec_spec_unloaded"])
     -- trusted: require is called, and fails here as there is no such module file
-    assert.truthy(serialize_error(loads, s):find("cannot require 'codec_spec_unloaded'"))
+    assert.truthy(serialize_error(loads, s, {trusted = true}):find("cannot require 'codec_spec_unloaded'"))
   end)
 
-  it("is what trusted = true is not", function()
-    local f = loads(dumps(function() return "ok" end), {trusted = true})
-    assert.equal("ok", f())
+  it("never crashes on corrupt function bytes (default and trusted = false)", function()
+    -- in a child process, so that a crash fails this test instead of the whole run:
+    -- bytecode with bytes changed after the function tag; trusted, Lua would load it
+    -- (it does not verify bytecode) and calling it crashes
+    local script = H.script([[
+      local luamp = require "luamp"
+      local up = {1, 2}
+      local function f(a, b)
+        local t = {}
+        for i = 1, a do t[i] = up[i % 2 + 1] * b end
+        return t, string.format("%d", a)
+      end
+      local s = luamp.dumps(f)
+      math.randomseed(7)
+      local refused = 0
+      for i = 1, 3000 do
+        local j = math.random(3, #s)
+        local m = s:sub(1, j - 1) .. string.char(math.random(0, 255)) .. s:sub(j + 1)
+        local ok, v = pcall(luamp.loads, m, i % 2 == 0 and {trusted = false} or nil)
+        if ok and type(v) == "function" then pcall(v, 3, 2) end
+        if ok or v.kind ~= "Serialize" then os.exit(3) end
+        refused = refused + 1
+      end
+      io.write(refused)
+    ]])
+    local out, err, code = H.run({script})
+    os.remove(script)
+    assert.equal(0, code, err)
+    assert.equal("3000", out)
   end)
 end)

@@ -348,3 +348,94 @@ describe("fork discipline", function()
     assert.equal("main done\norphan done\n", out)
   end)
 end)
+
+describe("unjoined children", function()
+  -- Runs src in the host under `ulimit -n <limit>`; returns stdout, stderr, exit code.
+  local function limited(limit, src)
+    local path = H.script(src)
+    local errf = os.tmpname()
+    local out, code = H.sh(string.format("sh -c 'ulimit -n %d; exec %s %s' < /dev/null 2> %s",
+      limit, H.host, path, errf))
+    local f = io.open(errf); local err = f:read("a"); f:close()
+    os.remove(path); os.remove(errf)
+    return out, err, code
+  end
+
+  it("600 fire-and-forget starts under ulimit -n 256 leave fds and zombies bounded", function()
+    local out, err, code = limited(256, [[
+      collectgarbage("stop")   -- the collector must not be what frees them
+      for _ = 1, 600 do luamp.Process{target = function() end}:start() end
+      local a, b = luamp.Pipe()
+      a:send("pipe ok")
+      local q = luamp.Queue()
+      q:put("queue ok")
+      print(b:recv(), q:get())
+      local ps = io.popen("ps -o stat= --ppid " .. luamp.getpid())
+      local zombies = 0
+      for line in ps:lines() do if line:find("Z") then zombies = zombies + 1 end end
+      ps:close()
+      local ls = io.popen("ls /proc/" .. luamp.getpid() .. "/fd")
+      local fds = 0
+      for _ in ls:lines() do fds = fds + 1 end
+      ls:close()
+      print("zombies", zombies, "fds", fds)
+    ]])
+    assert.equal(0, code, err)
+    assert.truthy(out:find("pipe ok\tqueue ok\n", 1, true), out)
+    local zombies, fds = out:match("zombies\t(%d+)\tfds\t(%d+)")
+    assert.is_true(tonumber(zombies) <= 50, out)
+    assert.is_true(tonumber(fds) <= 80, out)
+  end)
+
+  it("start() with no free fd raises Value and starts nothing", function()
+    local out, err, code = limited(64, [[
+      local files = {}
+      while true do
+        local f = io.open("/dev/null")
+        if not f then break end
+        files[#files + 1] = f
+      end
+      local ok, e = pcall(function() luamp.Process{target = function() print("ran") end}:start() end)
+      print(ok, type(e) == "table" and e.kind, tostring(e))
+      files[#files]:close(); files[#files] = nil
+      files[#files]:close(); files[#files] = nil
+      local p = luamp.Process{target = function() end}
+      p:start(); p:join()
+      print("after", p.exitcode)
+    ]])
+    assert.equal(0, code, err)
+    assert.falsy(out:find("ran"), out)
+    assert.truthy(out:find("^false\tValue\tluamp%.Value: cannot start a process: Too many open files\n"), out)
+    assert.truthy(out:find("\nafter\t0\n"), out)
+  end)
+
+  it("a sentinel taken before the child was reaped by a later start stays open", function()
+    local p = luamp.Process{target = function() end}
+    p:start()
+    local s = p.sentinel
+    assert.same({s}, core.wait_fds({s}, 10))
+    for _ = 1, 3 do luamp.Process{target = function() end}:start() end   -- these reap p
+    assert.same({s}, core.wait_fds({s}, 0))
+    local link = io.popen("readlink /proc/" .. luamp.getpid() .. "/fd/" .. s):read("l")
+    assert.equal("anon_inode:[pidfd]", link)
+    assert.equal(0, p.exitcode)
+  end)
+
+  it("a child reaped by a later start keeps its exitcode and gives a ready sentinel", function()
+    local p = luamp.Process{target = function() os.exit(7) end}
+    p:start()
+    local fd = core.pidfd_open(p.pid)   -- watched from outside: p's own sentinel is not asked
+    if fd then assert.same({fd}, core.wait_fds({fd}, 10)); core.close_fd(fd) end
+    local q = luamp.Process{target = function() end}
+    q:start()                            -- reaps p
+    assert.is_nil(io.open("/proc/" .. p.pid .. "/stat"), "p was not reaped")
+    assert.equal(7, p.exitcode)
+    assert.is_false(p:is_alive())
+    p:join()
+    local s = p.sentinel
+    assert.same({s}, core.wait_fds({s}, 0))
+    assert.same({p}, luamp.wait({p}, 0))
+    q:join()
+    p:close()
+  end)
+end)

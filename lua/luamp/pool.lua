@@ -49,7 +49,8 @@ local U = require "luamp.util"
 
 local raise = U.raise
 local now = core.time
-local dumps, loads = core.dumps, core.loads
+-- tasks and results pass only between this process and its own workers: trusted
+local dumps, loads = core.dumps, core.loads_trusted
 local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
@@ -927,7 +928,10 @@ end
 
 -- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
 function worker_ended(st, w, code)
-  if w.dead then return end
+  if w.dead or w.ending then return end
+  -- its sentinel stays ready while the last messages are read: once is enough (the
+  -- connection may not reach EOF soon, a process the worker started may hold it)
+  w.ending = true
   drain(st, w)
   remove_worker(st, w)
   if w.timeout_kill then st.dying = st.dying - 1 end
@@ -958,7 +962,7 @@ function worker_ended(st, w, code)
 end
 
 local function check_ended(st, w)
-  if w.dead then return end
+  if w.dead or w.ending then return end
   local ok, code = U.pcall(w.handle.poll, w.handle)
   if not ok or code == nil then return end
   if w.reading then w.ended_code = code; return end

@@ -137,7 +137,17 @@ function Process:start()
   local s = check_open(self)
   if s.handle then raise("Value", "cannot start a process twice") end
   if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
+  -- the fork reaps the children that have ended (runtime/process.c); as Python's
+  -- _cleanup, they leave the list of children, so nothing keeps them from the collector
   s.handle = core.fork(function() return child_main(self) end, s.daemon)
+  for p in pairs(children) do
+    local ps = S[p]
+    local code = ps.handle:ended()
+    if code ~= nil then
+      ps.exitcode = code
+      children[p] = nil
+    end
+  end
   children[self] = true
 end
 
