@@ -120,6 +120,29 @@ describe("Pool task timeouts", function()
     assert.equal(base, children())
   end)
 
+  it("what a timed-out task started ends with its worker", function()
+    local core = luamp._core
+    local pool <close> = luamp.Pool(1)
+    local pid = luamp.Value("q", 0)
+    local r = pool:apply_async(function()
+      local popen = luamp.subprocess.Popen({"sleep", "1000"})
+      keep = popen   -- a global of the worker: nothing collects it
+      pid.value = popen.pid
+      luamp.sleep(1e9)
+    end, {}, {timeout = 0.3})
+    assert.equal("Timeout", (kind_of(r.get, r)))
+    assert(pid.value > 0)
+    pool:close()
+    pool:join()   -- reaps the killed worker, and its process group goes with it
+    local fd = core.pidfd_open(pid.value)   -- nil: already gone
+    if fd then
+      local ended = #core.wait_fds({fd}, 5) == 1
+      core.close_fd(fd)
+      if not ended then os.execute("kill -9 " .. pid.value) end
+      assert.is_true(ended, "the task's subprocess outlived its worker")
+    end
+  end)
+
   it("counts running time, not time in the queue", function()
     -- one worker, five tasks of 0.2 s with a limit of 0.5 s: the last waits 0.8 s
     local pool <close> = luamp.Pool(1)
