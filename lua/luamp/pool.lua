@@ -55,10 +55,11 @@ local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
 local TIMED = 4                 -- added to the mode of a chunk whose job has a timeout
--- A worker running a timed chunk stamps each task's start in a shared 64-bit word (its
--- slot of a shared array of the pool): bits 40..62 count the timed tasks it has started, bits 0..39 hold
--- the start in microseconds since the pool's epoch (modulo 2^40, about 12 days), or
--- IDLE40 between chunks. One atomic store per task: no message, no system call.
+-- A worker running a timed chunk stamps each task's start in a 64-bit word of shared
+-- memory (its slot of an Array the pool makes): bits 40..62 count the timed tasks it has
+-- started, bits 0..39 hold the start in microseconds since the pool's epoch (modulo
+-- 2^40, about 12 days), or IDLE40 between chunks. One atomic store per task: no
+-- message, no system call.
 local MASK40 = (1 << 40) - 1
 local IDLE40 = MASK40
 local SEQMASK = (1 << 23) - 1
@@ -176,7 +177,6 @@ local function exec_chunk(f, mode, n, abytes, stamp)
   end
   return out
 end
-
 
 local function worker_loop(conn, maxtasks, stamps, slot, epoch)
   local fns = {}
@@ -1234,7 +1234,7 @@ function AsyncResult:cancel()
   job.finished = finish_count
   st.jobs[job.id] = nil
   st.njobs = st.njobs - 1
-  if job.progress then job.progress = nil end
+  job.progress = nil
   settle(st)   -- a closed pool with nothing left stops its workers
   return true
 end
