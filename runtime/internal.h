@@ -236,5 +236,6 @@ int luamp_open_subprocess(lua_State *L);
 int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
 int luamp_open_pool(lua_State *L);
+int luamp_open_redis(lua_State *L);    /* the broker: Redis connection and message seal */
 
 #endif

@@ -90,6 +90,7 @@ static const opener openers[] = {
   luamp_open_connection,
   luamp_open_queue,
   luamp_open_pool,
+  luamp_open_redis,
   NULL
 };
 

@@ -317,3 +317,64 @@ describe("pool_time_limit example", function()
       "all jobs done"}, H.lines(H.example("pool_time_limit.lua", "0.05")))
   end)
 end)
+
+describe("Ctrl-C and task timeouts", function()
+  -- A map whose tasks keep timing out (kills, write-offs and replacements all the time)
+  -- gets a Ctrl-C 0-300 ms after it starts: it ends with Interrupted (exit 130), never
+  -- with a result or a Timeout, in each of 8 runs (4 at a time, each in its own session).
+  local script_src = [[
+    local luamp = require "luamp"
+    local p <close> = luamp.Pool(2)
+    local xs = {}
+    for i = 1, 400 do xs[i] = i end
+    print("ready"); io.stdout:flush()
+    local r = p:map(function(x) if x % 3 == 0 then luamp.sleep(1e9) end return x end, xs,
+      {timeout = 0.02, chunksize = 2})
+    print("completed", #r)
+  ]]
+
+  it("always ends a map with timing-out tasks with Interrupted (exit 130)", function()
+    local script = H.script(script_src)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. H.q(dir)))
+    local reps, batch = 8, 4
+    local cmd = string.format([[
+      cd %s
+      one() {
+        setsid env --default-signal=INT %s %s > out$1 2> err$1 &
+        pid=$!
+        for j in $(seq 1 1000); do grep -q ready out$1 && break; sleep 0.01; done
+        sleep 0.$(printf %%03d $((RANDOM %% 300)))
+        kill -INT -$pid 2>/dev/null || echo "the map ended before the Ctrl-C was sent" > late$1
+        for j in $(seq 1 200); do kill -0 $pid 2>/dev/null || break; sleep 0.05; done
+        kill -KILL -$pid 2>/dev/null
+        wait $pid
+        echo "run $1 status $?" > rc$1
+      }
+      for b in $(seq 0 %d); do
+        for k in $(seq 1 %d); do one $((b * %d + k)) & done
+        wait
+      done
+      cat rc*
+    ]], H.q(dir), H.q(H.host), H.q(script), reps // batch - 1, batch, batch)
+    local summary = H.sh(cmd)
+    local failures, runs = {}, 0
+    for i, code in summary:gmatch("run (%d+) status (%d+)") do
+      runs = runs + 1
+      local f = io.open(dir .. "/out" .. i); local out = f:read("a"); f:close()
+      f = io.open(dir .. "/err" .. i); local err = f:read("a"); f:close()
+      local why
+      local late = io.open(dir .. "/late" .. i)
+      if late then why = late:read("l"); late:close()
+      elseif out:find("completed") then why = "the map completed"
+      elseif code == "137" then why = "still running 10 s after the Ctrl-C"
+      elseif code ~= "130" or not err:find("Interrupted") then why = "exit " .. code end
+      if why then failures[#failures + 1] = "run " .. i .. ": " .. why .. "\n" .. err end
+    end
+    os.remove(script)
+    os.execute("rm -rf " .. H.q(dir))
+    assert.are.equal(reps, runs, summary)
+    assert.are.same({}, failures)
+  end)
+end)

@@ -1689,7 +1689,12 @@ function P.as_completed(results, timeout)
   end
 end
 
-function P.Pool(opts) return new_pool(opts) end
+function P.Pool(opts)
+  if type(opts) == "table" and opts.broker ~= nil then   -- across machines, over Redis
+    return require("luamp.broker").Pool(opts)
+  end
+  return new_pool(opts)
+end
 
 -- luamp.poll(): runs what is due in the background (pool results, callbacks) without
 -- waiting; returns how many sources had something.
