@@ -237,5 +237,6 @@ int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
 int luamp_open_pool(lua_State *L);
 int luamp_open_redis(lua_State *L);    /* the broker: Redis connection and message seal */
+int luamp_open_auth(lua_State *L);
 
 #endif

@@ -91,6 +91,7 @@ static const opener openers[] = {
   luamp_open_queue,
   luamp_open_pool,
   luamp_open_redis,
+  luamp_open_auth,
   NULL
 };
 

@@ -69,6 +69,9 @@ Process_mt.__newindex = function(self, k, v)
   if k == "name" then
     if type(v) ~= "string" then raise("Value", "name must be a string") end
     s.name = v
+  elseif k == "authkey" then
+    if type(v) ~= "string" then raise("Value", "authkey must be a string") end
+    s.authkey = v
   elseif k == "daemon" then
     if s.handle then raise("Value", "cannot set daemon status of an active process") end
     s.daemon = not not v
@@ -202,6 +205,7 @@ local function new_process(opts)
     identity = identity,
     name = opts.name or ("Process-" .. identity),
     daemon = opts.daemon and true or false,
+    authkey = S[current].authkey,     -- inherited, as in Python
   }
   if opts.run ~= nil then
     if type(opts.run) ~= "function" then raise("Value", "Process: run must be a function") end
@@ -215,7 +219,9 @@ end
 
 -- The main process as a Process-like object.
 local main = setmetatable({}, Process_mt)
-S[main] = {name = "MainProcess", identity = "", main = true, daemon = false, pid = core.getpid()}
+-- authkey: random per process tree; children inherit it (managers default to it)
+S[main] = {name = "MainProcess", identity = "", main = true, daemon = false, pid = core.getpid(),
+  authkey = core.random_bytes(32)}
 current = main
 
 -- A handle on the process that started this one: pid, name, is_alive, join, sentinel.
