@@ -6,7 +6,9 @@
  * first record holding the length. Records keep their boundaries, so a small message
  * arrives with one recv, and a reader never takes bytes beyond the message it asked for:
  * several processes may share one end (taking turns under a lock), as in Python. A larger
- * message is received record by record straight into its buffer. Records of one message
+ * message is received record by record straight into its buffer, which grows as the
+ * records arrive: the length in a frame is the peer's claim, and a claim alone never
+ * makes the receiver allocate (beyond RX_AHEAD). Records of one message
  * are consecutive unless two processes send on the same end at once (Python forbids that
  * too); a small message is a single record and is never torn.
  *
@@ -39,6 +41,10 @@
 #define MAX_MESSAGE ((uint64_t)1 << 42)   /* a larger length can only be garbage */
 #define KEEP_BUFFER (1024 * 1024)
 #define SOCKET_BUFFER (1024 * 1024)    /* larger receive buffers are freed after use */
+#define POPULATE_MIN (256 * 1024)   /* the first step of populating a receive buffer */
+#define RX_AHEAD (8 * 1024 * 1024)   /* receive buffer allocated ahead of a message's data */
+#define HUGE_PAGE ((size_t)2 << 20)
+#define HUGE ((size_t)4 << 20)     /* receive buffers this large use huge pages */
 
 typedef struct conn {
   int fd;                 /* -1 once closed */
@@ -52,15 +58,17 @@ typedef struct conn {
   /* the message being received, kept across an interrupted receive */
   int rx_active, rx_discard;
   uint64_t rx_total, rx_got;
-  char *rx_buf;           /* rx_cap bytes from rx_alloc */
+  char *rx_buf;           /* rx_cap bytes from rx_reserve */
   size_t rx_cap;
+  size_t rx_ready;        /* bytes of rx_buf populated */
   luamp_buf tx;           /* encoded message being sent, reused */
   uint64_t dropped;       /* length of the message a failed receive discarded */
+  uint64_t cut_got, cut_total;   /* a message the peer stopped sending midway (T_CUT) */
 } conn;
 
 /* Outcomes of the transfer helpers; the Lua-facing functions turn them into errors
  * only after every buffer the helper used is back in the connection's hands. */
-enum { T_OK = 0, T_TIMEOUT, T_INTR, T_EOF, T_PIPE, T_CORRUPT, T_TOOLONG, T_NOMEM, T_SYS };
+enum { T_OK = 0, T_TIMEOUT, T_INTR, T_EOF, T_CUT, T_PIPE, T_CORRUPT, T_TOOLONG, T_NOMEM, T_SYS };
 
 static void put_le64(unsigned char *p, uint64_t v) {
   for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -90,22 +98,80 @@ static void rx_release(conn *c, int keep) {
   c->rx_cap = 0;
 }
 
-static int rx_alloc(conn *c, uint64_t len) {
-  if (c->rx_buf && c->rx_cap >= len) return 0;
-  rx_release(c, 0);
-  size_t cap = ((size_t)len + 4095) & ~(size_t)4095;
-  if (cap == 0 || len > SIZE_MAX - 4096) return -1;
-  void *p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return -1;
+/* Maps cap bytes for a receive buffer, moving the `old` bytes populated at `from` (if
+ * any) to its start. A buffer of HUGE bytes or more starts at a huge-page boundary and
+ * asks for huge pages, which makes populating and copying it markedly cheaper: mremap
+ * alone would put it wherever there is room, and an unaligned range gets none. */
+static void *rx_map(void *from, size_t old, size_t cap) {
+  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  if (cap < HUGE) {
+    return from ? mremap(from, old, cap, MREMAP_MAYMOVE)
+                : mmap(NULL, cap, PROT_READ | PROT_WRITE, flags, -1, 0);
+  }
+  size_t span = cap + HUGE_PAGE;
+  char *r = mmap(NULL, span, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (r == MAP_FAILED) return r;
+  char *a = (char *)(((uintptr_t)r + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+  if (a > r) munmap(r, (size_t)(a - r));
+  if (a + cap < r + span) munmap(a + cap, (size_t)(r + span - (a + cap)));
+  if (from && mremap(from, old, old, MREMAP_MAYMOVE | MREMAP_FIXED, a) == MAP_FAILED) {
+    munmap(a, cap);
+    return MAP_FAILED;
+  }
 #ifdef MADV_HUGEPAGE
-  if (cap >= 4u << 20) madvise(p, cap, MADV_HUGEPAGE);
+  madvise(a, cap, MADV_HUGEPAGE);
 #endif
+  return a;
+}
+
+/* Populates the buffer up to at least `need` bytes, in steps that double with the data
+ * received, so a claim never makes us touch more than about twice what arrived. */
+static void rx_populate(conn *c, size_t need) {
+  if (need <= c->rx_ready) return;
+  size_t upto = c->rx_ready * 2;
+  if (upto < POPULATE_MIN) upto = POPULATE_MIN;
+  if (upto < need) upto = need;
+  if (upto > c->rx_cap) upto = c->rx_cap;
+  size_t from = c->rx_ready & ~(size_t)4095;
 #ifdef MADV_POPULATE_WRITE
-  madvise(p, cap, MADV_POPULATE_WRITE);
+  madvise(c->rx_buf + from, upto - from, MADV_POPULATE_WRITE);
 #endif
+  c->rx_ready = upto;
+}
+
+/* Makes room for the first `need` bytes of the message being received (need <= rx_total).
+ * The length in a frame is only the peer's claim, so the buffer is not sized by it: it
+ * is mapped RX_AHEAD bytes at first (address space only) and doubles as data arrives
+ * (the pages already populated are moved, not copied), never beyond the claimed length;
+ * pages are populated as the data reaches them. What is mapped is thus at most RX_AHEAD
+ * or about twice what has arrived, what is touched about twice what has arrived. */
+static int rx_reserve(conn *c, uint64_t need) {
+  if (c->rx_buf && c->rx_cap >= need) {
+    rx_populate(c, (size_t)need);
+    return 0;
+  }
+  uint64_t want = (uint64_t)c->rx_cap * 2;
+  if (want < RX_AHEAD) want = RX_AHEAD;
+  if (want < need) want = need;
+  if (want > c->rx_total) want = c->rx_total;
+  if (want == 0) want = 1;
+  if (want > SIZE_MAX - HUGE_PAGE - 4096) return -1;
+  size_t cap = ((size_t)want + 4095) & ~(size_t)4095;
+  size_t old = c->rx_buf ? c->rx_cap : 0;
+  char *p = rx_map(c->rx_buf, old, cap);
+  if (p == MAP_FAILED) return -1;
+  if (!c->rx_buf) c->rx_ready = 0;
   c->rx_buf = p;
   c->rx_cap = cap;
+  rx_populate(c, (size_t)need);
   return 0;
+}
+
+/* A buffer that cannot grow: the rest of the message is read and dropped, so the stream
+ * stays framed, and the receive reports T_NOMEM at the end. */
+static void rx_give_up(conn *c) {
+  rx_release(c, 0);
+  c->rx_discard = T_NOMEM;
 }
 
 static void rx_reset(conn *c) {
@@ -251,12 +317,9 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
   c->rx_active = 1;
   c->rx_total = total;
   c->rx_got = first;
-  if (total > maxlen) {
-    c->rx_discard = T_TOOLONG;
-  } else {
-    if (rx_alloc(c, total ? total : 1) < 0) c->rx_discard = T_NOMEM;
-    else memcpy(c->rx_buf, c->scratch, first);
-  }
+  if (total > maxlen) c->rx_discard = T_TOOLONG;
+  else if (rx_reserve(c, first) < 0) rx_give_up(c);
+  else memcpy(c->rx_buf, c->scratch, first);
   return T_OK;
 }
 
@@ -265,6 +328,7 @@ static int rx_continue(conn *c, double deadline) {
   while (c->rx_got < c->rx_total) {
     uint64_t want = c->rx_total - c->rx_got;
     if (want > CHUNK) want = CHUNK;
+    if (!c->rx_discard && rx_reserve(c, c->rx_got + want) < 0) rx_give_up(c);
     char *dst = c->rx_discard ? c->scratch : c->rx_buf + c->rx_got;
     size_t avail = rbuf_avail(c);
     if (avail > 0) {
@@ -279,7 +343,12 @@ static int rx_continue(conn *c, double deadline) {
       c->rx_got += (uint64_t)n;
       continue;
     }
-    if (n == 0) { rx_reset(c); return T_EOF; }
+    if (n == 0) {
+      c->cut_got = c->rx_got;
+      c->cut_total = c->rx_total;
+      rx_reset(c);
+      return T_CUT;
+    }
     if (recv_retry(errno)) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return T_SYS;
     int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
@@ -335,12 +404,16 @@ static conn *check_conn(lua_State *L, int idx) {
 }
 
 /* err: the errno saved right after the failing helper returned (for T_SYS). */
-static void raise_transfer(lua_State *L, int rc, int err, const char *what, uint64_t len,
-                           uint64_t maxlen) {
+static void raise_transfer(lua_State *L, const conn *c, int rc, int err, const char *what,
+                           uint64_t len, uint64_t maxlen) {
   switch (rc) {
     case T_TIMEOUT: luamp_raise(L, "Timeout", "%s timed out", what);
     case T_INTR: luamp_take_interrupt(); luamp_raise(L, "Interrupted", "%s interrupted", what);
     case T_EOF: luamp_raise(L, "EOF", "%s: the other end of the connection is closed", what);
+    case T_CUT:
+      luamp_raise(L, "EOF", "%s: the other end of the connection closed in the middle of a "
+                  "message (%llu of the %llu bytes it announced arrived)", what,
+                  (unsigned long long)c->cut_got, (unsigned long long)c->cut_total);
     case T_PIPE: luamp_raise(L, "BrokenPipe", "%s: the other end of the connection is closed", what);
     case T_CORRUPT: luamp_raise(L, "Value", "%s: the peer sent malformed data", what);
     case T_TOOLONG:
@@ -417,7 +490,7 @@ static void check_readable(lua_State *L, conn *c) {
 static int finish_send(lua_State *L, conn *c, int rc, const char *what) {
   int err = errno;
   if (c->tx.cap > KEEP_BUFFER) luamp_buf_free(&c->tx);
-  if (rc != T_OK) raise_transfer(L, rc, err, what, 0, 0);
+  if (rc != T_OK) raise_transfer(L, c, rc, err, what, 0, 0);
   return 0;
 }
 
@@ -467,7 +540,7 @@ static int do_recv(lua_State *L, int decode, int nowait, uint64_t maxlen, const 
   size_t len;
   int rc = rx_message(c, -1, nowait, maxlen, &data, &len);
   if (rc == T_TIMEOUT && nowait) return 0;
-  if (rc != T_OK) raise_transfer(L, rc, errno, what, c->dropped, maxlen);
+  if (rc != T_OK) raise_transfer(L, c, rc, errno, what, c->dropped, maxlen);
   return deliver(L, c, data, len, decode);
 }
 
@@ -505,7 +578,7 @@ static int l_poll(lua_State *L) {
   short rev = 0;
   int rc = wait_fd(c->fd, POLLIN, deadline, &rev);
   if (rc == T_TIMEOUT) rc = T_OK, rev = 0;
-  if (rc != T_OK) raise_transfer(L, rc, errno, "poll", 0, 0);
+  if (rc != T_OK) raise_transfer(L, c, rc, errno, "poll", 0, 0);
   lua_pushboolean(L, rev != 0);
   return 1;
 }

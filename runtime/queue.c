@@ -34,6 +34,7 @@
  */
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,7 +42,9 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+#include <linux/futex.h>
 
 #include "internal.h"
 
@@ -63,13 +66,19 @@
 #define SPIN_MAX 4096
 #define LOCK_SPIN 200
 #define SPIN_STRIDE 8
+#define LOCK_SLICE 0.02        /* seconds between looks at a lock that stays taken */
+#define LOCK_GRACE 0.25        /* a lock held longer by a live process: wait no more */
+#ifndef FUTEX_TID_MASK
+#define FUTEX_TID_MASK 0x3fffffff
+#define FUTEX_OWNER_DIED 0x40000000
+#endif
 
 enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
 enum { W_GET, W_PUT, W_JOIN, W_CLASSES };
 enum { R_INLINE = 1, R_REF = 2 };
-/* Q_UNLOCKED: the lock could not be taken again (its memory is garbage); the caller
- * does not hold it. */
-enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_UNLOCKED };
+enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS };
+/* Or'ed into what wait_until returns when it could not take the lock again. */
+#define Q_UNLOCKED 0x100
 
 /* What one commit changes. */
 struct qstate {
@@ -113,6 +122,7 @@ typedef struct queue {
   qshm *shm;                 /* the header, mapped on its own; NULL once closed */
   char *win;                 /* the whole memfd, remapped larger on demand */
   size_t winlen;
+  uint64_t fsize_seen;       /* the memfd was at least this large (fstat) */
   int memfd;
   int efd[W_CLASSES];
   int kind;
@@ -250,42 +260,154 @@ static void recover(queue *q) {
   for (int w = 0; w < W_CLASSES; w++) wake_all(q, w);
 }
 
-/* The lock is held for a few hundred nanoseconds at most, so a contender spins before
- * it sleeps (glibc's robust mutex would go to the kernel at once). */
-static int q_lock(queue *q) {
-  int rc = pthread_mutex_trylock(&q->shm->lock);
+/* Whether a Ctrl-C is pending, without consuming it: whoever raises Interrupted takes it. */
+static int interrupt_pending(void) {
+  if (!luamp_take_interrupt()) return 0;
+  luamp_request_interrupt();
+  return 1;
+}
+
+/* The lock word is shared memory too. glibc keeps the mutex's type in it: garbage there
+ * sends pthread_mutex_lock down paths that assert or wait for ever, so the type is
+ * checked against a mutex made here the same way before the lock is touched. */
+static int lock_type_ok(const qshm *s) {
+#ifdef __GLIBC__
+  static int expected = -1;
+  if (expected < 0) {
+    pthread_mutex_t m;
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&m, &ma);
+    pthread_mutexattr_destroy(&ma);
+    expected = m.__data.__kind;
+    pthread_mutex_destroy(&m);
+  }
+  return __atomic_load_n(&s->lock.__data.__kind, __ATOMIC_RELAXED) == expected;
+#else
+  (void)s;
+  return 1;
+#endif
+}
+
+/* Whether process (or thread) `tid` has the memfd of `q` mapped, from /proc/tid/maps;
+ * 1 when that cannot be told (not readable). */
+static int maps_queue(queue *q, pid_t tid) {
+  struct stat st;
+  if (fstat(q->memfd, &st) < 0) return 1;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/maps", (int)tid);
+  FILE *f = fopen(path, "re");
+  if (!f) return errno != ENOENT && errno != ESRCH;
+  char line[512];
+  int found = 0;
+  unsigned long long ino;
+  while (!found && fgets(line, sizeof line, f)) {
+    /* address perms offset dev inode path */
+    if (sscanf(line, "%*s %*s %*s %*s %llu", &ino) == 1 && ino == (unsigned long long)st.st_ino &&
+        strstr(line, "memfd:"))
+      found = 1;
+  }
+  fclose(f);
+  return found;
+}
+
+/* After a slice of waiting for the lock: whether its word names a holder that cannot
+ * be one. A robust mutex's word holds the owner's thread id; the kernel marks the word
+ * when that thread dies holding it. So a word that names this thread, a thread that no
+ * longer exists while the word is unmarked and unchanged, or a live process that does
+ * not even have the queue's memory mapped, is garbage. */
+static int lock_owner_bogus(queue *q) {
+#ifdef __GLIBC__
+  const qshm *s = q->shm;
+  uint32_t w = (uint32_t)__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_ACQUIRE);
+  uint32_t tid = w & FUTEX_TID_MASK;
+  if (tid == 0 || (w & FUTEX_OWNER_DIED)) return 0;
+  if ((pid_t)tid == gettid()) return 1;
+  int alive = kill((pid_t)tid, 0) == 0 || errno != ESRCH;
+  if (alive && maps_queue(q, (pid_t)tid)) return 0;
+  return (uint32_t)__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_ACQUIRE) == w;
+#else
+  (void)q;
+  return 0;
+#endif
+}
+
+/* Takes the lock. It is held for a few hundred nanoseconds at most, so a contender spins
+ * before it sleeps (glibc's robust mutex would go to the kernel at once). It sleeps in
+ * slices: between them a Ctrl-C is noticed (Q_INTR, the mark left for the caller to
+ * raise) and a lock word that is garbage is recognised (Q_CORRUPT). A live holder that
+ * keeps the lock (a stopped process) is waited for up to the deadline, but at least
+ * LOCK_GRACE seconds, then Q_TIMEOUT; deadline < 0: for as long as it takes. */
+static int q_lock(queue *q, double deadline) {
+  qshm *s = q->shm;
+  if (!lock_type_ok(s)) {
+    s->corrupt = 1;
+    return Q_CORRUPT;
+  }
+  int rc = pthread_mutex_trylock(&s->lock);
   int spins = ncpus() > 1 ? LOCK_SPIN : 0;
   for (int i = 0; rc == EBUSY && i < spins; i++) {
     cpu_relax();
 #ifdef __GLIBC__
     /* test before test-and-set: read the lock word until it looks free, so spinning
      * does not steal the cache line from the holder at every round */
-    if (__atomic_load_n(&q->shm->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+    if (__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
 #endif
-    rc = pthread_mutex_trylock(&q->shm->lock);
+    rc = pthread_mutex_trylock(&s->lock);
   }
-  if (rc == EBUSY) rc = pthread_mutex_lock(&q->shm->lock);
+  double start = rc == EBUSY ? luamp_now() : 0;
+  while (rc == EBUSY || rc == ETIMEDOUT) {
+    double now = luamp_now();
+    if (rc == ETIMEDOUT) {
+      if (interrupt_pending()) return Q_INTR;
+      if (lock_owner_bogus(q)) break;
+      if (deadline >= 0 && now >= deadline && now - start >= LOCK_GRACE) return Q_TIMEOUT;
+    }
+    double until = now + LOCK_SLICE;
+    struct timespec ts;
+    ts.tv_sec = (time_t)until;
+    ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    rc = pthread_mutex_clocklock(&s->lock, CLOCK_MONOTONIC, &ts);
+  }
   if (rc == EOWNERDEAD) {
     recover(q);
-    pthread_mutex_consistent(&q->shm->lock);
+    pthread_mutex_consistent(&s->lock);
     rc = 0;
   }
   if (rc != 0) {
-    q->shm->corrupt = 1;
-    return -1;
+    s->corrupt = 1;
+    return Q_CORRUPT;
   }
-  return 0;
+  return Q_OK;
 }
 
 static void q_unlock(queue *q) { pthread_mutex_unlock(&q->shm->lock); }
 
 /* ---- the arena ------------------------------------------------------------------------ */
 
-/* A pointer to [off, off+len) of the memfd, growing this process's window as needed.
- * Only offsets inside the file are ever asked for (the file never shrinks). */
+/* Whether [0, end) lies inside the memfd. Sizes and offsets in the header are only
+ * trusted once this says so: a mapping beyond the end of the file raises SIGBUS when
+ * touched. The file never shrinks, so the size seen last is a safe bound, and fstat is
+ * only asked when something claims more. */
+static int in_file(queue *q, uint64_t end) {
+  if (end <= q->fsize_seen) return 1;
+  struct stat st;
+  if (fstat(q->memfd, &st) < 0 || st.st_size < 0) return 0;
+  q->fsize_seen = (uint64_t)st.st_size;
+  return end <= q->fsize_seen;
+}
+
+/* A pointer to [off, off+len) of the memfd, growing this process's window as needed;
+ * NULL (and the queue marked corrupt) for a range beyond the end of the file. */
 static char *q_at(queue *q, uint64_t off, uint64_t len) {
   uint64_t end = off + len;
-  if (end < off) return NULL;
+  if (end < off || !in_file(q, end)) {
+    q->shm->corrupt = 1;
+    return NULL;
+  }
   if (end > q->winlen) {
     uint64_t want = q->winlen ? q->winlen * 2 : 4 * GROW_STEP;
     while (want < end) want *= 2;
@@ -313,6 +435,21 @@ static void punch(queue *q, uint64_t off, uint64_t len) {
   fallocate(q->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
 }
 
+/* Checks an allocator state read from the header: every size, count and extent must
+ * make sense and lie inside the file before the allocator acts on it. */
+static int al_valid(queue *q, const struct qalloc *a) {
+  if (a->fsize < HEADER_SIZE || a->fsize % PAGE || !in_file(q, a->fsize)) return 0;
+  if (a->top < HEADER_SIZE || a->top % PAGE || a->top > a->fsize) return 0;
+  if (a->nfree > NFREE || a->hot > a->fsize) return 0;
+  for (uint64_t i = 0; i < a->nfree; i++) {
+    const struct extent *e = &a->freel[i];
+    if (e->off < HEADER_SIZE || e->off % PAGE || e->len == 0 || e->len % PAGE || e->hot > 1 ||
+        e->off > a->top || e->len > a->top - e->off)
+      return 0;
+  }
+  return 1;
+}
+
 static void freel_remove(struct qalloc *a, uint64_t i) {
   a->freel[i] = a->freel[--a->nfree];
 }
@@ -320,6 +457,10 @@ static void freel_remove(struct qalloc *a, uint64_t i) {
 /* Allocates len bytes (a multiple of PAGE) under the lock; 0 when out of memory. */
 static uint64_t arena_alloc(queue *q, uint64_t len) {
   struct qalloc a = q->shm->al;
+  if (!al_valid(q, &a)) {
+    q->shm->corrupt = 1;
+    return 0;
+  }
   int64_t best = -1;
   for (uint64_t i = 0; i < a.nfree; i++) {
     struct extent *e = &a.freel[i];
@@ -345,6 +486,7 @@ static uint64_t arena_alloc(queue *q, uint64_t len) {
       do rc = ftruncate(q->memfd, (off_t)size); while (rc < 0 && errno == EINTR);
       if (rc < 0) return 0;
       a.fsize = size;
+      if (size > q->fsize_seen) q->fsize_seen = size;
     }
     a.top = off + len;
   }
@@ -356,6 +498,10 @@ static uint64_t arena_alloc(queue *q, uint64_t len) {
  * the RETAIN budget are given back to the system. */
 static void arena_free(queue *q, uint64_t off, uint64_t len) {
   struct qalloc a = q->shm->al;
+  if (!al_valid(q, &a) || off < HEADER_SIZE || off > a.top || len > a.top - off) {
+    q->shm->corrupt = 1;   /* the extent is lost; nothing is freed twice */
+    return;
+  }
   uint64_t hot = 1;
   if (a.hot + len > RETAIN) {
     punch(q, off, len);
@@ -384,8 +530,8 @@ static void arena_free(queue *q, uint64_t off, uint64_t len) {
 /* ---- records -------------------------------------------------------------------------- */
 
 static struct chunk_hdr *chunk_at(queue *q, uint64_t off) {
-  const struct qalloc *a = &q->shm->al;
-  if (off < HEADER_SIZE || off % PAGE || off + CHUNK_SIZE > a->fsize) return NULL;
+  if (off < HEADER_SIZE || off % PAGE || off > UINT64_MAX - CHUNK_SIZE || !in_file(q, off + CHUNK_SIZE))
+    return NULL;
   struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
   if (!h || h->magic != CHUNK_MAGIC || h->size != CHUNK_SIZE) return NULL;
   return h;
@@ -396,9 +542,12 @@ static int append(queue *q, int kind, const void *data, uint32_t len) {
   qshm *s = q->shm;
   struct qstate n = *st_of(s);
   uint64_t need = REC_HDR + pad8(len);
+  if (n.tail_chunk != 0 && (!chunk_at(q, n.tail_chunk) || n.tail_pos < CHUNK_HDR ||
+                            n.tail_pos > CHUNK_SIZE || n.tail_pos % 8))
+    return Q_CORRUPT;
   if (n.tail_chunk == 0 || n.tail_pos + need > CHUNK_SIZE) {
     uint64_t off = arena_alloc(q, CHUNK_SIZE);
-    if (!off) return Q_NOMEM;
+    if (!off) return s->corrupt ? Q_CORRUPT : Q_NOMEM;
     struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
     if (!h) return Q_NOMEM;
     prefault(q, off, CHUNK_SIZE, 1);
@@ -444,7 +593,9 @@ static int ensure_rx(queue *q, size_t len) {
 static int pop(queue *q, item *it) {
   qshm *s = q->shm;
   struct qstate n = *st_of(s);
-  for (;;) {
+  /* a chain of empty chunks can only be garbage (a cycle): it is not followed for ever */
+  for (int hops = 0;; hops++) {
+    if (hops > 2) return Q_CORRUPT;
     struct chunk_hdr *h = chunk_at(q, n.head_chunk);
     if (!h) return Q_CORRUPT;
     uint64_t end = n.head_chunk == n.tail_chunk ? n.tail_pos : h->used;
@@ -456,7 +607,7 @@ static int pop(queue *q, item *it) {
       n.head_pos = CHUNK_HDR;
       st_commit(s, &n);
       arena_free(q, old, CHUNK_SIZE);
-      prefault(q, n.head_chunk, CHUNK_SIZE, 0);
+      if (chunk_at(q, n.head_chunk)) prefault(q, n.head_chunk, CHUNK_SIZE, 0);
       continue;
     }
     if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
@@ -474,8 +625,9 @@ static int pop(queue *q, item *it) {
     } else if (rh[1] == R_REF && len == 16) {
       uint64_t ref[2];
       memcpy(ref, p + REC_HDR, 16);
-      if (ref[0] < HEADER_SIZE || ref[0] % PAGE || ref[1] > s->al.fsize ||
-          ref[0] > s->al.fsize - pad_page(ref[1]) || ref[1] <= INLINE_MAX)
+      if (ref[0] < HEADER_SIZE || ref[0] % PAGE || ref[1] <= INLINE_MAX ||
+          ref[1] > UINT64_MAX - 2 * PAGE || ref[0] > UINT64_MAX - pad_page(ref[1]) ||
+          !in_file(q, ref[0] + pad_page(ref[1])))
         return Q_CORRUPT;
       *it = (item){1, ref[0], ref[1]};
     } else {
@@ -554,7 +706,8 @@ static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double 
     q_unlock(q);
     int rc = wait_token(q, w, deadline);
     int err = errno;
-    if (q_lock(q) < 0) return Q_UNLOCKED;
+    int lrc = q_lock(q, deadline);
+    if (lrc != Q_OK) return lrc | Q_UNLOCKED;
     if (rc == Q_INTR || rc == Q_SYS) {
       unregister(q, w);
       chain_wakeups(q);
@@ -572,10 +725,12 @@ static int join_ready(queue *q) { return st_of(q->shm)->unfinished == 0; }
 /* Puts a record; the lock is taken and released here. */
 static int put_record(queue *q, int kind, const void *data, uint32_t len, int block, double deadline) {
   if (block) spin_while(q, 1);
-  if (q_lock(q) < 0) return Q_CORRUPT;
-  int rc = wait_until(q, W_PUT, room_ready, block, deadline);
-  if (rc == Q_UNLOCKED) return Q_CORRUPT;
+  int rc = q_lock(q, block ? deadline : 0);
+  if (rc != Q_OK) return rc;
+  rc = wait_until(q, W_PUT, room_ready, block, deadline);
+  if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
   if (rc == Q_OK) rc = append(q, kind, data, len);
+  if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
   q_unlock(q);
@@ -586,10 +741,11 @@ static int put_record(queue *q, int kind, const void *data, uint32_t len, int bl
 static int put_bytes(queue *q, const char *data, size_t len, int block, double deadline) {
   if (len <= INLINE_MAX) return put_record(q, R_INLINE, data, (uint32_t)len, block, deadline);
   uint64_t ext = pad_page(len);
-  if (q_lock(q) < 0) return Q_CORRUPT;
+  int lrc = q_lock(q, block ? deadline : 0);
+  if (lrc != Q_OK) return lrc;
   uint64_t off = arena_alloc(q, ext);
   q_unlock(q);
-  if (!off) return Q_NOMEM;
+  if (!off) return q->shm->corrupt ? Q_CORRUPT : Q_NOMEM;
   char *dst = q_at(q, off, ext);
   int rc = Q_NOMEM;
   if (dst) {
@@ -600,8 +756,7 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
     uint64_t ref[2] = {off, len};
     rc = put_record(q, R_REF, ref, sizeof ref, block, deadline);
   }
-  if (rc != Q_OK) {
-    if (q_lock(q) < 0) return Q_CORRUPT;
+  if (rc != Q_OK && q_lock(q, -1) == Q_OK) {
     arena_free(q, off, ext);
     q_unlock(q);
   }
@@ -610,10 +765,12 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
 
 static int get_item(queue *q, item *it, int block, double deadline) {
   if (block) spin_while(q, 0);
-  if (q_lock(q) < 0) return Q_CORRUPT;
-  int rc = wait_until(q, W_GET, items_ready, block, deadline);
-  if (rc == Q_UNLOCKED) return Q_CORRUPT;
+  int rc = q_lock(q, block ? deadline : 0);
+  if (rc != Q_OK) return rc;
+  rc = wait_until(q, W_GET, items_ready, block, deadline);
+  if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
   if (rc == Q_OK) rc = pop(q, it);
+  if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
   q_unlock(q);
@@ -622,7 +779,7 @@ static int get_item(queue *q, item *it, int block, double deadline) {
 
 /* Frees the extent of a large item once it has been decoded. */
 static void item_done(queue *q, const item *it) {
-  if (!it->ref || q_lock(q) < 0) return;
+  if (!it->ref || q_lock(q, -1) != Q_OK) return;
   arena_free(q, it->off, pad_page(it->len));
   q_unlock(q);
 }
@@ -818,7 +975,7 @@ static int push_item_protected(lua_State *L) {
 
 static int do_get(lua_State *L, int block, double deadline, int decode) {
   queue *q = check_queue(L, 1);
-  item it;
+  item it = {0, 0, 0};   /* (set by get_item on Q_OK; -O2 cannot tell) */
   int rc = get_item(q, &it, block, deadline);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
   if (!it.ref) {
@@ -882,7 +1039,8 @@ static int l_full(lua_State *L) {
 /* :task_done(): Value when called more times than items were put */
 static int l_task_done(lua_State *L) {
   queue *q = check_queue(L, 1);
-  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  int rc = q_lock(q, -1);
+  if (rc != Q_OK) raise_status(L, q, rc, 0, "Empty");
   qshm *s = q->shm;
   if (st_of(s)->unfinished == 0) {
     q_unlock(q);
@@ -900,10 +1058,11 @@ static int l_task_done(lua_State *L) {
 static int l_join(lua_State *L) {
   queue *q = check_queue(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
-  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
-  int rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
+  int rc = q_lock(q, deadline);
+  if (rc == Q_OK) rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
+  else rc |= Q_UNLOCKED;
   int err = errno;
-  if (rc == Q_UNLOCKED) rc = Q_CORRUPT;
+  if (rc & Q_UNLOCKED) rc &= ~Q_UNLOCKED;
   else q_unlock(q);
   if (rc == Q_TIMEOUT) {
     lua_pushboolean(L, 0);
@@ -918,7 +1077,8 @@ static int l_join(lua_State *L) {
  * as a getter waiting on the fd; _wait_end must follow. */
 static int l_wait_begin(lua_State *L) {
   queue *q = check_queue(L, 1);
-  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  int rc = q_lock(q, -1);
+  if (rc != Q_OK) raise_status(L, q, rc, 0, "Empty");
   if (st_of(q->shm)->count > 0) {
     q_unlock(q);
     return 0;
@@ -934,7 +1094,7 @@ static int l_wait_begin(lua_State *L) {
 static int l_wait_end(lua_State *L) {
   queue *q = to_queue(L, 1);
   if (!q || !q->shm) return 0;
-  if (q_lock(q) < 0) return 0;
+  if (q_lock(q, -1) != Q_OK) return 0;
   if (!take_token(q->efd[W_GET])) unregister(q, W_GET);
   int ready = st_of(q->shm)->count > 0;
   chain_wakeups(q);
