@@ -3,6 +3,7 @@
 -- end-of-program join live in runtime/process.c; this file keeps the Python-shaped state:
 -- names, identities, the daemon flag, exitcode and the list of active children.
 local core = require "luamp._core"
+local TR = require("luamp.trace")._T
 local U = require "luamp.util"
 
 local raise = U.raise
@@ -32,7 +33,13 @@ local function check_started(self, what)
 end
 
 local function note_exit(self, code)
-  if code ~= nil then children[self] = nil end
+  if code ~= nil then
+    if TR.on and children[self] then
+      local pid = S[self].handle:pid()
+      TR.instant("exit", pid, {exitcode = code})
+    end
+    children[self] = nil
+  end
   return code
 end
 
@@ -110,7 +117,7 @@ end
 -- The child's traceback ends where luamp called the target: the frames below belong to
 -- the parent's program (its main chunk, a test runner) and would only mislead.
 local function traceback_handler(e)
-  local tb = debug.traceback(tostring(e), 2)
+  local tb = core.error_report(e, 2)
   local cut = tb:find("\n%s*%(%.%.%.tail calls%.%.%.%)\n%s*%[C%]: in function 'xpcall'")
            or tb:find("\n%s*%[C%]: in function 'xpcall'")
   return cut and tb:sub(1, cut - 1) or tb
@@ -152,6 +159,11 @@ function Process:start()
     end
   end
   children[self] = true
+  if TR.on then
+    local pid = s.handle:pid()
+    TR.row(pid, s.name)
+    TR.instant("start", pid)
+  end
 end
 
 function Process:join(timeout)
@@ -266,6 +278,11 @@ function P.active_children()
     if exitcode(p) == nil then list[#list + 1] = p end
   end
   table.sort(list, function(a, b) return S[a].identity < S[b].identity end)
+  -- and the workers of this process's pools, as Python lists its pool workers
+  local pool = package.loaded["luamp.pool"]
+  if pool and pool._active_workers then
+    for _, w in ipairs(pool._active_workers()) do list[#list + 1] = w end
+  end
   return list
 end
 

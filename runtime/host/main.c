@@ -149,18 +149,11 @@ static int is_interrupt(lua_State *L, int idx) {
   return yes;
 }
 
-/* Message handler: the error as text (error objects through __tostring) plus traceback. */
+/* Message handler: the error as text plus traceback (luamp_traceback: any error value
+ * reads well, a Remote error shows the worker's traceback as its cause). */
 static int traceback_handler(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (!msg) {
-    interrupted = is_interrupt(L, 1);
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
+  interrupted = is_interrupt(L, 1);
+  return luamp_traceback(L);
 }
 
 /* Exit status for a call's outcome, reporting a failure on stderr. */
