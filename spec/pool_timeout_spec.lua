@@ -76,6 +76,25 @@ describe("Pool task timeouts", function()
     end)
   end)
 
+  it("a timed-out chunk holding luamp objects is split and sent again with them", function()
+    local pool <close> = luamp.Pool(2)
+    local q = luamp.Queue()
+    local items = {}
+    for i = 1, 12 do items[i] = {i, q} end
+    local k, e = kind_of(pool.starmap, pool, function(i, qq)
+      if i == 6 then luamp.sleep(1e9) end
+      qq:put(i)
+      return i
+    end, items, {timeout = 0.3, chunksize = 4})
+    assert.equal("Timeout", k, tostring(e))
+    local seen, left = {}, 11
+    while left > 0 do
+      local v = q:get(true, 5)
+      if not seen[v] then seen[v] = true; left = left - 1 end
+    end
+    assert.is_nil(seen[6])
+  end)
+
   it("imap raises Timeout at the hung task's place and goes on", function()
     for _, ordered in ipairs {true, false} do
       local pool <close> = luamp.Pool(2)
