@@ -609,14 +609,7 @@ end
 
 -- ---- jobs ------------------------------------------------------------------------------
 
-local function sequence_len(list, what)
-  if type(list) ~= "table" then
-    raise("Value", what .. ": expected a sequence (table) or an iterator function, got " .. type(list))
-  end
-  local n = list.n
-  if math.type(n) == "integer" and n >= 0 then return n end
-  return #list
-end
+local sequence_len = U.sequence_len
 
 local function call_options(what, opts, known)
   if opts == nil then return {} end

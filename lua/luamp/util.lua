@@ -72,4 +72,14 @@ function U.check_timeout(what, t)
   return t
 end
 
+-- The length of a Pool input list: its field n (table.pack) when that is a count, else #.
+function U.sequence_len(list, what)
+  if type(list) ~= "table" then
+    U.raise("Value", what .. ": expected a sequence (table) or an iterator function, got " .. type(list))
+  end
+  local n = list.n
+  if math.type(n) == "integer" and n >= 0 then return n end
+  return #list
+end
+
 return U
