@@ -34,8 +34,8 @@ describe("start methods", function()
   end)
 
   it("raises Value naming the three methods for an unknown one", function()
-    for _, f in ipairs{luamp.get_context, luamp.set_start_method} do
-      local e = H.raises("Value", f, "bogus")
+    for _, name in ipairs{"get_context", "set_start_method"} do
+      local e = H.raises("Value", luamp[name], "bogus")
       for _, m in ipairs{"fork", "spawn", "forkserver"} do
         assert.truthy(e.message:find(m, 1, true), e.message)
       end
