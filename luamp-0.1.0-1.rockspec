@@ -1,6 +1,7 @@
 -- `luarocks --lua-version 5.4 make` in a clone of luamp builds it with CMake and installs
 -- luamp.so (require "luamp") and the luamp program into the rocks tree. It needs the
--- C libraries below with their headers (Debian: libuv1-dev libedit-dev liblua5.4-dev),
+-- C libraries below with their headers (Debian: libuv1-dev libedit-dev
+-- libhiredis-dev libsodium-dev liblua5.4-dev),
 -- cmake and pkg-config. spec/packaging_spec.lua checks it in a throwaway tree.
 rockspec_format = "3.0"
 package = "luamp"
@@ -23,6 +24,8 @@ dependencies = {"lua >= 5.4, < 5.5"}
 external_dependencies = {
    LIBUV = {header = "uv.h"},
    LIBEDIT = {header = "histedit.h"},
+   HIREDIS = {header = "hiredis/hiredis.h"},
+   SODIUM = {header = "sodium.h"},
 }
 build = {
    type = "cmake",

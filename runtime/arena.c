@@ -21,10 +21,21 @@
  * leaves (luamp_arena_child_exit). Each reference records the process it is counted
  * for, so copies inherited through any other fork (a library's raw fork(), which may
  * exec or not) are never dropped from the shared count: at worst a block leaks, it is
- * never freed under someone's feet. A process killed by a signal leaks its blocks. A block
- * whose handle was encoded for another process (luamp_ref_push_payload) is pinned: the
- * sender cannot know when, or how often, the message is decoded, so it lives as long
- * as the arena.
+ * never freed under someone's feet. A process killed by a signal leaks its blocks.
+ *
+ * Handles (handles.c). A handle encoded for a transport that carries descriptors (a
+ * Connection, a Queue item, a Pool task or result) carries the arena's memfd, so any
+ * process can map the arena, and holds one "in flight" reference: refs and the block's
+ * inflight count go up by one at encoding, and the receiver adopts that reference
+ * (inflight down by one, refs unchanged), so the sender may let go at once and the block
+ * is freed when the last holder anywhere does. A message that is never decoded leaks its
+ * in-flight reference (the block then lives as long as the arena); a message decoded
+ * twice cannot adopt twice (the second decoding takes an ordinary reference, if the
+ * object still exists). Every allocation gets a generation number, stored in the block
+ * and in its handles, so a stale handle never attaches to a later object that reuses the
+ * block. A handle encoded by luamp.dumps (no transport: the bytes may be decoded any
+ * number of times, or never) pins its block for the life of the arena, and is attached
+ * through /proc/<pid>/fd/<fd> of the sender.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -59,15 +70,20 @@ typedef struct arena_header {
   _Atomic uint64_t bump;                    /* next fresh offset */
   _Atomic uint64_t live;                    /* blocks allocated and not freed */
   _Atomic uint64_t free_head[NCLASS];       /* tag << 32 | offset >> MIN_SHIFT; 0 = empty */
+  _Atomic uint32_t gen;                     /* last generation handed to a block */
 } arena_header;
 
 typedef struct block {
   _Atomic uint32_t tag;                     /* TAG_LIVE ^ type, or TAG_FREE */
   _Atomic uint32_t refs;                    /* handles in all processes; REF_PIN bit */
-  _Atomic uint32_t next;                    /* free-list link (offset >> MIN_SHIFT) */
+  _Atomic uint32_t next;                    /* free: free-list link (offset >> MIN_SHIFT);
+                                             * live: the generation */
   uint8_t cls;
-  uint8_t pad[3];
+  uint8_t pad;
+  _Atomic uint16_t inflight;                /* references held by undecoded messages */
 } block;
+
+_Static_assert(sizeof(block) == BLOCK_HEADER, "block header size");
 
 struct luamp_arena {
   char *base;
@@ -186,6 +202,8 @@ static struct luamp_arena *arena_create(void) {
   return NULL;
 }
 
+static struct luamp_arena *arena_map_fd(int myfd, const char *idhex, const char **why);
+
 /* Maps the arena that process `pid` holds as fd `fd`, checking that it is the one named
  * `idhex`. Called with mu held. Returns NULL with a reason in *why. */
 static struct luamp_arena *arena_attach(pid_t pid, int fd, const char *idhex, const char **why) {
@@ -197,6 +215,12 @@ static struct luamp_arena *arena_attach(pid_t pid, int fd, const char *idhex, co
     *why = "the process that sent it is gone or not accessible";
     return NULL;
   }
+  return arena_map_fd(myfd, idhex, why);
+}
+
+/* Maps the arena memfd myfd (taking it over: closed on failure), checking that it is an
+ * arena, the one named `idhex`. Called with mu held. */
+static struct luamp_arena *arena_map_fd(int myfd, const char *idhex, const char **why) {
   struct stat st;
   arena_header h;
   ssize_t n;
@@ -295,6 +319,10 @@ static uint64_t block_alloc(struct luamp_arena *a, unsigned type, size_t size) {
   }
   block *b = block_at(a, off);
   b->cls = (uint8_t)cls;
+  uint32_t gen = atomic_fetch_add(&header_of(a)->gen, 1) + 1;
+  if (gen == 0) gen = atomic_fetch_add(&header_of(a)->gen, 1) + 1;
+  atomic_store(&b->next, gen);
+  atomic_store(&b->inflight, 0);
   atomic_store(&b->refs, 1);
   atomic_store(&b->tag, TAG_LIVE ^ type);
   atomic_fetch_add(&header_of(a)->live, 1);
@@ -381,20 +409,63 @@ void luamp_arena_child_exit(void) {
   pthread_mutex_unlock(&mu);
 }
 
+/* Takes one in-flight reference (refs and inflight up by one); falls back to pinning
+ * when the inflight count is at its limit. */
+static void take_inflight(block *b) {
+  uint16_t k = atomic_load(&b->inflight);
+  for (;;) {
+    if (k == UINT16_MAX) {
+      uint32_t r = atomic_load(&b->refs);
+      while (!(r & REF_PIN) && !atomic_compare_exchange_weak(&b->refs, &r, (r + 1) | REF_PIN)) {}
+      return;
+    }
+    atomic_fetch_add(&b->refs, 1);       /* before inflight: adoption never outruns it */
+    if (atomic_compare_exchange_strong(&b->inflight, &k, (uint16_t)(k + 1))) return;
+    atomic_fetch_sub(&b->refs, 1);       /* ours is still counted: never the last */
+  }
+}
+
+/* Adopts one in-flight reference; 0 when there is none. */
+static int adopt_inflight(block *b) {
+  uint16_t k = atomic_load(&b->inflight);
+  while (k > 0)
+    if (atomic_compare_exchange_weak(&b->inflight, &k, (uint16_t)(k - 1))) return 1;
+  return 0;
+}
+
 void luamp_ref_push_payload(lua_State *L, const luamp_ref *ref) {
   block *b = block_of(ref);
-  uint32_t r = atomic_load(&b->refs);
-  /* the pin is one extra reference that nobody drops */
-  while (!(r & REF_PIN) && !atomic_compare_exchange_weak(&b->refs, &r, (r + 1) | REF_PIN)) {}
-  lua_createtable(L, 0, 4);
+  int fdi = luamp_handle_send_fd(L, ref->arena->fd);
+  if (fdi >= 0) {
+    take_inflight(b);
+  } else {
+    uint32_t r = atomic_load(&b->refs);
+    /* the pin is one extra reference that nobody drops */
+    while (!(r & REF_PIN) && !atomic_compare_exchange_weak(&b->refs, &r, (r + 1) | REF_PIN)) {}
+  }
+  lua_createtable(L, 0, 6);
   lua_pushstring(L, ref->arena->idhex);
   lua_setfield(L, -2, "arena");
-  lua_pushinteger(L, luamp_self_pid());
-  lua_setfield(L, -2, "pid");
-  lua_pushinteger(L, ref->arena->fd);
-  lua_setfield(L, -2, "fd");
+  if (fdi >= 0) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "carried");
+    lua_pushinteger(L, fdi);
+    lua_setfield(L, -2, "fdi");
+  } else {
+    lua_pushinteger(L, luamp_self_pid());
+    lua_setfield(L, -2, "pid");
+    lua_pushinteger(L, ref->arena->fd);
+    lua_setfield(L, -2, "fd");
+  }
   lua_pushinteger(L, (lua_Integer)ref->off << MIN_SHIFT);
   lua_setfield(L, -2, "off");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&b->next));
+  lua_setfield(L, -2, "gen");
+}
+
+void luamp_ref_push_key(lua_State *L, const luamp_ref *ref) {
+  lua_pushfstring(L, "arena %s:%I:%I", ref->arena->idhex, (lua_Integer)ref->off,
+                  (lua_Integer)atomic_load(&block_of(ref)->next));
 }
 
 static lua_Integer payload_int(lua_State *L, int idx, const char *field, lua_Integer lo, lua_Integer hi) {
@@ -416,6 +487,14 @@ static int block_acquire(block *b) {
   }
 }
 
+static int block_is(struct luamp_arena *a, uint64_t off, unsigned type, size_t size, uint32_t gen) {
+  block *b = block_at(a, off);
+  unsigned cls = b->cls;
+  return atomic_load(&b->tag) == (TAG_LIVE ^ type) && cls < NCLASS &&
+         class_bytes(cls) <= a->size - off && class_bytes(cls) - BLOCK_HEADER >= size &&
+         atomic_load(&b->next) == gen;
+}
+
 void *luamp_ref_attach(lua_State *L, luamp_ref *ref, int payload, unsigned type, size_t size) {
   payload = lua_absindex(L, payload);
   if (!lua_istable(L, payload)) luamp_raise(L, "Value", "bad shared object handle");
@@ -425,27 +504,50 @@ void *luamp_ref_attach(lua_State *L, luamp_ref *ref, int payload, unsigned type,
   if (!idhex || strlen(idhex) != 32) luamp_raise(L, "Value", "bad shared object handle (field arena)");
   memcpy(id, idhex, 33);
   lua_pop(L, 1);
-  pid_t pid = (pid_t)payload_int(L, payload, "pid", 1, INT32_MAX);
-  int fd = (int)payload_int(L, payload, "fd", 0, INT32_MAX);
+  int carried = luamp_handle_is_carried(L, payload);
+  pid_t pid = carried ? 0 : (pid_t)payload_int(L, payload, "pid", 1, INT32_MAX);
+  int fd = carried ? -1 : (int)payload_int(L, payload, "fd", 0, INT32_MAX);
   uint64_t off = (uint64_t)payload_int(L, payload, "off", ARENA_HEADER, INT64_MAX);
+  uint32_t gen = (uint32_t)payload_int(L, payload, "gen", 1, UINT32_MAX);
   pthread_once(&once, init_once);
+  int myfd = -1;
+  if (carried) {
+    pthread_mutex_lock(&mu);
+    int mapped = arena_find(id) != NULL;
+    pthread_mutex_unlock(&mu);
+    /* taken before locking: this raises when the descriptor did not come */
+    if (!mapped) myfd = luamp_handle_recv_fd(L, payload, "fdi", "shared object");
+  }
   pthread_mutex_lock(&mu);
   const char *why = NULL;
   struct luamp_arena *a = arena_find(id);
-  if (!a) a = arena_attach(pid, fd, id, &why);
+  if (!a && myfd >= 0) {
+    a = arena_map_fd(myfd, id, &why);
+    myfd = -1;
+  } else if (!a && !carried) {
+    a = arena_attach(pid, fd, id, &why);
+  }
+  if (myfd >= 0) luamp_close_fd(myfd);
   if (a) {
     if (off % 64 != 0 || off > a->size - BLOCK_HEADER) {
       why = "it points outside its arena";
+    } else if (!block_is(a, off, type, size, gen)) {
+      why = "it does not name a live object of this type (the object is gone)";
     } else {
       block *b = block_at(a, off);
-      unsigned cls = b->cls;
-      if (atomic_load(&b->tag) != (TAG_LIVE ^ type) || cls >= NCLASS ||
-          class_bytes(cls) > a->size - off || class_bytes(cls) - BLOCK_HEADER < size) {
-        why = "it does not name a live object of this type";
-      } else if (!(atomic_load(&b->refs) & REF_PIN) || !block_acquire(b)) {
+      int got = carried && adopt_inflight(b);
+      if (!got && (carried || (atomic_load(&b->refs) & REF_PIN))) got = block_acquire(b);
+      if (!got) {
         why = "the object it names no longer exists";
       } else {
         ref_link(ref, a, off);
+        if (!block_is(a, off, type, size, gen)) {   /* freed and reused meanwhile */
+          ref_unlink(ref);
+          drop(ref);
+          ref->ptr = NULL;
+          ref->arena = NULL;
+          why = "the object it names no longer exists";
+        }
       }
     }
   }

@@ -422,6 +422,53 @@ static void path_key(luaL_Buffer *pb, lua_State *L, int idx, int as_key) {
   luaL_addchar(pb, ']');
 }
 
+/* Pushes where the encoder is, in the user's terms, and a remark to follow the message:
+ * `args[2].name`, `upvalue 'fh' of the task function`, `(upvalue 'cfg' of items[3]).x`.
+ * The path stops at the first metatable: what lies beyond it is the inside of some
+ * object (a Pool's bookkeeping), so the remark names that object's type instead. */
+static void push_path(enc *e) {
+  lua_State *L = e->L;
+  char remark[160] = "";
+  lua_pushstring(L, e->root);
+  int bare = 1;                   /* the path so far needs no parentheses before a key */
+  for (int i = 0; i < e->nsteps; i++) {
+    if (i == 8 && e->nsteps > 16) {                 /* keep the message readable */
+      lua_pushliteral(L, "...");
+      lua_concat(L, 2);
+      i = e->nsteps - 8;
+    }
+    const step *s = &e->path[i];
+    if (s->kind == STEP_META) {
+      if (s->idx && luaL_getmetafield(L, s->idx, "__name") != LUA_TNIL) {
+        if (lua_type(L, -1) == LUA_TSTRING)
+          snprintf(remark, sizeof remark, " (inside a %.100s)", lua_tostring(L, -1));
+        lua_pop(L, 1);
+      }
+      if (!remark[0]) snprintf(remark, sizeof remark, " (inside its metatable)");
+      break;
+    }
+    if (s->kind == STEP_UPVAL) {
+      lua_pushfstring(L, "upvalue '%s' of %s", s->name && *s->name ? s->name : "?",
+                      lua_tostring(L, -1));
+      lua_remove(L, -2);
+      bare = 0;
+      continue;
+    }
+    if (!bare) {
+      lua_pushfstring(L, "(%s)", lua_tostring(L, -1));
+      lua_remove(L, -2);
+      bare = 1;
+    }
+    luaL_Buffer pb;
+    luaL_buffinit(L, &pb);
+    if (s->kind == STEP_PAYLOAD) luaL_addstring(&pb, " (handle payload)");
+    else path_key(&pb, L, s->idx, s->kind == STEP_KEYOF);
+    luaL_pushresult(&pb);
+    lua_concat(L, 2);
+  }
+  lua_pushstring(L, remark);
+}
+
 static int enc_fail(enc *e, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 static int enc_fail(enc *e, const char *fmt, ...) {
   lua_State *L = e->L;
@@ -430,30 +477,9 @@ static int enc_fail(enc *e, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
-  luaL_checkstack(L, 4, NULL);
-  luaL_Buffer pb;
-  luaL_buffinit(L, &pb);
-  luaL_addstring(&pb, e->root);
-  for (int i = 0; i < e->nsteps; i++) {
-    if (i == 8 && e->nsteps > 16) {                 /* keep the message readable */
-      luaL_addstring(&pb, "...");
-      i = e->nsteps - 8;
-    }
-    const step *s = &e->path[i];
-    switch (s->kind) {
-      case STEP_KEY: path_key(&pb, L, s->idx, 0); break;
-      case STEP_KEYOF: path_key(&pb, L, s->idx, 1); break;
-      case STEP_META: luaL_addstring(&pb, "(metatable)"); break;
-      case STEP_PAYLOAD: luaL_addstring(&pb, "(handle payload)"); break;
-      case STEP_UPVAL:
-        luaL_addstring(&pb, "(upvalue ");
-        luaL_addstring(&pb, s->name && *s->name ? s->name : "?");
-        luaL_addchar(&pb, ')');
-        break;
-    }
-  }
-  luaL_pushresult(&pb);
-  luamp_raise(L, "Serialize", "%s: %s", lua_tostring(L, -1), msg);
+  luaL_checkstack(L, 8, NULL);
+  push_path(e);
+  luamp_raise(L, "Serialize", "%s: %s%s", lua_tostring(L, -2), msg, lua_tostring(L, -1));
 }
 
 static inline unsigned char *enc_room(enc *e, size_t n) {
@@ -773,7 +799,7 @@ static void encode_table(enc *e, int idx) {
     lua_settop(L, k);
   }
   if (mt) {
-    encode_child(e, STEP_META, 0, NULL, mt);
+    encode_child(e, STEP_META, idx, NULL, mt);
     lua_pop(L, 1);
   }
   patch_counts(e, at, (uint64_t)narr, nhash);
@@ -902,7 +928,9 @@ static void normalize_error(lua_State *L) {
   lua_remove(L, -2);
 }
 
-int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
+/* The carrier list (handles.c) is installed for the pcall only: NULL for a plain encode,
+ * so handles nested in it never put descriptors in a list they do not travel with. */
+static int encode_with(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *fds) {
   idx = lua_absindex(L, idx);
   enc e;
   memo m;
@@ -920,11 +948,21 @@ int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
   lua_pushcfunction(L, encode_protected);
   lua_pushlightuserdata(L, &e);
   lua_pushvalue(L, idx);
+  luamp_fdlist *prev = luamp_fds_send_begin(fds);
   int rc = lua_pcall(L, 2, 0, 0);
+  luamp_fds_send_end(prev);
   memo_free(&m);
   if (rc == LUA_OK) return 0;
   normalize_error(L);
   return -1;
+}
+
+int luamp_encodex(lua_State *L, int idx, luamp_buf *b, const char *root) {
+  return encode_with(L, idx, b, root, NULL);
+}
+
+int luamp_encode_fds(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *out) {
+  return encode_with(L, idx, b, root, out);
 }
 
 int luamp_encode(lua_State *L, int idx, luamp_buf *b) {
@@ -1239,6 +1277,10 @@ static int decode_protected(lua_State *L) {
 }
 
 int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
+  return luamp_decode_fds(L, data, len, flags, NULL);
+}
+
+int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luamp_fdlist *in) {
   dec d;
   dec_init(&d, L, data, len, flags);
   if (!lua_checkstack(L, 8)) {
@@ -1247,7 +1289,10 @@ int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
   }
   lua_pushcfunction(L, decode_protected);
   lua_pushlightuserdata(L, &d);
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK) return 0;
+  luamp_fdlist *prev = luamp_fds_recv_begin(in);
+  int rc = lua_pcall(L, 1, 1, 0);
+  luamp_fds_recv_end(prev);
+  if (rc == LUA_OK) return 0;
   normalize_error(L);
   return -1;
 }
@@ -1265,6 +1310,8 @@ typedef struct scratch {
   luamp_buf b;
   memo m;
   int busy;
+  luamp_fdlist fl;            /* _core.dumpx: the descriptors collected */
+  luamp_fdlist *prev_fl;      /* the carrier list to put back when closed */
 } scratch;
 
 #define SCRATCH_MT "luamp.codec.scratch"
@@ -1282,6 +1329,7 @@ static int scratch_gc(lua_State *L) {
 
 static int scratch_close(lua_State *L) {
   scratch *s = lua_touserdata(L, 1);
+  if (s->busy) luamp_fds_send_end(s->prev_fl);
   s->busy = 0;
   if (s->b.cap > SCRATCH_KEEP) luamp_buf_free(&s->b);
   if (s->m.cap > SCRATCH_MEMO_KEEP) memo_free(&s->m);
@@ -1313,11 +1361,18 @@ static scratch *push_scratch(lua_State *L) {
   return s;
 }
 
-/* luamp.dumps(v) -> string */
+/* luamp.dumps(v) -> string; as _core.dumpx(v) (upvalue true) -> string, fds|nil, where
+ * fds is a bundle (handles.c) holding duplicates of the descriptors the value's handles
+ * need, for a transport that sends them along later. */
 static int l_dumps(lua_State *L) {
+  int carry = lua_toboolean(L, lua_upvalueindex(1));
   luaL_checkany(L, 1);
+  /* luamp's own callers name the value for error messages ("args", "the task function") */
+  char root[64];
+  snprintf(root, sizeof root, "%s", luaL_optstring(L, 2, "value"));
   lua_settop(L, 1);
   scratch *s = push_scratch(L);
+  s->prev_fl = luamp_fds_send_begin(carry ? &s->fl : NULL);
   s->busy = 1;
   lua_toclose(L, 2);
   lua_settop(L, 4);
@@ -1325,7 +1380,7 @@ static int l_dumps(lua_State *L) {
   e.L = L;
   e.b = &s->b;
   e.m = &s->m;
-  e.root = "value";
+  e.root = root;
   e.nrefs = 0;
   e.depth = e.nsteps = 0;
   e.nm = NULL;
@@ -1337,7 +1392,14 @@ static int l_dumps(lua_State *L) {
   memo_clear(&s->m);
   encode_root(&e, 1);
   lua_pushlstring(L, s->b.data, s->b.len);
-  return 1;
+  if (!carry || s->fl.n == 0) return 1;
+  luamp_fdlist *out = luamp_fds_push_bundle(L);
+  for (int i = 0; i < s->fl.n; i++) {
+    int fd = fcntl(s->fl.fd[i], F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) luamp_raise_errno(L, "Serialize", "dumpx: dup", errno);   /* the bundle owns the rest */
+    out->fd[out->n++] = fd;
+  }
+  return 2;
 }
 
 static int loads_with(lua_State *L, int flags) {
@@ -1391,6 +1453,9 @@ int luamp_open_codec(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
+  lua_pushboolean(L, 1);
+  lua_pushcclosure(L, l_dumps, 1);
+  lua_setfield(L, -2, "dumpx");
   return 0;
 }
 

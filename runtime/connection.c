@@ -6,7 +6,9 @@
  * first record holding the length. Records keep their boundaries, so a small message
  * arrives with one recv, and a reader never takes bytes beyond the message it asked for:
  * several processes may share one end (taking turns under a lock), as in Python. A larger
- * message is received record by record straight into its buffer. Records of one message
+ * message is received record by record straight into its buffer, which grows as the
+ * records arrive: the length in a frame is the peer's claim, and a claim alone never
+ * makes the receiver allocate (beyond RX_AHEAD). Records of one message
  * are consecutive unless two processes send on the same end at once (Python forbids that
  * too); a small message is a single record and is never torn.
  *
@@ -22,6 +24,13 @@
  * recv_bytes(maxlength) on a longer message reads and discards that message, raises
  * Value, and leaves the connection usable. Anything a peer sends is checked: a frame
  * that does not parse raises Value and marks the receiving side broken.
+ *
+ * Descriptors (handles.c): a message whose value holds luamp objects carries their
+ * descriptors as SCM_RIGHTS on its first record, and the top byte of the frame's length
+ * word says how many (0 for every other message, whose bytes are unchanged). Records
+ * drained into rbuf keep their descriptors in a FIFO (stash), from which a frame read
+ * out of rbuf takes as many as its header says. Received descriptors belong to the
+ * message until it is decoded; whatever the decoding does not take is closed.
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -39,6 +48,13 @@
 #define MAX_MESSAGE ((uint64_t)1 << 42)   /* a larger length can only be garbage */
 #define KEEP_BUFFER (1024 * 1024)
 #define SOCKET_BUFFER (1024 * 1024)    /* larger receive buffers are freed after use */
+#define POPULATE_MIN (256 * 1024)   /* the first step of populating a receive buffer */
+#define RX_AHEAD (8 * 1024 * 1024)   /* receive buffer allocated ahead of a message's data */
+#define HUGE_PAGE ((size_t)2 << 20)
+#define HUGE ((size_t)4 << 20)     /* receive buffers this large use huge pages */
+#define FDS_SHIFT 56                   /* frame length word: descriptor count in the top byte */
+#define LEN_MASK (((uint64_t)1 << FDS_SHIFT) - 1)
+#define CMSG_ROOM CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)
 
 typedef struct conn {
   int fd;                 /* -1 once closed */
@@ -52,15 +68,20 @@ typedef struct conn {
   /* the message being received, kept across an interrupted receive */
   int rx_active, rx_discard;
   uint64_t rx_total, rx_got;
-  char *rx_buf;           /* rx_cap bytes from rx_alloc */
+  char *rx_buf;           /* rx_cap bytes from rx_reserve */
   size_t rx_cap;
+  size_t rx_ready;        /* bytes of rx_buf populated */
   luamp_buf tx;           /* encoded message being sent, reused */
   uint64_t dropped;       /* length of the message a failed receive discarded */
+  uint64_t cut_got, cut_total;   /* a message the peer stopped sending midway (T_CUT) */
+  luamp_fdlist rx_fds;    /* descriptors that came with the message being received */
+  int *stash;             /* descriptors of records drained into rbuf, oldest first */
+  size_t stash_pos, stash_len, stash_cap;
 } conn;
 
 /* Outcomes of the transfer helpers; the Lua-facing functions turn them into errors
  * only after every buffer the helper used is back in the connection's hands. */
-enum { T_OK = 0, T_TIMEOUT, T_INTR, T_EOF, T_PIPE, T_CORRUPT, T_TOOLONG, T_NOMEM, T_SYS };
+enum { T_OK = 0, T_TIMEOUT, T_INTR, T_EOF, T_CUT, T_PIPE, T_CORRUPT, T_TOOLONG, T_NOMEM, T_SYS };
 
 static void put_le64(unsigned char *p, uint64_t v) {
   for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -80,6 +101,49 @@ static void rbuf_take(conn *c, void *dst, size_t n) {
   if (c->rbuf_pos == c->rbuf_len) c->rbuf_pos = c->rbuf_len = 0;
 }
 
+/* Keeps the SCM_RIGHTS descriptors of a received message header in `to` (up to its room;
+ * any others are closed), or appends them to the stash when `to` is NULL. */
+static void take_cmsg_fds(conn *c, struct msghdr *msg, luamp_fdlist *to) {
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR(msg, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < n; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof fd);
+      if (to) {
+        if (to->n < LUAMP_MAX_FDS) to->fd[to->n++] = fd;
+        else luamp_close_fd(fd);
+        continue;
+      }
+      if (c->stash_len == c->stash_cap) {
+        size_t cap = c->stash_cap ? c->stash_cap * 2 : 16;
+        int *p = realloc(c->stash, cap * sizeof *p);
+        if (!p) { luamp_close_fd(fd); continue; }
+        c->stash = p;
+        c->stash_cap = cap;
+      }
+      c->stash[c->stash_len++] = fd;
+    }
+  }
+}
+
+/* Moves n stashed descriptors (those of a frame read from rbuf) to rx_fds. */
+static void unstash(conn *c, unsigned n) {
+  for (unsigned i = 0; i < n && c->stash_pos < c->stash_len; i++) {
+    int fd = c->stash[c->stash_pos++];
+    if (c->rx_fds.n < LUAMP_MAX_FDS) c->rx_fds.fd[c->rx_fds.n++] = fd;
+    else luamp_close_fd(fd);
+  }
+  if (c->stash_pos == c->stash_len) c->stash_pos = c->stash_len = 0;
+}
+
+static void stash_close(conn *c) {
+  for (size_t i = c->stash_pos; i < c->stash_len; i++) luamp_close_fd(c->stash[i]);
+  free(c->stash);
+  c->stash = NULL;
+  c->stash_pos = c->stash_len = c->stash_cap = 0;
+}
+
 /* Receive buffers are mapped directly and populated in one call: on this kind of machine
  * (virtualised page tables) taking a page fault per 4 KiB costs more than the copy.
  * One buffer of up to KEEP_BUFFER bytes stays for the next message. */
@@ -90,26 +154,85 @@ static void rx_release(conn *c, int keep) {
   c->rx_cap = 0;
 }
 
-static int rx_alloc(conn *c, uint64_t len) {
-  if (c->rx_buf && c->rx_cap >= len) return 0;
-  rx_release(c, 0);
-  size_t cap = ((size_t)len + 4095) & ~(size_t)4095;
-  if (cap == 0 || len > SIZE_MAX - 4096) return -1;
-  void *p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return -1;
+/* Maps cap bytes for a receive buffer, moving the `old` bytes populated at `from` (if
+ * any) to its start. A buffer of HUGE bytes or more starts at a huge-page boundary and
+ * asks for huge pages, which makes populating and copying it markedly cheaper: mremap
+ * alone would put it wherever there is room, and an unaligned range gets none. */
+static void *rx_map(void *from, size_t old, size_t cap) {
+  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  if (cap < HUGE) {
+    return from ? mremap(from, old, cap, MREMAP_MAYMOVE)
+                : mmap(NULL, cap, PROT_READ | PROT_WRITE, flags, -1, 0);
+  }
+  size_t span = cap + HUGE_PAGE;
+  char *r = mmap(NULL, span, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (r == MAP_FAILED) return r;
+  char *a = (char *)(((uintptr_t)r + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+  if (a > r) munmap(r, (size_t)(a - r));
+  if (a + cap < r + span) munmap(a + cap, (size_t)(r + span - (a + cap)));
+  if (from && mremap(from, old, old, MREMAP_MAYMOVE | MREMAP_FIXED, a) == MAP_FAILED) {
+    munmap(a, cap);
+    return MAP_FAILED;
+  }
 #ifdef MADV_HUGEPAGE
-  if (cap >= 4u << 20) madvise(p, cap, MADV_HUGEPAGE);
+  madvise(a, cap, MADV_HUGEPAGE);
 #endif
+  return a;
+}
+
+/* Populates the buffer up to at least `need` bytes, in steps that double with the data
+ * received, so a claim never makes us touch more than about twice what arrived. */
+static void rx_populate(conn *c, size_t need) {
+  if (need <= c->rx_ready) return;
+  size_t upto = c->rx_ready * 2;
+  if (upto < POPULATE_MIN) upto = POPULATE_MIN;
+  if (upto < need) upto = need;
+  if (upto > c->rx_cap) upto = c->rx_cap;
+  size_t from = c->rx_ready & ~(size_t)4095;
 #ifdef MADV_POPULATE_WRITE
-  madvise(p, cap, MADV_POPULATE_WRITE);
+  madvise(c->rx_buf + from, upto - from, MADV_POPULATE_WRITE);
 #endif
+  c->rx_ready = upto;
+}
+
+/* Makes room for the first `need` bytes of the message being received (need <= rx_total).
+ * The length in a frame is only the peer's claim, so the buffer is not sized by it: it
+ * is mapped RX_AHEAD bytes at first (address space only) and doubles as data arrives
+ * (the pages already populated are moved, not copied), never beyond the claimed length;
+ * pages are populated as the data reaches them. What is mapped is thus at most RX_AHEAD
+ * or about twice what has arrived, what is touched about twice what has arrived. */
+static int rx_reserve(conn *c, uint64_t need) {
+  if (c->rx_buf && c->rx_cap >= need) {
+    rx_populate(c, (size_t)need);
+    return 0;
+  }
+  uint64_t want = (uint64_t)c->rx_cap * 2;
+  if (want < RX_AHEAD) want = RX_AHEAD;
+  if (want < need) want = need;
+  if (want > c->rx_total) want = c->rx_total;
+  if (want == 0) want = 1;
+  if (want > SIZE_MAX - HUGE_PAGE - 4096) return -1;
+  size_t cap = ((size_t)want + 4095) & ~(size_t)4095;
+  size_t old = c->rx_buf ? c->rx_cap : 0;
+  char *p = rx_map(c->rx_buf, old, cap);
+  if (p == MAP_FAILED) return -1;
+  if (!c->rx_buf) c->rx_ready = 0;
   c->rx_buf = p;
   c->rx_cap = cap;
+  rx_populate(c, (size_t)need);
   return 0;
+}
+
+/* A buffer that cannot grow: the rest of the message is read and dropped, so the stream
+ * stays framed, and the receive reports T_NOMEM at the end. */
+static void rx_give_up(conn *c) {
+  rx_release(c, 0);
+  c->rx_discard = T_NOMEM;
 }
 
 static void rx_reset(conn *c) {
   rx_release(c, 1);
+  luamp_fdlist_close(&c->rx_fds);
   c->rx_active = c->rx_discard = 0;
   c->rx_total = c->rx_got = 0;
 }
@@ -155,8 +278,15 @@ static int drain_incoming(conn *c) {
       c->rbuf_cap = cap;
     }
     ssize_t n;
-    do n = recv(c->fd, c->rbuf + c->rbuf_len, CHUNK, MSG_DONTWAIT | MSG_TRUNC);
-    while (n < 0 && recv_retry(errno));
+    union { char buf[CMSG_ROOM]; struct cmsghdr align; } ctl;
+    struct iovec iov = {c->rbuf + c->rbuf_len, CHUNK};
+    struct msghdr msg;
+    do {
+      msg = (struct msghdr){.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                            .msg_controllen = sizeof ctl.buf};
+      n = recvmsg(c->fd, &msg, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC);
+    } while (n < 0 && recv_retry(errno));
+    if (n > 0) take_cmsg_fds(c, &msg, NULL);
     if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? T_OK : T_SYS;
     if (n == 0) return T_OK;               /* peer gone: our send will report it */
     if (n > CHUNK) { c->rx_broken = 1; return T_OK; }
@@ -164,9 +294,20 @@ static int drain_incoming(conn *c) {
   }
 }
 
-/* Sends one record, waiting while the socket is full. */
-static int send_record(conn *c, struct iovec *iov, int iovcnt) {
+/* Sends one record (with fds as SCM_RIGHTS when given), waiting while the socket is full. */
+static int send_record(conn *c, struct iovec *iov, int iovcnt, const luamp_fdlist *fds) {
   struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
+  union { char buf[CMSG_ROOM]; struct cmsghdr align; } ctl;
+  if (fds && fds->n > 0) {
+    memset(ctl.buf, 0, sizeof ctl.buf);
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)fds->n);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fds->n);
+    memcpy(CMSG_DATA(cm), fds->fd, sizeof(int) * (size_t)fds->n);
+  }
   for (;;) {
     ssize_t n = sendmsg(c->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n >= 0) return T_OK;
@@ -184,17 +325,18 @@ static int send_record(conn *c, struct iovec *iov, int iovcnt) {
   }
 }
 
-static int send_frame(conn *c, const char *data, size_t len) {
+static int send_frame(conn *c, const char *data, size_t len, const luamp_fdlist *fds) {
   unsigned char hdr[HDR];
-  put_le64(hdr, len);
+  uint64_t nfds = fds ? (uint64_t)fds->n : 0;
+  put_le64(hdr, len | nfds << FDS_SHIFT);
   size_t first = len < CHUNK - HDR ? len : CHUNK - HDR;
   struct iovec iov[2] = {{hdr, HDR}, {(void *)data, first}};
-  int rc = send_record(c, iov, 2);
+  int rc = send_record(c, iov, 2, fds);
   if (rc != T_OK) return rc;
   for (size_t off = first; off < len;) {
     size_t k = len - off < CHUNK ? len - off : CHUNK;
     struct iovec one = {(void *)(data + off), k};
-    rc = send_record(c, &one, 1);
+    rc = send_record(c, &one, 1, NULL);
     if (rc != T_OK) {
       /* The peer holds part of a frame; it must see EOF rather than wait forever. */
       c->tx_broken = 1;
@@ -219,14 +361,19 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
   size_t first = 0;
   *have_small = 0;
   if (ensure_scratch(c) < 0) return T_NOMEM;
-  if (rbuf_avail(c) > 0) {
+  int from_rbuf = rbuf_avail(c) > 0;
+  luamp_fdlist_close(&c->rx_fds);
+  if (from_rbuf) {
     if (rbuf_avail(c) < HDR) { c->rx_broken = 1; return T_CORRUPT; }
     rbuf_take(c, hdr, HDR);
   } else {
     for (;;) {
       struct iovec iov[2] = {{hdr, HDR}, {c->scratch, CHUNK - HDR}};
-      struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
-      ssize_t n = recvmsg(c->fd, &msg, MSG_DONTWAIT);
+      union { char buf[CMSG_ROOM]; struct cmsghdr align; } ctl;
+      struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2, .msg_control = ctl.buf,
+                           .msg_controllen = sizeof ctl.buf};
+      ssize_t n = recvmsg(c->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      if (n > 0) take_cmsg_fds(c, &msg, &c->rx_fds);
       if (n > 0) {
         if (n < HDR || (msg.msg_flags & MSG_TRUNC)) { c->rx_broken = 1; return T_CORRUPT; }
         first = (size_t)n - HDR;
@@ -242,6 +389,9 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
     }
   }
   uint64_t total = get_le64(hdr);
+  unsigned nfds = (unsigned)(total >> FDS_SHIFT);
+  total &= LEN_MASK;
+  if (from_rbuf) unstash(c, nfds);
   if (total > MAX_MESSAGE || first > total) { c->rx_broken = 1; return T_CORRUPT; }
   if (first == total && total <= maxlen) {
     *small = first;
@@ -251,12 +401,9 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
   c->rx_active = 1;
   c->rx_total = total;
   c->rx_got = first;
-  if (total > maxlen) {
-    c->rx_discard = T_TOOLONG;
-  } else {
-    if (rx_alloc(c, total ? total : 1) < 0) c->rx_discard = T_NOMEM;
-    else memcpy(c->rx_buf, c->scratch, first);
-  }
+  if (total > maxlen) c->rx_discard = T_TOOLONG;
+  else if (rx_reserve(c, first) < 0) rx_give_up(c);
+  else memcpy(c->rx_buf, c->scratch, first);
   return T_OK;
 }
 
@@ -265,6 +412,7 @@ static int rx_continue(conn *c, double deadline) {
   while (c->rx_got < c->rx_total) {
     uint64_t want = c->rx_total - c->rx_got;
     if (want > CHUNK) want = CHUNK;
+    if (!c->rx_discard && rx_reserve(c, c->rx_got + want) < 0) rx_give_up(c);
     char *dst = c->rx_discard ? c->scratch : c->rx_buf + c->rx_got;
     size_t avail = rbuf_avail(c);
     if (avail > 0) {
@@ -279,7 +427,12 @@ static int rx_continue(conn *c, double deadline) {
       c->rx_got += (uint64_t)n;
       continue;
     }
-    if (n == 0) { rx_reset(c); return T_EOF; }
+    if (n == 0) {
+      c->cut_got = c->rx_got;
+      c->cut_total = c->rx_total;
+      rx_reset(c);
+      return T_CUT;
+    }
     if (recv_retry(errno)) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return T_SYS;
     int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
@@ -321,6 +474,7 @@ static int rx_message(conn *c, double deadline, int nowait, uint64_t maxlen, con
 }
 
 static void rx_finish(conn *c) {
+  luamp_fdlist_close(&c->rx_fds);
   c->rx_active = 0;
   c->rx_total = c->rx_got = 0;
   rx_release(c, 1);
@@ -335,12 +489,16 @@ static conn *check_conn(lua_State *L, int idx) {
 }
 
 /* err: the errno saved right after the failing helper returned (for T_SYS). */
-static void raise_transfer(lua_State *L, int rc, int err, const char *what, uint64_t len,
-                           uint64_t maxlen) {
+static void raise_transfer(lua_State *L, const conn *c, int rc, int err, const char *what,
+                           uint64_t len, uint64_t maxlen) {
   switch (rc) {
     case T_TIMEOUT: luamp_raise(L, "Timeout", "%s timed out", what);
     case T_INTR: luamp_take_interrupt(); luamp_raise(L, "Interrupted", "%s interrupted", what);
     case T_EOF: luamp_raise(L, "EOF", "%s: the other end of the connection is closed", what);
+    case T_CUT:
+      luamp_raise(L, "EOF", "%s: the other end of the connection closed in the middle of a "
+                  "message (%llu of the %llu bytes it announced arrived)", what,
+                  (unsigned long long)c->cut_got, (unsigned long long)c->cut_total);
     case T_PIPE: luamp_raise(L, "BrokenPipe", "%s: the other end of the connection is closed", what);
     case T_CORRUPT: luamp_raise(L, "Value", "%s: the peer sent malformed data", what);
     case T_TOOLONG:
@@ -362,12 +520,14 @@ static void conn_release(conn *c) {
   rx_reset(c);
   rx_release(c, 0);
   luamp_buf_free(&c->tx);
+  stash_close(c);
 }
 
 static conn *new_conn_ud(lua_State *L) {
   conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
   c->fd = -1;
+  c->rx_fds.n = 0;
   luamp_buf_init(&c->tx);
   luaL_setmetatable(L, CONN_MT);
   return c;
@@ -417,7 +577,7 @@ static void check_readable(lua_State *L, conn *c) {
 static int finish_send(lua_State *L, conn *c, int rc, const char *what) {
   int err = errno;
   if (c->tx.cap > KEEP_BUFFER) luamp_buf_free(&c->tx);
-  if (rc != T_OK) raise_transfer(L, rc, err, what, 0, 0);
+  if (rc != T_OK) raise_transfer(L, c, rc, err, what, 0, 0);
   return 0;
 }
 
@@ -427,7 +587,18 @@ static int l_send_bytes(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   check_writable(L, c);
-  return finish_send(L, c, send_frame(c, s, len), "send_bytes");
+  return finish_send(L, c, send_frame(c, s, len, NULL), "send_bytes");
+}
+
+/* :_send(s, [fds]): bytes (from _core.dumpx) with the descriptors of a bundle, which
+ * stays the caller's (the Pool may send the same chunk again to another worker). */
+static int l_send_fds(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
+  check_writable(L, c);
+  return finish_send(L, c, send_frame(c, s, len, fds), "send");
 }
 
 /* :send(v): v through the codec */
@@ -436,8 +607,10 @@ static int l_send(lua_State *L) {
   luaL_checkany(L, 2);
   check_writable(L, c);
   c->tx.len = 0;
-  if (luamp_encodex(L, 2, &c->tx, "message") < 0) return lua_error(L);
-  return finish_send(L, c, send_frame(c, c->tx.data, c->tx.len), "send");
+  luamp_fdlist fds;
+  if (luamp_encode_fds(L, 2, &c->tx, "message", &fds) < 0) return lua_error(L);
+  /* the descriptors are borrowed from objects that v (still on the stack) keeps open */
+  return finish_send(L, c, send_frame(c, c->tx.data, c->tx.len, &fds), "send");
 }
 
 static uint64_t maxlength_arg(lua_State *L, int idx) {
@@ -447,15 +620,24 @@ static uint64_t maxlength_arg(lua_State *L, int idx) {
   return (uint64_t)m;
 }
 
-/* Pushes the received message (as a string, or decoded) and releases the buffer. */
+/* Pushes the received message (as a string, or decoded) and releases the buffer and the
+ * descriptors decoding did not take. With decode 2 (_recv), the string and, when the
+ * message brought descriptors, a bundle holding them. */
 static int deliver(lua_State *L, conn *c, const char *data, size_t len, int decode) {
-  if (decode) {
-    if (luamp_decode(L, data, len) < 0) {
+  if (decode == 1) {
+    if (luamp_decode_fds(L, data, len, 0, &c->rx_fds) < 0) {
       rx_finish(c);
       return lua_error(L);
     }
   } else {
     lua_pushlstring(L, data, len);
+  }
+  if (decode == 2 && c->rx_fds.n > 0) {
+    luamp_fdlist *b = luamp_fds_push_bundle(L);
+    *b = c->rx_fds;
+    c->rx_fds.n = 0;
+    rx_finish(c);
+    return 2;
   }
   rx_finish(c);
   return 1;
@@ -467,7 +649,7 @@ static int do_recv(lua_State *L, int decode, int nowait, uint64_t maxlen, const 
   size_t len;
   int rc = rx_message(c, -1, nowait, maxlen, &data, &len);
   if (rc == T_TIMEOUT && nowait) return 0;
-  if (rc != T_OK) raise_transfer(L, rc, errno, what, c->dropped, maxlen);
+  if (rc != T_OK) raise_transfer(L, c, rc, errno, what, c->dropped, maxlen);
   return deliver(L, c, data, len, decode);
 }
 
@@ -477,11 +659,18 @@ static int l_recv_bytes(lua_State *L) {
   return do_recv(L, 0, 0, maxlength_arg(L, 2), "recv_bytes");
 }
 
-/* :_recv_bytes_nowait() -> string, or nothing when no message has begun to arrive: the
- * receive for a reader that only has a readiness hint (luamp's Pool) */
+/* :_recv_bytes_nowait() -> string, [fds], or nothing when no message has begun to
+ * arrive: the receive for a reader that only has a readiness hint (luamp's Pool); fds as
+ * for _recv */
 static int l_recv_bytes_nowait(lua_State *L) {
   check_readable(L, check_conn(L, 1));
-  return do_recv(L, 0, 1, UINT64_MAX, "recv_bytes");
+  return do_recv(L, 2, 1, UINT64_MAX, "recv_bytes");
+}
+
+/* :_recv() -> string, [fds]: the raw message and the descriptors that came with it */
+static int l_recv_fds(lua_State *L) {
+  check_readable(L, check_conn(L, 1));
+  return do_recv(L, 2, 0, UINT64_MAX, "recv");
 }
 
 /* :recv() -> value */
@@ -505,7 +694,7 @@ static int l_poll(lua_State *L) {
   short rev = 0;
   int rc = wait_fd(c->fd, POLLIN, deadline, &rev);
   if (rc == T_TIMEOUT) rc = T_OK, rev = 0;
-  if (rc != T_OK) raise_transfer(L, rc, errno, "poll", 0, 0);
+  if (rc != T_OK) raise_transfer(L, c, rc, errno, "poll", 0, 0);
   lua_pushboolean(L, rev != 0);
   return 1;
 }
@@ -553,51 +742,87 @@ static int l_index(lua_State *L) {
   return 1;
 }
 
-/* __luamp_handle: a Connection crosses as its fd number plus the socket's identity, so
- * the receiver can check that it inherited that very socket. */
+static void push_identity_key(lua_State *L, const struct stat *st) {
+  lua_pushfstring(L, "Connection %I:%I", (lua_Integer)st->st_dev, (lua_Integer)st->st_ino);
+}
+
+/* __luamp_handle: a Connection crosses with its socket (carried = true, fdi = the socket's
+ * index among the message's descriptors), or, for luamp.dumps, as its fd number plus the
+ * socket's identity, so a receiver can check that it inherited that very socket. */
 static int l_handle(lua_State *L) {
   conn *c = check_conn(L, 1);
   struct stat st;
   if (fstat(c->fd, &st) < 0) luamp_raise_errno(L, "Serialize", "Connection", errno);
+  push_identity_key(L, &st);
+  luamp_handle_remember(L, 1, lua_tostring(L, -1));
+  lua_pop(L, 1);
+  int fdi = luamp_handle_send_fd(L, c->fd);
   lua_pushliteral(L, "luamp.Connection");
   lua_createtable(L, 0, 6);
-  lua_pushinteger(L, c->fd);
-  lua_setfield(L, -2, "fd");
-  lua_pushinteger(L, (lua_Integer)st.st_ino);
-  lua_setfield(L, -2, "ino");
-  lua_pushinteger(L, (lua_Integer)st.st_dev);
-  lua_setfield(L, -2, "dev");
+  if (fdi >= 0) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "carried");
+    lua_pushinteger(L, fdi);
+    lua_setfield(L, -2, "fdi");
+  } else {
+    lua_pushinteger(L, c->fd);
+    lua_setfield(L, -2, "fd");
+    lua_pushinteger(L, (lua_Integer)st.st_ino);
+    lua_setfield(L, -2, "ino");
+    lua_pushinteger(L, (lua_Integer)st.st_dev);
+    lua_setfield(L, -2, "dev");
+    lua_pushinteger(L, getpid());
+    lua_setfield(L, -2, "pid");
+  }
   lua_pushboolean(L, c->readable);
   lua_setfield(L, -2, "readable");
   lua_pushboolean(L, c->writable);
   lua_setfield(L, -2, "writable");
-  lua_pushinteger(L, getpid());
-  lua_setfield(L, -2, "pid");
   return 2;
 }
 
-/* Rebuilds a Connection from its handle payload: a new object on a dup of the same
- * socket, if this process holds it (it inherited it by fork). */
+/* Rebuilds a Connection from its handle payload: on the socket that came with the
+ * message, or on a dup of the same socket if this process inherited it; the Connection
+ * this process already has on that socket if there is one. */
 static int l_from_handle(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_Integer fd = luamp_handle_field(L, 1, "Connection handle", "fd");
-  lua_Integer ino = luamp_handle_field(L, 1, "Connection handle", "ino");
-  lua_Integer dev = luamp_handle_field(L, 1, "Connection handle", "dev");
-  lua_Integer pid = luamp_handle_field(L, 1, "Connection handle", "pid");
   lua_getfield(L, 1, "readable");
   int readable = lua_toboolean(L, -1);
   lua_getfield(L, 1, "writable");
   int writable = lua_toboolean(L, -1);
   lua_pop(L, 2);
+  conn *c = new_conn_ud(L);              /* owns the descriptor from here on */
   struct stat st;
-  if (fd < 0 || fd > INT32_MAX || fstat((int)fd, &st) < 0 || !S_ISSOCK(st.st_mode) ||
-      (lua_Integer)st.st_ino != ino || (lua_Integer)st.st_dev != dev)
-    luamp_raise(L, "Value",
-                "cannot receive a Connection from process %lld: this process did not inherit "
-                "its socket (create the Pipe before starting this process)", (long long)pid);
-  conn *c = new_conn_ud(L);
-  c->fd = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
-  if (c->fd < 0) luamp_raise_errno(L, "Value", "Connection: dup", errno);
+  if (luamp_handle_is_carried(L, 1)) {
+    c->fd = luamp_handle_recv_fd(L, 1, "fdi", "Connection");
+    if (fstat(c->fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+      luamp_raise(L, "Value", "cannot receive a Connection: the descriptor that came with it is "
+                  "not a socket");
+  } else {
+    lua_Integer fd = luamp_handle_field(L, 1, "Connection handle", "fd");
+    lua_Integer ino = luamp_handle_field(L, 1, "Connection handle", "ino");
+    lua_Integer dev = luamp_handle_field(L, 1, "Connection handle", "dev");
+    lua_Integer pid = luamp_handle_field(L, 1, "Connection handle", "pid");
+    if (fd < 0 || fd > INT32_MAX || fstat((int)fd, &st) < 0 || !S_ISSOCK(st.st_mode) ||
+        (lua_Integer)st.st_ino != ino || (lua_Integer)st.st_dev != dev)
+      luamp_raise(L, "Value",
+                  "cannot receive a Connection from process %lld: this process did not inherit "
+                  "its socket (and it came without its descriptor)", (long long)pid);
+    c->fd = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
+    if (c->fd < 0) luamp_raise_errno(L, "Value", "Connection: dup", errno);
+  }
+  push_identity_key(L, &st);
+  const char *key = lua_tostring(L, -1);
+  if (luamp_handle_find(L, key)) {
+    conn *old = luaL_testudata(L, -1, CONN_MT);
+    if (old && old->fd >= 0) {
+      conn_release(c);                   /* the same socket, already open here */
+      return 1;
+    }
+    lua_pop(L, 1);
+  }
+  luamp_handle_remember(L, -2, key);
+  lua_pop(L, 1);
   c->readable = readable;
   c->writable = writable;
   return 1;
@@ -623,6 +848,8 @@ int luamp_open_connection(lua_State *L) {
     {"fileno", l_fileno},
     {"close", l_close},
     {"_ready_now", l_ready_now},
+    {"_send", l_send_fds},
+    {"_recv", l_recv_fds},
     {"_recv_bytes_nowait", l_recv_bytes_nowait},
     {NULL, NULL}
   };

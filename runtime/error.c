@@ -5,6 +5,13 @@
  * metatable (registry "luamp.Error") whose __tostring renders "luamp.<Kind>: <message>",
  * so that uncaught errors print readably in any host. Lua code raises them through
  * `_core.raise(kind, message, [fields], [level])` and C through luamp_raise().
+ *
+ * Any value may be raised, so every place that shows an error to a person goes through
+ * one renderer (luamp_push_error_text): a table without __tostring shows its `message`
+ * or `msg` field, else its pformat, never "table: 0x...". luamp_traceback (public, a
+ * message handler) adds the traceback, and for a Remote error first the worker's
+ * traceback, as Python prints a chained exception: cause first, then "The above error
+ * in a worker was the direct cause of the following error:", then the local one.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -61,6 +68,128 @@ int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
 
 int luamp_raise_errno(lua_State *L, const char *kind, const char *what, int err) {
   luamp_raise(L, kind, "%s: %s", what, strerror(err));
+}
+
+static int tolstring_call(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+static int is_error_object(lua_State *L, int idx) {
+  int ok = 0;
+  if (lua_getmetatable(L, idx)) {
+    luaL_getmetatable(L, ERROR_MT);
+    ok = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  return ok;
+}
+
+/* pformat of the value at idx through luamp.pretty, or NULL (pushes nothing) when that
+ * is unavailable or fails: a renderer of errors must not raise one of its own. */
+/* lua_pcall for the renderer, which runs in message handlers where raising again would
+ * only give "error in error handling": a Ctrl-C caught here is asked for again, so the
+ * next wait raises it (Ctrl-C always wins), and the rendering goes on. */
+static int render_pcall(lua_State *L, int nargs) {
+  int status = lua_pcall(L, nargs, 1, 0);
+  if (status != LUA_OK && luamp_is_interrupted(L, -1)) luamp_request_interrupt();
+  return status;
+}
+
+static const char *push_pformat(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (!lua_checkstack(L, 4)) return NULL;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "luamp.pretty");
+  if (render_pcall(L, 1) != LUA_OK || !lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  lua_getfield(L, -1, "pformat");
+  lua_remove(L, -2);
+  lua_pushvalue(L, idx);
+  if (render_pcall(L, 1) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  return lua_tostring(L, -1);
+}
+
+const char *luamp_push_error_text(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 6, NULL);
+  switch (lua_type(L, idx)) {
+    case LUA_TSTRING: case LUA_TNUMBER:
+      lua_pushvalue(L, idx);
+      return lua_tostring(L, -1);
+    case LUA_TNIL:
+      return lua_pushliteral(L, "nil");
+    default: break;
+  }
+  if (luaL_getmetafield(L, idx, "__tostring") != LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_pushcfunction(L, tolstring_call);
+    lua_pushvalue(L, idx);
+    if (render_pcall(L, 1) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) return lua_tostring(L, -1);
+    lua_pop(L, 1);
+  }
+  if (lua_type(L, idx) == LUA_TTABLE) {
+    static const char *const fields[] = {"message", "msg", NULL};
+    for (int i = 0; fields[i]; i++) {
+      lua_pushstring(L, fields[i]);
+      if (lua_rawget(L, idx) == LUA_TSTRING) return lua_tostring(L, -1);
+      lua_pop(L, 1);
+    }
+    const char *s = push_pformat(L, idx);
+    if (s) return s;
+  }
+  return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+}
+
+/* The remote traceback of a Remote error at idx pushed (returns 1), or nothing (0). */
+static int push_remote_traceback(lua_State *L, int idx) {
+  if (!is_error_object(L, idx)) return 0;
+  lua_getfield(L, idx, "kind");
+  int remote = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "Remote") == 0;
+  lua_pop(L, 1);
+  if (!remote) return 0;
+  lua_getfield(L, idx, "remote_traceback");
+  if (lua_type(L, -1) == LUA_TSTRING && lua_rawlen(L, -1) > 0) return 1;
+  lua_pop(L, 1);
+  return 0;
+}
+
+#define CAUSE_LINE "\n\nThe above error in a worker was the direct cause of the following error:\n\n"
+
+void luamp_push_error_report(lua_State *L, int idx, lua_State *co, int level) {
+  idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 6, NULL);
+  int base = lua_gettop(L);
+  if (push_remote_traceback(L, idx)) lua_pushliteral(L, CAUSE_LINE);
+  luaL_traceback(L, co, luamp_push_error_text(L, idx), level);
+  lua_remove(L, -2);
+  lua_concat(L, lua_gettop(L) - base);
+}
+
+int luamp_traceback(lua_State *L) {
+  lua_settop(L, 1);
+  luamp_push_error_report(L, 1, L, 1);
+  return 1;
+}
+
+/* _core.error_text(e) -> string */
+static int l_error_text(lua_State *L) {
+  luaL_checkany(L, 1);
+  luamp_push_error_text(L, 1);
+  return 1;
+}
+
+/* _core.error_report(e, [level]) -> text and traceback of the caller from `level` */
+static int l_error_report(lua_State *L) {
+  luaL_checkany(L, 1);
+  int level = (int)luaL_optinteger(L, 2, 1);
+  luamp_push_error_report(L, 1, L, level);
+  return 1;
 }
 
 int luamp_is_interrupted(lua_State *L, int idx) {
@@ -142,6 +271,8 @@ int luamp_open_error(lua_State *L) {
     {"error", l_error_new},
     {"raise", l_error_raise},
     {"is_error", l_is_error},
+    {"error_text", l_error_text},
+    {"error_report", l_error_report},
     {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);

@@ -122,6 +122,42 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
  * is missing or not an integer (a payload from a confused or hostile peer). */
 lua_Integer luamp_handle_field(lua_State *L, int t, const char *what, const char *k);
 
+/* ---- descriptors that travel with handles (handles.c) ----------------------------------
+ * While a message is encoded for a transport that can carry descriptors (a Connection,
+ * a Queue item, _core.dumpx), a carrier list is installed: handle hooks add the
+ * descriptors their object needs (luamp_handle_send_fd, which returns the index to put
+ * in the payload, with carried = true) instead of naming their own fd numbers. The list
+ * borrows the descriptors. While a message is decoded, the received descriptors are
+ * installed: rebuild functions take theirs (luamp_handle_recv_fd) and own them; the
+ * transport closes whatever is left (luamp_fdlist_close). */
+#define LUAMP_MAX_FDS 64
+typedef struct luamp_fdlist { int n; int fd[LUAMP_MAX_FDS]; } luamp_fdlist;
+/* Install l (emptied) as the list for encoding (NULL: none); returns the previous one. */
+luamp_fdlist *luamp_fds_send_begin(luamp_fdlist *l);
+void luamp_fds_send_end(luamp_fdlist *prev);
+luamp_fdlist *luamp_fds_recv_begin(luamp_fdlist *l);
+void luamp_fds_recv_end(luamp_fdlist *prev);
+/* In a handle hook: index of fd in the message's list, or -1 when the message carries no
+ * descriptors (luamp.dumps). Raises Serialize when the list is full. */
+int luamp_handle_send_fd(lua_State *L, int fd);
+/* In a rebuild function: takes the descriptor whose index is the payload's integer field
+ * `field`; the caller owns it. Raises Value (naming `kind`) if it did not arrive. */
+int luamp_handle_recv_fd(lua_State *L, int payload, const char *field, const char *kind);
+/* Whether the payload at index `payload` says its descriptors travel with the message. */
+int luamp_handle_is_carried(lua_State *L, int payload);
+void luamp_fdlist_close(luamp_fdlist *l);
+/* The identity registry: pushes the live object remembered under key and returns 1, or
+ * returns 0 (pushing nothing); remember stores the object at idx under key (weakly). */
+int luamp_handle_find(lua_State *L, const char *key);
+void luamp_handle_remember(lua_State *L, int idx, const char *key);
+/* Encode/decode with a carrier list (codec.c): as luamp_encodex/luamp_decodex. */
+int luamp_encode_fds(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *out);
+int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luamp_fdlist *in);
+/* A new descriptor bundle (userdata luamp.fds, owning its descriptors) on the stack. */
+luamp_fdlist *luamp_fds_push_bundle(lua_State *L);
+/* The bundle at idx, or NULL when idx is nil/none. */
+luamp_fdlist *luamp_fds_check_bundle(lua_State *L, int idx);
+
 /* ---- processes (process.c) ------------------------------------------------------------ */
 
 /* fork() with the runtime's discipline (stdio flushed, signals blocked across it, child
@@ -173,8 +209,13 @@ void *luamp_ref_alloc(lua_State *L, luamp_ref *ref, unsigned type, size_t size);
  * luamp_ref_push_payload, possibly in another process); raises Value if the payload
  * does not name a live object of `type` with at least `size` bytes. */
 void *luamp_ref_attach(lua_State *L, luamp_ref *ref, int idx, unsigned type, size_t size);
-/* Pushes the handle payload {arena, pid, fd, off} for ref; pins the object for good. */
+/* Pushes the handle payload for ref: with a carrier list installed (handles.c), the
+ * arena's memfd travels with the message and the payload holds one in-flight reference
+ * that the receiver adopts; without (luamp.dumps), it names the fd for /proc and pins the
+ * object for good. */
 void luamp_ref_push_payload(lua_State *L, const luamp_ref *ref);
+/* Pushes the identity-registry key of the object ref points at (arena, block, generation). */
+void luamp_ref_push_key(lua_State *L, const luamp_ref *ref);
 /* Bytes usable at ref->ptr (at least the size asked for). */
 size_t luamp_ref_capacity(const luamp_ref *ref);
 /* Drops the reference; idempotent. */
@@ -239,6 +280,16 @@ void luamp_subprocess_after_fork(void);
 
 /* ---- module openers (one per concept file) -------------------------------------------- */
 int luamp_open_error(lua_State *L);
+int luamp_open_bytecode(lua_State *L);
+/* When >= 0 (set by the REPL on a terminal), a forked child puts this fd (a pty whose
+ * output the REPL relays) in place of a stdout/stderr that is a terminal. */
+extern int luamp_child_stdio_fd;
+/* Pushes readable text for any error value at idx (string; __tostring; a table's
+ * message/msg field or its pformat) and returns it. Never raises but for memory. */
+const char *luamp_push_error_text(lua_State *L, int idx);
+/* Pushes the error at idx as text with co's traceback from `level`; a Remote error's
+ * worker traceback comes first, as the cause. */
+void luamp_push_error_report(lua_State *L, int idx, lua_State *co, int level);
 int luamp_open_wait(lua_State *L);
 int luamp_open_codec(lua_State *L);
 int luamp_open_process(lua_State *L);
@@ -249,5 +300,8 @@ int luamp_open_subprocess(lua_State *L);
 int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
 int luamp_open_pool(lua_State *L);
+int luamp_open_handles(lua_State *L);
+int luamp_open_redis(lua_State *L);    /* the broker: Redis connection and message seal */
+int luamp_open_auth(lua_State *L);
 
 #endif

@@ -51,6 +51,13 @@ int luamp_repl(lua_State *L);
  * coroutine than L is stopped only when it next waits (as in lua.c). */
 int luamp_pcall_interruptible(lua_State *L, int nargs, int nresults, int msgh);
 
+/* A message handler for lua_pcall / luamp_pcall_interruptible: returns the error as text
+ * with a traceback. Any error value reads well: a table raised as an error shows its
+ * `message` or `msg` field (else a pformat of it); a luamp.Remote error shows the
+ * worker's traceback first, then "The above error in a worker was the direct cause of
+ * the following error:" and the local traceback. */
+int luamp_traceback(lua_State *L);
+
 /* Async-signal-safe: for hosts with their own SIGINT handler. Makes the current (or the
  * next) luamp wait end with a luamp.Interrupted error. */
 void luamp_request_interrupt(void);

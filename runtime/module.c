@@ -90,6 +90,10 @@ static const opener openers[] = {
   luamp_open_connection,
   luamp_open_queue,
   luamp_open_pool,
+  luamp_open_handles,
+  luamp_open_bytecode,
+  luamp_open_redis,
+  luamp_open_auth,
   NULL
 };
 

@@ -240,6 +240,8 @@ static void reset_after_fork(int daemon, pid_t parent) {
   }
 }
 
+int luamp_child_stdio_fd = -1;
+
 pid_t luamp_fork(int daemon) {
   sigset_t all, old;
   pid_t parent = luamp_self_pid();
@@ -252,6 +254,11 @@ pid_t luamp_fork(int daemon) {
   if (pid == 0) {
     luamp_arena_fork_child();
     reset_after_fork(daemon, parent);
+    /* the REPL relays children's terminal output so that it can redraw its prompt */
+    if (luamp_child_stdio_fd >= 0) {
+      if (isatty(STDOUT_FILENO)) dup2(luamp_child_stdio_fd, STDOUT_FILENO);
+      if (isatty(STDERR_FILENO)) dup2(luamp_child_stdio_fd, STDERR_FILENO);
+    }
   } else {
     luamp_arena_fork_parent(pid < 0);
   }

@@ -29,19 +29,35 @@
  * registered, put and get make no system call. The same fds let luamp.wait (and later an
  * event loop) wait for a queue: see _wait_begin / _wait_end.
  *
- * The fds are inherited by forked children and a queue crosses to them through other
- * queues and pipes as a handle (fd numbers checked against the memfd's identity).
+ * Handles. A queue crosses to another process with its descriptors (handles.c): over a
+ * Connection as SCM_RIGHTS, inside a queue item through the carrying queue's side
+ * socket. The side socket is an AF_UNIX datagram socket connected to itself, one more
+ * descriptor of every queue. A put whose item holds luamp objects sends their
+ * descriptors on it, with a fresh token, under the lock, and commits the item (flag
+ * R_FDS) with the same token; a get pops such an item and receives its descriptors under
+ * the same lock, so the socket's order is the queue's order. Tokens only grow, so
+ * descriptors sent by a put that died before committing its item (older tokens) are
+ * skipped and closed, and descriptors taken by a getter that died are missed (that
+ * item's handles then raise Value). Descriptors of items nobody takes die with the
+ * socket. Items without objects never touch the socket. For luamp.dumps a queue crosses
+ * as fd numbers that only a forked child can use (checked against the memfd's
+ * identity).
  */
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <sys/un.h>
 #include <unistd.h>
+#include <linux/futex.h>
 
 #include "internal.h"
 
@@ -63,13 +79,20 @@
 #define SPIN_MAX 4096
 #define LOCK_SPIN 200
 #define SPIN_STRIDE 8
+#define LOCK_SLICE 0.02        /* seconds between looks at a lock that stays taken */
+#define LOCK_GRACE 0.25        /* a lock held longer by a live process: wait no more */
+#ifndef FUTEX_TID_MASK
+#define FUTEX_TID_MASK 0x3fffffff
+#define FUTEX_OWNER_DIED 0x40000000
+#endif
 
 enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
 enum { W_GET, W_PUT, W_JOIN, W_CLASSES };
-enum { R_INLINE = 1, R_REF = 2 };
-/* Q_UNLOCKED: the lock could not be taken again (its memory is garbage); the caller
- * does not hold it. */
-enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_UNLOCKED };
+enum { R_INLINE = 1, R_REF = 2, R_FDS = 0x100 };   /* R_FDS: descriptors on the side socket */
+#define SIDE_BUFFER (4 * 1024 * 1024)   /* best effort: room for thousands of items' descriptors */
+enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_SIDE_FULL, Q_TOOMANY };
+/* Or'ed into what wait_until returns when it could not take the lock again. */
+#define Q_UNLOCKED 0x100
 
 /* What one commit changes. */
 struct qstate {
@@ -93,6 +116,7 @@ typedef struct qshm {
   uint64_t magic, uuid;
   uint64_t kind, maxsize;          /* maxsize 0: unbounded */
   int64_t efd_id[W_CLASSES];       /* the eventfds' ids (fdinfo), -1 if unknown */
+  uint64_t side_ino;               /* the side socket's inode */
   /* What a put or get touches sits in two cache lines: the lock with the waiter counts
    * and the index of the current state, and that state. */
   _Alignas(64) pthread_mutex_t lock;
@@ -100,6 +124,7 @@ typedef struct qshm {
   uint32_t cur;                    /* st[cur] is the state; a commit fills the other one */
   uint32_t corrupt;
   uint32_t al_redo;                /* an allocator commit is in progress: replay it */
+  uint32_t side_token;             /* last token sent on the side socket */
   _Alignas(64) struct qstate st[2];
   _Alignas(64) struct qalloc al, al_next;
 } qshm;
@@ -113,8 +138,10 @@ typedef struct queue {
   qshm *shm;                 /* the header, mapped on its own; NULL once closed */
   char *win;                 /* the whole memfd, remapped larger on demand */
   size_t winlen;
+  uint64_t fsize_seen;       /* the memfd was at least this large (fstat) */
   int memfd;
   int efd[W_CLASSES];
+  int sfd;                   /* the side socket */
   int kind;
   int spin;                  /* current spin budget, see spin_while */
   luamp_buf tx;              /* encoded item being put, reused */
@@ -122,8 +149,9 @@ typedef struct queue {
   size_t rx_cap;
 } queue;
 
-/* An item taken off the queue: inline bytes in q->rx, or an extent to free after use. */
-typedef struct item { int ref; uint64_t off, len; } item;
+/* An item taken off the queue: inline bytes in q->rx, or an extent to free
+ * after use; token != 0 when its descriptors came on the side socket. */
+typedef struct item { int ref; uint64_t off, len; uint32_t token; } item;
 
 static uint64_t pad8(uint64_t n) { return (n + 7) & ~(uint64_t)7; }
 static uint64_t pad_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
@@ -250,42 +278,154 @@ static void recover(queue *q) {
   for (int w = 0; w < W_CLASSES; w++) wake_all(q, w);
 }
 
-/* The lock is held for a few hundred nanoseconds at most, so a contender spins before
- * it sleeps (glibc's robust mutex would go to the kernel at once). */
-static int q_lock(queue *q) {
-  int rc = pthread_mutex_trylock(&q->shm->lock);
+/* Whether a Ctrl-C is pending, without consuming it: whoever raises Interrupted takes it. */
+static int interrupt_pending(void) {
+  if (!luamp_take_interrupt()) return 0;
+  luamp_request_interrupt();
+  return 1;
+}
+
+/* The lock word is shared memory too. glibc keeps the mutex's type in it: garbage there
+ * sends pthread_mutex_lock down paths that assert or wait for ever, so the type is
+ * checked against a mutex made here the same way before the lock is touched. */
+static int lock_type_ok(const qshm *s) {
+#ifdef __GLIBC__
+  static int expected = -1;
+  if (expected < 0) {
+    pthread_mutex_t m;
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&m, &ma);
+    pthread_mutexattr_destroy(&ma);
+    expected = m.__data.__kind;
+    pthread_mutex_destroy(&m);
+  }
+  return __atomic_load_n(&s->lock.__data.__kind, __ATOMIC_RELAXED) == expected;
+#else
+  (void)s;
+  return 1;
+#endif
+}
+
+/* Whether process (or thread) `tid` has the memfd of `q` mapped, from /proc/tid/maps;
+ * 1 when that cannot be told (not readable). */
+static int maps_queue(queue *q, pid_t tid) {
+  struct stat st;
+  if (fstat(q->memfd, &st) < 0) return 1;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/maps", (int)tid);
+  FILE *f = fopen(path, "re");
+  if (!f) return errno != ENOENT && errno != ESRCH;
+  char line[512];
+  int found = 0;
+  unsigned long long ino;
+  while (!found && fgets(line, sizeof line, f)) {
+    /* address perms offset dev inode path */
+    if (sscanf(line, "%*s %*s %*s %*s %llu", &ino) == 1 && ino == (unsigned long long)st.st_ino &&
+        strstr(line, "memfd:"))
+      found = 1;
+  }
+  fclose(f);
+  return found;
+}
+
+/* After a slice of waiting for the lock: whether its word names a holder that cannot
+ * be one. A robust mutex's word holds the owner's thread id; the kernel marks the word
+ * when that thread dies holding it. So a word that names this thread, a thread that no
+ * longer exists while the word is unmarked and unchanged, or a live process that does
+ * not even have the queue's memory mapped, is garbage. */
+static int lock_owner_bogus(queue *q) {
+#ifdef __GLIBC__
+  const qshm *s = q->shm;
+  uint32_t w = (uint32_t)__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_ACQUIRE);
+  uint32_t tid = w & FUTEX_TID_MASK;
+  if (tid == 0 || (w & FUTEX_OWNER_DIED)) return 0;
+  if ((pid_t)tid == gettid()) return 1;
+  int alive = kill((pid_t)tid, 0) == 0 || errno != ESRCH;
+  if (alive && maps_queue(q, (pid_t)tid)) return 0;
+  return (uint32_t)__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_ACQUIRE) == w;
+#else
+  (void)q;
+  return 0;
+#endif
+}
+
+/* Takes the lock. It is held for a few hundred nanoseconds at most, so a contender spins
+ * before it sleeps (glibc's robust mutex would go to the kernel at once). It sleeps in
+ * slices: between them a Ctrl-C is noticed (Q_INTR, the mark left for the caller to
+ * raise) and a lock word that is garbage is recognised (Q_CORRUPT). A live holder that
+ * keeps the lock (a stopped process) is waited for up to the deadline, but at least
+ * LOCK_GRACE seconds, then Q_TIMEOUT; deadline < 0: for as long as it takes. */
+static int q_lock(queue *q, double deadline) {
+  qshm *s = q->shm;
+  if (!lock_type_ok(s)) {
+    s->corrupt = 1;
+    return Q_CORRUPT;
+  }
+  int rc = pthread_mutex_trylock(&s->lock);
   int spins = ncpus() > 1 ? LOCK_SPIN : 0;
   for (int i = 0; rc == EBUSY && i < spins; i++) {
     cpu_relax();
 #ifdef __GLIBC__
     /* test before test-and-set: read the lock word until it looks free, so spinning
      * does not steal the cache line from the holder at every round */
-    if (__atomic_load_n(&q->shm->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+    if (__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
 #endif
-    rc = pthread_mutex_trylock(&q->shm->lock);
+    rc = pthread_mutex_trylock(&s->lock);
   }
-  if (rc == EBUSY) rc = pthread_mutex_lock(&q->shm->lock);
+  double start = rc == EBUSY ? luamp_now() : 0;
+  while (rc == EBUSY || rc == ETIMEDOUT) {
+    double now = luamp_now();
+    if (rc == ETIMEDOUT) {
+      if (interrupt_pending()) return Q_INTR;
+      if (lock_owner_bogus(q)) break;
+      if (deadline >= 0 && now >= deadline && now - start >= LOCK_GRACE) return Q_TIMEOUT;
+    }
+    double until = now + LOCK_SLICE;
+    struct timespec ts;
+    ts.tv_sec = (time_t)until;
+    ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    rc = pthread_mutex_clocklock(&s->lock, CLOCK_MONOTONIC, &ts);
+  }
   if (rc == EOWNERDEAD) {
     recover(q);
-    pthread_mutex_consistent(&q->shm->lock);
+    pthread_mutex_consistent(&s->lock);
     rc = 0;
   }
   if (rc != 0) {
-    q->shm->corrupt = 1;
-    return -1;
+    s->corrupt = 1;
+    return Q_CORRUPT;
   }
-  return 0;
+  return Q_OK;
 }
 
 static void q_unlock(queue *q) { pthread_mutex_unlock(&q->shm->lock); }
 
 /* ---- the arena ------------------------------------------------------------------------ */
 
-/* A pointer to [off, off+len) of the memfd, growing this process's window as needed.
- * Only offsets inside the file are ever asked for (the file never shrinks). */
+/* Whether [0, end) lies inside the memfd. Sizes and offsets in the header are only
+ * trusted once this says so: a mapping beyond the end of the file raises SIGBUS when
+ * touched. The file never shrinks, so the size seen last is a safe bound, and fstat is
+ * only asked when something claims more. */
+static int in_file(queue *q, uint64_t end) {
+  if (end <= q->fsize_seen) return 1;
+  struct stat st;
+  if (fstat(q->memfd, &st) < 0 || st.st_size < 0) return 0;
+  q->fsize_seen = (uint64_t)st.st_size;
+  return end <= q->fsize_seen;
+}
+
+/* A pointer to [off, off+len) of the memfd, growing this process's window as needed;
+ * NULL (and the queue marked corrupt) for a range beyond the end of the file. */
 static char *q_at(queue *q, uint64_t off, uint64_t len) {
   uint64_t end = off + len;
-  if (end < off) return NULL;
+  if (end < off || !in_file(q, end)) {
+    q->shm->corrupt = 1;
+    return NULL;
+  }
   if (end > q->winlen) {
     uint64_t want = q->winlen ? q->winlen * 2 : 4 * GROW_STEP;
     while (want < end) want *= 2;
@@ -313,6 +453,21 @@ static void punch(queue *q, uint64_t off, uint64_t len) {
   fallocate(q->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
 }
 
+/* Checks an allocator state read from the header: every size, count and extent must
+ * make sense and lie inside the file before the allocator acts on it. */
+static int al_valid(queue *q, const struct qalloc *a) {
+  if (a->fsize < HEADER_SIZE || a->fsize % PAGE || !in_file(q, a->fsize)) return 0;
+  if (a->top < HEADER_SIZE || a->top % PAGE || a->top > a->fsize) return 0;
+  if (a->nfree > NFREE || a->hot > a->fsize) return 0;
+  for (uint64_t i = 0; i < a->nfree; i++) {
+    const struct extent *e = &a->freel[i];
+    if (e->off < HEADER_SIZE || e->off % PAGE || e->len == 0 || e->len % PAGE || e->hot > 1 ||
+        e->off > a->top || e->len > a->top - e->off)
+      return 0;
+  }
+  return 1;
+}
+
 static void freel_remove(struct qalloc *a, uint64_t i) {
   a->freel[i] = a->freel[--a->nfree];
 }
@@ -320,6 +475,10 @@ static void freel_remove(struct qalloc *a, uint64_t i) {
 /* Allocates len bytes (a multiple of PAGE) under the lock; 0 when out of memory. */
 static uint64_t arena_alloc(queue *q, uint64_t len) {
   struct qalloc a = q->shm->al;
+  if (!al_valid(q, &a)) {
+    q->shm->corrupt = 1;
+    return 0;
+  }
   int64_t best = -1;
   for (uint64_t i = 0; i < a.nfree; i++) {
     struct extent *e = &a.freel[i];
@@ -345,6 +504,7 @@ static uint64_t arena_alloc(queue *q, uint64_t len) {
       do rc = ftruncate(q->memfd, (off_t)size); while (rc < 0 && errno == EINTR);
       if (rc < 0) return 0;
       a.fsize = size;
+      if (size > q->fsize_seen) q->fsize_seen = size;
     }
     a.top = off + len;
   }
@@ -356,6 +516,10 @@ static uint64_t arena_alloc(queue *q, uint64_t len) {
  * the RETAIN budget are given back to the system. */
 static void arena_free(queue *q, uint64_t off, uint64_t len) {
   struct qalloc a = q->shm->al;
+  if (!al_valid(q, &a) || off < HEADER_SIZE || off > a.top || len > a.top - off) {
+    q->shm->corrupt = 1;   /* the extent is lost; nothing is freed twice */
+    return;
+  }
   uint64_t hot = 1;
   if (a.hot + len > RETAIN) {
     punch(q, off, len);
@@ -384,24 +548,32 @@ static void arena_free(queue *q, uint64_t off, uint64_t len) {
 /* ---- records -------------------------------------------------------------------------- */
 
 static struct chunk_hdr *chunk_at(queue *q, uint64_t off) {
-  const struct qalloc *a = &q->shm->al;
-  if (off < HEADER_SIZE || off % PAGE || off + CHUNK_SIZE > a->fsize) return NULL;
+  if (off < HEADER_SIZE || off % PAGE || off > UINT64_MAX - CHUNK_SIZE || !in_file(q, off + CHUNK_SIZE))
+    return NULL;
   struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
   if (!h || h->magic != CHUNK_MAGIC || h->size != CHUNK_SIZE) return NULL;
   return h;
 }
 
-/* Appends a record (under the lock, with room checked). */
-static int append(queue *q, int kind, const void *data, uint32_t len) {
+/* Appends a record (under the lock, with room checked); a nonzero token (R_FDS) goes in
+ * the record's first 8 bytes, before data. */
+static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t token) {
   qshm *s = q->shm;
   struct qstate n = *st_of(s);
-  uint64_t need = REC_HDR + pad8(len);
+  uint32_t pre = token ? 8 : 0;
+  uint64_t need = REC_HDR + pad8((uint64_t)len + pre);
+  if (n.tail_chunk != 0 && (!chunk_at(q, n.tail_chunk) || n.tail_pos < CHUNK_HDR ||
+                            n.tail_pos > CHUNK_SIZE || n.tail_pos % 8))
+    return Q_CORRUPT;
   if (n.tail_chunk == 0 || n.tail_pos + need > CHUNK_SIZE) {
+    int first = q->shm->al.top == HEADER_SIZE;
     uint64_t off = arena_alloc(q, CHUNK_SIZE);
-    if (!off) return Q_NOMEM;
+    if (!off) return s->corrupt ? Q_CORRUPT : Q_NOMEM;
     struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
     if (!h) return Q_NOMEM;
-    prefault(q, off, CHUNK_SIZE, 1);
+    /* A queue's first chunk is faulted in as it fills: a queue that only ever carries a
+     * few items (one handed to a worker, say) never pays for 256 KiB of pages. */
+    if (!first) prefault(q, off, CHUNK_SIZE, 1);
     *h = (struct chunk_hdr){CHUNK_SIZE, 0, CHUNK_HDR, CHUNK_MAGIC};
     if (n.tail_chunk) {
       struct chunk_hdr *old = chunk_at(q, n.tail_chunk);
@@ -417,11 +589,14 @@ static int append(queue *q, int kind, const void *data, uint32_t len) {
   }
   char *p = q_at(q, n.tail_chunk + n.tail_pos, need);
   if (!p) return Q_NOMEM;
-  uint32_t rh[2] = {len, (uint32_t)kind};
+  uint32_t rh[2] = {len + pre, (uint32_t)kind | (token ? R_FDS : 0)};
   memcpy(p, rh, REC_HDR);
-  memcpy(p + REC_HDR, data, len / 2);
+  p += REC_HDR;
+  if (token) memcpy(p, &token, 8);
+  p += pre;
+  memcpy(p, data, len / 2);
   stall_here(STALL_LOCKED_PUT);
-  memcpy(p + REC_HDR + len / 2, (const char *)data + len / 2, len - len / 2);
+  memcpy(p + len / 2, (const char *)data + len / 2, len - len / 2);
   n.tail_pos += need;
   n.count++;
   if (q->kind == K_JOINABLE) n.unfinished++;
@@ -444,7 +619,9 @@ static int ensure_rx(queue *q, size_t len) {
 static int pop(queue *q, item *it) {
   qshm *s = q->shm;
   struct qstate n = *st_of(s);
-  for (;;) {
+  /* a chain of empty chunks can only be garbage (a cycle): it is not followed for ever */
+  for (int hops = 0;; hops++) {
+    if (hops > 2) return Q_CORRUPT;
     struct chunk_hdr *h = chunk_at(q, n.head_chunk);
     if (!h) return Q_CORRUPT;
     uint64_t end = n.head_chunk == n.tail_chunk ? n.tail_pos : h->used;
@@ -456,7 +633,7 @@ static int pop(queue *q, item *it) {
       n.head_pos = CHUNK_HDR;
       st_commit(s, &n);
       arena_free(q, old, CHUNK_SIZE);
-      prefault(q, n.head_chunk, CHUNK_SIZE, 0);
+      if (chunk_at(q, n.head_chunk)) prefault(q, n.head_chunk, CHUNK_SIZE, 0);
       continue;
     }
     if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
@@ -466,18 +643,31 @@ static int pop(queue *q, item *it) {
     memcpy(rh, p, REC_HDR);
     uint64_t len = rh[0];
     if (REC_HDR + pad8(len) > end - n.head_pos) return Q_CORRUPT;
-    if (rh[1] == R_INLINE) {
-      if (len > INLINE_MAX) return Q_CORRUPT;
-      if (ensure_rx(q, len) < 0) return Q_NOMEM;
-      memcpy(q->rx, p + REC_HDR, len);
-      *it = (item){0, 0, len};
-    } else if (rh[1] == R_REF && len == 16) {
+    int fds = (rh[1] & R_FDS) != 0;
+    uint32_t kind = rh[1] & ~(uint32_t)R_FDS;
+    uint64_t token = 0;
+    const char *body = p + REC_HDR;
+    uint64_t blen = len;
+    if (fds) {
+      if (len < 8) return Q_CORRUPT;
+      memcpy(&token, body, 8);
+      if ((uint32_t)token == 0) return Q_CORRUPT;
+      body += 8;
+      blen -= 8;
+    }
+    if (kind == R_INLINE) {
+      if (blen > INLINE_MAX) return Q_CORRUPT;
+      if (ensure_rx(q, blen) < 0) return Q_NOMEM;
+      memcpy(q->rx, body, blen);
+      *it = (item){0, 0, blen, (uint32_t)token};
+    } else if (kind == R_REF && blen == 16) {
       uint64_t ref[2];
-      memcpy(ref, p + REC_HDR, 16);
-      if (ref[0] < HEADER_SIZE || ref[0] % PAGE || ref[1] > s->al.fsize ||
-          ref[0] > s->al.fsize - pad_page(ref[1]) || ref[1] <= INLINE_MAX)
+      memcpy(ref, body, 16);
+      if (ref[0] < HEADER_SIZE || ref[0] % PAGE || ref[1] <= INLINE_MAX ||
+          ref[1] > UINT64_MAX - 2 * PAGE || ref[0] > UINT64_MAX - pad_page(ref[1]) ||
+          !in_file(q, ref[0] + pad_page(ref[1])))
         return Q_CORRUPT;
-      *it = (item){1, ref[0], ref[1]};
+      *it = (item){1, ref[0], ref[1], (uint32_t)token};
     } else {
       return Q_CORRUPT;
     }
@@ -554,7 +744,8 @@ static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double 
     q_unlock(q);
     int rc = wait_token(q, w, deadline);
     int err = errno;
-    if (q_lock(q) < 0) return Q_UNLOCKED;
+    int lrc = q_lock(q, deadline);
+    if (lrc != Q_OK) return lrc | Q_UNLOCKED;
     if (rc == Q_INTR || rc == Q_SYS) {
       unregister(q, w);
       chain_wakeups(q);
@@ -569,27 +760,109 @@ static int items_ready(queue *q) { return st_of(q->shm)->count > 0; }
 static int room_ready(queue *q) { return has_room(q->shm); }
 static int join_ready(queue *q) { return st_of(q->shm)->unfinished == 0; }
 
-/* Puts a record; the lock is taken and released here. */
-static int put_record(queue *q, int kind, const void *data, uint32_t len, int block, double deadline) {
-  if (block) spin_while(q, 1);
-  if (q_lock(q) < 0) return Q_CORRUPT;
-  int rc = wait_until(q, W_PUT, room_ready, block, deadline);
-  if (rc == Q_UNLOCKED) return Q_CORRUPT;
-  if (rc == Q_OK) rc = append(q, kind, data, len);
-  if (rc == Q_CORRUPT) q->shm->corrupt = 1;
-  chain_wakeups(q);
-  q_unlock(q);
-  return rc;
+/* ---- the side socket: descriptors of items that hold luamp objects ------------------- */
+
+/* Sends the descriptors with their token (under the lock). */
+static int side_send(queue *q, uint32_t token, const luamp_fdlist *fds) {
+  union { char buf[CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)]; struct cmsghdr align; } ctl;
+  memset(ctl.buf, 0, sizeof ctl.buf);
+  struct iovec iov = {&token, sizeof token};
+  struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                       .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)fds->n)};
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fds->n);
+  memcpy(CMSG_DATA(cm), fds->fd, sizeof(int) * (size_t)fds->n);
+  ssize_t n;
+  do n = sendmsg(q->sfd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
+  if (n >= 0) return Q_OK;
+  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) return Q_SIDE_FULL;
+  if (errno == ETOOMANYREFS) return Q_TOOMANY;
+  return Q_SYS;
 }
 
-/* Puts len bytes: inline, or copied to an extent of their own first. */
-static int put_bytes(queue *q, const char *data, size_t len, int block, double deadline) {
-  if (len <= INLINE_MAX) return put_record(q, R_INLINE, data, (uint32_t)len, block, deadline);
+/* Receives the descriptors sent with `token` into out (under the lock). Older messages
+ * (from puts that died before committing) are closed; if a newer one comes first, this
+ * item's descriptors were taken by a getter that died: out stays empty. */
+static void side_recv(queue *q, uint32_t token, luamp_fdlist *out) {
+  out->n = 0;
+  for (;;) {
+    uint32_t t = 0;
+    ssize_t n;
+    do n = recv(q->sfd, &t, sizeof t, MSG_PEEK | MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+    if (n < 0) return;
+    if (n == (ssize_t)sizeof t && (int32_t)(t - token) > 0) return;
+    union { char buf[CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)]; struct cmsghdr align; } ctl;
+    struct iovec iov = {&t, sizeof t};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                         .msg_controllen = sizeof ctl.buf};
+    do n = recvmsg(q->sfd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC); while (n < 0 && errno == EINTR);
+    if (n < 0) return;
+    luamp_fdlist got = {0};
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+      if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+      size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < k; i++) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof fd);
+        if (got.n < LUAMP_MAX_FDS) got.fd[got.n++] = fd;
+        else luamp_close_fd(fd);
+      }
+    }
+    if (n == (ssize_t)sizeof t && t == token) {
+      *out = got;
+      return;
+    }
+    luamp_fdlist_close(&got);           /* an orphan: its item was never committed */
+  }
+}
+
+/* Puts a record; the lock is taken and released here. With fds, they go on the side
+ * socket first, and the record carries their token. */
+static int put_record(queue *q, int kind, const void *data, uint32_t len, int block,
+                      double deadline, const luamp_fdlist *fds) {
+  for (;;) {
+    if (block) spin_while(q, 1);
+    int rc = q_lock(q, block ? deadline : 0);
+    if (rc != Q_OK) return rc;
+    rc = wait_until(q, W_PUT, room_ready, block, deadline);
+    if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
+    uint32_t token = 0;
+    if (rc == Q_OK && fds) {
+      token = ++q->shm->side_token;
+      if (token == 0) token = ++q->shm->side_token;
+      rc = side_send(q, token, fds);
+    }
+    if (rc == Q_OK) rc = append(q, kind, data, len, token);
+    if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
+    if (rc == Q_CORRUPT) q->shm->corrupt = 1;
+    chain_wakeups(q);
+    q_unlock(q);
+    if (rc != Q_SIDE_FULL) return rc;
+    /* Too many items' descriptors in flight: wait for getters to take some. */
+    if (!block) return Q_TIMEOUT;
+    struct pollfd pf = {.fd = q->sfd, .events = POLLOUT};
+    int n = luamp_wait_fds(&pf, 1, deadline);
+    if (n == -2) return Q_INTR;
+    if (n < 0) return Q_SYS;
+    if (n == 0) return Q_TIMEOUT;
+  }
+}
+
+/* Puts len bytes: inline, or copied to an extent of their own first. fds: NULL, or the
+ * descriptors the item's handles need (sent on the side socket). */
+static int put_bytes(queue *q, const char *data, size_t len, int block, double deadline,
+                     const luamp_fdlist *fds) {
+  if (fds && fds->n == 0) fds = NULL;
+  if (len <= INLINE_MAX)
+    return put_record(q, R_INLINE, data, (uint32_t)len, block, deadline, fds);
   uint64_t ext = pad_page(len);
-  if (q_lock(q) < 0) return Q_CORRUPT;
+  int lrc = q_lock(q, block ? deadline : 0);
+  if (lrc != Q_OK) return lrc;
   uint64_t off = arena_alloc(q, ext);
   q_unlock(q);
-  if (!off) return Q_NOMEM;
+  if (!off) return q->shm->corrupt ? Q_CORRUPT : Q_NOMEM;
   char *dst = q_at(q, off, ext);
   int rc = Q_NOMEM;
   if (dst) {
@@ -598,22 +871,24 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
     stall_here(STALL_REF_COPY);
     memcpy(dst + len / 2, data + len / 2, len - len / 2);
     uint64_t ref[2] = {off, len};
-    rc = put_record(q, R_REF, ref, sizeof ref, block, deadline);
+    rc = put_record(q, R_REF, ref, sizeof ref, block, deadline, fds);
   }
-  if (rc != Q_OK) {
-    if (q_lock(q) < 0) return Q_CORRUPT;
+  if (rc != Q_OK && q_lock(q, -1) == Q_OK) {
     arena_free(q, off, ext);
     q_unlock(q);
   }
   return rc;
 }
 
-static int get_item(queue *q, item *it, int block, double deadline) {
+static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist *fds) {
   if (block) spin_while(q, 0);
-  if (q_lock(q) < 0) return Q_CORRUPT;
-  int rc = wait_until(q, W_GET, items_ready, block, deadline);
-  if (rc == Q_UNLOCKED) return Q_CORRUPT;
+  int rc = q_lock(q, block ? deadline : 0);
+  if (rc != Q_OK) return rc;
+  rc = wait_until(q, W_GET, items_ready, block, deadline);
+  if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
   if (rc == Q_OK) rc = pop(q, it);
+  if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
+  if (rc == Q_OK && it->token) side_recv(q, it->token, fds);
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
   q_unlock(q);
@@ -622,7 +897,7 @@ static int get_item(queue *q, item *it, int block, double deadline) {
 
 /* Frees the extent of a large item once it has been decoded. */
 static void item_done(queue *q, const item *it) {
-  if (!it->ref || q_lock(q) < 0) return;
+  if (!it->ref || q_lock(q, -1) != Q_OK) return;
   arena_free(q, it->off, pad_page(it->len));
   q_unlock(q);
 }
@@ -644,6 +919,8 @@ static void queue_release(queue *q) {
     luamp_close_fd(q->efd[w]);
     q->efd[w] = -1;
   }
+  luamp_close_fd(q->sfd);
+  q->sfd = -1;
   luamp_buf_free(&q->tx);
   free(q->rx);
   q->rx = NULL;
@@ -655,6 +932,7 @@ static queue *new_queue_ud(lua_State *L, int kind) {
   memset(q, 0, sizeof *q);
   q->memfd = -1;
   for (int w = 0; w < W_CLASSES; w++) q->efd[w] = -1;
+  q->sfd = -1;
   q->kind = kind;
   q->spin = SPIN_MAX / 4;
   luamp_buf_init(&q->tx);
@@ -702,9 +980,31 @@ static int init_shared(queue *q, uint64_t maxsize) {
   s->al.top = HEADER_SIZE;
   s->al.fsize = HEADER_SIZE;
   for (int w = 0; w < W_CLASSES; w++) s->efd_id[w] = q->efd[w] >= 0 ? eventfd_id(q->efd[w]) : -1;
+  struct stat st;
+  s->side_ino = fstat(q->sfd, &st) == 0 ? (uint64_t)st.st_ino : 0;
   barrier();
   s->magic = Q_MAGIC;
   return 0;
+}
+
+/* The side socket: a datagram socket connected to itself (an autobound abstract address;
+ * once connected, only this socket may send to it). */
+static int side_socket(void) {
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_un a = {.sun_family = AF_UNIX};
+  socklen_t len = sizeof a;
+  if (bind(fd, (struct sockaddr *)&a, sizeof(sa_family_t)) < 0 ||
+      getsockname(fd, (struct sockaddr *)&a, &len) < 0 ||
+      connect(fd, (struct sockaddr *)&a, len) < 0) {
+    int err = errno;
+    luamp_close_fd(fd);
+    errno = err;
+    return -1;
+  }
+  int size = SIDE_BUFFER;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+  return fd;
 }
 
 /* _core.queue_new(kind, maxsize) where kind is "Queue", "SimpleQueue" or "JoinableQueue" */
@@ -721,6 +1021,8 @@ static int l_queue_new(lua_State *L) {
     q->efd[w] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE);
     if (q->efd[w] < 0) luamp_raise_errno(L, "Value", "Queue: eventfd", errno);
   }
+  q->sfd = side_socket();
+  if (q->sfd < 0) luamp_raise_errno(L, "Value", "Queue: side socket", errno);
   if (ftruncate(q->memfd, HEADER_SIZE) < 0) luamp_raise_errno(L, "Value", "Queue: ftruncate", errno);
   if (map_header(q) < 0) luamp_raise_errno(L, "Value", "Queue: mmap", errno);
   if (init_shared(q, (uint64_t)maxsize) < 0) luamp_raise_errno(L, "Value", "Queue: mutex", errno);
@@ -755,6 +1057,9 @@ static void raise_status(lua_State *L, queue *q, int rc, int err, const char *ti
       luamp_raise(L, timeout_kind, "%s is %s", name, timeout_kind[0] == 'E' ? "empty" : "full");
     case Q_INTR: luamp_take_interrupt(); luamp_raise(L, "Interrupted", "%s: interrupted", name);
     case Q_NOMEM: luamp_raise(L, "Value", "%s: out of memory", name);
+    case Q_TOOMANY:
+      luamp_raise(L, "Value", "%s: too many descriptors in flight (the items queued hold too "
+                  "many luamp objects; get some first)", name);
     case Q_CORRUPT: luamp_raise(L, "Value", "%s: shared memory is corrupt", name);
     default: luamp_raise_errno(L, "Value", name, err);
   }
@@ -784,8 +1089,10 @@ static int l_put(lua_State *L) {
   int block;
   double deadline = block_args(L, 3, &block);
   q->tx.len = 0;
-  if (luamp_encodex(L, 2, &q->tx, "item") < 0) return lua_error(L);
-  return finish_put(L, q, put_bytes(q, q->tx.data, q->tx.len, block, deadline));
+  luamp_fdlist fds;
+  if (luamp_encode_fds(L, 2, &q->tx, "item", &fds) < 0) return lua_error(L);
+  /* the descriptors are borrowed from objects the item (still on the stack) keeps open */
+  return finish_put(L, q, put_bytes(q, q->tx.data, q->tx.len, block, deadline, &fds));
 }
 
 static int l_put_nowait(lua_State *L) {
@@ -801,15 +1108,16 @@ static int l_put_raw(lua_State *L) {
   const char *s = luaL_checklstring(L, 2, &len);
   int block;
   double deadline = block_args(L, 3, &block);
-  return finish_put(L, q, put_bytes(q, s, len, block, deadline));
+  return finish_put(L, q, put_bytes(q, s, len, block, deadline, NULL));
 }
 
-/* Runs inside lua_pcall: pushes the item (decoded, or as a string). */
+/* Runs inside lua_pcall: pushes the item (decoded with the descriptors that came with it,
+ * or as a string). */
 static int push_item_protected(lua_State *L) {
   const char *data = lua_touserdata(L, 1);
   size_t len = (size_t)lua_tointeger(L, 2);
   if (lua_toboolean(L, 3)) {
-    if (luamp_decode(L, data, len) < 0) return lua_error(L);
+    if (luamp_decode_fds(L, data, len, 0, lua_touserdata(L, 4)) < 0) return lua_error(L);
   } else {
     lua_pushlstring(L, data, len);
   }
@@ -818,10 +1126,12 @@ static int push_item_protected(lua_State *L) {
 
 static int do_get(lua_State *L, int block, double deadline, int decode) {
   queue *q = check_queue(L, 1);
-  item it;
-  int rc = get_item(q, &it, block, deadline);
+  item it = {0, 0, 0, 0};   /* (set by get_item on Q_OK; -O2 cannot tell) */
+  luamp_fdlist fds;
+  fds.n = 0;
+  int rc = get_item(q, &it, block, deadline, &fds);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
-  if (!it.ref) {
+  if (!it.ref && fds.n == 0) {
     if (!decode) {
       lua_pushlstring(L, q->rx, (size_t)it.len);
     } else if (luamp_decode(L, q->rx, (size_t)it.len) < 0) {
@@ -829,20 +1139,27 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
     }
     return 1;
   }
-  stall_here(STALL_REF_GET);
-  /* A large item is read in place; its extent must be freed whatever the decoding does. */
-  const char *data = q_at(q, it.off, it.len);
-  if (data) prefault(q, it.off, pad_page(it.len), 0);
-  if (!data) {
-    item_done(q, &it);
-    luamp_raise(L, "Value", "%s: out of address space", kind_name[q->kind]);
+  const char *data = q->rx;
+  if (it.ref) {
+    stall_here(STALL_REF_GET);
+    /* A large item is read in place; its extent must be freed whatever the decoding does. */
+    data = q_at(q, it.off, it.len);
+    if (data) prefault(q, it.off, pad_page(it.len), 0);
+    if (!data) {
+      item_done(q, &it);
+      luamp_fdlist_close(&fds);
+      luamp_raise(L, "Value", "%s: out of address space", kind_name[q->kind]);
+    }
   }
+  /* the descriptors on the C stack are closed whatever the decoding does */
   lua_pushcfunction(L, push_item_protected);
   lua_pushlightuserdata(L, (void *)data);
   lua_pushinteger(L, (lua_Integer)it.len);
   lua_pushboolean(L, decode);
-  int status = lua_pcall(L, 3, 1, 0);
+  lua_pushlightuserdata(L, &fds);
+  int status = lua_pcall(L, 4, 1, 0);
   item_done(q, &it);
+  luamp_fdlist_close(&fds);
   if (status != LUA_OK) return lua_error(L);
   return 1;
 }
@@ -882,7 +1199,8 @@ static int l_full(lua_State *L) {
 /* :task_done(): Value when called more times than items were put */
 static int l_task_done(lua_State *L) {
   queue *q = check_queue(L, 1);
-  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  int rc = q_lock(q, -1);
+  if (rc != Q_OK) raise_status(L, q, rc, 0, "Empty");
   qshm *s = q->shm;
   if (st_of(s)->unfinished == 0) {
     q_unlock(q);
@@ -900,10 +1218,11 @@ static int l_task_done(lua_State *L) {
 static int l_join(lua_State *L) {
   queue *q = check_queue(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
-  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
-  int rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
+  int rc = q_lock(q, deadline);
+  if (rc == Q_OK) rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
+  else rc |= Q_UNLOCKED;
   int err = errno;
-  if (rc == Q_UNLOCKED) rc = Q_CORRUPT;
+  if (rc & Q_UNLOCKED) rc &= ~Q_UNLOCKED;
   else q_unlock(q);
   if (rc == Q_TIMEOUT) {
     lua_pushboolean(L, 0);
@@ -918,7 +1237,8 @@ static int l_join(lua_State *L) {
  * as a getter waiting on the fd; _wait_end must follow. */
 static int l_wait_begin(lua_State *L) {
   queue *q = check_queue(L, 1);
-  if (q_lock(q) < 0) raise_status(L, q, Q_CORRUPT, 0, "Empty");
+  int rc = q_lock(q, -1);
+  if (rc != Q_OK) raise_status(L, q, rc, 0, "Empty");
   if (st_of(q->shm)->count > 0) {
     q_unlock(q);
     return 0;
@@ -934,7 +1254,7 @@ static int l_wait_begin(lua_State *L) {
 static int l_wait_end(lua_State *L) {
   queue *q = to_queue(L, 1);
   if (!q || !q->shm) return 0;
-  if (q_lock(q) < 0) return 0;
+  if (q_lock(q, -1) != Q_OK) return 0;
   if (!take_token(q->efd[W_GET])) unregister(q, W_GET);
   int ready = st_of(q->shm)->count > 0;
   chain_wakeups(q);
@@ -985,29 +1305,45 @@ static int l_tostring(lua_State *L) {
   return 1;
 }
 
-/* __luamp_handle: fd numbers plus the memfd's identity and the queue's uuid */
+static void push_identity_key(lua_State *L, const struct stat *st) {
+  lua_pushfstring(L, "Queue %I:%I", (lua_Integer)st->st_dev, (lua_Integer)st->st_ino);
+}
+
+/* __luamp_handle: the queue's descriptors travel with the message (carried = true; the
+ * payload holds their indexes), or, for luamp.dumps, their numbers plus the memfd's
+ * identity and the queue's uuid, for a forked child that inherited them. */
 static int l_handle(lua_State *L) {
   queue *q = check_queue(L, 1);
   struct stat st;
   if (fstat(q->memfd, &st) < 0) luamp_raise_errno(L, "Serialize", kind_name[q->kind], errno);
+  push_identity_key(L, &st);
+  luamp_handle_remember(L, 1, lua_tostring(L, -1));
+  lua_pop(L, 1);
+  int carried = luamp_handle_send_fd(L, q->memfd) >= 0;
   lua_pushstring(L, kind_mt[q->kind]);
   lua_createtable(L, 0, 8);
-  lua_pushinteger(L, q->memfd);
+  lua_pushboolean(L, carried);
+  lua_setfield(L, -2, "carried");
+  lua_pushinteger(L, carried ? luamp_handle_send_fd(L, q->memfd) : q->memfd);
   lua_setfield(L, -2, "fd");
   lua_createtable(L, W_CLASSES, 0);
-  for (int w = 0; w < W_CLASSES; w++) {
-    lua_pushinteger(L, q->efd[w]);
+  for (int w = 0; w < W_CLASSES && q->efd[w] >= 0; w++) {
+    lua_pushinteger(L, carried ? luamp_handle_send_fd(L, q->efd[w]) : q->efd[w]);
     lua_rawseti(L, -2, w + 1);
   }
   lua_setfield(L, -2, "efd");
-  lua_pushinteger(L, (lua_Integer)st.st_ino);
-  lua_setfield(L, -2, "ino");
-  lua_pushinteger(L, (lua_Integer)st.st_dev);
-  lua_setfield(L, -2, "dev");
-  lua_pushinteger(L, (lua_Integer)q->shm->uuid);
-  lua_setfield(L, -2, "uuid");
-  lua_pushinteger(L, getpid());
-  lua_setfield(L, -2, "pid");
+  lua_pushinteger(L, carried ? luamp_handle_send_fd(L, q->sfd) : q->sfd);
+  lua_setfield(L, -2, "sfd");
+  if (!carried) {
+    lua_pushinteger(L, (lua_Integer)st.st_ino);
+    lua_setfield(L, -2, "ino");
+    lua_pushinteger(L, (lua_Integer)st.st_dev);
+    lua_setfield(L, -2, "dev");
+    lua_pushinteger(L, (lua_Integer)q->shm->uuid);
+    lua_setfield(L, -2, "uuid");
+    lua_pushinteger(L, getpid());
+    lua_setfield(L, -2, "pid");
+  }
   return 2;
 }
 
@@ -1016,45 +1352,91 @@ static int dup_fd(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 static void not_inherited(lua_State *L, int kind, lua_Integer pid) {
   luamp_raise(L, "Value",
               "cannot receive a %s from process %lld: this process did not inherit it "
-              "(create the queue before starting this process)", kind_name[kind], (long long)pid);
+              "(and it came without its descriptors)", kind_name[kind], (long long)pid);
 }
 
-/* Rebuilds a queue from its handle: dups of the inherited fds, after checking that the
- * memfd is the queue's and the eventfds are the ones recorded in its header. */
+static void bad_carried(lua_State *L, int kind, const char *what) {
+  luamp_raise(L, "Value", "cannot receive a %s: %s", kind_name[kind], what);
+}
+
+/* Takes descriptor `field` (an index in the payload, or payload[field][i]) for q. */
+static int take_fd(lua_State *L, int kind, const char *field, int i) {
+  if (i == 0) return luamp_handle_recv_fd(L, 1, field, kind_name[kind]);
+  lua_getfield(L, 1, field);
+  if (!lua_istable(L, -1)) luamp_raise(L, "Value", "queue handle: bad field '%s'", field);
+  lua_rawgeti(L, -1, i);
+  lua_setfield(L, 1, "_fd");             /* payload._fd: the index, read back below */
+  lua_pop(L, 1);
+  return luamp_handle_recv_fd(L, 1, "_fd", kind_name[kind]);
+}
+
+/* Rebuilds a queue from its handle: on the descriptors that came with the message (or
+ * dups of inherited ones), after checking that the memfd is a queue of this kind and
+ * the eventfds and side socket are the ones recorded in its header; the queue object
+ * this process already has on that memfd, if any. */
 static int rebuild(lua_State *L, int kind) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_Integer fd = luamp_handle_field(L, 1, "queue handle", "fd");
-  lua_Integer ino = luamp_handle_field(L, 1, "queue handle", "ino");
-  lua_Integer dev = luamp_handle_field(L, 1, "queue handle", "dev");
-  lua_Integer uuid = luamp_handle_field(L, 1, "queue handle", "uuid");
-  lua_Integer pid = luamp_handle_field(L, 1, "queue handle", "pid");
-  lua_Integer efd[W_CLASSES];
-  lua_getfield(L, 1, "efd");
-  if (!lua_istable(L, -1)) luamp_raise(L, "Value", "queue handle: bad field 'efd'");
-  for (int w = 0; w < W_CLASSES; w++) {
-    lua_rawgeti(L, -1, w + 1);
-    efd[w] = luaL_optinteger(L, -1, -1);
+  int nfd = kind == K_JOINABLE ? 3 : 2;
+  queue *q = new_queue_ud(L, kind);          /* owns every descriptor taken from here on */
+  struct stat st;
+  if (luamp_handle_is_carried(L, 1)) {
+    q->memfd = take_fd(L, kind, "fd", 0);
+    if (fstat(q->memfd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size < (off_t)HEADER_SIZE)
+      bad_carried(L, kind, "the descriptor that came with it is not a queue");
+    for (int w = 0; w < nfd; w++) q->efd[w] = take_fd(L, kind, "efd", w + 1);
+    q->sfd = take_fd(L, kind, "sfd", 0);
+  } else {
+    lua_Integer fd = luamp_handle_field(L, 1, "queue handle", "fd");
+    lua_Integer ino = luamp_handle_field(L, 1, "queue handle", "ino");
+    lua_Integer dev = luamp_handle_field(L, 1, "queue handle", "dev");
+    lua_Integer pid = luamp_handle_field(L, 1, "queue handle", "pid");
+    lua_Integer sfd = luamp_handle_field(L, 1, "queue handle", "sfd");
+    lua_Integer efd[W_CLASSES];
+    lua_getfield(L, 1, "efd");
+    if (!lua_istable(L, -1)) luamp_raise(L, "Value", "queue handle: bad field 'efd'");
+    for (int w = 0; w < W_CLASSES; w++) {
+      lua_rawgeti(L, -1, w + 1);
+      efd[w] = luaL_optinteger(L, -1, -1);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    if (fd < 0 || fd > INT32_MAX || fstat((int)fd, &st) < 0 || (lua_Integer)st.st_ino != ino ||
+        (lua_Integer)st.st_dev != dev)
+      not_inherited(L, kind, pid);
+    q->memfd = dup_fd((int)fd);
+    if (q->memfd < 0) luamp_raise_errno(L, "Value", "queue: dup", errno);
+    for (int w = 0; w < nfd; w++) {
+      if (efd[w] < 0 || efd[w] > INT32_MAX || (q->efd[w] = dup_fd((int)efd[w])) < 0)
+        not_inherited(L, kind, pid);
+    }
+    if (sfd < 0 || sfd > INT32_MAX || (q->sfd = dup_fd((int)sfd)) < 0) not_inherited(L, kind, pid);
+    lua_Integer uuid = luamp_handle_field(L, 1, "queue handle", "uuid");
+    if (map_header(q) < 0) luamp_raise_errno(L, "Value", "queue: mmap", errno);
+    if ((lua_Integer)q->shm->uuid != uuid) not_inherited(L, kind, pid);
+  }
+  push_identity_key(L, &st);
+  const char *key = lua_tostring(L, -1);
+  if (luamp_handle_find(L, key)) {
+    queue *old = to_queue(L, -1);
+    if (old && old->shm && old->kind == kind) {
+      queue_release(q);                      /* this process has it: that object it is */
+      return 1;
+    }
     lua_pop(L, 1);
   }
-  lua_pop(L, 1);
-  struct stat st;
-  if (fd < 0 || fd > INT32_MAX || fstat((int)fd, &st) < 0 || (lua_Integer)st.st_ino != ino ||
-      (lua_Integer)st.st_dev != dev)
-    not_inherited(L, kind, pid);
-  queue *q = new_queue_ud(L, kind);
-  q->memfd = dup_fd((int)fd);
-  if (q->memfd < 0) luamp_raise_errno(L, "Value", "queue: dup", errno);
-  if (map_header(q) < 0) luamp_raise_errno(L, "Value", "queue: mmap", errno);
-  if (q->shm->magic != Q_MAGIC || (lua_Integer)q->shm->uuid != uuid || q->shm->kind != (uint64_t)kind)
-    not_inherited(L, kind, pid);
-  int nfd = kind == K_JOINABLE ? 3 : 2;
+  if (!q->shm && map_header(q) < 0) luamp_raise_errno(L, "Value", "queue: mmap", errno);
+  if (q->shm->magic != Q_MAGIC || q->shm->kind != (uint64_t)kind)
+    bad_carried(L, kind, "its shared memory is not a queue of this kind");
   for (int w = 0; w < nfd; w++) {
-    if (efd[w] < 0 || efd[w] > INT32_MAX) not_inherited(L, kind, pid);
     int64_t id = q->shm->efd_id[w];
-    if (id >= 0 && eventfd_id((int)efd[w]) != id) not_inherited(L, kind, pid);
-    q->efd[w] = dup_fd((int)efd[w]);
-    if (q->efd[w] < 0) not_inherited(L, kind, pid);
+    if (id >= 0 && eventfd_id(q->efd[w]) != id)
+      bad_carried(L, kind, "its wakeup descriptors are not the queue's");
   }
+  struct stat ss;
+  if (fstat(q->sfd, &ss) < 0 || !S_ISSOCK(ss.st_mode) || (uint64_t)ss.st_ino != q->shm->side_ino)
+    bad_carried(L, kind, "its side socket is not the queue's");
+  luamp_handle_remember(L, -2, key);
+  lua_pop(L, 1);
   return 1;
 }
 

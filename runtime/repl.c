@@ -2,6 +2,8 @@
  * repl.c — the interactive read-eval-print loop (luamp_repl, in luamp.h).
  *
  * Each turn reads a statement, runs it and prints what it returned:
+ *  - top-level `local` declarations become globals, so they outlive their line (see
+ *    rewrite_locals);
  *  - a line is first tried as an expression (`return <line>;`, so `1+1` prints 2), then
  *    as a statement; while the parser's complaint ends in "<eof>" the statement is
  *    incomplete and the next line is appended (prompt `>>`), as lua.c does;
@@ -27,7 +29,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <time.h>
 #include <wchar.h>
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <termios.h>
 
 #include <editline/readline.h>
 
@@ -112,6 +122,123 @@ static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
   }
 }
 
+/* ---- children's output at the prompt -------------------------------------------------
+ * A child (a Process, a pool worker) that prints while the prompt is shown would write
+ * over it and leave the line being typed garbled. On a terminal, the REPL gives the
+ * children it forks a pty of its own as their stdout/stderr (luamp_child_stdio_fd; they
+ * still see a terminal) and a thread copies what arrives to the real terminal. While the
+ * prompt is shown, the thread first clears the prompt's line and, once the output is
+ * written, wakes read_key through an eventfd, which has libedit redraw the prompt and
+ * what was typed. The thread uses only read/write on fds it owns (no stdio, no locks), so
+ * a fork at any moment is safe; it runs until the program ends, as children may outlive
+ * the REPL. External commands (luamp.subprocess) keep the real terminal. */
+
+static int relay_tty = -1;          /* the real terminal, for the thread's writes */
+static int relay_master = -1;       /* the pty's master: what children wrote */
+static int relay_event = -1;        /* eventfd: output was written over the prompt */
+static atomic_int relay_at_prompt;
+static atomic_int relay_busy;       /* the thread holds output it has not written yet */
+
+static void write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return;
+    p += w;
+    n -= (size_t)w;
+  }
+}
+
+static void *relay_main(void *arg) {
+  (void)arg;
+  char buf[4096], out[4096 + 8];
+  for (;;) {
+    ssize_t n = read(relay_master, buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return NULL;
+    atomic_store(&relay_busy, 1);
+    int prompt = atomic_load(&relay_at_prompt);
+    size_t k = 0;
+    if (prompt) { memcpy(out, "\r\33[K", 4); k = 4; }
+    memcpy(out + k, buf, (size_t)n);         /* the real terminal expands \n itself */
+    k += (size_t)n;
+    if (prompt && buf[n - 1] != '\n') { out[k++] = '\r'; out[k++] = '\n'; }
+    write_all(relay_tty, out, k);
+    atomic_store(&relay_busy, 0);
+    if (prompt) {
+      uint64_t one = 1;
+      if (write(relay_event, &one, sizeof one) < 0) { /* already signalled */ }
+    }
+  }
+}
+
+/* Best effort: without a pty (or a thread) children write to the terminal directly. */
+static void relay_start(void) {
+  if (relay_master >= 0 || !isatty(STDOUT_FILENO)) return;
+  int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (master < 0) return;
+  int slave = -1, tty = -1, ev = -1;
+  if (grantpt(master) < 0 || unlockpt(master) < 0) goto fail;
+  const char *name = ptsname(master);
+  if (!name) goto fail;
+  slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+  tty = fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3);
+  ev = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (slave < 0 || tty < 0 || ev < 0) goto fail;
+  struct termios t;
+  if (tcgetattr(slave, &t) == 0) {
+    t.c_oflag &= (tcflag_t)~OPOST;         /* bytes through unchanged */
+    tcsetattr(slave, TCSANOW, &t);
+  }
+  struct winsize ws;
+  if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0) ioctl(slave, TIOCSWINSZ, &ws);
+  relay_master = master;
+  relay_tty = tty;
+  relay_event = ev;
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);  /* signals stay the main thread's */
+  pthread_t th;
+  pthread_attr_t at;
+  pthread_attr_init(&at);
+  pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+  int rc = pthread_create(&th, &at, relay_main, NULL);
+  pthread_attr_destroy(&at);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc != 0) {
+    relay_master = relay_tty = relay_event = -1;
+    goto fail;
+  }
+  luamp_child_stdio_fd = slave;
+  return;
+fail:
+  if (slave >= 0) close(slave);
+  if (tty >= 0) close(tty);
+  if (ev >= 0) close(ev);
+  close(master);
+}
+
+/* Before the REPL writes (results, the prompt): what children wrote so far goes out
+ * first, so that a child's line printed before p:join() returned shows above the result.
+ * Bounded (50 ms): a child that keeps printing must not hold up the REPL. */
+static void relay_settle(void) {
+  if (relay_master < 0) return;
+  for (int i = 0; i < 50; i++) {
+    int pending = 0;
+    if (ioctl(relay_master, FIONREAD, &pending) < 0) return;
+    if (pending == 0 && !atomic_load(&relay_busy)) return;
+    struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
+}
+
+/* In read_key: output was written over the prompt; draw it again with what was typed. */
+static void relay_redraw(void) {
+  uint64_t v;
+  while (read(relay_event, &v, sizeof v) > 0) {}
+  rl_forced_update_display();
+}
+
 /* libedit reads keys through this (rl_getc_function). SIGINT stays blocked except inside
  * ppoll, so a Ctrl-C is seen whether it comes before the wait or during it (with a
  * plain read() one landing just before would go unnoticed until the next key). Returns
@@ -128,16 +255,18 @@ static int read_key(FILE *in) {
     inside = outside;
     sigdelset(&inside, SIGINT);
     int ready = 0;
-    if (!prompt_interrupted) {
-      struct pollfd pfd = {.fd = fd, .events = POLLIN};
-      ready = ppoll(&pfd, 1, NULL, &inside);
-    }
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = relay_event, .events = POLLIN}};
+    if (!prompt_interrupted) ready = ppoll(pfd, relay_event >= 0 ? 2 : 1, NULL, &inside);
     int err = errno;
     sigprocmask(SIG_SETMASK, &outside, NULL);
     if (prompt_interrupted) return EOF;
     if (ready < 0) {
       if (err == EINTR) continue;
       return EOF;
+    }
+    if (relay_event >= 0 && pfd[1].revents) {
+      relay_redraw();
+      if (!pfd[0].revents) continue;
     }
     ssize_t got = read(fd, bytes + n, 1);
     if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
@@ -150,7 +279,10 @@ static int read_key(FILE *in) {
 
 static char *edit_line(const char *prompt) {
   char *saved = enter_user_locale();
+  relay_settle();
+  atomic_store(&relay_at_prompt, 1);
   char *line = readline(prompt);
+  atomic_store(&relay_at_prompt, 0);
   int err = errno;
   leave_user_locale(saved);
   errno = err;
@@ -257,6 +389,184 @@ static int try_expression(lua_State *L, repl *r) {
   return status;
 }
 
+/* ---- top-level locals ------------------------------------------------------------------
+ * Each entry is a chunk of its own, so a `local` typed at the prompt would vanish with its
+ * line. The REPL therefore rewrites the top-level declarations of an entry (not those
+ * inside a function or block) into assignments to globals before running it:
+ *   local x, y = 1, 2   ->   x, y = 1, 2
+ *   local z             ->   z = nil;
+ *   local function f()  ->   function f()
+ * so later lines see them, and pool workers too (as globals). The word `local` is blanked
+ * rather than removed, so error positions stay where they were typed. A declaration with
+ * an attribute (`<close>`, `<const>`) is left a real local: its point is its scope. */
+
+typedef struct scan { const char *s; size_t n, i; } scan;
+
+static int name_char(int c) {
+  return c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+/* At `[`: the level of a long bracket `[==[` (number of '='), or -1 if it is not one. */
+static int long_bracket(const scan *sc, size_t at) {
+  size_t j = at + 1;
+  while (j < sc->n && sc->s[j] == '=') j++;
+  return j < sc->n && sc->s[j] == '[' ? (int)(j - at - 1) : -1;
+}
+
+static void skip_long(scan *sc, int level) {
+  sc->i += (size_t)level + 2;
+  while (sc->i < sc->n) {
+    if (sc->s[sc->i] == ']') {
+      size_t j = sc->i + 1;
+      while (j < sc->n && sc->s[j] == '=') j++;
+      if (j < sc->n && sc->s[j] == ']' && (int)(j - sc->i - 1) == level) {
+        sc->i = j + 1;
+        return;
+      }
+    }
+    sc->i++;
+  }
+}
+
+/* Skips blanks and comments. */
+static void skip_space(scan *sc) {
+  while (sc->i < sc->n) {
+    char c = sc->s[sc->i];
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v') {
+      sc->i++;
+    } else if (c == '-' && sc->i + 1 < sc->n && sc->s[sc->i + 1] == '-') {
+      sc->i += 2;
+      int level = sc->i < sc->n && sc->s[sc->i] == '[' ? long_bracket(sc, sc->i) : -1;
+      if (level >= 0) skip_long(sc, level);
+      else while (sc->i < sc->n && sc->s[sc->i] != '\n') sc->i++;
+    } else {
+      return;
+    }
+  }
+}
+
+/* Moves past the token at sc->i (after skip_space); *word gets a name's length (0 for
+ * anything else) so the caller can look at it. */
+static void next_token(scan *sc, size_t *word) {
+  *word = 0;
+  if (sc->i >= sc->n) return;
+  char c = sc->s[sc->i];
+  if (name_char((unsigned char)c)) {
+    size_t j = sc->i;
+    while (j < sc->n && name_char((unsigned char)sc->s[j])) j++;
+    if (!(c >= '0' && c <= '9')) *word = j - sc->i;
+    else while (j < sc->n && (name_char((unsigned char)sc->s[j]) || sc->s[j] == '.')) j++;
+    sc->i = j;
+  } else if (c == '"' || c == '\'') {
+    sc->i++;
+    while (sc->i < sc->n && sc->s[sc->i] != c && sc->s[sc->i] != '\n') {
+      if (sc->s[sc->i] == '\\') sc->i++;
+      sc->i++;
+    }
+    sc->i++;
+  } else if (c == '[' && long_bracket(sc, sc->i) >= 0) {
+    skip_long(sc, long_bracket(sc, sc->i));
+  } else {
+    sc->i++;
+  }
+}
+
+static int is_word(const scan *sc, size_t at, size_t len, const char *w) {
+  return len == strlen(w) && memcmp(sc->s + at, w, len) == 0;
+}
+
+/* Pushes the entry with its top-level locals rewritten and returns 1, or returns 0 (and
+ * pushes nothing) when there are none. */
+static int rewrite_locals(lua_State *L, const char *src, size_t len) {
+  enum { MAX_EDITS = 64 };
+  struct { size_t at; int insert_nil; } edits[MAX_EDITS];
+  int nedits = 0, depth = 0;
+  scan sc = {src, len, 0};
+  for (;;) {
+    skip_space(&sc);
+    if (sc.i >= sc.n) break;
+    size_t at = sc.i, w;
+    next_token(&sc, &w);
+    if (!w) continue;
+    if (is_word(&sc, at, w, "function") || is_word(&sc, at, w, "do") ||
+        is_word(&sc, at, w, "if") || is_word(&sc, at, w, "repeat")) {
+      depth++;
+    } else if (is_word(&sc, at, w, "end") || is_word(&sc, at, w, "until")) {
+      if (depth > 0) depth--;
+    } else if (depth == 0 && is_word(&sc, at, w, "local") && nedits < MAX_EDITS) {
+      scan look = sc;
+      skip_space(&look);
+      size_t nat = look.i, nw;
+      next_token(&look, &nw);
+      if (nw && is_word(&look, nat, nw, "function")) {
+        edits[nedits].at = at;
+        edits[nedits++].insert_nil = 0;
+        continue;                 /* `function` opens a block: the main scan counts it */
+      }
+      /* a name list: name {, name}; an attribute keeps the declaration local */
+      int ok = nw > 0, attrib = 0;
+      size_t names_end = look.i;
+      while (ok) {
+        skip_space(&look);
+        if (look.i < look.n && look.s[look.i] == '<') { attrib = 1; break; }
+        if (look.i < look.n && look.s[look.i] == ',') {
+          look.i++;
+          skip_space(&look);
+          size_t a2 = look.i;
+          next_token(&look, &nw);
+          ok = nw > 0 && a2 < look.n;
+          names_end = look.i;
+          continue;
+        }
+        break;
+      }
+      if (!ok || attrib) continue;
+      int assigned = look.i < look.n && look.s[look.i] == '=' &&
+                     !(look.i + 1 < look.n && look.s[look.i + 1] == '=');
+      edits[nedits].at = at;
+      edits[nedits++].insert_nil = 0;
+      if (!assigned && nedits < MAX_EDITS) {
+        edits[nedits].at = names_end;
+        edits[nedits++].insert_nil = 1;
+      }
+      sc.i = names_end;
+    }
+  }
+  if (nedits == 0) return 0;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  size_t from = 0;
+  for (int k = 0; k < nedits; k++) {
+    luaL_addlstring(&b, src + from, edits[k].at - from);
+    if (edits[k].insert_nil) {
+      luaL_addstring(&b, " = nil;");
+      from = edits[k].at;
+    } else {
+      luaL_addstring(&b, "     ");          /* `local`, blanked */
+      from = edits[k].at + 5;
+    }
+  }
+  luaL_addlstring(&b, src + from, len - from);
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* With the chunk's text at -2 and its compiled function on top: the function of the
+ * rewritten text instead, when it has top-level locals (and still compiles). */
+static void persist_locals(lua_State *L) {
+  size_t len;
+  const char *src = lua_tolstring(L, -2, &len);
+  if (!rewrite_locals(L, src, len)) return;
+  size_t rlen;
+  const char *rsrc = lua_tolstring(L, -1, &rlen);
+  if (luaL_loadbuffer(L, rsrc, rlen, "=stdin") == LUA_OK) {
+    lua_replace(L, -3);           /* the new function takes the old one's place */
+    lua_pop(L, 1);
+  } else {
+    lua_pop(L, 2);
+  }
+}
+
 /* With the line on top: compiles it as a statement, reading more lines while it is
  * incomplete. Leaves the function or the error message in the line's place. Each
  * longer chunk is tried as an expression first, so that one spread over lines prints. */
@@ -274,6 +584,7 @@ static int read_statement(lua_State *L, repl *r, int *ended) {
     }
     if (!more) {
       history_add(r, chunk);
+      if (status == LUA_OK) persist_locals(L);
       lua_remove(L, -2);
       return status;
     }
@@ -317,17 +628,10 @@ static int next_statement(lua_State *L, repl *r, int *ended) {
 
 #define C_FRAME "\n\t[C]: in ?"
 
-/* The error as text (error objects through __tostring) and where it happened, down to
- * the statement typed: the C frames below it are the REPL's own. */
+/* The error as text (luamp_traceback: any value reads well, a Remote error shows the
+ * worker's traceback first) and where it happened, down to the statement typed: the C frames below it are the REPL's own. */
 static int traceback_handler(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (!msg) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
+  luamp_traceback(L);
   size_t len;
   const char *tb = lua_tolstring(L, -1, &len);
   size_t frame = sizeof C_FRAME - 1, keep = len;
@@ -356,6 +660,7 @@ static int run(lua_State *L, int nargs, int nresults) {
 }
 
 static void print_results(lua_State *L, repl *r, int base) {
+  relay_settle();
   int n = lua_gettop(L) - base;
   if (n == 0) return;
   luaL_checkstack(L, 2, "too many results to print");
@@ -389,6 +694,7 @@ static void setup_terminal(repl *r) {
   rl_outstream = isatty(STDOUT_FILENO) ? stdout : stderr;
   char *saved = enter_user_locale();
   rl_initialize();
+  relay_start();
   history_begin(r);
   leave_user_locale(saved);
   banner();

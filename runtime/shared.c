@@ -343,6 +343,20 @@ static int l_shared_attach(lua_State *L) {
   u->tc = tc;
   u->n = n;
   u->data = (char *)(h + 1);
+  /* the object this process already has, if it is open: its reference stays, ours goes */
+  luamp_ref_push_key(L, &u->ref);
+  const char *key = lua_tostring(L, -1);
+  if (luamp_handle_find(L, key)) {
+    shared_ud *old = lua_touserdata(L, -1);
+    if (old && lua_rawlen(L, -1) == sizeof *old && old->magic == magic && old->data) {
+      u->data = NULL;
+      luamp_ref_release(&u->ref);
+      return 1;
+    }
+    lua_pop(L, 1);
+  }
+  luamp_handle_remember(L, -2, key);
+  lua_pop(L, 1);
   set_lock(L, 3);
   return 1;
 }
@@ -367,6 +381,9 @@ static int l_shared_handle(lua_State *L) {
   if (!u || lua_rawlen(L, 1) != sizeof *u || (u->magic != VALUE_MAGIC && u->magic != ARRAY_MAGIC))
     luamp_raise(L, "Value", "expected a Value or an Array");
   if (!u->data) luamp_raise(L, "Value", "cannot send a closed %s", u->magic == VALUE_MAGIC ? "Value" : "Array");
+  luamp_ref_push_key(L, &u->ref);
+  luamp_handle_remember(L, 1, lua_tostring(L, -1));
+  lua_pop(L, 1);
   lua_pushstring(L, u->magic == VALUE_MAGIC ? "luamp.Value" : "luamp.Array");
   lua_createtable(L, 0, 2);
   luamp_ref_push_payload(L, &u->ref);
@@ -478,6 +495,8 @@ static int l_array_index(lua_State *L) {
     return 1;
   }
   if (!u->data) luamp_raise(L, "Value", "Array is closed");
+  /* a[#a + 1] is nil, the border ipairs stops at; other reads out of range raise */
+  if (lua_isinteger(L, 2) && (uint64_t)lua_tointeger(L, 2) == u->n + 1) return 0;
   uint64_t i = check_index(L, u, 2);
   push_elem(L, u->tc, u->data + i * u->tc->size);
   return 1;

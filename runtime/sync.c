@@ -869,6 +869,19 @@ static int l_sync_attach(lua_State *L) {
     luamp_raise(L, "Value", "cannot attach shared object: it is not a %s", types[t].name);
   }
   u->obj = kind;
+  /* the object this process already has, if it is open: its reference stays, ours goes */
+  luamp_ref_push_key(L, &u->ref);
+  const char *key = lua_tostring(L, -1);
+  if (luamp_handle_find(L, key)) {
+    sync_ud *old = any_sync(L, -1);
+    if (old && old->obj && old->t == t) {
+      sync_release(u);
+      return 1;
+    }
+    lua_pop(L, 1);
+  }
+  luamp_handle_remember(L, -2, key);
+  lua_pop(L, 1);
   return 1;
 }
 
@@ -877,6 +890,9 @@ static int l_sync_payload(lua_State *L) {
   sync_ud *u = any_sync(L, 1);
   if (!u) luamp_raise(L, "Value", "not a synchronisation object");
   if (!u->obj) luamp_raise(L, "Value", "%s is closed", types[u->t].name);
+  luamp_ref_push_key(L, &u->ref);
+  luamp_handle_remember(L, 1, lua_tostring(L, -1));
+  lua_pop(L, 1);
   luamp_ref_push_payload(L, &u->ref);
   return 1;
 }

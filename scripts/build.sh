@@ -4,11 +4,13 @@
 # works in the repository root it lives in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# to build: the compiler and CMake, Lua 5.4, libuv, libedit (the REPL's line editor);
+# to build: the compiler and CMake, Lua 5.4, libuv, libedit (the REPL's line editor),
+# libsodium (manager authentication, broker message MACs);
 # to test: busted (the specs), luarocks (spec/rockspec_spec.lua), python3 (the pty
-# driver of the REPL specs and the Python side of scripts/bench).
+# driver of the REPL specs and the Python side of scripts/bench); the broker: hiredis (the
+# Redis protocol), redis-server (its specs start their own).
 pkgs=(cmake gcc make pkg-config liblua5.4-dev lua5.4 libuv1-dev libedit-dev
-      lua-busted luarocks python3)
+      lua-busted luarocks python3 libhiredis-dev libsodium-dev redis-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

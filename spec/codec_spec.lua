@@ -332,10 +332,10 @@ describe("codec errors", function()
       serialize_error(dumps, {[{}] = {co}}))
     assert.equal("value[key <coroutine>]: cannot send a coroutine",
       serialize_error(dumps, {[co] = 1}))
-    assert.equal("value(metatable).__index: cannot send a coroutine",
+    assert.equal("value: cannot send a coroutine (inside its metatable)",
       serialize_error(dumps, setmetatable({}, {__index = co})))
     local function f() return co end
-    assert.equal("value.f(upvalue co): cannot send a coroutine", serialize_error(dumps, {f = f}))
+    assert.equal("upvalue 'co' of value.f: cannot send a coroutine", serialize_error(dumps, {f = f}))
     assert.equal('value["odd key"]: cannot send a coroutine',
       serialize_error(dumps, {["odd key"] = co}))
   end)

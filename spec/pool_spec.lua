@@ -604,6 +604,25 @@ describe("Pool", function()
       assert.truthy(out:find("4/4 %(100%%%) [%d.]+/s ETA 0:00"), out)
       assert.truthy(out:find("0 done"), out)
     end)
+
+    it("ends with the interrupted state after Ctrl-C, not an ETA", function()
+      -- the second task sends the parent SIGINT (workers ignore it) while the map waits
+      local script = H.script([[
+        local luamp = require "luamp"
+        local parent = luamp.getpid()
+        local p <close> = luamp.Pool(1)
+        p:map(function(x)
+          if x == 2 then luamp.subprocess.run({"kill", "-INT", tostring(parent)}) luamp.sleep(30) end
+          return x
+        end, {1, 2, 3, 4}, {progress = true, chunksize = 1})
+      ]])
+      local out, code = H.sh("script -qec " .. H.q(H.q(H.host) .. " " .. H.q(script)) .. " /dev/null 2>&1")
+      os.remove(script)
+      -- the last drawing (the one ending the line) says what happened
+      assert.truthy(out:find("1/4 %(25%%%) [%d.]+/s interrupted\27%[K\r?\n"), out)
+      assert.falsy(out:find("ETA [%d:]+\27%[K\r?\n"), out)
+      assert.truthy(out:find("Interrupted", 1, true), out)
+    end)
   end)
 
   describe("Ctrl-C", function()

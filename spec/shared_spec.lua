@@ -216,12 +216,24 @@ describe("Array", function()
     H.raises("Value", luamp.Array, "d", 1 << 36)   -- more than the arena holds
   end)
 
+  it("iterates with ipairs to its end and no further", function()
+    local a = luamp.Array("i", {5, 6, 7})
+    local seen = {}
+    for i, v in ipairs(a) do seen[i] = v end
+    assert.same({5, 6, 7}, seen)
+    local empty = luamp.Array("d", 0)
+    for _ in ipairs(empty) do error("an empty Array has no elements") end
+  end)
+
   it("raises Value for bad indices, elements, sizes and typecodes", function()
     local a = luamp.Array("b", 3)
-    for _, k in ipairs {0, 4, -1, 1.5, math.maxinteger} do
+    for _, k in ipairs {0, 5, -1, 1.5, math.maxinteger} do
       H.raises("Value", function() return a[k] end)
       H.raises("Value", function() a[k] = 1 end)
     end
+    -- a[#a + 1] reads nil (the border ipairs stops at) but cannot be written
+    assert.is_nil(a[4])
+    H.raises("Value", function() a[4] = 1 end)
     H.raises("Value", function() return a[{}] end)
     H.raises("Value", function() a.x = 1 end)
     H.raises("Value", function() a[1] = 128 end)
@@ -304,10 +316,10 @@ describe("Value and Array handles", function()
     local script = H.script(string.format([[
       local luamp = require "luamp"
       local rebuild = debug.getregistry()["luamp.handles"]["luamp.Value"]
-      local v = rebuild{core = {arena = %q, pid = %d, fd = %d, off = %d}, lock = false}
+      local v = rebuild{core = {arena = %q, pid = %d, fd = %d, off = %d, gen = %d}, lock = false}
       io.write(v.value)
       v.value = 42
-    ]], p.core.arena, p.core.pid, p.core.fd, p.core.off))
+    ]], p.core.arena, p.core.pid, p.core.fd, p.core.off, p.core.gen))
     local out, err, code = H.run({script})
     os.remove(script)
     assert.equal(0, code, err)

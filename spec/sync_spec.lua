@@ -736,11 +736,11 @@ describe("handles", function()
     local script = H.script(string.format([[
       local luamp = require "luamp"
       local rebuild = debug.getregistry()["luamp.handles"]["luamp.Lock"]
-      local l = rebuild{arena = %q, pid = %d, fd = %d, off = %d}
+      local l = rebuild{arena = %q, pid = %d, fd = %d, off = %d, gen = %d}
       io.write(tostring(l:acquire(false)), " ")
       l:release()                       -- a Lock may be released by anyone
       io.write(tostring(l:acquire(false)))
-    ]], payload.arena, payload.pid, payload.fd, payload.off))
+    ]], payload.arena, payload.pid, payload.fd, payload.off, payload.gen))
     local out, err, code = H.run({script})
     os.remove(script)
     assert.equal(0, code, err)

@@ -14,14 +14,18 @@ function M.Pipe(duplex)
   return core.pipe(duplex ~= false)
 end
 
--- An object's way of being waited on: "conn", "queue" or "fd" (an integer sentinel, or
--- anything with a sentinel field or a fileno method).
+-- An object's way of being waited on: "conn", "queue", "result" (an AsyncResult) or "fd"
+-- (an integer sentinel, or anything with a sentinel field, such as a Process or a Popen,
+-- or a fileno method).
 local function kind_of(obj)
   if math.type(obj) == "integer" then return "fd", obj end
   -- (fileno and empty raise Closed now, before any queue is registered as a waiter)
   if core.is_connection(obj) then obj:fileno() return "conn" end
   if core.is_queue and core.is_queue(obj) then obj:empty() return "queue" end
   if type(obj) == "table" or type(obj) == "userdata" then
+    -- an AsyncResult: ready when its job is; waited on through its pool's fds
+    local okr, wf = U.pcall(function() return obj._wait_fds end)
+    if okr and type(wf) == "function" then return "result" end
     local ok, s = U.pcall(function() return obj.sentinel end)
     if ok and math.type(s) == "integer" then return "fd", s end
     local ok2, f = U.pcall(function() return obj.fileno end)
@@ -49,6 +53,7 @@ function M.wait(objects, timeout)
   end
   while true do
     local ready, registered, polled, owner = {}, {}, {}, {}
+    local results = false
     for i = 1, n do
       local obj, k = objects[i], kinds[i]
       local fd
@@ -57,6 +62,17 @@ function M.wait(objects, timeout)
       elseif k == "queue" then
         fd = obj:_wait_begin()
         if fd then registered[#registered + 1] = i else ready[#ready + 1] = i end
+      elseif k == "result" then
+        local rfds = obj:_wait_fds()
+        if not rfds then
+          ready[#ready + 1] = i
+        else
+          results = true
+          for _, rfd in ipairs(rfds) do
+            polled[#polled + 1] = rfd
+            owner[#polled] = false
+          end
+        end
       else
         fd = fds[i]
       end
@@ -76,7 +92,14 @@ function M.wait(objects, timeout)
       local set = {}
       for _, fd in ipairs(res) do set[fd] = true end
       for j, fd in ipairs(polled) do
-        if set[fd] then fired[owner[j]] = true end
+        if set[fd] and owner[j] then fired[owner[j]] = true end
+      end
+      -- a pool fd fired: let the pool take its results, then see which results are ready
+      if results and #res > 0 then
+        core.pump_poll()
+        for i = 1, n do
+          if kinds[i] == "result" and objects[i]:ready() then fired[i] = true end
+        end
       end
     end
     -- a queue counts only if it still holds an item once we look under its lock

@@ -15,7 +15,7 @@ local M = {
 local parts = {
   "luamp.process", "luamp.connection", "luamp.queue", "luamp.sync", "luamp.shared",
   "luamp.pool", "luamp.subprocess", "luamp.manager", "luamp.scheduler", "luamp.context",
-  "luamp.pretty",
+  "luamp.pretty", "luamp.trace",
 }
 for _, name in ipairs(parts) do
   if package.preload[name] or package.loaded[name] then

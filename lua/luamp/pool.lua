@@ -38,11 +38,16 @@
 --    terminated.
 local core = require "luamp._core"
 local U = require "luamp.util"
+local TR = require("luamp.trace")._T
 
 local raise = U.raise
 local now = core.time
 -- tasks and results pass only between this process and its own workers: trusted
 local dumps, loads = core.dumps, core.loads_trusted
+-- dumpx also returns the descriptors that luamp objects in the value need (a bundle, or
+-- nil): such a chunk or result travels as a frame of its own with them (see handles.c);
+-- loadx decodes trusted, with them
+local dumpx, loadx = core.dumpx, core.loadx
 local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
@@ -79,13 +84,13 @@ end
 -- The worker's traceback stops where the pool called the task: frames below are the
 -- pool's own loop and would only mislead.
 local function traceback_of(e)
-  local tb = debug.traceback(tostring(e), 3)
+  local tb = core.error_report(e, 3)
   local cut = tb:find("\n%s*luamp/pool%.lua:") or tb:find("\n%s*%[C%]: in function 'xpcall'")
   return cut and tb:sub(1, cut - 1) or tb
 end
 
 local function remote_payload(e)
-  return {tostring(e), traceback_of(e), e}
+  return {core.error_text(e), traceback_of(e), e}
 end
 
 local function remote_error(p, prefix)
@@ -111,7 +116,9 @@ local function progress_new(total)
   return {t0 = now(), last = 0, total = total}
 end
 
-local function progress_draw(p, done, final)
+-- final: the last drawing; state (with final): why it ended early ("interrupted",
+-- "failed", "terminated"), shown where the ETA was.
+local function progress_draw(p, done, final, state)
   local t = now()
   if not final and t - p.last < 0.1 then return end
   p.last = t
@@ -121,10 +128,10 @@ local function progress_draw(p, done, final)
   if p.total then
     local pct = p.total > 0 and done * 100 // p.total or 100
     local eta = rate > 0 and (p.total - done) / rate or math.huge
-    line = string.format("%d/%d (%d%%) %.1f/s ETA %s", done, p.total, pct, rate,
-      final and "0:00" or fmt_time(eta))
+    line = string.format("%d/%d (%d%%) %.1f/s %s", done, p.total, pct, rate,
+      state or ("ETA " .. (final and "0:00" or fmt_time(eta))))
   else
-    line = string.format("%d done %.1f/s %s", done, rate, fmt_time(el))
+    line = string.format("%d done %.1f/s %s%s", done, rate, fmt_time(el), state and " " .. state or "")
   end
   io.stderr:write("\r", line, "\27[K", final and "\n" or "")
   io.stderr:flush()
@@ -133,21 +140,23 @@ end
 -- ---- the worker process --------------------------------------------------------------
 
 -- Runs one chunk; returns its results (apply: table.pack of the function's results).
-local function exec_chunk(f, mode, n, abytes)
-  if type(f) == "table" and f.bad then error(f.bad, 0) end
-  if f == nil then error("internal: unknown function id", 0) end
-  local args = loads(abytes)
+-- (The function is a local named `task`: a traceback names the frame "in local 'task'".)
+local function exec_chunk(task, mode, n, abytes, afds)
+  if type(task) == "table" and task.bad then error(task.bad, 0) end
+  if task == nil then error("internal: unknown function id", 0) end
+  local args
+  if afds then args = loadx(abytes, afds) else args = loads(abytes) end
   if mode == APPLY then
-    return table.pack(f(unpack(args, 1, args.n or #args)))
+    return table.pack(task(unpack(args, 1, args.n or #args)))
   end
   local out = core.table_new(n)
   if mode == MAP then
-    for i = 1, n do out[i] = f(args[i]) end
+    for i = 1, n do out[i] = task(args[i]) end
   else
     for i = 1, n do
       local a = args[i]
       if type(a) ~= "table" then error("starmap: item " .. i .. " is not an argument list", 0) end
-      out[i] = f(unpack(a, 1, a.n or #a))
+      out[i] = task(unpack(a, 1, a.n or #a))
     end
   end
   return out
@@ -171,22 +180,28 @@ local function worker_loop(conn, maxtasks)
     if defs then
       for i = 1, #defs, 2 do
         local okf, f = U.pcall(loads, defs[i + 1])
-        fns[defs[i]] = okf and f or {bad = f}
+        -- a string id is a global function the parent defined or changed since the fork
+        if type(defs[i]) == "string" then
+          if okf then rawset(_G, defs[i], f) end
+        else
+          fns[defs[i]] = okf and f or {bad = f}
+        end
       end
     end
     for i = 3, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
-      local abytes = msg[i + 5]
+      local abytes, afds = msg[i + 5], nil
       if not abytes then
-        local okr, data = U.pcall(conn.recv_bytes, conn)
+        local okr, data, fds = U.pcall(conn._recv, conn)
         if not okr then return 0 end
-        abytes = data
+        abytes, afds = data, fds
       end
       local t0 = now()
-      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes)
+      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds)
+      if afds then afds:close() end
       local dt = now() - t0
       io.stdout:flush()
-      local oke, out = U.pcall(dumps, {jobid, k, okc, dt, res})
+      local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
       if not oke then
         if okc then
           out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -195,7 +210,9 @@ local function worker_loop(conn, maxtasks)
           out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
         end
       end
-      if not U.pcall(conn.send_bytes, conn, out) then return 0 end
+      local oks = U.pcall(conn._send, conn, out, ofds)
+      if ofds then ofds:close() end
+      if not oks then return 0 end
       done = done + 1
       if maxtasks and done >= maxtasks then return 0 end
     end
@@ -239,12 +256,97 @@ end
 local function func_entry(st, f)
   local e = st.fcache[f]
   if e and e.fixed then return e end
-  local bytes = dumps(f)
+  local bytes = dumps(f, "the task function")
   if e and e.bytes == bytes then return e end
   st.next_fid = st.next_fid + 1
   e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est}
   st.fcache[f] = e
   return e
+end
+
+-- ---- global functions a task reads -----------------------------------------------------
+-- A worker has the globals of the moment it was forked. A task that calls a global
+-- function defined or changed later (typed in the REPL after the Pool was made, or
+-- redefined by the script) would call nil or the old one. So with each job go the global
+-- functions its function reads (OP_GETTABUP _ENV, found in its bytecode by
+-- core.global_reads), and those they read in turn, whose value differs from the one in
+-- the parent when the pool was made; each worker is sent a given value once.
+
+local reads_of = setmetatable({}, {__mode = "k"})     -- function -> global names it reads
+local lua_fn = setmetatable({}, {__mode = "k"})       -- function -> is a Lua function
+local gbytes = setmetatable({}, {__mode = "k"})       -- function -> its encoding
+
+local function is_lua_fn(v)
+  local yes = lua_fn[v]
+  if yes == nil then
+    yes = debug.getinfo(v, "S").what ~= "C"
+    lua_fn[v] = yes
+  end
+  return yes
+end
+
+-- The function-valued globals now: what a worker forked now starts with.
+local function global_functions()
+  local t = {}
+  for k, v in next, _G do
+    if type(v) == "function" then t[k] = v end
+  end
+  return t
+end
+
+-- {name, bytes, value, ...} of the global functions f reads (through other global
+-- functions too) that changed since the pool was made; nil when none did.
+local function changed_globals(st, f)
+  if type(f) ~= "function" or not is_lua_fn(f) then return nil end
+  local out
+  local seen, stack = {}, {f}
+  while #stack > 0 do
+    local g = table.remove(stack)
+    local names = reads_of[g]
+    if not names then
+      names = core.global_reads(g)
+      reads_of[g] = names
+    end
+    for _, name in ipairs(names) do
+      if not seen[name] then
+        seen[name] = true
+        local v = rawget(_G, name)
+        if type(v) == "function" and is_lua_fn(v) then
+          stack[#stack + 1] = v
+          if st.gbase[name] ~= v then
+            local bytes = gbytes[v]
+            if not bytes then
+              -- one that cannot cross (it captured a file, say) is not sent: the worker
+              -- keeps what it had, as before this rule existed
+              local ok, b = U.pcall(dumps, v)
+              bytes = ok and b or false
+              gbytes[v] = bytes
+            end
+            if bytes then
+              out = out or {}
+              out[#out + 1], out[#out + 2], out[#out + 3] = name, bytes, v
+            end
+          end
+        end
+      end
+    end
+  end
+  return out
+end
+
+-- Adds to defs the globals of job that worker w has not got yet.
+local function send_globals(w, job, defs)
+  local g = job.globals
+  if not g then return defs end
+  for i = 1, #g, 3 do
+    local name, v = g[i], g[i + 2]
+    if w.gknown[name] ~= v then
+      w.gknown[name] = v
+      defs = defs or {}
+      defs[#defs + 1], defs[#defs + 2] = name, g[i + 1]
+    end
+  end
+  return defs
 end
 
 local function check_callable(f, what)
@@ -256,7 +358,7 @@ end
 
 -- ---- parent side: jobs ---------------------------------------------------------------
 
-local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended
+local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended, pool_interrupted
 
 local function job_finish(st, job, ok, value)
   if job.ready then return end
@@ -265,7 +367,14 @@ local function job_finish(st, job, ok, value)
   job.retry = dq_new()
   st.jobs[job.id] = nil
   st.njobs = st.njobs - 1
-  if job.progress then progress_draw(job.progress, job.done_items, true); job.progress = nil end
+  if job.progress then
+    local state
+    if not ok then
+      state = st.interrupted and "interrupted" or is_error(value, "Closed") and "terminated" or "failed"
+    end
+    progress_draw(job.progress, job.done_items, true, state)
+    job.progress = nil
+  end
   if ok and job.callback then
     if job.kind == "apply" then queue_callback(st, job.callback, unpack(value, 1, value.n))
     else queue_callback(st, job.callback, value) end
@@ -330,6 +439,17 @@ local function chunk_ok(st, job, c, res)
   end
 end
 
+-- A chunk that cannot be encoded: the error again with the path naming the item in the
+-- caller's list (`items[7].f`), not its place in the chunk.
+local function item_error(args, n, first, err)
+  if not is_error(err, "Serialize") then return err end
+  for i = 1, n do
+    local ok, e = U.pcall(dumps, args[i], string.format("items[%d]", first + i - 1))
+    if not ok then return e end
+  end
+  return err
+end
+
 -- Makes the next chunk of a job: returns it, or nil (nothing now; `job.exhausted` tells
 -- whether there will ever be more).
 local function produce(st, job)
@@ -342,9 +462,9 @@ local function produce(st, job)
   if job.kind == "apply" then
     -- encoded when submitted
     job.exhausted, job.pulled, job.next_k = true, 1, 1
-    local bytes = job.abytes
-    job.abytes = nil
-    return {job = job, k = 1, first = 1, n = 1, bytes = bytes}
+    local bytes, fds = job.abytes, job.afds
+    job.abytes, job.afds = nil, nil
+    return {job = job, k = 1, first = 1, n = 1, bytes = bytes, fds = fds}
   elseif job.list then
     local last = math.min(job.len, first + job.chunksize - 1)
     n = last - first + 1
@@ -375,8 +495,9 @@ local function produce(st, job)
   job.pulled = job.pulled + n
   job.next_k = job.next_k + 1
   c = {job = job, k = job.next_k, first = first, n = n}
-  local ok, bytes = U.pcall(dumps, args)
+  local ok, bytes, fds = U.pcall(dumpx, args)
   if not ok then
+    bytes = item_error(args, n, first, bytes)
     if job.kind == "imap" then
       chunk_failed(st, job, c, bytes)
       return produce(st, job)
@@ -384,7 +505,7 @@ local function produce(st, job)
     job_finish(st, job, false, bytes)
     return nil
   end
-  c.bytes = bytes
+  c.bytes, c.fds = bytes, fds
   return c
 end
 
@@ -435,6 +556,8 @@ local function unregister(st, w)
   st.fds_dirty = true
 end
 
+local worker_count = 0           -- names the workers PoolWorker-1, -2... (as Python does)
+
 function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
@@ -443,6 +566,13 @@ function spawn(st)
   b:close()
   if not ok then a:close(); error(h, 0) end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
+  w.gknown = global_functions()
+  worker_count = worker_count + 1
+  w.name = "PoolWorker-" .. worker_count
+  if TR.on then
+    TR.row(w.pid, w.name)
+    TR.instant("start", w.pid)
+  end
   st.workers[#st.workers + 1] = w
   core.pump_add(w.cfd, st.pump)
   if w.sfd and w.sfd >= 0 then core.pump_add(w.sfd, st.pump) end
@@ -456,6 +586,7 @@ local function remove_worker(st, w)
   end
   unregister(st, w)
   w.dead = true
+  if TR.on then TR.instant("exit", w.pid) end
   U.pcall(w.conn.close, w.conn)
   U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
@@ -548,7 +679,7 @@ end
 local function send_message(conn, data, chunks)
   conn:send_bytes(data)
   for _, c in ipairs(chunks) do
-    if #c.bytes > INLINE_MAX then conn:send_bytes(c.bytes) end
+    if c.fds or #c.bytes > INLINE_MAX then conn:_send(c.bytes, c.fds) end
   end
 end
 
@@ -560,10 +691,11 @@ local function send_chunks(st, w, chunks)
   for _, c in ipairs(chunks) do
     local fe = c.job.fe
     keep[fe.id] = true
+    defs = send_globals(w, c.job, defs)
     defs = remember_fn(w, fe, defs)
     local m = #msg
     msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
-      c.job.id, c.k, fe.id, c.job.mode, c.n, #c.bytes <= INLINE_MAX and c.bytes
+      c.job.id, c.k, fe.id, c.job.mode, c.n, not c.fds and #c.bytes <= INLINE_MAX and c.bytes
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
@@ -643,8 +775,11 @@ local function fail_all(st, err)
 end
 
 -- A result message from w (raw bytes) for chunk c, the head of w's queue.
-local function on_result(st, w, c, data)
-  local ok, msg = U.pcall(loads, data)
+local function on_result(st, w, c, data, fds)
+  -- the chunk's own descriptors are no longer needed: it will not be sent again
+  if c.fds then c.fds:close() end
+  local ok, msg
+  if fds then ok, msg = U.pcall(loadx, data, fds) else ok, msg = U.pcall(loads, data) end
   if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
     return false
   end
@@ -652,6 +787,11 @@ local function on_result(st, w, c, data)
   if math.type(dt) == "float" and c.n > 0 then
     local per = dt / c.n
     fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
+  end
+  if TR.on then
+    -- the worker's start time (one monotonic clock for all processes), else an estimate
+    local t0 = math.type(msg[6]) == "float" and msg[6] or now() - (tonumber(dt) or 0)
+    TR.span(c.job.label or "task", w.pid, t0, tonumber(dt) or 0, c.job.id, c.k, c.n, msg[3] == true)
   end
   if msg[3] then chunk_ok(st, c.job, c, msg[5])
   else chunk_failed(st, c.job, c, remote_error(msg[5])) end
@@ -687,7 +827,7 @@ local function drain_messages(st, w)
     -- a worker that owes us nothing has nothing more to say (but EOF, which the next
     -- wait reports): no system call to ask
     if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-    local ok, data = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
+    local ok, data, fds = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
     if ok and data == nil then break end
     if not ok then
       -- (the results already taken are recorded first; the receive resumes next time)
@@ -701,21 +841,24 @@ local function drain_messages(st, w)
     end
     if not w.init_seen then
       w.init_seen = true
+      if fds then fds:close() end
       on_init_message(st, w, data)
     else
       local c = queue_pop(w)
       if not c then
+        if fds then fds:close() end
         w.garbled = true
         break
       end
-      got[#got + 1] = c
-      got[#got + 1] = data
+      local m = #got
+      got[m + 1], got[m + 2], got[m + 3] = c, data, fds or false
     end
   end
   if #got > 0 then dispatch(st) end
-  for i = 1, #got, 2 do
-    if not on_result(st, w, got[i], got[i + 1]) then
+  for i = 1, #got, 3 do
+    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil) then
       w.garbled = true
+      if TR.on then TR.instant("WorkerLost", w.pid, {malformed = true}) end
       chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
         "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
     end
@@ -760,6 +903,7 @@ function worker_ended(st, w, code)
   drain(st, w)
   remove_worker(st, w)
   local c = dq_pop(w.inflight)
+  if TR.on and c then TR.instant("WorkerLost", w.pid, {exitcode = code}) end
   if c then
     local err = st.broken or core.error("WorkerLost", string.format(
       "worker %d died while running a task (exitcode %s)", w.pid, tostring(code)),
@@ -822,7 +966,7 @@ local function run_callbacks(st)
       if is_error(err, "Interrupted") then
         interrupted = err
       else
-        io.stderr:write("luamp: error in a pool callback: ", tostring(err), "\n")
+        io.stderr:write("luamp: error in a pool callback: ", core.error_text(err), "\n")
         io.stderr:flush()
       end
     end
@@ -864,6 +1008,17 @@ local function check_owner(st)
   end
 end
 
+-- Ctrl-C (err is Interrupted) during a pool call terminates the pool; the error says so
+-- and how to go on, since at the REPL the next line would otherwise meet "Pool not running".
+function pool_interrupted(st, err)
+  if not is_error(err, "Interrupted") or st.interrupted then return end
+  st.interrupted = true
+  if type(err.message) == "string" then
+    err.message = err.message .. " (the pool was terminated: make a new luamp.Pool to go on)"
+  end
+  terminate(st)
+end
+
 local function wait_round(st, fds, timeout, tick)
   local ready = core.wait_fds(fds, timeout)
   for _, fd in ipairs(ready) do service_fd(st, fd) end
@@ -891,9 +1046,7 @@ local function wait_once(st, deadline)
   -- the results are handled, which may leave them half recorded) ends the pool.
   local ok, err = pcall(wait_round, st, fds, timeout, tick)   -- re-raised
   if not ok then
-    if is_error(err, "Interrupted") then
-      terminate(st)
-    end
+    pool_interrupted(st, err)
     error(err, 0)
   end
 end
@@ -966,11 +1119,26 @@ function AsyncResult:wait(timeout)
   wait_until(job.st, function() return job.ready end, timeout)
 end
 
+-- For luamp.wait: the fds whose readiness may make this result ready (its pool's
+-- connections and sentinels), or nil when it is ready. The waiter then runs the pool
+-- through luamp.poll() and asks ready() again.
+function AsyncResult:_wait_fds()
+  local job = self[JOB]
+  if job.ready then return nil end
+  local st = job.st
+  check_owner(st)
+  settle(st)
+  if job.ready then return nil end
+  if st.fds_dirty then rebuild_fds(st) end
+  return st.fds
+end
+
 function AsyncResult:get(timeout)
   local job = self[JOB]
   if not job.ready then
     check_owner(job.st)
     if not wait_until(job.st, function() return job.ready end, timeout) then
+      if TR.on then TR.instant("Timeout", core.getpid(), {job = job.id, timeout = timeout}) end
       raise("Timeout", string.format("result not ready after %g s", timeout))
     end
   end
@@ -1038,7 +1206,10 @@ local function imap_end(st, job)
     st.jobs[job.id] = nil
     st.njobs = st.njobs - 1
   end
-  if job.progress then progress_draw(job.progress, job.done_items, true); job.progress = nil end
+  if job.progress then
+    progress_draw(job.progress, job.done_items, true, not imap_finished(job) and "stopped" or nil)
+    job.progress = nil
+  end
 end
 
 -- it:next([timeout]) -> value, input index; nothing at the end. Raises Timeout, the
@@ -1065,6 +1236,7 @@ function IMap:next(timeout)
       return
     end
     if deadline and now() >= deadline then
+      if TR.on then TR.instant("Timeout", core.getpid(), {timeout = timeout}) end
       raise("Timeout", string.format("no result within %g s", timeout))
     end
     wait_once(st, deadline)
@@ -1095,6 +1267,7 @@ end
 local Pool = {}
 local Pool_mt = {__index = Pool, __name = "luamp.Pool"}
 local S = setmetatable({}, {__mode = "k"})   -- Pool object -> state
+local live_pools = setmetatable({}, {__mode = "k"})   -- state -> true, for active_children
 
 local function state_of(self)
   local st = S[self]
@@ -1105,14 +1278,20 @@ end
 
 local function check_running(st)
   if st.broken then error(st.broken, 0) end
-  if st.state ~= "RUN" then raise("Value", "Pool not running") end
+  if st.state ~= "RUN" then
+    if st.interrupted then
+      raise("Value", string.format("Pool not running: Ctrl-C terminated it; make a new one, e.g. pool = luamp.Pool(%d)", st.processes))
+    end
+    raise("Value", "Pool not running")
+  end
 end
 
 local function new_job(self, st, kind, f, mode)
   st.next_job = st.next_job + 1
   local job = {
     st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
-    fe = func_entry(st, f),
+    fe = func_entry(st, f), globals = changed_globals(st, f),
+    label = TR.on and TR.label(f) or nil,
     pulled = 0, consumed = 0, next_k = 0, done_items = 0,
     retry = dq_new(),
   }
@@ -1222,9 +1401,9 @@ function Pool:apply_async(f, args, opts)
   end
   -- encoded now: changes the caller makes to args afterwards do not reach the task, and
   -- an argument that cannot cross is reported here
-  local abytes = dumps(args or EMPTY)
+  local abytes, afds = dumpx(args or EMPTY, "args")
   local job = new_job(self, st, "apply", f, APPLY)
-  job.abytes = abytes
+  job.abytes, job.afds = abytes, afds
   job.total = 1
   job.callback, job.error_callback = cb, ecb
   job.chunksize = 1
@@ -1234,7 +1413,12 @@ function Pool:apply_async(f, args, opts)
 end
 
 function Pool:apply(f, args)
-  return self:apply_async(f, args):get()
+  local ok, r = pcall(function() return table.pack(self:apply_async(f, args):get()) end)   -- re-raised
+  if not ok then
+    pool_interrupted(state_of(self), r)
+    error(r, 0)
+  end
+  return unpack(r, 1, r.n)
 end
 
 function Pool:map_async(f, list, opts)
@@ -1249,10 +1433,18 @@ local function blocking_map(self, what, f, list, opts, mode)
   if opts ~= nil and type(opts) == "table" and (opts.callback or opts.error_callback) then
     raise("Value", what .. ": callbacks belong to " .. what .. "_async")
   end
-  local res = map_job(self, what, f, list, opts, mode)
+  local okj, res = pcall(map_job, self, what, f, list, opts, mode)   -- re-raised
+  if not okj then
+    pool_interrupted(state_of(self), res)
+    error(res, 0)
+  end
   local ok, v = pcall(res.get, res)   -- re-raised
   local job = res[JOB]
-  if job.progress and not job.ready then progress_draw(job.progress, job.done_items, true) end
+  if not ok then pool_interrupted(state_of(self), v) end
+  if job.progress and not job.ready then
+    progress_draw(job.progress, job.done_items, true, is_error(v, "Interrupted") and "interrupted" or "failed")
+    job.progress = nil
+  end
   if not ok then error(v, 0) end
   return v
 end
@@ -1311,6 +1503,14 @@ function Pool:join()
   wait_until(st, function() return #st.workers == 0 end)
 end
 
+-- pids() -> the pids of the pool's workers now, in the order they were started
+function Pool:pids()
+  local st = state_of(self)
+  local out = {}
+  for i, w in ipairs(st.workers) do out[i] = w.pid end
+  return out
+end
+
 Pool_mt.__tostring = function(self)
   local st = S[self]
   return string.format("<Pool processes=%d state=%s>", st.processes, st.state)
@@ -1352,6 +1552,7 @@ local function new_pool(opts)
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
     callbacks = dq_new(),
+    gbase = global_functions(),
   }
   st.pump = function(fd)
     service_fd(st, fd)
@@ -1359,6 +1560,7 @@ local function new_pool(opts)
   end
   local self = setmetatable({}, Pool_mt)
   S[self] = st
+  live_pools[st] = true
   local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)   -- re-raised
   if not ok then
     terminate(st)
@@ -1369,7 +1571,46 @@ end
 
 local P = {}
 
-function P.Pool(opts) return new_pool(opts) end
+function P.Pool(opts)
+  if type(opts) == "table" and opts.broker ~= nil then   -- across machines, over Redis
+    return require("luamp.broker").Pool(opts)
+  end
+  return new_pool(opts)
+end
+
+-- What luamp.active_children() lists for pool workers: a small read-only view of each
+-- live worker (pid, name, sentinel, is_alive), as Python lists its ForkPoolWorker-N.
+local PoolWorker = {}
+PoolWorker.__name = "luamp.PoolWorker"
+PoolWorker.__index = function(self, k)
+  local w = rawget(self, PoolWorker)
+  if k == "pid" then return w.pid end
+  if k == "name" then return w.name end
+  if k == "sentinel" then return not w.dead and w.sfd or nil end
+  if k == "is_alive" then return function() return not w.dead end end
+  return nil
+end
+PoolWorker.__tostring = function(self)
+  local w = rawget(self, PoolWorker)
+  return string.format("<PoolWorker name=%s pid=%d %s>", w.name, w.pid, w.dead and "stopped" or "started")
+end
+
+function P._active_workers()
+  local out = {}
+  local me = core.getpid()
+  for st in pairs(live_pools) do
+    if st.owner == me then
+      for _, w in ipairs(st.workers) do
+        if not w.dead then
+          w.view = w.view or setmetatable({[PoolWorker] = w}, PoolWorker)
+          out[#out + 1] = w.view
+        end
+      end
+    end
+  end
+  table.sort(out, function(a, b) return a.pid < b.pid end)
+  return out
+end
 
 -- luamp.poll(): runs what is due in the background (pool results, callbacks) without
 -- waiting; returns how many sources had something.

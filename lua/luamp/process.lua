@@ -3,6 +3,7 @@
 -- end-of-program join live in runtime/process.c; this file keeps the Python-shaped state:
 -- names, identities, the daemon flag, exitcode and the list of active children.
 local core = require "luamp._core"
+local TR = require("luamp.trace")._T
 local U = require "luamp.util"
 
 local raise = U.raise
@@ -33,7 +34,13 @@ local function check_started(self, what)
 end
 
 local function note_exit(self, code)
-  if code ~= nil then children[self] = nil end
+  if code ~= nil then
+    if TR.on and children[self] then
+      local pid = S[self].handle:pid()
+      TR.instant("exit", pid, {exitcode = code})
+    end
+    children[self] = nil
+  end
   return code
 end
 
@@ -70,6 +77,9 @@ Process_mt.__newindex = function(self, k, v)
   if k == "name" then
     if type(v) ~= "string" then raise("Value", "name must be a string") end
     s.name = v
+  elseif k == "authkey" then
+    if type(v) ~= "string" then raise("Value", "authkey must be a string") end
+    s.authkey = v
   elseif k == "daemon" then
     if s.handle then raise("Value", "cannot set daemon status of an active process") end
     s.daemon = not not v
@@ -108,7 +118,7 @@ end
 -- The child's traceback ends where luamp called the target: the frames below belong to
 -- the parent's program (its main chunk, a test runner) and would only mislead.
 local function traceback_handler(e)
-  local tb = debug.traceback(tostring(e), 2)
+  local tb = core.error_report(e, 2)
   local cut = tb:find("\n%s*%(%.%.%.tail calls%.%.%.%)\n%s*%[C%]: in function 'xpcall'")
            or tb:find("\n%s*%[C%]: in function 'xpcall'")
   return cut and tb:sub(1, cut - 1) or tb
@@ -174,6 +184,11 @@ function Process:start()
     end
   end
   children[self] = true
+  if TR.on then
+    local pid = s.handle:pid()
+    TR.row(pid, s.name)
+    TR.instant("start", pid)
+  end
 end
 
 function Process:join(timeout)
@@ -227,6 +242,7 @@ local function new_process(opts)
     identity = identity,
     name = opts.name or ("Process-" .. identity),
     daemon = opts.daemon and true or false,
+    authkey = S[current].authkey,     -- inherited, as in Python
   }
   if opts.run ~= nil then
     if type(opts.run) ~= "function" then raise("Value", "Process: run must be a function") end
@@ -240,7 +256,9 @@ end
 
 -- The main process as a Process-like object.
 local main = setmetatable({}, Process_mt)
-S[main] = {name = "MainProcess", identity = "", main = true, daemon = false, pid = core.getpid()}
+-- authkey: random per process tree; children inherit it (managers default to it)
+S[main] = {name = "MainProcess", identity = "", main = true, daemon = false, pid = core.getpid(),
+  authkey = core.random_bytes(32)}
 current = main
 
 -- A handle on the process that started this one: pid, name, is_alive, join, sentinel.
@@ -284,6 +302,11 @@ function P.active_children()
     if exitcode(p) == nil then list[#list + 1] = p end
   end
   table.sort(list, function(a, b) return S[a].identity < S[b].identity end)
+  -- and the workers of this process's pools, as Python lists its pool workers
+  local pool = package.loaded["luamp.pool"]
+  if pool and pool._active_workers then
+    for _, w in ipairs(pool._active_workers()) do list[#list + 1] = w end
+  end
   return list
 end
 

@@ -21,6 +21,9 @@ end
 
 -- Queue([maxsize]) or Queue{maxsize = n}; maxsize <= 0 or nil means unbounded.
 function M.Queue(maxsize)
+  if type(maxsize) == "table" and maxsize.broker ~= nil then   -- across machines, over Redis
+    return require("luamp.broker").Queue(maxsize)
+  end
   return core.queue_new("Queue", maxsize_of("Queue", maxsize))
 end
 

@@ -185,6 +185,7 @@ end
 -- ---- Popen --------------------------------------------------------------------------------
 
 local S = setmetatable({}, {__mode = "k"})   -- private state of each Popen
+local sentinel_of, close_sentinel
 local Popen = {}
 local Popen_mt = {__name = "luamp.Popen"}
 
@@ -244,8 +245,33 @@ end
 function Popen:terminate() self:send_signal(SIGTERM) end
 function Popen:kill() self:send_signal(SIGKILL) end
 
+-- The sentinel: an fd of our own, readable once the child ended, made when first asked
+-- for and closed with the Popen (release, garbage), so a Popen nobody waits on through
+-- luamp.wait costs no descriptor. Until the child is reaped (only a Popen call reaps it)
+-- its pid is ours and a pidfd names it; after, a pipe at end of file stands in (always
+-- readable), since the pid may belong to someone else by then.
+sentinel_of = function(s)
+  if s.sentinel or s.released then return s.sentinel end
+  if s.returncode == nil and s.h:returncode() == nil then
+    s.sentinel = core.pidfd_open(s.pid)
+  end
+  if not s.sentinel then
+    local r, w = require("luamp.connection").Pipe(false)
+    w:close()
+    s.sentinel_conn, s.sentinel = r, r:fileno()
+  end
+  return s.sentinel
+end
+
+close_sentinel = function(s)
+  if s.sentinel_conn then s.sentinel_conn:close()
+  elseif s.sentinel then core.close_fd(s.sentinel) end
+  s.sentinel, s.sentinel_conn = nil, nil
+end
+
 local function release(s)
   if s.released then return end
+  close_sentinel(s)
   if s.returncode == nil then note(s, s.h:returncode()) end
   s.released = true
   s.h:close()
@@ -276,6 +302,7 @@ local getters = {
     return s.returncode
   end,
   args = function(s) return s.args end,
+  sentinel = function(s) return sentinel_of(s) end,
   stdin = function(s) return s.stdin end,
   stdout = function(s) return s.stdout end,
   stderr = function(s) return s.stderr end,
@@ -285,6 +312,11 @@ Popen_mt.__index = function(self, k)
   local g = getters[k]
   if g then return g(S[self]) end
   return Popen[k]
+end
+
+Popen_mt.__gc = function(self)
+  local s = S[self]
+  if s then close_sentinel(s) end
 end
 
 Popen_mt.__newindex = function(_, k)

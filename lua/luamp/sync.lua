@@ -101,9 +101,14 @@ local function cstate(self)
   return s
 end
 
+-- core object -> its Condition or Barrier, so that a handle decoded where the object
+-- already lives gives back that very object (the core's identity is the C registry's)
+local by_core = setmetatable({}, {__mode = "kv"})
+
 local function new_condition(lock, cv)
   local self = setmetatable({}, Condition_mt)
   C[self] = {lock = lock, cv = cv}
+  by_core[cv] = self
   return self
 end
 
@@ -184,7 +189,10 @@ end
 
 core.register_handle("luamp.Condition", function(p)
   if type(p) ~= "table" or not is_lock(p.lock) then raise("Value", "bad Condition handle") end
-  return new_condition(p.lock, core.sync_attach("CondCore", p.cv))
+  local cv = core.sync_attach("CondCore", p.cv)
+  local known = by_core[cv]
+  if known and C[known] and not C[known].closed then return known end
+  return new_condition(p.lock, cv)
 end)
 
 -- ---- Barrier -------------------------------------------------------------------------
@@ -203,6 +211,7 @@ end
 local function new_barrier(c, action)
   local self = setmetatable({}, Barrier_mt)
   B[self] = {core = c, action = action}
+  by_core[c] = self
   return self
 end
 
@@ -275,7 +284,10 @@ end
 
 core.register_handle("luamp.Barrier", function(p)
   if type(p) ~= "table" then raise("Value", "bad Barrier handle") end
-  return new_barrier(core.sync_attach("BarrierCore", p.core), p.action)
+  local c = core.sync_attach("BarrierCore", p.core)
+  local known = by_core[c]
+  if known and B[known] and not B[known].closed then return known end
+  return new_barrier(c, p.action)
 end)
 
 return M

@@ -38,7 +38,10 @@ typedef struct subcommand {
   int (*run)(int argc, char **argv);    /* argv[0] is the subcommand's name */
 } subcommand;
 
+static int run_worker(int argc, char **argv);
+
 static const subcommand subcommands[] = {
+  {"worker", run_worker},     /* luamp worker --broker URL ...: lua/luamp/worker.lua */
   {NULL, NULL}
 };
 
@@ -146,18 +149,11 @@ static int is_interrupt(lua_State *L, int idx) {
   return yes;
 }
 
-/* Message handler: the error as text (error objects through __tostring) plus traceback. */
+/* Message handler: the error as text plus traceback (luamp_traceback: any error value
+ * reads well, a Remote error shows the worker's traceback as its cause). */
 static int traceback_handler(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (!msg) {
-    interrupted = is_interrupt(L, 1);
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
+  interrupted = is_interrupt(L, 1);
+  return luamp_traceback(L);
 }
 
 /* Exit status for a call's outcome, reporting a failure on stderr. */
@@ -327,6 +323,53 @@ static int run_interpreter(int argc, char **argv) {
   } else {
     const char *msg = lua_tostring(L, -1);
     fprintf(stderr, PROGNAME ": %s\n", msg ? msg : "(error object is not a string)");
+    rc = EXIT_FAILURE;
+  }
+  lua_close(L);
+  return rc;
+}
+
+/* `luamp worker ...`: the broker's worker program, written in Lua (luamp.worker). It
+ * handles SIGINT/SIGTERM itself (finishing its tasks), so no interruptible call here. */
+static int protected_worker(lua_State *L) {
+  int argc = (int)lua_tointeger(L, 1);
+  char **argv = lua_touserdata(L, 2);
+  luaL_openlibs(L);
+  luaL_requiref(L, "luamp", luaopen_luamp, 1);
+  lua_pop(L, 1);
+  lua_gc(L, LUA_GCRESTART);
+  lua_gc(L, LUA_GCGEN, 0, 0);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "luamp.worker");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "main");
+  lua_createtable(L, argc, 0);
+  for (int i = 1; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+  lua_call(L, 1, 1);
+  lua_pushinteger(L, lua_isinteger(L, -1) ? lua_tointeger(L, -1) : EXIT_SUCCESS);
+  return 1;
+}
+
+static int run_worker(int argc, char **argv) {
+  lua_State *L = luaL_newstate();
+  if (!L) {
+    fprintf(stderr, PROGNAME " worker: cannot create state: not enough memory\n");
+    return EXIT_FAILURE;
+  }
+  set_executable(NULL);
+  lua_gc(L, LUA_GCSTOP);
+  lua_pushcfunction(L, protected_worker);
+  lua_pushinteger(L, argc);
+  lua_pushlightuserdata(L, argv);
+  int rc;
+  if (lua_pcall(L, 2, 1, 0) == LUA_OK) {
+    rc = (int)lua_tointeger(L, -1);
+  } else {
+    const char *msg = luaL_tolstring(L, -1, NULL);
+    fprintf(stderr, PROGNAME " worker: %s\n", msg ? msg : "(error)");
     rc = EXIT_FAILURE;
   }
   lua_close(L);

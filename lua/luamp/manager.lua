@@ -1,0 +1,1478 @@
+-- luamp.manager: Manager() and BaseManager — a server process owning objects, and proxies
+-- that call them from any process, on this machine or another.
+--
+-- Wire and security are runtime/auth.c: a mutual challenge-response on the authkey, then
+-- every frame sealed with a per-direction session key. This file has the two ends:
+--
+--  * The server (serve) is one loop over all its connections (never one blocking read):
+--    each request runs in a coroutine, so a call that must wait (q:get on an empty queue,
+--    lock:acquire, ev:wait) parks only its own connection while the loop serves others.
+--    Requests are {id, method, nargs, args...}; replies {true, nres, results...} or
+--    {false, error fields}. An error raised by an object keeps its luamp kind; any other
+--    error comes back as Remote with the server's traceback. Id 0 is the manager itself
+--    (create, shutdown, ping). Objects live until the manager shuts down.
+--  * Proxies hold (address, authkey, id) and call through one connection per process and
+--    manager, made on first use (after a fork, the child makes its own). They cross the
+--    codec as handles carrying that triple, so they work in any process that receives
+--    them. A transport failure or an interrupted call closes the connection (a reply
+--    might still be in flight) and the next call reconnects.
+local core = require "luamp._core"
+local U = require "luamp.util"
+local process = require "luamp.process"
+
+local raise = U.raise
+local pack, unpack = table.pack, table.unpack
+
+local M = {}
+
+local HANDSHAKE_TIMEOUT = 10     -- a server drops a peer that has not authenticated by then
+
+-- ---- addresses and authkeys -------------------------------------------------------------
+
+local function check_address(what, a)
+  if type(a) == "string" then
+    if #a == 0 or #a > 107 then raise("Value", what .. ": a socket path must have 1 to 107 bytes") end
+    return a
+  end
+  if type(a) == "table" and type(a[1]) == "string" and math.type(a[2]) == "integer" then
+    if a[2] < 0 or a[2] > 65535 then raise("Value", what .. ": bad port " .. a[2]) end
+    return {a[1], a[2]}
+  end
+  raise("Value", what .. ": address must be {host, port} or a socket path")
+end
+
+local function address_key(a)
+  if type(a) == "string" then return a end
+  return a[1] .. ":" .. a[2]
+end
+
+local function default_authkey()
+  return process.current_process().authkey
+end
+
+local function check_authkey(what, k)
+  if k == nil then return default_authkey() end
+  if type(k) ~= "string" then raise("Value", what .. ": authkey must be a string") end
+  return k
+end
+
+-- ---- client side: connections and calls ------------------------------------------------
+
+-- address key -> {ch =, pid =}: this process's connection to each manager
+local connections = {}
+
+local function connect_channel(address, authkey, timeout)
+  local ch
+  if type(address) == "string" then
+    ch = core.auth_connect(address, nil, timeout)
+  else
+    ch = core.auth_connect(address[1], address[2], timeout)
+  end
+  local ok, err = pcall(ch.handshake, ch, authkey, HANDSHAKE_TIMEOUT)
+  if not ok then
+    ch:close()
+    error(err, 0)
+  end
+  return ch
+end
+
+local function channel_for(ref)
+  local c = connections[ref.key]
+  local pid = core.getpid()
+  if c and c.pid == pid then return c.ch end
+  local ch = connect_channel(ref.address, ref.authkey)
+  connections[ref.key] = {ch = ch, pid = pid}
+  return ch
+end
+
+local function drop_connection(key)
+  local c = connections[key]
+  if c then
+    connections[key] = nil
+    if c.pid == core.getpid() then c.ch:close() end
+  end
+end
+
+local function raise_reply(info)
+  if type(info) ~= "table" or type(info.kind) ~= "string" or core.errors[info.kind] == nil then
+    raise("Remote", "malformed error from the manager")
+  end
+  local fields = {}
+  for k, v in pairs(info) do
+    if k ~= "kind" and k ~= "message" then fields[k] = v end
+  end
+  raise(info.kind, tostring(info.message), fields)
+end
+
+-- call(ref, id, method, ...) -> the results of method on object id at the manager
+local function call(ref, id, method, ...)
+  local ch = channel_for(ref)
+  local ok, reply = pcall(ch.call, ch, {id, method, select("#", ...), ...})
+  if not ok then
+    -- Interrupted, EOF, a broken socket: the connection's state is unknown, drop it
+    drop_connection(ref.key)
+    error(reply, 0)
+  end
+  if type(reply) ~= "table" then raise("Remote", "malformed reply from the manager") end
+  if reply[1] == true then return unpack(reply, 3, 2 + (reply[2] or 0)) end
+  raise_reply(reply[2])
+end
+
+-- ---- proxies ---------------------------------------------------------------------------
+
+-- proxy -> {ref =, id =, typeid =, kind =, exposed = set or nil}
+local S = setmetatable({}, {__mode = "k"})
+
+local function state(p)
+  local s = S[p]
+  if not s then raise("Value", "not a manager proxy") end
+  return s
+end
+
+local function remote(p, method, ...)
+  local s = state(p)
+  return call(s.ref, s.id, method, ...)
+end
+
+local function method_fn(name)
+  return function(self, ...) return remote(self, name, ...) end
+end
+
+local kinds = {}       -- kind -> metatable
+local method_cache = {}
+
+local function get_method(name)
+  local f = method_cache[name]
+  if not f then
+    f = method_fn(name)
+    method_cache[name] = f
+  end
+  return f
+end
+
+local function proxy_tostring(self)
+  local s = S[self]
+  return string.format("<%sProxy typeid=%s id=%d at %s>", s.kind, s.typeid, s.id, s.ref.key)
+end
+
+local function proxy_handle(self)
+  local s = S[self]
+  local ex
+  if s.exposed then
+    ex = {}
+    for k in pairs(s.exposed) do ex[#ex + 1] = k end
+  end
+  return "luamp.Proxy", {address = s.ref.address, authkey = s.ref.authkey, id = s.id,
+    typeid = s.typeid, kind = s.kind, exposed = ex}
+end
+
+local function new_kind(name, methods, extra)
+  local mt = {
+    __name = "luamp." .. name .. "Proxy",
+    __tostring = proxy_tostring,
+    __luamp_handle = proxy_handle,
+  }
+  for k, v in pairs(extra or {}) do mt[k] = v end
+  local own = {}
+  for _, m in ipairs(methods) do own[m] = get_method(m) end
+  mt.methods = own
+  if not mt.__index then
+    mt.__index = function(self, k)
+      local f = own[k]
+      if f then return f end
+      local s = S[self]
+      if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
+      if s.exposed == nil or s.exposed[k] then return get_method(k) end
+      return function()
+        raise("Value", string.format("method '%s' of %s is not exposed", k, s.typeid))
+      end
+    end
+  end
+  kinds[name] = mt
+  return mt
+end
+
+-- lock helpers, as on luamp's own locks
+local function with(self, fn, ...)
+  self:acquire()
+  local r = pack(xpcall(fn, debug.traceback, ...))
+  self:release()
+  if not r[1] then error(r[2], 0) end
+  return unpack(r, 2, r.n)
+end
+local guard_mt = {__close = function(g) g.lock:release() end}
+local function guard(self)
+  self:acquire()
+  return setmetatable({lock = self}, guard_mt)
+end
+
+-- dict: d[k], d[k] = v (nil deletes), #d, pairs(d), and methods
+local dict_methods = {"get", "keys", "values", "items", "update", "pop", "popitem", "clear",
+  "copy", "setdefault", "totable", "has"}
+do
+  local own = {}
+  for _, m in ipairs(dict_methods) do own[m] = get_method(m) end
+  new_kind("Dict", dict_methods, {
+    __index = function(self, k)
+      local f = own[k]
+      if f then return f end
+      return remote(self, "__getitem", k)
+    end,
+    __newindex = function(self, k, v) remote(self, "__setitem", k, v) end,
+    __len = function(self) return remote(self, "__len") end,
+    __pairs = function(self)
+      local items, i = remote(self, "items"), 0
+      return function()
+        i = i + 1
+        local kv = items[i]
+        if kv then return kv[1], kv[2] end
+      end, self, nil
+    end,
+  })
+end
+
+-- list and Array: l[i] (1-based), l[i] = v, #l, ipairs, and methods
+local function sequence_kind(name, methods)
+  local own = {}
+  for _, m in ipairs(methods) do own[m] = get_method(m) end
+  new_kind(name, methods, {
+    __index = function(self, k)
+      local f = own[k]
+      if f then return f end
+      if type(k) == "string" then return nil end
+      return remote(self, "__getitem", k)
+    end,
+    __newindex = function(self, k, v) remote(self, "__setitem", k, v) end,
+    __len = function(self) return remote(self, "__len") end,
+    __pairs = function(self)
+      local t, i = remote(self, "totable"), 0
+      return function()
+        i = i + 1
+        if i <= t.n then return i, t[i] end
+      end, self, nil
+    end,
+  })
+end
+sequence_kind("List", {"append", "extend", "insert", "pop", "remove", "totable", "reverse",
+  "index", "count", "clear", "sort"})
+sequence_kind("Array", {"totable", "get_lock"})
+
+-- Namespace: ns.x, ns.x = v
+new_kind("Namespace", {}, {
+  __index = function(self, k)
+    if k == "totable" then return get_method("totable") end
+    return remote(self, "__getattr", k)
+  end,
+  __newindex = function(self, k, v) remote(self, "__setattr", k, v) end,
+  __pairs = function(self) return next, remote(self, "totable"), nil end,
+})
+
+-- Value: v.value, v.value = x, v:get(), v:set(x)
+do
+  local get, set = get_method("get"), get_method("set")
+  new_kind("Value", {"get", "set"}, {
+    __index = function(self, k)
+      if k == "value" then return remote(self, "get") end
+      if k == "get" then return get end
+      if k == "set" then return set end
+      if k == "get_lock" then return function() raise("Value", "a manager Value has no lock") end end
+      return nil
+    end,
+    __newindex = function(self, k, v)
+      if k ~= "value" then raise("Value", "cannot set " .. tostring(k) .. " on a Value proxy") end
+      remote(self, "set", v)
+    end,
+  })
+end
+
+-- queues
+new_kind("Queue", {"get", "put", "get_nowait", "put_nowait", "qsize", "empty", "full",
+  "task_done", "join"})
+
+-- locks and semaphores: acquire/release plus with and guard
+for _, name in ipairs({"Lock", "Semaphore"}) do
+  local mt = new_kind(name, {"acquire", "release", "locked", "get_value"})
+  mt.methods.with = with
+  mt.methods.guard = guard
+end
+
+new_kind("Event", {"set", "clear", "is_set", "wait"})
+
+do
+  local mt = new_kind("Condition", {"acquire", "release", "wait", "notify", "notify_all"})
+  mt.methods.with = with
+  mt.methods.guard = guard
+  -- wait_for runs the predicate here, between waits, as Python's proxy does
+  mt.methods.wait_for = function(self, pred, timeout)
+    U.check_timeout("wait_for", timeout)
+    local deadline = timeout and core.time() + timeout
+    local r = pred()
+    while not r do
+      local left
+      if deadline then
+        left = deadline - core.time()
+        if left <= 0 then break end
+      end
+      self:wait(left)
+      r = pred()
+    end
+    return r
+  end
+end
+
+do
+  local own = {}
+  for _, m in ipairs({"wait", "abort", "reset"}) do own[m] = get_method(m) end
+  new_kind("Barrier", {"wait", "abort", "reset"}, {
+    __index = function(self, k)
+      local f = own[k]
+      if f then return f end
+      if k == "parties" or k == "n_waiting" or k == "broken" then return remote(self, "__getattr", k) end
+      return nil
+    end,
+  })
+end
+
+new_kind("Auto", {})
+
+local function make_proxy(ref, id, typeid, kind, exposed)
+  local mt = kinds[kind] or kinds.Auto
+  local p = setmetatable({}, mt)
+  local ex
+  if exposed then
+    ex = {}
+    for _, m in ipairs(exposed) do ex[m] = true end
+  end
+  S[p] = {ref = ref, id = id, typeid = typeid, kind = kinds[kind] and kind or "Auto", exposed = ex}
+  return p
+end
+
+local function make_ref(address, authkey)
+  return {address = address, authkey = authkey, key = address_key(address)}
+end
+
+core.register_handle("luamp.Proxy", function(p)
+  if type(p) ~= "table" or math.type(p.id) ~= "integer" or type(p.authkey) ~= "string"
+     or type(p.typeid) ~= "string" or type(p.kind) ~= "string" then
+    raise("Value", "malformed manager proxy")
+  end
+  local addr = check_address("proxy", p.address)
+  local ex = p.exposed
+  if ex ~= nil and type(ex) ~= "table" then raise("Value", "malformed manager proxy") end
+  return make_proxy(make_ref(addr, p.authkey), p.id, p.typeid, p.kind, ex)
+end)
+
+-- ---- server side: the objects ------------------------------------------------------------
+
+-- The scheduler of one serving process: parked coroutines, woken by notify or deadlines.
+local Sched = {}
+Sched.__index = Sched
+
+local function new_sched()
+  return setmetatable({runnable = {}, timed = {}, fdwait = {}}, Sched)
+end
+
+local sched          -- the serving process's scheduler (one per process that serves)
+local current_conn   -- the connection whose request is running
+
+-- Parks the running request until notified through waitq (a list) or the deadline.
+-- Returns true when notified, false at the deadline.
+local function park(waitq, deadline)
+  local w = {co = coroutine.running(), q = waitq, deadline = deadline, conn = current_conn}
+  if waitq then waitq[#waitq + 1] = w end
+  if deadline then sched.timed[w] = true end
+  current_conn.waiting = w
+  return coroutine.yield(w)
+end
+
+-- Parks until fd is readable or the deadline.
+local function park_fd(fd, deadline)
+  local w = {co = coroutine.running(), deadline = deadline, conn = current_conn, fd = fd}
+  sched.fdwait[w] = true
+  if deadline then sched.timed[w] = true end
+  current_conn.waiting = w
+  return coroutine.yield(w)
+end
+
+local function unpark(w)
+  if w.q then
+    for i = 1, #w.q do
+      if w.q[i] == w then table.remove(w.q, i) break end
+    end
+  end
+  sched.timed[w] = nil
+  sched.fdwait[w] = nil
+  if w.conn.waiting == w then w.conn.waiting = nil end
+end
+
+local function wake(w, value)
+  unpark(w)
+  local r = sched.runnable
+  r[#r + 1] = {w, value}
+end
+
+local function notify(waitq, n)
+  while #waitq > 0 and (n == nil or n > 0) do
+    wake(waitq[1], true)
+    if n then n = n - 1 end
+  end
+end
+
+local function deadline_of(timeout, what)
+  if timeout == nil then return nil end
+  if type(timeout) ~= "number" or timeout ~= timeout then
+    raise("Value", what .. ": timeout must be a number of seconds or nil")
+  end
+  if timeout == math.huge then return nil end
+  return core.time() + math.max(timeout, 0)
+end
+
+-- blocking(block, timeout) as Python's get/put/acquire take them
+local function block_deadline(block, timeout, what)
+  if block == false then return false end
+  return deadline_of(timeout, what)
+end
+
+local T = {}   -- typeid -> {new = function(...) -> obj, kind = proxy kind, methods = class}
+
+local function class(typeid, kind, methods, new)
+  methods.__index = methods
+  T[typeid] = {kind = kind, class = methods, new = function(...)
+    return setmetatable(new(...), methods)
+  end}
+  return methods
+end
+
+-- A Lua table's keys have no order: a table's keys enter a dict sorted (numbers, then
+-- strings, then the rest), so the order is the same every run.
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b)
+    local ta, tb = type(a), type(b)
+    if ta ~= tb then return ta < tb end
+    if ta == "number" or ta == "string" then return a < b end
+    return false
+  end)
+  return keys
+end
+
+-- dict, with insertion order as Python keeps it
+local Dict = class("dict", "Dict", {}, function(init)
+  local d = {data = {}, order = {}, pos = {}, n = 0, holes = 0}
+  if init ~= nil then
+    if type(init) ~= "table" then raise("Value", "dict: expected a table") end
+    for _, k in ipairs(sorted_keys(init)) do
+      d.order[#d.order + 1] = k
+      d.pos[k] = #d.order
+      d.data[k] = init[k]
+      d.n = d.n + 1
+    end
+  end
+  return d
+end)
+
+-- order lists keys as inserted; a deleted key leaves `false` there until compaction
+local function dict_set(d, k, v)
+  if k == nil or k ~= k then raise("Value", "dict key must not be nil or NaN") end
+  if v == nil then
+    if d.data[k] ~= nil then
+      d.data[k] = nil
+      d.order[d.pos[k]] = false
+      d.pos[k] = nil
+      d.n = d.n - 1
+      d.holes = d.holes + 1
+      if d.holes > 32 and d.holes > d.n then
+        local order, pos = {}, {}
+        for _, key in ipairs(d.order) do
+          if key ~= false then order[#order + 1] = key; pos[key] = #order end
+        end
+        d.order, d.pos, d.holes = order, pos, 0
+      end
+    end
+    return
+  end
+  if d.data[k] == nil then
+    local i = #d.order + 1
+    d.order[i] = k
+    d.pos[k] = i
+    d.n = d.n + 1
+  end
+  d.data[k] = v
+end
+
+local function dict_each(d, fn)
+  for _, k in ipairs(d.order) do
+    if k ~= false then fn(k, d.data[k]) end
+  end
+end
+
+function Dict:__getitem(k) return self.data[k] end
+function Dict:__setitem(k, v) dict_set(self, k, v) end
+function Dict:__len() return self.n end
+function Dict:get(k, default)
+  local v = self.data[k]
+  if v == nil then return default end
+  return v
+end
+function Dict:has(k) return self.data[k] ~= nil end
+function Dict:keys()
+  local t = {}
+  dict_each(self, function(k) t[#t + 1] = k end)
+  return t
+end
+function Dict:values()
+  local t = {}
+  dict_each(self, function(_, v) t[#t + 1] = v end)
+  return t
+end
+function Dict:items()
+  local t = {}
+  dict_each(self, function(k, v) t[#t + 1] = {k, v} end)
+  return t
+end
+function Dict:totable()
+  local t = {}
+  dict_each(self, function(k, v) t[k] = v end)
+  return t
+end
+Dict.copy = Dict.totable
+function Dict:update(t)
+  if type(t) ~= "table" then raise("Value", "update: expected a table") end
+  for _, k in ipairs(sorted_keys(t)) do dict_set(self, k, t[k]) end
+end
+function Dict:pop(...)
+  local n = select("#", ...)
+  local k, default = ...
+  local v = self.data[k]
+  if v == nil then
+    if n >= 2 then return default end
+    raise("Value", "pop: key not found: " .. tostring(k))
+  end
+  dict_set(self, k, nil)
+  return v
+end
+function Dict:popitem()
+  for i = #self.order, 1, -1 do
+    local k = self.order[i]
+    if k ~= false then
+      local v = self.data[k]
+      dict_set(self, k, nil)
+      return k, v
+    end
+  end
+  raise("Value", "popitem: dictionary is empty")
+end
+function Dict:clear()
+  self.data, self.order, self.pos, self.n, self.holes = {}, {}, {}, 0, 0
+end
+function Dict:setdefault(k, default)
+  local v = self.data[k]
+  if v == nil then
+    dict_set(self, k, default)
+    return default
+  end
+  return v
+end
+
+-- list: 1-based, may hold nil (its length is kept)
+local List = class("list", "List", {}, function(init)
+  if init ~= nil and type(init) ~= "table" then raise("Value", "list: expected a table") end
+  local t, n = {}, 0
+  if init then
+    n = init.n or #init
+    for i = 1, n do t[i] = init[i] end
+  end
+  return {t = t, n = n}
+end)
+
+local function index_arg(self, i, what, allow_end)
+  if math.type(i) ~= "integer" then
+    if type(i) == "number" and i == math.floor(i) then i = math.tointeger(i)
+    else raise("Value", what .. ": index must be an integer") end
+  end
+  if i < 0 then i = self.n + 1 + i end
+  if i < 1 or i > self.n + (allow_end and 1 or 0) then return nil end
+  return i
+end
+
+function List:__getitem(i)
+  i = index_arg(self, i, "list index")
+  if i then return self.t[i] end
+end
+function List:__setitem(i, v)
+  local j = index_arg(self, i, "list index", true)
+  if not j then raise("Value", "list assignment index out of range: " .. tostring(i)) end
+  self.t[j] = v
+  if j > self.n then self.n = j end
+end
+function List:__len() return self.n end
+function List:append(v)
+  self.n = self.n + 1
+  self.t[self.n] = v
+end
+function List:extend(t)
+  if type(t) ~= "table" then raise("Value", "extend: expected a table") end
+  for i = 1, t.n or #t do self:append(t[i]) end
+end
+function List:insert(i, v)
+  local j = index_arg(self, i, "insert", true)
+  if not j then j = i < 1 and 1 or self.n + 1 end
+  table.move(self.t, j, self.n, j + 1)
+  self.t[j] = v
+  self.n = self.n + 1
+end
+function List:pop(i)
+  if self.n == 0 then raise("Value", "pop from an empty list") end
+  local j = i == nil and self.n or index_arg(self, i, "pop")
+  if not j then raise("Value", "pop index out of range") end
+  local v = self.t[j]
+  table.move(self.t, j + 1, self.n, j)
+  self.t[self.n] = nil
+  self.n = self.n - 1
+  return v
+end
+function List:index(v)
+  for i = 1, self.n do
+    if self.t[i] == v then return i end
+  end
+  raise("Value", "index: value is not in the list: " .. tostring(v))
+end
+function List:remove(v)
+  self:pop(self:index(v))
+end
+function List:count(v)
+  local c = 0
+  for i = 1, self.n do
+    if self.t[i] == v then c = c + 1 end
+  end
+  return c
+end
+function List:reverse()
+  local t, n = self.t, self.n
+  for i = 1, n // 2 do t[i], t[n + 1 - i] = t[n + 1 - i], t[i] end
+end
+function List:sort(cmp)
+  table.sort(self.t, cmp)
+end
+function List:clear() self.t, self.n = {}, 0 end
+function List:totable()
+  return table.move(self.t, 1, self.n, 1, {n = self.n})
+end
+
+-- Array(typecode, init): a list of fixed length
+local Array = class("Array", "Array", {}, function(tc, init)
+  if type(tc) ~= "string" then raise("Value", "Array: typecode must be a string") end
+  local t, n = {}, 0
+  if math.type(init) == "integer" then
+    n = init
+    for i = 1, n do t[i] = 0 end
+  elseif type(init) == "table" then
+    n = init.n or #init
+    for i = 1, n do t[i] = init[i] end
+  else
+    raise("Value", "Array: expected a size or a table")
+  end
+  return {t = t, n = n, typecode = tc}
+end)
+Array.__getitem = List.__getitem
+function Array:__setitem(i, v)
+  local j = index_arg(self, i, "Array index")
+  if not j then raise("Value", "Array index out of range: " .. tostring(i)) end
+  self.t[j] = v
+end
+Array.__len = List.__len
+Array.totable = List.totable
+
+-- Namespace
+local Namespace = class("Namespace", "Namespace", {}, function(init)
+  local t = {}
+  if type(init) == "table" then for k, v in pairs(init) do t[k] = v end end
+  return {t = t}
+end)
+function Namespace:__getattr(k) return self.t[k] end
+function Namespace:__setattr(k, v) self.t[k] = v end
+function Namespace:totable()
+  local t = {}
+  for k, v in pairs(self.t) do t[k] = v end
+  return t
+end
+
+-- Value(typecode, v)
+local Value = class("Value", "Value", {}, function(tc, v)
+  if type(tc) ~= "string" then raise("Value", "Value: typecode must be a string") end
+  return {typecode = tc, v = v}
+end)
+function Value:get() return self.v end
+function Value:set(v) self.v = v end
+
+-- Queue and JoinableQueue
+local Queue = class("Queue", "Queue", {}, function(maxsize)
+  if type(maxsize) == "table" then maxsize = maxsize.maxsize end
+  if maxsize ~= nil and math.type(maxsize) ~= "integer" then raise("Value", "Queue: maxsize must be an integer") end
+  return {items = {}, head = 1, tail = 0, maxsize = maxsize and maxsize > 0 and maxsize or 0,
+    getters = {}, putters = {}, joiners = {}, unfinished = 0}
+end)
+T.JoinableQueue = {kind = "Queue", class = Queue, new = T.Queue.new}
+
+function Queue:qsize() return self.tail - self.head + 1 end
+function Queue:empty() return self.tail < self.head end
+function Queue:full() return self.maxsize > 0 and self:qsize() >= self.maxsize end
+function Queue:get(block, timeout)
+  local deadline = block_deadline(block, timeout, "get")
+  while self.tail < self.head do
+    if deadline == false or not park(self.getters, deadline) and self.tail < self.head then
+      raise("Empty", "queue is empty")
+    end
+  end
+  local v = self.items[self.head]
+  self.items[self.head] = nil
+  self.head = self.head + 1
+  notify(self.putters, 1)
+  -- a getter woken together with others passes the turn on if items remain
+  if self.tail >= self.head then notify(self.getters, 1) end
+  return v
+end
+function Queue:put(v, block, timeout)
+  local deadline = block_deadline(block, timeout, "put")
+  while self:full() do
+    if deadline == false or not park(self.putters, deadline) and self:full() then
+      raise("Full", "queue is full")
+    end
+  end
+  self.tail = self.tail + 1
+  self.items[self.tail] = v
+  self.unfinished = self.unfinished + 1
+  notify(self.getters, 1)
+end
+function Queue:get_nowait() return self:get(false) end
+function Queue:put_nowait(v) return self:put(v, false) end
+function Queue:task_done()
+  if self.unfinished <= 0 then raise("Value", "task_done() called too many times") end
+  self.unfinished = self.unfinished - 1
+  if self.unfinished == 0 then notify(self.joiners) end
+end
+function Queue:join(timeout)
+  local deadline = deadline_of(timeout, "join")
+  while self.unfinished > 0 do
+    if not park(self.joiners, deadline) and self.unfinished > 0 then return false end
+  end
+  return true
+end
+
+-- Lock (anyone may release, as Python's) and RLock (owned by the connection)
+local Lock = class("Lock", "Lock", {}, function() return {held = false, waiters = {}} end)
+function Lock:acquire(block, timeout)
+  local deadline = block_deadline(block, timeout, "acquire")
+  while self.held do
+    if deadline == false or not park(self.waiters, deadline) and self.held then return false end
+  end
+  self.held = true
+  self.owner = current_conn
+  return true
+end
+function Lock:release()
+  if not self.held then raise("Value", "release of an unlocked lock") end
+  self.held = false
+  self.owner = nil
+  notify(self.waiters, 1)
+end
+function Lock:locked() return self.held end
+
+local RLock = class("RLock", "Lock", {}, function() return {count = 0, waiters = {}} end)
+function RLock:acquire(block, timeout)
+  if self.count > 0 and self.owner == current_conn then
+    self.count = self.count + 1
+    return true
+  end
+  local deadline = block_deadline(block, timeout, "acquire")
+  while self.count > 0 do
+    if deadline == false or not park(self.waiters, deadline) and self.count > 0 then return false end
+  end
+  self.owner, self.count = current_conn, 1
+  return true
+end
+function RLock:release()
+  if self.count == 0 or self.owner ~= current_conn then
+    raise("Value", "cannot release an RLock held by another process (or not held)")
+  end
+  self.count = self.count - 1
+  if self.count == 0 then
+    self.owner = nil
+    notify(self.waiters, 1)
+  end
+end
+function RLock:locked() return self.count > 0 end
+
+-- Semaphore and BoundedSemaphore
+local Semaphore = class("Semaphore", "Semaphore", {}, function(value)
+  value = value == nil and 1 or value
+  if math.type(value) ~= "integer" or value < 0 then raise("Value", "Semaphore: value must be a non-negative integer") end
+  return {value = value, initial = value, waiters = {}}
+end)
+function Semaphore:acquire(block, timeout)
+  local deadline = block_deadline(block, timeout, "acquire")
+  while self.value == 0 do
+    if deadline == false or not park(self.waiters, deadline) and self.value == 0 then return false end
+  end
+  self.value = self.value - 1
+  return true
+end
+function Semaphore:release()
+  if self.bounded and self.value >= self.initial then raise("Value", "BoundedSemaphore released too many times") end
+  self.value = self.value + 1
+  notify(self.waiters, 1)
+end
+function Semaphore:get_value() return self.value end
+function Semaphore:locked() return self.value == 0 end
+T.BoundedSemaphore = {kind = "Semaphore", class = Semaphore, new = function(v)
+  local s = T.Semaphore.new(v)
+  s.bounded = true
+  return s
+end}
+
+-- Event
+local Event = class("Event", "Event", {}, function() return {flag = false, waiters = {}} end)
+function Event:set()
+  self.flag = true
+  notify(self.waiters)
+end
+function Event:clear() self.flag = false end
+function Event:is_set() return self.flag end
+function Event:wait(timeout)
+  local deadline = deadline_of(timeout, "wait")
+  while not self.flag do
+    if not park(self.waiters, deadline) then return self.flag end
+  end
+  return true
+end
+
+-- Condition over an RLock (or a Lock/RLock of this manager given as a proxy)
+local resolve_local     -- proxy -> the server's own object (set by the server)
+local Condition = class("Condition", "Condition", {}, function(lock)
+  local l
+  if lock ~= nil then
+    l = resolve_local(lock)
+    if not l or (getmetatable(l) ~= Lock and getmetatable(l) ~= RLock) then
+      raise("Value", "Condition: lock must be a Lock or RLock of the same manager")
+    end
+  else
+    l = T.RLock.new()
+  end
+  return {lock = l, waiters = {}}
+end)
+local function cond_owned(self)
+  local l = self.lock
+  if getmetatable(l) == RLock then return l.count > 0 and l.owner == current_conn end
+  return l.held and l.owner == current_conn
+end
+function Condition:acquire(...) return self.lock:acquire(...) end
+function Condition:release() return self.lock:release() end
+function Condition:wait(timeout)
+  if not cond_owned(self) then raise("Value", "cannot wait on an un-acquired condition") end
+  local deadline = deadline_of(timeout, "wait")
+  local l, saved = self.lock, nil
+  if getmetatable(l) == RLock then
+    saved = l.count
+    l.count = 1
+  end
+  l:release()
+  local notified = park(self.waiters, deadline)
+  l:acquire()
+  if saved then l.count = saved end
+  return notified and true or false
+end
+function Condition:notify(n)
+  if not cond_owned(self) then raise("Value", "cannot notify on an un-acquired condition") end
+  notify(self.waiters, n or 1)
+end
+function Condition:notify_all()
+  if not cond_owned(self) then raise("Value", "cannot notify on an un-acquired condition") end
+  notify(self.waiters)
+end
+
+-- Barrier(parties, [action], [timeout])
+local Barrier = class("Barrier", "Barrier", {}, function(parties, action, timeout)
+  if math.type(parties) ~= "integer" or parties < 1 then raise("Value", "Barrier: parties must be a positive integer") end
+  return {parties = parties, action = action, timeout = timeout, count = 0, gen = 0,
+    broken = false, waiters = {}, gen_broken = {}}
+end)
+local function barrier_break(self)
+  self.broken = true
+  self.gen_broken[self.gen] = true
+  notify(self.waiters)
+end
+function Barrier:wait(timeout)
+  if self.broken then raise("BrokenBarrier", "barrier is broken") end
+  local gen = self.gen
+  local index = self.count
+  self.count = self.count + 1
+  if self.count == self.parties then
+    if self.action then
+      local ok, err = U.pcall(self.action)
+      if not ok then
+        barrier_break(self)
+        error(err, 0)
+      end
+    end
+    self.count = 0
+    self.gen = gen + 1
+    notify(self.waiters)
+    return index
+  end
+  local deadline = deadline_of(timeout == nil and self.timeout or timeout, "wait")
+  while self.gen == gen and not self.gen_broken[gen] do
+    if not park(self.waiters, deadline) and self.gen == gen and not self.gen_broken[gen] then
+      barrier_break(self)
+    end
+  end
+  if self.gen_broken[gen] then
+    if self.gen == gen then self.count = self.count - 1 end
+    raise("BrokenBarrier", "barrier is broken")
+  end
+  return index
+end
+function Barrier:abort() barrier_break(self) end
+function Barrier:reset()
+  if self.count > 0 then
+    self.gen_broken[self.gen] = true
+    notify(self.waiters)
+  end
+  self.gen = self.gen + 1
+  self.count = 0
+  self.broken = false
+end
+function Barrier:__getattr(k)
+  if k == "parties" then return self.parties end
+  if k == "n_waiting" then return self.count end
+  if k == "broken" then return self.broken end
+end
+
+local builtin_typeids = {"dict", "list", "Namespace", "Queue", "JoinableQueue", "Lock", "RLock",
+  "Semaphore", "BoundedSemaphore", "Event", "Condition", "Barrier", "Value", "Array"}
+
+-- ---- server side: user objects (BaseManager.register) ---------------------------------
+
+-- A luamp queue served to clients: its blocking get parks on the queue's fd instead of
+-- blocking the server.
+local function luamp_queue_get(q, block, timeout)
+  if block == false then return q:get(false) end
+  local deadline = deadline_of(timeout, "get")
+  while true do
+    local ok, v = pcall(q.get, q, false)
+    if ok then return v end
+    if not core.is_error(v, "Empty") then error(v, 0) end
+    if deadline and core.time() >= deadline then raise("Empty", "queue is empty") end
+    local fd = q:_wait_begin()
+    if fd then park_fd(fd, deadline) end
+    q:_wait_end()
+  end
+end
+
+-- calls method on a user object
+local function call_user(entry, method, ...)
+  local obj = entry.obj
+  if method == "get" and core.is_queue and core.is_queue(obj) then
+    return luamp_queue_get(obj, ...)
+  end
+  if type(obj) == "table" and getmetatable(obj) == nil then
+    -- a plain table stands for a dict of its own fields, plus its function fields
+    if method == "__getitem" then return obj[(...)] end
+    if method == "__setitem" then
+      local k, v = ...
+      obj[k] = v
+      return
+    end
+    if method == "__len" then return #obj end
+    if obj[method] == nil then
+      -- the dict proxy's readers, over the table's own fields
+      if method == "items" or method == "keys" or method == "values" then
+        local out = {}
+        for _, k in ipairs(sorted_keys(obj)) do
+          out[#out + 1] = method == "items" and {k, obj[k]} or method == "keys" and k or obj[k]
+        end
+        return out
+      end
+      if method == "get" then
+        local k, default = ...
+        local v = obj[k]
+        if v == nil then return default end
+        return v
+      end
+      if method == "totable" or method == "copy" then
+        local t = {}
+        for k, v in pairs(obj) do t[k] = v end
+        return t
+      end
+    end
+  end
+  local f = obj[method]
+  if type(f) ~= "function" and not (getmetatable(f) or {}).__call then
+    raise("Value", string.format("'%s' has no method '%s'", entry.typeid, tostring(method)))
+  end
+  return f(obj, ...)
+end
+
+-- ---- the serving loop ------------------------------------------------------------------
+
+local function error_info(e, tb)
+  if core.is_error(e) then
+    local info = {}
+    for k, v in pairs(e) do info[k] = v end
+    return info
+  end
+  return {kind = "Remote", message = tostring(e), remote_error = tostring(e),
+    remote_traceback = tb or tostring(e)}
+end
+
+local function traceback(e)
+  if core.is_error(e) then return e end
+  return {raw = e, tb = debug.traceback(tostring(e), 2)}
+end
+
+-- serve(listener, authkey, registry, address): runs until a client asks it to stop.
+local function serve(listener, authkey, registry, address)
+  sched = new_sched()
+  local objects, next_id = {}, 0
+  local conns = {}                    -- list of connection records
+  local nclosed, handshaking = 0, 0   -- closed since the poll list was made; not yet authed
+  local stop = false
+  local my_key = address_key(address)
+
+  resolve_local = function(p)
+    local s = S[p]
+    if s and s.ref.key == my_key and objects[s.id] then return objects[s.id].obj end
+    return nil
+  end
+
+  local function add_object(obj, typeid, kind, exposed)
+    next_id = next_id + 1
+    local ex
+    if exposed then
+      ex = {}
+      for _, m in ipairs(exposed) do ex[m] = true end
+    end
+    objects[next_id] = {obj = obj, typeid = typeid, kind = kind, exposed = ex, exposed_list = exposed}
+    return next_id
+  end
+
+  local function create(typeid, ...)
+    if type(typeid) ~= "string" then raise("Value", "create: typeid must be a string") end
+    local reg = registry[typeid]
+    if reg and reg.callable then
+      local obj = reg.callable(...)
+      if obj == nil then raise("Value", "the callable of '" .. typeid .. "' returned nil") end
+      local kind = "Auto"
+      if type(obj) == "table" and getmetatable(obj) == nil and not reg.exposed then kind = "Dict" end
+      local id = add_object(obj, typeid, kind, reg.exposed)
+      return id, typeid, kind, reg.exposed
+    end
+    local t = T[typeid]
+    if not t or not reg or not reg.builtin then
+      raise("Value", "unknown typeid '" .. typeid .. "'")
+    end
+    local obj = t.new(...)
+    local id = add_object(obj, typeid, t.kind)
+    objects[id].builtin = t.class
+    return id, typeid, t.kind
+  end
+
+  local function handle(conn, req)
+    local id, method, n = req[1], req[2], req[3]
+    if math.type(id) ~= "integer" or type(method) ~= "string" or math.type(n) ~= "integer" or n < 0 then
+      raise("Value", "malformed request")
+    end
+    if id == 0 then
+      if method == "create" then return create(unpack(req, 4, 3 + n)) end
+      if method == "shutdown" then
+        stop = true
+        return true
+      end
+      if method == "ping" then return "pong" end
+      raise("Value", "unknown manager request '" .. method .. "'")
+    end
+    local entry = objects[id]
+    if not entry then raise("Value", "no object with id " .. id .. " at this manager") end
+    if entry.builtin then
+      local f = entry.builtin[method]
+      if type(f) ~= "function" or method == "__index" then
+        raise("Value", string.format("method '%s' of %s is not exposed", method, entry.typeid))
+      end
+      return f(entry.obj, unpack(req, 4, 3 + n))
+    end
+    if entry.exposed and not entry.exposed[method] then
+      raise("Value", string.format("method '%s' of %s is not exposed", method, entry.typeid))
+    end
+    if method:sub(1, 1) == "_" and method:sub(1, 2) ~= "__" then
+      raise("Value", string.format("method '%s' of %s is not exposed", method, entry.typeid))
+    end
+    return call_user(entry, method, unpack(req, 4, 3 + n))
+  end
+
+  local function close_conn(conn)
+    if conn.closed then return end
+    conn.closed = true
+    nclosed = nclosed + 1
+    if not conn.authed then handshaking = handshaking - 1 end
+    if conn.waiting then unpark(conn.waiting) end
+    conn.co = nil
+    conn.ch:close()
+  end
+
+  local function send_reply(conn, reply)
+    local ok, err = U.pcall(conn.ch.send, conn.ch, reply)
+    if not ok then
+      if core.is_error(err, "Serialize") then
+        ok, err = U.pcall(conn.ch.send, conn.ch, {false, error_info(err)})
+      end
+      if not ok then close_conn(conn) end
+    end
+  end
+
+  local start_next
+  local DONE = {}          -- what a request's coroutine yields when it has its reply
+  local idle = {}          -- finished coroutines, reused for the next requests
+
+  local function finish(ok, ...)
+    if ok then return {true, select("#", ...), ...} end
+    local e = ...
+    if type(e) == "table" and e.tb then return {false, error_info(e.raw, e.tb)} end
+    return {false, error_info(e)}
+  end
+
+  -- the body of every request coroutine: one request, then yield DONE and the reply
+  local function worker(conn, req)
+    while true do
+      conn, req = coroutine.yield(DONE, finish(U.xpcall(handle, traceback, conn, req)))
+    end
+  end
+
+  -- resumes a request's coroutine; sends its reply when it has finished
+  local function resume(conn, ...)
+    local co = conn.co
+    current_conn = conn
+    local ok, a, reply = coroutine.resume(co, ...)
+    current_conn = nil
+    if ok and a ~= DONE then return end          -- parked (a is its waiter)
+    conn.co = nil
+    if ok then idle[#idle + 1] = co else reply = {false, error_info(a)} end
+    if not conn.closed then send_reply(conn, reply) end
+    start_next(conn)
+  end
+
+  start_next = function(conn)
+    if conn.closed or conn.co or #conn.inbox == 0 then return end
+    local req = table.remove(conn.inbox, 1)
+    local co = table.remove(idle)
+    if not co then
+      co = coroutine.create(worker)
+      coroutine.resume(co)                       -- to its first yield
+    end
+    conn.co = co
+    resume(conn, conn, req)
+  end
+
+  local function service(conn)
+    local buffered_only = false
+    while not conn.closed do
+      -- the first step reads the socket; later ones only take frames already buffered
+      -- (the loop's poll reports anything that arrives after)
+      local ok, what, msg = U.pcall(conn.ch.step, conn.ch, buffered_only)
+      buffered_only = true
+      if not ok then
+        if core.is_error(what, "Serialize") and conn.ch:authed() then
+          -- an authenticated peer sent what this side cannot decode: answer that request
+          conn.inbox[#conn.inbox + 1] = {0, "__undecodable", 0}
+          conn.bad = what
+        else
+          close_conn(conn)
+          return
+        end
+      elseif what == nil then
+        return
+      elseif what == "auth" then
+        conn.authed = true
+        conn.deadline = nil
+        handshaking = handshaking - 1
+      else
+        if type(msg) ~= "table" then
+          close_conn(conn)
+          return
+        end
+        conn.inbox[#conn.inbox + 1] = msg
+      end
+      if not conn.co and #conn.inbox > 0 then
+        if conn.bad then
+          table.remove(conn.inbox)
+          local e = conn.bad
+          conn.bad = nil
+          send_reply(conn, {false, error_info(e)})
+        else
+          start_next(conn)
+        end
+      end
+    end
+  end
+
+  local items, owners, dirty = {}, {}, true
+  while not stop do
+    -- run what notify woke
+    while #sched.runnable > 0 do
+      local batch = sched.runnable
+      sched.runnable = {}
+      for _, item in ipairs(batch) do
+        local w, value = item[1], item[2]
+        local conn = w.conn
+        if not conn.closed and conn.co == w.co then resume(conn, value) end
+      end
+    end
+    if stop then break end
+    -- what to wait for: rebuilt only when connections or fd waits changed
+    if dirty or next(sched.fdwait) or nclosed > 0 then
+      items, owners = {listener}, {false}
+      local live = {}
+      for _, c in ipairs(conns) do
+        if not c.closed then
+          live[#live + 1] = c
+          items[#items + 1] = c.ch
+          owners[#items] = c
+        end
+      end
+      conns = live
+      nclosed = 0
+      for w in pairs(sched.fdwait) do
+        items[#items + 1] = w.fd
+        owners[#items] = w
+      end
+      dirty = false
+    end
+    local soonest
+    if next(sched.timed) then
+      for w in pairs(sched.timed) do
+        if not soonest or w.deadline < soonest then soonest = w.deadline end
+      end
+    end
+    if handshaking > 0 then
+      for _, c in ipairs(conns) do
+        if c.deadline and (not soonest or c.deadline < soonest) then soonest = c.deadline end
+      end
+    end
+    local ready = core.auth_poll(items, soonest and math.max(soonest - core.time(), 0))
+    for _, i in ipairs(ready) do
+      local o = owners[i]
+      if o == false then
+        for _ = 1, 64 do
+          local ok, ch = U.pcall(listener.accept, listener)
+          if not ok or not ch then break end
+          local c = {ch = ch, inbox = {}, deadline = core.time() + HANDSHAKE_TIMEOUT}
+          if U.pcall(ch.start, ch, authkey) then
+            conns[#conns + 1] = c
+            handshaking = handshaking + 1
+            dirty = true
+          else
+            ch:close()
+          end
+        end
+      elseif o.fd then
+        if sched.fdwait[o] then wake(o, true) end
+      elseif not o.closed then
+        if o.ch:pending() and not U.pcall(o.ch.flush, o.ch) then close_conn(o) end
+        service(o)
+      end
+    end
+    if soonest then
+      local now = core.time()
+      for w in pairs(sched.timed) do
+        if w.deadline <= now then wake(w, false) end
+      end
+      if handshaking > 0 then
+        for _, c in ipairs(conns) do
+          if c.deadline and c.deadline <= now and not c.authed then close_conn(c) end
+        end
+      end
+    end
+  end
+  -- stopping: answer the shutdown request before the connections go
+  for _, c in ipairs(conns) do
+    if not c.closed then
+      for _ = 1, 100 do
+        if not c.ch:pending() then break end
+        local ok, done = U.pcall(c.ch.flush, c.ch)
+        if not ok or done then break end
+        core.auth_poll({c.ch}, 0.01)
+      end
+      close_conn(c)
+    end
+  end
+  listener:close()
+end
+
+-- ---- BaseManager -----------------------------------------------------------------------
+
+local BaseManager = {}
+local BM = {}            -- manager -> private state
+
+local function bm_state(self)
+  local s = BM[self]
+  if not s then raise("Value", "not a manager") end
+  return s
+end
+
+local function listen(address)
+  if type(address) == "string" then return core.auth_listen(address) end
+  return core.auth_listen(address[1], address[2])
+end
+
+local function listener_address(l)
+  local host, port = l:address()
+  if port then return {host, port} end
+  return host
+end
+
+local function typeid_method(typeid)
+  return function(self, ...)
+    local s = bm_state(self)
+    if not s.ref then raise("Value", "manager is not started or connected") end
+    local id, tid, kind, exposed = call(s.ref, 0, "create", typeid, ...)
+    return make_proxy(s.ref, id, tid, kind, exposed)
+  end
+end
+
+local Server = {}
+Server.__index = Server
+Server.__name = "luamp.ManagerServer"
+function Server:serve_forever()
+  local st = rawget(self, "_state")
+  if st.served then raise("Value", "server already served") end
+  st.served = true
+  local ok, err = pcall(serve, st.listener, st.authkey, st.registry, self.address)
+  if type(self.address) == "string" then core.auth_unlink(self.address) end
+  if not ok then error(err, 0) end
+end
+Server.__tostring = function(self) return "<ManagerServer at " .. address_key(self.address) .. ">" end
+
+function BaseManager:register(typeid, spec)
+  local s = bm_state(self)
+  if type(typeid) ~= "string" or typeid == "" then raise("Value", "register: typeid must be a non-empty string") end
+  local callable, exposed
+  if type(spec) == "table" and getmetatable(spec) == nil then
+    callable, exposed = spec.callable, spec.exposed
+  else
+    callable = spec
+  end
+  if callable ~= nil and type(callable) ~= "function" and not (getmetatable(callable) or {}).__call then
+    raise("Value", "register: callable must be a function")
+  end
+  if exposed ~= nil then
+    if type(exposed) ~= "table" then raise("Value", "register: exposed must be a list of method names") end
+    for _, m in ipairs(exposed) do
+      if type(m) ~= "string" then raise("Value", "register: exposed must be a list of method names") end
+    end
+  end
+  s.registry[typeid] = {callable = callable, exposed = exposed}
+  rawset(self, typeid, typeid_method(typeid))
+end
+
+local function manager_started(self, s, child, listener)
+  s.child = child
+  s.ref = make_ref(s.address, s.authkey)
+  rawset(self, "address", s.address)
+end
+
+function BaseManager:start()
+  local s = bm_state(self)
+  if s.ref then raise("Value", "manager already started") end
+  local listener = listen(s.address)
+  s.address = listener_address(listener)
+  if type(s.address) == "string" then s.unlink = s.address end
+  local registry, authkey, address = s.registry, s.authkey, s.address
+  local child = core.fork(function()
+    core.auth_ignore_sigint()
+    serve(listener, authkey, registry, address)
+    if type(address) == "string" then core.auth_unlink(address) end
+    return 0
+  end, "worker")
+  listener:close()          -- the server's copy is the only one: when it dies, connects fail
+  manager_started(self, s, child, listener)
+  return self
+end
+
+function BaseManager:get_server()
+  local s = bm_state(self)
+  if s.ref then raise("Value", "manager already started") end
+  local listener = listen(s.address)
+  local addr = listener_address(listener)
+  return setmetatable({address = addr, _state = {listener = listener, authkey = s.authkey,
+    registry = s.registry}}, Server)
+end
+
+function BaseManager:connect()
+  local s = bm_state(self)
+  s.ref = make_ref(s.address, s.authkey)
+  rawset(self, "address", s.address)
+  call(s.ref, 0, "ping")
+  return self
+end
+
+function BaseManager:shutdown()
+  local s = BM[self]
+  if not s or s.down then return end
+  s.down = true
+  if s.ref then drop_connection(s.ref.key) end
+  local child = s.child
+  if child and child:poll() == nil then
+    child:signal(core.SIGTERM)
+    child:wait()
+  end
+  if s.unlink then core.auth_unlink(s.unlink) end
+end
+
+local BM_mt = {
+  __index = BaseManager,
+  __name = "luamp.Manager",
+  __close = function(self) self:shutdown() end,
+  __gc = function(self)
+    local s = BM[self]
+    if s and s.child and not s.down and s.owner == core.getpid() and s.child:poll() == nil then
+      s.child:signal(core.SIGTERM)
+    end
+  end,
+  __tostring = function(self)
+    local s = BM[self]
+    local st = s.down and "shutdown" or s.child and "started" or s.ref and "connected" or "initial"
+    return string.format("<Manager address=%s %s>", address_key(s.address), st)
+  end,
+}
+
+local tmp_counter = 0
+local function temp_socket_path()
+  tmp_counter = tmp_counter + 1
+  local dir = os.getenv("TMPDIR") or "/tmp"
+  local hex = (core.random_bytes(6):gsub(".", function(c) return string.format("%02x", c:byte()) end))
+  local p = string.format("%s/luamp-m%d-%d-%s", dir, core.getpid(), tmp_counter, hex)
+  if #p > 107 then p = string.format("/tmp/luamp-m%d-%s", core.getpid(), hex) end
+  return p
+end
+
+function M.BaseManager(opts)
+  opts = U.options("BaseManager", opts, nil, {address = true, authkey = true})
+  local address = opts.address ~= nil and check_address("BaseManager", opts.address) or temp_socket_path()
+  local self = setmetatable({}, BM_mt)
+  BM[self] = {address = address, authkey = check_authkey("BaseManager", opts.authkey),
+    registry = {}, owner = core.getpid()}
+  rawset(self, "address", address)
+  return self
+end
+
+function M.Manager(opts)
+  local m = M.BaseManager(opts)
+  local s = BM[m]
+  for _, t in ipairs(builtin_typeids) do
+    s.registry[t] = {builtin = true}
+    rawset(m, t, typeid_method(t))
+  end
+  m:start()
+  return m
+end
+
+return M

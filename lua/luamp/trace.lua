@@ -1,0 +1,165 @@
+-- luamp.trace: a picture of a run, as a Chrome trace-event JSON file (opens in Perfetto or
+-- chrome://tracing). luamp.trace_start(path) / luamp.trace_stop(), or LUAMP_TRACE=path in
+-- the environment (the file is written when the program's Lua state closes).
+--
+-- What is recorded, all by the process that started tracing (its children's own pools
+-- are not): one row per Process and per pool worker (pid = this program, tid = the
+-- child's pid, named by a metadata event); a complete span ("ph":"X") per task chunk
+-- a worker ran, from the worker's own clock (CLOCK_MONOTONIC is one clock for every
+-- process), named after the task's function, with its job, chunk and item count; the
+-- start and exit of processes, WorkerLost and timeouts as instant events.
+--
+-- Cost: with tracing off, each place that would record checks one boolean (T.on). With it
+-- on, an event is a few numbers appended to flat arrays; the JSON is written at stop.
+local core = require "luamp._core"
+
+local T = {on = false}
+
+local st                      -- the trace being recorded: arrays of fields per event
+
+local function reset(path)
+  st = {path = path, owner = core.getpid(), n = 0, rows = {},
+        ph = {}, name = {}, ts = {}, dur = {}, tid = {}, args = {},
+        job = {}, chunk = {}, items = {}, ok = {}}
+end
+
+-- Names a row (a child's pid) once.
+function T.row(tid, label)
+  if st.rows[tid] == nil then st.rows[tid] = label end
+end
+
+-- A task chunk's span: t0 and dur in seconds (core.time). Plain stores into arrays, no
+-- table per event: this runs once per chunk while tracing.
+function T.span(name, tid, t0, dur, job, chunk, items, ok)
+  local s = st
+  local n = s.n + 1
+  s.n = n
+  s.ph[n], s.name[n], s.ts[n], s.dur[n], s.tid[n] = "X", name, t0, dur, tid
+  s.job[n], s.chunk[n], s.items[n], s.ok[n] = job, chunk, items, ok
+end
+
+-- An instant event on a row, now (or at t).
+function T.instant(name, tid, args, t)
+  local n = st.n + 1
+  st.n = n
+  st.ph[n], st.name[n], st.ts[n], st.dur[n], st.tid[n], st.args[n] = "i", name, t or core.time(), false, tid, args
+end
+
+-- The label of a task function: its global name if it has one, else where it is defined.
+local labels = setmetatable({}, {__mode = "k"})
+function T.label(f)
+  local l = labels[f]
+  if l then return l end
+  local info = type(f) == "function" and debug.getinfo(f, "S")
+  local where = info and (info.short_src .. ":" .. info.linedefined) or tostring(f)
+  for k, v in next, _G do
+    if v == f and type(k) == "string" then l = k .. " (" .. where .. ")" break end
+  end
+  l = l or ("function " .. where)
+  labels[f] = l
+  return l
+end
+
+local function json_string(s)
+  return '"' .. tostring(s):gsub('[%c"\\\128-\255]', function(c)
+    local b = c:byte()
+    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" end
+    if b >= 128 then return c end       -- UTF-8 passes as is
+    return string.format("\\u%04x", b)
+  end) .. '"'
+end
+
+local function json_args(a)
+  if not a then return "{}" end
+  local keys = {}
+  for k in pairs(a) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = {}
+  for i, k in ipairs(keys) do
+    local v = a[k]
+    local text
+    if math.type(v) == "integer" then text = tostring(v)
+    elseif type(v) == "number" then text = v == v and v ~= math.huge and v ~= -math.huge and string.format("%.17g", v) or "null"
+    elseif type(v) == "boolean" then text = tostring(v)
+    else text = json_string(v) end
+    parts[i] = json_string(k) .. ":" .. text
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+local function us(t) return string.format("%.3f", t * 1e6) end
+
+local function write_file(s)
+  local pid = s.owner
+  local out = {}
+  out[#out + 1] = string.format('{"name":"process_name","ph":"M","pid":%d,"tid":%d,"args":{"name":"luamp %d"}}', pid, pid, pid)
+  out[#out + 1] = string.format('{"name":"thread_name","ph":"M","pid":%d,"tid":%d,"args":{"name":"main (pid %d)"}}', pid, pid, pid)
+  local tids = {}
+  for tid in pairs(s.rows) do tids[#tids + 1] = tid end
+  table.sort(tids)
+  for _, tid in ipairs(tids) do
+    out[#out + 1] = string.format('{"name":"thread_name","ph":"M","pid":%d,"tid":%d,"args":{"name":%s}}',
+      pid, tid, json_string(s.rows[tid] .. " (pid " .. tid .. ")"))
+  end
+  local quoted = {}
+  for i = 1, s.n do
+    local ph = s.ph[i]
+    if ph == "X" then
+      local name = s.name[i]
+      local q = quoted[name]
+      if not q then q = json_string(name); quoted[name] = q end
+      out[#out + 1] = string.format('{"name":%s,"cat":"task","ph":"X","ts":%.3f,"dur":%.3f,"pid":%d,"tid":%d,"args":{"job":%d,"chunk":%d,"items":%d,"ok":%s}}',
+        q, s.ts[i] * 1e6, math.max(s.dur[i], 0) * 1e6, pid, s.tid[i], s.job[i], s.chunk[i], s.items[i],
+        s.ok[i] and "true" or "false")
+    else
+      out[#out + 1] = string.format('{"name":%s,"cat":"event","ph":"i","s":"t","ts":%s,"pid":%d,"tid":%d,"args":%s}',
+        json_string(s.name[i]), us(s.ts[i]), pid, s.tid[i], json_args(s.args[i]))
+    end
+  end
+  local f, err = io.open(s.path, "w")
+  if not f then
+    io.stderr:write("luamp: cannot write the trace: ", tostring(err), "\n")
+    return false
+  end
+  f:write('{"displayTimeUnit":"ms","traceEvents":[\n', table.concat(out, ",\n"), "\n]}\n")
+  f:close()
+  return true
+end
+
+local M = {}
+
+-- trace_start(path): records from now on; a trace already running is written first.
+function M.trace_start(path)
+  if type(path) ~= "string" or path == "" then
+    core.raise("Value", "trace_start: expected a file path")
+  end
+  if T.on then M.trace_stop() end
+  reset(path)
+  T.on = true
+end
+
+-- trace_stop() -> path: stops recording and writes the file (nil when not tracing).
+function M.trace_stop()
+  if not T.on then return nil end
+  T.on = false
+  local s = st
+  st = nil
+  -- a forked child inherited the parent's recording: only the process that started writes
+  if s.owner ~= core.getpid() then return nil end
+  write_file(s)
+  return s.path
+end
+
+-- LUAMP_TRACE=path: trace the whole run, written when the Lua state closes (at exit).
+local env = os.getenv("LUAMP_TRACE")
+if env and env ~= "" and not T.on then
+  M.trace_start(env)
+  local owner = core.getpid()
+  -- anchored in the registry through package.loaded: collected at lua_close
+  T.closer = setmetatable({}, {__gc = function()
+    if T.on and st and st.owner == owner and core.getpid() == owner then M.trace_stop() end
+  end})
+end
+
+M._T = T
+return M
