@@ -401,6 +401,28 @@ static void send_all(int fd, const char *p, size_t n) {
   }
 }
 
+/* The frame's header, with the descriptors of the message's handles as SCM_RIGHTS on it
+ * (at most LUAMP_MAX_FDS). */
+static void send_head(int fd, const char *head, size_t n, const luamp_fdlist *fds) {
+  if (!fds || fds->n == 0) {
+    send_all(fd, head, n);
+    return;
+  }
+  union { char buf[CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)]; struct cmsghdr align; } u;
+  memset(&u, 0, sizeof u);
+  struct iovec iov = {.iov_base = (void *)head, .iov_len = n};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                      .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)fds->n)};
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fds->n);
+  memcpy(CMSG_DATA(cm), fds->fd, sizeof(int) * (size_t)fds->n);
+  ssize_t w;
+  do w = sendmsg(fd, &mh, MSG_NOSIGNAL); while (w < 0 && errno == EINTR);
+  if (w > 0 && (size_t)w < n) send_all(fd, head + w, n - (size_t)w);
+}
+
 static int spawn_child(const char *exe, int fd, pid_t *pid) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t at;
@@ -434,6 +456,7 @@ static int spawn_child(const char *exe, int fd, pid_t *pid) {
 static int l_spawn(lua_State *L) {
   size_t len;
   const char *msg = luaL_checklstring(L, 1, &len);
+  luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
   int daemon = lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   const char *exe = luamp_spawn_executable();
@@ -496,7 +519,7 @@ static int l_spawn(lua_State *L) {
   char head[LUAMP_SPAWN_HEADER];
   memcpy(head, LUAMP_SPAWN_MAGIC, 8);
   for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
-  send_all(sv[0], head, sizeof head);
+  send_head(sv[0], head, sizeof head, fds);
   send_all(sv[0], msg, len);
   luamp_close_fd(sv[0]);
   return 1;

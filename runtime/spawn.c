@@ -24,6 +24,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/socket.h>
+
 #include <lualib.h>
 
 #include "internal.h"
@@ -60,6 +62,32 @@ static int parse_fd(const char *s) {
   return fd;
 }
 
+/* The header's first bytes with the descriptors that came on them (into fds, close-on-
+ * exec); then the rest of the header. A truncated descriptor list is refused. */
+static void read_head(int fd, unsigned char *head, size_t n, luamp_fdlist *fds) {
+  union { char buf[CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)]; struct cmsghdr align; } u;
+  struct iovec iov = {.iov_base = head, .iov_len = n};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                      .msg_controllen = sizeof u.buf};
+  ssize_t r;
+  do r = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
+  fds->n = 0;
+  if (r < 0 && errno == ENOTSOCK) {       /* a file or pipe (by hand, tests): no descriptors */
+    do r = read(fd, head, n); while (r < 0 && errno == EINTR);
+    mh.msg_controllen = 0;
+    mh.msg_flags = 0;
+  }
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); r > 0 && cm; cm = CMSG_NXTHDR(&mh, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k && fds->n < LUAMP_MAX_FDS; i++)
+      memcpy(&fds->fd[fds->n++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+  }
+  if (r <= 0) bad_start("no start message");
+  if (mh.msg_flags & MSG_CTRUNC) bad_start("too many descriptors with the start message");
+  if (read_all(fd, (char *)head + r, n - (size_t)r) < 0) bad_start("no start message");
+}
+
 static int traceback(lua_State *L) {
   luaL_traceback(L, L, luaL_tolstring(L, 1, NULL), 1);
   return 1;
@@ -69,6 +97,7 @@ static int traceback(lua_State *L) {
 static int run_child(lua_State *L) {
   size_t len = (size_t)lua_tointeger(L, 1);
   char *msg = lua_touserdata(L, 2);
+  luamp_fdlist *fds = lua_touserdata(L, 3);
   luaL_openlibs(L);
   luaL_requiref(L, "luamp", luaopen_luamp, 1);
   lua_pop(L, 1);
@@ -77,7 +106,14 @@ static int run_child(lua_State *L) {
   lua_call(L, 1, 1);
   lua_getfield(L, -1, "_spawn_main");
   lua_pushlstring(L, msg, len);
-  lua_call(L, 1, 1);
+  if (fds->n > 0) {                 /* the bundle owns them from here */
+    luamp_fdlist *b = luamp_fds_push_bundle(L);
+    *b = *fds;
+    fds->n = 0;
+  } else {
+    lua_pushnil(L);
+  }
+  lua_call(L, 2, 1);
   return 1;
 }
 
@@ -94,7 +130,8 @@ void luamp_child_main(int argc, char **argv) {
     }
   }
   unsigned char head[LUAMP_SPAWN_HEADER];
-  if (read_all(fd, (char *)head, sizeof head) < 0) bad_start("no start message");
+  static luamp_fdlist fds;
+  read_head(fd, head, sizeof head, &fds);
   if (memcmp(head, LUAMP_SPAWN_MAGIC, 8) != 0) bad_start("not a start message (bad magic)");
   uint64_t len = 0;
   for (int i = 7; i >= 0; i--) len = (len << 8) | head[8 + i];
@@ -109,8 +146,9 @@ void luamp_child_main(int argc, char **argv) {
   lua_pushcfunction(L, run_child);
   lua_pushinteger(L, (lua_Integer)len);
   lua_pushlightuserdata(L, msg);
+  lua_pushlightuserdata(L, &fds);
   int rc;
-  if (lua_pcall(L, 2, 1, 1) != LUA_OK) {
+  if (lua_pcall(L, 3, 1, 1) != LUA_OK) {
     fprintf(stderr, "luamp: spawn child: %s\n", lua_tostring(L, -1));
     rc = 1;
   } else {

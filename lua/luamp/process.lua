@@ -154,13 +154,13 @@ local function spawn_payload(self)
   for k, v in pairs(self) do
     if k ~= "run" then fields[k] = v end
   end
-  local body = core.dumps({
+  local body, fds = core.dumpx({
     target = s.target, args = s.args, name = s.name, daemon = s.daemon,
     identity = s.identity, run = rawget(self, "run"), fields = fields,
     parent_pid = core.getpid(), parent_name = S[current].name,
-  })
+  }, "args")
   return core.dumps({v = 1, path = package.path, cpath = package.cpath,
-    daemon = s.daemon, parent_pid = core.getpid(), body = body})
+    daemon = s.daemon, parent_pid = core.getpid(), body = body}), fds
 end
 
 function Process:start()
@@ -171,7 +171,12 @@ function Process:start()
   -- _cleanup, they leave the list of children, so nothing keeps them from the collector
   local m = s.method or P.get_start_method()
   if m == "spawn" then
-    s.handle = core.spawn(spawn_payload(self), s.daemon)
+    -- the descriptors of luamp objects in the args (queues, locks...) go with the message
+    local msg, fds = spawn_payload(self)
+    local ok, h = pcall(core.spawn, msg, s.daemon, fds)
+    if fds then fds:close() end
+    if not ok then error(h, 0) end
+    s.handle = h
   else
     s.handle = core.fork(function() return child_main(self) end, s.daemon)
   end
@@ -345,7 +350,7 @@ end
 
 -- Runs in a spawn child (runtime/spawn.c): `bytes` is the start message; the result is
 -- the exit code. Nothing of the message runs before its plain-data shell is checked.
-function P._spawn_main(bytes)
+function P._spawn_main(bytes, fds)
   local ok, outer = pcall(core.loads, bytes)
   if not ok or type(outer) ~= "table" or outer.v ~= 1 or type(outer.body) ~= "string"
      or type(outer.path) ~= "string" or type(outer.cpath) ~= "string"
@@ -355,7 +360,7 @@ function P._spawn_main(bytes)
   end
   core.spawn_child_setup(outer.daemon and true or false, outer.parent_pid)
   package.path, package.cpath = outer.path, outer.cpath
-  local okb, inner = pcall(core.loads_trusted, outer.body)
+  local okb, inner = pcall(core.loadx, outer.body, fds)
   if not okb or type(inner) ~= "table" then
     io.stderr:write("luamp: spawn child: cannot decode the target: ", tostring(inner), "\n")
     return 1
