@@ -423,7 +423,7 @@ static void send_head(int fd, const char *head, size_t n, const luamp_fdlist *fd
   if (w > 0 && (size_t)w < n) send_all(fd, head + w, n - (size_t)w);
 }
 
-static int spawn_child(const char *exe, int fd, pid_t *pid) {
+static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t at;
   int rc = posix_spawn_file_actions_init(&fa);
@@ -439,7 +439,10 @@ static int spawn_child(const char *exe, int fd, pid_t *pid) {
   sigemptyset(&none);
   sigemptyset(&dfl);
   luamp_spawn_sigdefault(&dfl);
-  if (rc == 0) rc = posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  /* a pool worker leads its own process group from the start (see become_worker) */
+  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | (own_group ? POSIX_SPAWN_SETPGROUP : 0);
+  if (rc == 0) rc = posix_spawnattr_setflags(&at, flags);
+  if (rc == 0 && own_group) rc = posix_spawnattr_setpgroup(&at, 0);
   if (rc == 0) rc = posix_spawnattr_setsigmask(&at, &none);
   if (rc == 0) rc = posix_spawnattr_setsigdefault(&at, &dfl);
   char fdarg[16];
@@ -457,7 +460,8 @@ static int l_spawn(lua_State *L) {
   size_t len;
   const char *msg = luaL_checklstring(L, 1, &len);
   luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
-  int daemon = lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
+  int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
+             ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   const char *exe = luamp_spawn_executable();
   if (!exe) luamp_raise(L, "Value", "cannot start a process: no luamp executable is known (luamp.set_executable)");
@@ -490,7 +494,7 @@ static int l_spawn(lua_State *L) {
   c->pidfd = -1;
   fflush(NULL);
   pid_t pid;
-  int rc = spawn_child(exe, sv[1], &pid);
+  int rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
   luamp_close_fd(sv[1]);
   if (rc != 0) {
     free(c);
@@ -503,6 +507,7 @@ static int l_spawn(lua_State *L) {
   c->owner = luamp_self_pid();
   c->daemon = daemon;
   c->has_handle = 1;
+  c->group = daemon == LUAMP_FORK_WORKER;
   luamp_close_fd(spare);
   c->pidfd = pidfd_open_cloexec(pid);
   if (c->pidfd < 0 && errno != ENOSYS) {
@@ -529,11 +534,14 @@ static int l_spawn(lua_State *L) {
  * parent's code runs. A daemon dies with its parent; if the parent is already gone (it
  * died before prctl), go now. */
 static int l_spawn_child_setup(lua_State *L) {
-  int daemon = lua_toboolean(L, 1);
+  int worker = lua_type(L, 1) == LUA_TSTRING && strcmp(lua_tostring(L, 1), "worker") == 0;
+  int daemon = !worker && lua_toboolean(L, 1);
   pid_t parent = (pid_t)luaL_checkinteger(L, 2);
   parent_at_fork = parent;
   in_daemon = daemon;
-  if (daemon) {
+  if (worker) {
+    become_worker(parent);
+  } else if (daemon) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent) _exit(1);
   }

@@ -50,6 +50,7 @@ describe("start methods", function()
       assert.equal("function", type(ctx[name]), name)
     end
     assert.equal("spawn", ctx.get_start_method())
+    assert.equal("function", type(ctx.Manager))
     local q = ctx.Queue(); q:put(1); assert.equal(1, q:get())
     local l = ctx.Lock(); l:acquire(); l:release()
     assert.equal("fork", luamp.get_context().get_start_method())
@@ -156,6 +157,20 @@ describe("spawn", function()
     assert.equal(0, p.exitcode)
     assert.equal(5, v.value)
     a:close(); b:close()
+  end)
+
+  it("runs Pool workers by spawn: upvalues, results, WorkerLost and a replacement", function()
+    local pool <close> = ctx.Pool(2)
+    local k = 10
+    assert.same({10, 20, 30, 40, n = 4}, pool:map(function(x) return x * k end, {1, 2, 3, 4}))
+    local e = H.raises("WorkerLost", pool.apply, pool, function() os_exit(3) end)
+    assert.equal(3, e.exitcode)
+    assert.equal(12, pool:apply(function(a, b) return a + b end, {5, 7}))
+    -- a spawn worker is a fresh interpreter: the spec's globals are not there
+    SPAWN_POOL_GLOBAL = 1
+    local g = _G
+    assert.is_nil(pool:apply(function() return g.SPAWN_POOL_GLOBAL end))
+    SPAWN_POOL_GLOBAL = nil
   end)
 
   it("runs the subclass style (run with fields)", function()

@@ -4,7 +4,6 @@
 -- the other objects are the same under every method (how they reach a spawn child is
 -- the codec's handle business).
 local P = require "luamp.process"
-local U = require "luamp.util"
 
 local Context = {}
 Context.__index = Context
@@ -24,12 +23,7 @@ function M.get_context(method)
   local ctx = setmetatable({_method = m}, Context)
   for _, name in ipairs(SAME) do ctx[name] = luamp[name] end
   ctx.Process = function(opts) return P._process_with_method(m, opts) end
-  ctx.Pool = function(...)
-    if m ~= "fork" then
-      U.raise("Value", "Pool under the " .. m .. " start method is not built yet")
-    end
-    return luamp.Pool(...)
-  end
+  ctx.Pool = function(...) return require("luamp.pool")._pool_with_method(m, ...) end
   ctx.get_start_method = function() return m end
   return ctx
 end

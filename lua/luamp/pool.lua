@@ -221,6 +221,8 @@ local function worker_loop(conn, maxtasks)
 end
 
 -- Entry of a worker process (runs in the child after fork).
+local creating_method   -- the start method of the Pool being made by _pool_with_method
+
 local function worker_main(st, parent_end, conn)
   core.worker_setup()
   parent_end:close()
@@ -562,7 +564,14 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0}
-  local ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")   -- re-raised
+  local ok, h
+  if st.method == "spawn" then
+    -- a fresh interpreter: it gets its end of the Pipe and the pool's settings as args
+    ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
+      {b, st.initializer, st.initargs, st.maxtasks}, "worker")
+  else
+    ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")   -- re-raised
+  end
   b:close()
   if not ok then a:close(); error(h, 0) end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
@@ -1553,6 +1562,7 @@ local function new_pool(opts)
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
     callbacks = dq_new(),
     gbase = global_functions(),
+    method = creating_method or require("luamp.process").get_start_method(),
   }
   st.pump = function(fd)
     service_fd(st, fd)
@@ -1570,6 +1580,21 @@ local function new_pool(opts)
 end
 
 local P = {}
+
+-- A Pool whose workers use start method m (get_context(m).Pool).
+function P._pool_with_method(m, ...)
+  creating_method = m
+  local ok, pool = pcall(P.Pool, ...)
+  creating_method = nil
+  if not ok then error(pool, 0) end
+  return pool
+end
+
+-- The entry of a worker started by spawn (runs in the fresh interpreter).
+function P._spawn_worker(conn, initializer, initargs, maxtasks)
+  local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks}
+  return worker_main(st, {close = function() end}, conn)
+end
 
 function P.Pool(opts)
   if type(opts) == "table" and opts.broker ~= nil then   -- across machines, over Redis

@@ -160,7 +160,7 @@ local function spawn_payload(self)
     parent_pid = core.getpid(), parent_name = S[current].name,
   }, "args")
   return core.dumps({v = 1, path = package.path, cpath = package.cpath,
-    daemon = s.daemon, parent_pid = core.getpid(), body = body}), fds
+    daemon = s.kind or s.daemon, parent_pid = core.getpid(), body = body}), fds
 end
 
 function Process:start()
@@ -348,6 +348,18 @@ function P.set_start_method(m, force)
   method = check_method(m)
 end
 
+-- Starts fn(table.unpack(args)) in a spawn child of the given kind ("worker": a pool
+-- worker); returns the Child handle (for pool workers).
+function P._spawn_call(fn, args, kind)
+  local self = new_process({target = fn, args = args})
+  S[self].kind = kind
+  local msg, fds = spawn_payload(self)
+  local ok, h = pcall(core.spawn, msg, kind, fds)
+  if fds then fds:close() end
+  if not ok then error(h, 0) end
+  return h
+end
+
 -- Runs in a spawn child (runtime/spawn.c): `bytes` is the start message; the result is
 -- the exit code. Nothing of the message runs before its plain-data shell is checked.
 function P._spawn_main(bytes, fds)
@@ -358,7 +370,7 @@ function P._spawn_main(bytes, fds)
     io.stderr:write("luamp: spawn child: malformed start message: ", tostring(ok and "bad fields" or outer), "\n")
     return 2
   end
-  core.spawn_child_setup(outer.daemon and true or false, outer.parent_pid)
+  core.spawn_child_setup(outer.daemon == "worker" and "worker" or (outer.daemon and true or false), outer.parent_pid)
   package.path, package.cpath = outer.path, outer.cpath
   local okb, inner = pcall(core.loadx, outer.body, fds)
   if not okb or type(inner) ~= "table" then

@@ -62,6 +62,15 @@ int main(int argc, char **argv) {
     "p:start(); p:join()\n"
     "return p.exitcode == 1 and 'ok' or ('exitcode ' .. tostring(p.exitcode))\n");
 
+  expect_ok(L, "spawn Pool in this host",
+    "local pool <close> = luamp.get_context('spawn').Pool(2)\n"
+    "local k = 3\n"
+    "local r = pool:map(function(x) return x * k end, {1, 2, 3})\n"
+    "if r[1] ~= 3 or r[2] ~= 6 or r[3] ~= 9 then return 'map gave ' .. table.concat(r, ' ') end\n"
+    "local ok, e = pcall(pool.apply, pool, function() os.exit(5) end)\n"
+    "if ok or e.kind ~= 'WorkerLost' then return 'no WorkerLost: ' .. tostring(e) end\n"
+    "return pool:apply(function() return 'ok' end)\n");
+
   lua_close(L);
   if (failures) fprintf(stderr, "%d failure(s)\n", failures);
   else printf("test_spawn_host: all passed\n");
