@@ -743,6 +743,15 @@ static int metatable_or_handle(enc *e, int idx) {
     return -1;
   }
   lua_pop(L, 1);
+  /* An object that only makes sense in the process that made it (a Pool) says so: the
+   * error names it, not whatever of its insides the traversal happened to meet first. */
+  lua_pushliteral(L, "__luamp_nosend");
+  if (lua_rawget(L, mt) != LUA_TNIL && lua_toboolean(L, -1)) {
+    lua_pushliteral(L, "__name");
+    const char *name = lua_rawget(L, mt) == LUA_TSTRING ? lua_tostring(L, -1) : "object";
+    enc_fail(e, "cannot send a %s (it works only in the process that made it)", name);
+  }
+  lua_pop(L, 1);
   return mt;
 }
 

@@ -7,15 +7,17 @@ local describe, it, assert = describe, it, assert
 local _ENV = _G
 
 -- Parses the file with Python's json module and returns a summary as Lua values:
--- spans (list of {name, tid, items, chunk, dur}), instants (list of {name, tid}), rows
--- (tid -> name).
+-- spans (list of {name, tid, items, chunk, dur}), waits (list of {name, tid, dur}, dur in
+-- microseconds), instants (list of {name, tid}), rows (tid -> name).
 local function summary(path)
   local py = [[
 import json, sys
 d = json.load(open(sys.argv[1]))
 for e in d["traceEvents"]:
     a = e.get("args", {})
-    if e["ph"] == "X":
+    if e["ph"] == "X" and e.get("cat") == "wait":
+        print("W", e["tid"], e["dur"], e["name"].replace(" ", "_"))
+    elif e["ph"] == "X":
         print("X", e["tid"], a["items"], a["chunk"], e["dur"], e["name"].replace(" ", "_"))
     elif e["ph"] == "i":
         print("i", e["tid"], e["name"])
@@ -24,13 +26,15 @@ for e in d["traceEvents"]:
 ]]
   local out, code = H.sh("python3 -c " .. H.q(py) .. " " .. H.q(path))
   assert.equal(0, code, "the trace does not parse as JSON")
-  local s = {spans = {}, instants = {}, rows = {}}
+  local s = {spans = {}, waits = {}, instants = {}, rows = {}}
   for line in out:gmatch("[^\n]+") do
     local w = {}
     for x in line:gmatch("%S+") do w[#w + 1] = x end
     if w[1] == "X" then
       s.spans[#s.spans + 1] = {tid = tonumber(w[2]), items = tonumber(w[3]), chunk = tonumber(w[4]),
                                dur = tonumber(w[5]), name = w[6]}
+    elseif w[1] == "W" then
+      s.waits[#s.waits + 1] = {tid = tonumber(w[2]), dur = tonumber(w[3]), name = w[4]}
     elseif w[1] == "i" then
       s.instants[#s.instants + 1] = {tid = tonumber(w[2]), name = w[3]}
     else
@@ -84,6 +88,67 @@ p:start() p:join()
     local named = 0
     for _, label in pairs(s.rows) do if label:find("^Process%-") then named = named + 1 end end
     assert.equal(1, named)
+  end)
+end)
+
+describe("trace of waits", function()
+  it("has a span for each lock and queue wait over 1 ms, none for a fast acquire", function()
+    local trace = os.tmpname()
+    -- The child holds the lock ~50 ms once the parent may block on it, and puts on the
+    -- queue ~50 ms after it sees the parent blocked in get.
+    local script = H.script([[
+local lock, q, held = luamp.Lock(), luamp.Queue(), luamp.Event()
+local p = luamp.Process{target = function()
+  lock:acquire()
+  held:set()
+  luamp.sleep(0.05)
+  lock:release()
+  while q:_waiters("get") == 0 do luamp.sleep(0.001) end
+  luamp.sleep(0.05)
+  q:put("done")
+end}
+p:start()
+held:wait()
+lock:acquire()
+lock:release()
+assert(q:get() == "done")
+p:join()
+local fast = luamp.Lock()
+fast:acquire()
+fast:release()
+]])
+    local err, code = H.sh(string.format("LUAMP_TRACE=%s %s %s 2>&1", H.q(trace), H.q(H.host), H.q(script)))
+    os.remove(script)
+    assert.equal(0, code, err)
+    local s = summary(trace)
+    os.remove(trace)
+    local main
+    for tid, label in pairs(s.rows) do if label == "main" then main = tid end end
+    local by_name = {}
+    for _, w in ipairs(s.waits) do
+      assert.equal(main, w.tid, "a wait on the main row")
+      assert.truthy(w.dur >= 1000, "a wait span is at least the 1 ms threshold")
+      by_name[w.name] = (by_name[w.name] or 0) + 1
+    end
+    -- one each: the fast acquire of another lock left no span
+    assert.equal(1, by_name["Lock.acquire_wait"])
+    assert.equal(1, by_name["Queue.get_wait"])
+    assert.is_nil(by_name["Queue.put_wait"])
+  end)
+
+  it("puts the plain C methods back when tracing stops", function()
+    local lock, q = luamp.Lock(), luamp.Queue()
+    local acquire, get = lock.acquire, q.get
+    local trace = os.tmpname()
+    luamp.trace_start(trace)
+    assert.are_not.equal(acquire, lock.acquire)
+    assert.are_not.equal(get, q.get)
+    lock:acquire() lock:release()
+    luamp.trace_stop()
+    os.remove(trace)
+    assert.equal(acquire, lock.acquire)
+    assert.equal(get, q.get)
+    q:close() lock:close()
   end)
 end)
 

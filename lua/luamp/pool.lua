@@ -1274,7 +1274,7 @@ end
 -- ---- Pool ----------------------------------------------------------------------------
 
 local Pool = {}
-local Pool_mt = {__index = Pool, __name = "luamp.Pool"}
+local Pool_mt = {__index = Pool, __name = "luamp.Pool", __luamp_nosend = true}
 local S = setmetatable({}, {__mode = "k"})   -- Pool object -> state
 local live_pools = setmetatable({}, {__mode = "k"})   -- state -> true, for active_children
 

@@ -7,10 +7,15 @@
 -- child's pid, named by a metadata event); a complete span ("ph":"X") per task chunk
 -- a worker ran, from the worker's own clock (CLOCK_MONOTONIC is one clock for every
 -- process), named after the task's function, with its job, chunk and item count; the
--- start and exit of processes, WorkerLost and timeouts as instant events.
+-- start and exit of processes, WorkerLost and timeouts as instant events; and a span
+-- ("cat":"wait") on the main row for each blocking call of this program's that waited at
+-- least T.wait_threshold (1 ms): Queue/SimpleQueue/JoinableQueue get, put and join,
+-- Lock/RLock/Semaphore/BoundedSemaphore acquire, Event, Condition and Barrier wait.
 --
--- Cost: with tracing off, each place that would record checks one boolean (T.on). With it
--- on, an event is a few numbers appended to flat arrays; the JSON is written at stop.
+-- Cost: with tracing off, each place that would record checks one boolean (T.on), and the
+-- wait methods are the plain C functions (trace_start swaps timing wrappers into their
+-- method tables, trace_stop puts the originals back). With it on, an event is a few
+-- numbers appended to flat arrays; the JSON is written at stop.
 local core = require "luamp._core"
 
 local T = {on = false}
@@ -58,6 +63,77 @@ function T.label(f)
   l = l or ("function " .. where)
   labels[f] = l
   return l
+end
+
+-- ---- waits over a threshold ----------------------------------------------------------
+
+-- A wait shorter than this leaves no span: an uncontended acquire is ~40 ns, and a trace
+-- full of them would hide the waits that matter.
+T.wait_threshold = 0.001
+
+local function record_wait(name, t0, dur)
+  local s = st
+  if not s then return end
+  local n = s.n + 1
+  s.n = n
+  s.ph[n], s.name[n], s.ts[n], s.dur[n], s.tid[n] = "W", name, t0, dur, core.getpid()
+end
+
+-- The wrapped calls in progress. A wait is a C call that never yields nor re-enters a
+-- wait, so a stack of depth 1 is the rule; the stack keeps the wrapper allocation-free.
+local depth, wait_name, wait_t0 = 0, {}, {}
+
+-- Closes a wrapped call however it ends (returned, timed out, raised, interrupted): a
+-- to-be-closed variable runs without catching the error or touching its traceback.
+local wait_end = setmetatable({}, {__close = function()
+  local d = depth
+  depth = d - 1
+  local dur = core.time() - wait_t0[d]
+  if dur >= T.wait_threshold and T.on then record_wait(wait_name[d], wait_t0[d], dur) end
+end})
+
+local function timed(name, f)
+  return function(...)
+    local d = depth + 1
+    wait_name[d], wait_t0[d] = name, core.time()
+    depth = d
+    local _ <close> = wait_end
+    return f(...)
+  end
+end
+
+-- {methods table, method, span name, original} for each blocking method, found once.
+local waits
+local function wait_methods()
+  if waits then return waits end
+  waits = {}
+  local function add(methods, method, label)
+    local f = rawget(methods, method)
+    if type(f) == "function" then waits[#waits + 1] = {methods, method, label .. " wait", f} end
+  end
+  local reg = debug.getregistry()
+  for _, kind in ipairs {"Queue", "SimpleQueue", "JoinableQueue"} do
+    local mt = reg["luamp." .. kind]
+    local methods = type(mt) == "table" and mt.__index
+    if type(methods) == "table" then
+      add(methods, "get", kind .. ".get")
+      add(methods, "put", kind .. ".put")
+      add(methods, "join", kind .. ".join")
+    end
+  end
+  for _, kind in ipairs {"Lock", "RLock", "Semaphore", "BoundedSemaphore"} do
+    add(core.sync_methods(kind), "acquire", kind .. ".acquire")
+  end
+  add(core.sync_methods("Event"), "wait", "Event.wait")
+  add(core.sync_methods("CondCore"), "wait", "Condition.wait")
+  add(core.sync_methods("BarrierCore"), "arrive", "Barrier.wait")
+  return waits
+end
+
+local function time_waits(on)
+  for _, w in ipairs(wait_methods()) do
+    w[1][w[2]] = on and timed(w[3], w[4]) or w[4]
+  end
 end
 
 local function json_string(s)
@@ -111,6 +187,9 @@ local function write_file(s)
       out[#out + 1] = string.format('{"name":%s,"cat":"task","ph":"X","ts":%.3f,"dur":%.3f,"pid":%d,"tid":%d,"args":{"job":%d,"chunk":%d,"items":%d,"ok":%s}}',
         q, s.ts[i] * 1e6, math.max(s.dur[i], 0) * 1e6, pid, s.tid[i], s.job[i], s.chunk[i], s.items[i],
         s.ok[i] and "true" or "false")
+    elseif ph == "W" then
+      out[#out + 1] = string.format('{"name":%s,"cat":"wait","ph":"X","ts":%.3f,"dur":%.3f,"pid":%d,"tid":%d,"args":{}}',
+        json_string(s.name[i]), s.ts[i] * 1e6, s.dur[i] * 1e6, pid, s.tid[i])
     else
       out[#out + 1] = string.format('{"name":%s,"cat":"event","ph":"i","s":"t","ts":%s,"pid":%d,"tid":%d,"args":%s}',
         json_string(s.name[i]), us(s.ts[i]), pid, s.tid[i], json_args(s.args[i]))
@@ -135,6 +214,7 @@ function M.trace_start(path)
   end
   if T.on then M.trace_stop() end
   reset(path)
+  time_waits(true)
   T.on = true
 end
 
@@ -142,6 +222,7 @@ end
 function M.trace_stop()
   if not T.on then return nil end
   T.on = false
+  time_waits(false)
   local s = st
   st = nil
   -- a forked child inherited the parent's recording: only the process that started writes
