@@ -58,6 +58,9 @@ double luamp_deadline_arg(lua_State *L, int idx);
  * (SIGINT seen by the host) is pending it returns -2. Returns the number of ready fds
  * (revents set), 0 on timeout, -1 with errno on failure. */
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
+/* Longest a wait sleeps in the kernel before it looks for a pending Ctrl-C again (seconds):
+ * the bound on how late a Ctrl-C that lands just before a wait's system call is seen. */
+#define LUAMP_WAIT_SLICE 0.1
 /* luamp_request_interrupt (luamp.h) marks a Ctrl-C for the next (or current) wait to
  * report; the library installs no signal handler of its own (see interrupt.c). */
 /* Returns and clears the pending-interrupt mark. */

@@ -54,11 +54,15 @@ int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline) {
     if (interrupt_pending()) return -2;
     double now = luamp_now();
     if (deadline >= 0 && now >= deadline) return 1;
-    /* Always pass a timeout (an hour when waiting forever): a futex wait with a timeout
+    /* Always pass a timeout (a slice when waiting forever): a futex wait with a timeout
      * returns EINTR whenever a signal handler ran, even with SA_RESTART, which is how a
      * pending interrupt is noticed. FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC
      * time, so retrying after EINTR keeps the original deadline. */
-    double until = deadline >= 0 ? deadline : now + 3600;
+    /* ...and never longer than LUAMP_WAIT_SLICE: a Ctrl-C whose handler ran between the
+     * look at the mark above and the futex call interrupts no system call, and would
+     * otherwise wait for the next slice end unseen. */
+    double until = now + LUAMP_WAIT_SLICE;
+    if (deadline >= 0 && deadline < until) until = deadline;
     struct timespec ts;
     ts.tv_sec = (time_t)until;
     ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
@@ -66,7 +70,7 @@ int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline) {
     long r = syscall(SYS_futex, word, FUTEX_WAIT_BITSET, expect, &ts, NULL, FUTEX_BITSET_MATCH_ANY);
     if (r == 0 || errno == EAGAIN) return 0;
     if (errno == ETIMEDOUT) {
-      if (deadline >= 0) return 1;
+      if (deadline >= 0 && luamp_now() >= deadline) return 1;
       continue;
     }
     if (errno != EINTR) return 0;   /* cannot happen for a valid word; callers re-check */

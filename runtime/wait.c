@@ -63,13 +63,16 @@ double luamp_deadline_arg(lua_State *L, int idx) {
   return luamp_now() + t;
 }
 
-/* Milliseconds to pass to poll() for a deadline; rounds up so we never wake early. */
+/* Milliseconds to pass to poll() for a deadline; rounds up so we never wake early, and
+ * never more than LUAMP_WAIT_SLICE: a Ctrl-C whose handler runs after a wait looked for a
+ * pending interrupt but before poll() entered the kernel interrupts nothing, so the mark
+ * is looked at again at least that often. */
 static int remaining_ms(double deadline) {
-  if (deadline < 0) return -1;
+  if (deadline < 0) return (int)(LUAMP_WAIT_SLICE * 1000);
   double left = deadline - luamp_now();
   if (left <= 0) return 0;
   double ms = ceil(left * 1000.0);
-  return ms > 86400000.0 ? 86400000 : (int)ms;
+  return ms > LUAMP_WAIT_SLICE * 1000 ? (int)(LUAMP_WAIT_SLICE * 1000) : (int)ms;
 }
 
 /* ---- background pumps ------------------------------------------------------------------ */
@@ -218,8 +221,9 @@ static int wait_plain(struct pollfd *fds, int nfds, double deadline) {
     int ms = remaining_ms(deadline);
     int n = poll(fds, (nfds_t)nfds, ms);
     if (n >= 0) {
-      /* poll's millisecond granularity may wake us a hair early on a pure timeout */
-      if (n == 0 && deadline >= 0 && luamp_now() < deadline) continue;
+      /* a slice ended (see remaining_ms), or poll's millisecond granularity woke us a
+       * hair early on a pure timeout */
+      if (n == 0 && (deadline < 0 || luamp_now() < deadline)) continue;
       return n;
     }
     if (errno != EINTR) return -1;

@@ -32,6 +32,14 @@
 --    callbacks. The pool's own waits (get, map, join, imap) wait on its fds directly.
 --    Callbacks are queued while the pool's state is updated and run afterwards; an error
 --    in a callback is printed to stderr (like an exception in a thread) and dropped.
+--  * Per-task timeouts ({timeout = s}): the parent watches the clock. A worker stamps
+--    the start of each task of a timed chunk in a shared-memory word (see TIMED); every
+--    pool wait (and as_completed, luamp.poll) reads the stamps of the workers whose head
+--    chunk is timed and sleeps no longer than the nearest limit. A task over its limit:
+--    its worker is SIGKILLed and written off at once (its queue goes back to the feed,
+--    what it still sends is dropped), the task alone fails with Timeout, the other tasks
+--    of its chunk are re-sent as chunks of their own, and a replacement is forked in the
+--    next round; the sentinel reaps the killed one later.
 --  * Ctrl-C: workers ignore SIGINT; a pool wait that sees Interrupted terminates the pool
 --    and raises it. terminate() fails every unfinished result with Closed, sends SIGTERM,
 --    and SIGKILL after a second. A Pool that is garbage (or leaves a <close> scope) is
@@ -51,6 +59,16 @@ local dumpx, loadx = core.dumpx, core.loadx
 local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
+local TIMED = 4                 -- added to the mode of a chunk whose job has a timeout
+-- A worker running a timed chunk stamps each task's start in a 64-bit word of shared
+-- memory (its slot of an Array the pool makes): bits 40..62 count the timed tasks it has
+-- started, bits 0..39 hold the start in microseconds since the pool's epoch (modulo
+-- 2^40, about 12 days), or IDLE40 between chunks. One atomic store per task: no
+-- message, no system call.
+local MASK40 = (1 << 40) - 1
+local IDLE40 = MASK40
+local SEQMASK = (1 << 23) - 1
+local TIMEOUT_POLL = 0.01       -- how often a timed chunk not yet started is looked at
 local FN_CACHE = 64             -- functions a worker keeps
 local MAX_AHEAD = 32            -- chunks one worker may hold
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
@@ -141,30 +159,47 @@ end
 
 -- Runs one chunk; returns its results (apply: table.pack of the function's results).
 -- (The function is a local named `task`: a traceback names the frame "in local 'task'".)
-local function exec_chunk(task, mode, n, abytes, afds)
+-- stamp (timed chunks only) is called before each task starts.
+local function exec_chunk(task, mode, n, abytes, afds, stamp)
   if type(task) == "table" and task.bad then error(task.bad, 0) end
   if task == nil then error("internal: unknown function id", 0) end
   local args
   if afds then args = loadx(abytes, afds) else args = loads(abytes) end
   if mode == APPLY then
+    if stamp then stamp() end
     return table.pack(task(unpack(args, 1, args.n or #args)))
   end
   local out = core.table_new(n)
   if mode == MAP then
-    for i = 1, n do out[i] = task(args[i]) end
+    if stamp then
+      for i = 1, n do stamp(); out[i] = task(args[i]) end
+    else
+      for i = 1, n do out[i] = task(args[i]) end
+    end
   else
     for i = 1, n do
       local a = args[i]
       if type(a) ~= "table" then error("starmap: item " .. i .. " is not an argument list", 0) end
+      if stamp then stamp() end
       out[i] = task(unpack(a, 1, a.n or #a))
     end
   end
   return out
 end
 
-local function worker_loop(conn, maxtasks)
+local function worker_loop(conn, maxtasks, stamps, slot, epoch)
   local fns = {}
   local done = 0
+  -- the stamps (see TIMED): started counts timed tasks, and after a chunk it is as if
+  -- all of its tasks had run, as the parent counts them
+  local started = 0
+  local stamp
+  if slot then
+    stamp = function()
+      started = (started + 1) & SEQMASK
+      stamps[slot] = (started << 40) | (math.floor((now() - epoch) * 1e6) & MASK40)
+    end
+  end
   while true do
     -- waiting in poll first saves the receive that would find nothing yet; the receive
     -- after it must not block (a task may have left pumps behind, and a readiness hint
@@ -196,10 +231,18 @@ local function worker_loop(conn, maxtasks)
         if not okr then return 0 end
         abytes, afds = data, fds
       end
+      local timed = mode >= TIMED
+      local base = started
+      if timed then mode = mode - TIMED end
       local t0 = now()
-      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds)
+      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds,
+        timed and stamp or nil)
       if afds then afds:close() end
       local dt = now() - t0
+      if timed and stamp then
+        started = (base + n) & SEQMASK
+        stamps[slot] = (started << 40) | IDLE40
+      end
       io.stdout:flush()
       local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
       if not oke then
@@ -223,7 +266,7 @@ end
 -- Entry of a worker process (runs in the child after fork).
 local creating_method   -- the start method of the Pool being made by _pool_with_method
 
-local function worker_main(st, parent_end, conn)
+local function worker_main(st, parent_end, conn, stamps, slot)
   core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
@@ -238,7 +281,7 @@ local function worker_main(st, parent_end, conn)
     end
   end
   if not U.pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
-  return worker_loop(conn, st.maxtasks)
+  return worker_loop(conn, st.maxtasks, stamps, slot, st.epoch)
 end
 
 -- ---- parent side: functions ----------------------------------------------------------
@@ -361,10 +404,15 @@ end
 -- ---- parent side: jobs ---------------------------------------------------------------
 
 local queue_callback, dispatch, spawn, terminate, service_fd, worker_ended, pool_interrupted
+local feed_job, repopulate
+
+local finish_count = 0   -- orders results by finishing time (as_completed)
 
 local function job_finish(st, job, ok, value)
   if job.ready then return end
   job.ready, job.ok, job.value = true, ok, value
+  finish_count = finish_count + 1
+  job.finished = finish_count
   job.exhausted = true
   job.retry = dq_new()
   st.jobs[job.id] = nil
@@ -420,7 +468,9 @@ local function chunk_ok(st, job, c, res)
   if job.kind == "map" then
     table.move(res, 1, n, c.first, job.results)
     if job.progress then progress_draw(job.progress, job.done_items) end
-    if job.done_items >= job.total then job_finish(st, job, true, job.results) end
+    if job.done_items >= job.total then
+      job_finish(st, job, not job.timeout_err, job.timeout_err or job.results)
+    end
   else
     if job.ordered then
       local buf, first = job.buf, c.first
@@ -535,7 +585,7 @@ local function feed_head(st)
   return nil
 end
 
-local function feed_job(st, job, front)
+function feed_job(st, job, front)
   if job.feeding then return end
   job.feeding = true
   if front then dq_push_front(st.feed, job) else dq_push(st.feed, job) end
@@ -563,17 +613,30 @@ local worker_count = 0           -- names the workers PoolWorker-1, -2... (as Py
 function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
-             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0}
+             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0}
+  if #st.free_slots == 0 then
+    -- more workers than slots (killed ones not yet reaped): a new block of slots
+    local block = core.array_new("q", st.processes, false)
+    for i = st.processes, 1, -1 do st.free_slots[#st.free_slots + 1] = {block, i} end
+  end
+  local slot = table.remove(st.free_slots)
+  local stamps, i = slot[1], slot[2]
+  stamps[i] = IDLE40
+  w.slot = slot
   local ok, h
   if st.method == "spawn" then
-    -- a fresh interpreter: it gets its end of the Pipe and the pool's settings as args
+    -- a fresh interpreter: it gets its end of the Pipe, its stamps slot and the pool's
+    -- settings as args
     ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
-      {b, st.initializer, st.initargs, st.maxtasks}, "worker")
+      {b, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch}, "worker")
   else
-    ok, h = pcall(core.fork, function() return worker_main(st, a, b) end, "worker")   -- re-raised
+    ok, h = pcall(core.fork, function() return worker_main(st, a, b, stamps, i) end, "worker")   -- re-raised
   end
   b:close()
-  if not ok then a:close(); error(h, 0) end
+  if not ok then
+    st.free_slots[#st.free_slots + 1] = slot
+    a:close(); error(h, 0)
+  end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
   w.gknown = global_functions()
   worker_count = worker_count + 1
@@ -595,6 +658,7 @@ local function remove_worker(st, w)
   end
   unregister(st, w)
   w.dead = true
+  if w.slot then st.free_slots[#st.free_slots + 1] = w.slot; w.slot = nil end
   if TR.on then TR.instant("exit", w.pid) end
   U.pcall(w.conn.close, w.conn)
   U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
@@ -616,7 +680,7 @@ end
 -- worker. So the worker does not wait for the parent between chunks, and no chunk waits
 -- behind a long task while another worker is idle.
 local function capacity(st, w, job)
-  if w.dead or w.stopping or w.sending or w.broken then return 0 end
+  if w.dead or w.stopping or w.sending or w.broken or w.timeout_kill then return 0 end
   local held = dq_len(w.inflight)
   local room = MAX_AHEAD - held
   if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
@@ -655,6 +719,7 @@ local function queue_pop(w)
   local c = dq_pop(w.inflight)
   if not c then return nil end
   if c.est then w.queued_est = w.queued_est - c.est else w.unknown = w.unknown - 1 end
+  if c.timed then w.timed_done = w.timed_done + c.n end
   if dq_len(w.inflight) == 0 then w.queued_est = 0 end   -- no drift from float sums
   w.busy_since = now()
   w.ahead_bytes = w.ahead_bytes - (c.ahead or 0)
@@ -703,8 +768,10 @@ local function send_chunks(st, w, chunks)
     defs = send_globals(w, c.job, defs)
     defs = remember_fn(w, fe, defs)
     local m = #msg
+    c.timed = c.job.timeout ~= nil
     msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
-      c.job.id, c.k, fe.id, c.job.mode, c.n, not c.fds and #c.bytes <= INLINE_MAX and c.bytes
+      c.job.id, c.k, fe.id, c.timed and c.job.mode + TIMED or c.job.mode, c.n,
+      not c.fds and #c.bytes <= INLINE_MAX and c.bytes
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
@@ -848,7 +915,9 @@ local function drain_messages(st, w)
       end
       break
     end
-    if not w.init_seen then
+    if w.timeout_kill then
+      -- written off (timeout_kill): what it still sends is dropped
+    elseif not w.init_seen then
       w.init_seen = true
       if fds then fds:close() end
       on_init_message(st, w, data)
@@ -896,11 +965,121 @@ local function drain(st, w)
   end
 end
 
+-- Task `item` of chunk c ran past its job's timeout and its worker was killed: that
+-- task alone fails with Timeout; the other tasks of the chunk go back to the queue as
+-- chunks of their own (those before it run a second time: their results died with the
+-- worker).
+local function timed_out(st, c, item, pid)
+  local job = c.job
+  if job.ready or job.cancelled or job.failed then return end
+  local pos = c.first + item - 1
+  local err = core.error("Timeout", string.format("%s ran longer than its limit of %g s (worker %d killed)",
+    job.kind == "apply" and "the task" or "task " .. pos, job.timeout, pid))
+  if c.n > 1 then
+    -- encoded by this process; with the descriptors of the luamp objects it holds, if any
+    local args = c.fds and loadx(c.bytes, c.fds) or loads(c.bytes)
+    local pieces = {}
+    for _, r in ipairs {{1, item - 1}, {item + 1, c.n}} do
+      local a, b = r[1], r[2]
+      if b >= a then
+        job.next_k = job.next_k + 1
+        local bytes, fds = dumpx(table.move(args, a, b, 1, {}))
+        pieces[#pieces + 1] = {job = job, k = job.next_k, first = c.first + a - 1,
+          n = b - a + 1, bytes = bytes, fds = fds}
+      end
+    end
+    for i = #pieces, 1, -1 do dq_push_front(job.retry, pieces[i]) end
+    feed_job(st, job, true)
+  end
+  if job.kind == "apply" then
+    job.done_items = 1
+    job_finish(st, job, false, err)
+  elseif job.kind == "map" then
+    -- the map raises the Timeout of its first timed-out task once all the others are done
+    if not job.timeout_pos or pos < job.timeout_pos then job.timeout_err, job.timeout_pos = err, pos end
+    job.done_items = job.done_items + 1
+    if job.done_items >= job.total then job_finish(st, job, false, job.timeout_err) end
+  else
+    imap_mark_error(job, {first = pos, n = 1}, err)
+  end
+end
+
+-- Task `item` of chunk c, the head of w's queue, is over its limit: w is killed and
+-- written off at once (what it still sends is dropped), so the Timeout is raised now,
+-- not when the death is seen; its other chunks never started and go back to the queue.
+-- The sentinel reports the death later and the worker is replaced then.
+local function timeout_kill(st, w, c, item)
+  w.timeout_kill = true
+  st.dying = st.dying + 1
+  U.pcall(w.handle.signal, w.handle, core.SIGKILL)
+  local bytes = c.bytes
+  queue_pop(w)
+  c.bytes = bytes
+  local rest = {}
+  while true do
+    local r = dq_pop(w.inflight)
+    if not r then break end
+    rest[#rest + 1] = r
+  end
+  w.queued_est, w.unknown, w.ahead_bytes = 0, 0, 0
+  for i = #rest, 1, -1 do
+    local r = rest[i]
+    local job = r.job
+    if not job.ready and not job.cancelled and not job.failed then
+      dq_push_front(job.retry, r)
+      feed_job(st, job, true)
+    end
+  end
+  timed_out(st, c, item, w.pid)
+  if c.fds then U.pcall(c.fds.close, c.fds) end   -- it will not be sent again
+  -- the replacement starts in the next round (settle), after the Timeout is out, while
+  -- the killed one dies
+  st.respawn = true
+end
+
+-- The parent watches the clock: for each worker whose running chunk has a timeout, the
+-- worker's stamp tells which task runs and since when; one over its limit has its
+-- worker killed (the sentinel then reports the death: worker_ended). Returns when to
+-- look again (nil: no timed task is running).
+local function check_timeouts(st)
+  local wake, killed
+  for _, w in ipairs(st.workers) do
+    local c = w.inflight[w.inflight.first]
+    if c and c.timed and not w.timeout_kill and not w.dead and not w.killed then
+      local limit = c.job.timeout
+      local item, started
+      local word = w.slot[1][w.slot[2]]
+      -- the clock is read after the stamp, so that the stamp is never in the future
+      local t = now()
+      local tus = word & MASK40
+      local j = ((word >> 40) - w.timed_done) & SEQMASK
+      if tus ~= IDLE40 and j >= 1 and j <= c.n then
+        item = j
+        local ran = (math.floor((t - st.epoch) * 1e6) - tus) & MASK40
+        if ran > MASK40 >> 1 then ran = 0 end   -- (a clock step backwards: not past)
+        started = t - ran / 1e6
+      end
+      local at
+      if item then
+        at = started + limit
+        if t >= at then
+          timeout_kill(st, w, c, item)
+          killed, at = true, nil
+        end
+      else
+        at = t + math.min(TIMEOUT_POLL, limit / 4)
+      end
+      if at and (not wake or at < wake) then wake = at end
+    end
+  end
+  return wake, killed
+end
+
 -- Replaces workers up to the pool size while there is a reason to.
-local function repopulate(st)
+function repopulate(st)
   if st.state == "TERMINATE" or st.broken then return end
   if st.state == "CLOSE" and st.njobs == 0 then return end
-  while #st.workers < st.processes do spawn(st) end
+  while #st.workers - st.dying < st.processes do spawn(st) end
 end
 
 -- w has ended (exitcode known): its first unanswered chunk fails, the rest go back.
@@ -911,6 +1090,7 @@ function worker_ended(st, w, code)
   w.ending = true
   drain(st, w)
   remove_worker(st, w)
+  if w.timeout_kill then st.dying = st.dying - 1 end
   local c = dq_pop(w.inflight)
   if TR.on and c then TR.instant("WorkerLost", w.pid, {exitcode = code}) end
   if c then
@@ -985,6 +1165,7 @@ end
 
 -- After anything happened: feed the workers, stop them when closed and idle, callbacks.
 local function settle(st)
+  if st.respawn then st.respawn = false; repopulate(st) end
   dispatch(st)
   send_stops(st)
   -- data a send drained into a connection's buffer does not make its fd readable
@@ -1038,11 +1219,30 @@ local function wait_round(st, fds, timeout, tick)
 end
 
 -- Waits until something happens in the pool (or the deadline passes) and handles it.
+-- A timed-out task was failed just now: its result is ready and nothing is waited for
+-- (the replacement worker is started by the next round).
+local function after_kill(st)
+  dispatch(st)
+  run_callbacks(st)
+end
+
+-- check_timeouts for a wait: a Ctrl-C met there ends the pool, as one met in the wait.
+local function checked_timeouts(st)
+  local ok, wake, killed = pcall(check_timeouts, st)   -- re-raised
+  if not ok then
+    if is_error(wake, "Interrupted") then terminate(st) end
+    error(wake, 0)
+  end
+  return wake, killed
+end
+
 local function wait_once(st, deadline)
+  local wake, killed = checked_timeouts(st)
   if st.fds_dirty then rebuild_fds(st) end
   local fds = st.fds
   local timeout
   if deadline then timeout = math.max(0, deadline - now()) end
+  if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
   local tick = false
   for _, w in ipairs(st.workers) do
     if not w.sfd or w.sfd < 0 then tick = true end
@@ -1053,9 +1253,51 @@ local function wait_once(st, deadline)
   end
   -- A Ctrl-C met anywhere in the round (in the wait, or raised at any instruction while
   -- the results are handled, which may leave them half recorded) ends the pool.
-  local ok, err = pcall(wait_round, st, fds, timeout, tick)   -- re-raised
+  local ok, err
+  if killed then ok, err = pcall(after_kill, st)   -- re-raised
+  else ok, err = pcall(wait_round, st, fds, timeout, tick) end   -- re-raised
   if not ok then
     pool_interrupted(st, err)
+    error(err, 0)
+  end
+end
+
+-- Waits until something happens in any of the pools sts (or the deadline passes), as
+-- wait_once does for one.
+local function wait_many(sts, deadline)
+  if #sts == 1 then return wait_once(sts[1], deadline) end
+  local fds, owner, timeout = {}, {}, nil
+  if deadline then timeout = math.max(0, deadline - now()) end
+  local any_killed
+  for _, st in ipairs(sts) do
+    local wake, killed = checked_timeouts(st)
+    if killed then wake, any_killed = now(), true end
+    if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
+    if st.fds_dirty then rebuild_fds(st) end
+    for _, fd in ipairs(st.fds) do fds[#fds + 1] = fd; owner[fd] = st end
+    for _, w in ipairs(st.workers) do
+      if not w.sfd or w.sfd < 0 then timeout = math.min(timeout or 0.05, 0.05) end
+    end
+  end
+  if #fds == 0 and not timeout then
+    raise("Value", "the pools have no workers left to wait for")
+  end
+  local ok, err = pcall(function()   -- re-raised
+    if any_killed then
+      for _, st in ipairs(sts) do after_kill(st) end
+      return
+    end
+    local ready = core.wait_fds(fds, timeout)
+    for _, fd in ipairs(ready) do service_fd(owner[fd], fd) end
+    for _, st in ipairs(sts) do
+      for _, w in ipairs(st.workers) do check_ended(st, w) end
+      settle(st)
+    end
+  end)
+  if not ok then
+    if is_error(err, "Interrupted") then
+      for _, st in ipairs(sts) do U.pcall(terminate, st) end
+    end
     error(err, 0)
   end
 end
@@ -1154,6 +1396,28 @@ function AsyncResult:get(timeout)
   if not job.ok then error(job.value, 0) end
   if job.kind == "apply" then return unpack(job.value, 1, job.value.n) end
   return job.value
+end
+
+-- A task not yet handed to a worker is dropped (its get raises Closed, no callback
+-- runs); one a worker holds counts as started, as in concurrent.futures, where the
+-- tasks a process pool has queued to its workers are already running.
+function AsyncResult:cancel()
+  local job = self[JOB]
+  if job.ready or job.pulled > 0 then return false end
+  local st = job.st
+  if st.owner ~= core.getpid() or st.state == "TERMINATE" then return false end
+  job.cancelled = true
+  job.exhausted = true
+  job.retry = dq_new()
+  job.ready, job.ok = true, false
+  job.value = core.error("Closed", "the task was cancelled")
+  finish_count = finish_count + 1
+  job.finished = finish_count
+  st.jobs[job.id] = nil
+  st.njobs = st.njobs - 1
+  job.progress = nil
+  settle(st)   -- a closed pool with nothing left stops its workers
+  return true
 end
 
 function AsyncResult:successful()
@@ -1346,7 +1610,15 @@ local function check_fn_opt(what, name, v)
   return v
 end
 
-local map_known = {chunksize = true, callback = true, error_callback = true, progress = true}
+local function check_task_timeout(what, t)
+  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
+    raise("Value", what .. ": timeout must be a positive number of seconds")
+  end
+  return t
+end
+
+local map_known = {chunksize = true, callback = true, error_callback = true, progress = true,
+                   timeout = true}
 
 local function map_job(self, what, f, list, opts, mode)
   local st = state_of(self)
@@ -1354,6 +1626,7 @@ local function map_job(self, what, f, list, opts, mode)
   check_callable(f, what)
   opts = call_options(what, opts, map_known)
   check_chunksize(what, opts.chunksize)
+  check_task_timeout(what, opts.timeout)
   if type(list) == "function" then
     -- map needs the length: the input is taken now, and its errors surface here as-is
     local items, n = {}, 0
@@ -1378,6 +1651,7 @@ local function map_job(self, what, f, list, opts, mode)
     cs = math.max(1, len // div + (len % div > 0 and 1 or 0))
   end
   job.chunksize = cs
+  job.timeout = opts.timeout
   job.results = core.table_new(len)
   job.results.n = len
   job.callback = check_fn_opt(what, "callback", opts.callback)
@@ -1393,7 +1667,7 @@ local function map_job(self, what, f, list, opts, mode)
   return res
 end
 
-local apply_known = {callback = true, error_callback = true}
+local apply_known = {callback = true, error_callback = true, timeout = true}
 local EMPTY = {}
 
 function Pool:apply_async(f, args, opts)
@@ -1402,17 +1676,19 @@ function Pool:apply_async(f, args, opts)
   check_callable(f, "apply_async")
   if args ~= nil and type(args) ~= "table" then raise("Value", "apply_async: args must be a table") end
   if type(opts) == "function" then opts = {callback = opts} end
-  local cb, ecb
+  local cb, ecb, timeout
   if opts ~= nil then
     opts = call_options("apply_async", opts, apply_known)
     cb = check_fn_opt("apply_async", "callback", opts.callback)
     ecb = check_fn_opt("apply_async", "error_callback", opts.error_callback)
+    timeout = check_task_timeout("apply_async", opts.timeout)
   end
   -- encoded now: changes the caller makes to args afterwards do not reach the task, and
   -- an argument that cannot cross is reported here
   local abytes, afds = dumpx(args or EMPTY, "args")
   local job = new_job(self, st, "apply", f, APPLY)
   job.abytes, job.afds = abytes, afds
+  job.timeout = timeout
   job.total = 1
   job.callback, job.error_callback = cb, ecb
   job.chunksize = 1
@@ -1461,7 +1737,7 @@ end
 function Pool:map(f, list, opts) return blocking_map(self, "map", f, list, opts, MAP) end
 function Pool:starmap(f, list, opts) return blocking_map(self, "starmap", f, list, opts, STAR) end
 
-local imap_known = {chunksize = true, progress = true}
+local imap_known = {chunksize = true, progress = true, timeout = true}
 
 local function imap(self, what, f, list, opts, ordered)
   local st = state_of(self)
@@ -1469,8 +1745,10 @@ local function imap(self, what, f, list, opts, ordered)
   check_callable(f, what)
   opts = call_options(what, opts, imap_known)
   local cs = check_chunksize(what, opts.chunksize) or 1
+  check_task_timeout(what, opts.timeout)
   local job = new_job(self, st, "imap", f, MAP)
   job.chunksize = cs
+  job.timeout = opts.timeout
   job.ordered = ordered
   job.buf = {}
   job.uq = dq_new()
@@ -1563,7 +1841,10 @@ local function new_pool(opts)
     callbacks = dq_new(),
     gbase = global_functions(),
     method = creating_method or require("luamp.process").get_start_method(),
+    epoch = now(), free_slots = {}, dying = 0,
   }
+  -- the workers' start stamps (see TIMED): one slot per worker, in blocks of n made as
+  -- needed (a replacement starts before the killed worker it replaces is reaped)
   st.pump = function(fd)
     service_fd(st, fd)
     settle(st)
@@ -1591,9 +1872,53 @@ function P._pool_with_method(m, ...)
 end
 
 -- The entry of a worker started by spawn (runs in the fresh interpreter).
-function P._spawn_worker(conn, initializer, initargs, maxtasks)
-  local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks}
-  return worker_main(st, {close = function() end}, conn)
+function P._spawn_worker(conn, initializer, initargs, maxtasks, stamps, slot, epoch)
+  local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks,
+              epoch = epoch}
+  return worker_main(st, {close = function() end}, conn, stamps, slot)
+end
+
+-- as_completed(results, [timeout]): an iterator yielding each AsyncResult of the list
+-- once, as it becomes ready, in finishing order; Timeout when the time (counted from
+-- this call) runs out. The results may come from several pools of this process.
+function P.as_completed(results, timeout)
+  if type(results) ~= "table" then raise("Value", "as_completed: expected a list of AsyncResults") end
+  U.check_timeout("as_completed", timeout)
+  local pending, seen = {}, {}
+  for i = 1, results.n or #results do
+    local r = results[i]
+    if getmetatable(r) ~= AsyncResult then
+      raise("Value", string.format("as_completed: item %d is not an AsyncResult", i))
+    end
+    if not seen[r] then
+      seen[r] = true
+      pending[#pending + 1] = r
+      check_owner(r[JOB].st)
+    end
+  end
+  local deadline = timeout and now() + math.max(timeout, 0)
+  local total = #pending
+  return function()
+    while true do
+      local best
+      for i, r in ipairs(pending) do
+        local job = r[JOB]
+        if job.ready and (not best or job.finished < pending[best][JOB].finished) then best = i end
+      end
+      if best then return table.remove(pending, best) end
+      if #pending == 0 then return nil end
+      if deadline and now() >= deadline then
+        raise("Timeout", string.format("%d of %d results not ready after %g s",
+          #pending, total, timeout))
+      end
+      local sts, have = {}, {}
+      for _, r in ipairs(pending) do
+        local st = r[JOB].st
+        if not have[st] then have[st] = true; sts[#sts + 1] = st end
+      end
+      wait_many(sts, deadline)
+    end
+  end
 end
 
 function P.Pool(opts)
@@ -1639,6 +1964,17 @@ end
 
 -- luamp.poll(): runs what is due in the background (pool results, callbacks) without
 -- waiting; returns how many sources had something.
-function P.poll() return core.pump_poll() end
+function P.poll()
+  local n = core.pump_poll()
+  -- the timed tasks are looked at here too (a task that hangs makes no fd ready)
+  local me = core.getpid()
+  for _, st in pairs(S) do
+    if st.owner == me and st.state ~= "TERMINATE" then
+      local _, killed = check_timeouts(st)
+      if killed then settle(st) end
+    end
+  end
+  return n
+end
 
 return P
