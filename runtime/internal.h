@@ -250,6 +250,19 @@ int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn);
 /* ---- host settings (module.c) -------------------------------------------------------- */
 const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */
 
+/* ---- spawn start method (process.c starts, spawn.c is the child's side) ----------------
+ * A spawn child runs `<exe> --luamp-spawn-child 3` with the start descriptor on fd 3:
+ * a frame of LUAMP_SPAWN_MAGIC (8 bytes), the message length (8 bytes little-endian,
+ * at most LUAMP_SPAWN_MAX), then the message (process.lua's spawn_payload). */
+#define LUAMP_SPAWN_ARG "--luamp-spawn-child"
+#define LUAMP_SPAWN_FD 3
+#define LUAMP_SPAWN_MAGIC "LUAMPSP1"
+#define LUAMP_SPAWN_HEADER 16
+#define LUAMP_SPAWN_MAX ((size_t)1 << 30)
+/* The executable for spawn children: luamp_executable(), else the luamp program beside
+ * the loaded luamp.so, else the installed one; NULL if none is executable. */
+const char *luamp_spawn_executable(void);
+
 /* ---- libuv loops (loop.c) -------------------------------------------------------------
  * luamp runs only its private loop, never re-entrantly, never the host's nor libuv's
  * default loop. The private loop, made on first use (NULL if libuv cannot make it): */

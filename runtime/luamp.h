@@ -30,6 +30,12 @@ void luamp_set_loop(struct uv_loop_s *loop);
  * the running executable when that is the luamp host. The string is copied. */
 void luamp_set_executable(const char *path);
 
+/* Call first thing in main(). In a process started as a luamp child (spawn start
+ * method: the host's executable re-entered with luamp's own arguments) it runs that
+ * child in a fresh Lua state (standard libraries and luamp opened) and exits; otherwise
+ * it returns at once and main goes on as usual (Python's freeze_support). */
+void luamp_child_main(int argc, char **argv);
+
 /* Runs the interactive read-eval-print loop on L (which must have luamp opened) until
  * end of input. Returns 0 on a normal end. While a statement runs, Ctrl-C interrupts it
  * (as luamp_pcall_interruptible); at the prompt, Ctrl-C discards the line being typed.

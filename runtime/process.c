@@ -38,9 +38,13 @@
  */
 #include <pthread.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -48,6 +52,8 @@
 #include <unistd.h>
 
 #include "internal.h"
+
+extern char **environ;
 
 #define CHILD_MT "luamp.Child"
 
@@ -373,6 +379,180 @@ static int l_fork(lua_State *L) {
   return 1;
 }
 
+/* ---- spawn start method ---------------------------------------------------------------
+ * The child is a fresh luamp interpreter (the executable from luamp_spawn_executable)
+ * started with posix_spawn; glibc's posix_spawn reports a failed exec as its result, so
+ * a child that cannot start raises here, at start(). Its only descriptors are stdio and
+ * LUAMP_SPAWN_FD, one end of a socketpair on which the start message arrives as a frame
+ * (runtime/spawn.c reads it); every other fd is closed by the spawn. From then on the
+ * child is watched and reaped exactly like a forked one. */
+
+/* Sends the whole frame; a child that died early (EPIPE, ECONNRESET) is not an error
+ * here: its exit code tells. MSG_NOSIGNAL: no SIGPIPE. */
+static void send_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    p += w;
+    n -= (size_t)w;
+  }
+}
+
+/* The frame's header, with the descriptors of the message's handles as SCM_RIGHTS on it
+ * (at most LUAMP_MAX_FDS). */
+static void send_head(int fd, const char *head, size_t n, const luamp_fdlist *fds) {
+  if (!fds || fds->n == 0) {
+    send_all(fd, head, n);
+    return;
+  }
+  union { char buf[CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)]; struct cmsghdr align; } u;
+  memset(&u, 0, sizeof u);
+  struct iovec iov = {.iov_base = (void *)head, .iov_len = n};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                      .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)fds->n)};
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fds->n);
+  memcpy(CMSG_DATA(cm), fds->fd, sizeof(int) * (size_t)fds->n);
+  ssize_t w;
+  do w = sendmsg(fd, &mh, MSG_NOSIGNAL); while (w < 0 && errno == EINTR);
+  if (w > 0 && (size_t)w < n) send_all(fd, head + w, n - (size_t)w);
+}
+
+static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t at;
+  int rc = posix_spawn_file_actions_init(&fa);
+  if (rc) return rc;
+  rc = posix_spawnattr_init(&at);
+  if (rc) {
+    posix_spawn_file_actions_destroy(&fa);
+    return rc;
+  }
+  rc = posix_spawn_file_actions_adddup2(&fa, fd, LUAMP_SPAWN_FD);
+  if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, LUAMP_SPAWN_FD + 1);
+  sigset_t none, dfl;
+  sigemptyset(&none);
+  sigemptyset(&dfl);
+  luamp_spawn_sigdefault(&dfl);
+  /* a pool worker leads its own process group from the start (see become_worker) */
+  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | (own_group ? POSIX_SPAWN_SETPGROUP : 0);
+  if (rc == 0) rc = posix_spawnattr_setflags(&at, flags);
+  if (rc == 0 && own_group) rc = posix_spawnattr_setpgroup(&at, 0);
+  if (rc == 0) rc = posix_spawnattr_setsigmask(&at, &none);
+  if (rc == 0) rc = posix_spawnattr_setsigdefault(&at, &dfl);
+  char fdarg[16];
+  snprintf(fdarg, sizeof fdarg, "%d", LUAMP_SPAWN_FD);
+  char *argv[] = {(char *)exe, (char *)LUAMP_SPAWN_ARG, fdarg, NULL};
+  if (rc == 0) rc = posix_spawn(pid, exe, &fa, &at, argv, environ);
+  posix_spawnattr_destroy(&at);
+  posix_spawn_file_actions_destroy(&fa);
+  return rc;
+}
+
+/* _core.spawn(message, daemon) -> Child handle: starts a spawn child and sends it the
+ * start message (a string made by process.lua). */
+static int l_spawn(lua_State *L) {
+  size_t len;
+  const char *msg = luaL_checklstring(L, 1, &len);
+  luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
+  int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
+             ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
+  if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  const char *exe = luamp_spawn_executable();
+  if (!exe) luamp_raise(L, "Value", "cannot start a process: no luamp executable is known (luamp.set_executable)");
+  if (len > LUAMP_SPAWN_MAX) luamp_raise(L, "Value", "cannot start a process: the target and args are too large");
+  reap_ended();
+  child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->c = NULL;
+  luaL_setmetatable(L, CHILD_MT);
+  int sv[2] = {-1, -1};
+  int spare = eventfd(0, EFD_CLOEXEC);   /* the pidfd's fd, as in l_fork */
+  if (spare < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+    int err = errno;
+    luamp_close_fd(spare);
+    luamp_raise_errno(L, "Value", "cannot start a process", err);
+  }
+  /* adddup2 onto the same number would keep FD_CLOEXEC: never let the child's end be it */
+  if (sv[1] == LUAMP_SPAWN_FD) {
+    int moved = fcntl(sv[1], F_DUPFD_CLOEXEC, LUAMP_SPAWN_FD + 1);
+    luamp_close_fd(sv[1]);
+    sv[1] = moved;
+  }
+  child *c = sv[1] >= 0 ? calloc(1, sizeof *c) : NULL;
+  if (!c) {
+    luamp_close_fd(sv[0]);
+    luamp_close_fd(sv[1]);
+    luamp_close_fd(spare);
+    luamp_raise(L, "Value", "cannot start a process: out of memory or fds");
+  }
+  c->pidfd = -1;
+  fflush(NULL);
+  pid_t pid;
+  int rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
+  luamp_close_fd(sv[1]);
+  if (rc != 0) {
+    free(c);
+    luamp_close_fd(sv[0]);
+    luamp_close_fd(spare);
+    lua_pushfstring(L, "cannot start a process: %s", exe);
+    luamp_raise_errno(L, "Value", lua_tostring(L, -1), rc);
+  }
+  c->pid = pid;
+  c->owner = luamp_self_pid();
+  c->daemon = daemon;
+  c->has_handle = 1;
+  c->group = daemon == LUAMP_FORK_WORKER;
+  luamp_close_fd(spare);
+  c->pidfd = pidfd_open_cloexec(pid);
+  if (c->pidfd < 0 && errno != ENOSYS) {
+    int err = errno;
+    luamp_close_fd(sv[0]);
+    kill(pid, SIGKILL);
+    child_reap(c, 1);
+    free(c);
+    luamp_raise_errno(L, "Value", "cannot start a process (pidfd_open)", err);
+  }
+  list_push(c);
+  u->c = c;
+  /* the frame: magic, then the message's length (8 bytes, little-endian), then it */
+  char head[LUAMP_SPAWN_HEADER];
+  memcpy(head, LUAMP_SPAWN_MAGIC, 8);
+  for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
+  send_head(sv[0], head, sizeof head, fds);
+  send_all(sv[0], msg, len);
+  luamp_close_fd(sv[0]);
+  return 1;
+}
+
+/* _core.spawn_child_setup(daemon, parent_pid): in a spawn child, before any of the
+ * parent's code runs. A daemon dies with its parent; if the parent is already gone (it
+ * died before prctl), go now. */
+static int l_spawn_child_setup(lua_State *L) {
+  int worker = lua_type(L, 1) == LUA_TSTRING && strcmp(lua_tostring(L, 1), "worker") == 0;
+  int daemon = !worker && lua_toboolean(L, 1);
+  pid_t parent = (pid_t)luaL_checkinteger(L, 2);
+  parent_at_fork = parent;
+  in_daemon = daemon;
+  if (worker) {
+    become_worker(parent);
+  } else if (daemon) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+  }
+  return 0;
+}
+
+static int l_set_executable(lua_State *L) {
+  luamp_set_executable(luaL_checkstring(L, 1));
+  return 0;
+}
+
 static int l_child_pid(lua_State *L) {
   lua_pushinteger(L, check_child(L)->pid);
   return 1;
@@ -534,6 +714,9 @@ int luamp_open_process(lua_State *L) {
   };
   static const luaL_Reg fns[] = {
     {"fork", l_fork},
+    {"spawn", l_spawn},
+    {"spawn_child_setup", l_spawn_child_setup},
+    {"set_executable", l_set_executable},
     {"getpid", l_getpid},
     {"getppid", l_getppid},
     {"is_daemon", l_is_daemon},

@@ -264,6 +264,8 @@ local function worker_loop(conn, maxtasks, stamps, slot, epoch)
 end
 
 -- Entry of a worker process (runs in the child after fork).
+local creating_method   -- the start method of the Pool being made by _pool_with_method
+
 local function worker_main(st, parent_end, conn, stamps, slot)
   core.worker_setup()
   parent_end:close()
@@ -621,7 +623,15 @@ function spawn(st)
   local stamps, i = slot[1], slot[2]
   stamps[i] = IDLE40
   w.slot = slot
-  local ok, h = pcall(core.fork, function() return worker_main(st, a, b, stamps, i) end, "worker")   -- re-raised
+  local ok, h
+  if st.method == "spawn" then
+    -- a fresh interpreter: it gets its end of the Pipe, its stamps slot and the pool's
+    -- settings as args
+    ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
+      {b, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch}, "worker")
+  else
+    ok, h = pcall(core.fork, function() return worker_main(st, a, b, stamps, i) end, "worker")   -- re-raised
+  end
   b:close()
   if not ok then
     st.free_slots[#st.free_slots + 1] = slot
@@ -1823,6 +1833,7 @@ local function new_pool(opts)
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
     callbacks = dq_new(),
     gbase = global_functions(),
+    method = creating_method or require("luamp.process").get_start_method(),
     epoch = now(), free_slots = {}, dying = 0,
   }
   -- the workers' start stamps (see TIMED): one slot per worker, in blocks of n made as
@@ -1843,6 +1854,22 @@ local function new_pool(opts)
 end
 
 local P = {}
+
+-- A Pool whose workers use start method m (get_context(m).Pool).
+function P._pool_with_method(m, ...)
+  creating_method = m
+  local ok, pool = pcall(P.Pool, ...)
+  creating_method = nil
+  if not ok then error(pool, 0) end
+  return pool
+end
+
+-- The entry of a worker started by spawn (runs in the fresh interpreter).
+function P._spawn_worker(conn, initializer, initargs, maxtasks, stamps, slot, epoch)
+  local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks,
+              epoch = epoch}
+  return worker_main(st, {close = function() end}, conn, stamps, slot)
+end
 
 -- as_completed(results, [timeout]): an iterator yielding each AsyncResult of the list
 -- once, as it becomes ready, in finishing order; Timeout when the time (counted from

@@ -19,6 +19,7 @@ local current          -- the Process object (or MainProcess) for this process
 local parent_info      -- {pid=, name=} of the process that started this one, or nil
 local children = {}    -- started and not yet known to have ended: object -> true
 local child_counter = 0
+local P = {}           -- the public names (filled in below)
 
 local function check_open(self)
   local s = S[self]
@@ -124,9 +125,9 @@ local function traceback_handler(e)
 end
 
 -- Runs in the child right after fork; its result is the exit code.
-local function child_main(self)
+local function child_main(self, parent)
   local s = S[self]
-  parent_info = {pid = core.parent_pid(), name = current and S[current].name or "MainProcess"}
+  parent_info = parent or {pid = core.parent_pid(), name = current and S[current].name or "MainProcess"}
   current = self
   s.pid = core.getpid()
   children = {}
@@ -143,13 +144,42 @@ local function child_main(self)
   return 0
 end
 
+-- Under spawn the child is a fresh interpreter (runtime/spawn.c reads this message from
+-- its start descriptor). The outer table is plain data, decoded untrusted, so that
+-- package.path/cpath are in place before the body (functions, modules by name) is
+-- decoded trusted.
+local function spawn_payload(self)
+  local s = S[self]
+  local fields = {}
+  for k, v in pairs(self) do
+    if k ~= "run" then fields[k] = v end
+  end
+  local body, fds = core.dumpx({
+    target = s.target, args = s.args, name = s.name, daemon = s.daemon,
+    identity = s.identity, run = rawget(self, "run"), fields = fields,
+    parent_pid = core.getpid(), parent_name = S[current].name,
+  }, "args")
+  return core.dumps({v = 1, path = package.path, cpath = package.cpath,
+    daemon = s.kind or s.daemon, parent_pid = core.getpid(), body = body}), fds
+end
+
 function Process:start()
   local s = check_open(self)
   if s.handle then raise("Value", "cannot start a process twice") end
   if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
   -- the fork reaps the children that have ended (runtime/process.c); as Python's
   -- _cleanup, they leave the list of children, so nothing keeps them from the collector
-  s.handle = core.fork(function() return child_main(self) end, s.daemon)
+  local m = s.method or P.get_start_method()
+  if m == "spawn" then
+    -- the descriptors of luamp objects in the args (queues, locks...) go with the message
+    local msg, fds = spawn_payload(self)
+    local ok, h = pcall(core.spawn, msg, s.daemon, fds)
+    if fds then fds:close() end
+    if not ok then error(h, 0) end
+    s.handle = h
+  else
+    s.handle = core.fork(function() return child_main(self) end, s.daemon)
+  end
   for p in pairs(children) do
     local ps = S[p]
     local code = ps.handle:ended()
@@ -253,7 +283,6 @@ Parent.__tostring = function(self)
 end
 
 local parent_obj
-local P = {}
 
 function P.Process(opts) return new_process(opts) end
 
@@ -292,15 +321,86 @@ P.getppid = core.getppid
 P.sleep = core.sleep
 P.time = core.time
 
-local method = "fork"
-local methods = {fork = true}
-function P.get_start_method() return method end
-function P.get_all_start_methods() return {"fork"} end
-function P.set_start_method(m)
-  if not methods[m] then
-    raise("Value", "unknown or unsupported start method: " .. tostring(m))
+-- Start methods (Python's rules): fork is the default; set_start_method may be called
+-- once, again only with force. forkserver is part of the contract but not built yet.
+local ALL_METHODS = {"fork", "spawn", "forkserver"}
+local BUILT = {fork = true, spawn = true}
+local method = nil        -- nil until set (get_start_method then answers "fork")
+
+local function check_method(m)
+  if m ~= "fork" and m ~= "spawn" and m ~= "forkserver" then
+    raise("Value", "cannot find context for " .. tostring(m) ..
+      ": the start methods are fork, spawn and forkserver")
   end
-  method = m
+  if not BUILT[m] then raise("Value", "the " .. m .. " start method is not built yet") end
+  return m
+end
+P._check_method = check_method
+
+function P.get_start_method(allow_none)
+  if method == nil and not allow_none then method = "fork" end
+  return method
+end
+function P.get_all_start_methods() return {table.unpack(ALL_METHODS)} end
+function P.set_start_method(m, force)
+  if method ~= nil and not force then raise("Value", "context has already been set") end
+  if m == nil and force then method = nil; return end
+  method = check_method(m)
+end
+
+-- Starts fn(table.unpack(args)) in a spawn child of the given kind ("worker": a pool
+-- worker); returns the Child handle (for pool workers).
+function P._spawn_call(fn, args, kind)
+  local self = new_process({target = fn, args = args})
+  S[self].kind = kind
+  local msg, fds = spawn_payload(self)
+  local ok, h = pcall(core.spawn, msg, kind, fds)
+  if fds then fds:close() end
+  if not ok then error(h, 0) end
+  return h
+end
+
+-- Runs in a spawn child (runtime/spawn.c): `bytes` is the start message; the result is
+-- the exit code. Nothing of the message runs before its plain-data shell is checked.
+function P._spawn_main(bytes, fds)
+  local ok, outer = pcall(core.loads, bytes)
+  if not ok or type(outer) ~= "table" or outer.v ~= 1 or type(outer.body) ~= "string"
+     or type(outer.path) ~= "string" or type(outer.cpath) ~= "string"
+     or math.type(outer.parent_pid) ~= "integer" then
+    io.stderr:write("luamp: spawn child: malformed start message: ", tostring(ok and "bad fields" or outer), "\n")
+    return 2
+  end
+  core.spawn_child_setup(outer.daemon == "worker" and "worker" or (outer.daemon and true or false), outer.parent_pid)
+  package.path, package.cpath = outer.path, outer.cpath
+  local okb, inner = pcall(core.loadx, outer.body, fds)
+  if not okb or type(inner) ~= "table" then
+    io.stderr:write("luamp: spawn child: cannot decode the target: ", tostring(inner), "\n")
+    return 1
+  end
+  local opts = {target = inner.target, args = inner.args, name = inner.name,
+                daemon = inner.daemon, run = inner.run}
+  if inner.run ~= nil and type(inner.fields) == "table" then
+    for k, v in pairs(inner.fields) do
+      if opts[k] == nil then opts[k] = v end
+    end
+  end
+  local self = new_process(opts)
+  S[self].identity = inner.identity
+  S[self].method = "spawn"
+  return child_main(self, {pid = inner.parent_pid, name = inner.parent_name})
+end
+
+-- the program a spawn child runs (default: see runtime/spawn.c)
+function P.set_executable(path)
+  if type(path) ~= "string" or path == "" then raise("Value", "set_executable: path must be a non-empty string") end
+  core.set_executable(path)
+end
+
+-- luamp.Process bound to a start method (get_context)
+function P._process_with_method(m, opts)
+  local p = new_process(opts)
+  S[p].method = m
+  return p
 end
 
 return P

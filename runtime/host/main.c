@@ -377,6 +377,7 @@ static int run_worker(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+  luamp_child_main(argc, argv);        /* a spawn child runs here and never returns */
   if (argc < 1 || !argv[0]) {
     static char *fallback[] = {PROGNAME, NULL};
     argc = 1;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Process start+join latency: luamp vs Python multiprocessing (fork) vs raw C fork+waitpid.
-# Usage: scripts/bench/process.sh [iterations]   (build first: scripts/build.sh)
+# Usage: scripts/bench/process.sh [iterations] [spawn iterations]   (build first)
+# Then the spawn start method: luamp vs Python spawn vs raw C posix_spawn of `lua5.4 -e ""`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-2000}
@@ -76,3 +77,42 @@ awk -v c="$c" -v c16="$c16" -v l="$l" -v p="$p" 'BEGIN {
   printf "  cost of one copy-on-write fault here ~ %.1f us\n", (c16 - c) / 16
   printf "  luamp / raw C      = %.2fx  (goal <= 1.5x)\n", l / c
   printf "  python / luamp     = %.2fx  (goal >= 5x)\n", p / l }'
+
+# ---- spawn start method: luamp spawn vs Python's spawn vs raw C posix_spawn of lua5.4 ----
+ns=${2:-100}
+cat > "$tmp/pspawn.c" <<'C'
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+extern char **environ;
+int main(int argc, char **argv) {
+  int n = atoi(argv[1]);
+  char *args[] = {argv[2], "-e", "", NULL};
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  for (int i = 0; i < n; i++) {
+    pid_t p;
+    if (posix_spawn(&p, argv[2], NULL, NULL, args, environ) != 0) return 1;
+    int st;
+    waitpid(p, &st, 0);
+  }
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  printf("%.3f\n", ((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3) / n);
+  return 0;
+}
+C
+cc -O2 -o "$tmp/pspawn" "$tmp/pspawn.c"
+sed 's/local luamp = require "luamp"/local luamp = require "luamp"; luamp.set_start_method("spawn")/' \
+  "$tmp/bench.lua" > "$tmp/bench_spawn.lua"
+sed 's/set_start_method("fork")/set_start_method("spawn")/' "$tmp/bench.py" > "$tmp/bench_spawn.py"
+cs=$("$tmp/pspawn" "$ns" "$(command -v lua5.4)")
+ls_=$(build/luamp "$tmp/bench_spawn.lua" "$ns")
+ps=$(python3 "$tmp/bench_spawn.py" "$(( ns / 5 > 0 ? ns / 5 : 1 ))")
+echo "spawn start+join, $ns iterations (python: $(( ns / 5 > 0 ? ns / 5 : 1 )))"
+printf "  %-34s %10s us\n" "raw C posix_spawn of lua5.4 -e ''" "$cs" "luamp Process (spawn)" "$ls_" \
+  "python multiprocessing (spawn)" "$ps"
+awk -v c="$cs" -v l="$ls_" -v p="$ps" 'BEGIN {
+  printf "  luamp / raw C      = %.2fx  (goal <= 1.5x)\n", l / c
+  printf "  python / luamp     = %.2fx  (goal >= 10x)\n", p / l }'
