@@ -1004,6 +1004,25 @@ local function timed_out(st, c, item, pid)
   end
 end
 
+-- The chunks still queued on worker w never started: each goes back to the front of its
+-- job's retry queue, in their order, unless its job has ended.
+local function requeue_inflight(st, w)
+  local rest = {}
+  while true do
+    local r = dq_pop(w.inflight)
+    if not r then break end
+    rest[#rest + 1] = r
+  end
+  for i = #rest, 1, -1 do
+    local r = rest[i]
+    local job = r.job
+    if not job.ready and not job.cancelled and not job.failed then
+      dq_push_front(job.retry, r)
+      feed_job(st, job, true)
+    end
+  end
+end
+
 -- Task `item` of chunk c, the head of w's queue, is over its limit: w is killed and
 -- written off at once (what it still sends is dropped), so the Timeout is raised now,
 -- not when the death is seen; its other chunks never started and go back to the queue.
@@ -1015,21 +1034,8 @@ local function timeout_kill(st, w, c, item)
   local bytes = c.bytes
   queue_pop(w)
   c.bytes = bytes
-  local rest = {}
-  while true do
-    local r = dq_pop(w.inflight)
-    if not r then break end
-    rest[#rest + 1] = r
-  end
+  requeue_inflight(st, w)
   w.queued_est, w.unknown, w.ahead_bytes = 0, 0, 0
-  for i = #rest, 1, -1 do
-    local r = rest[i]
-    local job = r.job
-    if not job.ready and not job.cancelled and not job.failed then
-      dq_push_front(job.retry, r)
-      feed_job(st, job, true)
-    end
-  end
   timed_out(st, c, item, w.pid)
   if c.fds then U.pcall(c.fds.close, c.fds) end   -- it will not be sent again
   -- the replacement starts in the next round (settle), after the Timeout is out, while
@@ -1098,21 +1104,7 @@ function worker_ended(st, w, code)
       "worker %d died while running a task (exitcode %s)", w.pid, tostring(code)),
       {pid = w.pid, exitcode = code})
     chunk_failed(st, c.job, c, err)
-    -- the rest never started: back to the front, in order
-    local rest = {}
-    while true do
-      local r = dq_pop(w.inflight)
-      if not r then break end
-      rest[#rest + 1] = r
-    end
-    for i = #rest, 1, -1 do
-      local r = rest[i]
-      local job = r.job
-      if not job.ready and not job.cancelled and not job.failed then
-        dq_push_front(job.retry, r)
-        feed_job(st, job, true)
-      end
-    end
+    requeue_inflight(st, w)
   end
   repopulate(st)
   dispatch(st)
