@@ -69,7 +69,7 @@ describe("Pool and Ctrl-C", function()
     local function sq(x) return x * x end
     p:map(sq, {1, 2, 3, 4})
     local input = {}
-    for i = 1, 200000 do input[i] = i end
+    for i = 1, 1000000 do input[i] = i end
     print("ready")
     io.stdout:flush()
     local r = p:map(sq, input, tonumber(arg[1]))
@@ -83,9 +83,10 @@ describe("Pool and Ctrl-C", function()
     assert(os.execute("mkdir " .. H.q(dir)))
     -- REPS runs, BATCH at a time; each in its own process group, SIGINT not ignored (as
     -- a background job's would be), the signal sent to the whole group as Ctrl-C on a
-    -- terminal does, 0-100 ms after the script said it starts the map (which takes a
-    -- second or more, chunks of 1 or 3 items). A run still going 10 s later lost its
-    -- Ctrl-C and is killed.
+    -- terminal does, 0-100 ms after the script said it starts the map (a million items,
+    -- chunks of 1 or 3: seconds even on a quiet machine, where 200,000 items of 3 once
+    -- ended in 0.57 s, before the signal). A run still going 10 s later lost its Ctrl-C and
+    -- is killed.
     local reps, batch = 32, 4
     local cmd = string.format([[
       cd %s
