@@ -72,6 +72,7 @@ static host_watch *watches;
 void luamp_set_loop(uv_loop_t *loop) {
   host_loop = loop;
   host_pid = luamp_self_pid();
+  luamp_sched_set_loop(loop);   /* tasks are resumed from the host's loop too */
 }
 
 static int host_watches_ours(void) {
@@ -86,6 +87,8 @@ static void on_pump_ready(uv_poll_t *h, int status, int events) {
   (void)status;   /* an error (a closed fd) is for the pump to find by reading */
   (void)events;
   luamp_pump_run_if_ready(((host_watch *)h->data)->fd);
+  /* a task waiting on a pump's fd has no watch of its own on the loop (one per fd) */
+  luamp_sched_host_fd_ready(((host_watch *)h->data)->fd);
 }
 
 void luamp_host_unwatch(int fd) {

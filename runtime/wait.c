@@ -40,6 +40,8 @@ static volatile sig_atomic_t interrupt_pending;
 
 void luamp_request_interrupt(void) { interrupt_pending = 1; }
 
+int luamp_interrupt_pending(void) { return interrupt_pending; }
+
 int luamp_take_interrupt(void) {
   int was = interrupt_pending;
   interrupt_pending = 0;
@@ -89,6 +91,7 @@ static pump *pumps;
 static int npumps, pumps_cap;
 static unsigned pump_next_id;
 static pid_t pumps_pid;       /* the process the registrations belong to */
+static int pump_depth;        /* pump functions running (nested) */
 
 static int pumps_active(void) {
   if (npumps == 0) return 0;
@@ -151,7 +154,9 @@ static void pump_run(int fd) {
   } else {
     lua_rawgeti(T, LUA_REGISTRYINDEX, p->ref);
     lua_pushinteger(T, fd);
+    pump_depth++;
     if (lua_pcall(T, 1, 0, 0) != LUA_OK) drop = pump_failed(T);
+    pump_depth--;
   }
   lua_settop(T, base);
   /* the function may have added or removed pumps: find ours again */
@@ -192,8 +197,17 @@ static int add_pump_fds(struct pollfd *all, int nfds) {
   return n;
 }
 
+/* For the scheduler's wait (sched.c), which polls pump fds beside the tasks' own. */
+int luamp_pump_running(void) { return pump_depth; }
+int luamp_pump_count(void) { return pumps_active() ? npumps : 0; }
+int luamp_pump_fill(struct pollfd *all, int nfds) { return pumps_active() ? add_pump_fds(all, nfds) : nfds; }
+void luamp_pump_dispatch(struct pollfd *all, int from, int n) { pumps_run_ready(all, from, n); }
+
 int luamp_pump_poll(void) {
-  if (!pumps_active()) return 0;
+  /* inside a task the pumps are left to the main context's waits: a pump function that
+   * waited would suspend the task halfway through a call on the one pump thread, which
+   * another pump must not then run on */
+  if (!pumps_active() || luamp_sched_in_task()) return 0;
   struct pollfd stackfds[32];
   struct pollfd *fds = npumps <= 32 ? stackfds : malloc(sizeof *fds * (size_t)npumps);
   if (!fds) return 0;
@@ -205,7 +219,7 @@ int luamp_pump_poll(void) {
 }
 
 int luamp_pump_run_if_ready(int fd) {
-  if (!pumps_active()) return 0;
+  if (!pumps_active() || luamp_sched_in_task()) return 0;
   struct pollfd pfd = {.fd = fd, .events = POLLIN, .revents = 0};
   int r;
   do r = poll(&pfd, 1, 0); while (r < 0 && errno == EINTR);
@@ -260,6 +274,9 @@ static int wait_round(struct pollfd *fds, int nfds, int ms, int *pumps_ran) {
 }
 
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
+  /* inside a task, or with tasks to run meanwhile: the scheduler waits (sched.c) */
+  if (luamp_sched_active()) return luamp_sched_wait_fds(fds, nfds, deadline);
+  for (int i = 0; i < nfds; i++) fds[i].events &= (short)~LUAMP_POLL_ONE;
   if (!pumps_active()) return wait_plain(fds, nfds, deadline);
   for (;;) {
     if (interrupt_pending) return -2;

@@ -184,9 +184,10 @@ describe("docs/api.md", function()
       for part in name:gmatch("[^%.]+") do v = v and v[part] end
       assert.is_nil(v, "luamp." .. name .. " exists now: document it and take it out of 'Not built yet'")
     end
-    -- (a check that the names were found at all: the list shrinks as parts are built —
-    -- task and run are left)
-    assert.is_true(n >= 2, "no names found under 'Not built yet'")
+    -- (a check that the list was read at all: it shrinks as parts are built — the
+    -- forkserver row is left)
+    local rows = select(2, body:gsub("\n| `", ""))
+    assert.is_true(n + rows >= 1, "nothing found under 'Not built yet'")
     for _, m in ipairs{"forkserver"} do
       assert.truthy(body:find(m, 1, true))
       assert.is_false(pcall(luamp.set_start_method, m),
