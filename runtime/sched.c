@@ -84,7 +84,7 @@
 #include <sanitizer/common_interface_defs.h>
 #define STACK_SIZE ((size_t)2 << 20)
 #else
-#define STACK_SIZE ((size_t)512 << 10)
+#define STACK_SIZE ((size_t)1 << 20)
 #endif
 #define SLAB_STACKS 64
 #define FUTEX_FALLBACK 0.01
@@ -163,6 +163,8 @@ typedef struct watch {
   int fd;
   short events;             /* union of the waiters' events */
   int nall;                 /* waiters that are not LUAMP_POLL_ONE */
+  int batch;                /* LUAMP_POLL_ONE waiters to wake per readiness (0 means 1) */
+  int woken, failed;        /* woken at its last readiness; of them, back without a token */
   wnode *head, *tail;
   uv_poll_t *host;          /* its watch on the host's loop, or NULL */
   short host_events;
@@ -195,6 +197,7 @@ typedef struct task {
   int hidx;                 /* index in the deadline heap, -1 when not there */
   fwaiter *fw;
   int why;                  /* W_ */
+  int one_fd;               /* the token fd it was last woken from, -1 none */
   int nready;
   struct task *rnext;       /* ready queue */
   struct task *hnext;       /* id hash chain */
@@ -433,24 +436,39 @@ static void wake(task *t, int why) {
   ready_push(t);
 }
 
-/* Wakes the waiters of watch index wi for revents re. */
+/* Wakes the waiters of watch index wi for revents re. Of the LUAMP_POLL_ONE waiters it
+ * wakes `batch`: doubled (up to 64) while every one woken last time found its token,
+ * halved when some came back without; so a backlog of tokens is served many per poll,
+ * and a trickle wakes one waiter per token. */
 static void watch_ready(int wi, short re) {
-  int woke_one = 0;
+  watch *w = &watches[wi];
+  if (w->woken) {
+    if (w->failed) w->batch = w->batch / 2 < 1 ? 1 : w->batch / 2;
+    else w->batch = w->batch * 2 > 64 ? 64 : (w->batch ? w->batch * 2 : 2);
+  }
+  int batch = w->batch ? w->batch : 1;
+  w->woken = w->failed = 0;
+  int ones = 0;
   short always = POLLERR | POLLHUP | POLLNVAL;
-  wnode *n = watches[wi].head;
+  wnode *n = w->head;
   while (n) {
     wnode *next = n->next;
-    /* the common case of many token waiters: stop at the first */
-    if (woke_one && !(re & always) && watches[wi].nall == 0) break;
+    /* the common case of many token waiters: stop once the batch is woken */
+    if (ones >= batch && !(re & always) && w->nall == 0) break;
     short got = re & (n->events | always);
-    if (got && (!n->one || !woke_one || (re & always))) {
-      if (n->one) woke_one = 1;
+    if (got && (!n->one || ones < batch || (re & always))) {
+      if (n->one) {
+        ones++;
+        n->t->one_fd = w->fd;
+      }
       n->t->fds[n->i].revents = got;
       n->t->nready = 1;
       wake(n->t, W_FD);
     }
     n = next;
   }
+  w = &watches[wi];
+  w->woken = ones;
 }
 
 static void expire_deadlines(double now) {
@@ -592,6 +610,8 @@ static void run_ready(void) {
  * or differs from expect, the deadline passes, or (parked) task_unpark. */
 static int task_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline, int parked) {
   task *t = current;
+  int one_fd = t->one_fd;
+  t->one_fd = -1;
   if (t->cancel) {
     t->cancel = 0;
     return W_CANCEL;
@@ -629,6 +649,7 @@ static int task_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
     w->tail = n;
     w->events |= n->events;
     if (!n->one) w->nall++;
+    else if (fds[i].fd == one_fd) w->failed++;   /* woken for a token it did not get */
   }
   t->nfds = nfds;
   t->fw = fw;
@@ -1098,6 +1119,7 @@ static int l_task_new(lua_State *L) {
   lua_xmove(L, T, n);
   t->id = ++next_id;
   t->hidx = -1;
+  t->one_fd = -1;
   ctx_make(&t->ctx, t->stack, STACK_SIZE, task_entry);
   t->hnext = by_id[(size_t)t->id % HASH_SIZE];
   by_id[(size_t)t->id % HASH_SIZE] = t;
