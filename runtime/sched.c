@@ -915,6 +915,8 @@ static int main_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
     /* last: a pump may wait itself, and run this function nested */
     if (r > 0) luamp_pump_dispatch(all, nfds, wbase);
     if (all != stackfds) free(all);
+    /* a pump that met a Ctrl-C handed it on: it wins over the caller's readiness */
+    if (luamp_interrupt_pending()) { result = -2; break; }
     if (r < 0 && err != EINTR) { errno = err; result = -1; break; }
     if (mine) { result = mine; break; }
   }

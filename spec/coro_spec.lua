@@ -244,6 +244,27 @@ describe("pumps and tasks", function()
   end)
 end)
 
+describe("pumps and tasks, Ctrl-C", function()
+  it("a wait made while tasks live raises the Interrupted a pump met, even with its own fd ready", function()
+    local core = luamp._core
+    local pr, pw = luamp.Pipe(false)
+    local r, w = luamp.Pipe(false)
+    local blocker = luamp.Queue()
+    local t = luamp.task(function() blocker:get() end)   -- a live task: the scheduler waits
+    luamp.sleep(0)
+    core.pump_add(pr:fileno(), function() pr:recv(); error(core.error("Interrupted", "interrupted!"), 0) end)
+    pw:send(1)
+    w:send(2)
+    local ok, err = pcall(core.wait_fds, {r:fileno()})
+    core.pump_remove(pr:fileno())
+    pcall(luamp.sleep, 0)   -- a Ctrl-C left pending (before the fix) must not hit what follows
+    assert.is_false(ok)
+    assert.is_true(core.is_error(err, "Interrupted"), tostring(err))
+    t:cancel()
+    luamp.run()
+  end)
+end)
+
 describe("every waiting call cooperates inside a task", function()
   it("luamp.sleep", function()
     local t0 = luamp.time()
