@@ -471,6 +471,18 @@ static void watch_ready(int wi, short re) {
   w->woken = ones;
 }
 
+/* A step of luamp's private loop (a subprocess wait, in some task) ran callbacks: the
+ * events another task waits for on that loop may be among them, taken from under its
+ * wait. Wake the tasks waiting on the loop to look again. */
+static unsigned seen_loop_events;
+static void check_private_loop(void) {
+  unsigned e = luamp_private_loop_events();
+  if (e == seen_loop_events) return;
+  seen_loop_events = e;
+  int fd = luamp_private_loop_fd();
+  if (fd >= 0 && fd < watch_of_fd_cap && watch_of_fd[fd]) watch_ready(watch_of_fd[fd] - 1, POLLIN);
+}
+
 static void expire_deadlines(double now) {
   while (nheap > 0 && heap[0]->deadline <= now) wake(heap[0], W_TIMEOUT);
 }
@@ -861,6 +873,7 @@ static int main_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
   for (;;) {
     if (luamp_interrupt_pending()) { result = -2; break; }
     if (!luamp_pump_running()) run_ready();
+    check_private_loop();
     if (luamp_interrupt_pending()) { result = -2; break; }
     if (fw && (fw->fired || atomic_load(fw->word) != fw->expect)) { result = 0; break; }
     if (stop_ended && ended != ended0) { result = 0; break; }
@@ -927,7 +940,7 @@ static int main_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
 
 /* ---- entry points from wait.c and sync.c ---- */
 
-int luamp_sched_wait_fds(struct pollfd *fds, int nfds, double deadline) {
+static int sched_wait_fds(struct pollfd *fds, int nfds, double deadline) {
   if (!luamp_sched_in_task()) return main_wait(fds, nfds, NULL, deadline, 0);
   int why = task_wait(fds, nfds, NULL, deadline, 0);
   if (why < 0) return -1;
@@ -952,8 +965,6 @@ int luamp_sched_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadl
 
 /* ---- the host's loop ---- */
 
-static uv_loop_t *hloop;
-static pid_t hloop_pid;
 static uv_timer_t *htimer;
 static uv_idle_t *hidle;
 static uv_poll_t *hbridge;
@@ -962,6 +973,7 @@ static void host_close_cb(uv_handle_t *h) { free(h); }
 
 static void host_after(void) {
   if (!luamp_pump_running()) run_ready();
+  check_private_loop();
   if (luamp_interrupt_pending() && live) {
     /* nobody calls run() to see it: cancel every task, as run() would */
     luamp_take_interrupt();
@@ -1016,12 +1028,13 @@ static void host_watch_close(watch *w) {
   w->host = NULL;
 }
 
-void luamp_sched_set_loop(uv_loop_t *loop) {
-  hloop = loop;
-  hloop_pid = luamp_self_pid();
-}
+static uv_loop_t *hloop;   /* the host's loop, as host_ours last found it */
 
-static int host_ours(void) { return hloop && hloop_pid == luamp_self_pid() && !current; }
+static int host_ours(void) {
+  if (current) return 0;
+  hloop = luamp_host_loop();
+  return hloop != NULL;
+}
 
 static void host_sync(void) {
   if (!host_ours()) return;
@@ -1085,7 +1098,7 @@ static void host_sync(void) {
   }
 }
 
-void luamp_sched_host_fd_ready(int fd) {
+static void host_fd_ready(int fd) {
   if (!host_ours() || fd >= watch_of_fd_cap || !watch_of_fd[fd]) return;
   watch *w = &watches[watch_of_fd[fd] - 1];
   if (w->host) return;   /* its own watch reports it */
@@ -1231,7 +1244,12 @@ static int sched_guard_gc(lua_State *L) {
   return 0;
 }
 
+static const luamp_wait_scheduler wait_hooks = {
+  luamp_sched_active, luamp_sched_in_task, sched_wait_fds, host_fd_ready
+};
+
 int luamp_open_sched(lua_State *L) {
+  luamp_wait_sched = &wait_hooks;
   luamp_on_close(L, "luamp.sched_guard", sched_guard_gc);
   static const luaL_Reg fns[] = {
     {"task_new", l_task_new},

@@ -36,18 +36,6 @@
 
 #include "internal.h"
 
-static volatile sig_atomic_t interrupt_pending;
-
-void luamp_request_interrupt(void) { interrupt_pending = 1; }
-
-int luamp_interrupt_pending(void) { return interrupt_pending; }
-
-int luamp_take_interrupt(void) {
-  int was = interrupt_pending;
-  interrupt_pending = 0;
-  return was;
-}
-
 double luamp_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -92,6 +80,13 @@ static int npumps, pumps_cap;
 static unsigned pump_next_id;
 static pid_t pumps_pid;       /* the process the registrations belong to */
 static int pump_depth;        /* pump functions running (nested) */
+
+/* The task scheduler (sched.c, which calls into this file and so cannot be called from
+ * it by name) hands itself in here from its opener. */
+const luamp_wait_scheduler *luamp_wait_sched;
+
+static int sched_active(void) { return luamp_wait_sched && luamp_wait_sched->active(); }
+static int sched_in_task(void) { return luamp_wait_sched && luamp_wait_sched->in_task(); }
 
 static int pumps_active(void) {
   if (npumps == 0) return 0;
@@ -207,7 +202,7 @@ int luamp_pump_poll(void) {
   /* inside a task the pumps are left to the main context's waits: a pump function that
    * waited would suspend the task halfway through a call on the one pump thread, which
    * another pump must not then run on */
-  if (!pumps_active() || luamp_sched_in_task()) return 0;
+  if (!pumps_active() || sched_in_task()) return 0;
   struct pollfd stackfds[32];
   struct pollfd *fds = npumps <= 32 ? stackfds : malloc(sizeof *fds * (size_t)npumps);
   if (!fds) return 0;
@@ -219,7 +214,7 @@ int luamp_pump_poll(void) {
 }
 
 int luamp_pump_run_if_ready(int fd) {
-  if (!pumps_active() || luamp_sched_in_task()) return 0;
+  if (!pumps_active() || sched_in_task()) return 0;
   struct pollfd pfd = {.fd = fd, .events = POLLIN, .revents = 0};
   int r;
   do r = poll(&pfd, 1, 0); while (r < 0 && errno == EINTR);
@@ -228,10 +223,18 @@ int luamp_pump_run_if_ready(int fd) {
   return 1;
 }
 
+/* A pump fd's watch on the host's loop fired: run the pump, and wake the tasks waiting
+ * on that fd (a fd has one watch on a loop, so the scheduler has none of its own). */
+static int pump_host_ready(int fd) {
+  int ran = luamp_pump_run_if_ready(fd);
+  if (luamp_wait_sched) luamp_wait_sched->host_fd_ready(fd);
+  return ran;
+}
+
 /* poll() on the caller's fds alone; the whole wait when no pump is registered. */
 static int wait_plain(struct pollfd *fds, int nfds, double deadline) {
   for (;;) {
-    if (interrupt_pending) return -2;
+    if (luamp_interrupt_pending()) return -2;
     int ms = remaining_ms(deadline);
     int n = poll(fds, (nfds_t)nfds, ms);
     if (n >= 0) {
@@ -275,16 +278,16 @@ static int wait_round(struct pollfd *fds, int nfds, int ms, int *pumps_ran) {
 
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
   /* inside a task, or with tasks to run meanwhile: the scheduler waits (sched.c) */
-  if (luamp_sched_active()) return luamp_sched_wait_fds(fds, nfds, deadline);
+  if (sched_active()) return luamp_wait_sched->wait_fds(fds, nfds, deadline);
   for (int i = 0; i < nfds; i++) fds[i].events &= (short)~LUAMP_POLL_ONE;
   if (!pumps_active()) return wait_plain(fds, nfds, deadline);
   for (;;) {
-    if (interrupt_pending) return -2;
+    if (luamp_interrupt_pending()) return -2;
     int ms = remaining_ms(deadline);
     int ran = 0;
     int n = wait_round(fds, nfds, ms, &ran);
     /* a pump that met a Ctrl-C handed it on: it wins over the caller's readiness */
-    if (interrupt_pending) return -2;
+    if (luamp_interrupt_pending()) return -2;
     if (n > 0) return n;
     if (n < 0) {
       if (errno != EINTR) return -1;
@@ -294,12 +297,6 @@ int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
     if (deadline >= 0 && luamp_now() >= deadline) return 0;
     if (!pumps_active()) return wait_plain(fds, nfds, deadline);
   }
-}
-
-void luamp_close_fd(int fd) {
-  int saved = errno;
-  if (fd >= 0) close(fd);
-  errno = saved;
 }
 
 /* ---- Lua binding ---------------------------------------------------------------------- */
@@ -402,7 +399,7 @@ static int l_pump_add(lua_State *L) {
   p->thread = T;
   p->id = ++pump_next_id;
   pumps_pid = luamp_self_pid();
-  luamp_host_watch((int)fd);
+  luamp_host_watch((int)fd, pump_host_ready);
   return 0;
 }
 

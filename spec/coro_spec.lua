@@ -410,6 +410,24 @@ describe("every waiting call cooperates inside a task", function()
     for i = 1, 4 do assert.equal(i .. "\n", ts[i]:wait()) end
     assert.is_true(luamp.time() - t0 < 1.1, "took " .. (luamp.time() - t0))
   end)
+
+  it("a subprocess wait whose events another task's step of the loop took still ends", function()
+    -- both children end while task a spins; a's wait then steps luamp's loop, which runs
+    -- b's exit callback too: b must be woken (it slept to its 5 s timeout)
+    local sp = luamp.subprocess
+    local b = sp.Popen({"sleep", "0.2"})
+    local tb = luamp.task(function() return b:wait(LONG) end)
+    luamp.task(function()
+      local a = sp.Popen({"true"})
+      local t = luamp.time()
+      while luamp.time() - t < 0.5 do end
+      return a:wait(LONG)
+    end)
+    local t0 = luamp.time()
+    luamp.run()
+    assert.equal(0, tb:wait())
+    assert.is_true(luamp.time() - t0 < LONG - 1, "took " .. (luamp.time() - t0))
+  end)
 end)
 
 describe("Ctrl-C during luamp.run", function()
