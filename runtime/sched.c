@@ -39,7 +39,14 @@
  * luamp.run then cancels every task. Cancelling makes the task's current wait (or its
  * next one) return -2 once, which every wait turns into Interrupted.
  *
- * A host loop (luamp_set_loop): the same task fds, the nearest deadline and the bridge
+ * Luamp's private libuv loop (subprocesses) is one fd that many tasks wait on, and a
+ * step of it in one task runs the callbacks another task waits for: its callbacks count
+ * (loop.c), and the scheduler wakes the loop's waiters when the count moves.
+ *
+ * Layering: this file sits beside wait.c and calls it (the pumps); wait.c reaches the
+ * scheduler only through luamp_wait_sched, set by luamp_open_sched.
+ *
+ * A host loop (luamp_set_loop, found through luamp_host_loop): the same task fds, the nearest deadline and the bridge
  * eventfd are watched from the host's loop (uv_poll, one uv_timer, one uv_idle while
  * tasks are ready), and their callbacks resume the tasks: a host that runs its Lua code
  * as tasks never calls luamp.run. These handles keep the host's loop alive while tasks
