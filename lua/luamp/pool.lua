@@ -187,8 +187,57 @@ local function exec_chunk(task, mode, n, abytes, afds, stamp)
   return out
 end
 
-local function worker_loop(conn, maxtasks, stamps, slot, epoch)
+-- The worker's next message from the parent: from the ring (ring.c), or from the socket
+-- where the ring holds a marker for it; nil when the parent is gone. An empty ring is
+-- spun on briefly while the parent is awake, then slept on (its doorbell and the socket,
+-- whose EOF says the parent is gone).
+local function worker_next(conn, ring, wait_set)
+  while true do
+    local m, garbled = ring:take(0)
+    if m then return m end
+    if m == false then
+      local ok, data = U.pcall(conn._recv, conn)
+      if not ok then return nil end
+      return data
+    end
+    -- nil: empty (or garbled: the parent cannot be followed any more)
+    if garbled then return nil end
+    if not core.spin_rings(0, nil, ring) then
+      if not ring:set_sleeping(0, true) then
+        -- waiting in poll first saves the receive that would find nothing yet; the
+        -- receive after it must not block (a task may have left pumps behind, and a
+        -- readiness hint never leads to a blocking read)
+        local ok, ready = U.pcall(core.wait_fds, wait_set)
+        if not ok then return nil end
+        local _, still = ring:set_sleeping(0, false)
+        if not still then ring:clear_doorbell(0) end
+        ring:woke(0)
+        if #ready > 0 and not ring:has(0) then
+          for _, fd in ipairs(ready) do
+            if fd == wait_set[2] then
+              -- the socket is readable and no marker announced a message: EOF
+              local okr, data = U.pcall(conn._recv_bytes_nowait, conn)
+              if not okr or data ~= nil then return nil end
+            end
+          end
+        end
+      else
+        ring:set_sleeping(0, false)
+      end
+    end
+  end
+end
+
+-- Sends a result (or the start report) to the parent: in the ring when it fits and
+-- carries no descriptors, else on the socket behind a marker.
+local function worker_post(conn, ring, out, ofds)
+  if ring:put(1, out, ofds ~= nil) then return true end
+  return U.pcall(conn._send, conn, out, ofds)
+end
+
+local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch)
   local fns = {}
+  local wait_set = {ring:doorbell_fd(0), conn:fileno()}
   local done = 0
   -- the stamps (see TIMED): started counts timed tasks, and after a chunk it is as if
   -- all of its tasks had run, as the parent counts them
@@ -201,13 +250,8 @@ local function worker_loop(conn, maxtasks, stamps, slot, epoch)
     end
   end
   while true do
-    -- waiting in poll first saves the receive that would find nothing yet; the receive
-    -- after it must not block (a task may have left pumps behind, and a readiness hint
-    -- never leads to a blocking read)
-    local ok, bytes = U.pcall(conn.poll, conn, math.huge)
-    if ok then ok, bytes = U.pcall(conn._recv_bytes_nowait, conn) end
-    if not ok then return 0 end            -- EOF: the parent is gone
-    if bytes == nil then goto continue end
+    local bytes = worker_next(conn, ring, wait_set)
+    if not bytes then return 0 end         -- EOF: the parent is gone
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
     local defs, drops = msg[1], msg[2]
@@ -253,35 +297,37 @@ local function worker_loop(conn, maxtasks, stamps, slot, epoch)
           out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
         end
       end
-      local oks = U.pcall(conn._send, conn, out, ofds)
+      local oks = worker_post(conn, ring, out, ofds)
       if ofds then ofds:close() end
       if not oks then return 0 end
       done = done + 1
       if maxtasks and done >= maxtasks then return 0 end
     end
-    ::continue::
   end
 end
 
 -- Entry of a worker process (runs in the child after fork).
 local creating_method   -- the start method of the Pool being made by _pool_with_method
 
-local function worker_main(st, parent_end, conn, stamps, slot)
+local function worker_main(st, parent_end, conn, ring, stamps, slot)
   core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
-  for _, w in ipairs(st.workers) do U.pcall(w.conn.close, w.conn) end
+  for _, w in ipairs(st.workers) do
+    U.pcall(w.conn.close, w.conn)
+    if w.ring then w.ring:close() end
+  end
   if st.initializer then
     local ok, e = U.xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
     if not ok then
       local okd, out = U.pcall(dumps, e)
       if not okd then out = dumps({e[1], e[2]}) end
-      U.pcall(conn.send_bytes, conn, out)
+      worker_post(conn, ring, out)
       return 1
     end
   end
-  if not U.pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
-  return worker_loop(conn, st.maxtasks, stamps, slot, st.epoch)
+  if not worker_post(conn, ring, dumps(true)) then return 0 end
+  return worker_loop(conn, ring, st.maxtasks, stamps, slot, st.epoch)
 end
 
 -- ---- parent side: functions ----------------------------------------------------------
@@ -597,6 +643,7 @@ local function rebuild_fds(st)
   local fds, by_fd = {}, {}
   for _, w in ipairs(st.workers) do
     if not w.eof then fds[#fds + 1] = w.cfd; by_fd[w.cfd] = w end
+    fds[#fds + 1] = w.efd; by_fd[w.efd] = w
     if w.sfd and w.sfd >= 0 then fds[#fds + 1] = w.sfd; by_fd[w.sfd] = w end
   end
   st.fds, st.by_fd, st.fds_dirty = fds, by_fd, false
@@ -604,6 +651,7 @@ end
 
 local function unregister(st, w)
   core.pump_remove(w.cfd)
+  core.pump_remove(w.efd)
   if w.sfd and w.sfd >= 0 then core.pump_remove(w.sfd) end
   st.fds_dirty = true
 end
@@ -613,7 +661,11 @@ local worker_count = 0           -- names the workers PoolWorker-1, -2... (as Py
 function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
-             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0}
+             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0,
+             owed = 0}
+  local okr, ring = pcall(core.ring_new)   -- re-raised
+  if not okr then a:close(); b:close(); error(ring, 0) end
+  w.ring = ring
   if #st.free_slots == 0 then
     -- more workers than slots (killed ones not yet reaped): a new block of slots
     local block = core.array_new("q", st.processes, false)
@@ -628,16 +680,17 @@ function spawn(st)
     -- a fresh interpreter: it gets its end of the Pipe, its stamps slot and the pool's
     -- settings as args
     ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
-      {b, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch}, "worker")
+      {b, ring, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch}, "worker")
   else
-    ok, h = pcall(core.fork, function() return worker_main(st, a, b, stamps, i) end, "worker")   -- re-raised
+    ok, h = pcall(core.fork, function() return worker_main(st, a, b, ring, stamps, i) end, "worker")   -- re-raised
   end
   b:close()
   if not ok then
     st.free_slots[#st.free_slots + 1] = slot
-    a:close(); error(h, 0)
+    a:close(); ring:close(); error(h, 0)
   end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
+  w.efd = ring:doorbell_fd(1)
   w.gknown = global_functions()
   worker_count = worker_count + 1
   w.name = "PoolWorker-" .. worker_count
@@ -647,6 +700,7 @@ function spawn(st)
   end
   st.workers[#st.workers + 1] = w
   core.pump_add(w.cfd, st.pump)
+  core.pump_add(w.efd, st.pump)
   if w.sfd and w.sfd >= 0 then core.pump_add(w.sfd, st.pump) end
   st.fds_dirty = true
   return w
@@ -661,6 +715,7 @@ local function remove_worker(st, w)
   if w.slot then st.free_slots[#st.free_slots + 1] = w.slot; w.slot = nil end
   if TR.on then TR.instant("exit", w.pid) end
   U.pcall(w.conn.close, w.conn)
+  w.ring:close()
   U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
@@ -750,8 +805,14 @@ local function evict_fns(w, keep)
   return drops
 end
 
-local function send_message(conn, data, chunks)
-  conn:send_bytes(data)
+-- A message to worker w: in its ring when it fits, else on the socket behind a marker.
+local function post(w, data)
+  if not w.ring:put(0, data) then w.conn:send_bytes(data) end
+end
+
+local function send_message(w, data, chunks)
+  post(w, data)
+  local conn = w.conn
   for _, c in ipairs(chunks) do
     if c.fds or #c.bytes > INLINE_MAX then conn:_send(c.bytes, c.fds) end
   end
@@ -784,7 +845,7 @@ local function send_chunks(st, w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
-  local ok, err = pcall(send_message, w.conn, data, chunks)   -- Interrupted re-raised
+  local ok, err = pcall(send_message, w, data, chunks)   -- Interrupted re-raised
   w.sending = false
   if not ok then
     if is_error(err, "Interrupted") then error(err, 0) end
@@ -885,10 +946,41 @@ local function on_init_message(st, w, data)
     for _, x in ipairs(st.workers) do
       if not x.stopping then
         x.stopping = true
-        U.pcall(x.conn.send_bytes, x.conn, dumps(false))
+        U.pcall(post, x, dumps(false))
       end
     end
   end
+end
+
+-- The next message from w: from its ring, or from the socket where the ring held a marker
+-- for it (w.owed counts markers taken whose message has not been read); nil when there is
+-- none now, or nil, "garbled" for a ring that makes no sense. look_socket: the socket was
+-- seen readable (or w ended), so with no marker owed it can only hold EOF — which the
+-- receive raises — or a message no marker announced (garbled). The ring is looked at
+-- again after the socket's readiness: the marker is published before the socket send.
+local function next_message(w, look_socket)
+  if w.owed > 0 then
+    local data, fds = w.conn:_recv_bytes_nowait()
+    if data == nil then return nil end
+    w.owed = w.owed - 1
+    return data, fds
+  end
+  local m, garbled = w.ring:take(1)
+  if m then return m end
+  if m == false then
+    w.owed = 1
+    return next_message(w, look_socket)
+  end
+  if garbled then return nil, "garbled" end
+  if look_socket and w.conn:_ready_now() then
+    if w.ring:has(1) then return next_message(w, look_socket) end
+    local data, fds = w.conn:_recv_bytes_nowait()
+    if data ~= nil then
+      if fds then fds:close() end
+      return nil, "garbled"
+    end
+  end
+  return nil
 end
 
 -- Reads every message w has for us; results are taken off w's queue first and decoded
@@ -896,15 +988,14 @@ end
 -- only a hint: between a poll and this read other pumps may have run (any wait runs them,
 -- and a pump of this pool run from inside another pool's pump can read this very
 -- connection), so every receive is one that returns nothing when no message is there.
-local function drain_messages(st, w)
+local function drain_messages(st, w, look_socket)
   local got, interrupted = {}
-  local conn = w.conn
   while not w.dead do
-    -- a worker that owes us nothing has nothing more to say (but EOF, which the next
-    -- wait reports): no system call to ask
-    if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-    local ok, data, fds = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
-    if ok and data == nil then break end
+    local ok, data, fds = pcall(next_message, w, look_socket)   -- Interrupted re-raised below
+    if ok and data == nil then
+      if fds == "garbled" then w.garbled = true end
+      break
+    end
     if not ok then
       -- (the results already taken are recorded first; the receive resumes next time)
       if is_error(data, "Interrupted") then interrupted = data; break end
@@ -917,6 +1008,7 @@ local function drain_messages(st, w)
     end
     if w.timeout_kill then
       -- written off (timeout_kill): what it still sends is dropped
+      if fds then fds:close() end
     elseif not w.init_seen then
       w.init_seen = true
       if fds then fds:close() end
@@ -944,11 +1036,12 @@ local function drain_messages(st, w)
   if interrupted then error(interrupted, 0) end
 end
 
-local function drain(st, w)
+local function drain(st, w, look_socket)
   -- not re-entered: a receive waiting for the rest of a message runs other pumps
-  if w.eof or w.dead or w.reading then return end
+  if w.dead or w.reading then return end
+  if w.eof and not w.ring:has(1) then return end
   w.reading = true
-  local ok, err = pcall(drain_messages, st, w)   -- re-raised
+  local ok, err = pcall(drain_messages, st, w, look_socket)   -- re-raised
   w.reading = false
   if not ok then error(err, 0) end
   local code = w.ended_code
@@ -1094,7 +1187,7 @@ function worker_ended(st, w, code)
   -- its sentinel stays ready while the last messages are read: once is enough (the
   -- connection may not reach EOF soon, a process the worker started may hold it)
   w.ending = true
-  drain(st, w)
+  drain(st, w, true)
   remove_worker(st, w)
   if w.timeout_kill then st.dying = st.dying - 1 end
   local c = dq_pop(w.inflight)
@@ -1123,7 +1216,7 @@ local function send_stops(st)
   for _, w in ipairs(st.workers) do
     if not w.stopping and not w.dead then
       w.stopping = true
-      U.pcall(w.conn.send_bytes, w.conn, dumps(false))
+      U.pcall(post, w, dumps(false))
     end
   end
 end
@@ -1160,9 +1253,10 @@ local function settle(st)
   if st.respawn then st.respawn = false; repopulate(st) end
   dispatch(st)
   send_stops(st)
-  -- data a send drained into a connection's buffer does not make its fd readable
+  -- data a send drained into a connection's buffer does not make its fd readable; a
+  -- message in a ring needs no doorbell while the pool waits
   for _, w in ipairs(st.workers) do
-    if not w.eof and not w.dead and w.conn:_ready_now() then drain(st, w) end
+    if not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then drain(st, w) end
   end
   run_callbacks(st)
 end
@@ -1174,8 +1268,15 @@ function service_fd(st, fd)
   local w = st.by_fd and st.by_fd[fd]
   if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
   if not w then return end
-  if fd == w.cfd and not w.eof then
+  if fd == w.efd then
+    -- the doorbell: taken, and set again for the next message unless the pool is
+    -- inside one of its waits (see wait_round)
+    w.ring:clear_doorbell(1)
+    w.ring:woke(1)
+    if not st.awake then w.ring:set_sleeping(1, true) end
     drain(st, w)
+  elseif fd == w.cfd and not w.eof then
+    drain(st, w, true)
     if w.eof then check_ended(st, w) end
   else
     check_ended(st, w)
@@ -1201,11 +1302,55 @@ function pool_interrupted(st, err)
   terminate(st)
 end
 
+-- Whether the pool is inside one of its own waits: the workers' results then need no
+-- doorbell (set_sleeping false); outside, the doorbells ring, for pumps and host loops.
+local function set_awake(st, awake)
+  st.awake = awake
+  local pending
+  for _, w in ipairs(st.workers) do
+    if not w.dead and w.ring:set_sleeping(1, not awake) then pending = w end
+  end
+  return pending
+end
+
+local SPIN_EST = 2e-4    -- a worker's head chunk expected within this is spun for
+
+-- Spins briefly for a result when one is due soon from a worker that is running (not
+-- asleep); returns the worker that answered, or nil.
+local function spin_for_result(st, timeout)
+  local rings, by_ring
+  for _, w in ipairs(st.workers) do
+    local c = w.inflight[w.inflight.first]
+    if c and c.est and c.est < SPIN_EST and not w.dead and w.ring:peer_awake(0) then
+      if rings then
+        rings[#rings + 1] = w.ring; by_ring[w.ring] = w
+      else
+        rings, by_ring = {w.ring}, {[w.ring] = w}
+      end
+    end
+  end
+  if not rings then return nil end
+  local r = core.spin_rings(1, timeout, unpack(rings))
+  return r and by_ring[r]
+end
+
 local function wait_round(st, fds, timeout, tick)
-  local ready = core.wait_fds(fds, timeout)
-  for _, fd in ipairs(ready) do service_fd(st, fd) end
+  local ready
+  local w = (timeout == nil or timeout > 0) and spin_for_result(st, timeout)
+  if w then
+    drain(st, w)
+  else
+    -- about to sleep: the doorbells ring from now on; a result that came meanwhile
+    -- means no sleep
+    if set_awake(st, false) then timeout = 0 end
+    local ok
+    ok, ready = pcall(core.wait_fds, fds, timeout)   -- re-raised
+    set_awake(st, true)
+    if not ok then error(ready, 0) end
+    for _, fd in ipairs(ready) do service_fd(st, fd) end
+  end
   if tick then
-    for _, w in ipairs(st.workers) do check_ended(st, w) end
+    for _, w2 in ipairs(st.workers) do check_ended(st, w2) end
   end
   settle(st)
 end
@@ -1246,8 +1391,13 @@ local function wait_once(st, deadline)
   -- A Ctrl-C met anywhere in the round (in the wait, or raised at any instruction while
   -- the results are handled, which may leave them half recorded) ends the pool.
   local ok, err
+  set_awake(st, true)
   if killed then ok, err = pcall(after_kill, st)   -- re-raised
   else ok, err = pcall(wait_round, st, fds, timeout, tick) end   -- re-raised
+  -- back to the caller: results from now on ring the doorbell; one that came in the
+  -- meantime is announced on it, so whichever wait runs next sees it
+  local late = set_awake(st, false)
+  if late then late.ring:kick(1) end
   if not ok then
     pool_interrupted(st, err)
     error(err, 0)
@@ -1862,10 +2012,10 @@ function P._pool_with_method(m, ...)
 end
 
 -- The entry of a worker started by spawn (runs in the fresh interpreter).
-function P._spawn_worker(conn, initializer, initargs, maxtasks, stamps, slot, epoch)
+function P._spawn_worker(conn, ring, initializer, initargs, maxtasks, stamps, slot, epoch)
   local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks,
               epoch = epoch}
-  return worker_main(st, {close = function() end}, conn, stamps, slot)
+  return worker_main(st, {close = function() end}, conn, ring, stamps, slot)
 end
 
 -- as_completed(results, [timeout]): an iterator yielding each AsyncResult of the list
