@@ -1442,6 +1442,54 @@ static int l_loads(lua_State *L) {
  * tasks and results), which carry functions and handles. */
 static int l_loads_trusted(lua_State *L) { return loads_with(L, 0); }
 
+/* _core.loads_into(s, dst, pos, n): decodes s (trusted) — a table whose keys are the
+ * integers 1..n and nothing else, as a Pool worker encodes a chunk's results or
+ * arguments — straight into dst[pos .. pos+n-1], making no table of its own (a million
+ * results would otherwise be decoded into a fresh table, its pages faulted in, and moved).
+ * Keys of dst not named by s are left as they are. Raises Serialize for anything else.
+ * The table itself takes reference number 1 as when decoded whole (dst stands in). */
+static int l_loads_into(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer pos = luaL_checkinteger(L, 3), n = luaL_checkinteger(L, 4);
+  if (n < 0 || pos < 1 || pos > LUA_MAXINTEGER - n)
+    luamp_raise(L, "Value", "loads_into: bad position or count");
+  lua_settop(L, 4);
+  lua_pushnil(L);                                   /* refs_slot */
+  dec d;
+  dec_init(&d, L, s, len, 0);
+  d.refs_slot = 5;
+  if (d.p == d.end) dec_fail(&d, "empty input");
+  if (*d.p != CODEC_VERSION) dec_fail(&d, "unsupported format version %d", *d.p);
+  d.p++;
+  need(&d, 1);
+  if (*d.p != T_TABLE) dec_fail(&d, "expected a plain table of %lld items", (long long)n);
+  d.p++;
+  size_t narr = get_count(&d, 1);
+  size_t nhash = get_count(&d, 2);
+  if (narr > (uint64_t)n) dec_fail(&d, "more than %lld items", (long long)n);
+  dec_enter(&d);
+  dec_register(&d, 2);
+  for (size_t i = 1; i <= narr; i++) {
+    decode_value(&d);
+    lua_rawseti(L, 2, pos + (lua_Integer)i - 1);
+  }
+  for (size_t i = 0; i < nhash; i++) {
+    decode_value(&d);
+    int isint;
+    lua_Integer k = lua_tointegerx(L, -1, &isint);
+    if (!isint || lua_type(L, -1) != LUA_TNUMBER || k < 1 || k > n)
+      dec_fail(&d, "a key that is not an item number 1..%lld", (long long)n);
+    lua_pop(L, 1);
+    decode_value(&d);
+    lua_rawseti(L, 2, pos + k - 1);
+  }
+  d.depth--;
+  if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
+  return 0;
+}
+
 /* _core.register_handle(type_name, rebuild) */
 static int l_register_handle(lua_State *L) {
   luaL_checkstring(L, 1);
@@ -1458,6 +1506,7 @@ int luamp_open_codec(lua_State *L) {
     {"dumps", l_dumps},
     {"loads", l_loads},
     {"loads_trusted", l_loads_trusted},
+    {"loads_into", l_loads_into},
     {"register_handle", l_register_handle},
     {NULL, NULL}
   };

@@ -60,6 +60,10 @@ local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
 local TIMED = 4                 -- added to the mode of a chunk whose job has a timeout
+-- added to the mode of a chunk of a map's run (see produce_run): the worker may answer
+-- it together with the run's next chunks, in one message
+local COALESCE = 8
+local COALESCE_TIME = 0.001     -- seconds a worker holds answers to send them together
 -- A worker running a timed chunk stamps each task's start in a 64-bit word of shared
 -- memory (its slot of an Array the pool makes): bits 40..62 count the timed tasks it has
 -- started, bits 0..39 hold the start in microseconds since the pool's epoch (modulo
@@ -160,25 +164,30 @@ end
 -- Runs one chunk; returns its results (apply: table.pack of the function's results).
 -- (The function is a local named `task`: a traceback names the frame "in local 'task'".)
 -- stamp (timed chunks only) is called before each task starts.
-local function exec_chunk(task, mode, n, abytes, afds, stamp)
+-- A chunk of a run (see produce_run) takes its items from the run's arguments, decoded
+-- once for the run: run_args, from position off.
+-- out: a table to fill with the results (reused between big chunks), else a new one.
+local function exec_chunk(task, mode, n, abytes, afds, stamp, run_args, off, out)
   if type(task) == "table" and task.bad then error(task.bad, 0) end
   if task == nil then error("internal: unknown function id", 0) end
   local args
-  if afds then args = loadx(abytes, afds) else args = loads(abytes) end
+  if run_args then args = run_args
+  elseif afds then args = loadx(abytes, afds) else args = loads(abytes) end
+  off = (off or 1) - 1
   if mode == APPLY then
     if stamp then stamp() end
     return table.pack(task(unpack(args, 1, args.n or #args)))
   end
-  local out = core.table_new(n)
+  out = out or core.table_new(n)
   if mode == MAP then
     if stamp then
-      for i = 1, n do stamp(); out[i] = task(args[i]) end
+      for i = 1, n do stamp(); out[i] = task(args[off + i]) end
     else
-      for i = 1, n do out[i] = task(args[i]) end
+      for i = 1, n do out[i] = task(args[off + i]) end
     end
   else
     for i = 1, n do
-      local a = args[i]
+      local a = args[off + i]
       if type(a) ~= "table" then error("starmap: item " .. i .. " is not an argument list", 0) end
       if stamp then stamp() end
       out[i] = task(unpack(a, 1, a.n or #a))
@@ -229,10 +238,58 @@ local function worker_next(conn, ring, wait_set)
 end
 
 -- Sends a result (or the start report) to the parent: in the ring when it fits and
--- carries no descriptors, else on the socket behind a marker.
-local function worker_post(conn, ring, out, ofds)
-  if ring:put(1, out, ofds ~= nil) then return true end
+-- carries no descriptors, else on the socket behind a marker. count: how many chunks it
+-- answers (the ring record's tag).
+local function worker_post(conn, ring, out, ofds, count)
+  if ring:put(1, out, ofds ~= nil, count) then return true end
   return U.pcall(conn._send, conn, out, ofds)
+end
+
+-- Encodes and sends the answer to one chunk; false when the parent is gone. The results
+-- of a big chunk travel encoded on their own (a string in the message), which the
+-- parent decodes straight into the map's result table (_core.loads_into).
+local function send_result(conn, ring, jobid, k, okc, dt, res, t0, big)
+  if big and okc then
+    local okb, rb, rfds = U.pcall(dumpx, res)
+    if okb and not rfds then res = rb elseif rfds then rfds:close() end
+  end
+  local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
+  if not oke then
+    if okc then
+      out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
+    else
+      -- the error value cannot cross: its string stands in for it
+      out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+    end
+  end
+  local oks = worker_post(conn, ring, out, ofds)
+  if ofds then ofds:close() end
+  return oks
+end
+
+-- Sends the answers held for coalescing (p: {jobid, first k, count, dt, results, t0,
+-- items, {n of each chunk}}) as one message whose tag says how many chunks it answers;
+-- if they cannot be encoded together, chunk by chunk as before (each with its own
+-- error).
+local function flush_coalesced(conn, ring, p)
+  if p[3] > 1 then
+    local oke, out, ofds = U.pcall(dumpx, {p[1], p[2], true, p[4], p[5], p[6], p[7]})
+    if oke then
+      local oks = worker_post(conn, ring, out, ofds, p[3])
+      if ofds then ofds:close() end
+      return oks
+    end
+  end
+  local res, pos, ns = p[5], 0, p[8]
+  for j = 1, p[3] do
+    local n = ns[j]
+    local part = j == 1 and p[3] == 1 and res or table.move(res, pos + 1, pos + n, 1, core.table_new(n))
+    pos = pos + n
+    if not send_result(conn, ring, p[1], p[2] + j - 1, true, p[4] / p[3], part, p[6]) then
+      return false
+    end
+  end
+  return true
 end
 
 local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch)
@@ -248,6 +305,58 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch)
       started = (started + 1) & SEQMASK
       stamps[slot] = (started << 40) | (math.floor((now() - epoch) * 1e6) & MASK40)
     end
+  end
+  local held      -- answers held for coalescing (see flush_coalesced)
+  local out, out_n = nil, 0   -- the results table of big chunks, reused
+  -- Runs one chunk and answers it (or holds the answer, see COALESCE); false when the
+  -- worker must stop (the parent is gone, or maxtasks chunks are done).
+  local function run_chunk(jobid, k, fid, mode, n, abytes, afds, run_args, off)
+    local coalesce = mode >= COALESCE and not maxtasks
+    if mode >= COALESCE then mode = mode - COALESCE end
+    local timed = mode >= TIMED
+    local base = started
+    if timed then mode = mode - TIMED end
+    local big = mode ~= APPLY and n >= SCRATCH_MIN
+    if big then
+      out = out or {}
+      for i = n + 1, out_n do out[i] = nil end
+      out_n = n
+    end
+    local t0 = now()
+    local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds,
+      timed and stamp or nil, run_args, off, big and out or nil)
+    if afds then afds:close() end
+    local dt = now() - t0
+    if timed and stamp then
+      started = (base + n) & SEQMASK
+      stamps[slot] = (started << 40) | IDLE40
+    end
+    io.stdout:flush()
+    if coalesce and okc then
+      if held and held[1] == jobid and held[2] + held[3] == k then
+        table.move(res, 1, n, held[7] + 1, held[5])
+        held[3], held[4], held[7] = held[3] + 1, held[4] + dt, held[7] + n
+        held[8][held[3]] = n
+      else
+        if held and not flush_coalesced(conn, ring, held) then return false end
+        held = {jobid, k, 1, dt, res, t0, n, {n}}
+      end
+      -- answers are not held long: the parent follows progress and refills by them
+      if now() - held[6] >= COALESCE_TIME then
+        local h = held
+        held = nil
+        if not flush_coalesced(conn, ring, h) then return false end
+      end
+    else
+      if held then
+        local h = held
+        held = nil
+        if not flush_coalesced(conn, ring, h) then return false end
+      end
+      if not send_result(conn, ring, jobid, k, okc, dt, res, t0, big) then return false end
+    end
+    done = done + 1
+    return not (maxtasks and done >= maxtasks)
   end
   while true do
     local bytes = worker_next(conn, ring, wait_set)
@@ -267,42 +376,32 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch)
         end
       end
     end
-    for i = 3, #msg, 6 do
+    -- the arguments of the message's run, if any (see send_chunks)
+    local run_args = msg[3] and loads(msg[3]) or nil
+    held = nil
+    for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
-      local abytes, afds = msg[i + 5], nil
-      if not abytes then
-        local okr, data, fds = U.pcall(conn._recv, conn)
-        if not okr then return 0 end
-        abytes, afds = data, fds
-      end
-      local timed = mode >= TIMED
-      local base = started
-      if timed then mode = mode - TIMED end
-      local t0 = now()
-      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds,
-        timed and stamp or nil)
-      if afds then afds:close() end
-      local dt = now() - t0
-      if timed and stamp then
-        started = (base + n) & SEQMASK
-        stamps[slot] = (started << 40) | IDLE40
-      end
-      io.stdout:flush()
-      local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
-      if not oke then
-        if okc then
-          out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
-        else
-          -- the error value cannot cross: its string stands in for it
-          out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+      local abytes = msg[i + 5]
+      if math.type(abytes) == "integer" then
+        -- a run: chunks of -abytes items from k on, over the run's n items
+        local cs, off = -abytes, 1
+        if cs < 1 or not run_args then return 0 end
+        while off <= n do
+          local cn = math.min(cs, n - off + 1)
+          if not run_chunk(jobid, k, fid, mode, cn, nil, nil, run_args, off) then return 0 end
+          k, off = k + 1, off + cn
         end
+      else
+        local afds
+        if not abytes then
+          local okr, data, fds = U.pcall(conn._recv, conn)
+          if not okr then return 0 end
+          abytes, afds = data, fds
+        end
+        if not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
       end
-      local oks = worker_post(conn, ring, out, ofds)
-      if ofds then ofds:close() end
-      if not oks then return 0 end
-      done = done + 1
-      if maxtasks and done >= maxtasks then return 0 end
     end
+    if held and not flush_coalesced(conn, ring, held) then return 0 end
   end
 end
 
@@ -506,13 +605,13 @@ local function chunk_ok(st, job, c, res)
     job_finish(st, job, true, res)
     return
   end
-  if type(res) ~= "table" then
+  if type(res) ~= "table" and not (res == true and job.kind == "map") then
     chunk_failed(st, job, c, core.error("Remote", "malformed result from a worker"))
     return
   end
   job.done_items = job.done_items + n
   if job.kind == "map" then
-    table.move(res, 1, n, c.first, job.results)
+    if res ~= true then table.move(res, 1, n, c.first, job.results) end
     if job.progress then progress_draw(job.progress, job.done_items) end
     if job.done_items >= job.total then
       job_finish(st, job, not job.timeout_err, job.timeout_err or job.results)
@@ -550,9 +649,22 @@ end
 
 -- Makes the next chunk of a job: returns it, or nil (nothing now; `job.exhausted` tells
 -- whether there will ever be more).
+-- A chunk of a run that goes out again (its worker died) travels on its own: its items
+-- are cut from the run's arguments (as encoded when the run was made).
+local function unrun(c)
+  local r = c.run
+  local args = r.args or loads(r.bytes)
+  r.args = args
+  c.bytes = dumps(table.move(args, c.off, c.off + c.n - 1, 1, core.table_new(c.n)))
+  c.run, c.off, c.mode = nil, nil, nil
+end
+
 local function produce(st, job)
   local c = dq_pop(job.retry)
-  if c then return c end
+  if c then
+    if c.run then unrun(c) end
+    return c
+  end
   if job.exhausted then return nil end
   if job.window and job.pulled - job.consumed >= job.window then return nil end
   local first = job.pulled + 1
@@ -605,6 +717,47 @@ local function produce(st, job)
   end
   c.bytes, c.fds = bytes, fds
   return c
+end
+
+-- Up to m fresh chunks of a list job whose arguments are encoded together, once (a
+-- run): the worker decodes them once too. nil (nothing made) when the job cannot make a
+-- run now; the caller then makes chunks one by one, which also reports an item that
+-- cannot be encoded by its place, and carries the descriptors of luamp objects. The
+-- chunks of a map's run carry COALESCE: the worker may answer several in one message.
+local function produce_run(st, job, m)
+  local cs = job.chunksize
+  -- (chunks of SCRATCH_MIN items or more gain nothing: they go one by one, into a
+  -- reused table)
+  if cs >= SCRATCH_MIN or job.no_runs or job.exhausted or not job.list or job.timeout
+      or dq_len(job.retry) > 0 then
+    return nil
+  end
+  if job.window then
+    m = math.min(m, -(-(job.window - (job.pulled - job.consumed)) // cs))
+  end
+  local first = job.pulled + 1
+  local last = math.min(job.len, job.pulled + m * cs)
+  if last - first + 1 <= cs then return nil end   -- one chunk: nothing to share
+  local ok, bytes, fds = U.pcall(dumpx, core.table_slice(job.list, first, last))
+  if not ok or fds then
+    if fds then fds:close() end
+    job.no_runs = true
+    return nil
+  end
+  local run = {bytes = bytes}
+  local mode = job.kind == "map" and job.mode + COALESCE or job.mode
+  local size = #bytes * cs // (last - first + 1)
+  local out = {}
+  local k = job.next_k
+  for f = first, last, cs do
+    k = k + 1
+    out[#out + 1] = {job = job, k = k, first = f, n = math.min(cs, last - f + 1), run = run,
+                     off = f - first + 1, mode = mode, size = size}
+  end
+  job.next_k = k
+  job.pulled = last
+  if last >= job.len then job.exhausted = true end
+  return out, #bytes
 end
 
 -- The oldest job that can make a chunk now (jobs whose imap window is full are passed
@@ -758,27 +911,41 @@ local function capacity(st, w, job)
 end
 
 -- Bookkeeping of a worker's queue: the work it holds, as far as it is known.
-local function queue_add(w, c)
-  local est = c.job.fe.est
-  if dq_len(w.inflight) == 0 then w.busy_since = now() end
-  dq_push(w.inflight, c)
-  if est then
-    c.est = est * c.n
-    w.queued_est = w.queued_est + c.est
-  else
-    w.unknown = w.unknown + 1
+-- Adds chunks to w's queue, with what is known of their work and bytes.
+local function queue_add_all(w, chunks)
+  local q = w.inflight
+  local busy = q.last >= q.first
+  if not busy then w.busy_since = now() end
+  local last, qe, unknown, ahead = q.last, w.queued_est, w.unknown, w.ahead_bytes
+  for i = 1, #chunks do
+    local c = chunks[i]
+    last = last + 1
+    q[last] = c
+    local est = c.job.fe.est
+    if est then
+      local e = est * c.n
+      c.est = e
+      qe = qe + e
+    else
+      unknown = unknown + 1
+    end
+    local a = busy and (c.size or #c.bytes) or 0
+    c.ahead = a
+    ahead = ahead + a
   end
+  q.last, w.queued_est, w.unknown, w.ahead_bytes = last, qe, unknown, ahead
 end
 
-local function queue_pop(w)
+-- t: the time now, when the caller has it
+local function queue_pop(w, t)
   local c = dq_pop(w.inflight)
   if not c then return nil end
   if c.est then w.queued_est = w.queued_est - c.est else w.unknown = w.unknown - 1 end
   if c.timed then w.timed_done = w.timed_done + c.n end
   if dq_len(w.inflight) == 0 then w.queued_est = 0 end   -- no drift from float sums
-  w.busy_since = now()
+  w.busy_since = t or now()
   w.ahead_bytes = w.ahead_bytes - (c.ahead or 0)
-  c.bytes = nil    -- kept until answered: a chunk of a worker that died is sent again
+  c.bytes, c.run = nil, nil    -- kept until answered: a chunk of a worker that died is sent again
   return c
 end
 
@@ -814,34 +981,48 @@ local function send_message(w, data, chunks)
   post(w, data)
   local conn = w.conn
   for _, c in ipairs(chunks) do
-    if c.fds or #c.bytes > INLINE_MAX then conn:_send(c.bytes, c.fds) end
+    if not c.run and (c.fds or #c.bytes > INLINE_MAX) then conn:_send(c.bytes, c.fds) end
   end
 end
 
 -- Sends chunks (a list) to w as one message.
+-- The message: {function definitions, functions to drop, a run's encoded arguments (or
+-- false), then per chunk: job id, chunk number, function id, mode, items, and its
+-- encoded arguments (false: they follow on the socket)}. A run (chunks from one
+-- produce_run, all of this message) is one entry: its first chunk number, its items in
+-- all, and minus its chunk size; the worker cuts it into the same chunks.
 local function send_chunks(st, w, chunks)
-  local msg = {false, false}
+  local msg = {false, false, false}
   local defs
   local keep = {}
-  for _, c in ipairs(chunks) do
-    local fe = c.job.fe
+  local first = chunks[1]
+  if first.run then
+    local job = first.job
+    local fe = job.fe
     keep[fe.id] = true
-    defs = send_globals(w, c.job, defs)
+    defs = send_globals(w, job, defs)
     defs = remember_fn(w, fe, defs)
-    local m = #msg
-    c.timed = c.job.timeout ~= nil
-    msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
-      c.job.id, c.k, fe.id, c.timed and c.job.mode + TIMED or c.job.mode, c.n,
-      not c.fds and #c.bytes <= INLINE_MAX and c.bytes
+    local last = chunks[#chunks]
+    msg[3] = first.run.bytes
+    msg[4], msg[5], msg[6], msg[7], msg[8], msg[9] =
+      job.id, first.k, fe.id, first.mode, last.first + last.n - first.first, -job.chunksize
+  else
+    for _, c in ipairs(chunks) do
+      local job = c.job
+      local fe = job.fe
+      keep[fe.id] = true
+      defs = send_globals(w, job, defs)
+      defs = remember_fn(w, fe, defs)
+      local m = #msg
+      c.timed = job.timeout ~= nil
+      msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
+        job.id, c.k, fe.id, c.timed and job.mode + TIMED or job.mode, c.n,
+        not c.fds and #c.bytes <= INLINE_MAX and c.bytes
+    end
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
-  local busy = dq_len(w.inflight) > 0
-  for _, c in ipairs(chunks) do
-    queue_add(w, c)
-    c.ahead = busy and #c.bytes or 0
-    w.ahead_bytes = w.ahead_bytes + c.ahead
-  end
+  queue_add_all(w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
@@ -865,6 +1046,13 @@ local function dispatch_round(st)
     if c > 0 and (not best or dq_len(w.inflight) < dq_len(best.inflight)) then best, cap = w, c end
   end
   if not best then return false end
+  if cap >= 2 then
+    local run = produce_run(st, job, cap)
+    if run then
+      send_chunks(st, best, run)
+      return true
+    end
+  end
   local batch, bytes = {}, 0
   while #batch < cap and bytes < AHEAD_BYTES do
     local j = feed_head(st)
@@ -912,7 +1100,22 @@ local function fail_all(st, err)
 end
 
 -- A result message from w (raw bytes) for chunk c, the head of w's queue.
-local function on_result(st, w, c, data, fds)
+-- Several chunks of a map's run answered by one message (more: the chunks, in order, c
+-- first; see worker_loop): they must be consecutive chunks of c's job, covering
+-- consecutive items, all of which the message holds.
+local function coalesced_ok(c, more, msg)
+  local job = c.job
+  if job.kind ~= "map" or msg[3] ~= true or type(msg[5]) ~= "table" then return false end
+  local items, nextfirst = 0, c.first
+  for j, x in ipairs(more) do
+    if x.job ~= job or x.k ~= c.k + j - 1 or x.first ~= nextfirst then return false end
+    nextfirst = x.first + x.n
+    items = items + x.n
+  end
+  return msg[7] == items and items
+end
+
+local function on_result(st, w, c, data, fds, more)
   -- the chunk's own descriptors are no longer needed: it will not be sent again
   if c.fds then c.fds:close() end
   local ok, msg
@@ -920,9 +1123,14 @@ local function on_result(st, w, c, data, fds)
   if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
     return false
   end
+  local n = c.n
+  if more then
+    n = coalesced_ok(c, more, msg)
+    if not n then return false end
+  end
   local fe, dt = c.job.fe, msg[4]
-  if math.type(dt) == "float" and c.n > 0 then
-    local per = dt / c.n
+  if math.type(dt) == "float" and n > 0 then
+    local per = dt / n
     fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
   end
   if TR.on then
@@ -930,7 +1138,25 @@ local function on_result(st, w, c, data, fds)
     local t0 = math.type(msg[6]) == "float" and msg[6] or now() - (tonumber(dt) or 0)
     TR.span(c.job.label or "task", w.pid, t0, tonumber(dt) or 0, c.job.id, c.k, c.n, msg[3] == true)
   end
-  if msg[3] then chunk_ok(st, c.job, c, msg[5])
+  local res = msg[5]
+  if msg[3] and type(res) == "string" and not more then
+    -- a big chunk's results, encoded on their own: a map's go straight into its result
+    -- table (true: stored)
+    local job = c.job
+    if job.ready or job.cancelled then return true end
+    local okr
+    if job.kind == "map" then
+      okr = U.pcall(core.loads_into, res, job.results, c.first, c.n)
+      res = true
+    else
+      okr, res = U.pcall(loads, res)
+    end
+    if not okr then return false end
+  end
+  if more then
+    -- (a map: its chunks are one stretch of items, recorded at once)
+    chunk_ok(st, c.job, {first = c.first, n = n}, res)
+  elseif msg[3] then chunk_ok(st, c.job, c, res)
   else chunk_failed(st, c.job, c, remote_error(msg[5])) end
   return true
 end
@@ -963,12 +1189,13 @@ local function next_message(w, look_socket)
     local data, fds = w.conn:_recv_bytes_nowait()
     if data == nil then return nil end
     w.owed = w.owed - 1
-    return data, fds
+    return data, fds, w.owed_tag
   end
-  local m, garbled = w.ring:take(1)
-  if m then return m end
+  local m, tag = w.ring:take(1)
+  if m then return m, nil, tag end
+  local garbled = tag
   if m == false then
-    w.owed = 1
+    w.owed, w.owed_tag = 1, tag
     return next_message(w, look_socket)
   end
   if garbled then return nil, "garbled" end
@@ -991,7 +1218,7 @@ end
 local function drain_messages(st, w, look_socket)
   local got, interrupted = {}
   while not w.dead do
-    local ok, data, fds = pcall(next_message, w, look_socket)   -- Interrupted re-raised below
+    local ok, data, fds, tag = pcall(next_message, w, look_socket)   -- Interrupted re-raised below
     if ok and data == nil then
       if fds == "garbled" then w.garbled = true end
       break
@@ -1014,19 +1241,28 @@ local function drain_messages(st, w, look_socket)
       if fds then fds:close() end
       on_init_message(st, w, data)
     else
-      local c = queue_pop(w)
-      if not c then
+      -- the tag: how many chunks the message answers (coalesced, see worker_loop)
+      local count = tag and tag > 1 and tag or 1
+      if count > dq_len(w.inflight) then
         if fds then fds:close() end
         w.garbled = true
         break
       end
+      local c = queue_pop(w)
+      local more
+      if count > 1 then
+        -- the chunks answered, in order (c first)
+        more = {c}
+        local t = w.busy_since
+        for j = 2, count do more[j] = queue_pop(w, t) end
+      end
       local m = #got
-      got[m + 1], got[m + 2], got[m + 3] = c, data, fds or false
+      got[m + 1], got[m + 2], got[m + 3], got[m + 4] = c, data, fds or false, more or false
     end
   end
   if #got > 0 then dispatch(st) end
-  for i = 1, #got, 3 do
-    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil) then
+  for i = 1, #got, 4 do
+    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil, got[i + 3] or nil) then
       w.garbled = true
       if TR.on then TR.instant("WorkerLost", w.pid, {malformed = true}) end
       chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
