@@ -1951,7 +1951,28 @@ local function new_job(self, st, kind, f, mode)
   return job
 end
 
+-- A single task with nothing queued before it goes straight to an idle worker (what
+-- dispatch would do, without looking through the feed).
+local function send_direct(st, job)
+  for _, w in ipairs(st.workers) do
+    if w.inflight.first > w.inflight.last and capacity(st, w, job) > 0 then
+      local c = produce(st, job)
+      if c then send_chunks(st, w, {c}) end
+      return true
+    end
+  end
+  return false
+end
+
 local function submit(st, job)
+  if job.kind == "apply" and st.feed.first > st.feed.last and not st.dispatching
+      and st.state == "RUN" and not st.broken then
+    st.dispatching = true
+    local ok, sent = pcall(send_direct, st, job)   -- re-raised
+    st.dispatching = false
+    if not ok then error(sent, 0) end
+    if sent then return end
+  end
   feed_job(st, job)
   dispatch(st)
 end
