@@ -200,7 +200,7 @@ end
 -- where the ring holds a marker for it; nil when the parent is gone. An empty ring is
 -- spun on briefly while the parent is awake, then slept on (its doorbell and the socket,
 -- whose EOF says the parent is gone).
-local function worker_next(conn, ring, wait_set)
+local function worker_next(conn, ring, wait_set, spin)
   while true do
     local m, garbled = ring:take(0)
     if m then return m end
@@ -211,7 +211,7 @@ local function worker_next(conn, ring, wait_set)
     end
     -- nil: empty (or garbled: the parent cannot be followed any more)
     if garbled then return nil end
-    if not core.spin_rings(0, nil, ring) then
+    if not (spin and core.spin_rings(0, nil, ring)) then
       if not ring:set_sleeping(0, true) then
         -- waiting in poll first saves the receive that would find nothing yet; the
         -- receive after it must not block (a task may have left pumps behind, and a
@@ -292,7 +292,7 @@ local function flush_coalesced(conn, ring, p)
   return true
 end
 
-local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch)
+local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   local fns = {}
   local wait_set = {ring:doorbell_fd(0), conn:fileno()}
   local done = 0
@@ -359,7 +359,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch)
     return not (maxtasks and done >= maxtasks)
   end
   while true do
-    local bytes = worker_next(conn, ring, wait_set)
+    local bytes = worker_next(conn, ring, wait_set, spin)
     if not bytes then return 0 end         -- EOF: the parent is gone
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
@@ -426,7 +426,7 @@ local function worker_main(st, parent_end, conn, ring, stamps, slot)
     end
   end
   if not worker_post(conn, ring, dumps(true)) then return 0 end
-  return worker_loop(conn, ring, st.maxtasks, stamps, slot, st.epoch)
+  return worker_loop(conn, ring, st.maxtasks, stamps, slot, st.epoch, st.spin)
 end
 
 -- ---- parent side: functions ----------------------------------------------------------
@@ -655,8 +655,9 @@ local function unrun(c)
   local r = c.run
   local args = r.args or loads(r.bytes)
   r.args = args
-  c.bytes = dumps(table.move(args, c.off, c.off + c.n - 1, 1, core.table_new(c.n)))
-  c.run, c.off, c.mode = nil, nil, nil
+  local off = c.first - r.first + 1
+  c.bytes = dumps(table.move(args, off, off + c.n - 1, 1, core.table_new(c.n)))
+  c.run = nil
 end
 
 local function produce(st, job)
@@ -744,15 +745,22 @@ local function produce_run(st, job, m)
     job.no_runs = true
     return nil
   end
-  local run = {bytes = bytes}
-  local mode = job.kind == "map" and job.mode + COALESCE or job.mode
-  local size = #bytes * cs // (last - first + 1)
+  -- (what the chunks share: their arguments, the first item, the mode, the bytes each
+  -- stands for)
+  local run = {bytes = bytes, first = first,
+               mode = job.kind == "map" and job.mode + COALESCE or job.mode,
+               size = #bytes * cs // (last - first + 1)}
   local out = {}
   local k = job.next_k
-  for f = first, last, cs do
-    k = k + 1
-    out[#out + 1] = {job = job, k = k, first = f, n = math.min(cs, last - f + 1), run = run,
-                     off = f - first + 1, mode = mode, size = size}
+  local full = last - (last - first + 1) % cs   -- the chunks before a short last one
+  local j = 0
+  for f = first, full, cs do
+    k, j = k + 1, j + 1
+    out[j] = {job = job, k = k, first = f, n = cs, run = run}
+  end
+  if full < last then
+    k, j = k + 1, j + 1
+    out[j] = {job = job, k = k, first = full + 1, n = last - full, run = run}
   end
   job.next_k = k
   job.pulled = last
@@ -833,7 +841,7 @@ function spawn(st)
     -- a fresh interpreter: it gets its end of the Pipe, its stamps slot and the pool's
     -- settings as args
     ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
-      {b, ring, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch}, "worker")
+      {b, ring, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch, st.spin}, "worker")
   else
     ok, h = pcall(core.fork, function() return worker_main(st, a, b, ring, stamps, i) end, "worker")   -- re-raised
   end
@@ -929,24 +937,55 @@ local function queue_add_all(w, chunks)
     else
       unknown = unknown + 1
     end
-    local a = busy and (c.size or #c.bytes) or 0
+    local a = busy and (c.run and c.run.size or #c.bytes) or 0
     c.ahead = a
     ahead = ahead + a
   end
   q.last, w.queued_est, w.unknown, w.ahead_bytes = last, qe, unknown, ahead
 end
 
--- t: the time now, when the caller has it
-local function queue_pop(w, t)
+local function queue_pop(w)
   local c = dq_pop(w.inflight)
   if not c then return nil end
   if c.est then w.queued_est = w.queued_est - c.est else w.unknown = w.unknown - 1 end
   if c.timed then w.timed_done = w.timed_done + c.n end
   if dq_len(w.inflight) == 0 then w.queued_est = 0 end   -- no drift from float sums
-  w.busy_since = t or now()
+  w.busy_since = now()
   w.ahead_bytes = w.ahead_bytes - (c.ahead or 0)
   c.bytes, c.run = nil, nil    -- kept until answered: a chunk of a worker that died is sent again
   return c
+end
+
+-- Takes the count chunks a coalesced answer covers off w's queue: consecutive chunks of
+-- one map job over consecutive items; returns the first and the items they hold, or nil
+-- (nothing taken: the worker broke the protocol).
+local function queue_pop_run(w, count)
+  local q = w.inflight
+  local f = q.first
+  if count > q.last - f + 1 then return nil end
+  local c = q[f]
+  local job, k, nextf = c.job, c.k, c.first
+  if job.kind ~= "map" then return nil end
+  local items = 0
+  for j = 0, count - 1 do
+    local x = q[f + j]
+    if x.job ~= job or x.k ~= k + j or x.first ~= nextf or x.timed then return nil end
+    nextf = x.first + x.n
+    items = items + x.n
+  end
+  local qe, unknown, ahead = w.queued_est, w.unknown, w.ahead_bytes
+  for j = f, f + count - 1 do
+    local x = q[j]
+    q[j] = nil
+    if x.est then qe = qe - x.est else unknown = unknown - 1 end
+    ahead = ahead - (x.ahead or 0)
+    x.bytes, x.run = nil, nil
+  end
+  q.first = f + count
+  if q.first > q.last then qe = 0 end   -- no drift from float sums
+  w.queued_est, w.unknown, w.ahead_bytes = qe, unknown, ahead
+  w.busy_since = now()
+  return c, items
 end
 
 local function remember_fn(w, fe, defs)
@@ -1005,7 +1044,7 @@ local function send_chunks(st, w, chunks)
     local last = chunks[#chunks]
     msg[3] = first.run.bytes
     msg[4], msg[5], msg[6], msg[7], msg[8], msg[9] =
-      job.id, first.k, fe.id, first.mode, last.first + last.n - first.first, -job.chunksize
+      job.id, first.k, fe.id, first.run.mode, last.first + last.n - first.first, -job.chunksize
   else
     for _, c in ipairs(chunks) do
       local job = c.job
@@ -1100,22 +1139,9 @@ local function fail_all(st, err)
 end
 
 -- A result message from w (raw bytes) for chunk c, the head of w's queue.
--- Several chunks of a map's run answered by one message (more: the chunks, in order, c
--- first; see worker_loop): they must be consecutive chunks of c's job, covering
--- consecutive items, all of which the message holds.
-local function coalesced_ok(c, more, msg)
-  local job = c.job
-  if job.kind ~= "map" or msg[3] ~= true or type(msg[5]) ~= "table" then return false end
-  local items, nextfirst = 0, c.first
-  for j, x in ipairs(more) do
-    if x.job ~= job or x.k ~= c.k + j - 1 or x.first ~= nextfirst then return false end
-    nextfirst = x.first + x.n
-    items = items + x.n
-  end
-  return msg[7] == items and items
-end
-
-local function on_result(st, w, c, data, fds, more)
+-- items: the message answers the chunks of a map from c on that hold this many items
+-- (coalesced, see worker_loop and queue_pop_run).
+local function on_result(st, w, c, data, fds, items)
   -- the chunk's own descriptors are no longer needed: it will not be sent again
   if c.fds then c.fds:close() end
   local ok, msg
@@ -1124,9 +1150,9 @@ local function on_result(st, w, c, data, fds, more)
     return false
   end
   local n = c.n
-  if more then
-    n = coalesced_ok(c, more, msg)
-    if not n then return false end
+  if items then
+    if msg[3] ~= true or type(msg[5]) ~= "table" or msg[7] ~= items then return false end
+    n = items
   end
   local fe, dt = c.job.fe, msg[4]
   if math.type(dt) == "float" and n > 0 then
@@ -1139,7 +1165,7 @@ local function on_result(st, w, c, data, fds, more)
     TR.span(c.job.label or "task", w.pid, t0, tonumber(dt) or 0, c.job.id, c.k, c.n, msg[3] == true)
   end
   local res = msg[5]
-  if msg[3] and type(res) == "string" and not more then
+  if msg[3] and type(res) == "string" and not items then
     -- a big chunk's results, encoded on their own: a map's go straight into its result
     -- table (true: stored)
     local job = c.job
@@ -1153,7 +1179,7 @@ local function on_result(st, w, c, data, fds, more)
     end
     if not okr then return false end
   end
-  if more then
+  if items then
     -- (a map: its chunks are one stretch of items, recorded at once)
     chunk_ok(st, c.job, {first = c.first, n = n}, res)
   elseif msg[3] then chunk_ok(st, c.job, c, res)
@@ -1242,22 +1268,15 @@ local function drain_messages(st, w, look_socket)
       on_init_message(st, w, data)
     else
       -- the tag: how many chunks the message answers (coalesced, see worker_loop)
-      local count = tag and tag > 1 and tag or 1
-      if count > dq_len(w.inflight) then
+      local c, items
+      if tag and tag > 1 then c, items = queue_pop_run(w, tag) else c = queue_pop(w) end
+      if not c then
         if fds then fds:close() end
         w.garbled = true
         break
       end
-      local c = queue_pop(w)
-      local more
-      if count > 1 then
-        -- the chunks answered, in order (c first)
-        more = {c}
-        local t = w.busy_since
-        for j = 2, count do more[j] = queue_pop(w, t) end
-      end
       local m = #got
-      got[m + 1], got[m + 2], got[m + 3], got[m + 4] = c, data, fds or false, more or false
+      got[m + 1], got[m + 2], got[m + 3], got[m + 4] = c, data, fds or false, items or false
     end
   end
   if #got > 0 then dispatch(st) end
@@ -1554,6 +1573,7 @@ local SPIN_EST = 2e-4    -- a worker's head chunk expected within this is spun f
 -- Spins briefly for a result when one is due soon from a worker that is running (not
 -- asleep); returns the worker that answered, or nil.
 local function spin_for_result(st, timeout)
+  if not st.spin then return nil end
   local rings, by_ring
   for _, w in ipairs(st.workers) do
     local c = w.inflight[w.inflight.first]
@@ -2239,6 +2259,9 @@ local function new_pool(opts)
     gbase = global_functions(),
     method = creating_method or require("luamp.process").get_start_method(),
     epoch = now(), free_slots = {}, dying = 0,
+    -- with more workers than CPUs, a spinning side would only keep a peer that has work
+    -- off a CPU: nobody spins then (see ring.c)
+    spin = n <= core.cpu_count(),
   }
   -- the workers' start stamps (see TIMED): one slot per worker, in blocks of n made as
   -- needed (a replacement starts before the killed worker it replaces is reaped)
@@ -2269,8 +2292,9 @@ function P._pool_with_method(m, ...)
 end
 
 -- The entry of a worker started by spawn (runs in the fresh interpreter).
-function P._spawn_worker(conn, ring, initializer, initargs, maxtasks, stamps, slot, epoch)
+function P._spawn_worker(conn, ring, initializer, initargs, maxtasks, stamps, slot, epoch, spin)
   local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks,
+              spin = spin,
               epoch = epoch}
   return worker_main(st, {close = function() end}, conn, ring, stamps, slot)
 end
