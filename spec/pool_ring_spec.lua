@@ -117,6 +117,17 @@ describe("_core.loads_into", function()
     assert.same({4}, dst[13]); assert.equal(7, dst[16]); assert.equal("also kept", dst[20])
   end)
 
+  it("with at: decodes a result message, its results straight into place when it succeeded", function()
+    local dst = {}
+    local m = core.loads_into(core.dumps({7, 2, true, 0.5, {1, nil, 3}, 9.5}), dst, 5, 3, 5)
+    assert.same({7, 2, true, 0.5, true, 9.5}, m)
+    assert.equal(1, dst[5]); assert.is_nil(dst[6]); assert.equal(3, dst[7])
+    m = core.loads_into(core.dumps({7, 2, false, 0.5, {"boom", "tb"}}), dst, 5, 3, 5)
+    assert.same({7, 2, false, 0.5, {"boom", "tb"}}, m)
+    assert.equal(1, dst[5])
+    H.raises("Serialize", core.loads_into, core.dumps({7, 2, true, 0.5, {1, 2, 3, 4}}), dst, 5, 3, 5)
+  end)
+
   it("refuses anything but items 1..n", function()
     H.raises("Serialize", core.loads_into, core.dumps({1, 2, 3}), {}, 1, 2)
     H.raises("Serialize", core.loads_into, core.dumps({a = 1}), {}, 1, 2)

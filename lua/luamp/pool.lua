@@ -245,14 +245,8 @@ local function worker_post(conn, ring, out, ofds, count)
   return U.pcall(conn._send, conn, out, ofds)
 end
 
--- Encodes and sends the answer to one chunk; false when the parent is gone. The results
--- of a big chunk travel encoded on their own (a string in the message), which the
--- parent decodes straight into the map's result table (_core.loads_into).
-local function send_result(conn, ring, jobid, k, okc, dt, res, t0, big)
-  if big and okc then
-    local okb, rb, rfds = U.pcall(dumpx, res)
-    if okb and not rfds then res = rb elseif rfds then rfds:close() end
-  end
+-- Encodes and sends the answer to one chunk; false when the parent is gone.
+local function send_result(conn, ring, jobid, k, okc, dt, res, t0)
   local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
   if not oke then
     if okc then
@@ -353,7 +347,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
         held = nil
         if not flush_coalesced(conn, ring, h) then return false end
       end
-      if not send_result(conn, ring, jobid, k, okc, dt, res, t0, big) then return false end
+      if not send_result(conn, ring, jobid, k, okc, dt, res, t0) then return false end
     end
     done = done + 1
     return not (maxtasks and done >= maxtasks)
@@ -1145,8 +1139,14 @@ local function on_result(st, w, c, data, fds, items)
   -- the chunk's own descriptors are no longer needed: it will not be sent again
   if c.fds then c.fds:close() end
   local ok, msg
-  if fds then ok, msg = U.pcall(loadx, data, fds) else ok, msg = U.pcall(loads, data) end
-  if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
+  local job = c.job
+  if fds then ok, msg = U.pcall(loadx, data, fds)
+  elseif not items and c.n >= SCRATCH_MIN and job.kind == "map" and not job.ready then
+    -- a big chunk of a map: its results go straight into the map's result table
+    -- (msg[5] is then true)
+    ok, msg = U.pcall(core.loads_into, data, job.results, c.first, c.n, 5)
+  else ok, msg = U.pcall(loads, data) end
+  if not ok or type(msg) ~= "table" or msg[1] ~= job.id or msg[2] ~= c.k then
     return false
   end
   local n = c.n
@@ -1165,20 +1165,6 @@ local function on_result(st, w, c, data, fds, items)
     TR.span(c.job.label or "task", w.pid, t0, tonumber(dt) or 0, c.job.id, c.k, c.n, msg[3] == true)
   end
   local res = msg[5]
-  if msg[3] and type(res) == "string" and not items then
-    -- a big chunk's results, encoded on their own: a map's go straight into its result
-    -- table (true: stored)
-    local job = c.job
-    if job.ready or job.cancelled then return true end
-    local okr
-    if job.kind == "map" then
-      okr = U.pcall(core.loads_into, res, job.results, c.first, c.n)
-      res = true
-    else
-      okr, res = U.pcall(loads, res)
-    end
-    if not okr then return false end
-  end
   if items then
     -- (a map: its chunks are one stretch of items, recorded at once)
     chunk_ok(st, c.job, {first = c.first, n = n}, res)
