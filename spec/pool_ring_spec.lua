@@ -155,6 +155,20 @@ describe("Pool over the ring", function()
     end
   end)
 
+  it("a failing task in a run raises its own error, with the worker's traceback", function()
+    local p <close> = luamp.Pool(2)
+    for _, cs in ipairs({1, 3, 7}) do
+      local err = H.raises("Remote", p.map, p, function(x)
+        if x % 500 == 0 then error("bad " .. x) end
+        return x
+      end, range(3000), cs)
+      assert.truthy(err.message:find("bad %d+"), err.message)
+      assert.truthy(err.remote_traceback:find("in local 'task'", 1, true), err.remote_traceback)
+    end
+    -- the pool goes on
+    assert.equal(9, p:map(function(x) return x * x end, {1, 2, 3}, 1)[3])
+  end)
+
   it("results that carry descriptors keep their order among plain ones", function()
     local p <close> = luamp.Pool(2)
     local r = p:map(function(x)

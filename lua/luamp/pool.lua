@@ -196,6 +196,32 @@ local function exec_chunk(task, mode, n, abytes, afds, stamp, run_args, off, out
   return out
 end
 
+-- Runs items from..to of a map's run (see produce_run) straight through, chunk after
+-- chunk of cs items (the run's first item is item 1 of its first chunk); run_pos follows
+-- the item running, so that after an error the caller knows whose chunk failed. As
+-- exec_chunk, the function is a local named `task`.
+local run_pos = 0
+local function run_items(task, mode, from, to, args, out, cs)
+  run_pos = from
+  if type(task) == "table" and task.bad then error(task.bad, 0) end
+  if task == nil then error("internal: unknown function id", 0) end
+  if mode == MAP then
+    for i = from, to do
+      run_pos = i
+      out[i] = task(args[i])
+    end
+  else
+    for i = from, to do
+      run_pos = i
+      local a = args[i]
+      if type(a) ~= "table" then
+        error("starmap: item " .. ((i - 1) % cs + 1) .. " is not an argument list", 0)
+      end
+      out[i] = task(unpack(a, 1, a.n or #a))
+    end
+  end
+end
+
 -- The worker's next message from the parent: from the ring (ring.c), or from the socket
 -- where the ring holds a marker for it; nil when the parent is gone. An empty ring is
 -- spun on briefly while the parent is awake, then slept on (its doorbell and the socket,
@@ -352,6 +378,55 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     done = done + 1
     return not (maxtasks and done >= maxtasks)
   end
+  -- A map's run of n items in chunks of cs from chunk k on, run straight through in
+  -- stretches of whole chunks; the answers of the chunks that succeed are sent together
+  -- (one message per stretch, at least every COALESCE_TIME), a chunk that fails is
+  -- answered with its error on its own and the run goes on with the next chunk, as if
+  -- each chunk had run by itself.
+  local function run_coalesced(jobid, k, fid, mode, n, cs, args)
+    local task = fns[fid]
+    local out = core.table_new(n)
+    local stretch = math.max(cs, 64 // cs * cs)   -- items between looks at the clock
+    local from = 1       -- the first item not yet answered
+    local pos = 1        -- the first item not yet run
+    local t0 = now()
+    local function flush(upto)   -- answers items from..upto (whole chunks)
+      if upto < from then return true end
+      local res = out
+      if from > 1 or upto < n then res = table.move(out, from, upto, 1, core.table_new(upto - from + 1)) end
+      local nch = (upto - from) // cs + 1
+      local sizes = {}
+      for j = 1, nch do sizes[j] = math.min(cs, upto - (from + (j - 1) * cs) + 1) end
+      local t = now()
+      local ok = flush_coalesced(conn, ring, {jobid, k + (from - 1) // cs, nch, t - t0,
+        res, t0, upto - from + 1, sizes})
+      from, t0 = upto + 1, t
+      return ok
+    end
+    while pos <= n do
+      local to = math.min(n, pos + stretch - 1)
+      local okc, err = U.xpcall(run_items, remote_payload, task, mode, pos, to, args, out, cs)
+      io.stdout:flush()
+      if okc then
+        pos = to + 1
+        if pos > n or now() - t0 >= COALESCE_TIME then
+          if not flush(pos - 1) then return false end
+        end
+      else
+        -- the chunk of item run_pos failed: the chunks before it are answered, then it
+        local c0 = (run_pos - 1) // cs * cs + 1          -- its first item
+        local c1 = math.min(n, c0 + cs - 1)
+        if not flush(c0 - 1) then return false end
+        local t = now()
+        if not send_result(conn, ring, jobid, k + (c0 - 1) // cs, false, t - t0, err, t0) then
+          return false
+        end
+        from, pos, t0 = c1 + 1, c1 + 1, t
+      end
+    end
+    done = done + (n + cs - 1) // cs
+    return true
+  end
   while true do
     local bytes = worker_next(conn, ring, wait_set, spin)
     if not bytes then return 0 end         -- EOF: the parent is gone
@@ -376,7 +451,10 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes = msg[i + 5]
-      if math.type(abytes) == "integer" then
+      if math.type(abytes) == "integer" and mode >= COALESCE and not maxtasks then
+        if -abytes < 1 or not run_args then return 0 end
+        if not run_coalesced(jobid, k, fid, mode - COALESCE, n, -abytes, run_args) then return 0 end
+      elseif math.type(abytes) == "integer" then
         -- a run: chunks of -abytes items from k on, over the run's n items
         local cs, off = -abytes, 1
         if cs < 1 or not run_args then return 0 end
