@@ -3,8 +3,13 @@
 -- Design
 --  * Each worker is a forked process (core.fork mode "worker": it dies with the parent
 --    through PR_SET_PDEATHSIG, yet may start children, so pools nest) joined to the
---    parent by one duplex Connection (luamp.Pipe). The parent dispatches: it knows
---    exactly which chunks each worker holds, in the order the worker runs them.
+--    parent by one duplex Connection (luamp.Pipe) and a shared-memory ring (ring.c):
+--    messages go through the ring, each direction with an eventfd doorbell that is rung
+--    only while the receiver says it sleeps (the parent says so outside its own waits,
+--    so pumps and host loops see results); a message carrying descriptors or too big for
+--    the ring goes on the socket, behind a marker in the ring that keeps the order. The
+--    parent dispatches: it knows exactly which chunks each worker holds, in the order the
+--    worker runs them.
 --  * Work is cut into chunks (a run of items of one job). A chunk's arguments are
 --    encoded once (luamp.dumps) when it is made; a message to a worker carries a batch
 --    of chunks plus the definitions of functions that worker has not seen yet (functions
@@ -12,6 +17,11 @@
 --    once). A function with upvalues other than the global table is re-encoded per call
 --    and gets a new id when its bytes changed, so a closure never runs with stale
 --    upvalues; a worker keeps at most FN_CACHE functions, the parent says which to drop.
+--  * Small chunks of a list job go out as a run (produce_run): their arguments encoded
+--    once, cut by the worker into the same chunks. A map's run is run straight through
+--    and the answers of its chunks that succeed are sent together (at least every
+--    COALESCE_TIME; the ring record's tag says how many chunks a message answers): a
+--    map fails as a whole on any error, so nothing but the moment of the answer changes.
 --  * A worker runs its chunks in order and answers each with one message
 --    {job id, chunk number, ok, seconds, results | error}. So when a worker dies, the
 --    first unanswered chunk is the one it was running: that chunk fails with WorkerLost
