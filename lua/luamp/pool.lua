@@ -2048,8 +2048,11 @@ end
 -- A single task with nothing queued before it goes straight to an idle worker (what
 -- dispatch would do, without looking through the feed).
 local function send_direct(st, job)
+  local maxtasks = st.maxtasks
   for _, w in ipairs(st.workers) do
-    if w.inflight.first > w.inflight.last and capacity(st, w, job) > 0 then
+    -- (what capacity says of an idle worker)
+    if w.inflight.first > w.inflight.last and not (w.dead or w.stopping or w.sending
+        or w.broken or w.timeout_kill) and not (maxtasks and w.sent >= maxtasks) then
       local c = produce(st, job)
       if c then send_chunks(st, w, {c}) end
       return true
