@@ -336,12 +336,11 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       stamps[slot] = (started << 40) | (math.floor((now() - epoch) * 1e6) & MASK40)
     end
   end
-  local held      -- answers held for coalescing (see flush_coalesced)
   local out, out_n = nil, 0   -- the results table of big chunks, reused
-  -- Runs one chunk and answers it (or holds the answer, see COALESCE); false when the
-  -- worker must stop (the parent is gone, or maxtasks chunks are done).
+  -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
+  -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
+  -- every chunk is answered on its own.)
   local function run_chunk(jobid, k, fid, mode, n, abytes, afds, run_args, off)
-    local coalesce = mode >= COALESCE and not maxtasks
     if mode >= COALESCE then mode = mode - COALESCE end
     local timed = mode >= TIMED
     local base = started
@@ -362,29 +361,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       stamps[slot] = (started << 40) | IDLE40
     end
     io.stdout:flush()
-    if coalesce and okc then
-      if held and held[1] == jobid and held[2] + held[3] == k then
-        table.move(res, 1, n, held[7] + 1, held[5])
-        held[3], held[4], held[7] = held[3] + 1, held[4] + dt, held[7] + n
-        held[8][held[3]] = n
-      else
-        if held and not flush_coalesced(conn, ring, held) then return false end
-        held = {jobid, k, 1, dt, res, t0, n, {n}}
-      end
-      -- answers are not held long: the parent follows progress and refills by them
-      if now() - held[6] >= COALESCE_TIME then
-        local h = held
-        held = nil
-        if not flush_coalesced(conn, ring, h) then return false end
-      end
-    else
-      if held then
-        local h = held
-        held = nil
-        if not flush_coalesced(conn, ring, h) then return false end
-      end
-      if not send_result(conn, ring, jobid, k, okc, dt, res, t0) then return false end
-    end
+    if not send_result(conn, ring, jobid, k, okc, dt, res, t0) then return false end
     done = done + 1
     return not (maxtasks and done >= maxtasks)
   end
@@ -457,7 +434,6 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     end
     -- the arguments of the message's run, if any (see send_chunks)
     local run_args = msg[3] and loads(msg[3]) or nil
-    held = nil
     for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes = msg[i + 5]
@@ -483,7 +459,6 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
         if not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
       end
     end
-    if held and not flush_coalesced(conn, ring, held) then return 0 end
   end
 end
 
