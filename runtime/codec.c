@@ -1546,6 +1546,18 @@ static int l_loads_into(lua_State *L) {
   return 1;
 }
 
+/* _core.loadx(bytes, fds|nil) -> v: decodes (trusted) with the bundle's descriptors; the
+ * bundle is used up (every descriptor left is closed), whatever the outcome. */
+static int l_loadx(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luamp_fdlist *l = luamp_fds_check_bundle(L, 2);
+  int rc = luamp_decode_fds(L, s, len, 0, l);
+  if (l) luamp_fdlist_close(l);
+  if (rc < 0) return lua_error(L);
+  return 1;
+}
+
 /* _core.register_handle(type_name, rebuild) */
 static int l_register_handle(lua_State *L) {
   luaL_checkstring(L, 1);
@@ -1563,6 +1575,7 @@ int luamp_open_codec(lua_State *L) {
     {"loads", l_loads},
     {"loads_trusted", l_loads_trusted},
     {"loads_into", l_loads_into},
+    {"loadx", l_loadx},
     {"register_handle", l_register_handle},
     {NULL, NULL}
   };
