@@ -259,6 +259,30 @@ const char *luamp_executable(void);          /* set by luamp_set_executable, or 
 #define LUAMP_SPAWN_MAGIC "LUAMPSP1"
 #define LUAMP_SPAWN_HEADER 16
 #define LUAMP_SPAWN_MAX ((size_t)1 << 30)
+/* Reads the start frame on fd and runs its message in L (fresh: a new state, whose
+ * libraries are opened first); returns the exit code. Garbage exits the process (2). */
+int luamp_spawn_run(lua_State *L, int fd, int fresh);
+
+/* ---- forkserver start method (forkserver.c) --------------------------------------------
+ * The server runs `<exe> --luamp-forkserver 3 <creator pid>` with its control socket on
+ * fd 3. A request hands it the child's end of a start socket (the spawn frame arrives
+ * there) and the server's end of a status socket; the reply on the status socket is the
+ * child's pid with its pidfd, and later its exit code. */
+#define LUAMP_FORKSERVER_ARG "--luamp-forkserver"
+_Noreturn void luamp_forkserver_main(int ctl, pid_t creator);
+/* Asks the server (started on first use from exe) for a child of kind LUAMP_FORK_*
+ * whose start descriptor is child_fd; returns the status socket or -errno. */
+int luamp_forkserver_request(const char *exe, int kind, int child_fd);
+/* The reply to a request: 0 with the pid and a pidfd, or an errno (status_fd is then
+ * closed). */
+int luamp_forkserver_reply(int status_fd, pid_t *pid, int *pidfd);
+/* 1 (with *code) once the server reported the child's end, 0 while it runs; block waits
+ * for the end. With the server gone, the pidfd tells the end and the code is 255. */
+int luamp_forkserver_reap(int status_fd, int pidfd, int block, int *code);
+/* True in a child forked by a forkserver: its daemon and worker set-up was done by the
+ * fork, against the server (its real parent). */
+extern int luamp_forkserver_child;
+
 /* The executable for spawn children: luamp_executable(), else the luamp program beside
  * the loaded luamp.so, else the installed one; NULL if none is executable. */
 const char *luamp_spawn_executable(void);

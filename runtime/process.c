@@ -67,6 +67,7 @@ typedef struct child {
   int reaped;
   int exitcode;         /* valid once reaped: status, or -signal */
   int has_handle;       /* a Lua handle still points here */
+  int status_fd;        /* forkserver child: the server reports its end here (else -1) */
   struct child *prev, *next;   /* live list, while not reaped */
 } child;
 
@@ -121,6 +122,7 @@ static int exitcode_of(int status) {
 
 static void child_free(child *c) {
   luamp_close_fd(c->pidfd);
+  luamp_close_fd(c->status_fd);
   free(c);
 }
 
@@ -131,6 +133,13 @@ static int child_reap(child *c, int block) {
   if (c->reaped) return 1;
   int status;
   pid_t r;
+  if (c->status_fd >= 0) {
+    /* a forkserver's child: the server reaps it (and its group) and tells us */
+    if (!luamp_forkserver_reap(c->status_fd, c->pidfd, block, &c->exitcode)) return 0;
+    luamp_close_fd(c->status_fd);
+    c->status_fd = -1;
+    goto reaped;
+  }
   if (c->group) {
     siginfo_t si;
     si.si_pid = 0;
@@ -148,6 +157,7 @@ static int child_reap(child *c, int block) {
   } else {
     c->exitcode = exitcode_of(status);
   }
+reaped:
   c->reaped = 1;
   list_remove(c);
   if (!c->sentinel_out) {
@@ -168,10 +178,16 @@ static void reap_ended(void) {
   }
 }
 
+/* A forkserver's child is not ours: it is signalled through its pidfd (never a reused pid). */
+static int child_kill(child *c, int sig) {
+  if (c->status_fd >= 0) return (int)syscall(SYS_pidfd_send_signal, c->pidfd, sig, NULL, 0);
+  return kill(c->pid, sig);
+}
+
 void luamp_children_finish(void) {
   pid_t me = luamp_self_pid();
   for (child *c = live_children; c; c = c->next)
-    if (c->owner == me && c->daemon) kill(c->pid, SIGTERM);
+    if (c->owner == me && c->daemon) child_kill(c, SIGTERM);
   while (live_children) {
     child *c = live_children;
     if (c->owner != me) { list_remove(c); continue; }
@@ -335,6 +351,7 @@ static int l_fork(lua_State *L) {
     luamp_raise(L, "Value", "out of memory");
   }
   c->pidfd = -1;
+  c->status_fd = -1;
   pid_t pid = luamp_fork(daemon);
   if (pid < 0) {
     int err = errno;
@@ -423,6 +440,15 @@ static void send_head(int fd, const char *head, size_t n, const luamp_fdlist *fd
   if (w > 0 && (size_t)w < n) send_all(fd, head + w, n - (size_t)w);
 }
 
+/* the frame: magic, then the message's length (8 bytes, little-endian), then it */
+static void send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds) {
+  char head[LUAMP_SPAWN_HEADER];
+  memcpy(head, LUAMP_SPAWN_MAGIC, 8);
+  for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
+  send_head(fd, head, sizeof head, fds);
+  send_all(fd, msg, len);
+}
+
 static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t at;
@@ -454,14 +480,16 @@ static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
   return rc;
 }
 
-/* _core.spawn(message, daemon) -> Child handle: starts a spawn child and sends it the
- * start message (a string made by process.lua). */
+/* _core.spawn(message, daemon, fds, [forkserver]) -> Child handle: starts a spawn child
+ * (or has the forkserver fork one: forkserver.c) and sends it the start message (a
+ * string made by process.lua). */
 static int l_spawn(lua_State *L) {
   size_t len;
   const char *msg = luaL_checklstring(L, 1, &len);
   luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
+  int server = lua_toboolean(L, 4);
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   const char *exe = luamp_spawn_executable();
   if (!exe) luamp_raise(L, "Value", "cannot start a process: no luamp executable is known (luamp.set_executable)");
@@ -492,9 +520,37 @@ static int l_spawn(lua_State *L) {
     luamp_raise(L, "Value", "cannot start a process: out of memory or fds");
   }
   c->pidfd = -1;
+  c->status_fd = -1;
   fflush(NULL);
   pid_t pid;
-  int rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
+  int rc;
+  if (server) {
+    /* the request, then the frame (the child reads it as soon as it is forked), then
+     * the reply with its pid and pidfd */
+    int st = luamp_forkserver_request(exe, daemon, sv[1]);
+    luamp_close_fd(sv[1]);
+    luamp_close_fd(spare);
+    rc = st < 0 ? -st : 0;
+    if (rc == 0) {
+      send_frame(sv[0], msg, len, fds);
+      rc = luamp_forkserver_reply(st, &pid, &c->pidfd);
+    }
+    luamp_close_fd(sv[0]);
+    if (rc != 0) {
+      free(c);
+      lua_pushfstring(L, "cannot start a process: %s (forkserver)", exe);
+      luamp_raise_errno(L, "Value", lua_tostring(L, -1), rc);
+    }
+    c->status_fd = st;
+    c->pid = pid;
+    c->owner = luamp_self_pid();
+    c->daemon = daemon;
+    c->has_handle = 1;
+    list_push(c);
+    u->c = c;
+    return 1;
+  }
+  rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
   luamp_close_fd(sv[1]);
   if (rc != 0) {
     free(c);
@@ -520,12 +576,7 @@ static int l_spawn(lua_State *L) {
   }
   list_push(c);
   u->c = c;
-  /* the frame: magic, then the message's length (8 bytes, little-endian), then it */
-  char head[LUAMP_SPAWN_HEADER];
-  memcpy(head, LUAMP_SPAWN_MAGIC, 8);
-  for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
-  send_head(sv[0], head, sizeof head, fds);
-  send_all(sv[0], msg, len);
+  send_frame(sv[0], msg, len, fds);
   luamp_close_fd(sv[0]);
   return 1;
 }
@@ -538,6 +589,8 @@ static int l_spawn_child_setup(lua_State *L) {
   int daemon = !worker && lua_toboolean(L, 1);
   pid_t parent = (pid_t)luaL_checkinteger(L, 2);
   parent_at_fork = parent;
+  /* forked by a forkserver: the fork set it up against the server, its real parent */
+  if (luamp_forkserver_child) return 0;
   in_daemon = daemon;
   if (worker) {
     become_worker(parent);
@@ -618,7 +671,7 @@ static int l_child_wait(lua_State *L) {
 static int l_child_signal(lua_State *L) {
   child *c = check_own_child(L);
   int sig = (int)luaL_checkinteger(L, 2);
-  if (!c->reaped && kill(c->pid, sig) < 0 && errno != ESRCH)
+  if (!c->reaped && child_kill(c, sig) < 0 && errno != ESRCH)
     luamp_raise_errno(L, "Value", "kill", errno);
   return 0;
 }

@@ -173,18 +173,6 @@ describe("spawn", function()
     SPAWN_POOL_GLOBAL = nil
   end)
 
-  -- A timed map on spawn workers hung (not diagnosed yet): until it works it is refused.
-  it("refuses a per-task timeout in a spawn Pool rather than hang", function()
-    local pool <close> = ctx.Pool(1)
-    local e = H.raises("Value", pool.map, pool, function(x) return x end, {1, 2}, {timeout = 1})
-    assert.matches("not supported yet in a spawn Pool", e.message, 1, true)
-    H.raises("Value", pool.apply_async, pool, function() end, {}, {timeout = 1})
-    local e2 = H.raises("Value", function()
-      for _ in pool:imap(function(x) return x end, {1, 2}, {timeout = 1}) do end
-    end)
-    assert.matches("not supported yet in a spawn Pool", e2.message, 1, true)
-  end)
-
   it("runs the subclass style (run with fields)", function()
     local p = ctx.Process{run = function(self) os_exit(self.code) end, code = 5}
     p:start(); p:join()

@@ -1,0 +1,439 @@
+/*
+ * forkserver.c — the forkserver start method: the server process, and the caller's side
+ * of talking to it.
+ *
+ * The server is a clean spawn of the luamp executable (or of a host through
+ * luamp_child_main): `<exe> --luamp-forkserver 3 <creator pid>`, started by the first
+ * forkserver child a process asks for. It opens a Lua state with the standard libraries
+ * and luamp (nothing of the caller: no module, no global), then forks one child per
+ * request. A child runs its start message exactly as a spawn child does (spawn.c,
+ * luamp_spawn_run), but in the state the server already opened: no exec, no loading.
+ *
+ * The wire is SOCK_SEQPACKET, one packet per message, everything checked:
+ *  - control socket (caller -> server): {"LFSQ", kind} with two descriptors, the child's
+ *    end of its start socket and the server's end of a fresh status socket;
+ *  - status socket (server -> caller): {pid} with the child's pidfd, made by the server
+ *    while the child cannot have been reaped (so it is that child, whatever pid reuse
+ *    does), or {-errno} when the fork failed; later {exit code} once the server reaped
+ *    the child, and then the server closes it.
+ * The caller keeps the pidfd as the Process sentinel and signals through it
+ * (pidfd_send_signal: never a reused pid). A worker (LUAMP_FORK_WORKER) leads its process
+ * group; the server, its reaper, SIGKILLs the group before reaping it, as process.c does
+ * for forked workers.
+ *
+ * Lifetimes: the server dies with its creator (PR_SET_PDEATHSIG, and EOF on the control
+ * socket, which only the creator holds: a fork of the creator drops its copy at once).
+ * Its daemon children die with it (their parent-death signal is the server's death),
+ * workers too (their SIGTERM kills their group), the others live on as with fork. A
+ * server that died under its caller is restarted by the next request. The server
+ * ignores SIGINT (Ctrl-C is for the caller); its children get the default back.
+ */
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "internal.h"
+#include "luamp.h"
+
+extern char **environ;
+
+#define REQUEST_MAGIC "LFSQ"
+#define SERVER_FD 3
+#define REPLY_WAIT_MS 30000     /* the server answers in microseconds; this is a stuck one */
+
+typedef struct {
+  char magic[4];
+  int32_t kind;
+} request;
+
+int luamp_forkserver_child;
+
+/* ---- packets with descriptors ----------------------------------------------------------- */
+
+static ssize_t send_packet(int fd, const void *p, size_t n, const int *fds, int nfds) {
+  union { char buf[CMSG_SPACE(sizeof(int) * 2)]; struct cmsghdr align; } u;
+  memset(&u, 0, sizeof u);
+  struct iovec iov = {.iov_base = (void *)p, .iov_len = n};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (nfds > 0) {
+    mh.msg_control = u.buf;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+  }
+  ssize_t w;
+  do w = sendmsg(fd, &mh, MSG_NOSIGNAL); while (w < 0 && errno == EINTR);
+  return w;
+}
+
+/* One packet into p (at most n bytes) and up to 2 descriptors (close-on-exec) into fds;
+ * returns its length (-1: error, 0: EOF) and sets *nfds. A packet that was cut (too long,
+ * too many descriptors) comes back as -1 with EPROTO, its descriptors closed. */
+static ssize_t recv_packet(int fd, void *p, size_t n, int *fds, int *nfds, int flags) {
+  union { char buf[CMSG_SPACE(sizeof(int) * 2)]; struct cmsghdr align; } u;
+  struct iovec iov = {.iov_base = p, .iov_len = n};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                      .msg_controllen = sizeof u.buf};
+  ssize_t r;
+  do r = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | flags); while (r < 0 && errno == EINTR);
+  *nfds = 0;
+  if (r < 0) return r;
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; i++) {
+      int d;
+      memcpy(&d, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+      if (*nfds < 2) fds[(*nfds)++] = d;
+      else luamp_close_fd(d);
+    }
+  }
+  if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+    for (int i = 0; i < *nfds; i++) luamp_close_fd(fds[i]);
+    *nfds = 0;
+    errno = EPROTO;
+    return -1;
+  }
+  return r;
+}
+
+/* ---- the server ------------------------------------------------------------------------- */
+
+typedef struct {
+  pid_t pid;
+  int pidfd;
+  int status_fd;          /* the server's end of the caller's status socket */
+  int group;              /* a worker: its group is killed when it is reaped */
+} served;
+
+static served *kids;
+static int nkids, capkids;
+
+static void reply(int status_fd, int32_t value, int pidfd) {
+  send_packet(status_fd, &value, sizeof value, &pidfd, pidfd >= 0 ? 1 : 0);
+}
+
+/* The child is gone (its pidfd is readable): reap it, its group first for a worker. */
+static void reap_kid(int i) {
+  served *k = &kids[i];
+  if (k->group) {
+    siginfo_t si;
+    int r;
+    do r = waitid(P_PID, (id_t)k->pid, &si, WEXITED | WNOWAIT); while (r < 0 && errno == EINTR);
+    if (r == 0) kill(-k->pid, SIGKILL);
+  }
+  int status = 0;
+  pid_t r;
+  do r = waitpid(k->pid, &status, 0); while (r < 0 && errno == EINTR);
+  int32_t code = r < 0 ? 255 : WIFEXITED(status) ? WEXITSTATUS(status)
+               : WIFSIGNALED(status) ? -WTERMSIG(status) : 255;
+  reply(k->status_fd, code, -1);
+  luamp_close_fd(k->status_fd);
+  luamp_close_fd(k->pidfd);
+  kids[i] = kids[--nkids];
+}
+
+/* In the new child: none of the server's descriptors are its business. */
+static void leave_server(int ctl) {
+  luamp_close_fd(ctl);
+  for (int i = 0; i < nkids; i++) {
+    luamp_close_fd(kids[i].pidfd);
+    luamp_close_fd(kids[i].status_fd);
+  }
+  free(kids);
+  kids = NULL;
+  nkids = capkids = 0;
+}
+
+static void serve_request(lua_State *L, int ctl, int kind, int child_fd, int status_fd) {
+  if (nkids == capkids) {
+    int cap = capkids ? capkids * 2 : 16;
+    served *grown = realloc(kids, sizeof *kids * (size_t)cap);
+    if (!grown) {
+      reply(status_fd, -ENOMEM, -1);
+      luamp_close_fd(status_fd);
+      luamp_close_fd(child_fd);
+      return;
+    }
+    kids = grown;
+    capkids = cap;
+  }
+  pid_t pid = luamp_fork(kind);
+  if (pid == 0) {
+    luamp_forkserver_child = 1;
+    leave_server(ctl);
+    luamp_close_fd(status_fd);
+    /* a worker's fork made it ignore SIGINT (the pool stops it); others get Ctrl-C back */
+    if (kind != LUAMP_FORK_WORKER) signal(SIGINT, SIG_DFL);
+    int rc = luamp_spawn_run(L, child_fd, 0);
+    fflush(NULL);
+    lua_close(L);        /* joins (or terminates) the child's own children */
+    fflush(NULL);
+    _exit(rc & 0xff);
+  }
+  int err = errno;
+  luamp_close_fd(child_fd);
+  if (pid < 0) {
+    reply(status_fd, -err, -1);
+    luamp_close_fd(status_fd);
+    return;
+  }
+  int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+  if (pidfd < 0) {
+    err = errno;
+    kill(pid, SIGKILL);
+    if (kind == LUAMP_FORK_WORKER) kill(-pid, SIGKILL);
+    pid_t r;
+    do r = waitpid(pid, NULL, 0); while (r < 0 && errno == EINTR);
+    reply(status_fd, -err, -1);
+    luamp_close_fd(status_fd);
+    return;
+  }
+  if (kind == LUAMP_FORK_WORKER) setpgid(pid, pid);   /* as the child does: no race */
+  kids[nkids++] = (served){.pid = pid, .pidfd = pidfd, .status_fd = status_fd,
+                           .group = kind == LUAMP_FORK_WORKER};
+  reply(status_fd, (int32_t)pid, pidfd);
+}
+
+/* One packet on the control socket: a request, or EOF (returns 0: the creator is gone).
+ * Anything malformed is dropped with its descriptors. */
+static int serve_control(lua_State *L, int ctl) {
+  request rq;
+  int fds[2], nfds;
+  ssize_t r = recv_packet(ctl, &rq, sizeof rq, fds, &nfds, 0);
+  if (r == 0) return 0;
+  if (r < 0) return errno == EPROTO || errno == EAGAIN;
+  if (r != (ssize_t)sizeof rq || memcmp(rq.magic, REQUEST_MAGIC, 4) != 0 || nfds != 2 ||
+      (rq.kind != LUAMP_FORK_PLAIN && rq.kind != LUAMP_FORK_DAEMON && rq.kind != LUAMP_FORK_WORKER)) {
+    for (int i = 0; i < nfds; i++) luamp_close_fd(fds[i]);
+    return 1;
+  }
+  serve_request(L, ctl, rq.kind, fds[0], fds[1]);
+  return 1;
+}
+
+_Noreturn void luamp_forkserver_main(int ctl, pid_t creator) {
+  /* dies with its creator; if that already happened (before prctl), go now */
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != creator) _exit(0);
+  signal(SIGINT, SIG_IGN);
+  fcntl(ctl, F_SETFD, FD_CLOEXEC);
+  lua_State *L = luaL_newstate();
+  if (!L) _exit(1);
+  luaL_openlibs(L);
+  luaL_requiref(L, "luamp", luaopen_luamp, 1);
+  lua_pop(L, 1);
+  /* what every child needs, loaded once here rather than in each child */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "luamp.process");
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) _exit(1);
+  struct pollfd *pfd = NULL;
+  int cap = 0;
+  for (;;) {
+    if (cap < nkids + 1) {
+      int want = (nkids + 1) * 2;
+      struct pollfd *grown = realloc(pfd, sizeof *pfd * (size_t)want);
+      if (!grown) _exit(1);
+      pfd = grown;
+      cap = want;
+    }
+    pfd[0] = (struct pollfd){.fd = ctl, .events = POLLIN};
+    for (int i = 0; i < nkids; i++) pfd[i + 1] = (struct pollfd){.fd = kids[i].pidfd, .events = POLLIN};
+    int n = nkids + 1;
+    int r = poll(pfd, (nfds_t)n, -1);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      _exit(1);
+    }
+    /* the ended children first (from the back: reaping moves the last into the hole) */
+    for (int i = n - 1; i >= 1; i--)
+      if (pfd[i].revents) reap_kid(i - 1);
+    if (pfd[0].revents && !serve_control(L, ctl)) break;
+  }
+  /* the creator is gone: the children that live on are init's now */
+  _exit(0);
+}
+
+/* ---- the caller's side ------------------------------------------------------------------- */
+
+static int ctl_fd = -1;
+static pid_t ctl_owner;          /* the process that started the server */
+static pid_t server_pid;
+
+/* A forked child of the caller neither uses nor keeps its parent's server: holding the
+ * control socket would keep the server alive after its creator. */
+static void forget_server(void) {
+  if (ctl_fd >= 0) close(ctl_fd);
+  ctl_fd = -1;
+  server_pid = 0;
+}
+
+/* Reaps a server that went away (its control socket broke). */
+static void bury_server(void) {
+  if (ctl_fd >= 0) luamp_close_fd(ctl_fd);
+  ctl_fd = -1;
+  if (server_pid > 0) {
+    kill(server_pid, SIGKILL);
+    pid_t r;
+    do r = waitpid(server_pid, NULL, 0); while (r < 0 && errno == EINTR);
+  }
+  server_pid = 0;
+}
+
+static int start_server(const char *exe) {
+  static int atfork_done;
+  if (!atfork_done) {
+    pthread_atfork(NULL, NULL, forget_server);
+    atfork_done = 1;
+  }
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return errno;
+  if (sv[1] == SERVER_FD) {    /* adddup2 onto itself would keep FD_CLOEXEC */
+    int moved = fcntl(sv[1], F_DUPFD_CLOEXEC, SERVER_FD + 1);
+    int err = errno;
+    luamp_close_fd(sv[1]);
+    if (moved < 0) {
+      luamp_close_fd(sv[0]);
+      return err;
+    }
+    sv[1] = moved;
+  }
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t at;
+  int rc = posix_spawn_file_actions_init(&fa);
+  if (rc) goto out_fds;
+  rc = posix_spawnattr_init(&at);
+  if (rc) {
+    posix_spawn_file_actions_destroy(&fa);
+    goto out_fds;
+  }
+  rc = posix_spawn_file_actions_adddup2(&fa, sv[1], SERVER_FD);
+  if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, SERVER_FD + 1);
+  sigset_t none, dfl;
+  sigemptyset(&none);
+  sigemptyset(&dfl);
+  luamp_spawn_sigdefault(&dfl);
+  if (rc == 0) rc = posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  if (rc == 0) rc = posix_spawnattr_setsigmask(&at, &none);
+  if (rc == 0) rc = posix_spawnattr_setsigdefault(&at, &dfl);
+  char fdarg[16], creator[24];
+  snprintf(fdarg, sizeof fdarg, "%d", SERVER_FD);
+  snprintf(creator, sizeof creator, "%d", (int)luamp_self_pid());
+  char *argv[] = {(char *)exe, (char *)LUAMP_FORKSERVER_ARG, fdarg, creator, NULL};
+  pid_t pid;
+  fflush(NULL);
+  if (rc == 0) rc = posix_spawn(&pid, exe, &fa, &at, argv, environ);
+  posix_spawnattr_destroy(&at);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc) goto out_fds;
+  luamp_close_fd(sv[1]);
+  ctl_fd = sv[0];
+  ctl_owner = luamp_self_pid();
+  server_pid = pid;
+  return 0;
+out_fds:
+  luamp_close_fd(sv[0]);
+  luamp_close_fd(sv[1]);
+  return rc;
+}
+
+int luamp_forkserver_request(const char *exe, int kind, int child_fd) {
+  if (ctl_fd >= 0 && ctl_owner != luamp_self_pid()) forget_server();
+  int st[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, st) < 0) return -errno;
+  request rq;
+  memcpy(rq.magic, REQUEST_MAGIC, 4);
+  rq.kind = kind;
+  int fds[2] = {child_fd, st[1]};
+  for (int attempt = 0; attempt < 2; attempt++) {
+    if (ctl_fd < 0) {
+      int rc = start_server(exe);
+      if (rc) {
+        luamp_close_fd(st[0]);
+        luamp_close_fd(st[1]);
+        return -rc;
+      }
+    }
+    if (send_packet(ctl_fd, &rq, sizeof rq, fds, 2) == (ssize_t)sizeof rq) {
+      luamp_close_fd(st[1]);
+      return st[0];
+    }
+    int err = errno;
+    if (err != EPIPE && err != ECONNRESET && err != ENOTCONN) {
+      luamp_close_fd(st[0]);
+      luamp_close_fd(st[1]);
+      return -err;
+    }
+    bury_server();      /* it died (killed?): one new server, once */
+  }
+  luamp_close_fd(st[0]);
+  luamp_close_fd(st[1]);
+  return -EPIPE;
+}
+
+int luamp_forkserver_reply(int status_fd, pid_t *pid, int *pidfd) {
+  struct pollfd p = {.fd = status_fd, .events = POLLIN};
+  int r;
+  do r = poll(&p, 1, REPLY_WAIT_MS); while (r < 0 && errno == EINTR);
+  int32_t v = 0;
+  int fds[2], nfds = 0;
+  ssize_t n = r > 0 ? recv_packet(status_fd, &v, sizeof v, fds, &nfds, MSG_DONTWAIT) : -1;
+  int err = r == 0 ? ETIMEDOUT : n == 0 ? EPIPE : n < 0 ? errno : 0;
+  if (!err && (n != (ssize_t)sizeof v || (v > 0 && nfds != 1) || v == 0)) err = EPROTO;
+  if (!err && v < 0) err = -v > 0 && -v < 4096 ? -v : EPROTO;
+  if (err) {
+    for (int i = 0; i < nfds; i++) luamp_close_fd(fds[i]);
+    luamp_close_fd(status_fd);
+    return err;
+  }
+  *pid = (pid_t)v;
+  *pidfd = fds[0];
+  return 0;
+}
+
+int luamp_forkserver_reap(int status_fd, int pidfd, int block, int *code) {
+  for (;;) {
+    int32_t v;
+    int fds[2], nfds;
+    ssize_t n = recv_packet(status_fd, &v, sizeof v, fds, &nfds, MSG_DONTWAIT);
+    for (int i = 0; i < nfds; i++) luamp_close_fd(fds[i]);
+    if (n == (ssize_t)sizeof v) {
+      /* a code the server could not have sent is a lost status */
+      *code = v >= -64 && v <= 255 ? (int)v : 255;
+      return 1;
+    }
+    struct pollfd p = {.fd = pidfd, .events = POLLIN};
+    int r;
+    if (n == 0 || (n < 0 && errno != EAGAIN)) {
+      /* the server is gone without a word: the pidfd alone says when it ended */
+      if (pidfd < 0) { *code = 255; return 1; }
+      do r = poll(&p, 1, block ? -1 : 0); while (r < 0 && errno == EINTR);
+      if (r == 0) return 0;
+      *code = 255;
+      return 1;
+    }
+    if (!block) {
+      /* running, unless its pidfd says it ended: then the status is on its way */
+      do r = poll(&p, 1, 0); while (r < 0 && errno == EINTR);
+      if (r == 0) return 0;
+    }
+    struct pollfd s = {.fd = status_fd, .events = POLLIN};
+    do r = poll(&s, 1, -1); while (r < 0 && errno == EINTR);
+  }
+}
