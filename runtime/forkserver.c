@@ -181,11 +181,10 @@ static void serve_request(lua_State *L, int ctl, int kind, int child_fd, int sta
     luamp_close_fd(status_fd);
     /* a worker's fork made it ignore SIGINT (the pool stops it); others get Ctrl-C back */
     if (kind != LUAMP_FORK_WORKER) signal(SIGINT, SIG_DFL);
-    int rc = luamp_spawn_run(L, child_fd, 0);
-    fflush(NULL);
-    lua_close(L);        /* joins (or terminates) the child's own children */
-    fflush(NULL);
-    _exit(rc & 0xff);
+    /* it leaves as a forked child does: closing the state would touch (and so copy)
+     * every page of the server's heap */
+    luamp_install_child_os_exit(L);
+    luamp_child_exit(luamp_spawn_run(L, child_fd, 0));
   }
   int err = errno;
   luamp_close_fd(child_fd);
@@ -239,10 +238,12 @@ _Noreturn void luamp_forkserver_main(int ctl, pid_t creator) {
   luaL_openlibs(L);
   luaL_requiref(L, "luamp", luaopen_luamp, 1);
   lua_pop(L, 1);
-  /* what every child needs, loaded once here rather than in each child */
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "luamp.process");
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) _exit(1);
+  /* every part of luamp, compiled once here rather than in each child (luamp.main loads
+   * them on first use) */
+  lua_getglobal(L, "luamp");
+  lua_getfield(L, -1, "_load_all");
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK) _exit(1);
+  lua_pop(L, 1);
   struct pollfd *pfd = NULL;
   int cap = 0;
   for (;;) {
@@ -400,6 +401,10 @@ int luamp_forkserver_reply(int status_fd, pid_t *pid, int *pidfd) {
   if (err) {
     for (int i = 0; i < nfds; i++) luamp_close_fd(fds[i]);
     luamp_close_fd(status_fd);
+    /* no reply because the server died (killed): the next request starts another */
+    struct pollfd c = {.fd = ctl_fd, .events = 0};
+    if (err == EPIPE && ctl_fd >= 0 && poll(&c, 1, 0) > 0 && (c.revents & (POLLHUP | POLLERR)))
+      bury_server();
     return err;
   }
   *pid = (pid_t)v;

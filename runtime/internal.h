@@ -185,6 +185,11 @@ void luamp_spawn_sigdefault(sigset_t *set);
 int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
 void luamp_children_finish(void);
+/* How a forked child leaves (never returning into its parent's program, never closing
+ * the state it shares copy-on-write): its children settled, shared objects given back,
+ * stdio flushed, _exit. The second makes os.exit in L leave that way. */
+_Noreturn void luamp_child_exit(int code);
+void luamp_install_child_os_exit(lua_State *L);
 
 /* ---- the shared arena (arena.c) -------------------------------------------------------
  * Small cross-process objects live in blocks of one memfd-backed arena per process tree.

@@ -285,7 +285,7 @@ pid_t luamp_fork(int daemon) {
 
 /* Leaves a child process: its own children are settled, stdio flushed, and no atexit
  * handler or finalizer of the parent's program runs. */
-static _Noreturn void child_exit(int code) {
+_Noreturn void luamp_child_exit(int code) {
   luamp_children_finish();
   luamp_arena_child_exit();   /* give back the shared objects the child inherited */
   fflush(NULL);
@@ -318,10 +318,10 @@ static int l_child_os_exit(lua_State *L) {
   int code;
   if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
   else code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
-  child_exit(code);
+  luamp_child_exit(code);
 }
 
-static void install_child_os_exit(lua_State *L) {
+void luamp_install_child_os_exit(lua_State *L) {
   if (lua_getglobal(L, "os") == LUA_TTABLE) {
     lua_pushcfunction(L, l_child_os_exit);
     lua_setfield(L, -2, "exit");
@@ -361,7 +361,7 @@ static int l_fork(lua_State *L) {
   }
   if (pid == 0) {
     luamp_close_fd(spare);
-    install_child_os_exit(L);
+    luamp_install_child_os_exit(L);
     lua_pushvalue(L, 1);
     int code = 0;
     if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
@@ -370,7 +370,7 @@ static int l_fork(lua_State *L) {
     } else if (lua_isinteger(L, -1)) {
       code = (int)lua_tointeger(L, -1);
     }
-    child_exit(code);
+    luamp_child_exit(code);
   }
   c->pid = pid;
   c->owner = luamp_self_pid();

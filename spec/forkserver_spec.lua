@@ -241,6 +241,10 @@ describe("forkserver", function()
     assert.equal(-9, q.exitcode)
     assert.truthy(cmdline_of(server):find("--luamp-forkserver", 1, true))
     assert(os.execute("kill -9 " .. server))
+    -- dead (a zombie of this process) before the next start, which is then sure to find
+    -- the control socket broken
+    local t0 = luamp.time()
+    while ppid_of(server) and luamp.time() - t0 < 10 do luamp.sleep(0.005) end
     -- the next start finds the control socket broken and starts another server
     local r = ctx.Process{target = function() os_exit(4) end}
     r:start(); r:join()
