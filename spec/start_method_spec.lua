@@ -173,6 +173,26 @@ describe("spawn", function()
     SPAWN_POOL_GLOBAL = nil
   end)
 
+  -- Compiling every part of luamp was most of a spawn child's start (luamp.main).
+  it("loads the parts of luamp on first use: a child compiles only what it uses", function()
+    local out, err, code = host [[
+      local p = luamp.get_context("spawn").Process{target = function()
+        local loaded = package.loaded
+        print(loaded["luamp.pool"], loaded["luamp.manager"], loaded["luamp.sync"])
+        local m = require "luamp"
+        print(type(m.Lock), loaded["luamp.sync"] ~= nil, loaded["luamp.manager"])
+        m.Manager = "mine"                 -- a name the program set is kept
+        local n = 0
+        for _ in pairs(m) do n = n + 1 end -- pairs sees every part
+        print(n > 50, loaded["luamp.manager"] ~= nil, m.Manager, m.no_such_name)
+      end}
+      p:start(); p:join()
+      print("exit", p.exitcode)
+    ]]
+    assert.equal(0, code, err)
+    assert.equal("nil\tnil\tnil\nfunction\ttrue\tnil\ntrue\ttrue\tmine\tnil\nexit\t0\n", out)
+  end)
+
   it("runs the subclass style (run with fields)", function()
     local p = ctx.Process{run = function(self) os_exit(self.code) end, code = 5}
     p:start(); p:join()
