@@ -16,8 +16,10 @@
  *    while the child cannot have been reaped (so it is that child, whatever pid reuse
  *    does), or {-errno} when the fork failed; later {exit code} once the server reaped
  *    the child, and then the server closes it.
- * The caller keeps the pidfd as the Process sentinel and signals through it
- * (pidfd_send_signal: never a reused pid). A worker (LUAMP_FORK_WORKER) leads its process
+ * The caller's side is _core.forkserver_spawn (here); from the reply on, the child is a
+ * record of process.c's child list (luamp_child_push_remote), which keeps the pidfd as
+ * the Process sentinel, signals through it (pidfd_send_signal: never a reused pid) and
+ * reads the exit code from the status socket. A worker (LUAMP_FORK_WORKER) leads its process
  * group; the server, its reaper, SIGKILLs the group before reaping it, as process.c does
  * for forked workers.
  *
@@ -58,8 +60,6 @@ typedef struct {
   char magic[4];
   int32_t kind;
 } request;
-
-int luamp_forkserver_child;
 
 /* ---- packets with descriptors ----------------------------------------------------------- */
 
@@ -354,7 +354,9 @@ out_fds:
   return rc;
 }
 
-int luamp_forkserver_request(const char *exe, int kind, int child_fd) {
+/* Asks the server (started on first use from exe) for a child of kind LUAMP_FORK_* whose
+ * start descriptor is child_fd; returns the status socket or -errno. */
+static int ask_server(const char *exe, int kind, int child_fd) {
   if (ctl_fd >= 0 && ctl_owner != luamp_self_pid()) forget_server();
   int st[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, st) < 0) return -errno;
@@ -388,7 +390,9 @@ int luamp_forkserver_request(const char *exe, int kind, int child_fd) {
   return -EPIPE;
 }
 
-int luamp_forkserver_reply(int status_fd, pid_t *pid, int *pidfd) {
+/* The reply to a request: 0 with the pid and a pidfd, or an errno (status_fd is then
+ * closed). */
+static int await_reply(int status_fd, pid_t *pid, int *pidfd) {
   struct pollfd p = {.fd = status_fd, .events = POLLIN};
   int r;
   do r = poll(&p, 1, REPLY_WAIT_MS); while (r < 0 && errno == EINTR);
@@ -412,33 +416,44 @@ int luamp_forkserver_reply(int status_fd, pid_t *pid, int *pidfd) {
   return 0;
 }
 
-int luamp_forkserver_reap(int status_fd, int pidfd, int block, int *code) {
-  for (;;) {
-    int32_t v;
-    int fds[2], nfds;
-    ssize_t n = recv_packet(status_fd, &v, sizeof v, fds, &nfds, MSG_DONTWAIT);
-    for (int i = 0; i < nfds; i++) luamp_close_fd(fds[i]);
-    if (n == (ssize_t)sizeof v) {
-      /* a code the server could not have sent is a lost status */
-      *code = v >= -64 && v <= 255 ? (int)v : 255;
-      return 1;
-    }
-    struct pollfd p = {.fd = pidfd, .events = POLLIN};
-    int r;
-    if (n == 0 || (n < 0 && errno != EAGAIN)) {
-      /* the server is gone without a word: the pidfd alone says when it ended */
-      if (pidfd < 0) { *code = 255; return 1; }
-      do r = poll(&p, 1, block ? -1 : 0); while (r < 0 && errno == EINTR);
-      if (r == 0) return 0;
-      *code = 255;
-      return 1;
-    }
-    if (!block) {
-      /* running, unless its pidfd says it ended: then the status is on its way */
-      do r = poll(&p, 1, 0); while (r < 0 && errno == EINTR);
-      if (r == 0) return 0;
-    }
-    struct pollfd s = {.fd = status_fd, .events = POLLIN};
-    do r = poll(&s, 1, -1); while (r < 0 && errno == EINTR);
+/* _core.forkserver_spawn(message, daemon, fds) -> Child handle: has the server fork a
+ * child and sends it the start message (process.lua's spawn message), as _core.spawn
+ * does for a spawn child. The request goes first, then the frame (the child reads it as
+ * soon as it exists), then the reply is awaited. */
+static int l_forkserver_spawn(lua_State *L) {
+  size_t len;
+  const char *msg = luaL_checklstring(L, 1, &len);
+  int kind = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
+           ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
+  luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
+  if (luamp_is_daemon()) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  const char *exe = luamp_spawn_executable();
+  if (!exe) luamp_raise(L, "Value", "cannot start a process: no luamp executable is known (luamp.set_executable)");
+  if (len > LUAMP_SPAWN_MAX) luamp_raise(L, "Value", "cannot start a process: the target and args are too large");
+  luamp_reap_ended();
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    luamp_raise_errno(L, "Value", "cannot start a process", errno);
+  int st = ask_server(exe, kind, sv[1]);
+  luamp_close_fd(sv[1]);
+  int rc = st < 0 ? -st : 0;
+  pid_t pid = 0;
+  int pidfd = -1;
+  if (rc == 0) {
+    luamp_spawn_send_frame(sv[0], msg, len, fds);
+    rc = await_reply(st, &pid, &pidfd);
   }
+  luamp_close_fd(sv[0]);
+  if (rc != 0) {
+    lua_pushfstring(L, "cannot start a process: %s (forkserver)", exe);
+    luamp_raise_errno(L, "Value", lua_tostring(L, -1), rc);
+  }
+  luamp_child_push_remote(L, pid, pidfd, st, kind);
+  return 1;
+}
+
+int luamp_open_forkserver(lua_State *L) {
+  lua_pushcfunction(L, l_forkserver_spawn);
+  lua_setfield(L, -2, "forkserver_spawn");
+  return 0;
 }

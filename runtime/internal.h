@@ -268,24 +268,24 @@ const char *luamp_executable(void);          /* set by luamp_set_executable, or 
  * libraries are opened first); returns the exit code. Garbage exits the process (2). */
 int luamp_spawn_run(lua_State *L, int fd, int fresh);
 
-/* ---- forkserver start method (forkserver.c) --------------------------------------------
+/* The frame of a start message on fd (the handles' descriptors ride on its header). */
+void luamp_spawn_send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds);
+
+/* ---- forkserver start method (forkserver.c; process.c keeps the children) ---------------
  * The server runs `<exe> --luamp-forkserver 3 <creator pid>` with its control socket on
- * fd 3. A request hands it the child's end of a start socket (the spawn frame arrives
- * there) and the server's end of a status socket; the reply on the status socket is the
- * child's pid with its pidfd, and later its exit code. */
+ * fd 3 (luamp_child_main calls luamp_forkserver_main). Its child's exit code comes on a
+ * status socket, one int32 packet, which process.c reads. */
 #define LUAMP_FORKSERVER_ARG "--luamp-forkserver"
 _Noreturn void luamp_forkserver_main(int ctl, pid_t creator);
-/* Asks the server (started on first use from exe) for a child of kind LUAMP_FORK_*
- * whose start descriptor is child_fd; returns the status socket or -errno. */
-int luamp_forkserver_request(const char *exe, int kind, int child_fd);
-/* The reply to a request: 0 with the pid and a pidfd, or an errno (status_fd is then
- * closed). */
-int luamp_forkserver_reply(int status_fd, pid_t *pid, int *pidfd);
-/* 1 (with *code) once the server reported the child's end, 0 while it runs; block waits
- * for the end. With the server gone, the pidfd tells the end and the code is 255. */
-int luamp_forkserver_reap(int status_fd, int pidfd, int block, int *code);
+int luamp_open_forkserver(lua_State *L);
+/* A Child handle (pushed) for a child the forkserver forked: watched through pidfd,
+ * signalled with pidfd_send_signal, its exit code read from status_fd; takes both fds
+ * (closed if it raises). */
+void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, int daemon);
+/* Reaps this process's children that have ended (as every start does first). */
+void luamp_reap_ended(void);
 /* True in a child forked by a forkserver: its daemon and worker set-up was done by the
- * fork, against the server (its real parent). */
+ * fork, against the server (its real parent). Set by forkserver.c. */
 extern int luamp_forkserver_child;
 
 /* The executable for spawn children: luamp_executable(), else the luamp program beside

@@ -12,6 +12,10 @@
  * and watched through a pidfd, which is also the Process sentinel: it becomes readable
  * when the child ends, even if the child's own children live on.
  *
+ * A forkserver's children (forkserver.c forks them in its server) are records here too,
+ * though not ours to wait for: the server reaps them and sends the exit code on a status
+ * socket, the pidfd it handed over is the sentinel, and signals go through the pidfd.
+ *
  * The Lua side sees a "luamp.Child" handle: wait, poll, signal, sentinel, close. A
  * handle inherited by a forked child belongs to another process: there it only frees
  * its copy and never kills or reaps anything.
@@ -36,6 +40,7 @@
  * SIGTTIN, so writing to the terminal (with `stty tostop`) or reading it never stops it.
  * The dispositions a worker changed are put back in its children, forked or spawned.
  */
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
@@ -126,6 +131,38 @@ static void child_free(child *c) {
   free(c);
 }
 
+/* A forkserver's child (forkserver.c): the server reaps it and sends its exit code, one
+ * int32 packet, on the status socket. Returns 1 (with the code) once that came, 0 while
+ * the child runs; when the pidfd says it ended and the code has not arrived, waits for
+ * it, so that after the sentinel fires the exit code is known at once. With the server
+ * gone (EOF), only the pidfd tells the end, and the code is 255 (unknown). */
+static int remote_reap(child *c, int block) {
+  for (;;) {
+    int32_t v;
+    ssize_t n;
+    do n = recv(c->status_fd, &v, sizeof v, MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof v) {
+      /* a code the server could not have sent is a lost status */
+      c->exitcode = v >= -64 && v <= 255 ? (int)v : 255;
+      return 1;
+    }
+    struct pollfd p = {.fd = c->pidfd, .events = POLLIN};
+    int r;
+    if (n >= 0 || errno != EAGAIN) {
+      do r = poll(&p, 1, block ? -1 : 0); while (r < 0 && errno == EINTR);
+      if (r == 0) return 0;
+      c->exitcode = 255;
+      return 1;
+    }
+    if (!block) {
+      do r = poll(&p, 1, 0); while (r < 0 && errno == EINTR);
+      if (r == 0) return 0;
+    }
+    struct pollfd st = {.fd = c->status_fd, .events = POLLIN};
+    do r = poll(&st, 1, -1); while (r < 0 && errno == EINTR);
+  }
+}
+
 /* Reaps c if it has ended (or waits for it when `block`). Returns 1 once reaped. A group
  * leader's group is killed between its end and its reaping: until then its zombie keeps
  * the id, so the kill cannot reach a stranger that reused it. */
@@ -135,7 +172,7 @@ static int child_reap(child *c, int block) {
   pid_t r;
   if (c->status_fd >= 0) {
     /* a forkserver's child: the server reaps it (and its group) and tells us */
-    if (!luamp_forkserver_reap(c->status_fd, c->pidfd, block, &c->exitcode)) return 0;
+    if (!remote_reap(c, block)) return 0;
     luamp_close_fd(c->status_fd);
     c->status_fd = -1;
     goto reaped;
@@ -441,7 +478,7 @@ static void send_head(int fd, const char *head, size_t n, const luamp_fdlist *fd
 }
 
 /* the frame: magic, then the message's length (8 bytes, little-endian), then it */
-static void send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds) {
+void luamp_spawn_send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds) {
   char head[LUAMP_SPAWN_HEADER];
   memcpy(head, LUAMP_SPAWN_MAGIC, 8);
   for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
@@ -480,16 +517,14 @@ static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
   return rc;
 }
 
-/* _core.spawn(message, daemon, fds, [forkserver]) -> Child handle: starts a spawn child
- * (or has the forkserver fork one: forkserver.c) and sends it the start message (a
- * string made by process.lua). */
+/* _core.spawn(message, daemon, fds) -> Child handle: starts a spawn child and sends it
+ * the start message (a string made by process.lua). */
 static int l_spawn(lua_State *L) {
   size_t len;
   const char *msg = luaL_checklstring(L, 1, &len);
   luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
-  int server = lua_toboolean(L, 4);
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   const char *exe = luamp_spawn_executable();
   if (!exe) luamp_raise(L, "Value", "cannot start a process: no luamp executable is known (luamp.set_executable)");
@@ -523,34 +558,7 @@ static int l_spawn(lua_State *L) {
   c->status_fd = -1;
   fflush(NULL);
   pid_t pid;
-  int rc;
-  if (server) {
-    /* the request, then the frame (the child reads it as soon as it is forked), then
-     * the reply with its pid and pidfd */
-    int st = luamp_forkserver_request(exe, daemon, sv[1]);
-    luamp_close_fd(sv[1]);
-    luamp_close_fd(spare);
-    rc = st < 0 ? -st : 0;
-    if (rc == 0) {
-      send_frame(sv[0], msg, len, fds);
-      rc = luamp_forkserver_reply(st, &pid, &c->pidfd);
-    }
-    luamp_close_fd(sv[0]);
-    if (rc != 0) {
-      free(c);
-      lua_pushfstring(L, "cannot start a process: %s (forkserver)", exe);
-      luamp_raise_errno(L, "Value", lua_tostring(L, -1), rc);
-    }
-    c->status_fd = st;
-    c->pid = pid;
-    c->owner = luamp_self_pid();
-    c->daemon = daemon;
-    c->has_handle = 1;
-    list_push(c);
-    u->c = c;
-    return 1;
-  }
-  rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
+  int rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
   luamp_close_fd(sv[1]);
   if (rc != 0) {
     free(c);
@@ -576,10 +584,36 @@ static int l_spawn(lua_State *L) {
   }
   list_push(c);
   u->c = c;
-  send_frame(sv[0], msg, len, fds);
+  luamp_spawn_send_frame(sv[0], msg, len, fds);
   luamp_close_fd(sv[0]);
   return 1;
 }
+
+void luamp_reap_ended(void) { reap_ended(); }
+
+void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, int daemon) {
+  child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->c = NULL;
+  luaL_setmetatable(L, CHILD_MT);
+  child *c = calloc(1, sizeof *c);
+  if (!c) {
+    /* it runs unwatched and unreaped by us: end it (the server reaps it) */
+    syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+    luamp_close_fd(pidfd);
+    luamp_close_fd(status_fd);
+    luamp_raise(L, "Value", "out of memory");
+  }
+  c->pid = pid;
+  c->pidfd = pidfd;
+  c->status_fd = status_fd;
+  c->owner = luamp_self_pid();
+  c->daemon = daemon;
+  c->has_handle = 1;
+  list_push(c);
+  u->c = c;
+}
+
+int luamp_forkserver_child;
 
 /* _core.spawn_child_setup(daemon, parent_pid): in a spawn child, before any of the
  * parent's code runs. A daemon dies with its parent; if the parent is already gone (it
