@@ -82,6 +82,18 @@ describe("forkserver", function()
     assert.equal("script\nnil\tnil\t42\tkid\tMainProcess\tfalse\nexit\t0\n", out)
   end)
 
+  it("gives the child the caller as parent_process, alive while it is", function()
+    local q = ctx.Queue()
+    local p = ctx.Process{target = function(q2)
+      local pp = luamp.parent_process()
+      q2:put({pp.pid, pp.name, pp:is_alive(), luamp.getppid() ~= pp.pid})
+    end, args = {q}}
+    p:start()
+    assert.same({luamp.getpid(), "MainProcess", true, true}, q:get(true, 30))
+    p:join()
+    assert.equal(0, p.exitcode)
+  end)
+
   it("starts children of one server, which is not the caller", function()
     local procs = {}
     for i = 1, 2 do

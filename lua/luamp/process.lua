@@ -271,7 +271,12 @@ current = main
 local Parent = {}
 Parent.__index = Parent
 Parent.__name = "luamp.ParentProcess"
-function Parent:is_alive() return core.getppid() == self.pid end
+function Parent:is_alive()
+  if core.getppid() == self.pid then return true end
+  -- a forkserver's child: its parent is the server, the caller is watched by pidfd
+  local fd = rawget(self, "sentinel")
+  return fd ~= nil and #core.wait_fds({fd}, 0) == 0
+end
 function Parent:join(timeout)
   U.check_timeout("join", timeout)
   if not self:is_alive() then return end
