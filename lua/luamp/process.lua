@@ -174,7 +174,9 @@ function Process:start()
     -- the descriptors of luamp objects in the args (queues, locks...) go with the message;
     -- a forkserver child gets the same message, forked from the server
     local msg, fds = spawn_payload(self)
-    local ok, h = pcall(m == "forkserver" and core.forkserver_spawn or core.spawn, msg, s.daemon, fds)
+    local start = core.spawn
+    if m == "forkserver" then start = core.forkserver_spawn end
+    local ok, h = pcall(start, msg, s.daemon, fds)
     if fds then fds:close() end
     if not ok then error(h, 0) end
     s.handle = h
@@ -360,7 +362,9 @@ function P._spawn_call(fn, args, kind, method)
   local self = new_process({target = fn, args = args})
   S[self].kind = kind
   local msg, fds = spawn_payload(self)
-  local ok, h = pcall(method == "forkserver" and core.forkserver_spawn or core.spawn, msg, kind, fds)
+  local start = core.spawn
+  if method == "forkserver" then start = core.forkserver_spawn end
+  local ok, h = pcall(start, msg, kind, fds)
   if fds then fds:close() end
   if not ok then error(h, 0) end
   return h
