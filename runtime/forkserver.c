@@ -4,10 +4,13 @@
  *
  * The server is a clean spawn of the luamp executable (or of a host through
  * luamp_child_main): `<exe> --luamp-forkserver 3 <creator pid>`, started by the first
- * forkserver child a process asks for. It opens a Lua state with the standard libraries
- * and luamp (nothing of the caller: no module, no global), then forks one child per
- * request. A child runs its start message exactly as a spawn child does (spawn.c,
- * luamp_spawn_run), but in the state the server already opened: no exec, no loading.
+ * forkserver child a process asks for. spawn.c opens its Lua state (the standard
+ * libraries and luamp: nothing of the caller, no module, no global) and hands it over
+ * with its start-frame runner; the server compiles every part of luamp once, then forks
+ * one child per request. A child runs its start message exactly as a spawn child does,
+ * but in the state the server already opened: no exec, no loading. This file sits in the
+ * top layer beside spawn.c and module.c (which opens its Lua binding) and calls only
+ * below: process.c for the fork and the child records.
  *
  * The wire is SOCK_SEQPACKET, one packet per message, everything checked:
  *  - control socket (caller -> server): {"LFSQ", kind} with two descriptors, the child's
@@ -45,10 +48,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <lualib.h>
-
 #include "internal.h"
-#include "luamp.h"
 
 extern char **environ;
 
@@ -161,6 +161,8 @@ static void leave_server(int ctl) {
   nkids = capkids = 0;
 }
 
+static int (*run_start)(lua_State *L, int fd, int fresh);   /* spawn.c's */
+
 static void serve_request(lua_State *L, int ctl, int kind, int child_fd, int status_fd) {
   if (nkids == capkids) {
     int cap = capkids ? capkids * 2 : 16;
@@ -184,7 +186,7 @@ static void serve_request(lua_State *L, int ctl, int kind, int child_fd, int sta
     /* it leaves as a forked child does: closing the state would touch (and so copy)
      * every page of the server's heap */
     luamp_install_child_os_exit(L);
-    luamp_child_exit(luamp_spawn_run(L, child_fd, 0));
+    luamp_child_exit(run_start(L, child_fd, 0));
   }
   int err = errno;
   luamp_close_fd(child_fd);
@@ -227,17 +229,14 @@ static int serve_control(lua_State *L, int ctl) {
   return 1;
 }
 
-_Noreturn void luamp_forkserver_main(int ctl, pid_t creator) {
+_Noreturn void luamp_forkserver_main(lua_State *L, int ctl, pid_t creator,
+                                     int (*run)(lua_State *L, int fd, int fresh)) {
   /* dies with its creator; if that already happened (before prctl), go now */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != creator) _exit(0);
   signal(SIGINT, SIG_IGN);
   fcntl(ctl, F_SETFD, FD_CLOEXEC);
-  lua_State *L = luaL_newstate();
-  if (!L) _exit(1);
-  luaL_openlibs(L);
-  luaL_requiref(L, "luamp", luaopen_luamp, 1);
-  lua_pop(L, 1);
+  run_start = run;
   /* every part of luamp, compiled once here rather than in each child (luamp.main loads
    * them on first use) */
   lua_getglobal(L, "luamp");

@@ -264,9 +264,6 @@ const char *luamp_executable(void);          /* set by luamp_set_executable, or 
 #define LUAMP_SPAWN_MAGIC "LUAMPSP1"
 #define LUAMP_SPAWN_HEADER 16
 #define LUAMP_SPAWN_MAX ((size_t)1 << 30)
-/* Reads the start frame on fd and runs its message in L (fresh: a new state, whose
- * libraries are opened first); returns the exit code. Garbage exits the process (2). */
-int luamp_spawn_run(lua_State *L, int fd, int fresh);
 
 /* The frame of a start message on fd (the handles' descriptors ride on its header). */
 void luamp_spawn_send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds);
@@ -276,7 +273,10 @@ void luamp_spawn_send_frame(int fd, const char *msg, size_t len, const luamp_fdl
  * fd 3 (luamp_child_main calls luamp_forkserver_main). Its child's exit code comes on a
  * status socket, one int32 packet, which process.c reads. */
 #define LUAMP_FORKSERVER_ARG "--luamp-forkserver"
-_Noreturn void luamp_forkserver_main(int ctl, pid_t creator);
+/* Serves on ctl in L (libraries and luamp opened); a child runs its start frame with
+ * run(L, fd, 0), which returns its exit code (spawn.c's). */
+_Noreturn void luamp_forkserver_main(lua_State *L, int ctl, pid_t creator,
+                                     int (*run)(lua_State *L, int fd, int fresh));
 int luamp_open_forkserver(lua_State *L);
 /* A Child handle (pushed) for a child the forkserver forked: watched through pidfd,
  * signalled with pidfd_send_signal, its exit code read from status_fd; takes both fds

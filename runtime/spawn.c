@@ -6,8 +6,8 @@
  * reads the start message from its start descriptor, runs it in a fresh Lua state with
  * the standard libraries and luamp opened, and exits; in a forkserver (argv[1] is
  * LUAMP_FORKSERVER_ARG) it serves (forkserver.c) and exits; otherwise it returns at once.
- * luamp_spawn_run is the reading and running, shared with the forkserver's children,
- * which run their start message in the server's already-opened state.
+ * spawn_run is the reading and running, which the forkserver's children share (it is
+ * handed to the server): they run their start message in the server's opened state.
  *
  * Everything on the descriptor is untrusted until checked: the magic and the length are
  * validated before anything is allocated, the whole message must arrive, and it is
@@ -124,7 +124,9 @@ static int run_child(lua_State *L) {
   return 1;
 }
 
-int luamp_spawn_run(lua_State *L, int fd, int fresh) {
+/* Reads the start frame on fd and runs its message in L (fresh: a new state, whose
+ * libraries are opened first); returns the exit code. Garbage exits the process (2). */
+static int spawn_run(lua_State *L, int fd, int fresh) {
   unsigned char head[LUAMP_SPAWN_HEADER];
   static luamp_fdlist fds;
   read_head(fd, head, sizeof head, &fds);
@@ -171,11 +173,17 @@ void luamp_child_main(int argc, char **argv) {
   if (server) {
     int creator = argc > 3 ? parse_fd(argv[3]) : -1;
     if (creator <= 0) bad_start("bad forkserver creator argument");
-    luamp_forkserver_main(fd, (pid_t)creator);
+    /* the server's state, opened here so that forkserver.c calls nothing above it */
+    lua_State *L = luaL_newstate();
+    if (!L) bad_start("cannot create a Lua state");
+    luaL_openlibs(L);
+    luaL_requiref(L, "luamp", luaopen_luamp, 1);
+    lua_pop(L, 1);
+    luamp_forkserver_main(L, fd, (pid_t)creator, spawn_run);
   }
   lua_State *L = luaL_newstate();
   if (!L) bad_start("cannot create a Lua state");
-  int rc = luamp_spawn_run(L, fd, 1);
+  int rc = spawn_run(L, fd, 1);
   fflush(NULL);
   lua_close(L);          /* joins (or terminates) the child's own children */
   exit(rc & 0xff);
