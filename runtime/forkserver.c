@@ -41,7 +41,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -277,7 +276,9 @@ static pid_t ctl_owner;          /* the process that started the server */
 static pid_t server_pid;
 
 /* A forked child of the caller neither uses nor keeps its parent's server: holding the
- * control socket would keep the server alive after its creator. */
+ * control socket would keep the server alive after its creator. A fork hook (base.h),
+ * so it runs in every luamp fork; after a raw fork the child keeps the socket open but
+ * never uses it (ctl_owner is not its pid). */
 static void forget_server(void) {
   if (ctl_fd >= 0) close(ctl_fd);
   ctl_fd = -1;
@@ -297,11 +298,6 @@ static void bury_server(void) {
 }
 
 static int start_server(const char *exe) {
-  static int atfork_done;
-  if (!atfork_done) {
-    pthread_atfork(NULL, NULL, forget_server);
-    atfork_done = 1;
-  }
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return errno;
   if (sv[1] == SERVER_FD) {    /* adddup2 onto itself would keep FD_CLOEXEC */
@@ -452,6 +448,7 @@ static int l_forkserver_spawn(lua_State *L) {
 }
 
 int luamp_open_forkserver(lua_State *L) {
+  luamp_atfork(NULL, NULL, forget_server);
   lua_pushcfunction(L, l_forkserver_spawn);
   lua_setfield(L, -2, "forkserver_spawn");
   return 0;
