@@ -43,7 +43,7 @@ end
 describe("forkserver", function()
   local ctx = luamp.get_context("forkserver")
   -- targets use no globals: busted runs a spec file in an environment of its own
-  local os_exit = os.exit
+  local os_exit, os_execute = os.exit, os.execute
 
   it("is a start method like the others, with every constructor in its context", function()
     assert.equal("forkserver", ctx.get_start_method())
@@ -309,7 +309,7 @@ describe("forkserver", function()
       c:start()
       q2:put(c.pid)
       -- killed: no end-of-program join of c; the reaper (the server) kills the group
-      os.execute("kill -9 " .. luamp.getpid())
+      os_execute("kill -9 " .. luamp.getpid())
     end, {q})
     assert.equal(-9, e2.exitcode)
     assert.is_true(gone(q:get(true, 30)), "the lost worker's child lived on")

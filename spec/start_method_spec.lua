@@ -193,6 +193,22 @@ describe("spawn", function()
     assert.equal("nil\tnil\tnil\nfunction\ttrue\tnil\ntrue\ttrue\tmine\tnil\nexit\t0\n", out)
   end)
 
+  it("loads a part again when loading it raised (Ctrl-C while it compiled)", function()
+    local out, err, code = host [[
+      print(package.loaded["luamp.manager"] == nil)
+      local orig = package.preload["luamp.manager"]
+      package.preload["luamp.manager"] = function(...)
+        package.preload["luamp.manager"] = orig
+        error("interrupted while compiling")
+      end
+      local ok, e = pcall(function() return luamp.Manager end)
+      print(ok, tostring(e):match("interrupted while compiling") ~= nil)
+      print(type(luamp.Manager), type(luamp.BaseManager))
+    ]]
+    assert.equal(0, code, err)
+    assert.equal("true\nfalse\ttrue\nfunction\tfunction\n", out)
+  end)
+
   it("runs the subclass style (run with fields)", function()
     local p = ctx.Process{run = function(self) os_exit(self.code) end, code = 5}
     p:start(); p:join()

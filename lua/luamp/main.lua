@@ -26,17 +26,20 @@ local parts = {
 }
 local next_part = 1
 
--- Loads the next part; false when none is left.
+-- Loads the next part; false when none is left. A part whose loading raised (Ctrl-C in
+-- the middle of compiling it) is tried again by the next use, not skipped.
 local function load_next()
   while next_part <= #parts do
     local name = parts[next_part]
-    next_part = next_part + 1
     if package.preload[name] or package.loaded[name] then
-      for k, v in pairs(require(name)) do
+      local names = require(name)
+      next_part = next_part + 1
+      for k, v in pairs(names) do
         if rawget(M, k) == nil then rawset(M, k, v) end
       end
       return true
     end
+    next_part = next_part + 1
   end
   return false
 end
