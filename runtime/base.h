@@ -101,10 +101,19 @@ struct uv_loop_s *luamp_private_loop(void);
  * it exists. */
 int luamp_private_loop_step(void);
 int luamp_private_loop_running(void);        /* 1 while luamp_private_loop_step runs it */
+/* Its callbacks call luamp_private_loop_note; the count of them, and the loop's backend
+ * fd (-1 before it is made), let the task scheduler wake the tasks waiting on it when a
+ * step in another task ran their callbacks. */
+void luamp_private_loop_note(void);
+unsigned luamp_private_loop_events(void);
+int luamp_private_loop_fd(void);
 /* With a host loop set (luamp_set_loop), watches fd on it so the host's own uv_run calls
  * ready(fd) when fd becomes readable (wait.c passes its pump runner); unwatch when the
  * fd's pump goes. No-ops otherwise. */
 void luamp_host_watch(int fd, int (*ready)(int fd));
 void luamp_host_unwatch(int fd);
+/* The host's loop (luamp_set_loop) in the process that set it, else NULL: the task
+ * scheduler (sched.c) puts its own watches there. */
+struct uv_loop_s *luamp_host_loop(void);
 
 #endif

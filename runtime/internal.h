@@ -63,6 +63,11 @@ double luamp_deadline_arg(lua_State *L, int idx);
  * (SIGINT seen by the host) is pending it returns -2. Returns the number of ready fds
  * (revents set), 0 on timeout, -1 with errno on failure. */
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
+/* In a pollfd's events for luamp_wait_fds: of the tasks waiting on this fd, wake one per
+ * readiness (a token fd: each waiter takes one), not all. Never reaches the kernel. */
+#define LUAMP_POLL_ONE 0x400
+/* Whether a Ctrl-C is pending (the mark stays). */
+int luamp_interrupt_pending(void);
 /* Longest a wait sleeps in the kernel before it looks for a pending Ctrl-C again (seconds):
  * the bound on how late a Ctrl-C that lands just before a wait's system call is seen. */
 #define LUAMP_WAIT_SLICE 0.1
@@ -75,6 +80,37 @@ int luamp_pump_poll(void);
 /* Runs the pump of fd if there is one and fd is readable right now (zero-timeout poll):
  * for a readiness learnt earlier, which a wait may have used up since. 1 if fd was ready. */
 int luamp_pump_run_if_ready(int fd);
+
+/* For the scheduler's wait: pump functions running now, pumps registered, appending the
+ * idle pump fds not among all[0..nfds) (returns the new count), running the ready ones
+ * among all[from..n). */
+int luamp_pump_running(void);
+int luamp_pump_count(void);
+int luamp_pump_fill(struct pollfd *all, int nfds);
+void luamp_pump_dispatch(struct pollfd *all, int from, int n);
+
+/* The task scheduler as wait.c sees it (sched.c sets luamp_wait_sched from its opener;
+ * it is in wait.c's layer and calls wait.c, so wait.c reaches it only through this):
+ * whether tasks live or the caller is one, the wait that stands in for luamp_wait_fds
+ * then, and the host loop's readiness of a pump fd that tasks may wait on too. */
+typedef struct luamp_wait_scheduler {
+  int (*active)(void);
+  int (*in_task)(void);
+  int (*wait_fds)(struct pollfd *fds, int nfds, double deadline);
+  void (*host_fd_ready)(int fd);
+} luamp_wait_scheduler;
+extern const luamp_wait_scheduler *luamp_wait_sched;
+
+/* ---- tasks (sched.c) -------------------------------------------------------------------
+ * luamp_wait_fds and luamp_futex_wait hand over to the scheduler when luamp_sched_active:
+ * inside a task the wait suspends only the task; outside, it runs the ready tasks while
+ * it waits. Same results as the functions they stand in for. */
+int luamp_sched_active(void);
+int luamp_sched_in_task(void);
+int luamp_sched_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
+/* The running task's Lua thread (for the Ctrl-C hook), or NULL. */
+lua_State *luamp_sched_current_thread(void);
+int luamp_open_sched(lua_State *L);
 
 /* ---- the value codec (codec.c) --------------------------------------------------------
  * A growable byte buffer; the codec appends to it. */

@@ -36,6 +36,9 @@ static void on_sigint(int sig) {
   luamp_request_interrupt();
   lua_State *L = interrupt_target;
   if (L) lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  /* Lua code running in a task runs on the task's own thread (sched.c) */
+  lua_State *T = luamp_sched_current_thread();
+  if (T) lua_sethook(T, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
 /* Installs on_sigint unless SIGINT is ignored; *old receives what to put back. Returns

@@ -65,6 +65,14 @@ int luamp_private_loop_step(void) {
 
 int luamp_private_loop_running(void) { return private_loop_running; }
 
+/* Whoever steps the private loop runs every callback due, its own or another waiter's:
+ * the callbacks count here, so that the task scheduler wakes the tasks waiting on the
+ * loop to look again (a step in one task takes the events another task waits for). */
+static unsigned private_loop_events;
+void luamp_private_loop_note(void) { private_loop_events++; }
+unsigned luamp_private_loop_events(void) { return private_loop_events; }
+int luamp_private_loop_fd(void) { return private_loop_made ? uv_backend_fd(&private_loop) : -1; }
+
 /* ---- the host's loop: pump watches ------------------------------------------------------ */
 
 typedef struct host_watch {
@@ -88,6 +96,8 @@ static int host_watches_ours(void) {
   watches = NULL;   /* a forked copy: the parent's loop and handles are not ours to touch */
   return 0;
 }
+
+uv_loop_t *luamp_host_loop(void) { return host_loop && host_watches_ours() ? host_loop : NULL; }
 
 static void on_watch_closed(uv_handle_t *h) { free(h->data); }
 

@@ -698,6 +698,7 @@ static int pop(queue *q, item *it) {
 static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
   if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
+  if (luamp_sched_in_task()) return;   /* the other side may be a task of this process */
   int i = 0;
   /* a look every few pauses: each look pulls the state's cache line away from the
    * process that is about to change it */
@@ -713,7 +714,8 @@ static void spin_while(queue *q, int for_room) {
 /* Waits (lock not held) for a token of class w; returns Q_OK when woken, Q_TIMEOUT when
  * the deadline passed, Q_INTR on Ctrl-C, Q_SYS on failure. */
 static int wait_token(queue *q, int w, double deadline) {
-  struct pollfd p = {.fd = q->efd[w], .events = POLLIN};
+  /* tasks waiting here are woken one per token (sched.c) */
+  struct pollfd p = {.fd = q->efd[w], .events = POLLIN | LUAMP_POLL_ONE};
   int n = luamp_wait_fds(&p, 1, deadline);
   if (n == -2) return Q_INTR;
   if (n < 0) return Q_SYS;

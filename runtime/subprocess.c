@@ -231,11 +231,15 @@ static void on_pidfd(uv_poll_t *h, int status, int events) {
   (void)status;
   (void)events;
   try_reap(h->data);
+  luamp_private_loop_note();
 }
 
 static void on_tick(uv_timer_t *t) { try_reap(t->data); }
 
-static void on_timer(uv_timer_t *t) { ((sp_state *)t->data)->timed_out = 1; }
+static void on_timer(uv_timer_t *t) {
+  ((sp_state *)t->data)->timed_out = 1;
+  luamp_private_loop_note();
+}
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out) {
   (void)suggested;
@@ -250,6 +254,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out) {
 static void on_read(uv_stream_t *h, ssize_t n, const uv_buf_t *b) {
   (void)b;
   stream *s = h->data;
+  luamp_private_loop_note();
   if (n > 0) {
     s->buf.len += (size_t)n;
   } else if (n < 0) {
@@ -263,6 +268,7 @@ static void on_read(uv_stream_t *h, ssize_t n, const uv_buf_t *b) {
 static void on_write(uv_write_t *r, int status) {
   wreq *w = (wreq *)r;
   stream *s = w->s;
+  luamp_private_loop_note();
   s->queued -= w->len;
   writes_in_flight--;
   if (status < 0 && status != UV_ECANCELED && !s->write_err) s->write_err = status;

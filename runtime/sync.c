@@ -50,6 +50,7 @@ static int interrupt_pending(void) {
 }
 
 int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline) {
+  if (luamp_sched_active()) return luamp_sched_futex_wait(word, expect, deadline);
   for (;;) {
     if (interrupt_pending()) return -2;
     double now = luamp_now();

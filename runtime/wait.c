@@ -79,6 +79,14 @@ static pump *pumps;
 static int npumps, pumps_cap;
 static unsigned pump_next_id;
 static pid_t pumps_pid;       /* the process the registrations belong to */
+static int pump_depth;        /* pump functions running (nested) */
+
+/* The task scheduler (sched.c, which calls into this file and so cannot be called from
+ * it by name) hands itself in here from its opener. */
+const luamp_wait_scheduler *luamp_wait_sched;
+
+static int sched_active(void) { return luamp_wait_sched && luamp_wait_sched->active(); }
+static int sched_in_task(void) { return luamp_wait_sched && luamp_wait_sched->in_task(); }
 
 static int pumps_active(void) {
   if (npumps == 0) return 0;
@@ -141,7 +149,9 @@ static void pump_run(int fd) {
   } else {
     lua_rawgeti(T, LUA_REGISTRYINDEX, p->ref);
     lua_pushinteger(T, fd);
+    pump_depth++;
     if (lua_pcall(T, 1, 0, 0) != LUA_OK) drop = pump_failed(T);
+    pump_depth--;
   }
   lua_settop(T, base);
   /* the function may have added or removed pumps: find ours again */
@@ -182,8 +192,17 @@ static int add_pump_fds(struct pollfd *all, int nfds) {
   return n;
 }
 
+/* For the scheduler's wait (sched.c), which polls pump fds beside the tasks' own. */
+int luamp_pump_running(void) { return pump_depth; }
+int luamp_pump_count(void) { return pumps_active() ? npumps : 0; }
+int luamp_pump_fill(struct pollfd *all, int nfds) { return pumps_active() ? add_pump_fds(all, nfds) : nfds; }
+void luamp_pump_dispatch(struct pollfd *all, int from, int n) { pumps_run_ready(all, from, n); }
+
 int luamp_pump_poll(void) {
-  if (!pumps_active()) return 0;
+  /* inside a task the pumps are left to the main context's waits: a pump function that
+   * waited would suspend the task halfway through a call on the one pump thread, which
+   * another pump must not then run on */
+  if (!pumps_active() || sched_in_task()) return 0;
   struct pollfd stackfds[32];
   struct pollfd *fds = npumps <= 32 ? stackfds : malloc(sizeof *fds * (size_t)npumps);
   if (!fds) return 0;
@@ -195,13 +214,21 @@ int luamp_pump_poll(void) {
 }
 
 int luamp_pump_run_if_ready(int fd) {
-  if (!pumps_active()) return 0;
+  if (!pumps_active() || sched_in_task()) return 0;
   struct pollfd pfd = {.fd = fd, .events = POLLIN, .revents = 0};
   int r;
   do r = poll(&pfd, 1, 0); while (r < 0 && errno == EINTR);
   if (r <= 0) return 0;
   pump_run(fd);
   return 1;
+}
+
+/* A pump fd's watch on the host's loop fired: run the pump, and wake the tasks waiting
+ * on that fd (a fd has one watch on a loop, so the scheduler has none of its own). */
+static int pump_host_ready(int fd) {
+  int ran = luamp_pump_run_if_ready(fd);
+  if (luamp_wait_sched) luamp_wait_sched->host_fd_ready(fd);
+  return ran;
 }
 
 /* poll() on the caller's fds alone; the whole wait when no pump is registered. */
@@ -250,6 +277,9 @@ static int wait_round(struct pollfd *fds, int nfds, int ms, int *pumps_ran) {
 }
 
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
+  /* inside a task, or with tasks to run meanwhile: the scheduler waits (sched.c) */
+  if (sched_active()) return luamp_wait_sched->wait_fds(fds, nfds, deadline);
+  for (int i = 0; i < nfds; i++) fds[i].events &= (short)~LUAMP_POLL_ONE;
   if (!pumps_active()) return wait_plain(fds, nfds, deadline);
   for (;;) {
     if (luamp_interrupt_pending()) return -2;
@@ -369,7 +399,7 @@ static int l_pump_add(lua_State *L) {
   p->thread = T;
   p->id = ++pump_next_id;
   pumps_pid = luamp_self_pid();
-  luamp_host_watch((int)fd, luamp_pump_run_if_ready);
+  luamp_host_watch((int)fd, pump_host_ready);
   return 0;
 }
 

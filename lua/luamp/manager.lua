@@ -58,7 +58,10 @@ end
 
 -- ---- client side: connections and calls ------------------------------------------------
 
--- address key -> {ch =, pid =}: this process's connection to each manager
+-- address key -> {pid =, free = {ch, ...}}: this process's idle connections to each
+-- manager. A call takes one for its duration and gives it back, so that calls made at
+-- once by several tasks (luamp.task) each have a connection of their own; a program
+-- without tasks keeps using one.
 local connections = {}
 
 local function connect_channel(address, authkey, timeout)
@@ -76,20 +79,30 @@ local function connect_channel(address, authkey, timeout)
   return ch
 end
 
-local function channel_for(ref)
+local function take_channel(ref)
   local c = connections[ref.key]
   local pid = core.getpid()
-  if c and c.pid == pid then return c.ch end
-  local ch = connect_channel(ref.address, ref.authkey)
-  connections[ref.key] = {ch = ch, pid = pid}
-  return ch
+  if not c or c.pid ~= pid then
+    c = {pid = pid, free = {}}
+    connections[ref.key] = c
+  end
+  local ch = table.remove(c.free)
+  if ch then return ch end
+  return connect_channel(ref.address, ref.authkey)
+end
+
+local function give_back(ref, ch)
+  local c = connections[ref.key]
+  if c and c.pid == core.getpid() then c.free[#c.free + 1] = ch else ch:close() end
 end
 
 local function drop_connection(key)
   local c = connections[key]
   if c then
     connections[key] = nil
-    if c.pid == core.getpid() then c.ch:close() end
+    if c.pid == core.getpid() then
+      for _, ch in ipairs(c.free) do ch:close() end
+    end
   end
 end
 
@@ -106,13 +119,14 @@ end
 
 -- call(ref, id, method, ...) -> the results of method on object id at the manager
 local function call(ref, id, method, ...)
-  local ch = channel_for(ref)
+  local ch = take_channel(ref)
   local ok, reply = pcall(ch.call, ch, {id, method, select("#", ...), ...})
   if not ok then
-    -- Interrupted, EOF, a broken socket: the connection's state is unknown, drop it
-    drop_connection(ref.key)
+    -- Interrupted, EOF, a broken socket: the connection's state is unknown, close it
+    ch:close()
     error(reply, 0)
   end
+  give_back(ref, ch)
   if type(reply) ~= "table" then raise("Remote", "malformed reply from the manager") end
   if reply[1] == true then return unpack(reply, 3, 2 + (reply[2] or 0)) end
   raise_reply(reply[2])
