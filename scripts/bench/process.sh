@@ -116,3 +116,7 @@ printf "  %-34s %10s us\n" "raw C posix_spawn of lua5.4 -e ''" "$cs" "luamp Proc
 awk -v c="$cs" -v l="$ls_" -v p="$ps" 'BEGIN {
   printf "  luamp / raw C      = %.2fx  (goal <= 1.5x)\n", l / c
   printf "  python / luamp     = %.2fx  (goal >= 10x)\n", p / l }'
+# machine-readable lines for scripts/bench/run.sh (the fork figure's reference is the
+# raw C loop whose parent writes 16 pages, as any interpreter does)
+echo "RESULT name=process.fork luamp=$l python=$p peer=$c16 unit=us"
+echo "RESULT name=process.spawn luamp=$ls_ python=$ps peer=$cs unit=us"
