@@ -32,8 +32,9 @@ done
 
 declare -A GOALS=(
   [pool.map1m]="python>=5"
-  [pool.chunksize1]="python>=10 value>=400000"
-  [pool.apply_rt]="value<=16"
+  [pool.chunksize1]="python>=10 value>=400000 peer>=1"
+  [pool.apply_rt]="value<=16 peer<=1"
+  [pool.cpu2]="peer<=0.556"
   [pool.oversub_map1m]="peer>=0.9"
   [pool.oversub_chunksize1]="peer>=0.9"
   [lock.pair]="peer<=1.0 python>=1"
