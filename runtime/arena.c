@@ -16,12 +16,14 @@
  *
  * A block lives while it has references. Every Lua handle (a userdata holding a
  * luamp_ref) is one reference, and each process keeps a list of its live handles so
- * that luamp_fork can account for the copies the child inherits: one more reference
+ * that a luamp fork can account for the copies the child inherits: one more reference
  * per handle before the fork, made the child's after it, all dropped when the child
- * leaves (luamp_arena_child_exit). Each reference records the process it is counted
- * for, so copies inherited through any other fork (a library's raw fork(), which may
- * exec or not) are never dropped from the shared count: at worst a block leaks, it is
- * never freed under someone's feet. A process killed by a signal leaks its blocks.
+ * leaves (arena_child_exit). These are hooks luamp_open_arena registers with the base
+ * (base.h: a fork hook and a child-exit hook); whoever forks only runs them. Each
+ * reference records the process it is counted for, so copies inherited through any other
+ * fork (a library's raw fork(), which may exec or not) are never dropped from the shared
+ * count: at worst a block leaks, it is never freed under someone's feet. A process
+ * killed by a signal leaks its blocks.
  *
  * Handles (handles.c). A handle encoded for a transport that carries descriptors (a
  * Connection, a Queue item, a Pool task or result) carries the arena's memfd, so any
@@ -123,20 +125,20 @@ static inline block *block_of(const luamp_ref *r) {
  * the count and the fork. */
 static pid_t forking;   /* the parent's pid, from prepare until the fork returns */
 
-void luamp_arena_fork_prepare(void) {
+static void arena_fork_prepare(void) {
   pthread_mutex_lock(&mu);
   forking = getpid();
   for (luamp_ref *r = live_refs; r; r = r->next)
     if (r->owner == forking) atomic_fetch_add(&block_of(r)->refs, 1);
 }
 
-void luamp_arena_fork_parent(int failed) {
-  for (luamp_ref *r = live_refs; failed && r; r = r->next)
+static void arena_fork_parent(pid_t pid) {
+  for (luamp_ref *r = live_refs; pid < 0 && r; r = r->next)
     if (r->owner == forking) atomic_fetch_sub(&block_of(r)->refs, 1);   /* still >= 1: ours */
   pthread_mutex_unlock(&mu);
 }
 
-void luamp_arena_fork_child(void) {
+static void arena_fork_child(void) {
   pid_t me = luamp_self_pid();
   for (luamp_ref *r = live_refs; r; r = r->next)
     if (r->owner == forking) r->owner = me;
@@ -397,7 +399,8 @@ size_t luamp_ref_capacity(const luamp_ref *ref) {
   return (size_t)(class_bytes(b->cls) - BLOCK_HEADER);
 }
 
-void luamp_arena_child_exit(void) {
+/* The child-exit hook: drops every reference this process holds. */
+static void arena_child_exit(void) {
   pthread_mutex_lock(&mu);
   while (live_refs) {
     luamp_ref *ref = live_refs;
@@ -580,6 +583,8 @@ static int l_arena_stats(lua_State *L) {
 
 int luamp_open_arena(lua_State *L) {
   pthread_once(&once, init_once);
+  luamp_atfork(arena_fork_prepare, arena_fork_parent, arena_fork_child);
+  luamp_atexit(arena_child_exit, LUAMP_AT_CHILD_EXIT);
   lua_pushcfunction(L, l_arena_stats);
   lua_setfield(L, -2, "arena_stats");
   return 0;

@@ -1442,6 +1442,18 @@ static int l_loads(lua_State *L) {
  * tasks and results), which carry functions and handles. */
 static int l_loads_trusted(lua_State *L) { return loads_with(L, 0); }
 
+/* _core.loadx(bytes, fds|nil) -> v: decodes (trusted) with the bundle's descriptors; the
+ * bundle is used up (every descriptor left is closed), whatever the outcome. */
+static int l_loadx(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luamp_fdlist *l = luamp_fds_check_bundle(L, 2);
+  int rc = luamp_decode_fds(L, s, len, 0, l);
+  if (l) luamp_fdlist_close(l);
+  if (rc < 0) return lua_error(L);
+  return 1;
+}
+
 /* _core.register_handle(type_name, rebuild) */
 static int l_register_handle(lua_State *L) {
   luaL_checkstring(L, 1);
@@ -1458,6 +1470,7 @@ int luamp_open_codec(lua_State *L) {
     {"dumps", l_dumps},
     {"loads", l_loads},
     {"loads_trusted", l_loads_trusted},
+    {"loadx", l_loadx},
     {"register_handle", l_register_handle},
     {NULL, NULL}
   };

@@ -60,7 +60,8 @@
  *
  * This file owns the carrier lists (luamp_fdlist) installed while a message is encoded
  * or decoded, the identity registry, and the Lua-side descriptor bundle (luamp.fds) that
- * lets the Pool carry descriptors with bytes it encoded earlier (_core.dumpx/loadx).
+ * lets the Pool carry descriptors with bytes it encoded earlier (_core.dumpx/loadx,
+ * which are the codec's: the codec calls this file, never the other way round).
  */
 #include <string.h>
 #include <unistd.h>
@@ -185,18 +186,6 @@ luamp_fdlist *luamp_fds_check_bundle(lua_State *L, int idx) {
   return &((bundle *)luaL_checkudata(L, idx, FDS_MT))->l;
 }
 
-/* _core.loadx(bytes, fds|nil) -> v: decodes (trusted) with the bundle's descriptors; the
- * bundle is used up (every descriptor left is closed), whatever the outcome. */
-static int l_loadx(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  luamp_fdlist *l = luamp_fds_check_bundle(L, 2);
-  int rc = luamp_decode_fds(L, s, len, 0, l);
-  if (l) luamp_fdlist_close(l);
-  if (rc < 0) return lua_error(L);
-  return 1;
-}
-
 /* _core.fds_count(fds) -> descriptors still held (tests) */
 static int l_fds_count(lua_State *L) {
   luamp_fdlist *l = luamp_fds_check_bundle(L, 1);
@@ -219,7 +208,6 @@ int luamp_open_handles(lua_State *L) {
   }
   lua_pop(L, 1);
   static const luaL_Reg fns[] = {
-    {"loadx", l_loadx},
     {"fds_count", l_fds_count},
     {NULL, NULL}
   };

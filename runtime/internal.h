@@ -7,6 +7,10 @@
  *    Lua modules under lua/ build the public API from) on top of the stack.
  *  - Errors are raised with luamp_raise(), never with a plain string.
  *  - Blocking waits go through luamp_wait_fds(), the runtime's one wait primitive.
+ *  - Files depend only downward, in the layers of docs/design.md ("Layers"); the base
+ *    layer (base.h) is below all. A file that must act at fork, exec or the end of the
+ *    program registers a hook with the base instead of being called by whoever forks.
+ *    scripts/check_layers.lua (ctest test_layers) enforces this on the object files.
  */
 #ifndef LUAMP_INTERNAL_H
 #define LUAMP_INTERNAL_H
@@ -23,6 +27,7 @@
 #include <lauxlib.h>
 
 #include "luamp.h"
+#include "base.h"
 
 /* ---- errors (error.c) ---------------------------------------------------------------
  * A luamp error is a table {kind = "Timeout", message = "..."} with a shared metatable
@@ -61,10 +66,8 @@ int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
 /* Longest a wait sleeps in the kernel before it looks for a pending Ctrl-C again (seconds):
  * the bound on how late a Ctrl-C that lands just before a wait's system call is seen. */
 #define LUAMP_WAIT_SLICE 0.1
-/* luamp_request_interrupt (luamp.h) marks a Ctrl-C for the next (or current) wait to
- * report; the library installs no signal handler of its own (see interrupt.c). */
-/* Returns and clears the pending-interrupt mark. */
-int luamp_take_interrupt(void);
+/* The pending-interrupt mark (luamp_request_interrupt, luamp_take_interrupt) is the
+ * base's (base.h). */
 /* Background pumps (fd + Lua function, registered with _core.pump_add) are serviced by
  * every luamp_wait_fds call; this runs the ready ones once without blocking and returns
  * how many ran. */
@@ -72,11 +75,6 @@ int luamp_pump_poll(void);
 /* Runs the pump of fd if there is one and fd is readable right now (zero-timeout poll):
  * for a readiness learnt earlier, which a wait may have used up since. 1 if fd was ready. */
 int luamp_pump_run_if_ready(int fd);
-
-/* ---- fds ------------------------------------------------------------------------------ */
-
-/* close() that keeps errno and never retries on EINTR (Linux frees the fd anyway). */
-void luamp_close_fd(int fd);
 
 /* ---- the value codec (codec.c) --------------------------------------------------------
  * A growable byte buffer; the codec appends to it. */
@@ -163,27 +161,17 @@ luamp_fdlist *luamp_fds_check_bundle(lua_State *L, int idx);
 
 /* ---- processes (process.c) ------------------------------------------------------------ */
 
-/* fork() with the runtime's discipline (stdio flushed, signals blocked across it, child
- * state reset). Returns as fork() does. `daemon` is one of: */
+/* fork() with the runtime's discipline (stdio flushed, signals blocked across it, the
+ * base's fork hooks run, child state reset). Returns as fork() does. `daemon` is one of: */
 #define LUAMP_FORK_PLAIN 0    /* an ordinary child */
 #define LUAMP_FORK_DAEMON 1   /* dies with its parent, may not start children */
 #define LUAMP_FORK_WORKER 2   /* a pool worker: dies with its parent and is terminated at
                                * the end like a daemon, but may start children (nested pools) */
 pid_t luamp_fork(int daemon);
-/* This process's pid (cached; correct after any fork). Inline because the lock fast
- * paths (sync.c) store it on every acquire. */
-extern pid_t luamp_pid_cache;          /* 0 until first asked; cleared in every fork child */
-pid_t luamp_self_pid_slow(void);
-static inline pid_t luamp_self_pid(void) {
-  pid_t p = luamp_pid_cache;
-  return p ? p : luamp_self_pid_slow();
-}
-/* Adds to set the signals whose disposition this process (a pool worker) changed from
- * what it inherited, for a spawned child to get back at exec (POSIX_SPAWN_SETSIGDEF). */
-void luamp_spawn_sigdefault(sigset_t *set);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
-/* Joins non-daemon children and terminates daemon ones; safe to call more than once. */
+/* Joins non-daemon children and terminates daemon ones; safe to call more than once.
+ * Registered as an exit hook (program end, child exit) by luamp_open_process. */
 void luamp_children_finish(void);
 
 /* ---- the shared arena (arena.c) -------------------------------------------------------
@@ -223,16 +211,14 @@ void luamp_ref_push_key(lua_State *L, const luamp_ref *ref);
 size_t luamp_ref_capacity(const luamp_ref *ref);
 /* Drops the reference; idempotent. */
 void luamp_ref_release(luamp_ref *ref);
-/* luamp_fork counts the references a child inherits: prepare (parent, before fork)
- * adds one per live reference, child makes them the child's, parent(failed) takes them
- * back if fork failed. A child forked any other way (a raw fork()) inherits uncounted
- * copies, which it never drops from the shared count. */
-void luamp_arena_fork_prepare(void);
-void luamp_arena_fork_child(void);
-void luamp_arena_fork_parent(int failed);
-/* Drops every reference this process holds: a forked child calls it as it leaves. */
-void luamp_arena_child_exit(void);
-/* Adds the arena's private functions to the core table; called by luamp_open_sync. */
+/* A luamp fork counts the references a child inherits, through fork hooks that
+ * luamp_open_arena registers: prepare (parent, before fork) adds one per live reference,
+ * child makes them the child's, parent takes them back if fork failed. A child forked any
+ * other way (a raw fork()) inherits uncounted copies, which it never drops from the
+ * shared count. A forked child drops every reference it holds as it leaves (an exit
+ * hook). */
+/* Adds the arena's private functions to the core table and registers its hooks; called
+ * by luamp_open_sync. */
 int luamp_open_arena(lua_State *L);
 
 /* ---- futex waits (sync.c) -------------------------------------------------------------
@@ -243,13 +229,6 @@ int luamp_open_arena(lua_State *L);
 int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
 void luamp_futex_wake(_Atomic uint32_t *word, int n);
 
-/* Runs fn (as a __gc) when L is closed, through a userdata kept in the registry under key.
- * Installs it once per state: returns 1 if it was installed now, 0 if already there. */
-int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn);
-
-/* ---- host settings (module.c) -------------------------------------------------------- */
-const char *luamp_executable(void);          /* set by luamp_set_executable, or NULL */
-
 /* ---- spawn start method (process.c starts, spawn.c is the child's side) ----------------
  * A spawn child runs `<exe> --luamp-spawn-child 3` with the start descriptor on fd 3:
  * a frame of LUAMP_SPAWN_MAGIC (8 bytes), the message length (8 bytes little-endian,
@@ -259,34 +238,13 @@ const char *luamp_executable(void);          /* set by luamp_set_executable, or 
 #define LUAMP_SPAWN_MAGIC "LUAMPSP1"
 #define LUAMP_SPAWN_HEADER 16
 #define LUAMP_SPAWN_MAX ((size_t)1 << 30)
-/* The executable for spawn children: luamp_executable(), else the luamp program beside
- * the loaded luamp.so, else the installed one; NULL if none is executable. */
-const char *luamp_spawn_executable(void);
+/* The executable for spawn children: luamp_spawn_executable (base.h). */
 
-/* ---- libuv loops (loop.c) -------------------------------------------------------------
- * luamp runs only its private loop, never re-entrantly, never the host's nor libuv's
- * default loop. The private loop, made on first use (NULL if libuv cannot make it): */
-struct uv_loop_s *luamp_private_loop(void);
-/* One non-blocking iteration of it; -1 (nothing run) from inside its own run or before
- * it exists. */
-int luamp_private_loop_step(void);
-int luamp_private_loop_running(void);        /* 1 while luamp_private_loop_step runs it */
-void luamp_private_loop_after_fork(void);    /* in a new child: re-makes the inherited loop */
-/* With a host loop set (luamp_set_loop), watches pump fd on it so the host's own uv_run
- * runs the pump (luamp_pump_run_if_ready); unwatch when the pump goes. No-ops otherwise. */
-void luamp_host_watch(int fd);
-void luamp_host_unwatch(int fd);
-
-/* Called in every new child by luamp_fork (subprocess.c): libuv state inherited from the
- * parent must be re-made (uv_loop_fork) before the child uses it. */
-void luamp_subprocess_after_fork(void);
+/* The libuv loops (loop.c) are in the base layer: base.h. */
 
 /* ---- module openers (one per concept file) -------------------------------------------- */
 int luamp_open_error(lua_State *L);
 int luamp_open_bytecode(lua_State *L);
-/* When >= 0 (set by the REPL on a terminal), a forked child puts this fd (a pty whose
- * output the REPL relays) in place of a stdout/stderr that is a terminal. */
-extern int luamp_child_stdio_fd;
 /* Pushes readable text for any error value at idx (string; __tostring; a table's
  * message/msg field or its pformat) and returns it. Never raises but for memory. */
 const char *luamp_push_error_text(lua_State *L, int idx);

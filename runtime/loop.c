@@ -1,5 +1,7 @@
 /*
  * loop.c — the libuv loops luamp touches, and the rule that keeps a host's loop safe.
+ * Part of the base layer (base.h): it calls only base.c, and reaches the files above it
+ * through what they hand it (a watch's ready callback) and its own fork hook.
  *
  * The rule: luamp runs only its own private loop, and never re-entrantly; it never runs
  * the host's loop (uv_run is not re-entrant: a blocking luamp call made from a host's
@@ -7,26 +9,29 @@
  * never takes uv_default_loop(), which may belong to a host that did not say so.
  *
  * - The private loop (made on first use) holds the handles of luamp's own blocking
- *   waits: a subprocess's pipes, timers and end watch. Only luamp_private_loop_step runs
- *   it, one non-blocking iteration at a time, and refuses to run it from inside itself.
- *   Nesting cannot arise in practice (its callbacks are C that never calls Lua, so no
- *   luamp wait starts inside them); the guard turns a future slip into an error instead
- *   of corrupt libuv state.
+ *   waits: a subprocess's pipes, timers and end watch. When it is made it registers a
+ *   fork hook (base.h) that re-makes a forked child's copy (uv_loop_fork). Only
+ *   luamp_private_loop_step runs it, one non-blocking iteration at a time, and refuses
+ *   to run it from inside itself. Nesting cannot arise in practice (its callbacks are C
+ *   that never calls Lua, so no luamp wait starts inside them); the guard turns a future
+ *   slip into an error instead of corrupt libuv state.
  * - A host's loop, given with luamp_set_loop, is only ever handed handles: one uv_poll
- *   per background pump fd (wait.c), so that pool results and callbacks arrive while the
- *   host runs its own loop. They are unref'd, never keeping the host's uv_run going, and
- *   closed when the pump goes (at the latest when the Lua state closes). Their callback
- *   runs the pump only if its fd is still ready: a luamp wait in an earlier callback of
- *   the same iteration may have drained it, and a stale hint must not lead to a blocking
- *   read. Watches belong to the process that set the loop: a forked child (which never
- *   runs the host's loop) leaves the inherited ones alone.
+ *   per background pump fd (wait.c, which passes the function that runs the pump), so
+ *   that pool results and callbacks arrive while the host runs its own loop. They are
+ *   unref'd, never keeping the host's uv_run going, and closed when the pump goes (at
+ *   the latest when the Lua state closes). Their callback runs the pump only if its fd
+ *   is still ready: a luamp wait in an earlier callback of the same iteration may have
+ *   drained it, and a stale hint must not lead to a blocking read. Watches belong to the
+ *   process that set the loop: a forked child (which never runs the host's loop) leaves
+ *   the inherited ones alone.
  */
 #include <errno.h>
 #include <stdlib.h>
 
 #include <uv.h>
 
-#include "internal.h"
+#include "base.h"
+#include "luamp.h"
 
 /* ---- the private loop ------------------------------------------------------------------ */
 
@@ -34,10 +39,18 @@ static uv_loop_t private_loop;
 static int private_loop_made;
 static int private_loop_running;
 
+/* In a new child: the copy of the parent's loop (epoll set, signal pipe) must be made its
+ * own before a subprocess can be used here. */
+static void private_loop_after_fork(void) {
+  private_loop_running = 0;
+  if (private_loop_made) uv_loop_fork(&private_loop);
+}
+
 uv_loop_t *luamp_private_loop(void) {
   if (!private_loop_made) {
     if (uv_loop_init(&private_loop) < 0) return NULL;
     private_loop_made = 1;
+    luamp_atfork(NULL, NULL, private_loop_after_fork);
   }
   return &private_loop;
 }
@@ -52,16 +65,12 @@ int luamp_private_loop_step(void) {
 
 int luamp_private_loop_running(void) { return private_loop_running; }
 
-void luamp_private_loop_after_fork(void) {
-  private_loop_running = 0;
-  if (private_loop_made) uv_loop_fork(&private_loop);
-}
-
 /* ---- the host's loop: pump watches ------------------------------------------------------ */
 
 typedef struct host_watch {
   uv_poll_t poll;
   int fd;
+  int (*ready)(int fd);
   struct host_watch *next;
 } host_watch;
 
@@ -85,7 +94,8 @@ static void on_watch_closed(uv_handle_t *h) { free(h->data); }
 static void on_pump_ready(uv_poll_t *h, int status, int events) {
   (void)status;   /* an error (a closed fd) is for the pump to find by reading */
   (void)events;
-  luamp_pump_run_if_ready(((host_watch *)h->data)->fd);
+  host_watch *w = h->data;
+  w->ready(w->fd);
 }
 
 void luamp_host_unwatch(int fd) {
@@ -101,7 +111,7 @@ void luamp_host_unwatch(int fd) {
   }
 }
 
-void luamp_host_watch(int fd) {
+void luamp_host_watch(int fd, int (*ready)(int fd)) {
   if (!host_loop || !host_watches_ours()) return;
   /* a fresh watch every time: fd may be a new file under an old number */
   luamp_host_unwatch(fd);
@@ -113,6 +123,7 @@ void luamp_host_watch(int fd) {
   }
   w->poll.data = w;
   w->fd = fd;
+  w->ready = ready;
   uv_poll_start(&w->poll, UV_READABLE, on_pump_ready);
   uv_unref((uv_handle_t *)&w->poll);
   w->next = watches;

@@ -3,9 +3,10 @@
  *
  * The C files each add their private functions to one core table (package.loaded
  * ["luamp._core"]); the Lua sources compiled into the binary (lua/, see cmake/embed.cmake)
- * go into package.preload; then "luamp.main" builds the public table from both. This
- * file also owns the executable an embedding host passes in (its loop is loop.c's) and
- * the end-of-program hook that joins or terminates the children still running.
+ * go into package.preload; then "luamp.main" builds the public table from both. It is
+ * the top layer: it calls every opener, and nothing calls it. What runs at the end of the
+ * program (joining the children still running...) is registered with the base by the
+ * files that own it; luaopen_luamp only arranges for the base to run it (base.h).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -14,16 +15,6 @@
 
 struct luamp_embedded { const char *name, *chunkname, *src; size_t len; };
 extern const struct luamp_embedded luamp_embedded_modules[];
-
-static char *executable_path;
-
-void luamp_set_executable(const char *path) {
-  char *copy = path ? strdup(path) : NULL;
-  free(executable_path);
-  executable_path = copy;
-}
-
-const char *luamp_executable(void) { return executable_path; }
 
 static int embedded_loader(lua_State *L) {
   const struct luamp_embedded *m = lua_touserdata(L, lua_upvalueindex(1));
@@ -41,40 +32,6 @@ static void install_embedded(lua_State *L) {
     lua_setfield(L, -2, m->name);
   }
   lua_pop(L, 1);
-}
-
-/* A registry-held userdata whose __gc runs at lua_close: the end of the main script in
- * both the luamp host and stock lua5.4. atexit covers os.exit() without a close. */
-static int finish_gc(lua_State *L) {
-  (void)L;
-  luamp_children_finish();
-  return 0;
-}
-
-static void at_process_exit(void) { luamp_children_finish(); }
-
-int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn) {
-  if (lua_getfield(L, LUA_REGISTRYINDEX, key) != LUA_TNIL) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  lua_pop(L, 1);
-  lua_newuserdatauv(L, 1, 0);
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, fn);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  lua_setfield(L, LUA_REGISTRYINDEX, key);
-  return 1;
-}
-
-static void install_finish_hook(lua_State *L) {
-  static int atexit_done;
-  if (!luamp_on_close(L, "luamp.finish", finish_gc)) return;
-  if (!atexit_done) {
-    atexit(at_process_exit);
-    atexit_done = 1;
-  }
 }
 
 typedef int (*opener)(lua_State *L);
@@ -98,7 +55,7 @@ static const opener openers[] = {
 };
 
 int luaopen_luamp(lua_State *L) {
-  install_finish_hook(L);
+  luamp_exit_hooks_install(L);
   install_embedded(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_createtable(L, 0, 64);

@@ -4,6 +4,10 @@
  * luamp_fork() is the only place the runtime forks: stdio is flushed first (so nothing
  * prints twice), every signal is blocked across the fork (so no handler runs in a
  * half-made child), and the child resets the state it must not share with its parent.
+ * That state belongs to other files (the arena's reference counts, the private loop, the
+ * REPL's relay): luamp_fork runs the base's fork hooks (base.h), which those files
+ * register, and knows none of them. This file registers its own too (the child list), and
+ * its exit hook (luamp_children_finish) and the signals a spawned program gets back.
  *
  * Each child has a C record in a process-wide list, independent of Lua's collector, so
  * that a child whose Process object was dropped is still joined when the program ends
@@ -81,23 +85,6 @@ static int in_worker;
 static struct sigaction worker_inherited[N_WORKER_SIGNALS];
 
 int luamp_is_daemon(void) { return in_daemon; }
-
-/* getpid() is a real system call and ownership checks are on hot paths (every join,
- * every subprocess read), so the pid is cached; any fork, luamp's or anyone's, clears
- * the cache in the child through pthread_atfork. */
-pid_t luamp_pid_cache;
-
-static void forget_pid(void) { luamp_pid_cache = 0; }
-
-pid_t luamp_self_pid_slow(void) {
-  static int atfork_registered;
-  if (!atfork_registered) {
-    pthread_atfork(NULL, NULL, forget_pid);
-    atfork_registered = 1;
-  }
-  luamp_pid_cache = getpid();
-  return luamp_pid_cache;
-}
 
 static void list_remove(child *c) {
   if (c->prev) c->prev->next = c->next;
@@ -212,19 +199,22 @@ static void become_worker(pid_t parent) {
   if (getppid() != parent) worker_sigterm(SIGTERM);
 }
 
-void luamp_spawn_sigdefault(sigset_t *set) {
+/* The exec hook (luamp_atspawn): a worker's changed dispositions go back to default in
+ * the programs it spawns. */
+static void worker_sigdefault(sigset_t *set) {
   if (!in_worker) return;
   for (int i = 0; i < N_WORKER_SIGNALS; i++)
     if (worker_inherited[i].sa_handler != SIG_IGN) sigaddset(set, worker_signals[i]);
 }
 
-/* In a new child: nothing in the inherited list is ours to wait for. */
+/* The fork hook (in any luamp fork's child): nothing in the inherited list is ours to
+ * wait for. */
+static void children_after_fork(void) { live_children = NULL; }
+
+/* In a new child of luamp_fork, after the fork hooks: what `daemon` asks for. */
 static void reset_after_fork(int daemon, pid_t parent) {
-  live_children = NULL;
   in_daemon = daemon == LUAMP_FORK_DAEMON;
   parent_at_fork = parent;
-  luamp_take_interrupt();
-  luamp_subprocess_after_fork();
   if (in_worker) {
     /* a worker's child: what the worker changed for itself is not inherited */
     for (int i = 0; i < N_WORKER_SIGNALS; i++) sigaction(worker_signals[i], &worker_inherited[i], NULL);
@@ -240,38 +230,31 @@ static void reset_after_fork(int daemon, pid_t parent) {
   }
 }
 
-int luamp_child_stdio_fd = -1;
-
 pid_t luamp_fork(int daemon) {
   sigset_t all, old;
   pid_t parent = luamp_self_pid();
   fflush(NULL);
   sigfillset(&all);
   sigprocmask(SIG_BLOCK, &all, &old);
-  luamp_arena_fork_prepare();
+  luamp_fork_prepare();
   pid_t pid = fork();
   int saved = errno;
   if (pid == 0) {
-    luamp_arena_fork_child();
+    luamp_fork_child();
     reset_after_fork(daemon, parent);
-    /* the REPL relays children's terminal output so that it can redraw its prompt */
-    if (luamp_child_stdio_fd >= 0) {
-      if (isatty(STDOUT_FILENO)) dup2(luamp_child_stdio_fd, STDOUT_FILENO);
-      if (isatty(STDERR_FILENO)) dup2(luamp_child_stdio_fd, STDERR_FILENO);
-    }
   } else {
-    luamp_arena_fork_parent(pid < 0);
+    luamp_fork_parent(pid);
   }
   sigprocmask(SIG_SETMASK, &old, NULL);
   errno = saved;
   return pid;
 }
 
-/* Leaves a child process: its own children are settled, stdio flushed, and no atexit
- * handler or finalizer of the parent's program runs. */
+/* Leaves a child process: the exit hooks settle its own children and give back the
+ * shared objects it inherited, stdio is flushed, and no atexit handler or finalizer of
+ * the parent's program runs. */
 static _Noreturn void child_exit(int code) {
-  luamp_children_finish();
-  luamp_arena_child_exit();   /* give back the shared objects the child inherited */
+  luamp_exit_hooks_run(LUAMP_AT_CHILD_EXIT);
   fflush(NULL);
   _exit(code & 0xff);
 }
@@ -738,6 +721,9 @@ static int l_close_fd(lua_State *L) {
 }
 
 int luamp_open_process(lua_State *L) {
+  luamp_atfork(NULL, NULL, children_after_fork);
+  luamp_atexit(luamp_children_finish, LUAMP_AT_END | LUAMP_AT_CHILD_EXIT);
+  luamp_atspawn(worker_sigdefault);
   static const luaL_Reg child_methods[] = {
     {"pid", l_child_pid},
     {"sentinel", l_child_sentinel},

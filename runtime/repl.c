@@ -125,8 +125,8 @@ static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
 /* ---- children's output at the prompt -------------------------------------------------
  * A child (a Process, a pool worker) that prints while the prompt is shown would write
  * over it and leave the line being typed garbled. On a terminal, the REPL gives the
- * children it forks a pty of its own as their stdout/stderr (luamp_child_stdio_fd; they
- * still see a terminal) and a thread copies what arrives to the real terminal. While the
+ * children it forks a pty of its own as their stdout/stderr (child_stdio_fd, put in
+ * place by a fork hook, base.h; they still see a terminal) and a thread copies what arrives to the real terminal. While the
  * prompt is shown, the thread first clears the prompt's line and, once the output is
  * written, wakes read_key through an eventfd, which has libedit redraw the prompt and
  * what was typed. The thread uses only read/write on fds it owns (no stdio, no locks), so
@@ -138,6 +138,13 @@ static int relay_master = -1;       /* the pty's master: what children wrote */
 static int relay_event = -1;        /* eventfd: output was written over the prompt */
 static atomic_int relay_at_prompt;
 static atomic_int relay_busy;       /* the thread holds output it has not written yet */
+static int child_stdio_fd = -1;     /* the pty's slave end, for children */
+
+/* The fork hook: a child's terminal stdout/stderr become the pty the relay reads. */
+static void relay_child_after_fork(void) {
+  if (isatty(STDOUT_FILENO)) dup2(child_stdio_fd, STDOUT_FILENO);
+  if (isatty(STDERR_FILENO)) dup2(child_stdio_fd, STDERR_FILENO);
+}
 
 static void write_all(int fd, const char *p, size_t n) {
   while (n > 0) {
@@ -209,7 +216,8 @@ static void relay_start(void) {
     relay_master = relay_tty = relay_event = -1;
     goto fail;
   }
-  luamp_child_stdio_fd = slave;
+  child_stdio_fd = slave;
+  luamp_atfork(NULL, NULL, relay_child_after_fork);
   return;
 fail:
   if (slave >= 0) close(slave);

@@ -12,12 +12,10 @@
  * only then the body (functions, modules by name) trusted. Garbage makes the child exit
  * with status 2 and a message on stderr; none of it is run.
  *
- * luamp_spawn_executable() finds the program a spawn child runs: the one the host gave
- * (luamp_set_executable: the luamp host gives its own /proc/self/exe), else the luamp
- * program beside the luamp.so that holds this code (a build tree), else the installed
- * one (LUAMP_BINDIR).
+ * luamp_spawn_executable() (base.c, with the executable a host sets) finds the program a
+ * spawn child runs. This file is an entry point, like the host's main: it opens luamp
+ * (module.c) in the new state, so it sits in the top layer and nothing calls into it.
  */
-#include <dlfcn.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -158,28 +156,4 @@ void luamp_child_main(int argc, char **argv) {
   fflush(NULL);
   lua_close(L);          /* joins (or terminates) the child's own children */
   exit(rc & 0xff);
-}
-
-static int executable_file(const char *path) {
-  return path && access(path, X_OK) == 0;
-}
-
-const char *luamp_spawn_executable(void) {
-  static char beside[PATH_MAX];
-  const char *set = luamp_executable();
-  if (set) return set;
-  Dl_info info;
-  if (dladdr((void *)luamp_spawn_executable, &info) && info.dli_fname) {
-    const char *slash = strrchr(info.dli_fname, '/');
-    size_t dir = slash ? (size_t)(slash - info.dli_fname) + 1 : 0;
-    if (dir + sizeof "luamp" <= sizeof beside) {
-      memcpy(beside, info.dli_fname, dir);
-      memcpy(beside + dir, "luamp", sizeof "luamp");
-      if (strcmp(beside, info.dli_fname) != 0 && executable_file(beside)) return beside;
-    }
-  }
-#ifdef LUAMP_BINDIR
-  if (executable_file(LUAMP_BINDIR "/luamp")) return LUAMP_BINDIR "/luamp";
-#endif
-  return NULL;
 }

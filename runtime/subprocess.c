@@ -1038,12 +1038,6 @@ static int l_environ(lua_State *L) {
   return 1;
 }
 
-void luamp_subprocess_after_fork(void) {
-  /* The child has a copy of the parent's loop (epoll set, signal pipe): it must be made
-   * its own before a subprocess can be used here. */
-  luamp_private_loop_after_fork();
-}
-
 int luamp_open_subprocess(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"pid", l_pid},

@@ -36,16 +36,6 @@
 
 #include "internal.h"
 
-static volatile sig_atomic_t interrupt_pending;
-
-void luamp_request_interrupt(void) { interrupt_pending = 1; }
-
-int luamp_take_interrupt(void) {
-  int was = interrupt_pending;
-  interrupt_pending = 0;
-  return was;
-}
-
 double luamp_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -217,7 +207,7 @@ int luamp_pump_run_if_ready(int fd) {
 /* poll() on the caller's fds alone; the whole wait when no pump is registered. */
 static int wait_plain(struct pollfd *fds, int nfds, double deadline) {
   for (;;) {
-    if (interrupt_pending) return -2;
+    if (luamp_interrupt_pending()) return -2;
     int ms = remaining_ms(deadline);
     int n = poll(fds, (nfds_t)nfds, ms);
     if (n >= 0) {
@@ -262,12 +252,12 @@ static int wait_round(struct pollfd *fds, int nfds, int ms, int *pumps_ran) {
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
   if (!pumps_active()) return wait_plain(fds, nfds, deadline);
   for (;;) {
-    if (interrupt_pending) return -2;
+    if (luamp_interrupt_pending()) return -2;
     int ms = remaining_ms(deadline);
     int ran = 0;
     int n = wait_round(fds, nfds, ms, &ran);
     /* a pump that met a Ctrl-C handed it on: it wins over the caller's readiness */
-    if (interrupt_pending) return -2;
+    if (luamp_interrupt_pending()) return -2;
     if (n > 0) return n;
     if (n < 0) {
       if (errno != EINTR) return -1;
@@ -277,12 +267,6 @@ int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
     if (deadline >= 0 && luamp_now() >= deadline) return 0;
     if (!pumps_active()) return wait_plain(fds, nfds, deadline);
   }
-}
-
-void luamp_close_fd(int fd) {
-  int saved = errno;
-  if (fd >= 0) close(fd);
-  errno = saved;
 }
 
 /* ---- Lua binding ---------------------------------------------------------------------- */
@@ -385,7 +369,7 @@ static int l_pump_add(lua_State *L) {
   p->thread = T;
   p->id = ++pump_next_id;
   pumps_pid = luamp_self_pid();
-  luamp_host_watch((int)fd);
+  luamp_host_watch((int)fd, luamp_pump_run_if_ready);
   return 0;
 }
 

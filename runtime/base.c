@@ -1,0 +1,246 @@
+/*
+ * base.c — the base layer: process-wide state every runtime file may use, and the
+ * registries of fork, exec and end-of-program hooks (declared in base.h, which says the
+ * rules). It calls no other luamp file. It also owns the executable a host names
+ * (luamp_set_executable) and finds the one spawn children run.
+ *
+ * Why registries. Several files keep state a fork must fix up (the arena's reference
+ * counts, the private libuv loop, the list of children), and a spawn or forkserver start
+ * adds more. If the file that forks called each of them, it would depend on all of them
+ * and they on it (they need its pid and fork), a circle that every new concept widens.
+ * pthread_atfork solved the same problem for libc: the owner of the state registers what
+ * to do, and fork() runs the list. luamp_fork does not use pthread_atfork itself because
+ * its hooks must run only for luamp's own forks, with signals blocked, and must know
+ * whether the fork failed; the pid cache, which must be right after any fork, does.
+ *
+ * Ordering follows pthread_atfork: prepare in reverse registration order, parent and
+ * child in registration order; exit hooks in reverse order, as atexit. Registration is
+ * rare (once per concept per process), so a mutex guards it; running reads the arrays
+ * without one (they only grow, and a fork or an exit is not concurrent with luaopen).
+ */
+#include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+
+#include "base.h"
+#include "luamp.h"
+
+#define MAX_HOOKS 16
+
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static _Noreturn void too_many(const char *what) {
+  /* a fixed number of concepts registers hooks: more is a bug, found in the first run */
+  fprintf(stderr, "luamp: too many %s hooks (raise MAX_HOOKS in base.c)\n", what);
+  abort();
+}
+
+/* ---- descriptors ------------------------------------------------------------------------ */
+
+void luamp_close_fd(int fd) {
+  int saved = errno;
+  if (fd >= 0) close(fd);
+  errno = saved;
+}
+
+/* ---- this process ------------------------------------------------------------------------ */
+
+/* getpid() is a real system call and ownership checks are on hot paths (every join,
+ * every subprocess read), so the pid is cached; any fork, luamp's or anyone's, clears
+ * the cache in the child through pthread_atfork. */
+pid_t luamp_pid_cache;
+
+static void forget_pid(void) { luamp_pid_cache = 0; }
+
+pid_t luamp_self_pid_slow(void) {
+  static int atfork_registered;
+  if (!atfork_registered) {
+    pthread_atfork(NULL, NULL, forget_pid);
+    atfork_registered = 1;
+  }
+  luamp_pid_cache = getpid();
+  return luamp_pid_cache;
+}
+
+volatile sig_atomic_t luamp_interrupt_mark;
+
+void luamp_request_interrupt(void) { luamp_interrupt_mark = 1; }
+
+int luamp_take_interrupt(void) {
+  int was = luamp_interrupt_mark;
+  luamp_interrupt_mark = 0;
+  return was;
+}
+
+static char *executable_path;
+
+void luamp_set_executable(const char *path) {
+  char *copy = path ? strdup(path) : NULL;
+  free(executable_path);
+  executable_path = copy;
+}
+
+const char *luamp_executable(void) { return executable_path; }
+
+static int executable_file(const char *path) {
+  return path && access(path, X_OK) == 0;
+}
+
+/* The one the host gave (luamp_set_executable: the luamp host gives its own
+ * /proc/self/exe), else the luamp program beside the luamp.so that holds this code (a
+ * build tree), else the installed one (LUAMP_BINDIR). */
+const char *luamp_spawn_executable(void) {
+  static char beside[PATH_MAX];
+  const char *set = luamp_executable();
+  if (set) return set;
+  Dl_info info;
+  if (dladdr((void *)luamp_spawn_executable, &info) && info.dli_fname) {
+    const char *slash = strrchr(info.dli_fname, '/');
+    size_t dir = slash ? (size_t)(slash - info.dli_fname) + 1 : 0;
+    if (dir + sizeof "luamp" <= sizeof beside) {
+      memcpy(beside, info.dli_fname, dir);
+      memcpy(beside + dir, "luamp", sizeof "luamp");
+      if (strcmp(beside, info.dli_fname) != 0 && executable_file(beside)) return beside;
+    }
+  }
+#ifdef LUAMP_BINDIR
+  if (executable_file(LUAMP_BINDIR "/luamp")) return LUAMP_BINDIR "/luamp";
+#endif
+  return NULL;
+}
+
+/* ---- fork hooks -------------------------------------------------------------------------- */
+
+static struct {
+  void (*prepare)(void);
+  void (*parent)(pid_t pid);
+  void (*child)(void);
+} fork_hooks[MAX_HOOKS];
+static int n_fork_hooks;
+
+void luamp_atfork(void (*prepare)(void), void (*parent)(pid_t pid), void (*child)(void)) {
+  pthread_mutex_lock(&registry_mu);
+  for (int i = 0; i < n_fork_hooks; i++) {
+    if (fork_hooks[i].prepare == prepare && fork_hooks[i].parent == parent &&
+        fork_hooks[i].child == child) {
+      pthread_mutex_unlock(&registry_mu);
+      return;
+    }
+  }
+  if (n_fork_hooks == MAX_HOOKS) too_many("fork");
+  fork_hooks[n_fork_hooks].prepare = prepare;
+  fork_hooks[n_fork_hooks].parent = parent;
+  fork_hooks[n_fork_hooks].child = child;
+  n_fork_hooks++;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+void luamp_fork_prepare(void) {
+  for (int i = n_fork_hooks - 1; i >= 0; i--)
+    if (fork_hooks[i].prepare) fork_hooks[i].prepare();
+}
+
+void luamp_fork_parent(pid_t pid) {
+  for (int i = 0; i < n_fork_hooks; i++)
+    if (fork_hooks[i].parent) fork_hooks[i].parent(pid);
+}
+
+void luamp_fork_child(void) {
+  luamp_interrupt_mark = 0;   /* a Ctrl-C meant for the parent is not the child's */
+  for (int i = 0; i < n_fork_hooks; i++)
+    if (fork_hooks[i].child) fork_hooks[i].child();
+}
+
+/* ---- exec hooks -------------------------------------------------------------------------- */
+
+static void (*spawn_hooks[MAX_HOOKS])(sigset_t *set);
+static int n_spawn_hooks;
+
+void luamp_atspawn(void (*sigdefault)(sigset_t *set)) {
+  pthread_mutex_lock(&registry_mu);
+  for (int i = 0; i < n_spawn_hooks; i++) {
+    if (spawn_hooks[i] == sigdefault) {
+      pthread_mutex_unlock(&registry_mu);
+      return;
+    }
+  }
+  if (n_spawn_hooks == MAX_HOOKS) too_many("spawn");
+  spawn_hooks[n_spawn_hooks++] = sigdefault;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+void luamp_spawn_sigdefault(sigset_t *set) {
+  for (int i = 0; i < n_spawn_hooks; i++) spawn_hooks[i](set);
+}
+
+/* ---- the end ------------------------------------------------------------------------------ */
+
+static struct {
+  void (*fn)(void);
+  int when;
+} exit_hooks[MAX_HOOKS];
+static int n_exit_hooks;
+
+void luamp_atexit(void (*fn)(void), int when) {
+  pthread_mutex_lock(&registry_mu);
+  for (int i = 0; i < n_exit_hooks; i++) {
+    if (exit_hooks[i].fn == fn) {
+      exit_hooks[i].when |= when;
+      pthread_mutex_unlock(&registry_mu);
+      return;
+    }
+  }
+  if (n_exit_hooks == MAX_HOOKS) too_many("exit");
+  exit_hooks[n_exit_hooks].fn = fn;
+  exit_hooks[n_exit_hooks].when = when;
+  n_exit_hooks++;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+void luamp_exit_hooks_run(int when) {
+  for (int i = n_exit_hooks - 1; i >= 0; i--)
+    if (exit_hooks[i].when & when) exit_hooks[i].fn();
+}
+
+int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, key) != LUA_TNIL) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pop(L, 1);
+  lua_newuserdatauv(L, 1, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, fn);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_setfield(L, LUA_REGISTRYINDEX, key);
+  return 1;
+}
+
+/* A registry-held userdata whose __gc runs at lua_close: the end of the main script in
+ * both the luamp host and stock lua5.4. atexit covers os.exit() without a close. */
+static int end_gc(lua_State *L) {
+  (void)L;
+  luamp_exit_hooks_run(LUAMP_AT_END);
+  return 0;
+}
+
+static void at_process_exit(void) { luamp_exit_hooks_run(LUAMP_AT_END); }
+
+void luamp_exit_hooks_install(lua_State *L) {
+  static int atexit_done;
+  if (!luamp_on_close(L, "luamp.finish", end_gc)) return;
+  pthread_mutex_lock(&registry_mu);
+  if (!atexit_done) {
+    atexit(at_process_exit);
+    atexit_done = 1;
+  }
+  pthread_mutex_unlock(&registry_mu);
+}

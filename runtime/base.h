@@ -1,0 +1,110 @@
+/*
+ * base.h — the runtime's base layer (base.c, loop.c): process-wide state and the hooks
+ * through which the files above it take part in fork, exec and the end of the program.
+ *
+ * The base calls no other luamp file; every other file may call it. Files above it do not
+ * call each other to say "a fork happened" or "the program ends": each registers what it
+ * must do (luamp_atfork, luamp_atspawn, luamp_atexit) in its luamp_open_<concept> (or when
+ * it first makes the state the hook looks after), and whoever forks, spawns or exits runs
+ * the registry, knowing none of the objects behind it. See docs/design.md, "Layers".
+ *
+ * Hooks are registered from luaopen (or the first use of a concept), never while a fork
+ * or an exit runs them; registering the same hook again is a no-op, so a process that
+ * opens luamp in several Lua states registers each once. The registries are fixed-size
+ * arrays: running them allocates nothing, which a half-made child requires.
+ */
+#ifndef LUAMP_BASE_H
+#define LUAMP_BASE_H
+
+#include <signal.h>
+#include <sys/types.h>
+
+#include <lua.h>
+
+/* ---- descriptors ----------------------------------------------------------------------- */
+
+/* close() that keeps errno and never retries on EINTR (Linux frees the fd anyway). */
+void luamp_close_fd(int fd);
+
+/* ---- this process ------------------------------------------------------------------------ */
+
+/* This process's pid (cached; correct after any fork). Inline because the lock fast
+ * paths (sync.c) store it on every acquire. */
+extern pid_t luamp_pid_cache;          /* 0 until first asked; cleared in every fork child */
+pid_t luamp_self_pid_slow(void);
+static inline pid_t luamp_self_pid(void) {
+  pid_t p = luamp_pid_cache;
+  return p ? p : luamp_self_pid_slow();
+}
+
+/* The pending-interrupt mark. luamp_request_interrupt (luamp.h) sets it for the next (or
+ * current) wait to report; the library installs no signal handler of its own (see
+ * interrupt.c). A forked child starts without it. */
+extern volatile sig_atomic_t luamp_interrupt_mark;
+static inline int luamp_interrupt_pending(void) { return luamp_interrupt_mark != 0; }
+/* Returns and clears the pending-interrupt mark. */
+int luamp_take_interrupt(void);
+
+/* The executable set by luamp_set_executable (luamp.h), or NULL. */
+const char *luamp_executable(void);
+/* The executable for spawn children: luamp_executable(), else the luamp program beside
+ * the loaded luamp.so, else the installed one; NULL if none is executable. */
+const char *luamp_spawn_executable(void);
+
+/* ---- fork hooks, in the manner of pthread_atfork -----------------------------------------
+ * Whoever forks (luamp_fork, with signals blocked) calls luamp_fork_prepare() just
+ * before fork(), then luamp_fork_child() in the child or luamp_fork_parent(pid) in the
+ * parent (pid < 0: the fork failed and prepare's work is to be undone). As with
+ * pthread_atfork, prepare hooks run in reverse registration order and parent/child hooks
+ * in registration order, so a pair of hooks nests around the fork like a lock: what
+ * registered first prepares last and recovers first. Any of the three may be NULL.
+ * Child hooks run with signals blocked in a half-made child: no Lua, no malloc'd state
+ * of the parent's to free, only resetting what the child must not share. A fork done
+ * without luamp_fork (a library's raw fork()) runs none of them; the owners cope
+ * (the pid cache is reset through pthread_atfork; handles check their owner pid). */
+void luamp_atfork(void (*prepare)(void), void (*parent)(pid_t pid), void (*child)(void));
+void luamp_fork_prepare(void);
+void luamp_fork_parent(pid_t pid);
+void luamp_fork_child(void);
+
+/* ---- exec hooks ---------------------------------------------------------------------------
+ * Whoever starts a program with posix_spawn (a spawn child, a subprocess) asks for the
+ * signals the new program must get back at their default disposition
+ * (POSIX_SPAWN_SETSIGDEF): every registered hook adds the signals its owner changed from
+ * what this process inherited (a pool worker's SIGINT...). */
+void luamp_atspawn(void (*sigdefault)(sigset_t *set));
+void luamp_spawn_sigdefault(sigset_t *set);
+
+/* ---- the end ------------------------------------------------------------------------------
+ * luamp_atexit(fn, when): fn runs when the program ends (LUAMP_AT_END: the close of a Lua
+ * state that opened luamp, which is the end of the main script in both the luamp host and
+ * stock lua5.4, or exit() without a close), and/or when a forked child leaves
+ * (LUAMP_AT_CHILD_EXIT: it runs them, then _exit). Hooks run in reverse registration
+ * order, as atexit's do; each must be safe to run more than once. */
+#define LUAMP_AT_END 1
+#define LUAMP_AT_CHILD_EXIT 2
+void luamp_atexit(void (*fn)(void), int when);
+void luamp_exit_hooks_run(int when);
+/* Arranges for the LUAMP_AT_END hooks to run when L closes and at exit(); luaopen_luamp
+ * calls it first, so they run after the state's other finalizers. */
+void luamp_exit_hooks_install(lua_State *L);
+/* Runs fn (as a __gc) when L is closed, through a userdata kept in the registry under key.
+ * Installs it once per state: returns 1 if it was installed now, 0 if already there. */
+int luamp_on_close(lua_State *L, const char *key, lua_CFunction fn);
+
+/* ---- libuv loops (loop.c) ----------------------------------------------------------------
+ * luamp runs only its private loop, never re-entrantly, never the host's nor libuv's
+ * default loop. The private loop, made on first use (NULL if libuv cannot make it; once
+ * made, a forked child re-makes its copy through a fork hook): */
+struct uv_loop_s *luamp_private_loop(void);
+/* One non-blocking iteration of it; -1 (nothing run) from inside its own run or before
+ * it exists. */
+int luamp_private_loop_step(void);
+int luamp_private_loop_running(void);        /* 1 while luamp_private_loop_step runs it */
+/* With a host loop set (luamp_set_loop), watches fd on it so the host's own uv_run calls
+ * ready(fd) when fd becomes readable (wait.c passes its pump runner); unwatch when the
+ * fd's pump goes. No-ops otherwise. */
+void luamp_host_watch(int fd, int (*ready)(int fd));
+void luamp_host_unwatch(int fd);
+
+#endif
