@@ -1266,6 +1266,12 @@ static void dec_init(dec *d, lua_State *L, const char *data, size_t len, int fla
   d->budget = len;
 }
 
+/* The value after the version byte, and nothing after it. */
+static void decode_root_rest(dec *d) {
+  decode_value(d);
+  if (d->p != d->end) dec_fail(d, "%zu trailing bytes", (size_t)(d->end - d->p));
+}
+
 /* Pushes the decoded value. Needs a free (nil) stack slot at d->refs_slot. Raises on
  * failure; holds no C resources. */
 static void decode_root(dec *d) {
@@ -1442,6 +1448,104 @@ static int l_loads(lua_State *L) {
  * tasks and results), which carry functions and handles. */
 static int l_loads_trusted(lua_State *L) { return loads_with(L, 0); }
 
+/* After a T_TABLE tag: the table's items (keys 1..n only, no metatable) go straight into
+ * the table at dst, item i at dst[pos+i-1]; dst stands in for the table as a reference. */
+static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
+  lua_State *L = d->L;
+  size_t narr = get_count(d, 1);
+  size_t nhash = get_count(d, 2);
+  if (narr > (uint64_t)n) dec_fail(d, "more than %lld items", (long long)n);
+  dec_enter(d);
+  dec_register(d, dst);
+  for (size_t i = 1; i <= narr; i++) {
+    decode_value(d);
+    lua_rawseti(L, dst, pos + (lua_Integer)i - 1);
+  }
+  for (size_t i = 0; i < nhash; i++) {
+    decode_value(d);
+    int isint;
+    lua_Integer k = lua_tointegerx(L, -1, &isint);
+    if (!isint || lua_type(L, -1) != LUA_TNUMBER || k < 1 || k > n)
+      dec_fail(d, "a key that is not an item number 1..%lld", (long long)n);
+    lua_pop(L, 1);
+    decode_value(d);
+    lua_rawseti(L, dst, pos + k - 1);
+  }
+  d->depth--;
+}
+
+/* _core.loads_into(s, dst, pos, n, [at]): decodes s (trusted) without making the big
+ * table a Pool result carries (a million results would otherwise be decoded into a
+ * fresh table, its pages faulted in, and moved):
+ *  - without at: s is a table whose keys are the integers 1..n and nothing else (a
+ *    chunk's results); its items go straight into dst[pos .. pos+n-1]. Returns nothing.
+ *  - with at: s is a result message, a list whose item 3 says whether the chunk succeeded;
+ *    it is decoded and returned as usual, except that when item 3 is true and item `at` is
+ *    such a table of n items, those go straight into dst and item `at` becomes true.
+ * Keys of dst not named by s are left as they are. Raises Serialize for anything else. */
+static int l_loads_into(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer pos = luaL_checkinteger(L, 3), n = luaL_checkinteger(L, 4);
+  lua_Integer at = luaL_optinteger(L, 5, 0);
+  if (n < 0 || pos < 1 || pos > LUA_MAXINTEGER - n || at < 0)
+    luamp_raise(L, "Value", "loads_into: bad position or count");
+  lua_settop(L, 5);
+  lua_pushnil(L);                                   /* refs_slot */
+  dec d;
+  dec_init(&d, L, s, len, 0);
+  d.refs_slot = 6;
+  if (d.p == d.end) dec_fail(&d, "empty input");
+  if (*d.p != CODEC_VERSION) dec_fail(&d, "unsupported format version %d", *d.p);
+  d.p++;
+  need(&d, 1);
+  if (at == 0) {
+    if (*d.p != T_TABLE) dec_fail(&d, "expected a plain table of %lld items", (long long)n);
+    d.p++;
+    decode_items_into(&d, 2, pos, n);
+    if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
+    return 0;
+  }
+  if (*d.p != T_TABLE) {
+    decode_root_rest(&d);
+    return 1;
+  }
+  d.p++;
+  size_t narr = get_count(&d, 1);
+  size_t nhash = get_count(&d, 2);
+  dec_enter(&d);
+  lua_createtable(L, (int)prealloc(&d, narr, 1), (int)prealloc(&d, nhash, 2));
+  int t = lua_gettop(L);
+  dec_register(&d, t);
+  for (size_t i = 1; i <= narr; i++) {
+    if ((lua_Integer)i == at && d.p < d.end && *d.p == T_TABLE) {
+      int ok = lua_rawgeti(L, t, 3) == LUA_TBOOLEAN && lua_toboolean(L, -1);
+      lua_pop(L, 1);
+      if (ok) {
+        d.p++;
+        decode_items_into(&d, 2, pos, n);
+        lua_pushboolean(L, 1);
+        lua_rawseti(L, t, (lua_Integer)i);
+        continue;
+      }
+    }
+    decode_value(&d);
+    lua_rawseti(L, t, (lua_Integer)i);
+  }
+  for (size_t i = 0; i < nhash; i++) {
+    decode_value(&d);
+    int kt = lua_type(L, -1);
+    if (kt == LUA_TNIL || (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))))
+      dec_fail(&d, "invalid table key");
+    decode_value(&d);
+    lua_rawset(L, t);
+  }
+  d.depth--;
+  if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
+  return 1;
+}
+
 /* _core.loadx(bytes, fds|nil) -> v: decodes (trusted) with the bundle's descriptors; the
  * bundle is used up (every descriptor left is closed), whatever the outcome. */
 static int l_loadx(lua_State *L) {
@@ -1470,6 +1574,7 @@ int luamp_open_codec(lua_State *L) {
     {"dumps", l_dumps},
     {"loads", l_loads},
     {"loads_trusted", l_loads_trusted},
+    {"loads_into", l_loads_into},
     {"loadx", l_loadx},
     {"register_handle", l_register_handle},
     {NULL, NULL}

@@ -261,6 +261,8 @@ int luamp_open_subprocess(lua_State *L);
 int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
 int luamp_open_pool(lua_State *L);
+/* The Pool's shared-memory channel (ring.c); opened by luamp_open_pool. */
+int luamp_open_ring(lua_State *L);
 int luamp_open_handles(lua_State *L);
 int luamp_open_redis(lua_State *L);    /* the broker: Redis connection and message seal */
 int luamp_open_auth(lua_State *L);

@@ -77,5 +77,5 @@ int luamp_open_pool(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
-  return 0;
+  return luamp_open_ring(L);
 }

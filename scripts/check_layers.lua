@@ -16,7 +16,7 @@ local LAYERS = {
   {"services", {"error", "wait", "interrupt"}},
   {"codec", {"handles", "codec", "bytecode"}},
   {"objects", {"arena", "sync", "shared", "connection", "queue", "auth", "redis",
-               "subprocess", "pool", "process"}},
+               "subprocess", "ring", "pool", "process"}},
   {"entry", {"repl", "module", "spawn"}},            -- luaopen_luamp and the mains
 }
 

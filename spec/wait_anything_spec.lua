@@ -27,6 +27,30 @@ describe("luamp.wait", function()
     assert.equal("held", held:get())
   end)
 
+  it("lists a result once when it was ready before the wait and a pool fd fires in it", function()
+    -- quick is ready before the wait; its worker (maxtasksperchild = 1) has exited
+    -- unreaped, so its sentinel fires in the wait's poll, which runs the pool and looks
+    -- at every result again
+    local p <close> = luamp.Pool{processes = 2, maxtasksperchild = 1}
+    local quick = p:apply_async(function() return luamp.getpid() end)
+    local pid = quick:get(10)
+    local deadline = os.time() + 10
+    while true do
+      local f = io.open("/proc/" .. pid .. "/stat")
+      local st = f and f:read("a"):match("^%d+ %b() (%a)")
+      if f then f:close() end
+      if st == nil or st == "Z" then break end
+      assert.is_true(os.time() < deadline, "worker " .. pid .. " never exited")
+    end
+    local ev = luamp.Event()
+    local held = p:apply_async(function(e) e:wait() return "held" end, {ev})
+    local r = luamp.wait({quick, held})
+    assert.equal(1, #r)
+    assert.equal(quick, r[1])
+    ev:set()
+    assert.equal("held", held:get(10))
+  end)
+
   it("waits on map results too, and honours the timeout", function()
     local ev = luamp.Event()
     local m = pool:map_async(function(x) ev:wait() return x end, {1, 2})

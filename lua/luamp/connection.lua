@@ -107,7 +107,12 @@ function M.wait(objects, timeout)
       if objects[i]:_wait_end() then ready[#ready + 1] = i end
       fired[i] = nil
     end
-    for i in pairs(fired) do ready[#ready + 1] = i end
+    -- (a result ready before the poll is listed already: once is enough)
+    local listed = {}
+    for _, i in ipairs(ready) do listed[i] = true end
+    for i in pairs(fired) do
+      if not listed[i] then ready[#ready + 1] = i end
+    end
     if #ready > 0 or (deadline and core.time() >= deadline) then
       table.sort(ready)
       local out = {}

@@ -3,8 +3,13 @@
 -- Design
 --  * Each worker is a forked process (core.fork mode "worker": it dies with the parent
 --    through PR_SET_PDEATHSIG, yet may start children, so pools nest) joined to the
---    parent by one duplex Connection (luamp.Pipe). The parent dispatches: it knows
---    exactly which chunks each worker holds, in the order the worker runs them.
+--    parent by one duplex Connection (luamp.Pipe) and a shared-memory ring (ring.c):
+--    messages go through the ring, each direction with an eventfd doorbell that is rung
+--    only while the receiver says it sleeps (the parent says so outside its own waits,
+--    so pumps and host loops see results); a message carrying descriptors or too big for
+--    the ring goes on the socket, behind a marker in the ring that keeps the order. The
+--    parent dispatches: it knows exactly which chunks each worker holds, in the order the
+--    worker runs them.
 --  * Work is cut into chunks (a run of items of one job). A chunk's arguments are
 --    encoded once (luamp.dumps) when it is made; a message to a worker carries a batch
 --    of chunks plus the definitions of functions that worker has not seen yet (functions
@@ -12,6 +17,11 @@
 --    once). A function with upvalues other than the global table is re-encoded per call
 --    and gets a new id when its bytes changed, so a closure never runs with stale
 --    upvalues; a worker keeps at most FN_CACHE functions, the parent says which to drop.
+--  * Small chunks of a list job go out as a run (produce_run): their arguments encoded
+--    once, cut by the worker into the same chunks. A map's run is run straight through
+--    and the answers of its chunks that succeed are sent together (at least every
+--    COALESCE_TIME; the ring record's tag says how many chunks a message answers): a
+--    map fails as a whole on any error, so nothing but the moment of the answer changes.
 --  * A worker runs its chunks in order and answers each with one message
 --    {job id, chunk number, ok, seconds, results | error}. So when a worker dies, the
 --    first unanswered chunk is the one it was running: that chunk fails with WorkerLost
@@ -60,6 +70,10 @@ local unpack = table.unpack
 
 local APPLY, MAP, STAR = 0, 1, 2
 local TIMED = 4                 -- added to the mode of a chunk whose job has a timeout
+-- added to the mode of a chunk of a map's run (see produce_run): the worker may answer
+-- it together with the run's next chunks, in one message
+local COALESCE = 8
+local COALESCE_TIME = 0.001     -- seconds a worker holds answers to send them together
 -- A worker running a timed chunk stamps each task's start in a 64-bit word of shared
 -- memory (its slot of an Array the pool makes): bits 40..62 count the timed tasks it has
 -- started, bits 0..39 hold the start in microseconds since the pool's epoch (modulo
@@ -70,7 +84,7 @@ local IDLE40 = MASK40
 local SEQMASK = (1 << 23) - 1
 local TIMEOUT_POLL = 0.01       -- how often a timed chunk not yet started is looked at
 local FN_CACHE = 64             -- functions a worker keeps
-local MAX_AHEAD = 32            -- chunks one worker may hold
+local MAX_AHEAD = 128           -- chunks one worker may hold
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
 local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
@@ -160,25 +174,30 @@ end
 -- Runs one chunk; returns its results (apply: table.pack of the function's results).
 -- (The function is a local named `task`: a traceback names the frame "in local 'task'".)
 -- stamp (timed chunks only) is called before each task starts.
-local function exec_chunk(task, mode, n, abytes, afds, stamp)
+-- A chunk of a run (see produce_run) takes its items from the run's arguments, decoded
+-- once for the run: run_args, from position off.
+-- out: a table to fill with the results (reused between big chunks), else a new one.
+local function exec_chunk(task, mode, n, abytes, afds, stamp, run_args, off, out)
   if type(task) == "table" and task.bad then error(task.bad, 0) end
   if task == nil then error("internal: unknown function id", 0) end
   local args
-  if afds then args = loadx(abytes, afds) else args = loads(abytes) end
+  if run_args then args = run_args
+  elseif afds then args = loadx(abytes, afds) else args = loads(abytes) end
+  off = (off or 1) - 1
   if mode == APPLY then
     if stamp then stamp() end
     return table.pack(task(unpack(args, 1, args.n or #args)))
   end
-  local out = core.table_new(n)
+  out = out or core.table_new(n)
   if mode == MAP then
     if stamp then
-      for i = 1, n do stamp(); out[i] = task(args[i]) end
+      for i = 1, n do stamp(); out[i] = task(args[off + i]) end
     else
-      for i = 1, n do out[i] = task(args[i]) end
+      for i = 1, n do out[i] = task(args[off + i]) end
     end
   else
     for i = 1, n do
-      local a = args[i]
+      local a = args[off + i]
       if type(a) ~= "table" then error("starmap: item " .. i .. " is not an argument list", 0) end
       if stamp then stamp() end
       out[i] = task(unpack(a, 1, a.n or #a))
@@ -187,8 +206,125 @@ local function exec_chunk(task, mode, n, abytes, afds, stamp)
   return out
 end
 
-local function worker_loop(conn, maxtasks, stamps, slot, epoch)
+-- Runs items from..to of a map's run (see produce_run) straight through, chunk after
+-- chunk of cs items (the run's first item is item 1 of its first chunk); run_pos follows
+-- the item running, so that after an error the caller knows whose chunk failed. As
+-- exec_chunk, the function is a local named `task`.
+local run_pos = 0
+local function run_items(task, mode, from, to, args, out, cs)
+  run_pos = from
+  if type(task) == "table" and task.bad then error(task.bad, 0) end
+  if task == nil then error("internal: unknown function id", 0) end
+  if mode == MAP then
+    for i = from, to do
+      run_pos = i
+      out[i] = task(args[i])
+    end
+  else
+    for i = from, to do
+      run_pos = i
+      local a = args[i]
+      if type(a) ~= "table" then
+        error("starmap: item " .. ((i - 1) % cs + 1) .. " is not an argument list", 0)
+      end
+      out[i] = task(unpack(a, 1, a.n or #a))
+    end
+  end
+end
+
+-- The worker's next message from the parent: from the ring (ring.c), or from the socket
+-- where the ring holds a marker for it; nil when the parent is gone. An empty ring is
+-- spun on briefly while the parent is awake, then slept on (its doorbell and the socket,
+-- whose EOF says the parent is gone).
+local function worker_next(conn, ring, wait_set, spin)
+  while true do
+    local m, garbled = ring:take(0)
+    if m then return m end
+    if m == false then
+      local ok, data = U.pcall(conn._recv, conn)
+      if not ok then return nil end
+      return data
+    end
+    -- nil: empty (or garbled: the parent cannot be followed any more)
+    if garbled then return nil end
+    if not (spin and core.spin_rings(0, nil, ring)) then
+      if not ring:set_sleeping(0, true) then
+        -- waiting in poll first saves the receive that would find nothing yet; the
+        -- receive after it must not block (a task may have left pumps behind, and a
+        -- readiness hint never leads to a blocking read)
+        local ok, ready = U.pcall(core.wait_fds, wait_set)
+        if not ok then return nil end
+        local _, still = ring:set_sleeping(0, false)
+        if not still then ring:clear_doorbell(0) end
+        ring:woke(0)
+        if #ready > 0 and not ring:has(0) then
+          for _, fd in ipairs(ready) do
+            if fd == wait_set[2] then
+              -- the socket is readable and no marker announced a message: EOF
+              local okr, data = U.pcall(conn._recv_bytes_nowait, conn)
+              if not okr or data ~= nil then return nil end
+            end
+          end
+        end
+      else
+        ring:set_sleeping(0, false)
+      end
+    end
+  end
+end
+
+-- Sends a result (or the start report) to the parent: in the ring when it fits and
+-- carries no descriptors, else on the socket behind a marker. count: how many chunks it
+-- answers (the ring record's tag).
+local function worker_post(conn, ring, out, ofds, count)
+  if ring:put(1, out, ofds ~= nil, count) then return true end
+  return U.pcall(conn._send, conn, out, ofds)
+end
+
+-- Encodes and sends the answer to one chunk; false when the parent is gone.
+local function send_result(conn, ring, jobid, k, okc, dt, res, t0)
+  local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
+  if not oke then
+    if okc then
+      out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
+    else
+      -- the error value cannot cross: its string stands in for it
+      out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+    end
+  end
+  local oks = worker_post(conn, ring, out, ofds)
+  if ofds then ofds:close() end
+  return oks
+end
+
+-- Sends the answers held for coalescing (p: {jobid, first k, count, dt, results, t0,
+-- items, {n of each chunk}}) as one message whose tag says how many chunks it answers;
+-- if they cannot be encoded together, chunk by chunk as before (each with its own
+-- error).
+local function flush_coalesced(conn, ring, p)
+  if p[3] > 1 then
+    local oke, out, ofds = U.pcall(dumpx, {p[1], p[2], true, p[4], p[5], p[6], p[7]})
+    if oke then
+      local oks = worker_post(conn, ring, out, ofds, p[3])
+      if ofds then ofds:close() end
+      return oks
+    end
+  end
+  local res, pos, ns = p[5], 0, p[8]
+  for j = 1, p[3] do
+    local n = ns[j]
+    local part = j == 1 and p[3] == 1 and res or table.move(res, pos + 1, pos + n, 1, core.table_new(n))
+    pos = pos + n
+    if not send_result(conn, ring, p[1], p[2] + j - 1, true, p[4] / p[3], part, p[6]) then
+      return false
+    end
+  end
+  return true
+end
+
+local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   local fns = {}
+  local wait_set = {ring:doorbell_fd(0), conn:fileno()}
   local done = 0
   -- the stamps (see TIMED): started counts timed tasks, and after a chunk it is as if
   -- all of its tasks had run, as the parent counts them
@@ -200,14 +336,87 @@ local function worker_loop(conn, maxtasks, stamps, slot, epoch)
       stamps[slot] = (started << 40) | (math.floor((now() - epoch) * 1e6) & MASK40)
     end
   end
+  local out, out_n = nil, 0   -- the results table of big chunks, reused
+  -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
+  -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
+  -- every chunk is answered on its own.)
+  local function run_chunk(jobid, k, fid, mode, n, abytes, afds, run_args, off)
+    if mode >= COALESCE then mode = mode - COALESCE end
+    local timed = mode >= TIMED
+    local base = started
+    if timed then mode = mode - TIMED end
+    local big = mode ~= APPLY and n >= SCRATCH_MIN
+    if big then
+      out = out or {}
+      for i = n + 1, out_n do out[i] = nil end
+      out_n = n
+    end
+    local t0 = now()
+    local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds,
+      timed and stamp or nil, run_args, off, big and out or nil)
+    if afds then afds:close() end
+    local dt = now() - t0
+    if timed and stamp then
+      started = (base + n) & SEQMASK
+      stamps[slot] = (started << 40) | IDLE40
+    end
+    io.stdout:flush()
+    if not send_result(conn, ring, jobid, k, okc, dt, res, t0) then return false end
+    done = done + 1
+    return not (maxtasks and done >= maxtasks)
+  end
+  -- A map's run of n items in chunks of cs from chunk k on, run straight through in
+  -- stretches of whole chunks; the answers of the chunks that succeed are sent together
+  -- (one message per stretch, at least every COALESCE_TIME), a chunk that fails is
+  -- answered with its error on its own and the run goes on with the next chunk, as if
+  -- each chunk had run by itself.
+  local function run_coalesced(jobid, k, fid, mode, n, cs, args)
+    local task = fns[fid]
+    local out = core.table_new(n)
+    local stretch = math.max(cs, 64 // cs * cs)   -- items between looks at the clock
+    local from = 1       -- the first item not yet answered
+    local pos = 1        -- the first item not yet run
+    local t0 = now()
+    local function flush(upto)   -- answers items from..upto (whole chunks)
+      if upto < from then return true end
+      local res = out
+      if from > 1 or upto < n then res = table.move(out, from, upto, 1, core.table_new(upto - from + 1)) end
+      local nch = (upto - from) // cs + 1
+      local sizes = {}
+      for j = 1, nch do sizes[j] = math.min(cs, upto - (from + (j - 1) * cs) + 1) end
+      local t = now()
+      local ok = flush_coalesced(conn, ring, {jobid, k + (from - 1) // cs, nch, t - t0,
+        res, t0, upto - from + 1, sizes})
+      from, t0 = upto + 1, t
+      return ok
+    end
+    while pos <= n do
+      local to = math.min(n, pos + stretch - 1)
+      local okc, err = U.xpcall(run_items, remote_payload, task, mode, pos, to, args, out, cs)
+      io.stdout:flush()
+      if okc then
+        pos = to + 1
+        if pos > n or now() - t0 >= COALESCE_TIME then
+          if not flush(pos - 1) then return false end
+        end
+      else
+        -- the chunk of item run_pos failed: the chunks before it are answered, then it
+        local c0 = (run_pos - 1) // cs * cs + 1          -- its first item
+        local c1 = math.min(n, c0 + cs - 1)
+        if not flush(c0 - 1) then return false end
+        local t = now()
+        if not send_result(conn, ring, jobid, k + (c0 - 1) // cs, false, t - t0, err, t0) then
+          return false
+        end
+        from, pos, t0 = c1 + 1, c1 + 1, t
+      end
+    end
+    done = done + (n + cs - 1) // cs
+    return true
+  end
   while true do
-    -- waiting in poll first saves the receive that would find nothing yet; the receive
-    -- after it must not block (a task may have left pumps behind, and a readiness hint
-    -- never leads to a blocking read)
-    local ok, bytes = U.pcall(conn.poll, conn, math.huge)
-    if ok then ok, bytes = U.pcall(conn._recv_bytes_nowait, conn) end
-    if not ok then return 0 end            -- EOF: the parent is gone
-    if bytes == nil then goto continue end
+    local bytes = worker_next(conn, ring, wait_set, spin)
+    if not bytes then return 0 end         -- EOF: the parent is gone
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
     local defs, drops = msg[1], msg[2]
@@ -223,65 +432,58 @@ local function worker_loop(conn, maxtasks, stamps, slot, epoch)
         end
       end
     end
-    for i = 3, #msg, 6 do
+    -- the arguments of the message's run, if any (see send_chunks)
+    local run_args = msg[3] and loads(msg[3]) or nil
+    for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
-      local abytes, afds = msg[i + 5], nil
-      if not abytes then
-        local okr, data, fds = U.pcall(conn._recv, conn)
-        if not okr then return 0 end
-        abytes, afds = data, fds
-      end
-      local timed = mode >= TIMED
-      local base = started
-      if timed then mode = mode - TIMED end
-      local t0 = now()
-      local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds,
-        timed and stamp or nil)
-      if afds then afds:close() end
-      local dt = now() - t0
-      if timed and stamp then
-        started = (base + n) & SEQMASK
-        stamps[slot] = (started << 40) | IDLE40
-      end
-      io.stdout:flush()
-      local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
-      if not oke then
-        if okc then
-          out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
-        else
-          -- the error value cannot cross: its string stands in for it
-          out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+      local abytes = msg[i + 5]
+      if math.type(abytes) == "integer" and mode >= COALESCE and not maxtasks then
+        if -abytes < 1 or not run_args then return 0 end
+        if not run_coalesced(jobid, k, fid, mode - COALESCE, n, -abytes, run_args) then return 0 end
+      elseif math.type(abytes) == "integer" then
+        -- a run: chunks of -abytes items from k on, over the run's n items
+        local cs, off = -abytes, 1
+        if cs < 1 or not run_args then return 0 end
+        while off <= n do
+          local cn = math.min(cs, n - off + 1)
+          if not run_chunk(jobid, k, fid, mode, cn, nil, nil, run_args, off) then return 0 end
+          k, off = k + 1, off + cn
         end
+      else
+        local afds
+        if not abytes then
+          local okr, data, fds = U.pcall(conn._recv, conn)
+          if not okr then return 0 end
+          abytes, afds = data, fds
+        end
+        if not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
       end
-      local oks = U.pcall(conn._send, conn, out, ofds)
-      if ofds then ofds:close() end
-      if not oks then return 0 end
-      done = done + 1
-      if maxtasks and done >= maxtasks then return 0 end
     end
-    ::continue::
   end
 end
 
 -- Entry of a worker process (runs in the child after fork).
 local creating_method   -- the start method of the Pool being made by _pool_with_method
 
-local function worker_main(st, parent_end, conn, stamps, slot)
+local function worker_main(st, parent_end, conn, ring, stamps, slot)
   core.worker_setup()
   parent_end:close()
   -- ends that belong to the parent: holding them would keep sockets alive
-  for _, w in ipairs(st.workers) do U.pcall(w.conn.close, w.conn) end
+  for _, w in ipairs(st.workers) do
+    U.pcall(w.conn.close, w.conn)
+    if w.ring then w.ring:close() end
+  end
   if st.initializer then
     local ok, e = U.xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
     if not ok then
       local okd, out = U.pcall(dumps, e)
       if not okd then out = dumps({e[1], e[2]}) end
-      U.pcall(conn.send_bytes, conn, out)
+      worker_post(conn, ring, out)
       return 1
     end
   end
-  if not U.pcall(conn.send_bytes, conn, dumps(true)) then return 0 end
-  return worker_loop(conn, st.maxtasks, stamps, slot, st.epoch)
+  if not worker_post(conn, ring, dumps(true)) then return 0 end
+  return worker_loop(conn, ring, st.maxtasks, stamps, slot, st.epoch, st.spin)
 end
 
 -- ---- parent side: functions ----------------------------------------------------------
@@ -460,13 +662,13 @@ local function chunk_ok(st, job, c, res)
     job_finish(st, job, true, res)
     return
   end
-  if type(res) ~= "table" then
+  if type(res) ~= "table" and not (res == true and job.kind == "map") then
     chunk_failed(st, job, c, core.error("Remote", "malformed result from a worker"))
     return
   end
   job.done_items = job.done_items + n
   if job.kind == "map" then
-    table.move(res, 1, n, c.first, job.results)
+    if res ~= true then table.move(res, 1, n, c.first, job.results) end
     if job.progress then progress_draw(job.progress, job.done_items) end
     if job.done_items >= job.total then
       job_finish(st, job, not job.timeout_err, job.timeout_err or job.results)
@@ -504,9 +706,23 @@ end
 
 -- Makes the next chunk of a job: returns it, or nil (nothing now; `job.exhausted` tells
 -- whether there will ever be more).
+-- A chunk of a run that goes out again (its worker died) travels on its own: its items
+-- are cut from the run's arguments (as encoded when the run was made).
+local function unrun(c)
+  local r = c.run
+  local args = r.args or loads(r.bytes)
+  r.args = args
+  local off = c.first - r.first + 1
+  c.bytes = dumps(table.move(args, off, off + c.n - 1, 1, core.table_new(c.n)))
+  c.run = nil
+end
+
 local function produce(st, job)
   local c = dq_pop(job.retry)
-  if c then return c end
+  if c then
+    if c.run then unrun(c) end
+    return c
+  end
   if job.exhausted then return nil end
   if job.window and job.pulled - job.consumed >= job.window then return nil end
   local first = job.pulled + 1
@@ -561,6 +777,54 @@ local function produce(st, job)
   return c
 end
 
+-- Up to m fresh chunks of a list job whose arguments are encoded together, once (a
+-- run): the worker decodes them once too. nil (nothing made) when the job cannot make a
+-- run now; the caller then makes chunks one by one, which also reports an item that
+-- cannot be encoded by its place, and carries the descriptors of luamp objects. The
+-- chunks of a map's run carry COALESCE: the worker may answer several in one message.
+local function produce_run(st, job, m)
+  local cs = job.chunksize
+  -- (chunks of SCRATCH_MIN items or more gain nothing: they go one by one, into a
+  -- reused table)
+  if cs >= SCRATCH_MIN or job.no_runs or job.exhausted or not job.list or job.timeout
+      or dq_len(job.retry) > 0 then
+    return nil
+  end
+  if job.window then
+    m = math.min(m, -(-(job.window - (job.pulled - job.consumed)) // cs))
+  end
+  local first = job.pulled + 1
+  local last = math.min(job.len, job.pulled + m * cs)
+  if last - first + 1 <= cs then return nil end   -- one chunk: nothing to share
+  local ok, bytes, fds = U.pcall(dumpx, core.table_slice(job.list, first, last))
+  if not ok or fds then
+    if fds then fds:close() end
+    job.no_runs = true
+    return nil
+  end
+  -- (what the chunks share: their arguments, the first item, the mode, the bytes each
+  -- stands for)
+  local run = {bytes = bytes, first = first,
+               mode = job.kind == "map" and job.mode + COALESCE or job.mode,
+               size = #bytes * cs // (last - first + 1)}
+  local out = {}
+  local k = job.next_k
+  local full = last - (last - first + 1) % cs   -- the chunks before a short last one
+  local j = 0
+  for f = first, full, cs do
+    k, j = k + 1, j + 1
+    out[j] = {job = job, k = k, first = f, n = cs, run = run}
+  end
+  if full < last then
+    k, j = k + 1, j + 1
+    out[j] = {job = job, k = k, first = full + 1, n = last - full, run = run}
+  end
+  job.next_k = k
+  job.pulled = last
+  if last >= job.len then job.exhausted = true end
+  return out, #bytes
+end
+
 -- The oldest job that can make a chunk now (jobs whose imap window is full are passed
 -- over); jobs that will never make one again leave the feed.
 local function feed_head(st)
@@ -597,6 +861,7 @@ local function rebuild_fds(st)
   local fds, by_fd = {}, {}
   for _, w in ipairs(st.workers) do
     if not w.eof then fds[#fds + 1] = w.cfd; by_fd[w.cfd] = w end
+    fds[#fds + 1] = w.efd; by_fd[w.efd] = w
     if w.sfd and w.sfd >= 0 then fds[#fds + 1] = w.sfd; by_fd[w.sfd] = w end
   end
   st.fds, st.by_fd, st.fds_dirty = fds, by_fd, false
@@ -604,6 +869,7 @@ end
 
 local function unregister(st, w)
   core.pump_remove(w.cfd)
+  core.pump_remove(w.efd)
   if w.sfd and w.sfd >= 0 then core.pump_remove(w.sfd) end
   st.fds_dirty = true
 end
@@ -613,7 +879,11 @@ local worker_count = 0           -- names the workers PoolWorker-1, -2... (as Py
 function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
-             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0}
+             ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0,
+             owed = 0}
+  local okr, ring = pcall(core.ring_new)   -- re-raised
+  if not okr then a:close(); b:close(); error(ring, 0) end
+  w.ring = ring
   if #st.free_slots == 0 then
     -- more workers than slots (killed ones not yet reaped): a new block of slots
     local block = core.array_new("q", st.processes, false)
@@ -628,16 +898,17 @@ function spawn(st)
     -- a fresh interpreter: it gets its end of the Pipe, its stamps slot and the pool's
     -- settings as args
     ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
-      {b, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch}, "worker")
+      {b, ring, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch, st.spin}, "worker")
   else
-    ok, h = pcall(core.fork, function() return worker_main(st, a, b, stamps, i) end, "worker")   -- re-raised
+    ok, h = pcall(core.fork, function() return worker_main(st, a, b, ring, stamps, i) end, "worker")   -- re-raised
   end
   b:close()
   if not ok then
     st.free_slots[#st.free_slots + 1] = slot
-    a:close(); error(h, 0)
+    a:close(); ring:close(); error(h, 0)
   end
   w.handle, w.pid, w.cfd, w.sfd = h, h:pid(), a:fileno(), h:sentinel()
+  w.efd = ring:doorbell_fd(1)
   w.gknown = global_functions()
   worker_count = worker_count + 1
   w.name = "PoolWorker-" .. worker_count
@@ -647,6 +918,7 @@ function spawn(st)
   end
   st.workers[#st.workers + 1] = w
   core.pump_add(w.cfd, st.pump)
+  core.pump_add(w.efd, st.pump)
   if w.sfd and w.sfd >= 0 then core.pump_add(w.sfd, st.pump) end
   st.fds_dirty = true
   return w
@@ -661,6 +933,7 @@ local function remove_worker(st, w)
   if w.slot then st.free_slots[#st.free_slots + 1] = w.slot; w.slot = nil end
   if TR.on then TR.instant("exit", w.pid) end
   U.pcall(w.conn.close, w.conn)
+  w.ring:close()
   U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
@@ -703,16 +976,29 @@ local function capacity(st, w, job)
 end
 
 -- Bookkeeping of a worker's queue: the work it holds, as far as it is known.
-local function queue_add(w, c)
-  local est = c.job.fe.est
-  if dq_len(w.inflight) == 0 then w.busy_since = now() end
-  dq_push(w.inflight, c)
-  if est then
-    c.est = est * c.n
-    w.queued_est = w.queued_est + c.est
-  else
-    w.unknown = w.unknown + 1
+-- Adds chunks to w's queue, with what is known of their work and bytes.
+local function queue_add_all(w, chunks)
+  local q = w.inflight
+  local busy = q.last >= q.first
+  if not busy then w.busy_since = now() end
+  local last, qe, unknown, ahead = q.last, w.queued_est, w.unknown, w.ahead_bytes
+  for i = 1, #chunks do
+    local c = chunks[i]
+    last = last + 1
+    q[last] = c
+    local est = c.job.fe.est
+    if est then
+      local e = est * c.n
+      c.est = e
+      qe = qe + e
+    else
+      unknown = unknown + 1
+    end
+    local a = busy and (c.run and c.run.size or #c.bytes) or 0
+    c.ahead = a
+    ahead = ahead + a
   end
+  q.last, w.queued_est, w.unknown, w.ahead_bytes = last, qe, unknown, ahead
 end
 
 local function queue_pop(w)
@@ -723,8 +1009,40 @@ local function queue_pop(w)
   if dq_len(w.inflight) == 0 then w.queued_est = 0 end   -- no drift from float sums
   w.busy_since = now()
   w.ahead_bytes = w.ahead_bytes - (c.ahead or 0)
-  c.bytes = nil    -- kept until answered: a chunk of a worker that died is sent again
+  c.bytes, c.run = nil, nil    -- kept until answered: a chunk of a worker that died is sent again
   return c
+end
+
+-- Takes the count chunks a coalesced answer covers off w's queue: consecutive chunks of
+-- one map job over consecutive items; returns the first and the items they hold, or nil
+-- (nothing taken: the worker broke the protocol).
+local function queue_pop_run(w, count)
+  local q = w.inflight
+  local f = q.first
+  if count > q.last - f + 1 then return nil end
+  local c = q[f]
+  local job, k, nextf = c.job, c.k, c.first
+  if job.kind ~= "map" then return nil end
+  local items = 0
+  for j = 0, count - 1 do
+    local x = q[f + j]
+    if x.job ~= job or x.k ~= k + j or x.first ~= nextf or x.timed then return nil end
+    nextf = x.first + x.n
+    items = items + x.n
+  end
+  local qe, unknown, ahead = w.queued_est, w.unknown, w.ahead_bytes
+  for j = f, f + count - 1 do
+    local x = q[j]
+    q[j] = nil
+    if x.est then qe = qe - x.est else unknown = unknown - 1 end
+    ahead = ahead - (x.ahead or 0)
+    x.bytes, x.run = nil, nil
+  end
+  q.first = f + count
+  if q.first > q.last then qe = 0 end   -- no drift from float sums
+  w.queued_est, w.unknown, w.ahead_bytes = qe, unknown, ahead
+  w.busy_since = now()
+  return c, items
 end
 
 local function remember_fn(w, fe, defs)
@@ -750,41 +1068,61 @@ local function evict_fns(w, keep)
   return drops
 end
 
-local function send_message(conn, data, chunks)
-  conn:send_bytes(data)
+-- A message to worker w: in its ring when it fits, else on the socket behind a marker.
+local function post(w, data)
+  if not w.ring:put(0, data) then w.conn:send_bytes(data) end
+end
+
+local function send_message(w, data, chunks)
+  post(w, data)
+  local conn = w.conn
   for _, c in ipairs(chunks) do
-    if c.fds or #c.bytes > INLINE_MAX then conn:_send(c.bytes, c.fds) end
+    if not c.run and (c.fds or #c.bytes > INLINE_MAX) then conn:_send(c.bytes, c.fds) end
   end
 end
 
 -- Sends chunks (a list) to w as one message.
+-- The message: {function definitions, functions to drop, a run's encoded arguments (or
+-- false), then per chunk: job id, chunk number, function id, mode, items, and its
+-- encoded arguments (false: they follow on the socket)}. A run (chunks from one
+-- produce_run, all of this message) is one entry: its first chunk number, its items in
+-- all, and minus its chunk size; the worker cuts it into the same chunks.
 local function send_chunks(st, w, chunks)
-  local msg = {false, false}
+  local msg = {false, false, false}
   local defs
   local keep = {}
-  for _, c in ipairs(chunks) do
-    local fe = c.job.fe
+  local first = chunks[1]
+  if first.run then
+    local job = first.job
+    local fe = job.fe
     keep[fe.id] = true
-    defs = send_globals(w, c.job, defs)
+    defs = send_globals(w, job, defs)
     defs = remember_fn(w, fe, defs)
-    local m = #msg
-    c.timed = c.job.timeout ~= nil
-    msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
-      c.job.id, c.k, fe.id, c.timed and c.job.mode + TIMED or c.job.mode, c.n,
-      not c.fds and #c.bytes <= INLINE_MAX and c.bytes
+    local last = chunks[#chunks]
+    msg[3] = first.run.bytes
+    msg[4], msg[5], msg[6], msg[7], msg[8], msg[9] =
+      job.id, first.k, fe.id, first.run.mode, last.first + last.n - first.first, -job.chunksize
+  else
+    for _, c in ipairs(chunks) do
+      local job = c.job
+      local fe = job.fe
+      keep[fe.id] = true
+      defs = send_globals(w, job, defs)
+      defs = remember_fn(w, fe, defs)
+      local m = #msg
+      c.timed = job.timeout ~= nil
+      msg[m + 1], msg[m + 2], msg[m + 3], msg[m + 4], msg[m + 5], msg[m + 6] =
+        job.id, c.k, fe.id, c.timed and job.mode + TIMED or job.mode, c.n,
+        not c.fds and #c.bytes <= INLINE_MAX and c.bytes
+    end
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
-  local busy = dq_len(w.inflight) > 0
-  for _, c in ipairs(chunks) do
-    queue_add(w, c)
-    c.ahead = busy and #c.bytes or 0
-    w.ahead_bytes = w.ahead_bytes + c.ahead
-  end
+  queue_add_all(w, chunks)
   w.sent = w.sent + #chunks
   local data = dumps(msg)
   w.sending = true
-  local ok, err = pcall(send_message, w.conn, data, chunks)   -- Interrupted re-raised
+  local ok, err = pcall(send_message, w, data, chunks)   -- Interrupted re-raised
   w.sending = false
   if not ok then
     if is_error(err, "Interrupted") then error(err, 0) end
@@ -804,6 +1142,13 @@ local function dispatch_round(st)
     if c > 0 and (not best or dq_len(w.inflight) < dq_len(best.inflight)) then best, cap = w, c end
   end
   if not best then return false end
+  if cap >= 2 then
+    local run = produce_run(st, job, cap)
+    if run then
+      send_chunks(st, best, run)
+      return true
+    end
+  end
   local batch, bytes = {}, 0
   while #batch < cap and bytes < AHEAD_BYTES do
     local j = feed_head(st)
@@ -851,17 +1196,30 @@ local function fail_all(st, err)
 end
 
 -- A result message from w (raw bytes) for chunk c, the head of w's queue.
-local function on_result(st, w, c, data, fds)
+-- items: the message answers the chunks of a map from c on that hold this many items
+-- (coalesced, see worker_loop and queue_pop_run).
+local function on_result(st, w, c, data, fds, items)
   -- the chunk's own descriptors are no longer needed: it will not be sent again
   if c.fds then c.fds:close() end
   local ok, msg
-  if fds then ok, msg = U.pcall(loadx, data, fds) else ok, msg = U.pcall(loads, data) end
-  if not ok or type(msg) ~= "table" or msg[1] ~= c.job.id or msg[2] ~= c.k then
+  local job = c.job
+  if fds then ok, msg = U.pcall(loadx, data, fds)
+  elseif not items and c.n >= SCRATCH_MIN and job.kind == "map" and not job.ready then
+    -- a big chunk of a map: its results go straight into the map's result table
+    -- (msg[5] is then true)
+    ok, msg = U.pcall(core.loads_into, data, job.results, c.first, c.n, 5)
+  else ok, msg = U.pcall(loads, data) end
+  if not ok or type(msg) ~= "table" or msg[1] ~= job.id or msg[2] ~= c.k then
     return false
   end
+  local n = c.n
+  if items then
+    if msg[3] ~= true or type(msg[5]) ~= "table" or msg[7] ~= items then return false end
+    n = items
+  end
   local fe, dt = c.job.fe, msg[4]
-  if math.type(dt) == "float" and c.n > 0 then
-    local per = dt / c.n
+  if math.type(dt) == "float" and n > 0 then
+    local per = dt / n
     fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
   end
   if TR.on then
@@ -869,7 +1227,11 @@ local function on_result(st, w, c, data, fds)
     local t0 = math.type(msg[6]) == "float" and msg[6] or now() - (tonumber(dt) or 0)
     TR.span(c.job.label or "task", w.pid, t0, tonumber(dt) or 0, c.job.id, c.k, c.n, msg[3] == true)
   end
-  if msg[3] then chunk_ok(st, c.job, c, msg[5])
+  local res = msg[5]
+  if items then
+    -- (a map: its chunks are one stretch of items, recorded at once)
+    chunk_ok(st, c.job, {first = c.first, n = n}, res)
+  elseif msg[3] then chunk_ok(st, c.job, c, res)
   else chunk_failed(st, c.job, c, remote_error(msg[5])) end
   return true
 end
@@ -885,10 +1247,42 @@ local function on_init_message(st, w, data)
     for _, x in ipairs(st.workers) do
       if not x.stopping then
         x.stopping = true
-        U.pcall(x.conn.send_bytes, x.conn, dumps(false))
+        U.pcall(post, x, dumps(false))
       end
     end
   end
+end
+
+-- The next message from w: from its ring, or from the socket where the ring held a marker
+-- for it (w.owed counts markers taken whose message has not been read); nil when there is
+-- none now, or nil, "garbled" for a ring that makes no sense. look_socket: the socket was
+-- seen readable (or w ended), so with no marker owed it can only hold EOF — which the
+-- receive raises — or a message no marker announced (garbled). The ring is looked at
+-- again after the socket's readiness: the marker is published before the socket send.
+local function next_message(w, look_socket)
+  if w.owed > 0 then
+    local data, fds = w.conn:_recv_bytes_nowait()
+    if data == nil then return nil end
+    w.owed = w.owed - 1
+    return data, fds, w.owed_tag
+  end
+  local m, tag = w.ring:take(1)
+  if m then return m, nil, tag end
+  local garbled = tag
+  if m == false then
+    w.owed, w.owed_tag = 1, tag
+    return next_message(w, look_socket)
+  end
+  if garbled then return nil, "garbled" end
+  if look_socket and w.conn:_ready_now() then
+    if w.ring:has(1) then return next_message(w, look_socket) end
+    local data, fds = w.conn:_recv_bytes_nowait()
+    if data ~= nil then
+      if fds then fds:close() end
+      return nil, "garbled"
+    end
+  end
+  return nil
 end
 
 -- Reads every message w has for us; results are taken off w's queue first and decoded
@@ -896,15 +1290,14 @@ end
 -- only a hint: between a poll and this read other pumps may have run (any wait runs them,
 -- and a pump of this pool run from inside another pool's pump can read this very
 -- connection), so every receive is one that returns nothing when no message is there.
-local function drain_messages(st, w)
+local function drain_messages(st, w, look_socket)
   local got, interrupted = {}
-  local conn = w.conn
   while not w.dead do
-    -- a worker that owes us nothing has nothing more to say (but EOF, which the next
-    -- wait reports): no system call to ask
-    if #got > 0 and dq_len(w.inflight) == 0 and not conn:_ready_now() then break end
-    local ok, data, fds = pcall(conn._recv_bytes_nowait, conn)   -- Interrupted re-raised below
-    if ok and data == nil then break end
+    local ok, data, fds, tag = pcall(next_message, w, look_socket)   -- Interrupted re-raised below
+    if ok and data == nil then
+      if fds == "garbled" then w.garbled = true end
+      break
+    end
     if not ok then
       -- (the results already taken are recorded first; the receive resumes next time)
       if is_error(data, "Interrupted") then interrupted = data; break end
@@ -917,24 +1310,27 @@ local function drain_messages(st, w)
     end
     if w.timeout_kill then
       -- written off (timeout_kill): what it still sends is dropped
+      if fds then fds:close() end
     elseif not w.init_seen then
       w.init_seen = true
       if fds then fds:close() end
       on_init_message(st, w, data)
     else
-      local c = queue_pop(w)
+      -- the tag: how many chunks the message answers (coalesced, see worker_loop)
+      local c, items
+      if tag and tag > 1 then c, items = queue_pop_run(w, tag) else c = queue_pop(w) end
       if not c then
         if fds then fds:close() end
         w.garbled = true
         break
       end
       local m = #got
-      got[m + 1], got[m + 2], got[m + 3] = c, data, fds or false
+      got[m + 1], got[m + 2], got[m + 3], got[m + 4] = c, data, fds or false, items or false
     end
   end
   if #got > 0 then dispatch(st) end
-  for i = 1, #got, 3 do
-    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil) then
+  for i = 1, #got, 4 do
+    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil, got[i + 3] or nil) then
       w.garbled = true
       if TR.on then TR.instant("WorkerLost", w.pid, {malformed = true}) end
       chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
@@ -944,11 +1340,12 @@ local function drain_messages(st, w)
   if interrupted then error(interrupted, 0) end
 end
 
-local function drain(st, w)
+local function drain(st, w, look_socket)
   -- not re-entered: a receive waiting for the rest of a message runs other pumps
-  if w.eof or w.dead or w.reading then return end
+  if w.dead or w.reading then return end
+  if w.eof and not w.ring:has(1) then return end
   w.reading = true
-  local ok, err = pcall(drain_messages, st, w)   -- re-raised
+  local ok, err = pcall(drain_messages, st, w, look_socket)   -- re-raised
   w.reading = false
   if not ok then error(err, 0) end
   local code = w.ended_code
@@ -1094,7 +1491,7 @@ function worker_ended(st, w, code)
   -- its sentinel stays ready while the last messages are read: once is enough (the
   -- connection may not reach EOF soon, a process the worker started may hold it)
   w.ending = true
-  drain(st, w)
+  drain(st, w, true)
   remove_worker(st, w)
   if w.timeout_kill then st.dying = st.dying - 1 end
   local c = dq_pop(w.inflight)
@@ -1123,7 +1520,7 @@ local function send_stops(st)
   for _, w in ipairs(st.workers) do
     if not w.stopping and not w.dead then
       w.stopping = true
-      U.pcall(w.conn.send_bytes, w.conn, dumps(false))
+      U.pcall(post, w, dumps(false))
     end
   end
 end
@@ -1160,9 +1557,10 @@ local function settle(st)
   if st.respawn then st.respawn = false; repopulate(st) end
   dispatch(st)
   send_stops(st)
-  -- data a send drained into a connection's buffer does not make its fd readable
+  -- data a send drained into a connection's buffer does not make its fd readable; a
+  -- message in a ring needs no doorbell while the pool waits
   for _, w in ipairs(st.workers) do
-    if not w.eof and not w.dead and w.conn:_ready_now() then drain(st, w) end
+    if not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then drain(st, w) end
   end
   run_callbacks(st)
 end
@@ -1174,8 +1572,15 @@ function service_fd(st, fd)
   local w = st.by_fd and st.by_fd[fd]
   if st.fds_dirty or not w then rebuild_fds(st); w = st.by_fd[fd] end
   if not w then return end
-  if fd == w.cfd and not w.eof then
+  if fd == w.efd then
+    -- the doorbell: taken, and set again for the next message unless the pool is
+    -- inside one of its waits (see wait_round)
+    w.ring:clear_doorbell(1)
+    w.ring:woke(1)
+    if not st.awake then w.ring:set_sleeping(1, true) end
     drain(st, w)
+  elseif fd == w.cfd and not w.eof then
+    drain(st, w, true)
     if w.eof then check_ended(st, w) end
   else
     check_ended(st, w)
@@ -1201,11 +1606,56 @@ function pool_interrupted(st, err)
   terminate(st)
 end
 
+-- Whether the pool is inside one of its own waits: the workers' results then need no
+-- doorbell (set_sleeping false); outside, the doorbells ring, for pumps and host loops.
+local function set_awake(st, awake)
+  st.awake = awake
+  local pending
+  for _, w in ipairs(st.workers) do
+    if not w.dead and w.ring:set_sleeping(1, not awake) then pending = w end
+  end
+  return pending
+end
+
+local SPIN_EST = 2e-4    -- a worker's head chunk expected within this is spun for
+
+-- Spins briefly for a result when one is due soon from a worker that is running (not
+-- asleep); returns the worker that answered, or nil.
+local function spin_for_result(st, timeout)
+  if not st.spin then return nil end
+  local rings, by_ring
+  for _, w in ipairs(st.workers) do
+    local c = w.inflight[w.inflight.first]
+    if c and c.est and c.est < SPIN_EST and not w.dead and w.ring:peer_awake(0) then
+      if rings then
+        rings[#rings + 1] = w.ring; by_ring[w.ring] = w
+      else
+        rings, by_ring = {w.ring}, {[w.ring] = w}
+      end
+    end
+  end
+  if not rings then return nil end
+  local r = core.spin_rings(1, timeout, unpack(rings))
+  return r and by_ring[r]
+end
+
 local function wait_round(st, fds, timeout, tick)
-  local ready = core.wait_fds(fds, timeout)
-  for _, fd in ipairs(ready) do service_fd(st, fd) end
+  local ready
+  local w = (timeout == nil or timeout > 0) and spin_for_result(st, timeout)
+  if w then
+    drain(st, w)
+  else
+    -- about to sleep: the doorbells ring from now on; a result that came meanwhile
+    -- means no sleep
+    if set_awake(st, false) then timeout = 0 end
+    local ok
+    ok, ready = pcall(core.wait_fds, fds, timeout)   -- re-raised
+    set_awake(st, true)
+    if not ok then error(ready, 0) end
+    for _, fd in ipairs(ready) do service_fd(st, fd) end
+  end
   if tick then
-    for _, w in ipairs(st.workers) do check_ended(st, w) end
+    for _, w2 in ipairs(st.workers) do check_ended(st, w2) end
   end
   settle(st)
 end
@@ -1246,8 +1696,13 @@ local function wait_once(st, deadline)
   -- A Ctrl-C met anywhere in the round (in the wait, or raised at any instruction while
   -- the results are handled, which may leave them half recorded) ends the pool.
   local ok, err
+  set_awake(st, true)
   if killed then ok, err = pcall(after_kill, st)   -- re-raised
   else ok, err = pcall(wait_round, st, fds, timeout, tick) end   -- re-raised
+  -- back to the caller: results from now on ring the doorbell; one that came in the
+  -- meantime is announced on it, so whichever wait runs next sees it
+  local late = set_awake(st, false)
+  if late then late.ring:kick(1) end
   if not ok then
     pool_interrupted(st, err)
     error(err, 0)
@@ -1565,7 +2020,31 @@ local function new_job(self, st, kind, f, mode)
   return job
 end
 
+-- A single task with nothing queued before it goes straight to an idle worker (what
+-- dispatch would do, without looking through the feed).
+local function send_direct(st, job)
+  local maxtasks = st.maxtasks
+  for _, w in ipairs(st.workers) do
+    -- (what capacity says of an idle worker)
+    if w.inflight.first > w.inflight.last and not (w.dead or w.stopping or w.sending
+        or w.broken or w.timeout_kill) and not (maxtasks and w.sent >= maxtasks) then
+      local c = produce(st, job)
+      if c then send_chunks(st, w, {c}) end
+      return true
+    end
+  end
+  return false
+end
+
 local function submit(st, job)
+  if job.kind == "apply" and st.feed.first > st.feed.last and not st.dispatching
+      and st.state == "RUN" and not st.broken then
+    st.dispatching = true
+    local ok, sent = pcall(send_direct, st, job)   -- re-raised
+    st.dispatching = false
+    if not ok then error(sent, 0) end
+    if sent then return end
+  end
   feed_job(st, job)
   dispatch(st)
 end
@@ -1832,6 +2311,9 @@ local function new_pool(opts)
     gbase = global_functions(),
     method = creating_method or require("luamp.process").get_start_method(),
     epoch = now(), free_slots = {}, dying = 0,
+    -- with more workers than CPUs, a spinning side would only keep a peer that has work
+    -- off a CPU: nobody spins then (see ring.c)
+    spin = n <= core.cpu_count(),
   }
   -- the workers' start stamps (see TIMED): one slot per worker, in blocks of n made as
   -- needed (a replacement starts before the killed worker it replaces is reaped)
@@ -1862,10 +2344,11 @@ function P._pool_with_method(m, ...)
 end
 
 -- The entry of a worker started by spawn (runs in the fresh interpreter).
-function P._spawn_worker(conn, initializer, initargs, maxtasks, stamps, slot, epoch)
+function P._spawn_worker(conn, ring, initializer, initargs, maxtasks, stamps, slot, epoch, spin)
   local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks,
+              spin = spin,
               epoch = epoch}
-  return worker_main(st, {close = function() end}, conn, stamps, slot)
+  return worker_main(st, {close = function() end}, conn, ring, stamps, slot)
 end
 
 -- as_completed(results, [timeout]): an iterator yielding each AsyncResult of the list

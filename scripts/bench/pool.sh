@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Pool throughput and latency: luamp.Pool vs Python multiprocessing.Pool (fork) vs a raw C
-# socketpair round trip, in one run.
+# Pool throughput and latency: luamp.Pool vs Python multiprocessing.Pool (fork) vs the
+# thread pool of luv (Debian's lua-luv, uv.new_work, 2 threads: one Lua state each, as a
+# Lua user would pick instead; integers cross as numbers) vs a raw C socketpair round
+# trip, in one run.
 #   1. map of f(x) = x*x over 1,000,000 items on 2 workers (default chunksize)
 #   2. chunksize=1: tasks per second over 20,000 items on 2 workers
 #   3. apply_async(f, {i}):get() round trip, one at a time, vs a raw C round trip of 8
 #      bytes over a socketpair to a forked echo process
-#   4. CPU-bound scaling: a naive prime count per item, 1 worker vs 2
+#   4. oversubscription: 1 and 2 again on Pool(8) (this machine has fewer cores), as a
+#      fraction of Pool(2)'s throughput
+#   5. CPU-bound scaling: a naive prime count per item, 1 worker vs 2
+# Ends with RESULT lines for scripts/bench/run.sh.
 # Usage: scripts/bench/pool.sh [scale]   (scale 1 = the sizes above; build first)
+#   ROUNDS=n: best of n runs per figure (default 3). No luv installed: its column is "-".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scale=${1:-1}
@@ -66,8 +72,9 @@ local function range(m)
   for i = 1, m do t[i] = i - 1 end
   return t
 end
+local procs = tonumber(arg[3]) or 2
 if what == "map" then
-  local pool <close> = luamp.Pool(2)
+  local pool <close> = luamp.Pool(procs)
   pool:map(f, {1, 2, 3, 4})
   local items = range(n)
   local t0 = luamp.time()
@@ -76,7 +83,7 @@ if what == "map" then
   assert(r.n == n and r[n] == (n - 1) * (n - 1))
   print(string.format("%.4f", dt))
 elseif what == "tasks" then
-  local pool <close> = luamp.Pool(2)
+  local pool <close> = luamp.Pool(procs)
   pool:map(f, {1, 2, 3, 4})
   local items = range(n)
   local t0 = luamp.time()
@@ -149,31 +156,62 @@ if __name__ == "__main__":
         print(" ".join(out))
 P
 
+cat > "$tmp/luv.lua" <<'L'
+-- the same tiny tasks on luv's thread pool (run with UV_THREADPOOL_SIZE=2)
+local uv = require "luv"
+local what, n = arg[1], tonumber(arg[2])
+local done = 0
+local work = uv.new_work(function(x) return x * x end, function() done = done + 1 end)
+if what == "tasks" then
+  work:queue(1); uv.run()
+  done = 0
+  local t0 = uv.hrtime()
+  for i = 1, n do work:queue(i) end
+  uv.run()
+  assert(done == n)
+  print(string.format("%.0f", n / ((uv.hrtime() - t0) / 1e9)))
+elseif what == "apply" then
+  for i = 1, 100 do work:queue(i); uv.run() end
+  local t0 = uv.hrtime()
+  for i = 1, n do work:queue(i); uv.run() end
+  print(string.format("%.3f", (uv.hrtime() - t0) / 1e3 / n))
+end
+L
+
 L() { build/luamp "$tmp/bench.lua" "$@"; }
 P() { python3 "$tmp/bench.py" "$@"; }
-# The machine is shared: every figure is the best of $rounds runs, luamp and Python
+if lua5.4 -e 'require "luv"' 2>/dev/null; then
+  V() { UV_THREADPOOL_SIZE=2 lua5.4 "$tmp/luv.lua" "$@"; }
+else
+  V() { echo -; }
+fi
+# The machine is shared: every figure is the best of $rounds runs, luamp and the others
 # taking turns.
-rounds=3
+rounds=${ROUNDS:-3}
 lo() { sort -g | head -1; }
 hi() { sort -g | tail -1; }
 nmap=$((1000000 * scale)); ntasks=$((20000 * scale)); napply=$((5000 * scale)); ncpu=$((16 * scale))
 for ((r = 0; r < rounds; r++)); do
-  L map "$nmap" >> "$tmp/lm"; P map "$nmap" >> "$tmp/pm"
-  L tasks "$ntasks" >> "$tmp/lt"; P tasks "$ntasks" >> "$tmp/pt"
+  L map "$nmap" >> "$tmp/lm"; P map "$nmap" >> "$tmp/pm"; L map "$nmap" 8 >> "$tmp/lm8"
+  L tasks "$ntasks" >> "$tmp/lt"; P tasks "$ntasks" >> "$tmp/pt"; V tasks "$ntasks" >> "$tmp/vt"
+  L tasks "$ntasks" 8 >> "$tmp/lt8"
   "$tmp/rt" "$((napply * 4))" >> "$tmp/c"
-  L apply "$napply" >> "$tmp/la"; P apply "$((napply / 5))" >> "$tmp/pa"
+  L apply "$napply" >> "$tmp/la"; P apply "$((napply / 5))" >> "$tmp/pa"; V apply "$napply" >> "$tmp/va"
   L cpu "$ncpu" >> "$tmp/lcpu"; P cpu "$ncpu" >> "$tmp/pcpu"
 done
 lm=$(lo < "$tmp/lm"); pm=$(lo < "$tmp/pm"); lt=$(hi < "$tmp/lt"); pt=$(hi < "$tmp/pt")
+lm8=$(lo < "$tmp/lm8"); lt8=$(hi < "$tmp/lt8"); vt=$(hi < "$tmp/vt"); va=$(lo < "$tmp/va")
 c=$(lo < "$tmp/c"); la=$(lo < "$tmp/la"); pa=$(lo < "$tmp/pa")
 l1=$(cut -d' ' -f1 "$tmp/lcpu" | lo); l2=$(cut -d' ' -f2 "$tmp/lcpu" | lo)
 p1=$(cut -d' ' -f1 "$tmp/pcpu" | lo); p2=$(cut -d' ' -f2 "$tmp/pcpu" | lo)
 
 echo "Pool benchmarks, best of $rounds (2 workers unless said; load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-printf "  %-46s %12s %12s\n" "" "luamp" "python"
+printf "  %-46s %12s %12s %12s\n" "" "luamp" "python" "luv threads"
 printf "  %-46s %12s %12s\n" "map(x*x) over $nmap items, seconds" "$lm" "$pm"
-printf "  %-46s %12s %12s\n" "map chunksize=1 over $ntasks items, tasks/s" "$lt" "$pt"
-printf "  %-46s %12s %12s\n" "apply_async():get() round trip, us" "$la" "$pa"
+printf "  %-46s %12s %12s %12s\n" "map chunksize=1 over $ntasks items, tasks/s" "$lt" "$pt" "$vt"
+printf "  %-46s %12s %12s %12s\n" "apply_async():get() round trip, us" "$la" "$pa" "$va"
+printf "  %-46s %12s\n" "Pool(8): map(x*x) over $nmap items, seconds" "$lm8"
+printf "  %-46s %12s\n" "Pool(8): map chunksize=1, tasks/s" "$lt8"
 printf "  %-46s %12s\n" "raw C socketpair round trip, us" "$c"
 printf "  %-46s %12s %12s\n" "prime counts x$ncpu, 1 worker, seconds" "$l1" "$p1"
 printf "  %-46s %12s %12s\n" "prime counts x$ncpu, 2 workers, seconds" "$l2" "$p2"
@@ -183,3 +221,13 @@ awk -v lm="$lm" -v pm="$pm" -v lt="$lt" -v pt="$pt" -v la="$la" -v c="$c" -v pa=
   printf "  chunksize=1: luamp / python       = %.2fx  (goal >= 10x)\n", lt / pt
   printf "  round trip: luamp / raw C         = %.2fx  (goal < 2x; python / luamp = %.1fx)\n", la / c, pa / la
   printf "  CPU scaling 1 -> 2 workers: luamp = %.2fx  (goal >= 1.8x; python %.2fx)\n", l1 / l2, p1 / p2 }'
+awk -v lm8="$lm8" -v lm="$lm" -v lt8="$lt8" -v lt="$lt" 'BEGIN {
+  printf "  Pool(8) / Pool(2) throughput: map %.2fx, chunksize=1 %.2fx  (goal >= 0.9x)\n", lm / lm8, lt8 / lt }'
+# for scripts/bench/run.sh (oversubscription as rates: Pool(8) against Pool(2))
+echo "RESULT name=pool.map1m luamp=$lm python=$pm peer=- unit=s"
+echo "RESULT name=pool.chunksize1 luamp=$lt python=$pt peer=$vt unit=tasks/s"
+echo "RESULT name=pool.apply_rt luamp=$la python=$pa peer=$va unit=us"
+awk -v n="$nmap" -v lm8="$lm8" -v lm="$lm" 'BEGIN {
+  printf "RESULT name=pool.oversub_map1m luamp=%.0f python=- peer=%.0f unit=items/s\n", n / lm8, n / lm }'
+echo "RESULT name=pool.oversub_chunksize1 luamp=$lt8 python=- peer=$lt unit=tasks/s"
+echo "RESULT name=pool.cpu2 luamp=$l2 python=$p2 peer=$l1 unit=s"

@@ -1,0 +1,497 @@
+/*
+ * ring.c — the Pool's shared-memory channel between the parent and one worker
+ * (lua/luamp/pool.lua): two single-producer single-consumer byte rings in one memfd, one
+ * per direction (0: parent -> worker, tasks; 1: worker -> parent, results), each with an
+ * eventfd as its doorbell.
+ *
+ * Why. A task and its result used to be one socket message each way, and the receiver
+ * polled before each read: about three system calls per task, and a wake-up of the other
+ * side for every message. Here a message is a record copied into the ring and published
+ * by one store; no system call is made while the receiver is awake.
+ *
+ * Records. A record is a 32-bit length, a 32-bit tag (the Pool's: how many chunks a result
+ * answers) and the bytes, padded to 8; positions are 64-bit
+ * byte counters that only grow (head: consumed, tail: published), so tail - head is the
+ * fill. A record that does not fit (with room left for MARKER_ROOM more markers) is not
+ * written: a marker (length with MARKER set, the tag, no bytes) goes in its place and the caller
+ * sends the message on the pool's socket, after the marker, so the receiver takes
+ * messages from both paths in the producer's order. Messages carrying descriptors always
+ * go by the socket (the caller decides). The Pool never has more than a few dozen
+ * messages outstanding on a ring, so a marker always fits.
+ *
+ * Waking. The consumer of a direction sets its `sleeping` word before it blocks (and looks
+ * at the ring once more after setting it); the producer, after publishing, rings the
+ * doorbell only if that word is set (and clears it). Both sides order the store before
+ * the load with a full fence, so a record is never left unseen by a sleeping consumer.
+ * The parent keeps its word set except while it is inside a pool wait: pumps run by
+ * other waits and a host loop then still learn of results through the doorbell fd.
+ *
+ * Spinning. Before sleeping, a side may spin a little (ring:spin): the budget adapts per
+ * direction (it follows the time data took to arrive, whether the spin caught it or the
+ * sleep after it did (ring:woke), and halves when a spin was in vain, down to a couple of microseconds), so a side whose peer is not
+ * running (more workers than cores, a loaded machine) soon stops spinning for it.
+ *
+ * Trust. The other side can write anything into the shared pages: every length and
+ * position read from them is checked against the ring's size and fill before use; a ring
+ * that makes no sense raises Value (the Pool then treats the worker as broken). Positions
+ * and lengths are copied out of shared memory once before they are checked.
+ *
+ * Crossing. A ring made before a fork is inherited (MAP_SHARED mapping, CLOEXEC fds); a
+ * spawn worker gets it as a luamp handle: the memfd and both eventfds travel with the
+ * start message (handles.c).
+ */
+
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define RING_MT "luamp.PoolRing"
+#define RING_MAGIC 0x676e6952706d6c00ULL   /* "\0lmpRing" */
+#define RING_CAP (256u * 1024)            /* bytes of each direction's data area */
+#define HDR_SIZE 4096u
+#define MARKER 0x80000000u
+#define MARKER_ROOM 256u                  /* markers that always fit after a record */
+#define SPIN_MIN_NS 2000.0
+#define SPIN_MAX_NS 50000.0
+
+typedef struct {
+  _Alignas(64) _Atomic uint64_t tail;
+  _Alignas(64) _Atomic uint64_t head;
+  _Alignas(64) _Atomic uint32_t sleeping;
+} ring_dir;
+
+typedef struct {
+  uint64_t magic;
+  uint32_t cap;
+  ring_dir d[2];
+} ring_hdr;
+
+typedef struct {
+  ring_hdr *h;
+  unsigned char *data[2];
+  size_t maplen;
+  int memfd;
+  int efd[2];             /* doorbell of direction d, rung by its producer */
+  double spin_ns[2];      /* this side's spin budget when it waits on direction d */
+  double gave_up[2];      /* when its last spin in vain began (ns), 0: none since */
+} ring;
+
+_Static_assert(sizeof(ring_hdr) <= HDR_SIZE, "ring header fits its page");
+
+static ring *check_ring(lua_State *L, int idx) {
+  ring *r = luaL_checkudata(L, idx, RING_MT);
+  if (!r->h) luamp_raise(L, "Value", "pool ring is closed");
+  return r;
+}
+
+static int check_dir(lua_State *L, int idx) {
+  lua_Integer d = luaL_checkinteger(L, idx);
+  if (d != 0 && d != 1) luamp_raise(L, "Value", "ring direction must be 0 or 1");
+  return (int)d;
+}
+
+static void ring_release(ring *r) {
+  if (r->h) munmap(r->h, r->maplen);
+  r->h = NULL;
+  luamp_close_fd(r->memfd);
+  luamp_close_fd(r->efd[0]);
+  luamp_close_fd(r->efd[1]);
+  r->memfd = r->efd[0] = r->efd[1] = -1;
+}
+
+static ring *new_ring_ud(lua_State *L) {
+  ring *r = lua_newuserdatauv(L, sizeof *r, 0);
+  memset(r, 0, sizeof *r);
+  r->memfd = r->efd[0] = r->efd[1] = -1;
+  r->spin_ns[0] = r->spin_ns[1] = SPIN_MIN_NS;
+  luaL_setmetatable(L, RING_MT);
+  return r;
+}
+
+static int map_ring(ring *r) {
+  r->maplen = HDR_SIZE + 2 * (size_t)RING_CAP;
+  void *p = mmap(NULL, r->maplen, PROT_READ | PROT_WRITE, MAP_SHARED, r->memfd, 0);
+  if (p == MAP_FAILED) return -1;
+  r->h = p;
+  r->data[0] = (unsigned char *)p + HDR_SIZE;
+  r->data[1] = r->data[0] + RING_CAP;
+  return 0;
+}
+
+/* ring_new() -> a ring, both doorbells quiet; the parent's word (direction 1) says
+ * "sleeping" until it waits inside the pool. */
+static int l_ring_new(lua_State *L) {
+  ring *r = new_ring_ud(L);
+  r->memfd = memfd_create("luamp-pool-ring", MFD_CLOEXEC);
+  if (r->memfd < 0) luamp_raise_errno(L, "Value", "pool ring: memfd_create", errno);
+  if (ftruncate(r->memfd, HDR_SIZE + 2 * (off_t)RING_CAP) < 0)
+    luamp_raise_errno(L, "Value", "pool ring: ftruncate", errno);
+  for (int d = 0; d < 2; d++) {
+    r->efd[d] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->efd[d] < 0) luamp_raise_errno(L, "Value", "pool ring: eventfd", errno);
+  }
+  if (map_ring(r) < 0) luamp_raise_errno(L, "Value", "pool ring: mmap", errno);
+  r->h->magic = RING_MAGIC;
+  r->h->cap = RING_CAP;
+  atomic_store(&r->h->d[1].sleeping, 1);
+  return 1;
+}
+
+/* The fill of direction d, checked: -1 if the positions make no sense. */
+static int64_t ring_fill(ring_dir *dd, uint64_t *head, uint64_t *tail) {
+  *tail = atomic_load_explicit(&dd->tail, memory_order_acquire);
+  *head = atomic_load_explicit(&dd->head, memory_order_relaxed);
+  uint64_t fill = *tail - *head;
+  if (fill > RING_CAP || (fill & 7) || (*head & 7)) return -1;
+  return (int64_t)fill;
+}
+
+static void copy_in(unsigned char *area, uint64_t pos, const void *src, size_t n) {
+  size_t off = (size_t)(pos % RING_CAP), first = RING_CAP - off;
+  if (first >= n) { memcpy(area + off, src, n); return; }
+  memcpy(area + off, src, first);
+  memcpy(area, (const unsigned char *)src + first, n - first);
+}
+
+static void copy_out(void *dst, const unsigned char *area, uint64_t pos, size_t n) {
+  size_t off = (size_t)(pos % RING_CAP), first = RING_CAP - off;
+  if (first >= n) { memcpy(dst, area + off, n); return; }
+  memcpy(dst, area + off, first);
+  memcpy((unsigned char *)dst + first, area, n - first);
+}
+
+static void ring_doorbell(ring *r, int d) {
+  atomic_thread_fence(memory_order_seq_cst);
+  if (atomic_load_explicit(&r->h->d[d].sleeping, memory_order_relaxed) &&
+      atomic_exchange(&r->h->d[d].sleeping, 0)) {
+    uint64_t one = 1;
+    ssize_t w;
+    do w = write(r->efd[d], &one, sizeof one); while (w < 0 && errno == EINTR);
+    /* EAGAIN: the counter is full, so the doorbell is already ringing */
+  }
+}
+
+/* ring:put(d, bytes, [marker], [tag]) -> true (in the ring), or false (a marker went in
+ * its place: send the message on the socket now; marker = true asks for one). tag: a
+ * 32-bit number that travels with the record (0 by default). Raises Value if not even a
+ * marker fits. */
+static int l_put(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  size_t len;
+  const char *s = luaL_checklstring(L, 3, &len);
+  ring_dir *dd = &r->h->d[d];
+  /* the producer owns tail: its own copy is trusted, head is the consumer's */
+  uint64_t tail = atomic_load_explicit(&dd->tail, memory_order_relaxed);
+  uint64_t head = atomic_load_explicit(&dd->head, memory_order_acquire);
+  uint64_t fill = tail - head;
+  if (fill > RING_CAP) luamp_raise(L, "Value", "pool ring: the reader's position is garbled");
+  uint64_t room = RING_CAP - fill;
+  lua_Integer tag = luaL_optinteger(L, 5, 0);
+  if (tag < 0 || tag > UINT32_MAX) luamp_raise(L, "Value", "ring tag out of range");
+  uint64_t need = 8 + (uint64_t)len;
+  need = (need + 7) & ~(uint64_t)7;
+  int inline_ok = !lua_toboolean(L, 4) && len < MARKER && need + 8u * MARKER_ROOM <= room;
+  uint32_t hdr[2] = {(uint32_t)len, (uint32_t)tag};
+  if (inline_ok) {
+    copy_in(r->data[d], tail, hdr, 8);
+    copy_in(r->data[d], tail + 8, s, len);
+  } else {
+    if (room < 8) luamp_raise(L, "Value", "pool ring is full");
+    hdr[0] = MARKER;
+    copy_in(r->data[d], tail, hdr, 8);
+    need = 8;
+  }
+  atomic_store_explicit(&dd->tail, tail + need, memory_order_release);
+  ring_doorbell(r, d);
+  lua_pushboolean(L, inline_ok);
+  return 1;
+}
+
+static int garbled(lua_State *L, const char *why) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "pool ring: %s", why);
+  return 2;
+}
+
+/* ring:take(d) -> the next message's bytes and its tag, false and the tag (a marker: the
+ * next message is on the socket), or nil (empty); nil, message if the ring is garbled. */
+static int l_take(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  ring_dir *dd = &r->h->d[d];
+  uint64_t head, tail;
+  int64_t fill = ring_fill(dd, &head, &tail);
+  if (fill < 0) return garbled(L, "positions are garbled");
+  if (fill == 0) { lua_pushnil(L); return 1; }
+  if (fill < 8) return garbled(L, "a record is cut short");
+  uint32_t hdr[2];
+  copy_out(hdr, r->data[d], head, 8);
+  uint64_t used;
+  if (hdr[0] == MARKER) {
+    lua_pushboolean(L, 0);
+    used = 8;
+  } else {
+    if (hdr[0] & MARKER) return garbled(L, "a record has a garbled length");
+    used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
+    if (used > (uint64_t)fill) return garbled(L, "a record is longer than the ring holds");
+    luaL_Buffer b;
+    char *p = luaL_buffinitsize(L, &b, hdr[0]);
+    copy_out(p, r->data[d], head + 8, hdr[0]);
+    luaL_pushresultsize(&b, hdr[0]);
+  }
+  lua_pushinteger(L, hdr[1]);
+  atomic_store_explicit(&dd->head, head + used, memory_order_release);
+  return 2;
+}
+
+/* ring:has(d) -> whether direction d holds a message (or garbled positions: the take
+ * that follows reports them). */
+static int l_has(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  ring_dir *dd = &r->h->d[d];
+  lua_pushboolean(L, atomic_load_explicit(&dd->tail, memory_order_acquire) !=
+                     atomic_load_explicit(&dd->head, memory_order_relaxed));
+  return 1;
+}
+
+/* ring:set_sleeping(d, on) -> whether direction d holds a message now, and whether the
+ * word was set before. A consumer about to block sets it (and must not block if this
+ * returns true); one that is awake clears it, so producers skip the doorbell (a word
+ * found cleared after a sleep means the doorbell was rung). */
+static int l_set_sleeping(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  int on = lua_toboolean(L, 3);
+  ring_dir *dd = &r->h->d[d];
+  uint32_t was = atomic_exchange(&dd->sleeping, on ? 1u : 0u);
+  atomic_thread_fence(memory_order_seq_cst);
+  lua_pushboolean(L, atomic_load_explicit(&dd->tail, memory_order_acquire) !=
+                     atomic_load_explicit(&dd->head, memory_order_relaxed));
+  lua_pushboolean(L, was != 0);
+  return 2;
+}
+
+/* ring:peer_awake(d) -> whether the consumer of direction d is awake (its word clear). */
+static int l_peer_awake(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  lua_pushboolean(L, atomic_load_explicit(&r->h->d[d].sleeping, memory_order_relaxed) == 0);
+  return 1;
+}
+
+/* ring:kick(d): rings direction d's doorbell (a consumer that found messages it will
+ * not take now leaves them announced for whichever wait comes next). */
+static int l_kick(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  uint64_t one = 1;
+  ssize_t w;
+  do w = write(r->efd[d], &one, sizeof one); while (w < 0 && errno == EINTR);
+  return 0;
+}
+
+/* ring:clear_doorbell(d): takes the doorbell's count (no system call is saved by
+ * skipping it: only called when its fd was seen readable). */
+static int l_clear_doorbell(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  uint64_t v;
+  ssize_t n;
+  do n = read(r->efd[d], &v, sizeof v); while (n < 0 && errno == EINTR);
+  return 0;
+}
+
+static double mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+static int ring_nonempty(ring *r, int d) {
+  ring_dir *dd = &r->h->d[d];
+  return atomic_load_explicit(&dd->tail, memory_order_acquire) !=
+         atomic_load_explicit(&dd->head, memory_order_relaxed);
+}
+
+/* spin_rings(d, limit_s, ring...) -> the first ring whose direction d got a message
+ * while spinning, or nil. Spins at most the smallest budget of the rings (adaptive, see
+ * the header) and never past limit_s seconds (nil: no limit). A pending Ctrl-C ends it. */
+static int l_spin_rings(lua_State *L) {
+  int d = check_dir(L, 1);
+  double limit = luaL_optnumber(L, 2, -1);
+  int top = lua_gettop(L);
+  if (top < 3) return 0;
+  ring *rs[64];
+  int n = 0;
+  double budget = SPIN_MAX_NS;
+  for (int i = 3; i <= top && n < 64; i++) {
+    ring *r = check_ring(L, i);
+    if (ring_nonempty(r, d)) { lua_pushvalue(L, i); return 1; }
+    rs[n++] = r;
+    if (r->spin_ns[d] < budget) budget = r->spin_ns[d];
+  }
+  if (limit >= 0 && limit * 1e9 < budget) budget = limit * 1e9;
+  if (budget < SPIN_MIN_NS / 2) return 0;
+  double t0 = mono_ns(), t = t0;
+  unsigned rounds = 0;
+  while (t - t0 < budget) {
+    for (int i = 0; i < n; i++) {
+      if (ring_nonempty(rs[i], d)) {
+        double took = t - t0;
+        /* success: next time spin about twice what this one needed */
+        for (int k = 0; k < n; k++) {
+          double want = 2 * took + SPIN_MIN_NS;
+          if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
+          rs[k]->spin_ns[d] = (rs[k]->spin_ns[d] + want) / 2;
+          if (rs[k]->spin_ns[d] < SPIN_MIN_NS) rs[k]->spin_ns[d] = SPIN_MIN_NS;
+          rs[k]->gave_up[d] = 0;
+        }
+        lua_pushvalue(L, 3 + i);
+        return 1;
+      }
+    }
+    for (int k = 0; k < 16; k++) cpu_relax();
+    if ((++rounds & 3) == 0) t = mono_ns();
+  }
+  for (int k = 0; k < n; k++) {
+    rs[k]->spin_ns[d] /= 2;
+    if (rs[k]->spin_ns[d] < SPIN_MIN_NS) rs[k]->spin_ns[d] = SPIN_MIN_NS;
+    rs[k]->gave_up[d] = t0;
+  }
+  return 0;
+}
+
+/* ring:woke(d): direction d has a message after this side gave up spinning and slept:
+ * if it came soon after the spin began, a longer spin would have caught it, so the
+ * budget grows to about twice that delay (a message that took long shrinks nothing). */
+static int l_woke(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  if (r->gave_up[d] > 0) {
+    double took = mono_ns() - r->gave_up[d];
+    r->gave_up[d] = 0;
+    if (took < SPIN_MAX_NS / 2) {
+      double want = 2 * took + SPIN_MIN_NS;
+      if (want > r->spin_ns[d]) r->spin_ns[d] = (r->spin_ns[d] + want) / 2;
+    }
+  }
+  return 0;
+}
+
+/* ring:doorbell_fd(d) -> the eventfd a consumer of direction d waits on */
+static int l_doorbell_fd(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  lua_pushinteger(L, r->efd[check_dir(L, 2)]);
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  ring_release(luaL_checkudata(L, 1, RING_MT));
+  return 0;
+}
+
+static void push_identity_key(lua_State *L, const struct stat *st) {
+  lua_pushfstring(L, "PoolRing %I:%I", (lua_Integer)st->st_dev, (lua_Integer)st->st_ino);
+}
+
+/* __luamp_handle: only with its descriptors (a spawn worker's start message); a ring is
+ * never sent any other way. */
+static int l_handle(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int fm = luamp_handle_send_fd(L, r->memfd);
+  if (fm < 0) luamp_raise(L, "Serialize", "a pool ring only crosses with its descriptors");
+  int f0 = luamp_handle_send_fd(L, r->efd[0]);
+  int f1 = luamp_handle_send_fd(L, r->efd[1]);
+  lua_pushliteral(L, RING_MT);
+  lua_createtable(L, 0, 4);
+  lua_pushboolean(L, 1);
+  lua_setfield(L, -2, "carried");
+  lua_pushinteger(L, fm);
+  lua_setfield(L, -2, "fdi");
+  lua_pushinteger(L, f0);
+  lua_setfield(L, -2, "e0");
+  lua_pushinteger(L, f1);
+  lua_setfield(L, -2, "e1");
+  return 2;
+}
+
+static int l_from_handle(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (!luamp_handle_is_carried(L, 1))
+    luamp_raise(L, "Value", "a pool ring came without its descriptors");
+  ring *r = new_ring_ud(L);             /* owns the descriptors from here on */
+  r->memfd = luamp_handle_recv_fd(L, 1, "fdi", "pool ring");
+  r->efd[0] = luamp_handle_recv_fd(L, 1, "e0", "pool ring");
+  r->efd[1] = luamp_handle_recv_fd(L, 1, "e1", "pool ring");
+  struct stat st;
+  if (fstat(r->memfd, &st) < 0 || !S_ISREG(st.st_mode) ||
+      st.st_size != (off_t)(HDR_SIZE + 2 * (off_t)RING_CAP))
+    luamp_raise(L, "Value", "cannot receive a pool ring: its memory is not the right size");
+  if (map_ring(r) < 0) luamp_raise_errno(L, "Value", "pool ring: mmap", errno);
+  if (r->h->magic != RING_MAGIC || r->h->cap != RING_CAP)
+    luamp_raise(L, "Value", "cannot receive a pool ring: not a pool ring");
+  push_identity_key(L, &st);
+  luamp_handle_remember(L, -2, lua_tostring(L, -1));
+  lua_pop(L, 1);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  ring_release(luaL_checkudata(L, 1, RING_MT));
+  return 0;
+}
+
+int luamp_open_ring(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"put", l_put},
+    {"take", l_take},
+    {"has", l_has},
+    {"set_sleeping", l_set_sleeping},
+    {"peer_awake", l_peer_awake},
+    {"clear_doorbell", l_clear_doorbell},
+    {"kick", l_kick},
+    {"woke", l_woke},
+    {"doorbell_fd", l_doorbell_fd},
+    {"close", l_close},
+    {NULL, NULL}
+  };
+  static const luaL_Reg meta[] = {
+    {"__gc", l_gc},
+    {"__close", l_gc},
+    {"__luamp_handle", l_handle},
+    {NULL, NULL}
+  };
+  static const luaL_Reg fns[] = {
+    {"ring_new", l_ring_new},
+    {"spin_rings", l_spin_rings},
+    {NULL, NULL}
+  };
+  if (luaL_newmetatable(L, RING_MT)) {
+    luaL_setfuncs(L, meta, 0);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUAMP_HANDLES_KEY);
+  lua_pushcfunction(L, l_from_handle);
+  lua_setfield(L, -2, RING_MT);
+  lua_pop(L, 1);
+  luaL_setfuncs(L, fns, 0);
+  return 0;
+}

@@ -1,0 +1,239 @@
+-- The Pool's shared-memory channel (runtime/ring.c) and the paths built on it (issue
+-- 16): records and markers in order, doorbells only for a sleeping side, runs of small
+-- chunks, answers coalesced for a map, big results decoded straight into the result
+-- table (_core.loads_into) — with every guarantee of the socket path kept.
+local H = require "helper"
+local luamp = H.luamp
+local core = luamp._core
+local describe, it, assert = describe, it, assert
+local _ENV = _G
+
+local function range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+local function readable(fd)
+  return #core.wait_fds({fd}, 0) == 1
+end
+
+describe("pool ring", function()
+  it("passes records of every size in order, across the wrap, with their tags", function()
+    local r = core.ring_new()
+    local sent, got = 0, 0
+    -- 300 rounds of up to 8 records of 0..40,000 bytes wrap the 256 KiB ring many times
+    local seed = 7
+    local function rnd(m) seed = (seed * 1103515245 + 12345) % 2147483648; return seed % m end
+    local queue = {}
+    for _ = 1, 300 do
+      for _ = 1, rnd(8) + 1 do
+        sent = sent + 1
+        local s = string.rep(string.char(65 + sent % 26), rnd(40000))
+        queue[#queue + 1] = {s, sent}
+        if not r:put(1, s, false, sent) then
+          queue[#queue][1] = false   -- a marker went in its place
+        end
+      end
+      while true do
+        local m, tag = r:take(1)
+        if m == nil then break end
+        got = got + 1
+        local want = table.remove(queue, 1)
+        assert.equal(want[2], tag)
+        assert.equal(want[1], m)
+      end
+    end
+    assert.equal(sent, got)
+    assert.equal(0, #queue)
+    r:close()
+  end)
+
+  it("puts a marker (tag kept) in place of a record that does not fit, or when asked", function()
+    local r = core.ring_new()
+    assert.is_false(r:put(0, string.rep("x", 300 * 1024), false, 5))
+    assert.is_false(r:put(0, "small", true, 6))
+    assert.is_true(r:put(0, "small", false, 7))
+    local m, tag = r:take(0)
+    assert.is_false(m); assert.equal(5, tag)
+    m, tag = r:take(0)
+    assert.is_false(m); assert.equal(6, tag)
+    m, tag = r:take(0)
+    assert.equal("small", m); assert.equal(7, tag)
+    assert.is_nil(r:take(0))
+    r:close()
+  end)
+
+  it("rings the doorbell only while the consumer says it sleeps", function()
+    local r = core.ring_new()
+    local fd = r:doorbell_fd(0)
+    -- awake consumer: no system call, nothing to read on the doorbell
+    r:set_sleeping(0, false)
+    r:put(0, "a")
+    assert.is_false(readable(fd))
+    -- a consumer about to sleep learns that a message is there and does not sleep
+    local pending = r:set_sleeping(0, true)
+    assert.is_true(pending)
+    assert.equal("a", r:take(0))
+    -- now asleep: the next put rings once and clears the word
+    assert.is_false((r:set_sleeping(0, true)))
+    r:put(0, "b")
+    assert.is_true(readable(fd))
+    assert.is_true(r:peer_awake(0))
+    r:clear_doorbell(0)
+    assert.is_false(readable(fd))
+    r:put(0, "c")
+    assert.is_false(readable(fd))
+    assert.equal("b", r:take(0))
+    assert.equal("c", r:take(0))
+    r:close()
+  end)
+
+  it("spins no longer than its limit on an empty ring", function()
+    local r = core.ring_new()
+    local t0 = luamp.time()
+    assert.is_nil(core.spin_rings(1, 0.001, r))
+    assert.is_true(luamp.time() - t0 < 0.5)
+    r:put(1, "x")
+    assert.equal(r, core.spin_rings(1, 0.001, r))
+    r:close()
+  end)
+
+  it("refuses bad arguments and a closed ring", function()
+    local r = core.ring_new()
+    H.raises("Value", r.put, r, 2, "x")
+    H.raises("Value", r.put, r, 0, "x", false, -1)
+    r:close()
+    H.raises("Value", r.take, r, 0)
+  end)
+end)
+
+describe("_core.loads_into", function()
+  it("decodes a table's items straight into place, holes kept as they were", function()
+    local dst = {"keep", [20] = "also kept"}
+    core.loads_into(core.dumps({1, nil, "three", {4}, [7] = 7}), dst, 10, 7)
+    assert.equal("keep", dst[1])
+    assert.equal(1, dst[10]); assert.is_nil(dst[11]); assert.equal("three", dst[12])
+    assert.same({4}, dst[13]); assert.equal(7, dst[16]); assert.equal("also kept", dst[20])
+  end)
+
+  it("with at: decodes a result message, its results straight into place when it succeeded", function()
+    local dst = {}
+    local m = core.loads_into(core.dumps({7, 2, true, 0.5, {1, nil, 3}, 9.5}), dst, 5, 3, 5)
+    assert.same({7, 2, true, 0.5, true, 9.5}, m)
+    assert.equal(1, dst[5]); assert.is_nil(dst[6]); assert.equal(3, dst[7])
+    m = core.loads_into(core.dumps({7, 2, false, 0.5, {"boom", "tb"}}), dst, 5, 3, 5)
+    assert.same({7, 2, false, 0.5, {"boom", "tb"}}, m)
+    assert.equal(1, dst[5])
+    H.raises("Serialize", core.loads_into, core.dumps({7, 2, true, 0.5, {1, 2, 3, 4}}), dst, 5, 3, 5)
+  end)
+
+  it("refuses anything but items 1..n", function()
+    H.raises("Serialize", core.loads_into, core.dumps({1, 2, 3}), {}, 1, 2)
+    H.raises("Serialize", core.loads_into, core.dumps({a = 1}), {}, 1, 2)
+    H.raises("Serialize", core.loads_into, core.dumps({[3] = 1}), {}, 1, 2)
+    H.raises("Serialize", core.loads_into, core.dumps(5), {}, 1, 2)
+    H.raises("Serialize", core.loads_into, core.dumps(setmetatable({}, {})), {}, 1, 2)
+    H.raises("Serialize", core.loads_into, "", {}, 1, 2)
+    H.raises("Value", core.loads_into, core.dumps({}), {}, 0, 2)
+  end)
+end)
+
+describe("Pool over the ring", function()
+  it("chunksize=1: every result in its place, big ones (past the ring) and nils among them", function()
+    local p <close> = luamp.Pool(2)
+    local r = p:map(function(x)
+      if x % 97 == 0 then return string.rep("b", 300 * 1024) .. x end
+      if x % 5 == 0 then return nil end
+      return x * 2
+    end, range(3000), 1)
+    assert.equal(3000, r.n)
+    for i = 1, 3000 do
+      if i % 97 == 0 then assert.equal(string.rep("b", 300 * 1024) .. i, r[i])
+      elseif i % 5 == 0 then assert.is_nil(r[i])
+      else assert.equal(i * 2, r[i]) end
+    end
+  end)
+
+  it("a failing task in a run raises its own error, with the worker's traceback", function()
+    local p <close> = luamp.Pool(2)
+    for _, cs in ipairs({1, 3, 7}) do
+      local err = H.raises("Remote", p.map, p, function(x)
+        if x % 500 == 0 then error("bad " .. x) end
+        return x
+      end, range(3000), cs)
+      assert.truthy(err.message:find("bad %d+"), err.message)
+      assert.truthy(err.remote_traceback:find("in local 'task'", 1, true), err.remote_traceback)
+    end
+    -- the pool goes on
+    assert.equal(9, p:map(function(x) return x * x end, {1, 2, 3}, 1)[3])
+  end)
+
+  it("results that carry descriptors keep their order among plain ones", function()
+    local p <close> = luamp.Pool(2)
+    local r = p:map(function(x)
+      if x % 10 == 0 then
+        local q = luamp.Queue()
+        q:put(x)
+        return q
+      end
+      return x
+    end, range(200), 1)
+    for i = 1, 200 do
+      if i % 10 == 0 then assert.equal(i, r[i]:get(5)) else assert.equal(i, r[i]) end
+    end
+  end)
+
+  it("a worker that dies inside a run of coalesced answers fails the map with WorkerLost", function()
+    local p <close> = luamp.Pool(2)
+    for round = 1, 3 do
+      local err = H.raises("WorkerLost", p.map, p, function(x)
+        if x == 1500 + round then os.exit(3) end
+        return x
+      end, range(3000), 1)
+      assert.equal(3, err.exitcode)
+      local r = p:map(function(x) return x + 1 end, range(3000), 1)
+      assert.equal(3001, r[3000])
+    end
+  end)
+
+  it("imap chunksize=1 in runs: a task that kills its worker fails only its own place", function()
+    local p <close> = luamp.Pool(2)
+    local seen, lost = 0, 0
+    local it = p:imap(function(x) if x == 700 then os.exit(1) end return x end, range(1500))
+    seen = 0
+    for i = 1, 1500 do
+      local ok, v, pos = pcall(it.next, it, 30)
+      if ok then
+        seen = seen + 1
+        assert.equal(i, v); assert.equal(i, pos)
+      else
+        assert.equal("WorkerLost", v.kind)
+        assert.equal(700, i)
+        lost = lost + 1
+      end
+    end
+    assert.equal(1499, seen)
+    assert.equal(1, lost)
+  end)
+
+  it("results reach callbacks through another wait's pumps, round after round", function()
+    local p <close> = luamp.Pool(2)
+    local got
+    for i = 1, 300 do
+      p:apply_async(function(x) return x end, {i}, function(v) got = v end)
+      local deadline = luamp.time() + 10
+      while got ~= i do
+        assert.is_true(luamp.time() < deadline, "callback " .. i .. " never ran")
+        luamp.sleep(0.0005)
+      end
+    end
+  end)
+
+  it("more workers than cores (Pool(8)) runs tiny tasks to the end", function()
+    local p <close> = luamp.Pool(8)
+    local r = p:map(function(x) return x * x end, range(20000), 1)
+    assert.equal(400000000, r[20000])
+    for i = 1, 50 do assert.equal(i, p:apply(function(x) return x end, {i})) end
+  end)
+end)
