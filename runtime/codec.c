@@ -1200,8 +1200,25 @@ static void decode_handle(dec *d) {
   dec_enter(d);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUAMP_HANDLES_KEY);
   lua_pushvalue(L, tname);
-  if (lua_rawget(L, -2) != LUA_TFUNCTION)
-    dec_fail(d, "unknown handle type '%s'", lua_tostring(L, tname));
+  if (lua_rawget(L, -2) != LUA_TFUNCTION) {
+    /* luamp's parts load on first use (luamp.main), and the one that rebuilds this type
+     * may not have been used yet: load them all, then look again */
+    lua_pop(L, 1);
+    if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE &&
+        lua_getfield(L, -1, "luamp.main") == LUA_TTABLE &&
+        lua_getfield(L, -1, "_load_all") == LUA_TFUNCTION) {
+      if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+        if (luamp_is_interrupted(L, -1)) lua_error(L);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 2);
+    } else {
+      lua_settop(L, tname + 1);
+    }
+    lua_pushvalue(L, tname);
+    if (lua_rawget(L, -2) != LUA_TFUNCTION)
+      dec_fail(d, "unknown handle type '%s'", lua_tostring(L, tname));
+  }
   decode_value(d);
   if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
     if (luamp_is_interrupted(L, -1)) lua_error(L);

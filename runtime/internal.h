@@ -173,6 +173,11 @@ int luamp_is_daemon(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once.
  * Registered as an exit hook (program end, child exit) by luamp_open_process. */
 void luamp_children_finish(void);
+/* How a forked child leaves (never returning into its parent's program, never closing
+ * the state it shares copy-on-write): its children settled, shared objects given back,
+ * stdio flushed, _exit. The second makes os.exit in L leave that way. */
+_Noreturn void luamp_child_exit(int code);
+void luamp_install_child_os_exit(lua_State *L);
 
 /* ---- the shared arena (arena.c) -------------------------------------------------------
  * Small cross-process objects live in blocks of one memfd-backed arena per process tree.
@@ -238,6 +243,29 @@ void luamp_futex_wake(_Atomic uint32_t *word, int n);
 #define LUAMP_SPAWN_MAGIC "LUAMPSP1"
 #define LUAMP_SPAWN_HEADER 16
 #define LUAMP_SPAWN_MAX ((size_t)1 << 30)
+
+/* The frame of a start message on fd (the handles' descriptors ride on its header). */
+void luamp_spawn_send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds);
+
+/* ---- forkserver start method (forkserver.c; process.c keeps the children) ---------------
+ * The server runs `<exe> --luamp-forkserver 3 <creator pid>` with its control socket on
+ * fd 3 (luamp_child_main calls luamp_forkserver_main). Its child's exit code comes on a
+ * status socket, one int32 packet, which process.c reads. */
+#define LUAMP_FORKSERVER_ARG "--luamp-forkserver"
+/* Serves on ctl in L (libraries and luamp opened); a child runs its start frame with
+ * run(L, fd, 0), which returns its exit code (spawn.c's). */
+_Noreturn void luamp_forkserver_main(lua_State *L, int ctl, pid_t creator,
+                                     int (*run)(lua_State *L, int fd, int fresh));
+int luamp_open_forkserver(lua_State *L);
+/* A Child handle (pushed) for a child the forkserver forked: watched through pidfd,
+ * signalled with pidfd_send_signal, its exit code read from status_fd; takes both fds
+ * (closed if it raises). */
+void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, int daemon);
+/* Reaps this process's children that have ended (as every start does first). */
+void luamp_reap_ended(void);
+/* True in a child forked by a forkserver: its daemon and worker set-up was done by the
+ * fork, against the server (its real parent). Set by forkserver.c. */
+extern int luamp_forkserver_child;
 /* The executable for spawn children: luamp_spawn_executable (base.h). */
 
 /* The libuv loops (loop.c) are in the base layer: base.h. */

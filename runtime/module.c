@@ -51,6 +51,7 @@ static const opener openers[] = {
   luamp_open_bytecode,
   luamp_open_redis,
   luamp_open_auth,
+  luamp_open_forkserver,
   NULL
 };
 

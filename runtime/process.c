@@ -16,6 +16,10 @@
  * and watched through a pidfd, which is also the Process sentinel: it becomes readable
  * when the child ends, even if the child's own children live on.
  *
+ * A forkserver's children (forkserver.c forks them in its server) are records here too,
+ * though not ours to wait for: the server reaps them and sends the exit code on a status
+ * socket, the pidfd it handed over is the sentinel, and signals go through the pidfd.
+ *
  * The Lua side sees a "luamp.Child" handle: wait, poll, signal, sentinel, close. A
  * handle inherited by a forked child belongs to another process: there it only frees
  * its copy and never kills or reaps anything.
@@ -40,6 +44,7 @@
  * SIGTTIN, so writing to the terminal (with `stty tostop`) or reading it never stops it.
  * The dispositions a worker changed are put back in its children, forked or spawned.
  */
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
@@ -71,6 +76,7 @@ typedef struct child {
   int reaped;
   int exitcode;         /* valid once reaped: status, or -signal */
   int has_handle;       /* a Lua handle still points here */
+  int status_fd;        /* forkserver child: the server reports its end here (else -1) */
   struct child *prev, *next;   /* live list, while not reaped */
 } child;
 
@@ -108,7 +114,40 @@ static int exitcode_of(int status) {
 
 static void child_free(child *c) {
   luamp_close_fd(c->pidfd);
+  luamp_close_fd(c->status_fd);
   free(c);
+}
+
+/* A forkserver's child (forkserver.c): the server reaps it and sends its exit code, one
+ * int32 packet, on the status socket. Returns 1 (with the code) once that came, 0 while
+ * the child runs; when the pidfd says it ended and the code has not arrived, waits for
+ * it, so that after the sentinel fires the exit code is known at once. With the server
+ * gone (EOF), only the pidfd tells the end, and the code is 255 (unknown). */
+static int remote_reap(child *c, int block) {
+  for (;;) {
+    int32_t v;
+    ssize_t n;
+    do n = recv(c->status_fd, &v, sizeof v, MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof v) {
+      /* a code the server could not have sent is a lost status */
+      c->exitcode = v >= -64 && v <= 255 ? (int)v : 255;
+      return 1;
+    }
+    struct pollfd p = {.fd = c->pidfd, .events = POLLIN};
+    int r;
+    if (n >= 0 || errno != EAGAIN) {
+      do r = poll(&p, 1, block ? -1 : 0); while (r < 0 && errno == EINTR);
+      if (r == 0) return 0;
+      c->exitcode = 255;
+      return 1;
+    }
+    if (!block) {
+      do r = poll(&p, 1, 0); while (r < 0 && errno == EINTR);
+      if (r == 0) return 0;
+    }
+    struct pollfd st = {.fd = c->status_fd, .events = POLLIN};
+    do r = poll(&st, 1, -1); while (r < 0 && errno == EINTR);
+  }
 }
 
 /* Reaps c if it has ended (or waits for it when `block`). Returns 1 once reaped. A group
@@ -118,6 +157,13 @@ static int child_reap(child *c, int block) {
   if (c->reaped) return 1;
   int status;
   pid_t r;
+  if (c->status_fd >= 0) {
+    /* a forkserver's child: the server reaps it (and its group) and tells us */
+    if (!remote_reap(c, block)) return 0;
+    luamp_close_fd(c->status_fd);
+    c->status_fd = -1;
+    goto reaped;
+  }
   if (c->group) {
     siginfo_t si;
     si.si_pid = 0;
@@ -135,6 +181,7 @@ static int child_reap(child *c, int block) {
   } else {
     c->exitcode = exitcode_of(status);
   }
+reaped:
   c->reaped = 1;
   list_remove(c);
   if (!c->sentinel_out) {
@@ -155,10 +202,16 @@ static void reap_ended(void) {
   }
 }
 
+/* A forkserver's child is not ours: it is signalled through its pidfd (never a reused pid). */
+static int child_kill(child *c, int sig) {
+  if (c->status_fd >= 0) return (int)syscall(SYS_pidfd_send_signal, c->pidfd, sig, NULL, 0);
+  return kill(c->pid, sig);
+}
+
 void luamp_children_finish(void) {
   pid_t me = luamp_self_pid();
   for (child *c = live_children; c; c = c->next)
-    if (c->owner == me && c->daemon) kill(c->pid, SIGTERM);
+    if (c->owner == me && c->daemon) child_kill(c, SIGTERM);
   while (live_children) {
     child *c = live_children;
     if (c->owner != me) { list_remove(c); continue; }
@@ -253,7 +306,7 @@ pid_t luamp_fork(int daemon) {
 /* Leaves a child process: the exit hooks settle its own children and give back the
  * shared objects it inherited, stdio is flushed, and no atexit handler or finalizer of
  * the parent's program runs. */
-static _Noreturn void child_exit(int code) {
+_Noreturn void luamp_child_exit(int code) {
   luamp_exit_hooks_run(LUAMP_AT_CHILD_EXIT);
   fflush(NULL);
   _exit(code & 0xff);
@@ -285,10 +338,10 @@ static int l_child_os_exit(lua_State *L) {
   int code;
   if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
   else code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
-  child_exit(code);
+  luamp_child_exit(code);
 }
 
-static void install_child_os_exit(lua_State *L) {
+void luamp_install_child_os_exit(lua_State *L) {
   if (lua_getglobal(L, "os") == LUA_TTABLE) {
     lua_pushcfunction(L, l_child_os_exit);
     lua_setfield(L, -2, "exit");
@@ -361,6 +414,7 @@ static int l_fork(lua_State *L) {
     luamp_raise(L, "Value", "out of memory");
   }
   c->pidfd = -1;
+  c->status_fd = -1;
   pid_t pid = luamp_fork(daemon);
   if (pid < 0) {
     int err = errno;
@@ -370,7 +424,7 @@ static int l_fork(lua_State *L) {
   }
   if (pid == 0) {
     luamp_close_fd(spare);
-    install_child_os_exit(L);
+    luamp_install_child_os_exit(L);
     lua_pushvalue(L, 1);
     int code = 0;
     if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
@@ -379,7 +433,7 @@ static int l_fork(lua_State *L) {
     } else if (lua_isinteger(L, -1)) {
       code = (int)lua_tointeger(L, -1);
     }
-    child_exit(code);
+    luamp_child_exit(code);
   }
   c->pid = pid;
   c->owner = luamp_self_pid();
@@ -449,6 +503,15 @@ static void send_head(int fd, const char *head, size_t n, const luamp_fdlist *fd
   if (w > 0 && (size_t)w < n) send_all(fd, head + w, n - (size_t)w);
 }
 
+/* the frame: magic, then the message's length (8 bytes, little-endian), then it */
+void luamp_spawn_send_frame(int fd, const char *msg, size_t len, const luamp_fdlist *fds) {
+  char head[LUAMP_SPAWN_HEADER];
+  memcpy(head, LUAMP_SPAWN_MAGIC, 8);
+  for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
+  send_head(fd, head, sizeof head, fds);
+  send_all(fd, msg, len);
+}
+
 static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t at;
@@ -480,8 +543,8 @@ static int spawn_child(const char *exe, int fd, int own_group, pid_t *pid) {
   return rc;
 }
 
-/* _core.spawn(message, daemon) -> Child handle: starts a spawn child and sends it the
- * start message (a string made by process.lua). */
+/* _core.spawn(message, daemon, fds) -> Child handle: starts a spawn child and sends it
+ * the start message (a string made by process.lua). */
 static int l_spawn(lua_State *L) {
   size_t len;
   const char *msg = luaL_checklstring(L, 1, &len);
@@ -518,6 +581,7 @@ static int l_spawn(lua_State *L) {
     luamp_raise(L, "Value", "cannot start a process: out of memory or fds");
   }
   c->pidfd = -1;
+  c->status_fd = -1;
   fflush(NULL);
   pid_t pid;
   int rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
@@ -546,15 +610,36 @@ static int l_spawn(lua_State *L) {
   }
   list_push(c);
   u->c = c;
-  /* the frame: magic, then the message's length (8 bytes, little-endian), then it */
-  char head[LUAMP_SPAWN_HEADER];
-  memcpy(head, LUAMP_SPAWN_MAGIC, 8);
-  for (int i = 0; i < 8; i++) head[8 + i] = (char)(((uint64_t)len >> (8 * i)) & 0xff);
-  send_head(sv[0], head, sizeof head, fds);
-  send_all(sv[0], msg, len);
+  luamp_spawn_send_frame(sv[0], msg, len, fds);
   luamp_close_fd(sv[0]);
   return 1;
 }
+
+void luamp_reap_ended(void) { reap_ended(); }
+
+void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, int daemon) {
+  child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->c = NULL;
+  luaL_setmetatable(L, CHILD_MT);
+  child *c = calloc(1, sizeof *c);
+  if (!c) {
+    /* it runs unwatched and unreaped by us: end it (the server reaps it) */
+    syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+    luamp_close_fd(pidfd);
+    luamp_close_fd(status_fd);
+    luamp_raise(L, "Value", "out of memory");
+  }
+  c->pid = pid;
+  c->pidfd = pidfd;
+  c->status_fd = status_fd;
+  c->owner = luamp_self_pid();
+  c->daemon = daemon;
+  c->has_handle = 1;
+  list_push(c);
+  u->c = c;
+}
+
+int luamp_forkserver_child;
 
 /* _core.spawn_child_setup(daemon, parent_pid): in a spawn child, before any of the
  * parent's code runs. A daemon dies with its parent; if the parent is already gone (it
@@ -564,6 +649,8 @@ static int l_spawn_child_setup(lua_State *L) {
   int daemon = !worker && lua_toboolean(L, 1);
   pid_t parent = (pid_t)luaL_checkinteger(L, 2);
   parent_at_fork = parent;
+  /* forked by a forkserver: the fork set it up against the server, its real parent */
+  if (luamp_forkserver_child) return 0;
   in_daemon = daemon;
   if (worker) {
     become_worker(parent);
@@ -644,7 +731,7 @@ static int l_child_wait(lua_State *L) {
 static int l_child_signal(lua_State *L) {
   child *c = check_own_child(L);
   int sig = (int)luaL_checkinteger(L, 2);
-  if (!c->reaped && kill(c->pid, sig) < 0 && errno != ESRCH)
+  if (!c->reaped && child_kill(c, sig) < 0 && errno != ESRCH)
     luamp_raise_errno(L, "Value", "kill", errno);
   return 0;
 }

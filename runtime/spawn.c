@@ -4,7 +4,10 @@
  * luamp_child_main(argc, argv) is called first thing in a host's main. In a process
  * started as a spawn child (argv[1] is LUAMP_SPAWN_ARG; see internal.h for the frame) it
  * reads the start message from its start descriptor, runs it in a fresh Lua state with
- * the standard libraries and luamp opened, and exits; otherwise it returns at once.
+ * the standard libraries and luamp opened, and exits; in a forkserver (argv[1] is
+ * LUAMP_FORKSERVER_ARG) it serves (forkserver.c) and exits; otherwise it returns at once.
+ * spawn_run is the reading and running, which the forkserver's children share (it is
+ * handed to the server): they run their start message in the server's opened state.
  *
  * Everything on the descriptor is untrusted until checked: the magic and the length are
  * validated before anything is allocated, the whole message must arrive, and it is
@@ -49,9 +52,10 @@ static int read_all(int fd, char *p, size_t n) {
   return 0;
 }
 
-/* argv[2]: the start descriptor, a small decimal number */
+/* argv[2]: the start descriptor, a small decimal number (argv[3] of a forkserver: its
+ * creator's pid) */
 static int parse_fd(const char *s) {
-  if (!s || !*s || strlen(s) > 6) return -1;
+  if (!s || !*s || strlen(s) > 9) return -1;
   int fd = 0;
   for (const char *p = s; *p; p++) {
     if (*p < '0' || *p > '9') return -1;
@@ -91,14 +95,17 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-/* In protected mode: opens the libraries and runs process.lua's _spawn_main(message). */
+/* In protected mode: opens the libraries (in a fresh state) and runs process.lua's
+ * _spawn_main(message). */
 static int run_child(lua_State *L) {
   size_t len = (size_t)lua_tointeger(L, 1);
   char *msg = lua_touserdata(L, 2);
   luamp_fdlist *fds = lua_touserdata(L, 3);
-  luaL_openlibs(L);
-  luaL_requiref(L, "luamp", luaopen_luamp, 1);
-  lua_pop(L, 1);
+  if (lua_toboolean(L, 4)) {
+    luaL_openlibs(L);
+    luaL_requiref(L, "luamp", luaopen_luamp, 1);
+    lua_pop(L, 1);
+  }
   lua_getglobal(L, "require");
   lua_pushliteral(L, "luamp.process");
   lua_call(L, 1, 1);
@@ -115,18 +122,9 @@ static int run_child(lua_State *L) {
   return 1;
 }
 
-void luamp_child_main(int argc, char **argv) {
-  if (argc < 3 || !argv || !argv[1] || strcmp(argv[1], LUAMP_SPAWN_ARG) != 0) return;
-  int fd = parse_fd(argv[2]);
-  if (fd < 0) bad_start("bad start descriptor argument");
-  if (!luamp_executable()) {
-    char path[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
-    if (n > 0) {
-      path[n] = '\0';
-      luamp_set_executable(path);
-    }
-  }
+/* Reads the start frame on fd and runs its message in L (fresh: a new state, whose
+ * libraries are opened first); returns the exit code. Garbage exits the process (2). */
+static int spawn_run(lua_State *L, int fd, int fresh) {
   unsigned char head[LUAMP_SPAWN_HEADER];
   static luamp_fdlist fds;
   read_head(fd, head, sizeof head, &fds);
@@ -138,21 +136,52 @@ void luamp_child_main(int argc, char **argv) {
   if (!msg) bad_start("out of memory");
   if (read_all(fd, msg, (size_t)len) < 0) bad_start("start message truncated");
   close(fd);
-  lua_State *L = luaL_newstate();
-  if (!L) bad_start("cannot create a Lua state");
   lua_pushcfunction(L, traceback);
   lua_pushcfunction(L, run_child);
   lua_pushinteger(L, (lua_Integer)len);
   lua_pushlightuserdata(L, msg);
   lua_pushlightuserdata(L, &fds);
+  lua_pushboolean(L, fresh);
   int rc;
-  if (lua_pcall(L, 3, 1, 1) != LUA_OK) {
+  if (lua_pcall(L, 4, 1, -6) != LUA_OK) {
     fprintf(stderr, "luamp: spawn child: %s\n", lua_tostring(L, -1));
     rc = 1;
   } else {
     rc = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
   }
+  lua_pop(L, 2);
   free(msg);
+  return rc;
+}
+
+void luamp_child_main(int argc, char **argv) {
+  if (argc < 3 || !argv || !argv[1]) return;
+  int server = strcmp(argv[1], LUAMP_FORKSERVER_ARG) == 0;
+  if (!server && strcmp(argv[1], LUAMP_SPAWN_ARG) != 0) return;
+  int fd = parse_fd(argv[2]);
+  if (fd < 0) bad_start("bad start descriptor argument");
+  if (!luamp_executable()) {
+    char path[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
+    if (n > 0) {
+      path[n] = '\0';
+      luamp_set_executable(path);
+    }
+  }
+  if (server) {
+    int creator = argc > 3 ? parse_fd(argv[3]) : -1;
+    if (creator <= 0) bad_start("bad forkserver creator argument");
+    /* the server's state, opened here so that forkserver.c calls nothing above it */
+    lua_State *L = luaL_newstate();
+    if (!L) bad_start("cannot create a Lua state");
+    luaL_openlibs(L);
+    luaL_requiref(L, "luamp", luaopen_luamp, 1);
+    lua_pop(L, 1);
+    luamp_forkserver_main(L, fd, (pid_t)creator, spawn_run);
+  }
+  lua_State *L = luaL_newstate();
+  if (!L) bad_start("cannot create a Lua state");
+  int rc = spawn_run(L, fd, 1);
   fflush(NULL);
   lua_close(L);          /* joins (or terminates) the child's own children */
   exit(rc & 0xff);

@@ -17,7 +17,7 @@ local LAYERS = {
   {"codec", {"handles", "codec", "bytecode"}},
   {"objects", {"arena", "sync", "shared", "connection", "queue", "auth", "redis",
                "subprocess", "ring", "pool", "process"}},
-  {"entry", {"repl", "module", "spawn"}},            -- luaopen_luamp and the mains
+  {"entry", {"repl", "module", "spawn", "forkserver"}},   -- luaopen_luamp and the mains
 }
 
 local function layer_of_table(layers)

@@ -315,6 +315,7 @@ describe("Value and Array handles", function()
     local _, p = handle(v)
     local script = H.script(string.format([[
       local luamp = require "luamp"
+      local _ = luamp.Value     -- the part that registers the handle type loads on first use
       local rebuild = debug.getregistry()["luamp.handles"]["luamp.Value"]
       local v = rebuild{core = {arena = %q, pid = %d, fd = %d, off = %d, gen = %d}, lock = false}
       io.write(v.value)

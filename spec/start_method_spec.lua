@@ -173,16 +173,40 @@ describe("spawn", function()
     SPAWN_POOL_GLOBAL = nil
   end)
 
-  -- A timed map on spawn workers hung (not diagnosed yet): until it works it is refused.
-  it("refuses a per-task timeout in a spawn Pool rather than hang", function()
-    local pool <close> = ctx.Pool(1)
-    local e = H.raises("Value", pool.map, pool, function(x) return x end, {1, 2}, {timeout = 1})
-    assert.matches("not supported yet in a spawn Pool", e.message, 1, true)
-    H.raises("Value", pool.apply_async, pool, function() end, {}, {timeout = 1})
-    local e2 = H.raises("Value", function()
-      for _ in pool:imap(function(x) return x end, {1, 2}, {timeout = 1}) do end
-    end)
-    assert.matches("not supported yet in a spawn Pool", e2.message, 1, true)
+  -- Compiling every part of luamp was most of a spawn child's start (luamp.main).
+  it("loads the parts of luamp on first use: a child compiles only what it uses", function()
+    local out, err, code = host [[
+      local p = luamp.get_context("spawn").Process{target = function()
+        local loaded = package.loaded
+        print(loaded["luamp.pool"], loaded["luamp.manager"], loaded["luamp.sync"])
+        local m = require "luamp"
+        print(type(m.Lock), loaded["luamp.sync"] ~= nil, loaded["luamp.manager"])
+        m.Manager = "mine"                 -- a name the program set is kept
+        local n = 0
+        for _ in pairs(m) do n = n + 1 end -- pairs sees every part
+        print(n > 50, loaded["luamp.manager"] ~= nil, m.Manager, m.no_such_name)
+      end}
+      p:start(); p:join()
+      print("exit", p.exitcode)
+    ]]
+    assert.equal(0, code, err)
+    assert.equal("nil\tnil\tnil\nfunction\ttrue\tnil\ntrue\ttrue\tmine\tnil\nexit\t0\n", out)
+  end)
+
+  it("loads a part again when loading it raised (Ctrl-C while it compiled)", function()
+    local out, err, code = host [[
+      print(package.loaded["luamp.manager"] == nil)
+      local orig = package.preload["luamp.manager"]
+      package.preload["luamp.manager"] = function(...)
+        package.preload["luamp.manager"] = orig
+        error("interrupted while compiling")
+      end
+      local ok, e = pcall(function() return luamp.Manager end)
+      print(ok, tostring(e):match("interrupted while compiling") ~= nil)
+      print(type(luamp.Manager), type(luamp.BaseManager))
+    ]]
+    assert.equal(0, code, err)
+    assert.equal("true\nfalse\ttrue\nfunction\tfunction\n", out)
   end)
 
   it("runs the subclass style (run with fields)", function()

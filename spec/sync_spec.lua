@@ -735,6 +735,7 @@ describe("handles", function()
     l:acquire()
     local script = H.script(string.format([[
       local luamp = require "luamp"
+      local _ = luamp.Lock      -- the part that registers the handle type loads on first use
       local rebuild = debug.getregistry()["luamp.handles"]["luamp.Lock"]
       local l = rebuild{arena = %q, pid = %d, fd = %d, off = %d, gen = %d}
       io.write(tostring(l:acquire(false)), " ")

@@ -894,11 +894,15 @@ function spawn(st)
   stamps[i] = IDLE40
   w.slot = slot
   local ok, h
-  if st.method == "spawn" then
-    -- a fresh interpreter: it gets its end of the Pipe, its stamps slot and the pool's
-    -- settings as args
+  if st.method == "spawn" or st.method == "forkserver" then
+    -- a fresh interpreter (or a fork of the clean forkserver): it gets its end of the
+    -- Pipe, its stamps slot and the pool's settings as args; n counts them, as the nils
+    -- (no initializer, no maxtasks) make holes and # of the decoded table may stop at the
+    -- first (the stamps were lost: a timed task was never seen to start and so never
+    -- timed out)
     ok, h = pcall(require("luamp.process")._spawn_call, require("luamp.pool")._spawn_worker,
-      {b, ring, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch, st.spin}, "worker")
+      {b, ring, st.initializer, st.initargs, st.maxtasks, stamps, i, st.epoch, st.spin, n = 9},
+      "worker", st.method)
   else
     ok, h = pcall(core.fork, function() return worker_main(st, a, b, ring, stamps, i) end, "worker")   -- re-raised
   end
@@ -2077,11 +2081,6 @@ end
 local function check_task_timeout(what, t, st)
   if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
     raise("Value", what .. ": timeout must be a positive number of seconds")
-  end
-  -- A timed map on spawn workers never finished in testing (cause not found yet): an
-  -- error now is better than a hang.
-  if t ~= nil and st.method == "spawn" then
-    raise("Value", what .. ": per-task timeouts are not supported yet in a spawn Pool")
   end
   return t
 end

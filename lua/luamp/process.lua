@@ -170,10 +170,13 @@ function Process:start()
   -- the fork reaps the children that have ended (runtime/process.c); as Python's
   -- _cleanup, they leave the list of children, so nothing keeps them from the collector
   local m = s.method or P.get_start_method()
-  if m == "spawn" then
-    -- the descriptors of luamp objects in the args (queues, locks...) go with the message
+  if m == "spawn" or m == "forkserver" then
+    -- the descriptors of luamp objects in the args (queues, locks...) go with the message;
+    -- a forkserver child gets the same message, forked from the server
     local msg, fds = spawn_payload(self)
-    local ok, h = pcall(core.spawn, msg, s.daemon, fds)
+    local start = core.spawn
+    if m == "forkserver" then start = core.forkserver_spawn end
+    local ok, h = pcall(start, msg, s.daemon, fds)
     if fds then fds:close() end
     if not ok then error(h, 0) end
     s.handle = h
@@ -270,7 +273,12 @@ current = main
 local Parent = {}
 Parent.__index = Parent
 Parent.__name = "luamp.ParentProcess"
-function Parent:is_alive() return core.getppid() == self.pid end
+function Parent:is_alive()
+  if core.getppid() == self.pid then return true end
+  -- a forkserver's child: its parent is the server, the caller is watched by pidfd
+  local fd = rawget(self, "sentinel")
+  return fd ~= nil and #core.wait_fds({fd}, 0) == 0
+end
 function Parent:join(timeout)
   U.check_timeout("join", timeout)
   if not self:is_alive() then return end
@@ -322,9 +330,9 @@ P.sleep = core.sleep
 P.time = core.time
 
 -- Start methods (Python's rules): fork is the default; set_start_method may be called
--- once, again only with force. forkserver is part of the contract but not built yet.
+-- once, again only with force.
 local ALL_METHODS = {"fork", "spawn", "forkserver"}
-local BUILT = {fork = true, spawn = true}
+local BUILT = {fork = true, spawn = true, forkserver = true}
 local method = nil        -- nil until set (get_start_method then answers "fork")
 
 local function check_method(m)
@@ -348,13 +356,15 @@ function P.set_start_method(m, force)
   method = check_method(m)
 end
 
--- Starts fn(table.unpack(args)) in a spawn child of the given kind ("worker": a pool
--- worker); returns the Child handle (for pool workers).
-function P._spawn_call(fn, args, kind)
+-- Starts fn(table.unpack(args)) in a spawn (or forkserver: method) child of the given
+-- kind ("worker": a pool worker); returns the Child handle (for pool workers).
+function P._spawn_call(fn, args, kind, method)
   local self = new_process({target = fn, args = args})
   S[self].kind = kind
   local msg, fds = spawn_payload(self)
-  local ok, h = pcall(core.spawn, msg, kind, fds)
+  local start = core.spawn
+  if method == "forkserver" then start = core.forkserver_spawn end
+  local ok, h = pcall(start, msg, kind, fds)
   if fds then fds:close() end
   if not ok then error(h, 0) end
   return h

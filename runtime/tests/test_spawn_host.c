@@ -1,4 +1,5 @@
-/* test_spawn_host.c — a C host that embeds luamp and starts spawn children: it calls
+/* test_spawn_host.c — a C host that embeds luamp and starts spawn and forkserver
+ * children (a spawn and a forkserver Pool among them): it calls
  * luamp_child_main first thing in main (so its own executable can be re-entered as a
  * luamp child) and gives its own path to luamp_set_executable. The children it starts
  * therefore run in this program, not in the luamp host. */
@@ -69,6 +70,29 @@ int main(int argc, char **argv) {
     "if r[1] ~= 3 or r[2] ~= 6 or r[3] ~= 9 then return 'map gave ' .. table.concat(r, ' ') end\n"
     "local ok, e = pcall(pool.apply, pool, function() os.exit(5) end)\n"
     "if ok or e.kind ~= 'WorkerLost' then return 'no WorkerLost: ' .. tostring(e) end\n"
+    "return pool:apply(function() return 'ok' end)\n");
+
+  /* forkserver: the server is this program too (luamp_child_main serves), and forks the
+   * Process and the Pool workers */
+  expect_ok(L, "forkserver Process in this host",
+    "local exe_of = function(pid)\n"
+    "  local f = io.popen('readlink /proc/' .. pid .. '/exe'); local s = f:read('l'); f:close(); return s end\n"
+    "local me, k = exe_of(luamp.getpid()), 40\n"
+    "local p = luamp.get_context('forkserver').Process{target = function()\n"
+    "  os.exit(HOST_GLOBAL == nil and exe_of(luamp.getpid()) == me and k + 2 or 1) end}\n"
+    "p:start(); p:join()\n"
+    "return p.exitcode == 42 and 'ok' or ('exitcode ' .. tostring(p.exitcode))\n");
+
+  expect_ok(L, "forkserver Pool in this host",
+    "local pool <close> = luamp.get_context('forkserver').Pool(2)\n"
+    "local k = 3\n"
+    "local r = pool:map(function(x) return x * k end, {1, 2, 3})\n"
+    "if r[1] ~= 3 or r[2] ~= 6 or r[3] ~= 9 then return 'map gave ' .. table.concat(r, ' ') end\n"
+    "local ok, e = pcall(pool.apply, pool, function() os.exit(5) end)\n"
+    "if ok or e.kind ~= 'WorkerLost' then return 'no WorkerLost: ' .. tostring(e) end\n"
+    "local res = pool:apply_async(function() luamp.sleep(60) end, {}, {timeout = 0.2})\n"
+    "ok, e = pcall(res.get, res, 30)\n"
+    "if ok or e.kind ~= 'Timeout' then return 'no Timeout: ' .. tostring(e) end\n"
     "return pool:apply(function() return 'ok' end)\n");
 
   lua_close(L);

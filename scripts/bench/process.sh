@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Process start+join latency: luamp vs Python multiprocessing (fork) vs raw C fork+waitpid.
-# Usage: scripts/bench/process.sh [iterations] [spawn iterations]   (build first)
-# Then the spawn start method: luamp vs Python spawn vs raw C posix_spawn of `lua5.4 -e ""`.
+# Usage: scripts/bench/process.sh [iterations] [spawn iterations] [forkserver iterations]
+# (build first)
+# Then the spawn start method: luamp vs Python spawn vs raw C posix_spawn of `lua5.4 -e ""`,
+# and the forkserver start method: luamp vs luamp fork vs Python forkserver.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-2000}
@@ -116,7 +118,23 @@ printf "  %-34s %10s us\n" "raw C posix_spawn of lua5.4 -e ''" "$cs" "luamp Proc
 awk -v c="$cs" -v l="$ls_" -v p="$ps" 'BEGIN {
   printf "  luamp / raw C      = %.2fx  (goal <= 1.5x)\n", l / c
   printf "  python / luamp     = %.2fx  (goal >= 10x)\n", p / l }'
+
+# ---- forkserver start method: luamp forkserver vs luamp fork vs Python's forkserver ----
+nf=${3:-500}
+sed 's/local luamp = require "luamp"/local luamp = require "luamp"; luamp.set_start_method("forkserver")/' \
+  "$tmp/bench.lua" > "$tmp/bench_fs.lua"
+sed 's/set_start_method("fork")/set_start_method("forkserver")/' "$tmp/bench.py" > "$tmp/bench_fs.py"
+lfork=$(build/luamp "$tmp/bench.lua" "$nf")
+lfs=$(build/luamp "$tmp/bench_fs.lua" "$nf")
+pfs=$(python3 "$tmp/bench_fs.py" "$(( nf / 10 > 0 ? nf / 10 : 1 ))")
+echo "forkserver start+join, $nf iterations (python: $(( nf / 10 > 0 ? nf / 10 : 1 )); the first start, which starts the server, included)"
+printf "  %-34s %10s us\n" "luamp Process (fork)" "$lfork" "luamp Process (forkserver)" "$lfs" \
+  "python multiprocessing (forkserver)" "$pfs"
+awk -v f="$lfork" -v l="$lfs" -v p="$pfs" 'BEGIN {
+  printf "  luamp forkserver / luamp fork = %.2fx  (goal <= 2x)\n", l / f
+  printf "  python / luamp     = %.2fx  (goal >= 10x)\n", p / l }'
 # machine-readable lines for scripts/bench/run.sh (the fork figure's reference is the
 # raw C loop whose parent writes 16 pages, as any interpreter does)
 echo "RESULT name=process.fork luamp=$l python=$p peer=$c16 unit=us"
 echo "RESULT name=process.spawn luamp=$ls_ python=$ps peer=$cs unit=us"
+echo "RESULT name=process.forkserver luamp=$lfs python=$pfs peer=$lfork unit=us"
