@@ -349,6 +349,48 @@ void luamp_install_child_os_exit(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The first fork runs, in the parent, the library calls every child's prologue makes
+ * (xpcall, io.stdout:flush) and the parent itself may never have made. liblua binds
+ * its calls lazily, so otherwise each child would resolve them anew: about 16 page
+ * faults per child in the dynamic linker (its symbol tables, the GOT page copied), some
+ * 9% of a short child's CPU. Resolved here once, every child inherits the binding. Only
+ * the real functions are called (C functions; the stdout a file handle), through raw
+ * lookups; their errors do not matter (binding happens before a call fails), except a
+ * Ctrl-C, which is raised again. */
+static int noop(lua_State *L) { (void)L; return 0; }
+
+static int bind_child_calls_body(lua_State *L) {
+  lua_pushglobaltable(L);
+  int g = lua_gettop(L);
+  lua_pushliteral(L, "xpcall");
+  if (lua_rawget(L, g) == LUA_TFUNCTION && lua_iscfunction(L, -1)) {
+    lua_pushcfunction(L, noop);
+    lua_pushcfunction(L, noop);
+    lua_call(L, 2, 0);
+  }
+  lua_settop(L, g);
+  lua_pushliteral(L, "io");
+  if (lua_rawget(L, g) == LUA_TTABLE) {
+    lua_pushliteral(L, "stdout");
+    if (lua_rawget(L, -2) == LUA_TUSERDATA && luaL_testudata(L, -1, LUA_FILEHANDLE) &&
+        lua_getfield(L, -1, "flush") == LUA_TFUNCTION && lua_iscfunction(L, -1)) {
+      lua_pushvalue(L, -2);
+      lua_call(L, 1, 0);
+    }
+  }
+  return 0;
+}
+
+static void bind_child_calls(lua_State *L) {
+  static int done;
+  if (done) return;
+  done = 1;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, bind_child_calls_body);
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK && luamp_is_interrupted(L, -1)) lua_error(L);
+  lua_settop(L, top);
+}
+
 /* _core.fork(entry, [daemon]) -> Child handle in the parent. In the child, calls
  * entry() and exits with its integer result (0 if none, 1 if it raised); never returns.
  * daemon: true for a daemon, "worker" for a pool worker (see LUAMP_FORK_WORKER). */
@@ -357,6 +399,7 @@ static int l_fork(lua_State *L) {
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  bind_child_calls(L);
   reap_ended();
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;

@@ -1,12 +1,17 @@
 /* test_sync.c — futex waits keep their deadlines under a storm of signals (with and
  * without SA_RESTART), a pending interrupt ends them, and the Lua-level waits (Lock,
  * Semaphore, Event, Condition, Barrier) behave the same: full timeouts despite EINTR,
- * Interrupted when a Ctrl-C arrives. */
+ * Interrupted when a Ctrl-C arrives. A release after a contended acquire makes no futex
+ * call when nobody else sleeps on the lock. */
+#include <dlfcn.h>
+#include <linux/futex.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,6 +23,21 @@
 static int failures;
 #define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
   fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+/* This program's syscall() stands in for libc's (the runtime is linked in statically),
+ * counting the futex wakes made, then passing every call on. */
+static _Atomic int futex_wakes;
+long syscall(long n, ...) {
+  static long (*real)(long, ...);
+  va_list ap;
+  va_start(ap, n);
+  long a[6];
+  for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
+  va_end(ap);
+  if (n == SYS_futex && (a[1] & FUTEX_CMD_MASK) == FUTEX_WAKE) futex_wakes++;
+  if (!real) real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+  return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
 
 static volatile sig_atomic_t ticks, interrupt_at;
 static void on_alarm(int sig) {
@@ -149,6 +169,23 @@ static void test_raw_fork_child_frees_nothing(void) {
   CHECK(err == NULL, "after a raw fork: %s", err);
 }
 
+/* The parent sleeps on a Lock a child holds, then gets it: with nobody else waiting, its
+ * release must not make a futex call (it used to: the waiter that got the lock always
+ * set WAITERS again, in case others slept). */
+static void test_release_wakes_only_sleepers(void) {
+  const char *err = run(
+    "wl = luamp.Lock(); local held = luamp.Event()\n"
+    "wp = luamp.Process{target = function() wl:acquire(); held:set(); luamp.sleep(0.05); wl:release() end}\n"
+    "wp:start(); held:wait()\n"
+    "assert(wl:acquire())   -- sleeps until the child lets go\n"
+    "wp:join()");
+  CHECK(err == NULL, "setup: %s", err);
+  int before = futex_wakes;
+  err = run("wl:release()");
+  CHECK(err == NULL, "release: %s", err);
+  CHECK(futex_wakes == before, "the release woke nobody with %d futex calls", futex_wakes - before);
+}
+
 int main(void) {
   test_futex_deadline(0);
   test_futex_deadline(1);
@@ -161,6 +198,7 @@ int main(void) {
   test_lua_timeouts(1);
   test_lua_interrupts();
   test_raw_fork_child_frees_nothing();
+  test_release_wakes_only_sleepers();
   lua_close(L);
   if (failures) return 1;
   puts("test_sync: ok");

@@ -53,6 +53,7 @@ for i = 1, n do rs[i] = pool:apply_async(sq, {i}) end
 for i = 1, n do assert(rs[i]:get() == i * i) end
 local dt = luamp.time() - t0
 print(string.format("luamp broker   tiny tasks: %6d in %6.2f s = %8.0f tasks/s", n, dt, n / dt))
+local rate = n / dt
 local big = {}
 for i = 1, 1000000 do big[i] = i end
 t0 = luamp.time()
@@ -67,8 +68,11 @@ lp:map(function(x) return x + 1 end, big, 1000)
 local lt = luamp.time() - t0
 lp:terminate()
 print(string.format("luamp Pool(2)  1M items, chunksize 1000: %6.2f s (broker/local = %.2fx)", lt, bt / lt))
+local f = assert(io.open(arg[3] .. "/luamp.res", "w"))
+f:write(string.format("%.0f %.3f %.3f\n", rate, bt, lt))
+f:close()
 L
-build/luamp "$tmp/luamp.lua" "$url" "$n"
+build/luamp "$tmp/luamp.lua" "$url" "$n" "$tmp"
 
 # ---- RQ ----
 if have_py rq; then
@@ -91,6 +95,7 @@ for i, j in enumerate(jobs):
     assert j.result == i * i
 dt = time.time() - t0
 print("RQ (2 workers) tiny tasks: %6d in %6.2f s = %8.0f tasks/s" % (n, dt, n / dt))
+open("rq.res", "w").write("%.0f\n" % (n / dt))
 P
   for _ in 1 2; do (cd "$tmp" && exec "$py" -m rq.cli worker -u "$url" bench -q >/dev/null 2>&1) & pids+=($!); done
   (cd "$tmp" && "$py" rq_bench.py "$url" "$rq_n")
@@ -118,9 +123,18 @@ for i, r in enumerate(rs):
     assert r.get(timeout=600) == i * i
 dt = time.time() - t0
 print("Celery (prefork 2) tiny tasks: %6d in %6.2f s = %8.0f tasks/s" % (n, dt, n / dt))
+open("celery.res", "w").write("%.0f\n" % (n / dt))
 P
   (cd "$tmp" && exec "$py" -m celery -A celtasks worker -c 2 -P prefork -l warning >"$tmp/celery.log" 2>&1) & pids+=($!)
   (cd "$tmp" && "$py" cel_bench.py "$n")
 else
   echo "Celery: python3-celery not installed (apt-get install python3-celery); not measured"
 fi
+
+# machine-readable lines for scripts/bench/run.sh: Python is Celery, the peer RQ; the map
+# figure's peer is the local Pool(2) on the same items
+read -r l_rate l_map l_local < "$tmp/luamp.res"
+cel=$(cat "$tmp/celery.res" 2>/dev/null || echo -)
+rq=$(cat "$tmp/rq.res" 2>/dev/null || echo -)
+echo "RESULT name=broker.tiny luamp=$l_rate python=$cel peer=$rq unit=tasks/s"
+echo "RESULT name=broker.map1m luamp=$l_map python=- peer=$l_local unit=s"

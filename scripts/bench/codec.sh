@@ -19,14 +19,18 @@ best() { awk 'NF { if (!($1 in d) || $2 < d[$1]) d[$1] = $2; if (!($1 in l) || $
               END { for (k in d) print k, d[k], l[k], b[k], n[k] }'; }
 lua_out=$(best <<<"$lua_all")
 py_out=$(best <<<"$py_all")
+results=$(mktemp); trap 'rm -f "$results"' EXIT
 printf '%-12s %-6s %12s %12s %10s %10s %8s\n' case op luamp_us pickle_us luamp_MB/s pickle_MB/s speedup
 join <(sort <<<"$lua_out") <(sort <<<"$py_out") | while read -r name ld ll lb _ pd pl pb _; do
   for op in dumps loads; do
     if [[ $op == dumps ]]; then lt=$ld pt=$pd; else lt=$ll pt=$pl; fi
     awk -v n="$name" -v op="$op" -v lt="$lt" -v pt="$pt" -v lb="$lb" -v pb="$pb" 'BEGIN {
       printf "%-12s %-6s %12.2f %12.2f %10.1f %10.1f %7.2fx\n", n, op, lt * 1e6, pt * 1e6,
-        lb / lt / 1e6, pb / pt / 1e6, pt / lt }'
+        lb / lt / 1e6, pb / pt / 1e6, pt / lt
+      printf "RESULT name=codec.%s.%s luamp=%.2f python=%.2f peer=- unit=us\n", n, op, lt * 1e6, pt * 1e6 > "/dev/stderr" }' 2>>"$results"
   done
 done
 echo "encoded sizes (bytes): $(awk '{printf "%s luamp=%s ", $1, $4}' <<<"$lua_out")"
 echo "                       $(awk '{printf "%s pickle=%s ", $1, $4}' <<<"$py_out")"
+# machine-readable lines for scripts/bench/run.sh
+cat "$results"

@@ -106,6 +106,7 @@ print(string.format("%.3f", (luamp.time() - t0) / n * 1e6))
 L
 
 min() { grep . | sort -g | head -1; }
+results=""
 declare -A all
 modes="new-queue same-queue queue-in-queue lock"
 for ((r = 0; r < rounds; r++)); do
@@ -118,6 +119,7 @@ for mode in $modes; do
   v=$(min <<<"${all[$mode]}")
   printf "  luamp %-38s %9s us  (python Manager / luamp = %.0fx)\n" "$mode" "$v" \
     "$(awk -v a="$py" -v b="$v" 'BEGIN{print a / b}')"
+  results+="RESULT name=handles.$mode luamp=$v python=$py peer=- unit=us"$'\n'
 done
 printf "  %-44s %9s us\n" "python Manager().Queue() through a Pipe" "$py"
 echo "  (new-queue: Queue() + Pipe send + worker put + get + close; same-queue: the worker"
@@ -136,3 +138,5 @@ if [[ -n ${BASE_BUILD:-} ]]; then
       "$mode" "$m" "$ov" "$nv" "$(awk -v a="$nv" -v b="$ov" 'BEGIN{print (a / b - 1) * 100}')"
   done
 fi
+# machine-readable lines for scripts/bench/run.sh
+printf "%s" "$results"

@@ -136,3 +136,10 @@ awk -v c="$c" -v ls="${best[lset]}" -v lg="${best[lget]}" -v lq="${best[lqueue]}
   printf "  python / luamp d[k]           = %.2fx  (goal >= 4x)\n", pg / lg
   printf "  python / luamp queue put+get  = %.2fx  (goal >= 4x)\n", pq / lq
   printf "  luamp start+shutdown          = %s ms (goal <= 5 ms); python / luamp = %.1fx\n", lst, pst / lst }'
+# machine-readable lines for scripts/bench/run.sh (a queue put+get is two calls: its
+# raw C reference is two round trips)
+c2=$(awk -v c="$c" 'BEGIN { printf "%.3f", 2 * c }')
+echo "RESULT name=manager.set luamp=${best[lset]} python=${best[pset]} peer=$c unit=us"
+echo "RESULT name=manager.get luamp=${best[lget]} python=${best[pget]} peer=$c unit=us"
+echo "RESULT name=manager.queue luamp=${best[lqueue]} python=${best[pqueue]} peer=$c2 unit=us"
+echo "RESULT name=manager.start luamp=${best[lstart]} python=${best[pstart]} peer=- unit=ms"

@@ -116,3 +116,6 @@ awk -v c="$c" -v lv="$lv" -v lb="$lb" -v pv="$pv" -v pb="$pb" 'BEGIN {
   printf "  luamp send_bytes / raw C         = %.2fx\n", lb / c
   printf "  python send/recv / luamp         = %.2fx\n", pv / lv
   printf "  python send_bytes / luamp        = %.2fx\n", pb / lb }'
+# machine-readable lines for scripts/bench/run.sh
+echo "RESULT name=pipe.roundtrip luamp=$lv python=$pv peer=$c unit=us"
+echo "RESULT name=pipe.roundtrip_bytes luamp=$lb python=$pb peer=$c unit=us"

@@ -49,6 +49,7 @@ if __name__ == "__main__":
 P
 
 max() { grep . | sort -g | tail -1; }
+results=""
 echo "Pipe throughput for large messages (MB/s, best of $rounds runs)"
 for mib in "${sizes[@]}"; do
   l_all="" p_all=""
@@ -59,4 +60,7 @@ for mib in "${sizes[@]}"; do
   l=$(max <<<"$l_all"); p=$(max <<<"$p_all")
   awk -v m="$mib" -v l="$l" -v p="$p" 'BEGIN {
     printf "  %4d MiB messages: luamp %8.1f   python %8.1f   luamp/python %.2fx\n", m, l, p, l / p }'
+  results+="RESULT name=pipe_large.${mib}MiB luamp=$l python=$p peer=- unit=MB/s"$'\n'
 done
+# machine-readable lines for scripts/bench/run.sh
+printf "%s" "$results"

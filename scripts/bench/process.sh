@@ -133,3 +133,8 @@ printf "  %-34s %10s us\n" "luamp Process (fork)" "$lfork" "luamp Process (forks
 awk -v f="$lfork" -v l="$lfs" -v p="$pfs" 'BEGIN {
   printf "  luamp forkserver / luamp fork = %.2fx  (goal <= 2x)\n", l / f
   printf "  python / luamp     = %.2fx  (goal >= 10x)\n", p / l }'
+# machine-readable lines for scripts/bench/run.sh (the fork figure's reference is the
+# raw C loop whose parent writes 16 pages, as any interpreter does)
+echo "RESULT name=process.fork luamp=$l python=$p peer=$c16 unit=us"
+echo "RESULT name=process.spawn luamp=$ls_ python=$ps peer=$cs unit=us"
+echo "RESULT name=process.forkserver luamp=$lfs python=$pfs peer=$lfork unit=us"

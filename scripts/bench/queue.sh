@@ -143,3 +143,11 @@ for c in "${cases[@]}" pinned; do
     if (c == "1m") printf "  %-24s %14.0f %14.0f %14.0f   (MB/s)\n", "", l * 1.048576, p * 1.048576, k * 1.048576 }'
 done
 echo "  goals: small items 1P1C py/luamp >= 20x; 1 MiB items py/luamp >= 10x"
+# machine-readable lines for scripts/bench/run.sh (queue.small_worst: luamp's worst run
+# against Python's best, for the "in every run" goal)
+for c in "${cases[@]}" pinned; do
+  l=$(max <<<"${best[l$c]}"); p=$(max <<<"${best[p$c]}"); k=$(max <<<"${best[c$c]:-}")
+  echo "RESULT name=queue.$c luamp=$l python=$p peer=${k:--} unit=items/s"
+done
+lw=$({ grep . || true; } <<<"${best[lsmall]}" | sort -g | head -1)
+echo "RESULT name=queue.small_worst luamp=$lw python=$(max <<<"${best[psmall]}") peer=- unit=items/s"

@@ -82,3 +82,6 @@ printf "  %-30s %10s us wall %10s us cpu\n" "raw C posix_spawnp+waitpid" "$c" "$
 awk -v c="$c" -v l="$l" -v p="$p" -v cc="$cc" -v lc="$lc" -v pc="$pc" 'BEGIN {
   printf "  luamp / raw C      = %.2fx wall, %.2fx cpu  (goal <= 1.3x)\n", l / c, lc / cc
   printf "  python / luamp     = %.2fx wall, %.2fx cpu  (goal > 1x)\n", p / l, pc / lc }'
+# machine-readable lines for scripts/bench/run.sh
+echo "RESULT name=subprocess.run luamp=$l python=$p peer=$c unit=us"
+echo "RESULT name=subprocess.run_cpu luamp=$lc python=$pc peer=$cc unit=us"

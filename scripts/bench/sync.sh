@@ -182,3 +182,11 @@ awk -v call="$l_call" -v c="$c_pair" -v l="$l_pair" -v p="$p_pair" -v lc="$l_con
   printf "  python / luamp, counter under Value lock    = %.1fx  (goal >= 10x)\n", po / lo
   printf "  python / luamp, counter under a Lock        = %.1fx\n", pc / lc
   printf "  luamp / raw C, counter under a Lock         = %.1fx\n", lc / cc }'
+# machine-readable lines for scripts/bench/run.sh
+awk -v call="$l_call" -v c="$c_pair" 'BEGIN { printf "%.2f\n", 2 * call + c }' | {
+  read -r floor
+  echo "RESULT name=lock.pair luamp=$l_pair python=$p_pair peer=$floor unit=ns"
+}
+echo "RESULT name=counter.get_lock luamp=$l_own python=$p_own peer=$c_cont unit=s"
+echo "RESULT name=counter.lock luamp=$l_cont python=$p_cont peer=$c_cont unit=s"
+echo "RESULT name=counter.add luamp=$l_addcont python=- peer=$c_cont unit=s"
