@@ -81,7 +81,9 @@ int main(void) {
   snprintf(me, sizeof me, "%d", (int)getpid());
   char *argv[] = {exe, "--luamp-forkserver", "3", me, NULL};
   pid_t server;
-  if (posix_spawn(&server, exe, &fa, NULL, argv, environ) != 0) { perror(exe); return 1; }
+  int spawned = posix_spawn(&server, exe, &fa, NULL, argv, environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (spawned != 0) { perror(exe); return 1; }
   close(ctl[1]);
 
   struct { const char *what, *magic; int32_t kind; size_t len; int nfds; } bad[] = {

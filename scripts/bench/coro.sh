@@ -97,3 +97,11 @@ echo "3. 50 commands, 4 at a time (wall, CPU = user+sys with children):"
 awk -v lw="$lw" -v lu="$lu" -v ls="$ls" -v pw="$pw" -v pu="$pu" -v ps="$ps" 'BEGIN {
   printf "  luamp tasks     %6.3f s wall %6.3f s cpu\n  python asyncio  %6.3f s wall %6.3f s cpu\n", lw, lu + ls, pw, pu + ps
   printf "  python / luamp = %.2fx wall, %.2fx cpu  (goal >= 1x both)\n", pw / lw, (pu + ps) / (lu + ls) }'
+
+# machine-readable lines for scripts/bench/run.sh
+awk -v b="$bare" -v t="$task" -v p="$plain" -v q="$tasks" \
+    -v lw="$lw" -v lu="$lu" -v ls="$ls" -v pw="$pw" -v pu="$pu" -v ps="$ps" 'BEGIN {
+  printf "RESULT name=coro.switch luamp=%.1f python=- peer=%.1f unit=ns\n", t, b
+  printf "RESULT name=coro.queue luamp=%d python=- peer=%d unit=items/s\n", q, p
+  printf "RESULT name=coro.cmds_wall luamp=%.3f python=%.3f peer=- unit=s\n", lw, pw
+  printf "RESULT name=coro.cmds_cpu luamp=%.3f python=%.3f peer=- unit=s\n", lu + ls, pu + ps }'

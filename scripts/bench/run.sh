@@ -53,6 +53,10 @@ declare -A GOALS=(
   [manager.get]="peer<=1.5 python>=4"
   [manager.queue]="peer<=1.5 python>=4"
   [manager.start]="value<=5"
+  [coro.switch]="peer<=3"
+  [coro.queue]="peer>=0.8"
+  [coro.cmds_wall]="python>=1"
+  [coro.cmds_cpu]="python>=1"
 )
 
 # name, then the full and the quick arguments (quick mode also sets ROUNDS=1)
