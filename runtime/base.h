@@ -26,6 +26,16 @@
 /* close() that keeps errno and never retries on EINTR (Linux frees the fd anyway). */
 void luamp_close_fd(int fd);
 
+/* One pause of a spin-wait loop: tells the CPU (and a hypervisor) that this thread is
+ * spinning, so the sibling hyperthread or the lock holder gets the pipeline. */
+static inline void luamp_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 /* ---- this process ------------------------------------------------------------------------ */
 
 /* This process's pid (cached; correct after any fork). Inline because the lock fast

@@ -161,18 +161,10 @@ typedef struct item { int ref; uint64_t off, len; uint32_t token; } item;
 static uint64_t pad8(uint64_t n) { return (n + 7) & ~(uint64_t)7; }
 static uint64_t pad_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
 
-static void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
 /* Orders the stores of a commit as other processes will see them, should this one die
  * in the middle (a compiler barrier on x86, where stores are seen in program order). */
 static void relax(int n) {
-  for (int i = 0; i < n; i++) cpu_relax();
+  for (int i = 0; i < n; i++) luamp_cpu_relax();
 }
 
 static void barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
@@ -381,7 +373,7 @@ static int q_lock(queue *q, double deadline) {
   int spins = rc == EBUSY && ncpus() > 1 ? q->lock_spin : 0;
   int i;
   for (i = 0; rc == EBUSY && i < spins; i++) {
-    cpu_relax();
+    luamp_cpu_relax();
 #ifdef __GLIBC__
     /* test before test-and-set: read the lock word until it looks free, so spinning
      * does not steal the cache line from the holder at every round */

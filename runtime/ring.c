@@ -315,14 +315,6 @@ static double mono_ns(void) {
   return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
 static int ring_nonempty(ring *r, int d) {
   ring_dir *dd = &r->h->d[d];
   return atomic_load_explicit(&dd->tail, memory_order_acquire) !=
@@ -366,7 +358,7 @@ static int l_spin_rings(lua_State *L) {
         return 1;
       }
     }
-    for (int k = 0; k < 16; k++) cpu_relax();
+    for (int k = 0; k < 16; k++) luamp_cpu_relax();
     if ((++rounds & 3) == 0) t = mono_ns();
   }
   for (int k = 0; k < n; k++) {

@@ -134,14 +134,6 @@ typedef struct barrier_obj {
   double timeout;                 /* default for wait(); < 0 none */
 } barrier_obj;
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
 /* True when pid is gone, or has exited and not been reaped yet. */
 static int pid_dead(pid_t pid) {
   if (pid == luamp_self_pid()) return 0;
@@ -168,7 +160,7 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) 
       uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
       if (c == 0 && atomic_compare_exchange_weak(&o->word, &c, me)) return 1;
       if (c & WAITERS) break;
-      cpu_relax();
+      luamp_cpu_relax();
     }
   }
   /* Looking at the owner costs syscalls, so a blocking acquire first sleeps a short
