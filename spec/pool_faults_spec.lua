@@ -59,6 +59,36 @@ describe("Pool with another pool busy", function()
   end)
 end)
 
+describe("Pool join after the last result", function()
+  -- The last result of a closed pool could be taken by the pool's own bookkeeping after
+  -- it had looked whether to stop the workers: nobody then stopped them, and join slept
+  -- with nothing left to wake it (before the fix: 4 runs in 6 of 60 rounds hung).
+  local rounds_script = [[
+    local luamp = require "luamp"
+    local rounds, longest = tonumber(arg[1]), tonumber(arg[2])
+    local sum = 0
+    for _ = 1, rounds do
+      local p = luamp.Pool(2)
+      local rs = {}
+      for i = 1, 10 do
+        rs[i] = p:apply_async(function(n) luamp.sleep(math.random() * longest); return n end, {i})
+      end
+      p:close()
+      p:join()
+      for i = 1, 10 do sum = sum + rs[i]:get() end
+    end
+    print(sum)
+  ]]
+
+  it("always returns from join once the tasks are done (3 x 60 pools)", function()
+    for _ = 1, 3 do
+      local out, code = run_limited(rounds_script, 60, 60, 0.003)
+      assert.are.equal(0, code, code == 124 and "join hung" or out)
+      assert.are.equal(60 * 55 .. "\n", out)
+    end
+  end)
+end)
+
 describe("Pool and Ctrl-C", function()
   -- The pool's protective pcalls (around a receive, the decoding of a result, a worker's
   -- status...) once caught the Interrupted raised at any instruction by the Ctrl-C hook or

@@ -1556,16 +1556,34 @@ local function run_callbacks(st)
   if interrupted then error(interrupted, 0) end
 end
 
+-- Takes the results that no fd announces: data a send drained into a connection's
+-- buffer does not make its fd readable, and a message in a ring needs no doorbell while
+-- the pool waits. Whether any worker had some.
+local function drain_unannounced(st)
+  local any = false
+  for _, w in ipairs(st.workers) do
+    if not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then
+      drain(st, w)
+      any = true
+    end
+  end
+  return any
+end
+
 -- After anything happened: feed the workers, stop them when closed and idle, callbacks.
+-- Every result taken here is followed by a dispatch and the stop check: a last result
+-- taken after them left the workers unfed or unstopped, and the pool's next wait slept
+-- with nothing left to wake it (a join hung about once in twenty).
 local function settle(st)
   if st.respawn then st.respawn = false; repopulate(st) end
   dispatch(st)
-  send_stops(st)
-  -- data a send drained into a connection's buffer does not make its fd readable; a
-  -- message in a ring needs no doorbell while the pool waits
-  for _, w in ipairs(st.workers) do
-    if not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then drain(st, w) end
+  -- a bounded number of rounds: a worker that keeps answering must not starve callbacks
+  for _ = 1, 8 do
+    if not drain_unannounced(st) then break end
+    if st.respawn then st.respawn = false; repopulate(st) end
+    dispatch(st)
   end
+  send_stops(st)
   run_callbacks(st)
 end
 
