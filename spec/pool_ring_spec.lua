@@ -99,6 +99,45 @@ describe("pool ring", function()
     r:close()
   end)
 
+  it("reports scribbled positions and record lengths as garbled, never reading past the ring", function()
+    -- the other side can write anything into the shared pages: reopen the ring's memfd
+    -- (the newest one this process holds) and scribble on direction 1's header and data
+    local r = core.ring_new()
+    local ls = io.popen("ls -l /proc/" .. luamp.getpid() .. "/fd")
+    local fd
+    for line in ls:lines() do
+      local n = line:match("(%d+) %-> /memfd:luamp%-pool%-ring")
+      if n and (not fd or tonumber(n) > fd) then fd = tonumber(n) end
+    end
+    ls:close()
+    assert.is_number(fd)
+    local f = assert(io.open("/proc/" .. luamp.getpid() .. "/fd/" .. fd, "r+b"))
+    local TAIL1, HEAD1, DATA1 = 256, 320, 4096 + 256 * 1024
+    local function poke(off, fmt, v) f:seek("set", off); f:write(string.pack(fmt, v)); f:flush() end
+    local cases = {
+      {"positions are garbled", function() poke(HEAD1, "<I8", 0); poke(TAIL1, "<I8", 5) end},
+      {"positions are garbled", function() poke(HEAD1, "<I8", 0); poke(TAIL1, "<I8", 1 << 40) end},
+      {"longer than the ring holds", function()
+        poke(HEAD1, "<I8", 0); poke(DATA1, "<I4", 0x3fffffff); poke(TAIL1, "<I8", 16) end},
+      {"garbled length", function()
+        poke(HEAD1, "<I8", 0); poke(DATA1, "<I4", 0x80000001); poke(TAIL1, "<I8", 16) end},
+    }
+    for _, c in ipairs(cases) do
+      c[2]()
+      local m, why = r:take(1)
+      assert.is_nil(m)
+      assert.matches(c[1], why, 1, true)
+    end
+    -- a sane record after the scribbles is read as before
+    poke(HEAD1, "<I8", 0); poke(TAIL1, "<I8", 0)
+    assert.is_true(r:put(1, "after", false, 9))
+    local m, tag = r:take(1)
+    assert.equal("after", m)
+    assert.equal(9, tag)
+    f:close()
+    r:close()
+  end)
+
   it("refuses bad arguments and a closed ring", function()
     local r = core.ring_new()
     H.raises("Value", r.put, r, 2, "x")
