@@ -1491,28 +1491,16 @@ static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
   d->depth--;
 }
 
-/* _core.loads_into(s, dst, pos, n, [at]): decodes s (trusted) without making the big
- * table a Pool result carries (a million results would otherwise be decoded into a
- * fresh table, its pages faulted in, and moved):
- *  - without at: s is a table whose keys are the integers 1..n and nothing else (a
- *    chunk's results); its items go straight into dst[pos .. pos+n-1]. Returns nothing.
- *  - with at: s is a result message, a list whose item 3 says whether the chunk succeeded;
- *    it is decoded and returned as usual, except that when item 3 is true and item `at` is
- *    such a table of n items, those go straight into dst and item `at` becomes true.
- * Keys of dst not named by s are left as they are. Raises Serialize for anything else. */
-static int l_loads_into(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  lua_Integer pos = luaL_checkinteger(L, 3), n = luaL_checkinteger(L, 4);
-  lua_Integer at = luaL_optinteger(L, 5, 0);
+/* What loads_into does, on bytes anywhere (a Lua string, or a record in a Pool ring): the
+ * table at index dst gets the items; the value (at > 0) or nothing is pushed. Raises. */
+static int loads_into_bytes(lua_State *L, const char *s, size_t len, int dst, lua_Integer pos,
+                            lua_Integer n, lua_Integer at) {
   if (n < 0 || pos < 1 || pos > LUA_MAXINTEGER - n || at < 0)
     luamp_raise(L, "Value", "loads_into: bad position or count");
-  lua_settop(L, 5);
   lua_pushnil(L);                                   /* refs_slot */
   dec d;
   dec_init(&d, L, s, len, 0);
-  d.refs_slot = 6;
+  d.refs_slot = lua_gettop(L);
   if (d.p == d.end) dec_fail(&d, "empty input");
   if (*d.p != CODEC_VERSION) dec_fail(&d, "unsupported format version %d", *d.p);
   d.p++;
@@ -1520,7 +1508,7 @@ static int l_loads_into(lua_State *L) {
   if (at == 0) {
     if (*d.p != T_TABLE) dec_fail(&d, "expected a plain table of %lld items", (long long)n);
     d.p++;
-    decode_items_into(&d, 2, pos, n);
+    decode_items_into(&d, dst, pos, n);
     if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
     return 0;
   }
@@ -1541,7 +1529,7 @@ static int l_loads_into(lua_State *L) {
       lua_pop(L, 1);
       if (ok) {
         d.p++;
-        decode_items_into(&d, 2, pos, n);
+        decode_items_into(&d, dst, pos, n);
         lua_pushboolean(L, 1);
         lua_rawseti(L, t, (lua_Integer)i);
         continue;
@@ -1561,6 +1549,55 @@ static int l_loads_into(lua_State *L) {
   d.depth--;
   if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
   return 1;
+}
+
+/* _core.loads_into(s, dst, pos, n, [at]): decodes s (trusted) without making the big
+ * table a Pool result carries (a million results would otherwise be decoded into a
+ * fresh table, its pages faulted in, and moved):
+ *  - without at: s is a table whose keys are the integers 1..n and nothing else (a
+ *    chunk's results); its items go straight into dst[pos .. pos+n-1]. Returns nothing.
+ *  - with at: s is a result message, a list whose item 3 says whether the chunk succeeded;
+ *    it is decoded and returned as usual, except that when item 3 is true and item `at` is
+ *    such a table of n items, those go straight into dst and item `at` becomes true.
+ * Keys of dst not named by s are left as they are. Raises Serialize for anything else. */
+static int l_loads_into(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer pos = luaL_checkinteger(L, 3), n = luaL_checkinteger(L, 4);
+  lua_Integer at = luaL_optinteger(L, 5, 0);
+  lua_settop(L, 5);
+  return loads_into_bytes(L, s, len, 2, pos, n, at);
+}
+
+typedef struct into_args {
+  const char *s;
+  size_t len;
+  lua_Integer pos, n, at;
+  int nres;
+} into_args;
+
+/* lua_pcall'd: (into_args*, dst). */
+static int loads_into_protected(lua_State *L) {
+  into_args *a = lua_touserdata(L, 1);
+  a->nres = loads_into_bytes(L, a->s, a->len, 2, a->pos, a->n, a->at);
+  return a->nres;
+}
+
+int luamp_decode_into(lua_State *L, const char *data, size_t len, int dst, lua_Integer pos,
+                      lua_Integer n, lua_Integer at) {
+  if (!lua_checkstack(L, 8)) {
+    luamp_error_push(L, "Serialize", "Lua stack exhausted");
+    return -1;
+  }
+  dst = lua_absindex(L, dst);
+  into_args a = {data, len, pos, n, at, 0};
+  lua_pushcfunction(L, loads_into_protected);
+  lua_pushlightuserdata(L, &a);
+  lua_pushvalue(L, dst);
+  if (lua_pcall(L, 2, LUA_MULTRET, 0) == LUA_OK) return a.nres;
+  normalize_error(L);
+  return -1;
 }
 
 /* _core.loadx(bytes, fds|nil) -> v: decodes (trusted) with the bundle's descriptors; the

@@ -19,6 +19,16 @@
  * go by the socket (the caller decides). The Pool never has more than a few dozen
  * messages outstanding on a ring, so a marker always fits.
  *
+ * Whole records, few pages. A record never crosses the end of its area: a PAD header (the
+ * rest of the area is unused) goes before one that would. So every record lies in one
+ * piece and the consumer can decode it where it lies (ring:take_decoded: a big chunk's
+ * million results go from the shared pages straight into the result table, with no
+ * string, socket or copy between). And when the ring is empty, a record that fits before
+ * the write offset goes back to the start of the area: a consumer that keeps up sees its
+ * messages in the same few pages. The area is large (RING_CAP, so that a big chunk's
+ * arguments or results fit) but costs only what is touched: the memfd's pages are made on
+ * first touch, and the rewinding keeps what is touched to about the largest backlog.
+ *
  * Waking. The consumer of a direction sets its `sleeping` word before it blocks (and looks
  * at the ring once more after setting it); the producer, after publishing, rings the
  * doorbell only if that word is set (and clears it). Both sides order the store before
@@ -34,7 +44,10 @@
  * Trust. The other side can write anything into the shared pages: every length and
  * position read from them is checked against the ring's size and fill before use; a ring
  * that makes no sense raises Value (the Pool then treats the worker as broken). Positions
- * and lengths are copied out of shared memory once before they are checked.
+ * and lengths are copied out of shared memory once before they are checked. A record
+ * decoded in place is read by the codec, which checks every length against the record's
+ * checked end as it goes: bytes changed under it can give a wrong value or a decode
+ * error, never a read outside the record.
  *
  * Crossing. A ring made before a fork is inherited (MAP_SHARED mapping, CLOEXEC fds); a
  * spawn worker gets it as a luamp handle: the memfd and both eventfds travel with the
@@ -53,9 +66,10 @@
 
 #define RING_MT "luamp.PoolRing"
 #define RING_MAGIC 0x676e6952706d6c00ULL   /* "\0lmpRing" */
-#define RING_CAP (256u * 1024)            /* bytes of each direction's data area */
+#define RING_CAP (4u << 20)               /* bytes of each direction's data area */
 #define HDR_SIZE 4096u
 #define MARKER 0x80000000u
+#define PAD 0xffffffffu                   /* the rest of the area up to its end is unused */
 #define MARKER_ROOM 256u                  /* markers that always fit after a record */
 #define SPIN_MIN_NS 2000.0
 #define SPIN_MAX_NS 50000.0
@@ -80,6 +94,8 @@ typedef struct {
   int efd[2];             /* doorbell of direction d, rung by its producer */
   double spin_ns[2];      /* this side's spin budget when it waits on direction d */
   double gave_up[2];      /* when its last spin in vain began (ns), 0: none since */
+  int decoding;           /* a record is being decoded where it lies (take_decoded) */
+  int closing;            /* closed meanwhile: released when that decode ends */
 } ring;
 
 _Static_assert(sizeof(ring_hdr) <= HDR_SIZE, "ring header fits its page");
@@ -97,6 +113,10 @@ static int check_dir(lua_State *L, int idx) {
 }
 
 static void ring_release(ring *r) {
+  if (r->decoding) {        /* a finalizer closed it under a decode: that decode releases it */
+    r->closing = 1;
+    return;
+  }
   if (r->h) munmap(r->h, r->maplen);
   r->h = NULL;
   luamp_close_fd(r->memfd);
@@ -152,18 +172,14 @@ static int64_t ring_fill(ring_dir *dd, uint64_t *head, uint64_t *tail) {
   return (int64_t)fill;
 }
 
+/* Records never cross the end of the area (a PAD goes before one that would): each lies
+ * in one piece, so the consumer can decode it where it lies. */
 static void copy_in(unsigned char *area, uint64_t pos, const void *src, size_t n) {
-  size_t off = (size_t)(pos % RING_CAP), first = RING_CAP - off;
-  if (first >= n) { memcpy(area + off, src, n); return; }
-  memcpy(area + off, src, first);
-  memcpy(area, (const unsigned char *)src + first, n - first);
+  memcpy(area + (size_t)(pos % RING_CAP), src, n);
 }
 
 static void copy_out(void *dst, const unsigned char *area, uint64_t pos, size_t n) {
-  size_t off = (size_t)(pos % RING_CAP), first = RING_CAP - off;
-  if (first >= n) { memcpy(dst, area + off, n); return; }
-  memcpy(dst, area + off, first);
-  memcpy((unsigned char *)dst + first, area, n - first);
+  memcpy(dst, area + (size_t)(pos % RING_CAP), n);
 }
 
 static void ring_doorbell(ring *r, int d) {
@@ -175,6 +191,23 @@ static void ring_doorbell(ring *r, int d) {
     do w = write(r->efd[d], &one, sizeof one); while (w < 0 && errno == EINTR);
     /* EAGAIN: the counter is full, so the doorbell is already ringing */
   }
+}
+
+/* Where the producer writes a record of `need` bytes (need > 0, a multiple of 8) with
+ * `room` free and the area's write offset at `off`: returns the bytes of PAD to put first
+ * (0: none), or -1 if it does not fit (with room kept for MARKER_ROOM markers after it).
+ * A record never crosses the end of the area; and when the ring is empty a record that
+ * fits before the offset starts again at the beginning, so a consumer that keeps up sees
+ * its messages in the same few pages (a ring only touches what its largest backlog needs:
+ * the memfd's pages are made on first touch). */
+static int64_t place(uint64_t off, uint64_t need, uint64_t room, int empty) {
+  uint64_t spare = 8u * MARKER_ROOM;
+  uint64_t to_end = RING_CAP - off;
+  if (off > 0 && (need > to_end || (empty && need + spare <= off))) {
+    if (to_end + need + spare > room) return -1;
+    return (int64_t)to_end;
+  }
+  return need + spare <= room ? 0 : -1;
 }
 
 /* ring:put(d, bytes, [marker], [tag]) -> true (in the ring), or false (a marker went in
@@ -191,15 +224,22 @@ static int l_put(lua_State *L) {
   uint64_t tail = atomic_load_explicit(&dd->tail, memory_order_relaxed);
   uint64_t head = atomic_load_explicit(&dd->head, memory_order_acquire);
   uint64_t fill = tail - head;
-  if (fill > RING_CAP) luamp_raise(L, "Value", "pool ring: the reader's position is garbled");
+  if (fill > RING_CAP || (tail & 7))
+    luamp_raise(L, "Value", "pool ring: the reader's position is garbled");
   uint64_t room = RING_CAP - fill;
   lua_Integer tag = luaL_optinteger(L, 5, 0);
   if (tag < 0 || tag > UINT32_MAX) luamp_raise(L, "Value", "ring tag out of range");
   uint64_t need = 8 + (uint64_t)len;
   need = (need + 7) & ~(uint64_t)7;
-  int inline_ok = !lua_toboolean(L, 4) && len < MARKER && need + 8u * MARKER_ROOM <= room;
+  int64_t pad = -1;
+  if (!lua_toboolean(L, 4) && len < MARKER) pad = place(tail % RING_CAP, need, room, fill == 0);
   uint32_t hdr[2] = {(uint32_t)len, (uint32_t)tag};
-  if (inline_ok) {
+  if (pad >= 0) {
+    if (pad > 0) {
+      uint32_t ph[2] = {PAD, 0};
+      copy_in(r->data[d], tail, ph, 8);
+      tail += (uint64_t)pad;
+    }
     copy_in(r->data[d], tail, hdr, 8);
     copy_in(r->data[d], tail + 8, s, len);
   } else {
@@ -210,7 +250,7 @@ static int l_put(lua_State *L) {
   }
   atomic_store_explicit(&dd->tail, tail + need, memory_order_release);
   ring_doorbell(r, d);
-  lua_pushboolean(L, inline_ok);
+  lua_pushboolean(L, pad >= 0);
   return 1;
 }
 
@@ -220,35 +260,128 @@ static int garbled(lua_State *L, const char *why) {
   return 2;
 }
 
+enum { REC_EMPTY, REC_MARKER, REC_DATA, REC_GARBLED };
+
+/* The next record of direction d (PADs before it are passed over, head moved past them):
+ * its kind; for REC_DATA its bytes' place and length, for REC_DATA and REC_MARKER its tag
+ * and the bytes it takes (the head moves by them once it is consumed); for REC_GARBLED
+ * why. Everything read from the shared pages is copied out once, then checked. */
+static int next_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *tag,
+                       uint64_t *used, const char **why) {
+  ring_dir *dd = &r->h->d[d];
+  uint64_t tail;
+  int64_t fill = ring_fill(dd, head, &tail);
+  if (fill < 0) { *why = "positions are garbled"; return REC_GARBLED; }
+  for (;;) {
+    if (fill == 0) return REC_EMPTY;
+    if (fill < 8) { *why = "a record is cut short"; return REC_GARBLED; }
+    uint32_t hdr[2];
+    copy_out(hdr, r->data[d], *head, 8);
+    if (hdr[0] == PAD) {
+      uint64_t skip = RING_CAP - *head % RING_CAP;
+      if (skip > (uint64_t)fill) { *why = "a pad is longer than the ring holds"; return REC_GARBLED; }
+      *head += skip;
+      fill -= (int64_t)skip;
+      atomic_store_explicit(&dd->head, *head, memory_order_release);
+      continue;
+    }
+    *tag = hdr[1];
+    if (hdr[0] == MARKER) {
+      *used = 8;
+      return REC_MARKER;
+    }
+    if (hdr[0] & MARKER) { *why = "a record has a garbled length"; return REC_GARBLED; }
+    *used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
+    if (*used > (uint64_t)fill) { *why = "a record is longer than the ring holds"; return REC_GARBLED; }
+    if (*head % RING_CAP + *used > RING_CAP) {
+      *why = "a record crosses the end of the ring";
+      return REC_GARBLED;
+    }
+    *len = hdr[0];
+    return REC_DATA;
+  }
+}
+
 /* ring:take(d) -> the next message's bytes and its tag, false and the tag (a marker: the
  * next message is on the socket), or nil (empty); nil, message if the ring is garbled. */
 static int l_take(lua_State *L) {
   ring *r = check_ring(L, 1);
   int d = check_dir(L, 2);
-  ring_dir *dd = &r->h->d[d];
-  uint64_t head, tail;
-  int64_t fill = ring_fill(dd, &head, &tail);
-  if (fill < 0) return garbled(L, "positions are garbled");
-  if (fill == 0) { lua_pushnil(L); return 1; }
-  if (fill < 8) return garbled(L, "a record is cut short");
-  uint32_t hdr[2];
-  copy_out(hdr, r->data[d], head, 8);
-  uint64_t used;
-  if (hdr[0] == MARKER) {
-    lua_pushboolean(L, 0);
-    used = 8;
-  } else {
-    if (hdr[0] & MARKER) return garbled(L, "a record has a garbled length");
-    used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
-    if (used > (uint64_t)fill) return garbled(L, "a record is longer than the ring holds");
-    luaL_Buffer b;
-    char *p = luaL_buffinitsize(L, &b, hdr[0]);
-    copy_out(p, r->data[d], head + 8, hdr[0]);
-    luaL_pushresultsize(&b, hdr[0]);
+  uint64_t head, used = 0;
+  uint32_t len = 0, tag = 0;
+  const char *why = NULL;
+  switch (next_record(r, d, &head, &len, &tag, &used, &why)) {
+    case REC_EMPTY: lua_pushnil(L); return 1;
+    case REC_GARBLED: return garbled(L, why);
+    case REC_MARKER: lua_pushboolean(L, 0); break;
+    default: {
+      luaL_Buffer b;
+      char *p = luaL_buffinitsize(L, &b, len);
+      copy_out(p, r->data[d], head + 8, len);
+      luaL_pushresultsize(&b, len);
+    }
   }
-  lua_pushinteger(L, hdr[1]);
-  atomic_store_explicit(&dd->head, head + used, memory_order_release);
+  lua_pushinteger(L, tag);
+  atomic_store_explicit(&r->h->d[d].head, head + used, memory_order_release);
   return 2;
+}
+
+/* ring:take_decoded(d, [dst, pos, n, at]) -> as take, but a message comes decoded
+ * (trusted: the ring joins luamp's own processes) where it lies in the shared pages,
+ * without a copy: the value, its tag and true; with dst, as _core.loads_into(bytes, dst, pos,
+ * n, at) (a big chunk's results go straight into the result table). A record that does
+ * not decode is consumed and reported as garbled (nil, message); a Ctrl-C met while
+ * decoding is raised once the record is consumed. */
+static int l_take_decoded(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  int into = !lua_isnoneornil(L, 3);
+  lua_Integer pos = 0, n = 0, at = 0;
+  if (into) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    pos = luaL_checkinteger(L, 4);
+    n = luaL_checkinteger(L, 5);
+    at = luaL_optinteger(L, 6, 0);
+    if (n < 0 || pos < 1 || pos > LUA_MAXINTEGER - n || at < 0)
+      luamp_raise(L, "Value", "take_decoded: bad position or count");
+  }
+  lua_settop(L, 6);
+  uint64_t head, used = 0;
+  uint32_t len = 0, tag = 0;
+  const char *why = NULL;
+  switch (next_record(r, d, &head, &len, &tag, &used, &why)) {
+    case REC_EMPTY: lua_pushnil(L); return 1;
+    case REC_GARBLED: return garbled(L, why);
+    case REC_MARKER:
+      atomic_store_explicit(&r->h->d[d].head, head + used, memory_order_release);
+      lua_pushboolean(L, 0);
+      lua_pushinteger(L, tag);
+      return 2;
+    default: break;
+  }
+  const char *p = (const char *)r->data[d] + head % RING_CAP + 8;
+  /* the record stays where it is (head not moved) until it is decoded: the producer
+   * writes only past tail; a finalizer that closes the ring meanwhile defers its unmap */
+  r->decoding = 1;
+  int rc = into ? luamp_decode_into(L, p, len, 3, pos, n, at)
+                : luamp_decodex(L, p, len, 0) == 0 ? 1 : -1;
+  r->decoding = 0;
+  if (r->closing) {
+    ring_release(r);
+  } else {
+    atomic_store_explicit(&r->h->d[d].head, head + used, memory_order_release);
+  }
+  if (rc < 0) {
+    if (luamp_is_interrupted(L, -1)) return lua_error(L);
+    const char *msg = lua_tostring(L, -1);
+    lua_pushnil(L);
+    lua_pushfstring(L, "pool ring: a record does not decode: %s", msg ? msg : "?");
+    return 2;
+  }
+  if (rc == 0) lua_pushboolean(L, 1);   /* loads_into without at: nothing to give back */
+  lua_pushinteger(L, tag);
+  lua_pushboolean(L, 1);                /* (a decoded false or nil is told from a marker) */
+  return 3;
 }
 
 /* ring:has(d) -> whether direction d holds a message (or garbled positions: the take
@@ -453,6 +586,7 @@ int luamp_open_ring(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"put", l_put},
     {"take", l_take},
+    {"take_decoded", l_take_decoded},
     {"has", l_has},
     {"set_sleeping", l_set_sleeping},
     {"peer_awake", l_peer_awake},

@@ -22,7 +22,8 @@ describe("pool ring", function()
   it("passes records of every size in order, across the wrap, with their tags", function()
     local r = core.ring_new()
     local sent, got = 0, 0
-    -- 300 rounds of up to 8 records of 0..40,000 bytes wrap the 256 KiB ring many times
+    -- 300 rounds of up to 8 records of 0..40,000 bytes, then records of up to 1 MiB kept
+    -- in the ring a few at a time, wrap the 4 MiB ring many times
     local seed = 7
     local function rnd(m) seed = (seed * 1103515245 + 12345) % 2147483648; return seed % m end
     local queue = {}
@@ -49,9 +50,89 @@ describe("pool ring", function()
     r:close()
   end)
 
+  it("keeps big records whole across the end of the area, in order, a few in the ring at once", function()
+    local r = core.ring_new()
+    local queue, sent = {}, 0
+    local seed = 11
+    local function rnd(m) seed = (seed * 1103515245 + 12345) % 2147483648; return seed % m end
+    for _ = 1, 200 do
+      -- keep one or two records waiting: the writer meets the end of the area with the
+      -- ring not empty, and must pad to it rather than cut a record in two
+      while #queue < 3 do
+        sent = sent + 1
+        local s = string.rep(string.char(65 + sent % 26), rnd(1024 * 1024)) .. sent
+        queue[#queue + 1] = {r:put(1, s, false, sent) and s or false, sent}
+      end
+      for _ = 1, rnd(3) do
+        local want = table.remove(queue, 1)
+        local m, tag = r:take(1)
+        assert.equal(want[2], tag)
+        assert.equal(want[1], m)
+      end
+    end
+    r:close()
+  end)
+
+  it("starts again at the beginning of the area once the reader has caught up", function()
+    -- a ring whose reader keeps up touches the same few pages: 1,000 records of 1 KiB
+    -- taken one by one leave the writer near the start, not 1 MiB into the area
+    local r = core.ring_new()
+    local x = string.rep("x", 1024)
+    for i = 1, 1000 do
+      assert.is_true(r:put(0, x, false, i))
+      assert.equal(x, (r:take(0)))
+    end
+    local ls = io.popen("ls -l /proc/" .. luamp.getpid() .. "/fd")
+    local fd
+    for line in ls:lines() do
+      local n = line:match("(%d+) %-> /memfd:luamp%-pool%-ring")
+      if n and (not fd or tonumber(n) > fd) then fd = tonumber(n) end
+    end
+    ls:close()
+    local f = assert(io.open("/proc/" .. luamp.getpid() .. "/fd/" .. fd, "rb"))
+    f:seek("set", 64)   -- direction 0's tail
+    local tail = string.unpack("<I8", f:read(8))
+    f:close()
+    assert.is_true(tail % (4 * 1024 * 1024) <= 2 * 1032, "tail at " .. tail)
+    r:close()
+  end)
+
+  it("take_decoded: a message decoded where it lies, results straight into a table", function()
+    local r = core.ring_new()
+    r:put(1, core.dumps({1, "two", {3}}), false, 4)
+    local v, tag, dec = r:take_decoded(1)
+    assert.same({1, "two", {3}}, v); assert.equal(4, tag); assert.is_true(dec)
+    -- a decoded false is not a marker
+    r:put(1, core.dumps(false))
+    v, tag, dec = r:take_decoded(1)
+    assert.is_false(v); assert.equal(0, tag); assert.is_true(dec)
+    -- a result message: its items go into dst at pos, item 5 becomes true
+    local dst = {"keep"}
+    r:put(1, core.dumps({7, 2, true, 0.5, {10, nil, 30}}), false, 1)
+    v = r:take_decoded(1, dst, 3, 3, 5)
+    assert.same({7, 2, true, 0.5, true}, v)
+    assert.same({"keep", nil, 10, nil, 30}, dst)
+    -- a marker, then empty
+    r:put(1, "x", true, 6)
+    v, tag = r:take_decoded(1)
+    assert.is_false(v); assert.equal(6, tag)
+    assert.is_nil(r:take_decoded(1))
+    -- bytes that do not decode: reported as garbled, and consumed
+    r:put(1, "\1\9\200")
+    r:put(1, core.dumps({1, 2, 3}))
+    local m, why = r:take_decoded(1)
+    assert.is_nil(m); assert.matches("does not decode", why, 1, true)
+    -- more items than the caller expects
+    m, why = r:take_decoded(1, {}, 1, 2)
+    assert.is_nil(m); assert.matches("does not decode", why, 1, true)
+    assert.is_nil(r:take_decoded(1))
+    H.raises("Value", r.take_decoded, r, 1, {}, 0, 2)
+    r:close()
+  end)
+
   it("puts a marker (tag kept) in place of a record that does not fit, or when asked", function()
     local r = core.ring_new()
-    assert.is_false(r:put(0, string.rep("x", 300 * 1024), false, 5))
+    assert.is_false(r:put(0, string.rep("x", 5 * 1024 * 1024), false, 5))
     assert.is_false(r:put(0, "small", true, 6))
     assert.is_true(r:put(0, "small", false, 7))
     local m, tag = r:take(0)
@@ -112,7 +193,7 @@ describe("pool ring", function()
     ls:close()
     assert.is_number(fd)
     local f = assert(io.open("/proc/" .. luamp.getpid() .. "/fd/" .. fd, "r+b"))
-    local TAIL1, HEAD1, DATA1 = 256, 320, 4096 + 256 * 1024
+    local TAIL1, HEAD1, DATA1 = 256, 320, 4096 + 4 * 1024 * 1024
     local function poke(off, fmt, v) f:seek("set", off); f:write(string.pack(fmt, v)); f:flush() end
     local cases = {
       {"positions are garbled", function() poke(HEAD1, "<I8", 0); poke(TAIL1, "<I8", 5) end},
@@ -121,12 +202,21 @@ describe("pool ring", function()
         poke(HEAD1, "<I8", 0); poke(DATA1, "<I4", 0x3fffffff); poke(TAIL1, "<I8", 16) end},
       {"garbled length", function()
         poke(HEAD1, "<I8", 0); poke(DATA1, "<I4", 0x80000001); poke(TAIL1, "<I8", 16) end},
+      -- a pad runs to the end of the area: one that claims more than was published
+      {"pad is longer than the ring holds", function()
+        poke(HEAD1, "<I8", 0); poke(DATA1, "<I4", 0xffffffff); poke(TAIL1, "<I8", 16) end},
+      -- a record is always whole: one that would run past the end of the area is not read
+      {"crosses the end of the ring", function()
+        local at = 4 * 1024 * 1024 - 16
+        poke(HEAD1, "<I8", at); poke(DATA1 + at, "<I4", 64); poke(TAIL1, "<I8", at + 72) end},
     }
     for _, c in ipairs(cases) do
-      c[2]()
-      local m, why = r:take(1)
-      assert.is_nil(m)
-      assert.matches(c[1], why, 1, true)
+      for _, take in ipairs({r.take, r.take_decoded}) do
+        c[2]()
+        local m, why = take(r, 1)
+        assert.is_nil(m)
+        assert.matches(c[1], why, 1, true)
+      end
     end
     -- a sane record after the scribbles is read as before
     poke(HEAD1, "<I8", 0); poke(TAIL1, "<I8", 0)

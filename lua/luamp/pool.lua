@@ -236,14 +236,18 @@ end
 -- where the ring holds a marker for it; nil when the parent is gone. An empty ring is
 -- spun on briefly while the parent is awake, then slept on (its doorbell and the socket,
 -- whose EOF says the parent is gone).
-local function worker_next(conn, ring, wait_set, spin)
+-- decoded: the message is decoded where it lies in the ring (ring:take_decoded), and
+-- comes back as value, nil, true; one that came on the socket comes as bytes, fds.
+local function worker_next(conn, ring, wait_set, spin, decoded)
   while true do
-    local m, garbled = ring:take(0)
+    local m, garbled, dec
+    if decoded then m, garbled, dec = ring:take_decoded(0) else m, garbled = ring:take(0) end
+    if dec then return m, nil, true end
     if m then return m end
     if m == false then
-      local ok, data = U.pcall(conn._recv, conn)
+      local ok, data, fds = U.pcall(conn._recv, conn)
       if not ok then return nil end
-      return data
+      return data, fds
     end
     -- nil: empty (or garbled: the parent cannot be followed any more)
     if garbled then return nil end
@@ -450,13 +454,17 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
           k, off = k + 1, off + cn
         end
       else
-        local afds
+        local afds, args
         if not abytes then
-          local okr, data, fds = U.pcall(conn._recv, conn)
-          if not okr then return 0 end
-          abytes, afds = data, fds
+          -- the arguments follow as a message of their own: decoded where they lie in
+          -- the ring, or from the socket behind a marker
+          local data, fds, decoded = worker_next(conn, ring, wait_set, spin, true)
+          if data == nil and not decoded then return 0 end
+          if decoded then args = data else abytes, afds = data, fds end
         end
-        if not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
+        if args ~= nil then
+          if not run_chunk(jobid, k, fid, mode, n, nil, nil, args, 1) then return 0 end
+        elseif not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
       end
     end
   end
@@ -1077,11 +1085,21 @@ local function post(w, data)
   if not w.ring:put(0, data) then w.conn:send_bytes(data) end
 end
 
+-- The chunks' arguments not inlined follow the message as messages of their own: in the
+-- ring when they fit (the worker decodes them where they lie), else on the socket behind
+-- a marker; with descriptors always on the socket.
 local function send_message(w, data, chunks)
   post(w, data)
   local conn = w.conn
   for _, c in ipairs(chunks) do
-    if not c.run and (c.fds or #c.bytes > INLINE_MAX) then conn:_send(c.bytes, c.fds) end
+    if not c.run then
+      if c.fds then
+        w.ring:put(0, "", true)
+        conn:_send(c.bytes, c.fds)
+      elseif #c.bytes > INLINE_MAX then
+        post(w, c.bytes)
+      end
+    end
   end
 end
 
@@ -1199,7 +1217,8 @@ local function fail_all(st, err)
   st.feed = dq_new()
 end
 
--- A result message from w (raw bytes) for chunk c, the head of w's queue.
+-- A result message from w (raw bytes, or {the message} decoded in the ring) for chunk c,
+-- the head of w's queue.
 -- items: the message answers the chunks of a map from c on that hold this many items
 -- (coalesced, see worker_loop and queue_pop_run).
 local function on_result(st, w, c, data, fds, items)
@@ -1207,7 +1226,8 @@ local function on_result(st, w, c, data, fds, items)
   if c.fds then c.fds:close() end
   local ok, msg
   local job = c.job
-  if fds then ok, msg = U.pcall(loadx, data, fds)
+  if type(data) == "table" then ok, msg = true, data[1]   -- decoded in the ring
+  elseif fds then ok, msg = U.pcall(loadx, data, fds)
   elseif not items and c.n >= SCRATCH_MIN and job.kind == "map" and not job.ready then
     -- a big chunk of a map: its results go straight into the map's result table
     -- (msg[5] is then true)
@@ -1270,7 +1290,18 @@ local function next_message(w, look_socket)
     w.owed = w.owed - 1
     return data, fds, w.owed_tag
   end
-  local m, tag = w.ring:take(1)
+  -- the answer to a big chunk of a map is decoded where it lies in the ring, its results
+  -- straight into the map's result table (msg[5] is then true)
+  local m, tag
+  local c = w.init_seen and not w.timeout_kill and w.inflight[w.inflight.first]
+  local job = c and c.job
+  if job and c.n >= SCRATCH_MIN and job.kind == "map" and not job.ready then
+    local dec
+    m, tag, dec = w.ring:take_decoded(1, job.results, c.first, c.n, 5)
+    if dec then return {m}, nil, tag end   -- (boxed: told from raw bytes)
+  else
+    m, tag = w.ring:take(1)
+  end
   if m then return m, nil, tag end
   local garbled = tag
   if m == false then
