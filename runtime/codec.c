@@ -374,6 +374,8 @@ typedef struct enc {
   names *nm;               /* NULL until first needed this call */
   int names_fresh;         /* the map was (re)built during this call */
   int names_slot, anchor_slot, anchor_n;
+  const void *slice;       /* this table is written as the list of its items i..j */
+  lua_Integer slice_i, slice_j;
 } enc;
 
 /* Appends a rendering of the key at idx ("key" steps) to the path. */
@@ -769,11 +771,40 @@ static void patch_counts(enc *e, size_t at, uint64_t n1, uint64_t n2) {
   memcpy(e->b->data + at, tmp, (size_t)k);
 }
 
+/* The table at idx as the plain list {t[i], ..., t[j]} (nils in place; its other keys and
+ * its metatable not sent): a Pool chunk's arguments straight from the caller's list, a
+ * chunk's results from the worker's table, without building a table for them or walking
+ * them with lua_next. */
+static void encode_slice(enc *e, int idx, memo_entry *s, const void *p) {
+  lua_State *L = e->L;
+  slot_fill(e, s, p, e->nrefs++);
+  enter(e);
+  put_byte(e, T_TABLE);
+  lua_Integer i = e->slice_i, j = e->slice_j;
+  put_varint(e, (uint64_t)(j - i + 1));
+  put_varint(e, 0);
+  int k = lua_gettop(L) + 1, v = k + 1;             /* the key (for error paths), the value */
+  lua_pushnil(L);
+  for (lua_Integer x = i; x <= j; x++) {
+    int t = lua_geti(L, idx, x);
+    if (t == LUA_TNUMBER && lua_isinteger(L, v)) put_int(e, lua_tointeger(L, v));
+    else if (!encode_scalar(e, v, t)) {
+      lua_pushinteger(L, x - i + 1);
+      lua_replace(L, k);
+      encode_child_t(e, STEP_KEY, k, v, t);
+    }
+    lua_settop(L, k);
+  }
+  lua_settop(L, k - 1);
+  e->depth--;
+}
+
 static void encode_table(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   memo_entry *s = enc_slot(e, p);
   if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
+  if (p == e->slice) { encode_slice(e, idx, s, p); return; }
   if (p == e->globals) { put_byte(e, T_GLOBALS); return; }
   if (encode_named(e, p)) return;
   int mt = metatable_or_handle(e, idx);
@@ -1393,21 +1424,36 @@ static scratch *push_scratch(lua_State *L) {
   return s;
 }
 
-/* luamp.dumps(v) -> string; as _core.dumpx(v) (upvalue true) -> string, fds|nil, where
- * fds is a bundle (handles.c) holding duplicates of the descriptors the value's handles
- * need, for a transport that sends them along later. */
+/* luamp.dumps(v) -> string; as _core.dumpx(v, [root], [t, i, j]) (upvalue true) ->
+ * string, fds|nil, where fds is a bundle (handles.c) holding duplicates of the
+ * descriptors the value's handles need, for a transport that sends them along later, and
+ * the table t, where met in v (v itself may be t), is written as the plain list {t[i],
+ * ..., t[j]} (see encode_slice). */
 static int l_dumps(lua_State *L) {
   int carry = lua_toboolean(L, lua_upvalueindex(1));
   luaL_checkany(L, 1);
   /* luamp's own callers name the value for error messages ("args", "the task function") */
   char root[64];
   snprintf(root, sizeof root, "%s", luaL_optstring(L, 2, "value"));
-  lua_settop(L, 1);
+  lua_Integer si = 0, sj = 0;
+  lua_settop(L, 5);
+  if (carry && !lua_isnil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    si = luaL_checkinteger(L, 4);
+    sj = luaL_checkinteger(L, 5);
+    if (sj < si - 1 || sj - si >= INT_MAX) luamp_raise(L, "Value", "dumpx: bad slice %lld..%lld",
+                                                       (long long)si, (long long)sj);
+  } else {
+    lua_pushnil(L);
+    lua_replace(L, 3);
+  }
+  lua_copy(L, 3, 2);                                /* the slice's table, anchored (or nil) */
+  lua_settop(L, 2);
   scratch *s = push_scratch(L);
   s->prev_fl = luamp_fds_send_begin(carry ? &s->fl : NULL);
   s->busy = 1;
-  lua_toclose(L, 2);
-  lua_settop(L, 4);
+  lua_toclose(L, 3);
+  lua_settop(L, 5);
   enc e;
   e.L = L;
   e.b = &s->b;
@@ -1417,9 +1463,12 @@ static int l_dumps(lua_State *L) {
   e.depth = e.nsteps = 0;
   e.nm = NULL;
   e.names_fresh = 0;
-  e.names_slot = 3;
-  e.anchor_slot = 4;
+  e.names_slot = 4;
+  e.anchor_slot = 5;
   e.anchor_n = 0;
+  e.slice = lua_istable(L, 2) ? lua_topointer(L, 2) : NULL;
+  e.slice_i = si;
+  e.slice_j = sj;
   s->b.len = 0;
   memo_clear(&s->m);
   encode_root(&e, 1);

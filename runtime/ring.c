@@ -199,21 +199,25 @@ static void ring_doorbell(ring *r, int d) {
  * A record never crosses the end of the area; and when the ring is empty a record that
  * fits before the offset starts again at the beginning, so a consumer that keeps up sees
  * its messages in the same few pages (a ring only touches what its largest backlog needs:
- * the memfd's pages are made on first touch). */
-static int64_t place(uint64_t off, uint64_t need, uint64_t room, int empty) {
+ * the memfd's pages are made on first touch). The pad counts as fill until the consumer
+ * has passed it: after going back, only the bytes before the old offset are free, so
+ * `follow` (bytes the caller is about to put right after this record) must fit there too,
+ * or the record stays where it is. */
+static int64_t place(uint64_t off, uint64_t need, uint64_t room, int empty, uint64_t follow) {
   uint64_t spare = 8u * MARKER_ROOM;
   uint64_t to_end = RING_CAP - off;
-  if (off > 0 && (need > to_end || (empty && need + spare <= off))) {
+  if (off > 0 && (need > to_end || (empty && follow <= RING_CAP && need + follow + spare <= off))) {
     if (to_end + need + spare > room) return -1;
     return (int64_t)to_end;
   }
   return need + spare <= room ? 0 : -1;
 }
 
-/* ring:put(d, bytes, [marker], [tag]) -> true (in the ring), or false (a marker went in
- * its place: send the message on the socket now; marker = true asks for one). tag: a
- * 32-bit number that travels with the record (0 by default). Raises Value if not even a
- * marker fits. */
+/* ring:put(d, bytes, [marker], [tag], [follow]) -> true (in the ring), or false (a marker
+ * went in its place: send the message on the socket now; marker = true asks for one).
+ * tag: a 32-bit number that travels with the record (0 by default). follow: how many
+ * bytes of records the caller puts right after this one (see place). Raises Value if not
+ * even a marker fits. */
 static int l_put(lua_State *L) {
   ring *r = check_ring(L, 1);
   int d = check_dir(L, 2);
@@ -231,8 +235,11 @@ static int l_put(lua_State *L) {
   if (tag < 0 || tag > UINT32_MAX) luamp_raise(L, "Value", "ring tag out of range");
   uint64_t need = 8 + (uint64_t)len;
   need = (need + 7) & ~(uint64_t)7;
+  lua_Integer follow = luaL_optinteger(L, 6, 0);
+  if (follow < 0) luamp_raise(L, "Value", "ring: follow must not be negative");
   int64_t pad = -1;
-  if (!lua_toboolean(L, 4) && len < MARKER) pad = place(tail % RING_CAP, need, room, fill == 0);
+  if (!lua_toboolean(L, 4) && len < MARKER)
+    pad = place(tail % RING_CAP, need, room, fill == 0, (uint64_t)follow);
   uint32_t hdr[2] = {(uint32_t)len, (uint32_t)tag};
   if (pad >= 0) {
     if (pad > 0) {

@@ -97,6 +97,30 @@ describe("pool ring", function()
     r:close()
   end)
 
+  it("does not go back to the start when the records that follow would not fit there", function()
+    -- after a pad back to the start only the bytes before the old offset are free until
+    -- the reader passes it: a small message followed by a big one (a chunk and its
+    -- arguments) stays where it is, so that both fit in the ring
+    local big = string.rep("a", 600 * 1024)
+    local r = core.ring_new()
+    assert.is_true(r:put(0, big))
+    assert.equal(big, (r:take(0)))
+    assert.is_true(r:put(0, "head", false, 1, #big + 16))
+    assert.is_true(r:put(0, big, false, 2))
+    assert.equal("head", (r:take(0)))
+    assert.equal(big, (r:take(0)))
+    r:close()
+    -- told nothing follows, the small one goes back to the start, and the big one does
+    -- not fit before the reader has moved on
+    r = core.ring_new()
+    assert.is_true(r:put(0, big))
+    assert.equal(big, (r:take(0)))
+    assert.is_true(r:put(0, "head", false, 3))
+    assert.is_false(r:put(0, big, false, 4))
+    H.raises("Value", r.put, r, 0, "x", false, 0, -1)
+    r:close()
+  end)
+
   it("take_decoded: a message decoded where it lies, results straight into a table", function()
     local r = core.ring_new()
     r:put(1, core.dumps({1, "two", {3}}), false, 4)
@@ -282,6 +306,47 @@ describe("Pool over the ring", function()
       elseif i % 5 == 0 then assert.is_nil(r[i])
       else assert.equal(i * 2, r[i]) end
     end
+  end)
+
+  it("big chunks: arguments and results through the ring, nils in place, huge answers by the socket", function()
+    local p <close> = luamp.Pool(2)
+    local items = {n = 6000}
+    for i = 1, 6000 do if i % 7 ~= 0 then items[i] = i end end
+    local r = p:map(function(x)
+      if x == nil then return "hole" end
+      if x % 5 == 0 then return nil end
+      return x * 2
+    end, items, 2000)
+    assert.equal(6000, r.n)
+    for i = 1, 6000 do
+      if i % 7 == 0 then assert.equal("hole", r[i])
+      elseif i % 5 == 0 then assert.is_nil(r[i])
+      else assert.equal(i * 2, r[i]) end
+    end
+    -- 2,000 answers of 4 KiB: 8 MiB, more than the ring holds
+    r = p:map(function(x) return string.rep("z", 4096) .. x end, range(4000), 2000)
+    for i = 1, 4000, 111 do assert.equal(string.rep("z", 4096) .. i, r[i]) end
+    assert.equal(string.rep("z", 4096) .. 4000, r[4000])
+  end)
+
+  it("big chunks: a task's error, a worker's death, an item that cannot be sent", function()
+    local p <close> = luamp.Pool(2)
+    local err = H.raises("Remote", p.map, p, function(x)
+      if x == 3333 then error("bad " .. x) end
+      return x
+    end, range(6000), 2000)
+    assert.matches("bad 3333", err.message, 1, true)
+    err = H.raises("WorkerLost", p.map, p, function(x)
+      if x == 4444 then os.exit(5) end
+      return x
+    end, range(6000), 2000)
+    assert.equal(5, err.exitcode)
+    local items = range(6000)
+    items[2500] = {f = io.stdout}
+    err = H.raises("Serialize", p.map, p, function(x) return x end, items, 2000)
+    assert.matches("items[2500].f", tostring(err), 1, true)
+    local r = p:map(function(x) return x + 1 end, range(6000), 2000)
+    assert.equal(6001, r[6000])
   end)
 
   it("a failing task in a run raises its own error, with the worker's traceback", function()

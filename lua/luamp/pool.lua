@@ -285,9 +285,12 @@ local function worker_post(conn, ring, out, ofds, count)
   return U.pcall(conn._send, conn, out, ofds)
 end
 
--- Encodes and sends the answer to one chunk; false when the parent is gone.
-local function send_result(conn, ring, jobid, k, okc, dt, res, t0)
-  local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
+-- Encodes and sends the answer to one chunk; false when the parent is gone. rn: res is
+-- a map's results, items 1..rn (encoded as that list, not walked as a table).
+local function send_result(conn, ring, jobid, k, okc, dt, res, t0, rn)
+  local oke, out, ofds
+  if rn then oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0}, nil, res, 1, rn)
+  else oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0}) end
   if not oke then
     if okc then
       out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -307,7 +310,8 @@ end
 -- error).
 local function flush_coalesced(conn, ring, p)
   if p[3] > 1 then
-    local oke, out, ofds = U.pcall(dumpx, {p[1], p[2], true, p[4], p[5], p[6], p[7]})
+    local oke, out, ofds = U.pcall(dumpx, {p[1], p[2], true, p[4], p[5], p[6], p[7]}, nil,
+      p[5], 1, p[7])
     if oke then
       local oks = worker_post(conn, ring, out, ofds, p[3])
       if ofds then ofds:close() end
@@ -365,7 +369,9 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       stamps[slot] = (started << 40) | IDLE40
     end
     io.stdout:flush()
-    if not send_result(conn, ring, jobid, k, okc, dt, res, t0) then return false end
+    if not send_result(conn, ring, jobid, k, okc, dt, res, t0, okc and mode ~= APPLY and n or nil) then
+      return false
+    end
     done = done + 1
     return not (maxtasks and done >= maxtasks)
   end
@@ -745,14 +751,16 @@ local function produce(st, job)
     local last = math.min(job.len, first + job.chunksize - 1)
     n = last - first + 1
     if n <= 0 then job.exhausted = true; return nil end
-    if n >= SCRATCH_MIN then
-      -- one table per job, refilled: a fresh one per chunk would fault in new pages
-      args = core.table_slice(job.list, first, last, job.scratch, job.scratch_n)
-      job.scratch, job.scratch_n = args, n
-    else
-      args = core.table_slice(job.list, first, last)
-    end
     if last >= job.len then job.exhausted = true end
+    -- the items are encoded straight from the caller's list (no table is made for them);
+    -- an item that cannot be encoded is then looked for in a slice
+    local ok, bytes, fds = U.pcall(dumpx, job.list, nil, job.list, first, last)
+    if ok then
+      job.pulled = job.pulled + n
+      job.next_k = job.next_k + 1
+      return {job = job, k = job.next_k, first = first, n = n, bytes = bytes, fds = fds}
+    end
+    args = core.table_slice(job.list, first, last)
   else
     args, n = {}, 0
     local iter = job.iter
@@ -804,7 +812,7 @@ local function produce_run(st, job, m)
   local first = job.pulled + 1
   local last = math.min(job.len, job.pulled + m * cs)
   if last - first + 1 <= cs then return nil end   -- one chunk: nothing to share
-  local ok, bytes, fds = U.pcall(dumpx, core.table_slice(job.list, first, last))
+  local ok, bytes, fds = U.pcall(dumpx, job.list, nil, job.list, first, last)
   if not ok or fds then
     if fds then fds:close() end
     job.no_runs = true
@@ -1081,15 +1089,20 @@ local function evict_fns(w, keep)
 end
 
 -- A message to worker w: in its ring when it fits, else on the socket behind a marker.
-local function post(w, data)
-  if not w.ring:put(0, data) then w.conn:send_bytes(data) end
+-- follow: bytes of messages that go right after it (see ring.c, place).
+local function post(w, data, follow)
+  if not w.ring:put(0, data, false, 0, follow) then w.conn:send_bytes(data) end
 end
 
 -- The chunks' arguments not inlined follow the message as messages of their own: in the
 -- ring when they fit (the worker decodes them where they lie), else on the socket behind
 -- a marker; with descriptors always on the socket.
 local function send_message(w, data, chunks)
-  post(w, data)
+  local follow = 0
+  for _, c in ipairs(chunks) do
+    if not c.run and not c.fds and #c.bytes > INLINE_MAX then follow = follow + #c.bytes + 16 end
+  end
+  post(w, data, follow)
   local conn = w.conn
   for _, c in ipairs(chunks) do
     if not c.run then
