@@ -261,6 +261,64 @@ describe("pool ring", function()
   end)
 end)
 
+describe("big blocks on huge pages (pool.c)", function()
+  it("a big table_new puts blocks of 2 MiB or more on mappings of their own, asked for huge pages", function()
+    local f = io.open("/sys/kernel/mm/transparent_hugepage/enabled")
+    local mode = f and f:read("a") or "[never]"
+    if f then f:close() end
+    if mode:find("%[never%]") then return end   -- no huge pages on this kernel
+    local t = core.table_new(1 << 20)
+    for i = 1, 1 << 20 do t[i] = i end
+    -- a mapping of at least the table's 16 MiB that may be backed by huge pages
+    local eligible = false
+    local size
+    for line in io.lines("/proc/self/smaps") do
+      local kb = line:match("^Size:%s+(%d+) kB")
+      if kb then size = tonumber(kb) end
+      if line:match("^THPeligible:%s+1") and size and size >= 16 * 1024 then eligible = true end
+    end
+    assert.is_true(eligible)
+    assert.equal(1 << 20, t[1 << 20])
+  end)
+
+  it("keeps every block's contents through growing, shrinking and freeing", function()
+    core.table_new(1 << 18)   -- the layer is on from here
+    -- blocks that grow into it (a table filled one by one, a string built up), many at once
+    local g = {}
+    for i = 1, 600000 do g[i] = i * 3 end
+    local many = {}
+    for k = 1, 40 do
+      local x = core.table_new(140000)
+      for i = 1, 140000, 999 do x[i] = k * i end
+      many[k] = x
+    end
+    local s = string.rep("ab", 3 << 20)
+    for k = 1, 40, 2 do many[k] = nil end
+    collectgarbage(); collectgarbage()
+    for k = 1, 40, 2 do
+      local x = core.table_new(200000)
+      for i = 1, 200000, 999 do x[i] = -k * i end
+      many[k] = x
+    end
+    -- a table whose array shrinks back under 2 MiB when it is rehashed
+    for i = 600000, 1001, -1 do g[i] = nil end
+    g.rehash = true
+    for i = 1, 20 do g["k" .. i] = i end
+    collectgarbage(); collectgarbage()
+    for i = 1, 1000 do assert.equal(i * 3, g[i]) end
+    for k = 1, 40 do
+      local x = many[k]
+      if k % 2 == 1 then
+        for i = 1, 200000, 999 do assert.equal(-k * i, x[i]) end
+      else
+        for i = 1, 140000, 999 do assert.equal(k * i, x[i]) end
+      end
+    end
+    assert.equal(6 << 20, #s)
+    assert.equal("abab", s:sub(-4))
+  end)
+end)
+
 describe("_core.loads_into", function()
   it("decodes a table's items straight into place, holes kept as they were", function()
     local dst = {"keep", [20] = "also kept"}
