@@ -1378,7 +1378,8 @@ typedef struct scratch {
 } scratch;
 
 #define SCRATCH_MT "luamp.codec.scratch"
-#define SCRATCH_KEEP (1u << 20)    /* buffer bytes kept between calls */
+#define SCRATCH_KEEP (4u << 20)    /* buffer bytes kept between calls (a Pool worker
+                                      encodes a chunk's ~1 MB of results again and again) */
 #define SCRATCH_MEMO_KEEP (1u << 16)  /* memo entries kept between calls */
 
 static char scratch_regkey;
@@ -1429,8 +1430,42 @@ static scratch *push_scratch(lua_State *L) {
  * descriptors the value's handles need, for a transport that sends them along later, and
  * the table t, where met in v (v itself may be t), is written as the plain list {t[i],
  * ..., t[j]} (see encode_slice). */
+static scratch *dump_to_scratch(lua_State *L, int carry);
+
+/* Pushes a bundle (handles.c) with duplicates of the descriptors s collected. */
+static int push_fds_bundle(lua_State *L, scratch *s) {
+  luamp_fdlist *out = luamp_fds_push_bundle(L);
+  for (int i = 0; i < s->fl.n; i++) {
+    int fd = fcntl(s->fl.fd[i], F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) luamp_raise_errno(L, "Serialize", "dumpx: dup", errno);   /* the bundle owns the rest */
+    out->fd[out->n++] = fd;
+  }
+  return 1;
+}
+
 static int l_dumps(lua_State *L) {
   int carry = lua_toboolean(L, lua_upvalueindex(1));
+  scratch *s = dump_to_scratch(L, carry);
+  lua_pushlstring(L, s->b.data, s->b.len);
+  if (!carry || s->fl.n == 0) return 1;
+  return 1 + push_fds_bundle(L, s);
+}
+
+int luamp_dumpx_scratch(lua_State *L, const char **data, size_t *len) {
+  scratch *s = dump_to_scratch(L, 1);
+  *data = s->b.data;
+  *len = s->b.len;
+  return s->fl.n;
+}
+
+int luamp_dumpx_push_fds(lua_State *L) {
+  return push_fds_bundle(L, lua_touserdata(L, 3));
+}
+
+/* Encodes the value at 1 as l_dumps says (arguments at 1..5) into the state's scratch
+ * buffer, which stays on the stack (at 3) as a to-be-closed slot: the bytes are good
+ * until the calling C function returns. */
+static scratch *dump_to_scratch(lua_State *L, int carry) {
   luaL_checkany(L, 1);
   /* luamp's own callers name the value for error messages ("args", "the task function") */
   char root[64];
@@ -1472,15 +1507,7 @@ static int l_dumps(lua_State *L) {
   s->b.len = 0;
   memo_clear(&s->m);
   encode_root(&e, 1);
-  lua_pushlstring(L, s->b.data, s->b.len);
-  if (!carry || s->fl.n == 0) return 1;
-  luamp_fdlist *out = luamp_fds_push_bundle(L);
-  for (int i = 0; i < s->fl.n; i++) {
-    int fd = fcntl(s->fl.fd[i], F_DUPFD_CLOEXEC, 0);
-    if (fd < 0) luamp_raise_errno(L, "Serialize", "dumpx: dup", errno);   /* the bundle owns the rest */
-    out->fd[out->n++] = fd;
-  }
-  return 2;
+  return s;
 }
 
 static int loads_with(lua_State *L, int flags) {
@@ -1515,7 +1542,8 @@ static int l_loads(lua_State *L) {
 static int l_loads_trusted(lua_State *L) { return loads_with(L, 0); }
 
 /* After a T_TABLE tag: the table's items (keys 1..n only, no metatable) go straight into
- * the table at dst, item i at dst[pos+i-1]; dst stands in for the table as a reference. */
+ * the table at dst, item i at dst[pos+i-1] (all n of them: a hole becomes nil); dst
+ * stands in for the table as a reference. */
 static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
   lua_State *L = d->L;
   size_t narr = get_count(d, 1);
@@ -1526,6 +1554,12 @@ static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
   for (size_t i = 1; i <= narr; i++) {
     decode_value(d);
     lua_rawseti(L, dst, pos + (lua_Integer)i - 1);
+  }
+  /* the items past the list part are holes unless the pairs name them: dst may be a
+   * table reused from an earlier chunk */
+  for (lua_Integer k = (lua_Integer)narr + 1; k <= n; k++) {
+    lua_pushnil(L);
+    lua_rawseti(L, dst, pos + k - 1);
   }
   for (size_t i = 0; i < nhash; i++) {
     decode_value(d);
@@ -1608,7 +1642,8 @@ static int loads_into_bytes(lua_State *L, const char *s, size_t len, int dst, lu
  *  - with at: s is a result message, a list whose item 3 says whether the chunk succeeded;
  *    it is decoded and returned as usual, except that when item 3 is true and item `at` is
  *    such a table of n items, those go straight into dst and item `at` becomes true.
- * Keys of dst not named by s are left as they are. Raises Serialize for anything else. */
+ * dst[pos .. pos+n-1] are all replaced (holes become nil), other keys of dst are left as
+ * they are. Raises Serialize for anything else. */
 static int l_loads_into(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);

@@ -153,6 +153,12 @@ int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
  * with the error object pushed. Never raises. */
 int luamp_decode_into(lua_State *L, const char *data, size_t len, int dst, lua_Integer pos,
                       lua_Integer n, lua_Integer at);
+/* As _core.dumpx(v, root, t, i, j) with those at stack 1..5 (codec.c), but the bytes stay
+ * in the state's scratch buffer, good until the calling C function returns (the scratch is
+ * left at stack 3 as a to-be-closed slot; the stack above 5 is dropped). Returns how many
+ * descriptors the value needs; luamp_dumpx_push_fds then pushes their bundle. Raises. */
+int luamp_dumpx_scratch(lua_State *L, const char **data, size_t *len);
+int luamp_dumpx_push_fds(lua_State *L);
 
 /* Handles: a luamp object (userdata or table) crosses the codec by reference when its
  * metatable has a field __luamp_handle = function(obj) -> type_name, payload. The payload

@@ -213,16 +213,10 @@ static int64_t place(uint64_t off, uint64_t need, uint64_t room, int empty, uint
   return need + spare <= room ? 0 : -1;
 }
 
-/* ring:put(d, bytes, [marker], [tag], [follow]) -> true (in the ring), or false (a marker
- * went in its place: send the message on the socket now; marker = true asks for one).
- * tag: a 32-bit number that travels with the record (0 by default). follow: how many
- * bytes of records the caller puts right after this one (see place). Raises Value if not
- * even a marker fits. */
-static int l_put(lua_State *L) {
-  ring *r = check_ring(L, 1);
-  int d = check_dir(L, 2);
-  size_t len;
-  const char *s = luaL_checklstring(L, 3, &len);
+/* Puts len bytes at s (or a marker: want_marker, or when they do not fit) into direction
+ * d; whether the bytes went in. Raises Value when not even a marker fits. */
+static int put_bytes(lua_State *L, ring *r, int d, const char *s, size_t len, int want_marker,
+                     lua_Integer tag, lua_Integer follow) {
   ring_dir *dd = &r->h->d[d];
   /* the producer owns tail: its own copy is trusted, head is the consumer's */
   uint64_t tail = atomic_load_explicit(&dd->tail, memory_order_relaxed);
@@ -231,14 +225,12 @@ static int l_put(lua_State *L) {
   if (fill > RING_CAP || (tail & 7))
     luamp_raise(L, "Value", "pool ring: the reader's position is garbled");
   uint64_t room = RING_CAP - fill;
-  lua_Integer tag = luaL_optinteger(L, 5, 0);
   if (tag < 0 || tag > UINT32_MAX) luamp_raise(L, "Value", "ring tag out of range");
+  if (follow < 0) luamp_raise(L, "Value", "ring: follow must not be negative");
   uint64_t need = 8 + (uint64_t)len;
   need = (need + 7) & ~(uint64_t)7;
-  lua_Integer follow = luaL_optinteger(L, 6, 0);
-  if (follow < 0) luamp_raise(L, "Value", "ring: follow must not be negative");
   int64_t pad = -1;
-  if (!lua_toboolean(L, 4) && len < MARKER)
+  if (!want_marker && len < MARKER)
     pad = place(tail % RING_CAP, need, room, fill == 0, (uint64_t)follow);
   uint32_t hdr[2] = {(uint32_t)len, (uint32_t)tag};
   if (pad >= 0) {
@@ -257,8 +249,52 @@ static int l_put(lua_State *L) {
   }
   atomic_store_explicit(&dd->tail, tail + need, memory_order_release);
   ring_doorbell(r, d);
-  lua_pushboolean(L, pad >= 0);
+  return pad >= 0;
+}
+
+/* ring:put(d, bytes, [marker], [tag], [follow]) -> true (in the ring), or false (a marker
+ * went in its place: send the message on the socket now; marker = true asks for one).
+ * tag: a 32-bit number that travels with the record (0 by default). follow: how many
+ * bytes of records the caller puts right after this one (see place). Raises Value if not
+ * even a marker fits. */
+static int l_put(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  size_t len;
+  const char *s = luaL_checklstring(L, 3, &len);
+  lua_pushboolean(L, put_bytes(L, r, d, s, len, lua_toboolean(L, 4), luaL_optinteger(L, 5, 0),
+                               luaL_optinteger(L, 6, 0)));
   return 1;
+}
+
+/* ring:put_value(d, v, [tag], [t, i, j]) -> true: v encoded as _core.dumpx(v, nil, t, i, j)
+ * would, straight into the ring (no string is made); or false, bytes, [fds]: a marker
+ * went in its place (v too big for the ring, or it needs descriptors): send bytes (and
+ * fds) on the socket now. Raises what dumpx raises; then nothing was put. */
+static int l_put_value(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  luaL_checkany(L, 3);
+  lua_Integer tag = luaL_optinteger(L, 4, 0);
+  /* the caller holds the ring: it stays alive without a stack slot */
+  lua_settop(L, 7);
+  lua_remove(L, 4);
+  lua_remove(L, 1);
+  lua_remove(L, 1);                       /* v, t, i, j */
+  lua_pushnil(L);
+  lua_rotate(L, 2, 1);                    /* v, nil (root), t, i, j */
+  const char *data;
+  size_t len;
+  int nfds = luamp_dumpx_scratch(L, &data, &len);
+  if (!r->h) luamp_raise(L, "Value", "pool ring is closed");   /* (by a hook meanwhile) */
+  if (put_bytes(L, r, d, data, len, nfds > 0, tag, 0)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushlstring(L, data, len);
+  if (nfds == 0) return 2;
+  return 2 + luamp_dumpx_push_fds(L);
 }
 
 static int garbled(lua_State *L, const char *why) {
@@ -592,6 +628,7 @@ static int l_gc(lua_State *L) {
 int luamp_open_ring(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"put", l_put},
+    {"put_value", l_put_value},
     {"take", l_take},
     {"take_decoded", l_take_decoded},
     {"has", l_has},

@@ -121,6 +121,32 @@ describe("pool ring", function()
     r:close()
   end)
 
+  it("put_value encodes straight into the ring, else hands back the bytes for the socket", function()
+    local r = core.ring_new()
+    local res = {10, nil, 30, extra = "not sent"}
+    assert.is_true(r:put_value(1, {7, res, "x"}, 3, res, 1, 3))
+    local v, tag = r:take_decoded(1)
+    assert.same({7, {10, nil, 30}, "x"}, v); assert.equal(3, tag)
+    -- too big for the ring: a marker, and the bytes
+    local big = string.rep("y", 5 * 1024 * 1024)
+    local ok, bytes, fds = r:put_value(1, {big}, 4)
+    assert.is_false(ok); assert.is_nil(fds)
+    assert.same({big}, core.loads_trusted(bytes))
+    local m; m, tag = r:take(1)
+    assert.is_false(m); assert.equal(4, tag)
+    -- a value that needs descriptors: always the socket, with them
+    local q = luamp.Queue()
+    ok, bytes, fds = r:put_value(1, {q}, 5)
+    assert.is_false(ok); assert.is_not_nil(fds)
+    assert.equal(q, core.loadx(bytes, fds)[1])
+    m, tag = r:take(1)
+    assert.is_false(m); assert.equal(5, tag)
+    -- a value that cannot be encoded: raised, and nothing was put
+    H.raises("Serialize", r.put_value, r, 1, {io.stdout})
+    assert.is_nil(r:take(1))
+    r:close()
+  end)
+
   it("take_decoded: a message decoded where it lies, results straight into a table", function()
     local r = core.ring_new()
     r:put(1, core.dumps({1, "two", {3}}), false, 4)
@@ -339,6 +365,13 @@ describe("_core.loads_into", function()
     H.raises("Serialize", core.loads_into, core.dumps({7, 2, true, 0.5, {1, 2, 3, 4}}), dst, 5, 3, 5)
   end)
 
+  it("replaces all n items: a hole in the data clears what a reused table held there", function()
+    local dst = {"a", "b", "c", "d", "e", "f"}
+    -- a list part of 2, then a hole, then item 4 as a pair
+    core.loads_into(core.dumps({1, 2, nil, 4}), dst, 2, 4)
+    assert.same({"a", 1, 2, nil, 4, "f"}, dst)
+  end)
+
   it("refuses anything but items 1..n", function()
     H.raises("Serialize", core.loads_into, core.dumps({1, 2, 3}), {}, 1, 2)
     H.raises("Serialize", core.loads_into, core.dumps({a = 1}), {}, 1, 2)
@@ -385,6 +418,26 @@ describe("Pool over the ring", function()
     r = p:map(function(x) return string.rep("z", 4096) .. x end, range(4000), 2000)
     for i = 1, 4000, 111 do assert.equal(string.rep("z", 4096) .. i, r[i]) end
     assert.equal(string.rep("z", 4096) .. 4000, r[4000])
+  end)
+
+  it("big chunks one after another on one worker: no argument of an earlier chunk is seen again", function()
+    -- the worker decodes a big chunk's arguments into a table it reuses: holes and a
+    -- shorter last chunk must not show what the chunk before held
+    local p <close> = luamp.Pool(1)
+    local items = {n = 2500}
+    for i = 1, 1024 do items[i] = i end
+    for i = 1025, 2500 do if i % 3 == 0 then items[i] = i end end
+    local r = p:map(function(x) return x == nil and "hole" or x end, items, 1024)
+    for i = 1, 2500 do
+      if i <= 1024 or i % 3 == 0 then assert.equal(i, r[i]) else assert.equal("hole", r[i]) end
+    end
+    local r2 = p:starmap(function(a, b) return (a or 0) + (b or 0) end,
+      {n = 3000, table.unpack((function()
+        local t = {}
+        for i = 1, 3000 do t[i] = i <= 2048 and {i, i} or {i} end
+        return t
+      end)())}, 2048)
+    for i = 1, 3000 do assert.equal(i <= 2048 and 2 * i or i, r2[i]) end
   end)
 
   it("big chunks: a task's error, a worker's death, an item that cannot be sent", function()

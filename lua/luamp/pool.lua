@@ -238,10 +238,11 @@ end
 -- whose EOF says the parent is gone).
 -- decoded: the message is decoded where it lies in the ring (ring:take_decoded), and
 -- comes back as value, nil, true; one that came on the socket comes as bytes, fds.
-local function worker_next(conn, ring, wait_set, spin, decoded)
+-- dst, n: a list message's n items are decoded straight into dst (as _core.loads_into).
+local function worker_next(conn, ring, wait_set, spin, decoded, dst, n)
   while true do
     local m, garbled, dec
-    if decoded then m, garbled, dec = ring:take_decoded(0) else m, garbled = ring:take(0) end
+    if decoded then m, garbled, dec = ring:take_decoded(0, dst, 1, n) else m, garbled = ring:take(0) end
     if dec then return m, nil, true end
     if m then return m end
     if m == false then
@@ -285,23 +286,32 @@ local function worker_post(conn, ring, out, ofds, count)
   return U.pcall(conn._send, conn, out, ofds)
 end
 
+-- Encodes msg straight into the ring (ring:put_value: no string is made), or sends it on
+-- the socket behind a marker; t, n: the table in msg encoded as its items 1..n (a map's
+-- results). Returns false, the error when msg cannot be encoded (nothing was sent); else
+-- true, and whether the parent is still there.
+local function worker_post_value(conn, ring, msg, count, t, n)
+  local oke, inring, out, ofds = U.pcall(ring.put_value, ring, 1, msg, count, t, 1, n)
+  if not oke then return false, inring end
+  if inring then return true, true end
+  local oks = U.pcall(conn._send, conn, out, ofds)
+  if ofds then ofds:close() end
+  return true, oks
+end
+
 -- Encodes and sends the answer to one chunk; false when the parent is gone. rn: res is
 -- a map's results, items 1..rn (encoded as that list, not walked as a table).
 local function send_result(conn, ring, jobid, k, okc, dt, res, t0, rn)
-  local oke, out, ofds
-  if rn then oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0}, nil, res, 1, rn)
-  else oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0}) end
-  if not oke then
-    if okc then
-      out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
-    else
-      -- the error value cannot cross: its string stands in for it
-      out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
-    end
+  local oke, sent = worker_post_value(conn, ring, {jobid, k, okc, dt, res, t0}, 0, rn and res, rn)
+  if oke then return sent end
+  local out
+  if okc then
+    out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(sent), "", sent}})
+  else
+    -- the error value cannot cross: its string stands in for it
+    out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
   end
-  local oks = worker_post(conn, ring, out, ofds)
-  if ofds then ofds:close() end
-  return oks
+  return worker_post(conn, ring, out)
 end
 
 -- Sends the answers held for coalescing (p: {jobid, first k, count, dt, results, t0,
@@ -310,13 +320,9 @@ end
 -- error).
 local function flush_coalesced(conn, ring, p)
   if p[3] > 1 then
-    local oke, out, ofds = U.pcall(dumpx, {p[1], p[2], true, p[4], p[5], p[6], p[7]}, nil,
-      p[5], 1, p[7])
-    if oke then
-      local oks = worker_post(conn, ring, out, ofds, p[3])
-      if ofds then ofds:close() end
-      return oks
-    end
+    local oke, sent = worker_post_value(conn, ring, {p[1], p[2], true, p[4], p[5], p[6], p[7]},
+      p[3], p[5], p[7])
+    if oke then return sent end
   end
   local res, pos, ns = p[5], 0, p[8]
   for j = 1, p[3] do
@@ -345,6 +351,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     end
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
+  local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
   -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
   -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
   -- every chunk is answered on its own.)
@@ -355,7 +362,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     if timed then mode = mode - TIMED end
     local big = mode ~= APPLY and n >= SCRATCH_MIN
     if big then
-      out = out or {}
+      out = out or core.table_new(n)
       for i = n + 1, out_n do out[i] = nil end
       out_n = n
     end
@@ -463,10 +470,17 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
         local afds, args
         if not abytes then
           -- the arguments follow as a message of their own: decoded where they lie in
-          -- the ring, or from the socket behind a marker
-          local data, fds, decoded = worker_next(conn, ring, wait_set, spin, true)
+          -- the ring (a big chunk's list straight into a table reused from chunk to
+          -- chunk), or from the socket behind a marker
+          local dst
+          if mode & 3 ~= APPLY and n >= SCRATCH_MIN then
+            argbuf = argbuf or core.table_new(n)
+            for i = n + 1, argbuf_n do argbuf[i] = nil end
+            argbuf_n, dst = n, argbuf
+          end
+          local data, fds, decoded = worker_next(conn, ring, wait_set, spin, true, dst, n)
           if data == nil and not decoded then return 0 end
-          if decoded then args = data else abytes, afds = data, fds end
+          if decoded then args = dst or data else abytes, afds = data, fds end
         end
         if args ~= nil then
           if not run_chunk(jobid, k, fid, mode, n, nil, nil, args, 1) then return 0 end
