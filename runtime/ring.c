@@ -305,10 +305,11 @@ static int garbled(lua_State *L, const char *why) {
 
 enum { REC_EMPTY, REC_MARKER, REC_DATA, REC_GARBLED };
 
-/* The next record of direction d (PADs before it are passed over, head moved past them):
- * its kind; for REC_DATA its bytes' place and length, for REC_DATA and REC_MARKER its tag
- * and the bytes it takes (the head moves by them once it is consumed); for REC_GARBLED
- * why. Everything read from the shared pages is copied out once, then checked. */
+/* The next record of direction d, PADs before it passed over: its kind; for REC_DATA its
+ * bytes' place and length, for REC_DATA and REC_MARKER its tag and where it starts (head)
+ * and the bytes it takes (consuming it stores head + used, which moves past the PADs
+ * too); for REC_GARBLED why. Nothing is stored here: empty or garbled, the position stays
+ * where it was. Everything read from the shared pages is copied out once, then checked. */
 static int next_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *tag,
                        uint64_t *used, const char **why) {
   ring_dir *dd = &r->h->d[d];
@@ -325,7 +326,6 @@ static int next_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *
       if (skip > (uint64_t)fill) { *why = "a pad is longer than the ring holds"; return REC_GARBLED; }
       *head += skip;
       fill -= (int64_t)skip;
-      atomic_store_explicit(&dd->head, *head, memory_order_release);
       continue;
     }
     *tag = hdr[1];
