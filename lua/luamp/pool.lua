@@ -2442,6 +2442,15 @@ function P._pool_with_method(m, ...)
   return pool
 end
 
+-- For specs: how long a busy worker's chunk may run past its estimate before tiny_busy
+-- stops counting it (on a loaded machine a descheduled worker looks stalled). Returns
+-- the value before.
+function P._tiny_stall(seconds)
+  local old = STALL_MIN
+  STALL_MIN = seconds
+  return old
+end
+
 -- The entry of a worker started by spawn (runs in the fresh interpreter).
 function P._spawn_worker(conn, ring, initializer, initargs, maxtasks, stamps, slot, epoch, spin)
   local st = {workers = {}, initializer = initializer, initargs = initargs, maxtasks = maxtasks,
