@@ -101,8 +101,17 @@ typedef struct {
 
 _Static_assert(sizeof(ring_hdr) <= HDR_SIZE, "ring header fits its page");
 
+/* Every function of this file that takes a ring has the rings' metatable as upvalue 1:
+ * comparing with it costs no registry lookup by name (luaL_checkudata's), on a path
+ * taken several times per task. */
 static ring *check_ring(lua_State *L, int idx) {
-  ring *r = luaL_checkudata(L, idx, RING_MT);
+  ring *r = lua_touserdata(L, idx);
+  int ours = r && lua_getmetatable(L, idx);
+  if (ours) {
+    ours = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+  }
+  if (!ours) luaL_typeerror(L, idx, RING_MT);
   if (!r->h) luamp_raise(L, "Value", "pool ring is closed");
   return r;
 }
@@ -305,10 +314,16 @@ static int l_take(lua_State *L) {
     if (hdr[0] & MARKER) return garbled(L, "a record has a garbled length");
     used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
     if (used > (uint64_t)fill) return garbled(L, "a record is longer than the ring holds");
-    luaL_Buffer b;
-    char *p = luaL_buffinitsize(L, &b, hdr[0]);
-    copy_out(p, r->data[d], head + 8, hdr[0]);
-    luaL_pushresultsize(&b, hdr[0]);
+    size_t off = (size_t)((head + 8) % RING_CAP);
+    if (off + hdr[0] <= RING_CAP) {
+      /* in one piece (nearly always): copied straight into the string */
+      lua_pushlstring(L, (const char *)r->data[d] + off, hdr[0]);
+    } else {
+      luaL_Buffer b;
+      char *p = luaL_buffinitsize(L, &b, hdr[0]);
+      copy_out(p, r->data[d], head + 8, hdr[0]);
+      luaL_pushresultsize(&b, hdr[0]);
+    }
   }
   lua_pushinteger(L, hdr[1]);
   atomic_store_explicit(&dd->head, head + used, memory_order_release);
@@ -516,15 +531,17 @@ int luamp_open_ring(lua_State *L) {
     {NULL, NULL}
   };
   if (luaL_newmetatable(L, RING_MT)) {
-    luaL_setfuncs(L, meta, 0);
-    luaL_newlib(L, methods);
+    lua_pushvalue(L, -1);
+    luaL_setfuncs(L, meta, 1);
+    luaL_newlibtable(L, methods);
+    lua_pushvalue(L, -2);
+    luaL_setfuncs(L, methods, 1);
     lua_setfield(L, -2, "__index");
   }
-  lua_pop(L, 1);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUAMP_HANDLES_KEY);
   lua_pushcfunction(L, l_from_handle);
   lua_setfield(L, -2, RING_MT);
   lua_pop(L, 1);
-  luaL_setfuncs(L, fns, 0);
+  luaL_setfuncs(L, fns, 1);   /* (the metatable, left on the stack, is their upvalue) */
   return 0;
 }
