@@ -2101,18 +2101,17 @@ end
 
 local function new_job(self, st, kind, f, mode)
   st.next_job = st.next_job + 1
-  -- (fields set later are named here too, as nil: the table is made at its final size,
-  -- not grown and rehashed as they come)
+  -- (the fields an apply job gets in its life are named here, those set later as nil:
+  -- its table is made at its final size, 16, not grown and rehashed as they come)
   local job = {
-    st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
-    fe = func_entry(st, f), globals = changed_globals(st, f),
-    label = TR.on and TR.label(f) or nil,
-    pulled = 0, consumed = 0, next_k = 0, done_items = 0,
-    retry = dq_new(),
-    total = nil, chunksize = nil, timeout = nil, callback = nil, error_callback = nil,
-    abytes = nil, afds = nil, ready = nil, ok = nil, value = nil, finished = nil,
-    exhausted = nil,
+    st = st, id = st.next_job, kind = kind, mode = mode, fe = func_entry(st, f),
+    pulled = 0, next_k = 0, done_items = 0, retry = dq_new(),
+    chunksize = nil, abytes = nil, exhausted = nil, ready = nil, ok = nil, value = nil,
+    finished = nil,
   }
+  local globals = changed_globals(st, f)
+  if globals then job.globals = globals end
+  if TR.on then job.label = TR.label(f) end
   st.jobs[job.id] = job
   st.njobs = st.njobs + 1
   return job
@@ -2138,8 +2137,9 @@ local function send_direct(st, job)
       job.exhausted, job.pulled, job.next_k = true, 1, 1
       local timed = job.timeout ~= nil
       local est = fe.est
-      local c = {job = job, k = 1, first = 1, n = 1, bytes = bytes, fds = fds, timed = timed,
-                 est = est, ahead = 0}
+      local c = {job = job, k = 1, first = 1, n = 1, bytes = bytes, timed = timed, est = est,
+                 ahead = 0}   -- (8 fields: the size of its table)
+      if fds then c.fds = fds end
       local q = w.inflight
       q.last = q.last + 1
       q[q.last] = c
@@ -2282,7 +2282,6 @@ function Pool:apply_async(f, args, opts)
   local job = new_job(self, st, "apply", f, APPLY)
   job.abytes, job.afds = abytes, afds
   job.timeout = timeout
-  job.total = 1
   job.callback, job.error_callback = cb, ecb
   job.chunksize = 1
   local res = setmetatable({[JOB] = job}, AsyncResult)
@@ -2352,6 +2351,7 @@ local function imap(self, what, f, list, opts, ordered)
   job.buf = {}
   job.uq = dq_new()
   job.yielded = 0
+  job.consumed = 0
   job.window = cs * math.max(st.processes * 8, 64)
   if type(list) == "function" then
     job.iter = list
