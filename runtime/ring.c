@@ -34,15 +34,16 @@
  * doorbell (`rang_at`, its monotonic clock, which both sides share), so the consumer knows
  * when the data was published, not when its sleep ended. Data published within
  * SPIN_MAX_NS of the spin's start raises the budget to twice that delay (a longer spin
- * would have caught it); later data halves it, down to SPIN_MIN_NS. A side also keeps
- * an average of how often data came that soon (`soon`, over about the last eight waits):
- * below one in two it spins only SPIN_MIN_NS whatever its budget, so on a loaded machine,
- * where the peer is often off its CPU and a spin would only take the CPU it needs, a
- * side hardly spins. So in a tight request/answer loop both sides are still spinning
- * when the next message comes (no doorbell, no sleep), and a side whose peer is slow or
- * not running (more workers than cores, a loaded machine) soon spins no more than
- * SPIN_MIN_NS. A spin never lasts longer than SPIN_MAX_NS, and a pending Ctrl-C ends it
- * at once.
+ * would have caught it); later data halves it, down to SPIN_MIN_NS. Spins in vain with
+ * a budget above SPIN_MIN_NS, VAIN_IN_A_ROW of them with none caught in between, also
+ * make the next waits of that side spin only SPIN_MIN_NS: one wait, then after the next
+ * such spin two, four... up to BACKOFF_MAX (all reset by a spin that catches its data).
+ * On a loaded machine, where the peer is often off its CPU and a long spin would rarely
+ * be rewarded (and takes a CPU the peer may need), a side thus hardly spins; on an idle
+ * one the odd spin in vain (a collection, a preemption) changes nothing (a back-off
+ * there made both sides fall asleep in turn: 45 us per apply round trip instead of 24). So in a tight request/answer loop both sides are
+ * still spinning when the next message comes (no doorbell, no sleep). A spin never lasts
+ * longer than SPIN_MAX_NS, and a pending Ctrl-C ends it at once.
  *
  * Trust. The other side can write anything into the shared pages: every length and
  * position read from them is checked against the ring's size and fill before use; a ring
@@ -72,8 +73,8 @@
 #define MARKER_ROOM 256u                  /* markers that always fit after a record */
 #define SPIN_MIN_NS 2000.0
 #define SPIN_MAX_NS 50000.0
-#define SOON_WEIGHT 0.125                 /* of each wait in the average `soon` */
-#define SOON_ENOUGH 0.5                   /* `soon` below which a side spins the least */
+#define BACKOFF_MAX 64                    /* waits that spin the least after spins in vain */
+#define VAIN_IN_A_ROW 3                   /* long spins in vain before the back-off starts */
 
 typedef struct {
   _Alignas(64) _Atomic uint64_t tail;
@@ -95,7 +96,9 @@ typedef struct {
   int memfd;
   int efd[2];             /* doorbell of direction d, rung by its producer */
   double spin_ns[2];      /* this side's spin budget when it waits on direction d */
-  double soon[2];         /* how often data came within SPIN_MAX_NS of a spin's start */
+  unsigned backoff[2];    /* waits to spin the least after the next long spin in vain */
+  unsigned skip[2];       /* waits left that spin the least */
+  unsigned vain[2];       /* long spins in vain since the last one that caught data */
   double gave_up[2];      /* when its last spin in vain began (ns), 0: none since */
 } ring;
 
@@ -136,7 +139,6 @@ static ring *new_ring_ud(lua_State *L) {
   memset(r, 0, sizeof *r);
   r->memfd = r->efd[0] = r->efd[1] = -1;
   r->spin_ns[0] = r->spin_ns[1] = SPIN_MIN_NS;
-  r->soon[0] = r->soon[1] = 1;
   luaL_setmetatable(L, RING_MT);
   return r;
 }
@@ -261,14 +263,24 @@ static void budget_grow(ring *r, int d, double delay) {
   double want = 2 * delay + SPIN_MIN_NS;
   if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
   if (want > r->spin_ns[d]) r->spin_ns[d] = want;
-  r->soon[d] = r->soon[d] * (1 - SOON_WEIGHT) + SOON_WEIGHT;
 }
 
-/* The spin a side waiting on direction d may afford: its budget while data mostly comes
- * soon, else only SPIN_MIN_NS (a loaded machine: spinning would take the CPU its peer
- * needs, and would rarely be rewarded). */
+/* The spin a side waiting on direction d may afford now (see the header): its budget,
+ * or only SPIN_MIN_NS after long spins in vain. */
 static double spin_budget(ring *r, int d) {
-  return r->soon[d] >= SOON_ENOUGH ? r->spin_ns[d] : SPIN_MIN_NS;
+  return r->skip[d] > 0 ? SPIN_MIN_NS : r->spin_ns[d];
+}
+
+/* After a wait's spin of up to `budget` ns: caught (the back-off is over) or in vain. */
+static void spin_judged(ring *r, int d, int caught, double budget) {
+  if (r->skip[d] > 0) r->skip[d]--;
+  if (caught) {
+    r->backoff[d] = r->vain[d] = 0;
+  } else if (budget > SPIN_MIN_NS * 1.5 && ++r->vain[d] >= VAIN_IN_A_ROW) {
+    r->backoff[d] = r->backoff[d] ? r->backoff[d] * 2 : 1;
+    if (r->backoff[d] > BACKOFF_MAX) r->backoff[d] = BACKOFF_MAX;
+    r->skip[d] = r->backoff[d];
+  }
 }
 
 /* Data is found on direction d after this side's last spin for it was in vain (it slept
@@ -288,7 +300,6 @@ static void took_after_spin(ring *r, int d) {
   } else {
     r->spin_ns[d] /= 2;
     if (r->spin_ns[d] < SPIN_MIN_NS) r->spin_ns[d] = SPIN_MIN_NS;
-    r->soon[d] *= 1 - SOON_WEIGHT;
   }
 }
 
@@ -422,6 +433,7 @@ static int l_spin_rings(lua_State *L) {
       if (ring_nonempty(rs[i], d)) {
         for (int k = 0; k < n; k++) {
           budget_grow(rs[k], d, t - t0);
+          spin_judged(rs[k], d, 1, budget);
           rs[k]->gave_up[d] = 0;
         }
         lua_pushvalue(L, 3 + i);
@@ -439,8 +451,19 @@ static int l_spin_rings(lua_State *L) {
     if (ring_nonempty(rs[i], d)) { lua_pushvalue(L, 3 + i); return 1; }
   }
   /* in vain: the next take that finds data judges the budget (took_after_spin) */
-  for (int k = 0; k < n; k++) rs[k]->gave_up[d] = t0;
+  for (int k = 0; k < n; k++) {
+    spin_judged(rs[k], d, 0, budget);
+    rs[k]->gave_up[d] = t0;
+  }
   return 0;
+}
+
+/* ring:spin_budget(d) -> the spin (seconds) this side would afford now waiting on
+ * direction d (for the specs: the policy of the header, observed without timing). */
+static int l_spin_budget(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  lua_pushnumber(L, spin_budget(r, check_dir(L, 2)) / 1e9);
+  return 1;
 }
 
 /* ring:doorbell_fd(d) -> the eventfd a consumer of direction d waits on */
@@ -516,6 +539,7 @@ int luamp_open_ring(lua_State *L) {
     {"clear_doorbell", l_clear_doorbell},
     {"kick", l_kick},
     {"doorbell_fd", l_doorbell_fd},
+    {"spin_budget", l_spin_budget},
     {"close", l_close},
     {NULL, NULL}
   };

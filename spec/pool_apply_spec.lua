@@ -21,49 +21,86 @@ local function cpu_ticks(pid)
 end
 
 describe("ring spin budget", function()
+  -- One process plays both sides of a ring: it says it sleeps (set_sleeping), spins in
+  -- vain, publishes some time after the spin began (ringing the doorbell, which stamps
+  -- the moment), then "sleeps" before it takes the data, as a slow wake-up would.
+  local MIN, MAX = 2e-6, 50e-6
+  local function vain_spin_then_data(r, after, sleep)
+    r:set_sleeping(1, true)
+    local t0 = luamp.time()
+    assert.is_nil(core.spin_rings(1, nil, r))
+    while luamp.time() - t0 < after do end
+    r:put(1, "x")
+    if sleep > 0 then luamp.sleep(sleep) end
+    r:clear_doorbell(1)
+    assert.equal("x", r:take(1))
+  end
+
   it("grows after data came soon after a spin in vain, however long the sleep after it", function()
-    -- One process plays both sides. It says it sleeps, spins in vain (the budget starts
-    -- at its least, 2 us), publishes about 25 us after the spin began (ringing the
-    -- doorbell, which stamps the moment), then sleeps 2 ms before it takes the data, as a
-    -- slow wake-up would. The delay that counts is the 25 us, not the 2 ms: the next spin
-    -- on an empty ring lasts about twice it, and so do the ones after it (a spin in vain
-    -- is judged only when the data comes). (On a loaded machine the 25 us may stretch
-    -- past the 50 us that count as soon: then the budget rightly shrinks, and the round
-    -- is tried again.)
+    -- The delay that counts is the 25 us to the doorbell, not the 2 ms sleep: the budget
+    -- becomes about twice it. (On a loaded machine the 25 us may stretch past the 50 us
+    -- that count as soon: then the budget rightly shrinks, and the round is tried again.)
     for _ = 1, 8 do
       local r = core.ring_new()
-      r:set_sleeping(1, true)
-      local t0 = luamp.time()
-      assert.is_nil(core.spin_rings(1, nil, r))
-      while luamp.time() - t0 < 25e-6 do end
-      r:put(1, "x")
-      luamp.sleep(0.002)
-      r:clear_doorbell(1)
-      assert.equal("x", r:take(1))
-      -- (the shortest of five: being taken off the CPU only makes a spin look longer)
-      local spun = math.huge
-      for _ = 1, 5 do
-        local t1 = luamp.time()
-        assert.is_nil(core.spin_rings(1, nil, r))
-        spun = math.min(spun, luamp.time() - t1)
-      end
+      assert.near(MIN, r:spin_budget(1), 1e-9)
+      vain_spin_then_data(r, 25e-6, 0.002)
+      local b = r:spin_budget(1)
       r:close()
-      if spun >= 40e-6 then return end
+      if b >= 40e-6 then
+        assert.is_true(b <= MAX)
+        return
+      end
     end
     error("the spin budget never grew")
   end)
 
+  it("backs off after long spins in vain, and shrinks when data comes late", function()
+    local function grown()
+      local r = core.ring_new()
+      for _ = 1, 8 do
+        vain_spin_then_data(r, 25e-6, 0)
+        if r:spin_budget(1) >= 40e-6 then return r end
+      end
+      error("the spin budget never grew")
+    end
+    local r = grown()
+    local b = r:spin_budget(1)
+    -- long spins in vain: the third in a row makes the next wait spin the least
+    for _ = 1, 2 do
+      assert.is_nil(core.spin_rings(1, nil, r))
+      assert.equal(b, r:spin_budget(1))
+    end
+    assert.is_nil(core.spin_rings(1, nil, r))
+    assert.near(MIN, r:spin_budget(1), 1e-9)
+    assert.is_nil(core.spin_rings(1, nil, r))
+    assert.equal(b, r:spin_budget(1))
+    -- the next one in vain: two waits at the least, then four
+    assert.is_nil(core.spin_rings(1, nil, r))
+    for _ = 1, 2 do
+      assert.near(MIN, r:spin_budget(1), 1e-9)
+      assert.is_nil(core.spin_rings(1, nil, r))
+    end
+    assert.equal(b, r:spin_budget(1))
+    assert.is_nil(core.spin_rings(1, nil, r))
+    for _ = 1, 4 do
+      assert.near(MIN, r:spin_budget(1), 1e-9)
+      assert.is_nil(core.spin_rings(1, nil, r))
+    end
+    assert.equal(b, r:spin_budget(1))
+    r:close()
+    -- data that comes 5 ms after a spin began: the budget halves
+    r = grown()
+    b = r:spin_budget(1)
+    vain_spin_then_data(r, 0.005, 0)
+    assert.near(b / 2, r:spin_budget(1), 1e-9)
+    r:close()
+  end)
+
   it("a vain spin is bounded, however much the budget grew", function()
     local r = core.ring_new()
-    -- grown to its most: data came 40 us after each spin began
-    for _ = 1, 3 do
-      r:set_sleeping(1, true)
-      local t0 = luamp.time()
-      core.spin_rings(1, nil, r)
-      while luamp.time() - t0 < 40e-6 do end
-      r:put(1, "x")
-      r:clear_doorbell(1)
-      r:take(1)
+    for _ = 1, 8 do
+      vain_spin_then_data(r, 40e-6, 0)
+      if r:spin_budget(1) >= 40e-6 then break end
     end
     -- the shortest of a few vain spins (the load only makes one longer)
     local best = math.huge
