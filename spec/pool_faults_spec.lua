@@ -96,7 +96,9 @@ describe("Pool and Ctrl-C", function()
   local map_script = [[
     local luamp = require "luamp"
     local p = luamp.Pool(2)
-    local function sq(x) return x * x end
+    -- (a little work per item: a bare x * x over a million items of 3 once ended within
+    -- the 100 ms before the signal)
+    local function sq(x) for _ = 1, 200 do end return x * x end
     p:map(sq, {1, 2, 3, 4})
     local input = {}
     for i = 1, 1000000 do input[i] = i end
