@@ -1,0 +1,100 @@
+-- A queue's producers and consumers each have a lock of their own (runtime/queue.c): one
+-- side stopped or killed inside its lock never holds up the other side, and what a
+-- producer killed halfway leaves behind is repaired by the next producer.
+local H = require "helper"
+local luamp = H.luamp
+local core = luamp._core
+
+local start = H.start
+
+-- Starts a process that runs f() with a stall armed at `point`; returns the process once
+-- it sits there, holding whatever that point holds.
+local function stalled(point, f)
+  local r, w = luamp.Pipe(false)
+  local p = start(function()
+    core._queue_stall(point, w:fileno())
+    f()
+    os.exit(7)                        -- not reached: the stall never returns
+  end)
+  assert.is_true(r:poll(30), "the process never reached " .. point)
+  r:close(); w:close()
+  return p
+end
+
+local function kill(p)
+  p:kill()
+  p:join()
+  assert.equal(-9, p.exitcode)
+end
+
+describe("queue sides", function()
+  it("a producer stopped inside its lock does not hold up getters", function()
+    local q = luamp.Queue()
+    q:put("a"); q:put("b")
+    local victim = stalled("locked-put", function() q:put("never") end)
+    local t0 = luamp.time()
+    assert.equal("a", q:get(true, 2))
+    assert.equal("b", q:get(true, 2))
+    H.raises("Empty", q.get, q, true, 0.05)   -- the stopped put has not happened
+    assert.is_true(luamp.time() - t0 < 1.5)
+    kill(victim)
+    q:put("after")
+    assert.equal("after", q:get(false))
+  end)
+
+  it("a consumer stopped inside its lock does not hold up putters", function()
+    local q = luamp.Queue(3)
+    q:put("x")
+    local victim = stalled("locked-get", function() q:get() end)
+    local t0 = luamp.time()
+    q:put("y", true, 2)
+    q:put("z", true, 2)
+    H.raises("Full", q.put, q, "w", true, 0.05)   -- maxsize still counts the item being taken
+    assert.is_true(luamp.time() - t0 < 1.5)
+    kill(victim)
+    assert.equal("x", q:get(false))
+    assert.equal("y", q:get(false))
+    assert.equal("z", q:get(false))
+    assert.is_true(q:empty())
+  end)
+
+  it("a producer killed while moving to a new chunk: the next put goes where it would have", function()
+    local q = luamp.Queue()
+    local big = string.rep("c", 30000)
+    -- 8 records of 30 KB: the first 256 KiB chunk has no room for a 9th
+    for i = 1, 8 do q:put(big .. i) end
+    local victim = stalled("chunk-link", function() q:put(big .. 9) end)
+    kill(victim)                      -- died after marking the chunk as left, before its commit
+    for i = 1, 8 do assert.equal(big .. i, q:get(false)) end
+    q:put("small")                    -- fits the first chunk again: the mark must go
+    assert.equal("small", q:get(false))
+    q:put(big .. 10)
+    q:put(big .. 11)                  -- this one moves to a new chunk for real
+    assert.equal(big .. 10, q:get(false))
+    assert.equal(big .. 11, q:get(false))
+    assert.is_true(q:empty())
+  end)
+
+  it("one producer and one consumer pass 20,000 items of mixed sizes across chunks, in order", function()
+    local q = luamp.Queue()
+    local N = 20000
+    local function item(i) return i % 7 == 0 and string.rep(string.char(65 + i % 26), i % 3000) or i end
+    local p = start(function() for i = 1, N do q:put(item(i)) end end)
+    for i = 1, N do
+      local v = q:get(true, 30)
+      if v ~= item(i) then error("item " .. i .. " out of order or damaged", 0) end
+    end
+    p:join()
+    assert.equal(0, p.exitcode)
+    assert.is_true(q:empty())
+  end)
+
+  it("a JoinableQueue counts task_done against puts made by other processes", function()
+    local q = luamp.JoinableQueue()
+    local p = start(function() for i = 1, 100 do q:put(i) end end)
+    p:join()
+    for _ = 1, 100 do q:get(false); q:task_done() end
+    assert.is_true(q:join(1))
+    H.raises("Value", q.task_done, q)
+  end)
+end)
