@@ -98,3 +98,43 @@ describe("queue sides", function()
     H.raises("Value", q.task_done, q)
   end)
 end)
+
+describe("queue items", function()
+  -- put encodes nil, booleans, numbers and strings without the full encoder, and get
+  -- decodes numbers, booleans and nil without it: same bytes, same values
+  local values = {true, false, 0, 1, 127, 128, -1, -128, -129, 32767, 32768, -32769,
+                  2147483647, 2147483648, -2147483649, math.maxinteger, math.mininteger,
+                  0.5, -0.0, 1 / 0, -1 / 0, 2 ^ 53, "", "abc", string.rep("s", 8),
+                  string.rep("t", 16), string.rep("u", 31), string.rep("v", 32),
+                  string.rep("w", 63), string.rep("x", 64), string.rep("y", 1000),
+                  string.rep("z", 40000)}
+
+  it("are the bytes luamp.dumps makes, and come back as the same values", function()
+    local q = luamp.Queue()
+    for i, v in ipairs(values) do
+      q:put(v)
+      assert.equal(luamp.dumps(v), q:_get_raw(false), "value " .. i)
+      q:put(v)
+      local got = q:get(false)
+      assert.equal(math.type(v), math.type(got), "value " .. i)
+      assert.equal(v, got, "value " .. i)
+    end
+    q:put(nil)
+    assert.equal(luamp.dumps(nil), q:_get_raw(false))
+    q:put(nil)
+    assert.is_nil(q:get(false))
+    q:put(0 / 0)
+    local nan = q:get(false)
+    assert.is_true(nan ~= nan)
+    assert.equal(0, q:qsize())
+  end)
+
+  it("that are not plain still go through the full codec", function()
+    local q = luamp.Queue()
+    local t = {1, "two", {three = 3}}
+    q:put(t)
+    assert.same(t, q:get(false))
+    H.raises("Serialize", q.put, q, coroutine.create(function() end))
+    assert.is_true(q:empty())
+  end)
+end)
