@@ -86,6 +86,10 @@
 #define NFREE 64
 #define RETAIN (8u * 1024 * 1024)      /* freed bytes kept with their pages for reuse */
 #define GROW_STEP (1024u * 1024)       /* the memfd grows in these steps */
+#define NSPENT 16              /* extents a consumer keeps to free while the tail lock is busy */
+#define NSPARE 4               /* chunks left by consumers, handed straight to producers */
+#define SPARE_WAIT 0.005       /* seconds a producer may wait for a spare chunk */
+#define SPARE_IDLE 0.001       /* ... as long as the consumers took an item this recently */
 #define SPIN_MIN 32            /* spin rounds (a pause each, tens of ns) */
 #define SPIN_MAX 4096
 #define LOCK_SPIN 200          /* first lock spin budget, in pause rounds (~20 ns each) */
@@ -150,6 +154,7 @@ typedef struct qshm {
   _Alignas(64) pthread_mutex_t hlock;
   _Alignas(64) struct hstate hst[2];
   _Alignas(64) uint64_t hver;      /* gets << 1 | the slot of hst that is the state */
+  _Alignas(64) uint64_t spare[NSPARE];   /* chunks the head has left, 0: none (see take_spare) */
   _Alignas(64) struct qalloc al, al_next;
 } qshm;
 
@@ -172,7 +177,11 @@ typedef struct queue {
   int spin;                  /* current spin budget, see spin_while */
   int lock_spin;             /* current lock spin budget, see q_lock */
   int lock_tries, lock_fails;   /* contended lockings in this window, and spins in vain */
-  uint64_t spent[3];         /* chunks a get left behind, freed once the head lock is let go */
+  struct extent spent[NSPENT];   /* extents gets are done with, not yet freed (free_spent) */
+  uint64_t mapped[8];        /* chunks recycled through the spare slots that this process
+                                mapped lately (see chunk_prefault) */
+  unsigned mapped_next;
+  uint64_t gets_seen;        /* the consumers' count when this process last needed a chunk */
   int nspent;
   luamp_buf tx;              /* encoded item being put, reused */
   char *rx;                  /* small item copied out under the head lock */
@@ -305,10 +314,18 @@ static void unregister(queue *q, int w) {
 
 static int has_room(const qshm *s) { return s->maxsize == 0 || load_count(s) < s->maxsize; }
 
-/* Passes wakeups on while their conditions hold (called after every change or departure). */
+static int has_waiters(const qshm *s, int w) {
+  return __atomic_load_n(&s->waiters[w], __ATOMIC_SEQ_CST) != 0;
+}
+
+/* Passes wakeups on while their conditions hold (called after every change or
+ * departure). The counts are looked at first: with nobody waiting, a put does not read
+ * the consumers' count (a cache line they write at every get), nor a get the
+ * producers'. */
 static void chain_wakeups(queue *q) {
-  if (load_count(q->shm) > 0) wake_one(q, W_GET);
-  if (has_room(q->shm)) wake_one(q, W_PUT);
+  const qshm *s = q->shm;
+  if (has_waiters(s, W_GET) && load_count(s) > 0) wake_one(q, W_GET);
+  if (has_waiters(s, W_PUT) && has_room(s)) wake_one(q, W_PUT);
 }
 
 /* ---- fault injection for the crash specs ----------------------------------------------
@@ -532,6 +549,17 @@ static void prefault(queue *q, uint64_t off, uint64_t len, int write) {
 #endif
 }
 
+/* Prefaults a chunk unless this process mapped it lately: a recycled chunk keeps its
+ * pages (spare chunks are never punched), and its mapping, so a 1P1C pair recycling two
+ * or three chunks makes no system call for them. Only a hint: a stale entry costs page
+ * faults, nothing else. */
+static void chunk_prefault(queue *q, uint64_t off, int write) {
+  for (unsigned i = 0; i < sizeof q->mapped / sizeof q->mapped[0]; i++)
+    if (q->mapped[i] == off) return;
+  q->mapped[q->mapped_next++ % (sizeof q->mapped / sizeof q->mapped[0])] = off;
+  prefault(q, off, CHUNK_SIZE, write);
+}
+
 static void punch(queue *q, uint64_t off, uint64_t len) {
   fallocate(q->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
 }
@@ -638,6 +666,53 @@ static struct chunk_hdr *chunk_at(queue *q, uint64_t off) {
   return h;
 }
 
+/* A chunk the consumers have left, from the spare slots (under the tail lock); 0 if none.
+ * A consumer that leaves a chunk puts it there rather than taking the tail lock to free
+ * it, and a producer that needs a chunk takes it from there first: a 1P1C pair recycles
+ * two or three chunks, whose pages stay mapped and in the caches, and the consumer never
+ * waits for the producers' lock. When the consumers are a chunk or more behind and
+ * taking items, the producer waits for one (up to SPARE_WAIT, while they took an item in
+ * the last SPARE_IDLE) rather than growing the backlog into fresh pages, which cost far
+ * more here (tens of microseconds a page) than the wait; a process that both puts and
+ * gets, or a queue nobody is reading, does not wait. A slot's offset is checked like
+ * any other; a process killed while holding a chunk between slot and list leaks it. */
+static uint64_t take_spare(queue *q, uint64_t tail_chunk) {
+  qshm *s = q->shm;
+  double until = 0, idle_until = 0;
+  uint64_t gets = 0;
+  for (int round = 0;; round++) {
+    for (int i = 0; i < NSPARE; i++) {
+      if (__atomic_load_n(&s->spare[i], __ATOMIC_RELAXED) == 0) continue;
+      uint64_t off = __atomic_exchange_n(&s->spare[i], 0, __ATOMIC_ACQUIRE);
+      if (off == tail_chunk || !chunk_at(q, off) || off > s->al.top - CHUNK_SIZE) {
+        if (off) s->corrupt = 1;
+        continue;
+      }
+      return off;
+    }
+    if (round == 0) {
+      if (ncpus() < 2 || luamp_sched_in_task()) return 0;
+      /* a hint only (read without the head lock): the consumers' chunk */
+      const struct hstate *h = hst_of(s);
+      if (__atomic_load_n(&h->head_chunk, __ATOMIC_RELAXED) == tail_chunk) return 0;
+      /* and only when they took items since this process last needed a chunk */
+      gets = gets_of(s);
+      int taking = gets != q->gets_seen;
+      q->gets_seen = gets;
+      if (!taking) return 0;
+      double now = luamp_now();
+      until = now + SPARE_WAIT;
+      idle_until = now + SPARE_IDLE;
+    } else if ((round & 63) == 0) {
+      double now = luamp_now();
+      uint64_t g = gets_of(s);
+      if (g != gets) { gets = g; idle_until = now + SPARE_IDLE; }
+      if (now >= until || now >= idle_until) return 0;
+    }
+    relax(SPIN_STRIDE);
+  }
+}
+
 /* Appends a record (under the tail lock, with room checked) and publishes it; a nonzero
  * token (R_FDS) goes in the record's first 8 bytes, before data. Consumers read a chunk
  * without the tail lock, up to the published count, so everything a published record
@@ -657,11 +732,14 @@ static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t t
     h->next = 0;
   }
   if (n.tail_pos + need > CHUNK_SIZE) {
-    uint64_t off = arena_alloc(q, CHUNK_SIZE);
+    uint64_t off = take_spare(q, n.tail_chunk);
+    int spare = off != 0;
+    if (!off) off = arena_alloc(q, CHUNK_SIZE);
     if (!off) return s->corrupt ? Q_CORRUPT : Q_NOMEM;
     struct chunk_hdr *nh = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
     if (!nh) return Q_NOMEM;
-    prefault(q, off, CHUNK_SIZE, 1);
+    if (spare) chunk_prefault(q, off, 1);
+    else prefault(q, off, CHUNK_SIZE, 1);
     *nh = (struct chunk_hdr){CHUNK_SIZE, 0, 0, CHUNK_MAGIC};
     h = chunk_at(q, n.tail_chunk);          /* (the window may have moved) */
     if (!h) return Q_CORRUPT;
@@ -696,19 +774,58 @@ static int ensure_rx(queue *q, size_t len) {
   return 0;
 }
 
-/* A chunk the head has left, freed once the head lock is let go (the allocator is the
- * tail lock's; a process killed before that leaks the chunk, never frees it twice). */
-static void spend_chunk(queue *q, uint64_t off) {
-  if (q->nspent < (int)(sizeof q->spent / sizeof q->spent[0])) q->spent[q->nspent++] = off;
+/* The tail lock if it can be had without sleeping (a try, then a short spin); 0 if not. */
+static int tail_lock_soon(queue *q) {
+  pthread_mutex_t *lock = &q->shm->tlock;
+  if (!lock_type_ok(lock)) {
+    q->shm->corrupt = 1;
+    return 0;
+  }
+  int rc = pthread_mutex_trylock(lock);
+  for (int i = 0; rc == EBUSY && i < LOCK_SPIN && ncpus() > 1; i++) {
+    luamp_cpu_relax();
+#ifdef __GLIBC__
+    if (__atomic_load_n(&lock->__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+#endif
+    rc = pthread_mutex_trylock(lock);
+  }
+  if (rc == EOWNERDEAD) {
+    recover(q, L_TAIL);
+    pthread_mutex_consistent(lock);
+    rc = 0;
+  }
+  return rc == 0;
 }
 
-static void free_spent(queue *q) {
+/* Extents a consumer is done with (chunks the head has left, large items decoded) go
+ * back to the allocator, which is the tail lock's, when that lock is free: a consumer
+ * never waits for a producer stopped inside its lock, nor takes it while holding the
+ * head lock. wait: when the list is full, wait for the lock (never with the head lock
+ * held). A process killed with extents listed leaks them (never frees them twice). */
+static void free_spent(queue *q, int wait) {
   if (q->nspent == 0) return;
-  if (q_lock(q, L_TAIL, -1) == Q_OK) {
-    for (int i = 0; i < q->nspent; i++) arena_free(q, q->spent[i], CHUNK_SIZE);
-    q_unlock(q, L_TAIL);
-  }
+  if (wait ? q_lock(q, L_TAIL, -1) != Q_OK : !tail_lock_soon(q)) return;
+  for (int i = 0; i < q->nspent; i++) arena_free(q, q->spent[i].off, q->spent[i].len);
+  q_unlock(q, L_TAIL);
   q->nspent = 0;
+}
+
+/* (head_locked: the list full, the extent is leaked rather than the tail lock taken) */
+static void spend(queue *q, uint64_t off, uint64_t len, int head_locked) {
+  if (q->nspent == NSPENT && !head_locked) free_spent(q, 1);
+  if (q->nspent < NSPENT) q->spent[q->nspent++] = (struct extent){off, len, 0};
+}
+
+/* Hands a chunk the head has left to the producers (see take_spare), or to the
+ * allocator if the slots are full. */
+static void give_spare(queue *q, uint64_t off) {
+  for (int i = 0; i < NSPARE; i++) {
+    uint64_t empty = 0;
+    if (__atomic_compare_exchange_n(&q->shm->spare[i], &empty, off, 0, __ATOMIC_RELEASE,
+                                    __ATOMIC_RELAXED))
+      return;
+  }
+  spend(q, off, CHUNK_SIZE, 1);
 }
 
 /* Takes the first record (under the head lock, with an item published): an inline item
@@ -731,8 +848,8 @@ static int pop(queue *q, item *it) {
       n.head_pos = CHUNK_HDR;
       if (n.head_chunk == old || !chunk_at(q, n.head_chunk)) return Q_CORRUPT;
       hst_commit(s, &n, gets_of(s));
-      spend_chunk(q, old);
-      prefault(q, n.head_chunk, CHUNK_SIZE, 0);
+      give_spare(q, old);
+      chunk_prefault(q, n.head_chunk, 0);
       continue;
     }
     uint64_t end = used ? used : CHUNK_SIZE;
@@ -993,15 +1110,15 @@ static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
   q_unlock(q, L_HEAD);
-  free_spent(q);
+  free_spent(q, 0);
   return rc;
 }
 
 /* Frees the extent of a large item once it has been decoded. */
 static void item_done(queue *q, const item *it) {
-  if (!it->ref || q_lock(q, L_TAIL, -1) != Q_OK) return;
-  arena_free(q, it->off, pad_page(it->len));
-  q_unlock(q, L_TAIL);
+  if (!it->ref) return;
+  spend(q, it->off, pad_page(it->len), 0);
+  free_spent(q, 0);
 }
 
 /* ---- creation and release -------------------------------------------------------------- */
@@ -1010,6 +1127,7 @@ static const char *const kind_mt[] = {QUEUE_MT, SIMPLE_MT, JOINABLE_MT};
 static const char *const kind_name[] = {"Queue", "SimpleQueue", "JoinableQueue"};
 
 static void queue_release(queue *q) {
+  if (q->shm) free_spent(q, 0);    /* extents still listed are leaked if the lock is busy */
   if (q->win) munmap(q->win, q->winlen);
   q->win = NULL;
   q->winlen = 0;

@@ -138,3 +138,26 @@ describe("queue items", function()
     assert.is_true(q:empty())
   end)
 end)
+
+describe("queue sides, chunks", function()
+  it("a getter goes through many chunks while a producer is stopped inside its lock", function()
+    local q, out = luamp.Queue(), luamp.Queue()
+    local big = string.rep("k", 30000)
+    for i = 1, 60 do q:put(big .. i) end       -- 8 a chunk: the getter leaves 7 chunks behind
+    q:put(string.rep("L", 1 << 20))           -- a large item: its extent is freed by the get too
+    local victim = stalled("locked-put", function() q:put("never") end)
+    local getter = start(function()
+      local ok = 0
+      for i = 1, 60 do if q:get(true, 5) == big .. i then ok = ok + 1 end end
+      if #q:get(true, 5) == 1 << 20 then ok = ok + 1 end
+      out:put(ok)
+    end)
+    assert.equal(61, out:get(true, 10))        -- before: the getter waited for the stopped lock
+    getter:join()
+    assert.equal(0, getter.exitcode)
+    kill(victim)
+    q:put("after")
+    assert.equal("after", q:get(false))
+    assert.is_true(q:empty())
+  end)
+end)
