@@ -182,6 +182,7 @@ typedef struct queue {
                                 mapped lately (see chunk_prefault) */
   unsigned mapped_next;
   uint64_t gets_seen;        /* the consumers' count when this process last needed a chunk */
+  pid_t owner;               /* the process spent, mapped and gets_seen are about */
   int nspent;
   luamp_buf tx;              /* encoded item being put, reused */
   char *rx;                  /* small item copied out under the head lock */
@@ -549,11 +550,23 @@ static void prefault(queue *q, uint64_t off, uint64_t len, int write) {
 #endif
 }
 
+/* Forgets what a parent process noted before it forked this one: its list of extents to
+ * free (the parent frees them; twice would hand one extent out twice) and its mappings. */
+static void own_notes(queue *q) {
+  pid_t self = luamp_self_pid();
+  if (q->owner == self) return;
+  q->owner = self;
+  q->nspent = 0;
+  memset(q->mapped, 0, sizeof q->mapped);
+  q->gets_seen = 0;
+}
+
 /* Prefaults a chunk unless this process mapped it lately: a recycled chunk keeps its
  * pages (spare chunks are never punched), and its mapping, so a 1P1C pair recycling two
  * or three chunks makes no system call for them. Only a hint: a stale entry costs page
  * faults, nothing else. */
 static void chunk_prefault(queue *q, uint64_t off, int write) {
+  own_notes(q);
   for (unsigned i = 0; i < sizeof q->mapped / sizeof q->mapped[0]; i++)
     if (q->mapped[i] == off) return;
   q->mapped[q->mapped_next++ % (sizeof q->mapped / sizeof q->mapped[0])] = off;
@@ -696,6 +709,7 @@ static uint64_t take_spare(queue *q, uint64_t tail_chunk) {
       const struct hstate *h = hst_of(s);
       if (__atomic_load_n(&h->head_chunk, __ATOMIC_RELAXED) == tail_chunk) return 0;
       /* and only when they took items since this process last needed a chunk */
+      own_notes(q);
       gets = gets_of(s);
       int taking = gets != q->gets_seen;
       q->gets_seen = gets;
@@ -803,6 +817,7 @@ static int tail_lock_soon(queue *q) {
  * head lock. wait: when the list is full, wait for the lock (never with the head lock
  * held). A process killed with extents listed leaks them (never frees them twice). */
 static void free_spent(queue *q, int wait) {
+  own_notes(q);
   if (q->nspent == 0) return;
   if (wait ? q_lock(q, L_TAIL, -1) != Q_OK : !tail_lock_soon(q)) return;
   for (int i = 0; i < q->nspent; i++) arena_free(q, q->spent[i].off, q->spent[i].len);
@@ -812,6 +827,7 @@ static void free_spent(queue *q, int wait) {
 
 /* (head_locked: the list full, the extent is leaked rather than the tail lock taken) */
 static void spend(queue *q, uint64_t off, uint64_t len, int head_locked) {
+  own_notes(q);
   if (q->nspent == NSPENT && !head_locked) free_spent(q, 1);
   if (q->nspent < NSPENT) q->spent[q->nspent++] = (struct extent){off, len, 0};
 }

@@ -160,4 +160,20 @@ describe("queue sides, chunks", function()
     assert.equal("after", q:get(false))
     assert.is_true(q:empty())
   end)
+
+  it("a forked child does not free again what its parent had left to free", function()
+    local q = luamp.Queue()
+    local function big(c) return string.rep(c, 1 << 20) end
+    q:put(big("a")); q:put(big("b")); q:put(big("c"))
+    local victim = stalled("locked-put", function() q:put("never") end)
+    assert.equal(big("a"), q:get(false))       -- its extent waits for the stopped lock
+    kill(victim)
+    local child = start(function() q:get() end)   -- "b"; inherited the parent's list
+    child:join()
+    assert.equal(0, child.exitcode)
+    assert.equal(big("c"), q:get(false))       -- frees "a" (and "c")
+    q:put(big("x")); q:put(big("y"))           -- twice freed, "a"'s extent would serve both
+    assert.equal(big("x"), q:get(false))
+    assert.equal(big("y"), q:get(false))
+  end)
 end)
