@@ -542,15 +542,8 @@ static inline void slot_fill(enc *e, memo_entry *s, const void *key, uint64_t va
   memo_fill(e->m, s, key, (uint32_t)val);
 }
 
-static void encode_string(enc *e, int idx) {
-  size_t len;
-  const char *s = lua_tolstring(e->L, idx, &len);
-  if (len >= MEMO_STRLEN) {
-    const void *p = lua_topointer(e->L, idx);
-    memo_entry *s = enc_slot(e, p);
-    if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
-    slot_fill(e, s, p, e->nrefs++);
-  }
+/* A string's own bytes (T_SHORTSTR or T_STR), not a reference to an earlier copy. */
+static inline void put_string(enc *e, const char *s, size_t len) {
   unsigned char *p = enc_room(e, 11 + len);
   if (len < 64) {
     *p++ = (unsigned char)(T_SHORTSTR + len);
@@ -577,6 +570,18 @@ static void encode_string(enc *e, int idx) {
   }
   memcpy(p, s, len);
   e->b->len += len;
+}
+
+static void encode_string(enc *e, int idx) {
+  size_t len;
+  const char *s = lua_tolstring(e->L, idx, &len);
+  if (len >= MEMO_STRLEN) {
+    const void *p = lua_topointer(e->L, idx);
+    memo_entry *slot = enc_slot(e, p);
+    if (memo_hit(e->m, slot)) { put_ref(e, slot->val); return; }
+    slot_fill(e, slot, p, e->nrefs++);
+  }
+  put_string(e, s, len);
 }
 
 static void encode_value(enc *e, int idx);
@@ -970,17 +975,49 @@ static void normalize_error(lua_State *L) {
 
 /* The carrier list (handles.c) is installed for the pcall only: NULL for a plain encode,
  * so handles nested in it never put descriptors in a list they do not travel with. */
+/* A value that is nil, a boolean, a number or a string is encoded here, without the
+ * pcall, the memo or the names, into the same bytes as encode_root writes (a root
+ * string is never a reference): for a queue's put of a small item, setting those up was
+ * half the instructions. 1 when done; 0 when the value needs the full encoder (or memory
+ * ran short: the full encoder then reports it). Never raises. */
+static int encode_plain(lua_State *L, int idx, luamp_buf *b) {
+  int type = lua_type(L, idx);
+  size_t len = 0;
+  const char *s = NULL;
+  if (type == LUA_TSTRING) s = lua_tolstring(L, idx, &len);
+  else if (type != LUA_TNUMBER && type != LUA_TBOOLEAN && type != LUA_TNIL) return 0;
+  if (len > SIZE_MAX - 32 || luamp_buf_reserve(b, 32 + len)) return 0;
+  enc e;                      /* only L and b: the room is reserved, nothing can fail */
+  e.L = L;
+  e.b = b;
+  put_byte(&e, CODEC_VERSION);
+  if (s) put_string(&e, s, len);
+  else encode_scalar(&e, idx, type);
+  return 1;
+}
+
 static int encode_with(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *fds) {
   idx = lua_absindex(L, idx);
+  if (encode_plain(L, idx, b)) {
+    if (fds) fds->n = 0;
+    return 0;
+  }
   enc e;
   memo m;
-  memset(&e, 0, sizeof e);
   memset(&m, 0, sizeof m);
   m.gen = 1;
+  /* field by field: e.path is large and only used up to e.nsteps */
   e.L = L;
   e.b = b;
   e.m = &m;
   e.root = root ? root : "value";
+  e.nrefs = 0;
+  e.depth = e.nsteps = 0;
+  e.globals = NULL;
+  e.nm = NULL;
+  e.names_fresh = 0;
+  e.names_slot = e.anchor_slot = 0;
+  e.anchor_n = 0;
   if (!lua_checkstack(L, 8)) {
     luamp_error_push(L, "Serialize", "Lua stack exhausted");
     return -1;
@@ -1343,13 +1380,47 @@ int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
   return luamp_decode_fds(L, data, len, flags, NULL);
 }
 
+/* A payload that is one number, boolean or nil is pushed here, without the pcall (the
+ * pushes cannot fail: no allocation); 1 when done, 0 for anything else. */
+static int decode_plain(lua_State *L, const unsigned char *p, size_t len) {
+  if (len < 2 || p[0] != CODEC_VERSION) return 0;
+  unsigned t = p[1];
+  if (t >= T_FIXINT) {
+    if (len != 2) return 0;
+    lua_pushinteger(L, (lua_Integer)(t - T_FIXINT));
+    return 1;
+  }
+  switch (t) {
+    case T_NIL: if (len != 2) return 0; lua_pushnil(L); return 1;
+    case T_FALSE: if (len != 2) return 0; lua_pushboolean(L, 0); return 1;
+    case T_TRUE: if (len != 2) return 0; lua_pushboolean(L, 1); return 1;
+    case T_INT8: if (len != 3) return 0; lua_pushinteger(L, (int8_t)p[2]); return 1;
+    case T_INT16: if (len != 4) return 0; lua_pushinteger(L, (int16_t)load_le(p + 2, 2)); return 1;
+    case T_INT32: if (len != 6) return 0; lua_pushinteger(L, (int32_t)load_le(p + 2, 4)); return 1;
+    case T_INT64:
+      if (len != 10) return 0;
+      lua_pushinteger(L, (lua_Integer)load_le(p + 2, 8));
+      return 1;
+    case T_FLOAT: {
+      if (len != 10) return 0;
+      uint64_t bits = load_le(p + 2, 8);
+      double v;
+      memcpy(&v, &bits, 8);
+      lua_pushnumber(L, (lua_Number)v);
+      return 1;
+    }
+    default: return 0;
+  }
+}
+
 int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luamp_fdlist *in) {
-  dec d;
-  dec_init(&d, L, data, len, flags);
   if (!lua_checkstack(L, 8)) {
     luamp_error_push(L, "Serialize", "Lua stack exhausted");
     return -1;
   }
+  if (decode_plain(L, (const unsigned char *)data, len)) return 0;
+  dec d;
+  dec_init(&d, L, data, len, flags);
   lua_pushcfunction(L, decode_protected);
   lua_pushlightuserdata(L, &d);
   luamp_fdlist *prev = luamp_fds_recv_begin(in);

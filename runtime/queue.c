@@ -2,40 +2,51 @@
  * queue.c — Queue, SimpleQueue and JoinableQueue: multi-producer, multi-consumer queues
  * shared by processes through one memfd and two or three eventfds.
  *
- * Memory. The memfd starts with a header page (the lock, the queue state, a small extent
+ * Memory. The memfd starts with a header page (the locks, the queue state, a small extent
  * allocator); the rest of the file is a sparse arena of page-aligned extents. Items are
  * records in a FIFO list of 256 KiB chunks: small items (up to INLINE_MAX bytes) are
- * copied into the tail chunk under the lock; a larger item is first copied, without the
- * lock, into an extent of its own, and then a small REF record pointing at it is queued.
- * A chunk is freed as soon as the readers have left it; freed extents are kept (with their
- * pages) up to RETAIN bytes for reuse and punched out beyond that, so an unbounded queue
- * grows with its backlog and shrinks after. Put never waits for space, only for maxsize.
+ * copied into the tail chunk under the tail lock; a larger item is first copied, without
+ * a lock, into an extent of its own, and then a small REF record pointing at it is
+ * queued. A chunk is freed soon after the readers have left it; freed extents are kept
+ * (with their pages) up to RETAIN bytes for reuse and punched out beyond that, so an
+ * unbounded queue grows with its backlog and shrinks after. Put never waits for space,
+ * only for maxsize.
  *
- * Locking and crashes. A robust process-shared mutex guards the header. The queue state
- * has two slots: a change is written to the spare one and made current by one store
- * (the allocator's state, changed rarely, goes through a redo record instead), so a
- * process killed while holding the lock leaves a whole state behind and the next locker
- * carries on (EOWNERDEAD): a record whose copy was cut short was never committed and
- * simply does not exist. A large item whose copy was cut short was never linked; a large
+ * Locking and crashes. Two robust process-shared mutexes: producers take the tail lock
+ * (the tail, the allocator, the side socket's sending end), consumers the head lock (the
+ * head, task_done); nobody holds both. So one producer and one consumer never wait for
+ * each other's lock, nor share a cache line but the records and the published count:
+ * an item costs each side an uncontended lock of its own (a lock handed back and forth
+ * per item was 42% of the time, and both sides' copies of an item ran one after the
+ * other). Each side's state has two slots: a change is written to the spare one and made
+ * current by one store (the allocator's state, changed rarely, goes through a redo record
+ * instead), so a process killed while holding a lock leaves a whole state behind and the
+ * next locker carries on (EOWNERDEAD). That one store also carries the side's count (of
+ * puts, of gets: tver, hver), which is all the other side reads of it; a consumer reads
+ * records only up to the count of puts, so a record whose copy was cut short, never
+ * committed, simply does not exist. A large item whose copy was cut short was never linked; a large
  * item taken by a process that died while decoding it is gone. Either way only that item
  * is lost, plus the pages of its extent.
  *
  * Waiting. Blocked getters, putters and joiners each wait on their class's eventfd
  * (EFD_SEMAPHORE), through luamp_wait_fds. A waiter registers in the header's waiter
- * count for its class; whoever makes the condition true (an item arrived, a slot freed,
- * the last task done) posts one token per waiter it wakes and takes them off the count.
- * A woken waiter takes a token if one is left and rechecks under the lock; whoever
- * succeeds passes the wakeup on while the condition still holds. With no waiter
- * registered, put and get make no system call. The same fds let luamp.wait (and later an
- * event loop) wait for a queue: see _wait_begin / _wait_end.
+ * count for its class (an atomic count, since the waker holds the other side's lock, or
+ * none) and then looks at its condition once more; whoever makes the condition true (an
+ * item published, a slot freed, the last task done) publishes it and then looks at the
+ * count, both with full barriers, so one of the two sees the other. It posts one token
+ * per waiter it wakes and takes them off the count. A woken waiter takes a token if one
+ * is left and rechecks under its lock; whoever succeeds passes the wakeup on while the
+ * condition still holds. With no waiter registered, put and get make no system call. The
+ * same fds let luamp.wait (and later an event loop) wait for a queue: see _wait_begin /
+ * _wait_end.
  *
  * Handles. A queue crosses to another process with its descriptors (handles.c): over a
  * Connection as SCM_RIGHTS, inside a queue item through the carrying queue's side
  * socket. The side socket is an AF_UNIX datagram socket connected to itself, one more
  * descriptor of every queue. A put whose item holds luamp objects sends their
- * descriptors on it, with a fresh token, under the lock, and commits the item (flag
+ * descriptors on it, with a fresh token, under the tail lock, and commits the item (flag
  * R_FDS) with the same token; a get pops such an item and receives its descriptors under
- * the same lock, so the socket's order is the queue's order. Tokens only grow, so
+ * the head lock, so the socket's order is the queue's order on both ends. Tokens only grow, so
  * descriptors sent by a put that died before committing its item (older tokens) are
  * skipped and closed, and descriptors taken by a getter that died are missed (that
  * item's handles then raise Value). Descriptors of items nobody takes die with the
@@ -75,6 +86,10 @@
 #define NFREE 64
 #define RETAIN (8u * 1024 * 1024)      /* freed bytes kept with their pages for reuse */
 #define GROW_STEP (1024u * 1024)       /* the memfd grows in these steps */
+#define NSPENT 16              /* extents a consumer keeps to free while the tail lock is busy */
+#define NSPARE 4               /* chunks left by consumers, handed straight to producers */
+#define SPARE_WAIT 0.005       /* seconds a producer may wait for a spare chunk */
+#define SPARE_IDLE 0.001       /* ... as long as the consumers took an item this recently */
 #define SPIN_MIN 32            /* spin rounds (a pause each, tens of ns) */
 #define SPIN_MAX 4096
 #define LOCK_SPIN 200          /* first lock spin budget, in pause rounds (~20 ns each) */
@@ -97,12 +112,15 @@ enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_SIDE_FULL, Q_TO
 /* Or'ed into what wait_until returns when it could not take the lock again. */
 #define Q_UNLOCKED 0x100
 
-/* What one commit changes. */
-struct qstate {
-  _Alignas(64) uint64_t head_chunk, head_pos;   /* next record to read */
+/* What a put commits (under the tail lock), with the count of puts (tver). */
+struct tstate {
   uint64_t tail_chunk, tail_pos;   /* where the next record goes */
-  uint64_t count;                  /* items queued */
-  uint64_t unfinished;             /* JoinableQueue: put and not yet task_done */
+};
+
+/* What a get (or task_done) commits (under the head lock), with the count of gets. */
+struct hstate {
+  uint64_t head_chunk, head_pos;   /* next record to read */
+  uint64_t done;                   /* JoinableQueue: task_done calls */
 };
 
 struct extent { uint64_t off, len, hot; };
@@ -115,25 +133,35 @@ struct qalloc {
   struct extent freel[NFREE];
 };
 
+/* Producers and consumers each have their own lock and their own cache lines, so one
+ * producer and one consumer hand items over without ever waiting for each other's lock:
+ * the one line they share per item is the published put count (and the record itself). */
 typedef struct qshm {
   uint64_t magic, uuid;
   uint64_t kind, maxsize;          /* maxsize 0: unbounded */
   int64_t efd_id[W_CLASSES];       /* the eventfds' ids (fdinfo), -1 if unknown */
   uint64_t side_ino;               /* the side socket's inode */
-  /* What a put or get touches sits in two cache lines: the lock with the waiter counts
-   * and the index of the current state, and that state. */
-  _Alignas(64) pthread_mutex_t lock;
-  uint32_t waiters[W_CLASSES];     /* registered waiters not yet handed a token */
-  uint32_t cur;                    /* st[cur] is the state; a commit fills the other one */
+  _Alignas(64) uint32_t waiters[W_CLASSES];   /* registered waiters not yet handed a token */
   uint32_t corrupt;
+  /* the producers' side: the tail lock also guards the allocator and the side socket's
+   * sending end */
+  _Alignas(64) pthread_mutex_t tlock;
   uint32_t al_redo;                /* an allocator commit is in progress: replay it */
   uint32_t side_token;             /* last token sent on the side socket */
-  _Alignas(64) struct qstate st[2];
+  _Alignas(64) struct tstate tst[2];
+  _Alignas(64) uint64_t tver;      /* puts << 1 | the slot of tst that is the state */
+  /* the consumers' side */
+  _Alignas(64) pthread_mutex_t hlock;
+  _Alignas(64) struct hstate hst[2];
+  _Alignas(64) uint64_t hver;      /* gets << 1 | the slot of hst that is the state */
+  _Alignas(64) uint64_t spare[NSPARE];   /* chunks the head has left, 0: none (see take_spare) */
   _Alignas(64) struct qalloc al, al_next;
 } qshm;
 
 _Static_assert(sizeof(qshm) <= HEADER_SIZE, "queue header too large");
 
+/* used: 0 while the chunk is the tail; set (after next) when the producers move on, to
+ * where its last record ends. */
 struct chunk_hdr { uint64_t size, next, used, magic; };
 #define CHUNK_MAGIC 0x6b6e756863706d6cULL
 
@@ -149,8 +177,15 @@ typedef struct queue {
   int spin;                  /* current spin budget, see spin_while */
   int lock_spin;             /* current lock spin budget, see q_lock */
   int lock_tries, lock_fails;   /* contended lockings in this window, and spins in vain */
+  struct extent spent[NSPENT];   /* extents gets are done with, not yet freed (free_spent) */
+  uint64_t mapped[8];        /* chunks recycled through the spare slots that this process
+                                mapped lately (see chunk_prefault) */
+  unsigned mapped_next;
+  uint64_t gets_seen;        /* the consumers' count when this process last needed a chunk */
+  pid_t owner;               /* the process spent, mapped and gets_seen are about */
+  int nspent;
   luamp_buf tx;              /* encoded item being put, reused */
-  char *rx;                  /* small item copied out under the lock */
+  char *rx;                  /* small item copied out under the head lock */
   size_t rx_cap;
 } queue;
 
@@ -161,18 +196,22 @@ typedef struct item { int ref; uint64_t off, len; uint32_t token; } item;
 static uint64_t pad8(uint64_t n) { return (n + 7) & ~(uint64_t)7; }
 static uint64_t pad_page(uint64_t n) { return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
 
-/* Orders the stores of a commit as other processes will see them, should this one die
- * in the middle (a compiler barrier on x86, where stores are seen in program order). */
 static void relax(int n) {
   for (int i = 0; i < n; i++) luamp_cpu_relax();
 }
 
+/* Orders the stores of a commit as other processes will see them, should this one die
+ * in the middle (a compiler barrier on x86, where stores are seen in program order). */
 static void barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
-/* Without the lock (qsize, spinning): a recent count, never a torn one. */
+static uint64_t puts_of(const qshm *s) { return __atomic_load_n(&s->tver, __ATOMIC_SEQ_CST) >> 1; }
+static uint64_t gets_of(const qshm *s) { return __atomic_load_n(&s->hver, __ATOMIC_SEQ_CST) >> 1; }
+
+/* Items queued, from the two published counters (without a lock: qsize, spinning);
+ * garbage that says fewer were put than taken reads as empty. */
 static uint64_t load_count(const qshm *s) {
-  uint32_t cur = __atomic_load_n(&s->cur, __ATOMIC_ACQUIRE) & 1;
-  return __atomic_load_n(&s->st[cur].count, __ATOMIC_RELAXED);
+  uint64_t g = gets_of(s), p = puts_of(s);
+  return p > g ? p - g : 0;
 }
 
 static int ncpus(void) {
@@ -186,15 +225,25 @@ static int ncpus(void) {
 
 /* ---- commits: every state change is all-or-nothing under SIGKILL --------------------- */
 
-/* The committed state. The other slot is scratch until a commit makes it current with
- * one store, so a process killed mid-commit leaves the old state whole. */
-static const struct qstate *st_of(const qshm *s) { return &s->st[s->cur & 1]; }
+/* The committed states. The other slot is scratch until a commit makes it current with
+ * one store, so a process killed mid-commit leaves the old state whole. The same store
+ * sets the side's count, the only thing of it the other side reads (seq_cst: see
+ * "Waiting" above). */
+static const struct tstate *tst_of(const qshm *s) { return &s->tst[s->tver & 1]; }
+static const struct hstate *hst_of(const qshm *s) { return &s->hst[s->hver & 1]; }
 
-static void st_commit(qshm *s, const struct qstate *n) {
-  uint32_t next = (s->cur & 1) ^ 1;
-  s->st[next] = *n;
+static void tst_commit(qshm *s, const struct tstate *n, uint64_t puts) {
+  uint64_t next = (s->tver & 1) ^ 1;
+  s->tst[next] = *n;
   barrier();
-  __atomic_store_n(&s->cur, next, __ATOMIC_RELEASE);
+  __atomic_store_n(&s->tver, puts << 1 | next, __ATOMIC_SEQ_CST);
+}
+
+static void hst_commit(qshm *s, const struct hstate *n, uint64_t gets) {
+  uint64_t next = (s->hver & 1) ^ 1;
+  s->hst[next] = *n;
+  barrier();
+  __atomic_store_n(&s->hver, gets << 1 | next, __ATOMIC_SEQ_CST);
 }
 
 static void al_commit(qshm *s, const struct qalloc *n) {
@@ -221,40 +270,70 @@ static int take_token(int efd) {
   return n == (ssize_t)sizeof v;
 }
 
-/* Wakes one registered waiter of class w (under the lock; the token is written before
- * the count drops, so a crash in between only leaves a spurious wakeup). */
+/* Registers this process as a waiter of class w. A full barrier: whoever registers and
+ * then checks the condition, and whoever changes the condition and then looks at the
+ * count, cannot both miss each other. */
+static void register_waiter(queue *q, int w) {
+  __atomic_add_fetch(&q->shm->waiters[w], 1, __ATOMIC_SEQ_CST);
+}
+
+/* Takes up to k registrations off the count (never below zero). */
+static void count_out(queue *q, int w, uint32_t k) {
+  uint32_t *c = &q->shm->waiters[w];
+  uint32_t v = __atomic_load_n(c, __ATOMIC_RELAXED);
+  while (v > 0 && !__atomic_compare_exchange_n(c, &v, v > k ? v - k : 0, 0, __ATOMIC_SEQ_CST,
+                                               __ATOMIC_RELAXED)) {
+  }
+}
+
+/* Wakes one registered waiter of class w (with either lock or none: the count is
+ * atomic). The token is written before the count drops, so a crash in between, or two
+ * wakers at once, only leave a spurious wakeup (the woken recheck). */
 static void wake_one(queue *q, int w) {
-  if (q->shm->waiters[w] == 0 || q->efd[w] < 0) return;
+  if (q->efd[w] < 0 || __atomic_load_n(&q->shm->waiters[w], __ATOMIC_SEQ_CST) == 0) return;
   post_tokens(q->efd[w], 1);
-  q->shm->waiters[w]--;
+  count_out(q, w, 1);
 }
 
 static void wake_all(queue *q, int w) {
-  if (q->shm->waiters[w] == 0 || q->efd[w] < 0) return;
-  post_tokens(q->efd[w], q->shm->waiters[w]);
-  q->shm->waiters[w] = 0;
+  uint32_t k = q->efd[w] < 0 ? 0 : __atomic_load_n(&q->shm->waiters[w], __ATOMIC_SEQ_CST);
+  if (k == 0) return;
+  post_tokens(q->efd[w], k);
+  count_out(q, w, k);
 }
 
 /* A registered waiter leaving without being handed a token (timeout, interrupt, done
  * by itself). If every registration has been handed a token, one of them is ours. */
 static void unregister(queue *q, int w) {
-  if (q->shm->waiters[w] > 0) q->shm->waiters[w]--;
-  else take_token(q->efd[w]);
+  uint32_t *c = &q->shm->waiters[w];
+  uint32_t v = __atomic_load_n(c, __ATOMIC_RELAXED);
+  while (v > 0) {
+    if (__atomic_compare_exchange_n(c, &v, v - 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) return;
+  }
+  take_token(q->efd[w]);
 }
 
-static int has_room(const qshm *s) { return s->maxsize == 0 || st_of(s)->count < s->maxsize; }
+static int has_room(const qshm *s) { return s->maxsize == 0 || load_count(s) < s->maxsize; }
 
-/* Passes wakeups on while their conditions hold (called before every unlock that follows
- * a change or a departure). */
+static int has_waiters(const qshm *s, int w) {
+  return __atomic_load_n(&s->waiters[w], __ATOMIC_SEQ_CST) != 0;
+}
+
+/* Passes wakeups on while their conditions hold (called after every change or
+ * departure). The counts are looked at first: with nobody waiting, a put does not read
+ * the consumers' count (a cache line they write at every get), nor a get the
+ * producers'. */
 static void chain_wakeups(queue *q) {
-  if (st_of(q->shm)->count > 0) wake_one(q, W_GET);
-  if (has_room(q->shm)) wake_one(q, W_PUT);
+  const qshm *s = q->shm;
+  if (has_waiters(s, W_GET) && load_count(s) > 0) wake_one(q, W_GET);
+  if (has_waiters(s, W_PUT) && has_room(s)) wake_one(q, W_PUT);
 }
 
 /* ---- fault injection for the crash specs ----------------------------------------------
  * _core._queue_stall(point, fd) makes this process, on reaching `point`, write one byte to
  * fd and stop there for good, so a spec can SIGKILL it at exactly that point. */
-enum { STALL_NONE, STALL_LOCKED_PUT, STALL_LOCKED_GET, STALL_REF_COPY, STALL_REF_GET };
+enum { STALL_NONE, STALL_LOCKED_PUT, STALL_LOCKED_GET, STALL_REF_COPY, STALL_REF_GET,
+       STALL_CHUNK_LINK };
 static int stall_point, stall_fd = -1;
 
 static void stall_here(int point) {
@@ -265,13 +344,19 @@ static void stall_here(int point) {
   for (;;) pause();
 }
 
-/* ---- the lock ------------------------------------------------------------------------- */
+/* ---- the locks ------------------------------------------------------------------------ */
+
+enum { L_TAIL, L_HEAD };   /* producers' and consumers' lock; never both held at once */
+
+static pthread_mutex_t *lock_of(qshm *s, int which) {
+  return which == L_TAIL ? &s->tlock : &s->hlock;
+}
 
 /* The previous holder died: replay its half-done commit and wake everyone, since its
  * wakeups may be lost. */
-static void recover(queue *q) {
+static void recover(queue *q, int which) {
   qshm *s = q->shm;
-  if (s->al_redo) { s->al = s->al_next; s->al_redo = 0; }
+  if (which == L_TAIL && s->al_redo) { s->al = s->al_next; s->al_redo = 0; }
   for (int w = 0; w < W_CLASSES; w++) wake_all(q, w);
 }
 
@@ -285,7 +370,7 @@ static int interrupt_pending(void) {
 /* The lock word is shared memory too. glibc keeps the mutex's type in it: garbage there
  * sends pthread_mutex_lock down paths that assert or wait for ever, so the type is
  * checked against a mutex made here the same way before the lock is touched. */
-static int lock_type_ok(const qshm *s) {
+static int lock_type_ok(const pthread_mutex_t *lock) {
 #ifdef __GLIBC__
   static int expected = -1;
   if (expected < 0) {
@@ -299,9 +384,9 @@ static int lock_type_ok(const qshm *s) {
     expected = m.__data.__kind;
     pthread_mutex_destroy(&m);
   }
-  return __atomic_load_n(&s->lock.__data.__kind, __ATOMIC_RELAXED) == expected;
+  return __atomic_load_n(&lock->__data.__kind, __ATOMIC_RELAXED) == expected;
 #else
-  (void)s;
+  (void)lock;
   return 1;
 #endif
 }
@@ -333,43 +418,42 @@ static int maps_queue(queue *q, pid_t tid) {
  * when that thread dies holding it. So a word that names this thread, a thread that no
  * longer exists while the word is unmarked and unchanged, or a live process that does
  * not even have the queue's memory mapped, is garbage. */
-static int lock_owner_bogus(queue *q) {
+static int lock_owner_bogus(queue *q, const pthread_mutex_t *lock) {
 #ifdef __GLIBC__
-  const qshm *s = q->shm;
-  uint32_t w = (uint32_t)__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_ACQUIRE);
+  uint32_t w = (uint32_t)__atomic_load_n(&lock->__data.__lock, __ATOMIC_ACQUIRE);
   uint32_t tid = w & FUTEX_TID_MASK;
   if (tid == 0 || (w & FUTEX_OWNER_DIED)) return 0;
   if ((pid_t)tid == gettid()) return 1;
   int alive = kill((pid_t)tid, 0) == 0 || errno != ESRCH;
   if (alive && maps_queue(q, (pid_t)tid)) return 0;
-  return (uint32_t)__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_ACQUIRE) == w;
+  return (uint32_t)__atomic_load_n(&lock->__data.__lock, __ATOMIC_ACQUIRE) == w;
 #else
-  (void)q;
+  (void)q; (void)lock;
   return 0;
 #endif
 }
 
-/* Takes the lock. It is mostly held for a few hundred nanoseconds, so a contender spins
- * before it sleeps (glibc's robust mutex would go to the kernel at once). The spin budget
- * adapts per handle, over windows of LOCK_WINDOW contended lockings: it halves when more
- * than a quarter of the spins were in vain (a holder that is not running: an
- * oversubscribed machine) and doubles when fewer than 1 in 16 were, between LOCK_SPIN_MIN
- * and LOCK_SPIN_MAX rounds (2 to 32 us). Sleeping costs more than the spin it saves: once
- * a waiter has slept, glibc's robust lock marks the word contended, and every unlock then
- * makes a futex call; with a fixed 200 rounds, 1 KiB items 1P1C fell into that convoy
- * (22,000 futex calls and 7,600 context switches per 100k items; about 800 and 300 now,
- * and 2.8x the throughput). It sleeps in
- * slices: between them a Ctrl-C is noticed (Q_INTR, the mark left for the caller to
+/* Takes lock `which` (L_TAIL or L_HEAD). It is mostly held for a few hundred
+ * nanoseconds, so a contender spins before it sleeps (glibc's robust mutex would go to
+ * the kernel at once). The spin budget adapts per handle, over windows of LOCK_WINDOW
+ * contended lockings: it halves when more than a quarter of the spins were in vain (a
+ * holder that is not running: an oversubscribed machine) and doubles when fewer than 1 in
+ * 16 were, between LOCK_SPIN_MIN and LOCK_SPIN_MAX rounds (2 to 32 us). Sleeping costs
+ * more than the spin it saves: once a waiter has slept, glibc's robust lock marks the
+ * word contended, and every unlock then makes a futex call (with one lock for both sides
+ * and a fixed 200 rounds, 1 KiB items 1P1C fell into that convoy: 22,000 futex calls
+ * and 7,600 context switches per 100k items). It sleeps in slices: between them a Ctrl-C is noticed (Q_INTR, the mark left for the caller to
  * raise) and a lock word that is garbage is recognised (Q_CORRUPT). A live holder that
  * keeps the lock (a stopped process) is waited for up to the deadline, but at least
  * LOCK_GRACE seconds, then Q_TIMEOUT; deadline < 0: for as long as it takes. */
-static int q_lock(queue *q, double deadline) {
+static int q_lock(queue *q, int which, double deadline) {
   qshm *s = q->shm;
-  if (!lock_type_ok(s)) {
+  pthread_mutex_t *lock = lock_of(s, which);
+  if (!lock_type_ok(lock)) {
     s->corrupt = 1;
     return Q_CORRUPT;
   }
-  int rc = pthread_mutex_trylock(&s->lock);
+  int rc = pthread_mutex_trylock(lock);
   int spins = rc == EBUSY && ncpus() > 1 ? q->lock_spin : 0;
   int i;
   for (i = 0; rc == EBUSY && i < spins; i++) {
@@ -377,9 +461,9 @@ static int q_lock(queue *q, double deadline) {
 #ifdef __GLIBC__
     /* test before test-and-set: read the lock word until it looks free, so spinning
      * does not steal the cache line from the holder at every round */
-    if (__atomic_load_n(&s->lock.__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+    if (__atomic_load_n(&lock->__data.__lock, __ATOMIC_RELAXED) != 0) continue;
 #endif
-    rc = pthread_mutex_trylock(&s->lock);
+    rc = pthread_mutex_trylock(lock);
   }
   if (spins) {
     q->lock_tries++;
@@ -397,7 +481,7 @@ static int q_lock(queue *q, double deadline) {
     double now = luamp_now();
     if (rc == ETIMEDOUT) {
       if (interrupt_pending()) return Q_INTR;
-      if (lock_owner_bogus(q)) break;
+      if (lock_owner_bogus(q, lock)) break;
       if (deadline >= 0 && now >= deadline && now - start >= LOCK_GRACE) return Q_TIMEOUT;
     }
     double until = now + LOCK_SLICE;
@@ -405,11 +489,11 @@ static int q_lock(queue *q, double deadline) {
     ts.tv_sec = (time_t)until;
     ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
     if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
-    rc = pthread_mutex_clocklock(&s->lock, CLOCK_MONOTONIC, &ts);
+    rc = pthread_mutex_clocklock(lock, CLOCK_MONOTONIC, &ts);
   }
   if (rc == EOWNERDEAD) {
-    recover(q);
-    pthread_mutex_consistent(&s->lock);
+    recover(q, which);
+    pthread_mutex_consistent(lock);
     rc = 0;
   }
   if (rc != 0) {
@@ -419,7 +503,7 @@ static int q_lock(queue *q, double deadline) {
   return Q_OK;
 }
 
-static void q_unlock(queue *q) { pthread_mutex_unlock(&q->shm->lock); }
+static void q_unlock(queue *q, int which) { pthread_mutex_unlock(lock_of(q->shm, which)); }
 
 /* ---- the arena ------------------------------------------------------------------------ */
 
@@ -466,6 +550,29 @@ static void prefault(queue *q, uint64_t off, uint64_t len, int write) {
 #endif
 }
 
+/* Forgets what a parent process noted before it forked this one: its list of extents to
+ * free (the parent frees them; twice would hand one extent out twice) and its mappings. */
+static void own_notes(queue *q) {
+  pid_t self = luamp_self_pid();
+  if (q->owner == self) return;
+  q->owner = self;
+  q->nspent = 0;
+  memset(q->mapped, 0, sizeof q->mapped);
+  q->gets_seen = 0;
+}
+
+/* Prefaults a chunk unless this process mapped it lately: a recycled chunk keeps its
+ * pages (spare chunks are never punched), and its mapping, so a 1P1C pair recycling two
+ * or three chunks makes no system call for them. Only a hint: a stale entry costs page
+ * faults, nothing else. */
+static void chunk_prefault(queue *q, uint64_t off, int write) {
+  own_notes(q);
+  for (unsigned i = 0; i < sizeof q->mapped / sizeof q->mapped[0]; i++)
+    if (q->mapped[i] == off) return;
+  q->mapped[q->mapped_next++ % (sizeof q->mapped / sizeof q->mapped[0])] = off;
+  prefault(q, off, CHUNK_SIZE, write);
+}
+
 static void punch(queue *q, uint64_t off, uint64_t len) {
   fallocate(q->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
 }
@@ -489,7 +596,7 @@ static void freel_remove(struct qalloc *a, uint64_t i) {
   a->freel[i] = a->freel[--a->nfree];
 }
 
-/* Allocates len bytes (a multiple of PAGE) under the lock; 0 when out of memory. */
+/* Allocates len bytes (a multiple of PAGE) under the tail lock; 0 when out of memory. */
 static uint64_t arena_alloc(queue *q, uint64_t len) {
   struct qalloc a = q->shm->al;
   if (!al_valid(q, &a)) {
@@ -572,35 +679,87 @@ static struct chunk_hdr *chunk_at(queue *q, uint64_t off) {
   return h;
 }
 
-/* Appends a record (under the lock, with room checked); a nonzero token (R_FDS) goes in
- * the record's first 8 bytes, before data. */
+/* A chunk the consumers have left, from the spare slots (under the tail lock); 0 if none.
+ * A consumer that leaves a chunk puts it there rather than taking the tail lock to free
+ * it, and a producer that needs a chunk takes it from there first: a 1P1C pair recycles
+ * two or three chunks, whose pages stay mapped and in the caches, and the consumer never
+ * waits for the producers' lock. When the consumers are a chunk or more behind and
+ * taking items, the producer waits for one (up to SPARE_WAIT, while they took an item in
+ * the last SPARE_IDLE) rather than growing the backlog into fresh pages, which cost far
+ * more here (tens of microseconds a page) than the wait; a process that both puts and
+ * gets, or a queue nobody is reading, does not wait. A slot's offset is checked like
+ * any other; a process killed while holding a chunk between slot and list leaks it. */
+static uint64_t take_spare(queue *q, uint64_t tail_chunk) {
+  qshm *s = q->shm;
+  double until = 0, idle_until = 0;
+  uint64_t gets = 0;
+  for (int round = 0;; round++) {
+    for (int i = 0; i < NSPARE; i++) {
+      if (__atomic_load_n(&s->spare[i], __ATOMIC_RELAXED) == 0) continue;
+      uint64_t off = __atomic_exchange_n(&s->spare[i], 0, __ATOMIC_ACQUIRE);
+      if (off == tail_chunk || !chunk_at(q, off) || off > s->al.top - CHUNK_SIZE) {
+        if (off) s->corrupt = 1;
+        continue;
+      }
+      return off;
+    }
+    if (round == 0) {
+      if (ncpus() < 2 || luamp_sched_in_task()) return 0;
+      /* a hint only (read without the head lock): the consumers' chunk */
+      const struct hstate *h = hst_of(s);
+      if (__atomic_load_n(&h->head_chunk, __ATOMIC_RELAXED) == tail_chunk) return 0;
+      /* and only when they took items since this process last needed a chunk */
+      own_notes(q);
+      gets = gets_of(s);
+      int taking = gets != q->gets_seen;
+      q->gets_seen = gets;
+      if (!taking) return 0;
+      double now = luamp_now();
+      until = now + SPARE_WAIT;
+      idle_until = now + SPARE_IDLE;
+    } else if ((round & 63) == 0) {
+      double now = luamp_now();
+      uint64_t g = gets_of(s);
+      if (g != gets) { gets = g; idle_until = now + SPARE_IDLE; }
+      if (now >= until || now >= idle_until) return 0;
+    }
+    relax(SPIN_STRIDE);
+  }
+}
+
+/* Appends a record (under the tail lock, with room checked) and publishes it; a nonzero
+ * token (R_FDS) goes in the record's first 8 bytes, before data. Consumers read a chunk
+ * without the tail lock, up to the published count, so everything a published record
+ * depends on (its bytes, a chunk header, the link to it) is written before the count. */
 static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t token) {
   qshm *s = q->shm;
-  struct qstate n = *st_of(s);
+  struct tstate n = *tst_of(s);
   uint32_t pre = token ? 8 : 0;
   uint64_t need = REC_HDR + pad8((uint64_t)len + pre);
-  if (n.tail_chunk != 0 && (!chunk_at(q, n.tail_chunk) || n.tail_pos < CHUNK_HDR ||
-                            n.tail_pos > CHUNK_SIZE || n.tail_pos % 8))
+  struct chunk_hdr *h = chunk_at(q, n.tail_chunk);
+  if (!h || n.tail_pos < CHUNK_HDR || n.tail_pos > CHUNK_SIZE || n.tail_pos % 8)
     return Q_CORRUPT;
-  if (n.tail_chunk == 0 || n.tail_pos + need > CHUNK_SIZE) {
-    int first = q->shm->al.top == HEADER_SIZE;
-    uint64_t off = arena_alloc(q, CHUNK_SIZE);
+  /* A producer that died after linking a new chunk, before its commit, left the tail
+   * chunk marked as left: unmark it before anything beyond the mark is published. */
+  if (__atomic_load_n(&h->used, __ATOMIC_RELAXED) != 0 || h->next != 0) {
+    __atomic_store_n(&h->used, 0, __ATOMIC_RELEASE);
+    h->next = 0;
+  }
+  if (n.tail_pos + need > CHUNK_SIZE) {
+    uint64_t off = take_spare(q, n.tail_chunk);
+    int spare = off != 0;
+    if (!off) off = arena_alloc(q, CHUNK_SIZE);
     if (!off) return s->corrupt ? Q_CORRUPT : Q_NOMEM;
-    struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
-    if (!h) return Q_NOMEM;
-    /* A queue's first chunk is faulted in as it fills: a queue that only ever carries a
-     * few items (one handed to a worker, say) never pays for 256 KiB of pages. */
-    if (!first) prefault(q, off, CHUNK_SIZE, 1);
-    *h = (struct chunk_hdr){CHUNK_SIZE, 0, CHUNK_HDR, CHUNK_MAGIC};
-    if (n.tail_chunk) {
-      struct chunk_hdr *old = chunk_at(q, n.tail_chunk);
-      if (!old) return Q_CORRUPT;
-      old->used = n.tail_pos;
-      old->next = off;
-    } else {
-      n.head_chunk = off;
-      n.head_pos = CHUNK_HDR;
-    }
+    struct chunk_hdr *nh = (struct chunk_hdr *)q_at(q, off, CHUNK_SIZE);
+    if (!nh) return Q_NOMEM;
+    if (spare) chunk_prefault(q, off, 1);
+    else prefault(q, off, CHUNK_SIZE, 1);
+    *nh = (struct chunk_hdr){CHUNK_SIZE, 0, 0, CHUNK_MAGIC};
+    h = chunk_at(q, n.tail_chunk);          /* (the window may have moved) */
+    if (!h) return Q_CORRUPT;
+    h->next = off;
+    __atomic_store_n(&h->used, n.tail_pos, __ATOMIC_RELEASE);
+    stall_here(STALL_CHUNK_LINK);
     n.tail_chunk = off;
     n.tail_pos = CHUNK_HDR;
   }
@@ -615,9 +774,7 @@ static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t t
   stall_here(STALL_LOCKED_PUT);
   memcpy(p + len / 2, (const char *)data + len / 2, len - len / 2);
   n.tail_pos += need;
-  n.count++;
-  if (q->kind == K_JOINABLE) n.unfinished++;
-  st_commit(s, &n);
+  tst_commit(s, &n, puts_of(s) + 1);
   return Q_OK;
 }
 
@@ -631,28 +788,87 @@ static int ensure_rx(queue *q, size_t len) {
   return 0;
 }
 
-/* Takes the first record (under the lock, with count > 0): an inline item is copied to
- * q->rx. Validates everything it reads, since the memory is shared. */
+/* The tail lock if it can be had without sleeping (a try, then a short spin); 0 if not. */
+static int tail_lock_soon(queue *q) {
+  pthread_mutex_t *lock = &q->shm->tlock;
+  if (!lock_type_ok(lock)) {
+    q->shm->corrupt = 1;
+    return 0;
+  }
+  int rc = pthread_mutex_trylock(lock);
+  for (int i = 0; rc == EBUSY && i < LOCK_SPIN && ncpus() > 1; i++) {
+    luamp_cpu_relax();
+#ifdef __GLIBC__
+    if (__atomic_load_n(&lock->__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+#endif
+    rc = pthread_mutex_trylock(lock);
+  }
+  if (rc == EOWNERDEAD) {
+    recover(q, L_TAIL);
+    pthread_mutex_consistent(lock);
+    rc = 0;
+  }
+  return rc == 0;
+}
+
+/* Extents a consumer is done with (chunks the head has left, large items decoded) go
+ * back to the allocator, which is the tail lock's, when that lock is free: a consumer
+ * never waits for a producer stopped inside its lock, nor takes it while holding the
+ * head lock. wait: when the list is full, wait for the lock (never with the head lock
+ * held). A process killed with extents listed leaks them (never frees them twice). */
+static void free_spent(queue *q, int wait) {
+  own_notes(q);
+  if (q->nspent == 0) return;
+  if (wait ? q_lock(q, L_TAIL, -1) != Q_OK : !tail_lock_soon(q)) return;
+  for (int i = 0; i < q->nspent; i++) arena_free(q, q->spent[i].off, q->spent[i].len);
+  q_unlock(q, L_TAIL);
+  q->nspent = 0;
+}
+
+/* (head_locked: the list full, the extent is leaked rather than the tail lock taken) */
+static void spend(queue *q, uint64_t off, uint64_t len, int head_locked) {
+  own_notes(q);
+  if (q->nspent == NSPENT && !head_locked) free_spent(q, 1);
+  if (q->nspent < NSPENT) q->spent[q->nspent++] = (struct extent){off, len, 0};
+}
+
+/* Hands a chunk the head has left to the producers (see take_spare), or to the
+ * allocator if the slots are full. */
+static void give_spare(queue *q, uint64_t off) {
+  for (int i = 0; i < NSPARE; i++) {
+    uint64_t empty = 0;
+    if (__atomic_compare_exchange_n(&q->shm->spare[i], &empty, off, 0, __ATOMIC_RELEASE,
+                                    __ATOMIC_RELAXED))
+      return;
+  }
+  spend(q, off, CHUNK_SIZE, 1);
+}
+
+/* Takes the first record (under the head lock, with an item published): an inline item
+ * is copied to q->rx. Reads the producers' chunk without their lock, and validates
+ * everything it reads, since the memory is shared. */
 static int pop(queue *q, item *it) {
   qshm *s = q->shm;
-  struct qstate n = *st_of(s);
-  /* a chain of empty chunks can only be garbage (a cycle): it is not followed for ever */
+  struct hstate n = *hst_of(s);
+  /* a published item lies at most one chunk further: a longer chain of chunks left
+   * without a record is garbage (a cycle), not followed for ever */
   for (int hops = 0;; hops++) {
     if (hops > 2) return Q_CORRUPT;
     struct chunk_hdr *h = chunk_at(q, n.head_chunk);
-    if (!h) return Q_CORRUPT;
-    uint64_t end = n.head_chunk == n.tail_chunk ? n.tail_pos : h->used;
-    if (end > CHUNK_SIZE || n.head_pos > end) return Q_CORRUPT;
-    if (n.head_pos == end) {
-      if (n.head_chunk == n.tail_chunk) return Q_CORRUPT;   /* count said otherwise */
+    if (!h || n.head_pos < CHUNK_HDR || n.head_pos > CHUNK_SIZE || n.head_pos % 8) return Q_CORRUPT;
+    uint64_t used = __atomic_load_n(&h->used, __ATOMIC_ACQUIRE);
+    if (used > CHUNK_SIZE || (used != 0 && n.head_pos > used)) return Q_CORRUPT;
+    if (used != 0 && n.head_pos == used) {
       uint64_t old = n.head_chunk;
       n.head_chunk = h->next;
       n.head_pos = CHUNK_HDR;
-      st_commit(s, &n);
-      arena_free(q, old, CHUNK_SIZE);
-      if (chunk_at(q, n.head_chunk)) prefault(q, n.head_chunk, CHUNK_SIZE, 0);
+      if (n.head_chunk == old || !chunk_at(q, n.head_chunk)) return Q_CORRUPT;
+      hst_commit(s, &n, gets_of(s));
+      give_spare(q, old);
+      chunk_prefault(q, n.head_chunk, 0);
       continue;
     }
+    uint64_t end = used ? used : CHUNK_SIZE;
     if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
     const char *p = q_at(q, n.head_chunk + n.head_pos, end - n.head_pos);
     if (!p) return Q_NOMEM;
@@ -690,18 +906,7 @@ static int pop(queue *q, item *it) {
     }
     stall_here(STALL_LOCKED_GET);
     n.head_pos += REC_HDR + pad8(len);
-    n.count--;
-    if (n.count == 0 && n.head_chunk == n.tail_chunk) {
-      n.head_pos = n.tail_pos = CHUNK_HDR;   /* empty: write from the start again */
-    } else if (n.head_chunk != n.tail_chunk && n.head_pos == h->used) {
-      uint64_t old = n.head_chunk;
-      n.head_chunk = h->next;
-      n.head_pos = CHUNK_HDR;
-      st_commit(s, &n);
-      arena_free(q, old, CHUNK_SIZE);
-      return Q_OK;
-    }
-    st_commit(s, &n);
+    hst_commit(s, &n, gets_of(s) + 1);
     return Q_OK;
   }
 }
@@ -739,9 +944,11 @@ static int wait_token(queue *q, int w, double deadline) {
   return n == 0 ? Q_TIMEOUT : Q_OK;
 }
 
-/* The common loop of get, put and join, entered and left with the lock held.
- * ready(q) says whether the caller can go ahead; returns Q_OK when it can. */
-static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double deadline) {
+/* The common loop of get, put and join, entered and left with lock `which` held.
+ * ready(q) says whether the caller can go ahead; returns Q_OK when it can. A waiter
+ * registers before its last look at the condition (register_waiter). */
+static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int block,
+                      double deadline) {
   int registered = 0;
   for (;;) {
     if (q->shm->corrupt) {
@@ -757,13 +964,14 @@ static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double 
       return Q_TIMEOUT;
     }
     if (!registered) {
-      q->shm->waiters[w]++;
+      register_waiter(q, w);
       registered = 1;
+      continue;
     }
-    q_unlock(q);
+    q_unlock(q, which);
     int rc = wait_token(q, w, deadline);
     int err = errno;
-    int lrc = q_lock(q, deadline);
+    int lrc = q_lock(q, which, deadline);
     if (lrc != Q_OK) return lrc | Q_UNLOCKED;
     if (rc == Q_INTR || rc == Q_SYS) {
       unregister(q, w);
@@ -775,13 +983,20 @@ static int wait_until(queue *q, int w, int (*ready)(queue *), int block, double 
   }
 }
 
-static int items_ready(queue *q) { return st_of(q->shm)->count > 0; }
+/* (under the head lock) */
+static int items_ready(queue *q) { return puts_of(q->shm) > gets_of(q->shm); }
+/* (under the tail lock) */
 static int room_ready(queue *q) { return has_room(q->shm); }
-static int join_ready(queue *q) { return st_of(q->shm)->unfinished == 0; }
+/* (under the head lock) items put and not yet task_done */
+static uint64_t unfinished(const qshm *s) {
+  uint64_t p = puts_of(s), d = hst_of(s)->done;
+  return p > d ? p - d : 0;
+}
+static int join_ready(queue *q) { return unfinished(q->shm) == 0; }
 
 /* ---- the side socket: descriptors of items that hold luamp objects ------------------- */
 
-/* Sends the descriptors with their token (under the lock). */
+/* Sends the descriptors with their token (under the tail lock). */
 static int side_send(queue *q, uint32_t token, const luamp_fdlist *fds) {
   union { char buf[CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)]; struct cmsghdr align; } ctl;
   memset(ctl.buf, 0, sizeof ctl.buf);
@@ -801,8 +1016,8 @@ static int side_send(queue *q, uint32_t token, const luamp_fdlist *fds) {
   return Q_SYS;
 }
 
-/* Receives the descriptors sent with `token` into out (under the lock). Older messages
- * (from puts that died before committing) are closed; if a newer one comes first, this
+/* Receives the descriptors sent with `token` into out (under the head lock). Older
+ * messages (from puts that died before committing) are closed; if a newer one comes first, this
  * item's descriptors were taken by a getter that died: out stays empty. */
 static void side_recv(queue *q, uint32_t token, luamp_fdlist *out) {
   out->n = 0;
@@ -837,15 +1052,15 @@ static void side_recv(queue *q, uint32_t token, luamp_fdlist *out) {
   }
 }
 
-/* Puts a record; the lock is taken and released here. With fds, they go on the side
- * socket first, and the record carries their token. */
+/* Puts a record; the tail lock is taken and released here. With fds, they go on the
+ * side socket first, and the record carries their token. */
 static int put_record(queue *q, int kind, const void *data, uint32_t len, int block,
                       double deadline, const luamp_fdlist *fds) {
   for (;;) {
     if (block) spin_while(q, 1);
-    int rc = q_lock(q, block ? deadline : 0);
+    int rc = q_lock(q, L_TAIL, block ? deadline : 0);
     if (rc != Q_OK) return rc;
-    rc = wait_until(q, W_PUT, room_ready, block, deadline);
+    rc = wait_until(q, L_TAIL, W_PUT, room_ready, block, deadline);
     if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
     uint32_t token = 0;
     if (rc == Q_OK && fds) {
@@ -857,7 +1072,7 @@ static int put_record(queue *q, int kind, const void *data, uint32_t len, int bl
     if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
     if (rc == Q_CORRUPT) q->shm->corrupt = 1;
     chain_wakeups(q);
-    q_unlock(q);
+    q_unlock(q, L_TAIL);
     if (rc != Q_SIDE_FULL) return rc;
     /* Too many items' descriptors in flight: wait for getters to take some. */
     if (!block) return Q_TIMEOUT;
@@ -877,10 +1092,10 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
   if (len <= INLINE_MAX)
     return put_record(q, R_INLINE, data, (uint32_t)len, block, deadline, fds);
   uint64_t ext = pad_page(len);
-  int lrc = q_lock(q, block ? deadline : 0);
+  int lrc = q_lock(q, L_TAIL, block ? deadline : 0);
   if (lrc != Q_OK) return lrc;
   uint64_t off = arena_alloc(q, ext);
-  q_unlock(q);
+  q_unlock(q, L_TAIL);
   if (!off) return q->shm->corrupt ? Q_CORRUPT : Q_NOMEM;
   char *dst = q_at(q, off, ext);
   int rc = Q_NOMEM;
@@ -892,33 +1107,34 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
     uint64_t ref[2] = {off, len};
     rc = put_record(q, R_REF, ref, sizeof ref, block, deadline, fds);
   }
-  if (rc != Q_OK && q_lock(q, -1) == Q_OK) {
+  if (rc != Q_OK && q_lock(q, L_TAIL, -1) == Q_OK) {
     arena_free(q, off, ext);
-    q_unlock(q);
+    q_unlock(q, L_TAIL);
   }
   return rc;
 }
 
 static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist *fds) {
   if (block) spin_while(q, 0);
-  int rc = q_lock(q, block ? deadline : 0);
+  int rc = q_lock(q, L_HEAD, block ? deadline : 0);
   if (rc != Q_OK) return rc;
-  rc = wait_until(q, W_GET, items_ready, block, deadline);
+  rc = wait_until(q, L_HEAD, W_GET, items_ready, block, deadline);
   if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
   if (rc == Q_OK) rc = pop(q, it);
   if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
   if (rc == Q_OK && it->token) side_recv(q, it->token, fds);
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   chain_wakeups(q);
-  q_unlock(q);
+  q_unlock(q, L_HEAD);
+  free_spent(q, 0);
   return rc;
 }
 
 /* Frees the extent of a large item once it has been decoded. */
 static void item_done(queue *q, const item *it) {
-  if (!it->ref || q_lock(q, -1) != Q_OK) return;
-  arena_free(q, it->off, pad_page(it->len));
-  q_unlock(q);
+  if (!it->ref) return;
+  spend(q, it->off, pad_page(it->len), 0);
+  free_spent(q, 0);
 }
 
 /* ---- creation and release -------------------------------------------------------------- */
@@ -927,6 +1143,7 @@ static const char *const kind_mt[] = {QUEUE_MT, SIMPLE_MT, JOINABLE_MT};
 static const char *const kind_name[] = {"Queue", "SimpleQueue", "JoinableQueue"};
 
 static void queue_release(queue *q) {
+  if (q->shm) free_spent(q, 0);    /* extents still listed are leaked if the lock is busy */
   if (q->win) munmap(q->win, q->winlen);
   q->win = NULL;
   q->winlen = 0;
@@ -988,7 +1205,8 @@ static int init_shared(queue *q, uint64_t maxsize) {
   if (pthread_mutexattr_init(&ma) != 0) return -1;
   pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
   pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
-  int rc = pthread_mutex_init(&s->lock, &ma);
+  int rc = pthread_mutex_init(&s->tlock, &ma);
+  if (rc == 0) rc = pthread_mutex_init(&s->hlock, &ma);
   pthread_mutexattr_destroy(&ma);
   if (rc != 0) { errno = rc; return -1; }
   uint64_t uuid = 0;
@@ -997,8 +1215,14 @@ static int init_shared(queue *q, uint64_t maxsize) {
   s->uuid = uuid;
   s->kind = (uint64_t)q->kind;
   s->maxsize = maxsize;
-  s->al.top = HEADER_SIZE;
-  s->al.fsize = HEADER_SIZE;
+  /* the first chunk, where head and tail start (its pages come as it fills) */
+  s->al.top = HEADER_SIZE + CHUNK_SIZE;
+  s->al.fsize = HEADER_SIZE + CHUNK_SIZE;
+  struct chunk_hdr *h = (struct chunk_hdr *)q_at(q, HEADER_SIZE, CHUNK_SIZE);
+  if (!h) return -1;
+  *h = (struct chunk_hdr){CHUNK_SIZE, 0, 0, CHUNK_MAGIC};
+  s->tst[0] = (struct tstate){HEADER_SIZE, CHUNK_HDR};
+  s->hst[0] = (struct hstate){HEADER_SIZE, CHUNK_HDR, 0};
   for (int w = 0; w < W_CLASSES; w++) s->efd_id[w] = q->efd[w] >= 0 ? eventfd_id(q->efd[w]) : -1;
   struct stat st;
   s->side_ino = fstat(q->sfd, &st) == 0 ? (uint64_t)st.st_ino : 0;
@@ -1043,7 +1267,8 @@ static int l_queue_new(lua_State *L) {
   }
   q->sfd = side_socket();
   if (q->sfd < 0) luamp_raise_errno(L, "Value", "Queue: side socket", errno);
-  if (ftruncate(q->memfd, HEADER_SIZE) < 0) luamp_raise_errno(L, "Value", "Queue: ftruncate", errno);
+  if (ftruncate(q->memfd, HEADER_SIZE + CHUNK_SIZE) < 0)
+    luamp_raise_errno(L, "Value", "Queue: ftruncate", errno);
   if (map_header(q) < 0) luamp_raise_errno(L, "Value", "Queue: mmap", errno);
   if (init_shared(q, (uint64_t)maxsize) < 0) luamp_raise_errno(L, "Value", "Queue: mutex", errno);
   return 1;
@@ -1219,18 +1444,18 @@ static int l_full(lua_State *L) {
 /* :task_done(): Value when called more times than items were put */
 static int l_task_done(lua_State *L) {
   queue *q = check_queue(L, 1);
-  int rc = q_lock(q, -1);
+  int rc = q_lock(q, L_HEAD, -1);
   if (rc != Q_OK) raise_status(L, q, rc, 0, "Empty");
   qshm *s = q->shm;
-  if (st_of(s)->unfinished == 0) {
-    q_unlock(q);
+  if (unfinished(s) == 0) {
+    q_unlock(q, L_HEAD);
     luamp_raise(L, "Value", "task_done() called too many times");
   }
-  struct qstate n = *st_of(s);
-  n.unfinished--;
-  st_commit(s, &n);
-  if (n.unfinished == 0) wake_all(q, W_JOIN);
-  q_unlock(q);
+  struct hstate n = *hst_of(s);
+  n.done++;
+  hst_commit(s, &n, gets_of(s));
+  if (unfinished(s) == 0) wake_all(q, W_JOIN);
+  q_unlock(q, L_HEAD);
   return 0;
 }
 
@@ -1238,12 +1463,12 @@ static int l_task_done(lua_State *L) {
 static int l_join(lua_State *L) {
   queue *q = check_queue(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
-  int rc = q_lock(q, deadline);
-  if (rc == Q_OK) rc = wait_until(q, W_JOIN, join_ready, 1, deadline);
+  int rc = q_lock(q, L_HEAD, deadline);
+  if (rc == Q_OK) rc = wait_until(q, L_HEAD, W_JOIN, join_ready, 1, deadline);
   else rc |= Q_UNLOCKED;
   int err = errno;
   if (rc & Q_UNLOCKED) rc &= ~Q_UNLOCKED;
-  else q_unlock(q);
+  else q_unlock(q, L_HEAD);
   if (rc == Q_TIMEOUT) {
     lua_pushboolean(L, 0);
     return 1;
@@ -1257,14 +1482,19 @@ static int l_join(lua_State *L) {
  * as a getter waiting on the fd; _wait_end must follow. */
 static int l_wait_begin(lua_State *L) {
   queue *q = check_queue(L, 1);
-  int rc = q_lock(q, -1);
+  int rc = q_lock(q, L_HEAD, -1);
   if (rc != Q_OK) raise_status(L, q, rc, 0, "Empty");
-  if (st_of(q->shm)->count > 0) {
-    q_unlock(q);
+  if (items_ready(q)) {
+    q_unlock(q, L_HEAD);
     return 0;
   }
-  q->shm->waiters[W_GET]++;
-  q_unlock(q);
+  register_waiter(q, W_GET);
+  if (items_ready(q)) {               /* came in before the registration was seen */
+    unregister(q, W_GET);
+    q_unlock(q, L_HEAD);
+    return 0;
+  }
+  q_unlock(q, L_HEAD);
   lua_pushinteger(L, q->efd[W_GET]);
   return 1;
 }
@@ -1274,11 +1504,11 @@ static int l_wait_begin(lua_State *L) {
 static int l_wait_end(lua_State *L) {
   queue *q = to_queue(L, 1);
   if (!q || !q->shm) return 0;
-  if (q_lock(q, -1) != Q_OK) return 0;
+  if (q_lock(q, L_HEAD, -1) != Q_OK) return 0;
   if (!take_token(q->efd[W_GET])) unregister(q, W_GET);
-  int ready = st_of(q->shm)->count > 0;
+  int ready = items_ready(q);
   chain_wakeups(q);
-  q_unlock(q);
+  q_unlock(q, L_HEAD);
   lua_pushboolean(L, ready);
   return 1;
 }
@@ -1289,7 +1519,7 @@ static int l_waiters(lua_State *L) {
   static const char *const classes[] = {"get", "put", "join", NULL};
   queue *q = check_queue(L, 1);
   int w = luaL_checkoption(L, 2, "get", classes);
-  lua_pushinteger(L, q->shm->waiters[w]);
+  lua_pushinteger(L, __atomic_load_n(&q->shm->waiters[w], __ATOMIC_SEQ_CST));
   return 1;
 }
 
@@ -1317,7 +1547,7 @@ static int l_tostring(lua_State *L) {
     luaL_addvalue(&b);
   }
   if (q->kind == K_JOINABLE) {
-    lua_pushfstring(L, " unfinished=%I", (lua_Integer)st_of(s)->unfinished);
+    lua_pushfstring(L, " unfinished=%I", (lua_Integer)unfinished(s));
     luaL_addvalue(&b);
   }
   luaL_addchar(&b, '>');
@@ -1465,7 +1695,8 @@ static int l_rebuild_simple(lua_State *L) { return rebuild(L, K_SIMPLE); }
 static int l_rebuild_joinable(lua_State *L) { return rebuild(L, K_JOINABLE); }
 
 static int l_stall(lua_State *L) {
-  static const char *const points[] = {"none", "locked-put", "locked-get", "ref-copy", "ref-get", NULL};
+  static const char *const points[] = {"none", "locked-put", "locked-get", "ref-copy", "ref-get",
+                                       "chunk-link", NULL};
   stall_point = luaL_checkoption(L, 1, NULL, points);
   stall_fd = (int)luaL_optinteger(L, 2, -1);
   return 0;
