@@ -14,9 +14,9 @@
  * from one look to the next with no release in between (a release count beside the
  * word tells), so a holder that loops over short critical sections keeps the lock and
  * its data in its own cache instead of passing both across on every turn; after
- * SPIN_MAX it sleeps on the futex, and a woken waiter that finds the lock taken again
- * spins once more before it sleeps (rather than have the holder wake it on its next
- * release). Sleepers are counted beside the word, so that a waiter that takes the lock
+ * SPIN_MAX (or SPIN_STILL of a holder doing nothing) it sleeps on the futex, and a woken
+ * waiter that finds the lock taken again spins once more before it sleeps (rather than
+ * have the holder wake it on its next release). Sleepers are counted beside the word, so that a waiter that takes the lock
  * sets WAITERS again only when others still sleep (otherwise every release after a
  * contended acquire made a futex call that woke nobody).
  * Storing the pid lets a waiter notice that the holder died: after a millisecond of
@@ -95,6 +95,7 @@ enum { K_LOCK = 0x4c4b4c31, K_RLOCK, K_SEM, K_BSEM, K_EVENT, K_COND, K_BARRIER }
 #define FIRST_SLICE 0.001
 #define SPIN_POLL 2e-6           /* a spinning waiter looks at the word this often... */
 #define SPIN_MAX 100e-6          /* ...for this long, before it sleeps in the kernel */
+#define SPIN_STILL 20e-6         /* or for this long if the holder neither releases nor leaves */
 
 typedef struct lock_obj {
   uint32_t kind;
@@ -149,49 +150,48 @@ static int pid_dead(pid_t pid) {
 }
 
 /* Waits for a lock held by another process without sleeping: 1 acquired, 0 when it
- * stops (someone sleeps on the word, SPIN_MAX or the deadline passed), -2 on a pending
- * interrupt. It looks at the word every SPIN_POLL only, reading (a look moves the cache
- * line away from the holder, who then pays a miss), and takes the lock only when it
- * stayed free from one look to the next with no release in between: a holder that
- * releases and acquires again at once (a loop of short critical sections) keeps it and
- * runs on with warm caches, where taking it in that gap moved the lock and the data
- * between the processors on every turn. */
-static int lock_spin(lock_obj *o, uint32_t me, double deadline) {
-  double now = luamp_now(), end = now + SPIN_MAX;
+ * stops (someone sleeps on the word, SPIN_MAX or the deadline passed, or the holder did
+ * nothing for SPIN_STILL: a long critical section, or a holder not running, is not worth
+ * a processor), -2 on a pending interrupt.
+ * A polite waiter (a user's acquire) looks at the word every SPIN_POLL only, reading (a
+ * look moves the cache line away from the holder, who then pays a miss), and takes the
+ * lock only when it stayed free from one look to the next with no release in between:
+ * a holder that releases and acquires again at once (a loop of short critical sections)
+ * keeps it and runs on with warm caches, where taking it in that gap moved the lock and
+ * the data between the processors on every turn. The internal waits (a Condition taking
+ * its lock back, the Barrier's mutex) are for a holder about to leave: they look
+ * continuously and take the lock as soon as it is free. */
+static int lock_spin(lock_obj *o, uint32_t me, double deadline, int polite) {
+  double now = luamp_now(), end = now + SPIN_MAX, active = now;
   if (deadline >= 0 && deadline < end) end = deadline;
-  int was_free = 0;
-  uint32_t seen = 0;            /* the release count when last seen free */
-  while (now < end) {
-    uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
-    if (c & WAITERS) return 0;
-    if (c != 0) {
-      was_free = 0;
-    } else {
-      uint32_t n = atomic_load_explicit(&o->released, memory_order_relaxed);
-      if (was_free && n == seen) {
-        uint32_t w = atomic_load_explicit(&o->sleepers, memory_order_relaxed) ? WAITERS : 0;
-        if (atomic_compare_exchange_strong_explicit(&o->word, &c, me | w, memory_order_acquire,
-                                                    memory_order_relaxed))
-          return 1;
-        was_free = 0;
-      } else {
-        was_free = 1;
-        seen = n;
-      }
-    }
-    if (luamp_interrupt_pending()) return -2;
-    double next = now + SPIN_POLL;
+  uint32_t last = atomic_load_explicit(&o->word, memory_order_relaxed);
+  uint32_t seen = atomic_load_explicit(&o->released, memory_order_relaxed);
+  while (now < end && now - active < SPIN_STILL) {
+    double next = now + (polite ? SPIN_POLL : 0);
     do {
       luamp_cpu_relax();
       now = luamp_now();
     } while (now < next);
+    if (luamp_interrupt_pending()) return -2;
+    uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
+    if (c & WAITERS) return 0;
+    uint32_t n = atomic_load_explicit(&o->released, memory_order_relaxed);
+    if (c != last || n != seen) active = now;
+    if (c == 0 && (!polite || (last == 0 && n == seen))) {
+      uint32_t w = atomic_load_explicit(&o->sleepers, memory_order_relaxed) ? WAITERS : 0;
+      if (atomic_compare_exchange_strong_explicit(&o->word, &c, me | w, memory_order_acquire,
+                                                  memory_order_relaxed))
+        return 1;
+    }
+    last = c;
+    seen = n;
   }
   return 0;
 }
 
 /* Takes a lock word for `me`: 1 acquired (*recovered set when taken from a dead owner),
  * 0 when the deadline passed, -2 on a pending interrupt. */
-static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) {
+static int lock_wait(lock_obj *o, uint32_t me, double deadline, int polite, int *recovered) {
   *recovered = 0;
   /* Looking at the owner costs syscalls, so a blocking acquire first sleeps a short
    * slice (an ordinary holder usually releases within it) and then checks every
@@ -213,7 +213,7 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) 
      * code around one) cannot release while we spin. */
     if (spin && (c & OWNER) != me) {
       spin = 0;
-      int r = lock_spin(o, me, deadline);
+      int r = lock_spin(o, me, deadline, polite);
       if (r != 0) return r;
       continue;
     }
@@ -271,7 +271,7 @@ static void mutex_lock(lock_obj *o) {
   uint32_t c = 0;
   if (atomic_compare_exchange_strong(&o->word, &c, luamp_self_pid())) return;
   int interrupted = 0;
-  while (lock_wait(o, luamp_self_pid(), -1, &rec) == -2) interrupted |= luamp_take_interrupt();
+  while (lock_wait(o, luamp_self_pid(), -1, 0, &rec) == -2) interrupted |= luamp_take_interrupt();
   if (interrupted) luamp_request_interrupt();
 }
 
@@ -414,7 +414,7 @@ static int acquire_slow(lua_State *L, sync_ud *u, double deadline) {
   lock_obj *o = u->obj;
   uint32_t me = (uint32_t)luamp_self_pid();
   int rec;
-  int r = lock_wait(o, me, deadline, &rec);
+  int r = lock_wait(o, me, deadline, 1, &rec);
   if (r == -2) raise_interrupted(L, types[u->t].name);
   if (r == 1) {
     if (u->t == T_RLOCK) atomic_store_explicit(&o->depth, 1, memory_order_relaxed);
@@ -690,7 +690,7 @@ static int l_cond_wait(lua_State *L) {
   /* The lock is taken back whatever happened, as the caller's release expects it held. */
   int rec, r;
   if (interrupted) luamp_take_interrupt();
-  while ((r = lock_wait(lk, (uint32_t)luamp_self_pid(), -1, &rec)) == -2) interrupted |= luamp_take_interrupt();
+  while ((r = lock_wait(lk, (uint32_t)luamp_self_pid(), -1, 0, &rec)) == -2) interrupted |= luamp_take_interrupt();
   atomic_store(&lk->depth, depth);
   set_recovered(L, 2, lu, rec);
   if (interrupted) luamp_raise(L, "Interrupted", "interrupted while waiting for a Condition");
