@@ -242,10 +242,11 @@ typedef struct shared_ud {
   char *data;              /* first element; NULL once closed */
   const tcode *tc;
   uint64_t n;
+  const void *value_key;   /* this state's interned "value" (see l_value_index) */
   luamp_ref ref;
 } shared_ud;
 
-static shared_ud *to_shared(lua_State *L, int idx, uint64_t magic, int open) {
+static inline shared_ud *to_shared(lua_State *L, int idx, uint64_t magic, int open) {
   shared_ud *u = lua_touserdata(L, idx);
   const char *what = magic == VALUE_MAGIC ? "Value" : "Array";
   if (!u || lua_rawlen(L, idx) != sizeof *u || u->magic != magic)
@@ -258,6 +259,9 @@ static shared_ud *new_shared_ud(lua_State *L, uint64_t magic) {
   shared_ud *u = lua_newuserdatauv(L, sizeof *u, 1);
   memset(u, 0, sizeof *u);
   u->magic = magic;
+  lua_pushliteral(L, "value");
+  u->value_key = lua_topointer(L, -1);
+  lua_pop(L, 1);
   luaL_setmetatable(L, magic == VALUE_MAGIC ? "luamp.Value" : "luamp.Array");
   return u;
 }
@@ -395,9 +399,12 @@ static int l_shared_handle(lua_State *L) {
 
 /* ---- Value binding ---- */
 
+static inline shared_ud *open_value(lua_State *L);
+
 static int l_value_get_lock(lua_State *L) {
-  to_shared(L, 1, VALUE_MAGIC, 1);
-  push_lock(L, 1, "Value");
+  open_value(L);
+  if (lua_getiuservalue(L, 1, 1) != LUA_TUSERDATA)
+    luamp_raise(L, "Value", "this Value was made without a lock");
   return 1;
 }
 
@@ -435,28 +442,51 @@ static int l_value_cas(lua_State *L) {
   return 1;
 }
 
+/* The hot paths of `v.value` and `v.value = x`: the self check is the magic number (no
+ * registry lookup), and the key is recognised by identity: short strings are interned,
+ * so while the metatable's closures keep "value" alive, a key is "value" exactly when it
+ * is that very string, whose address each userdata keeps (no strcmp, no upvalue). */
+static inline shared_ud *open_value(lua_State *L) {
+  shared_ud *u = lua_touserdata(L, 1);
+  if (u && lua_rawlen(L, 1) == sizeof *u && u->magic == VALUE_MAGIC && u->data) return u;
+  return to_shared(L, 1, VALUE_MAGIC, 1);   /* raises the right error */
+}
+
 static int l_value_index(lua_State *L) {
   shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 0);
-  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : NULL;
-  if (k && strcmp(k, "value") == 0) {
+  if (lua_topointer(L, 2) == u->value_key) {
     if (!u->data) luamp_raise(L, "Value", "Value is closed");
     push_elem(L, u->tc, u->data);
     return 1;
   }
-  if (k && strcmp(k, "typecode") == 0) {
-    lua_pushlstring(L, &u->tc->code, 1);
-    return 1;
-  }
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(1));
+  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
+  if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "typecode") == 0)
+    lua_pushlstring(L, &u->tc->code, 1);
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
+/* An integer that fits an integer typecode, stored without the general encoder. */
+static int store_int_fast(const tcode *tc, char *p, lua_Integer i) {
+  unsigned bits = 8u * tc->size;
+  if (tc->kind == SIGNED) {
+    if (bits < 64 && (i < -((lua_Integer)1 << (bits - 1)) || i >= ((lua_Integer)1 << (bits - 1)))) return 0;
+  } else if (tc->kind == UNSIGNED) {
+    if (i < 0 || (bits < 64 && (uint64_t)i >> bits)) return 0;
+  } else {
+    return 0;
+  }
+  store_bits(tc, p, (uint64_t)i);
   return 1;
 }
 
 static int l_value_newindex(lua_State *L) {
-  shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 1);
-  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : NULL;
-  if (!k || strcmp(k, "value") != 0)
+  shared_ud *u = open_value(L);
+  if (lua_topointer(L, 2) != u->value_key)
     luamp_raise(L, "Value", "a Value has no settable field '%s'", luaL_tolstring(L, 2, NULL));
+  if (lua_isinteger(L, 3) && store_int_fast(u->tc, u->data, lua_tointeger(L, 3))) return 0;
   store_bits(u->tc, u->data, check_elem(L, 3, u->tc, "value"));
   return 0;
 }
@@ -750,14 +780,15 @@ static int l_shm_handle(lua_State *L) {
 
 /* ---- registration --------------------------------------------------------------------- */
 
-/* A metatable whose __index (and __newindex) are C closures over the methods table. */
+/* A metatable whose __index is a C closure over the methods table. */
 static void define_type(lua_State *L, const char *name, const luaL_Reg *methods,
                         const luaL_Reg *meta, lua_CFunction index) {
   luaL_newmetatable(L, name);
   luaL_setfuncs(L, meta, 0);
   lua_newtable(L);
   luaL_setfuncs(L, methods, 0);
-  lua_pushcclosure(L, index, 1);
+  lua_pushliteral(L, "value");   /* unused: keeps the string alive (see l_value_index) */
+  lua_pushcclosure(L, index, 2);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
 }
@@ -801,6 +832,7 @@ int luamp_open_shared(lua_State *L) {
     {NULL, NULL}
   };
   define_type(L, "luamp.Value", value_methods, value_meta, l_value_index);
+
   define_type(L, "luamp.Array", array_methods, array_meta, l_array_index);
   define_type(L, SHM_MT, shm_methods, shm_meta, l_shm_index);
   luaL_setfuncs(L, fns, 0);

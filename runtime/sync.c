@@ -9,10 +9,16 @@
  *
  * Locks: the futex word holds the owner's pid (0 when free) and a WAITERS bit. Acquire
  * is one compare-and-swap in the uncontended case and release one exchange; only when
- * WAITERS is set does release make a syscall. A waiter spins briefly before sleeping.
- * Sleepers are counted beside the word, so that a waiter that takes the lock sets
- * WAITERS again only when others still sleep (otherwise every release after a contended
- * acquire made a futex call that woke nobody).
+ * WAITERS is set does release make a syscall. A waiter first spins politely (lock_spin):
+ * it looks at the word only every SPIN_POLL and takes the lock only once it stayed free
+ * from one look to the next with no release in between (a release count beside the
+ * word tells), so a holder that loops over short critical sections keeps the lock and
+ * its data in its own cache instead of passing both across on every turn; after
+ * SPIN_MAX (or SPIN_STILL of a holder doing nothing) it sleeps on the futex, and a woken
+ * waiter that finds the lock taken again spins once more before it sleeps (rather than
+ * have the holder wake it on its next release). Sleepers are counted beside the word, so that a waiter that takes the lock
+ * sets WAITERS again only when others still sleep (otherwise every release after a
+ * contended acquire made a futex call that woke nobody).
  * Storing the pid lets a waiter notice that the holder died: after a millisecond of
  * waiting, and then every OWNER_CHECK seconds, it looks at the owner (a pid that no
  * longer exists, or whose pidfd is readable, i.e. a zombie), and then takes the lock
@@ -45,17 +51,10 @@
 
 /* ---- futex waits ---------------------------------------------------------------------- */
 
-/* Whether a Ctrl-C is pending, without consuming it (wait.c only offers take). */
-static int interrupt_pending(void) {
-  if (!luamp_take_interrupt()) return 0;
-  luamp_request_interrupt();
-  return 1;
-}
-
 int luamp_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline) {
   if (luamp_sched_active()) return luamp_sched_futex_wait(word, expect, deadline);
   for (;;) {
-    if (interrupt_pending()) return -2;
+    if (luamp_interrupt_pending()) return -2;
     double now = luamp_now();
     if (deadline >= 0 && now >= deadline) return 1;
     /* Always pass a timeout (a slice when waiting forever): a futex wait with a timeout
@@ -92,15 +91,18 @@ enum { K_LOCK = 0x4c4b4c31, K_RLOCK, K_SEM, K_BSEM, K_EVENT, K_COND, K_BARRIER }
 
 #define WAITERS 0x80000000u
 #define OWNER 0x3fffffffu
-#define SPINS 100
 #define OWNER_CHECK 0.02         /* seconds between looks at a waited-for owner */
 #define FIRST_SLICE 0.001
+#define SPIN_POLL 2e-6           /* a spinning waiter looks at the word this often... */
+#define SPIN_MAX 100e-6          /* ...for this long, before it sleeps in the kernel */
+#define SPIN_STILL 20e-6         /* or for this long if the holder neither releases nor leaves */
 
 typedef struct lock_obj {
   uint32_t kind;
   _Atomic uint32_t word;          /* owner pid | WAITERS, 0 when free */
   _Atomic uint32_t depth;         /* RLock recursion depth, written by the owner only */
   _Atomic uint32_t sleepers;      /* waiters in (or entering) a futex wait on word */
+  _Atomic uint32_t released;      /* bumped by every release, written by the owner only */
 } lock_obj;
 
 typedef struct sem_obj {
@@ -147,26 +149,55 @@ static int pid_dead(pid_t pid) {
   return n > 0;
 }
 
+/* Waits for a lock held by another process without sleeping: 1 acquired, 0 when it
+ * stops (someone sleeps on the word, SPIN_MAX or the deadline passed, or the holder did
+ * nothing for SPIN_STILL: a long critical section, or a holder not running, is not worth
+ * a processor), -2 on a pending interrupt.
+ * A polite waiter (a user's acquire) looks at the word every SPIN_POLL only, reading (a
+ * look moves the cache line away from the holder, who then pays a miss), and takes the
+ * lock only when it stayed free from one look to the next with no release in between:
+ * a holder that releases and acquires again at once (a loop of short critical sections)
+ * keeps it and runs on with warm caches, where taking it in that gap moved the lock and
+ * the data between the processors on every turn. The internal waits (a Condition taking
+ * its lock back, the Barrier's mutex) are for a holder about to leave: they look
+ * continuously and take the lock as soon as it is free. */
+static int lock_spin(lock_obj *o, uint32_t me, double deadline, int polite) {
+  double now = luamp_now(), end = now + SPIN_MAX, active = now;
+  if (deadline >= 0 && deadline < end) end = deadline;
+  uint32_t last = atomic_load_explicit(&o->word, memory_order_relaxed);
+  uint32_t seen = atomic_load_explicit(&o->released, memory_order_relaxed);
+  while (now < end && now - active < SPIN_STILL) {
+    double next = now + (polite ? SPIN_POLL : 0);
+    do {
+      luamp_cpu_relax();
+      now = luamp_now();
+    } while (now < next);
+    if (luamp_interrupt_pending()) return -2;
+    uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
+    if (c & WAITERS) return 0;
+    uint32_t n = atomic_load_explicit(&o->released, memory_order_relaxed);
+    if (c != last || n != seen) active = now;
+    if (c == 0 && (!polite || (last == 0 && n == seen))) {
+      uint32_t w = atomic_load_explicit(&o->sleepers, memory_order_relaxed) ? WAITERS : 0;
+      if (atomic_compare_exchange_strong_explicit(&o->word, &c, me | w, memory_order_acquire,
+                                                  memory_order_relaxed))
+        return 1;
+    }
+    last = c;
+    seen = n;
+  }
+  return 0;
+}
+
 /* Takes a lock word for `me`: 1 acquired (*recovered set when taken from a dead owner),
  * 0 when the deadline passed, -2 on a pending interrupt. */
-static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) {
+static int lock_wait(lock_obj *o, uint32_t me, double deadline, int polite, int *recovered) {
   *recovered = 0;
-  if (deadline < 0 || deadline > luamp_now()) {
-    /* Brief and fixed: measured against glibc's adaptive count (about twice the recent
-     * spins) and an exponential backoff between looks, on 2 processes x 100k locked
-     * increments, both were slower (the waiter sleeps more). It stops as soon as
-     * someone sleeps on the word, so a crowd of waiters queues in the kernel. */
-    for (int i = 0; i < SPINS; i++) {
-      uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
-      if (c == 0 && atomic_compare_exchange_weak(&o->word, &c, me)) return 1;
-      if (c & WAITERS) break;
-      luamp_cpu_relax();
-    }
-  }
   /* Looking at the owner costs syscalls, so a blocking acquire first sleeps a short
    * slice (an ordinary holder usually releases within it) and then checks every
-   * OWNER_CHECK; a non-blocking one checks at once. */
+   * OWNER_CHECK; a non-blocking one checks at once, and does not spin. */
   int check = deadline >= 0 && deadline <= luamp_now();
+  int spin = !check;
   double slice = FIRST_SLICE;
   for (;;) {
     uint32_t c = atomic_load(&o->word);
@@ -176,6 +207,14 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) 
        * sets WAITERS on our word before it sleeps (its futex wait expects that word). */
       uint32_t w = atomic_load(&o->sleepers) ? WAITERS : 0;
       if (atomic_compare_exchange_strong(&o->word, &c, me | w)) return 1;
+      continue;
+    }
+    /* Spinning is for a holder running elsewhere: this process's own (a task, or the
+     * code around one) cannot release while we spin. */
+    if (spin && (c & OWNER) != me) {
+      spin = 0;
+      int r = lock_spin(o, me, deadline, polite);
+      if (r != 0) return r;
       continue;
     }
     if (check) {
@@ -205,13 +244,24 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int *recovered) 
     if (r == 1) {
       check = 1;
       slice = OWNER_CHECK;
+    } else {
+      /* woken: the lock was released, but a holder running a loop has it again by
+       * now, so wait as a newcomer does rather than wake it on its next release */
+      spin = 1;
     }
   }
 }
 
+/* Every release: the count first (a spinning waiter reads it after seeing the word
+ * free), then the word. Only the holder writes the count, so no atomic add is needed. */
+static inline uint32_t lock_release_word(lock_obj *o) {
+  atomic_store_explicit(&o->released, atomic_load_explicit(&o->released, memory_order_relaxed) + 1,
+                        memory_order_relaxed);
+  return atomic_exchange_explicit(&o->word, 0, memory_order_release);
+}
+
 static void lock_unlock(lock_obj *o) {
-  if (atomic_exchange_explicit(&o->word, 0, memory_order_release) & WAITERS)
-    luamp_futex_wake(&o->word, 1);
+  if (lock_release_word(o) & WAITERS) luamp_futex_wake(&o->word, 1);
 }
 
 /* Internal locks (the Barrier's) are held only for a few instructions; they wait for
@@ -221,7 +271,7 @@ static void mutex_lock(lock_obj *o) {
   uint32_t c = 0;
   if (atomic_compare_exchange_strong(&o->word, &c, luamp_self_pid())) return;
   int interrupted = 0;
-  while (lock_wait(o, luamp_self_pid(), -1, &rec) == -2) interrupted |= luamp_take_interrupt();
+  while (lock_wait(o, luamp_self_pid(), -1, 0, &rec) == -2) interrupted |= luamp_take_interrupt();
   if (interrupted) luamp_request_interrupt();
 }
 
@@ -364,7 +414,7 @@ static int acquire_slow(lua_State *L, sync_ud *u, double deadline) {
   lock_obj *o = u->obj;
   uint32_t me = (uint32_t)luamp_self_pid();
   int rec;
-  int r = lock_wait(o, me, deadline, &rec);
+  int r = lock_wait(o, me, deadline, 1, &rec);
   if (r == -2) raise_interrupted(L, types[u->t].name);
   if (r == 1) {
     if (u->t == T_RLOCK) atomic_store_explicit(&o->depth, 1, memory_order_relaxed);
@@ -394,7 +444,7 @@ static int l_lock_acquire(lua_State *L) {
 static int l_lock_release(lua_State *L) {
   sync_ud *u = to_sync(L, 1, T_LOCK);
   lock_obj *o = u->obj;
-  uint32_t old = atomic_exchange_explicit(&o->word, 0, memory_order_release);
+  uint32_t old = lock_release_word(o);
   if (old & WAITERS) luamp_futex_wake(&o->word, 1);
   else if (old == 0) luamp_raise(L, "Value", "release of an unlocked Lock");
   return 0;
@@ -640,7 +690,7 @@ static int l_cond_wait(lua_State *L) {
   /* The lock is taken back whatever happened, as the caller's release expects it held. */
   int rec, r;
   if (interrupted) luamp_take_interrupt();
-  while ((r = lock_wait(lk, (uint32_t)luamp_self_pid(), -1, &rec)) == -2) interrupted |= luamp_take_interrupt();
+  while ((r = lock_wait(lk, (uint32_t)luamp_self_pid(), -1, 0, &rec)) == -2) interrupted |= luamp_take_interrupt();
   atomic_store(&lk->depth, depth);
   set_recovered(L, 2, lu, rec);
   if (interrupted) luamp_raise(L, "Interrupted", "interrupted while waiting for a Condition");

@@ -30,6 +30,22 @@ describe("Value", function()
     assert.equal(0, luamp.Value("q").value)
   end)
 
+  it("reads .value under any equal key, also one built at run time after a collection", function()
+    local v = luamp.Value("i", 41)
+    collectgarbage(); collectgarbage()
+    local key = ("VALUE"):lower()
+    assert.equal(41, v[key])
+    v[key] = v[key] + 1
+    assert.equal(42, v.value)
+    assert.is_nil(v[1])
+    assert.is_nil(v.values)
+    assert.is_nil(v[true])
+    assert.equal("function", type(v.get_lock))
+    H.raises("Value", function() v[1] = 2 end)
+    H.raises("Value", function() v.Value = 2 end)
+    assert.equal(42, v.value)
+  end)
+
   it("accepts every typecode and readable names", function()
     for _, code in ipairs {"b", "B", "h", "H", "i", "I", "l", "L", "q", "Q", "f", "d"} do
       local v = luamp.Value(code, 1)

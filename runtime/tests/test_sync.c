@@ -186,6 +186,42 @@ static void test_release_wakes_only_sleepers(void) {
   CHECK(futex_wakes == before, "the release woke nobody with %d futex calls", futex_wakes - before);
 }
 
+/* A Lock held by another process: a waiter first spins (sync.c lock_spin), then sleeps;
+ * a Ctrl-C already pending, or arriving during the wait, ends it with Interrupted, and a
+ * timeout shorter than the spin is kept. */
+static void test_contended_interrupt_and_timeout(void) {
+  const char *err = run(
+    "cl = luamp.Lock(); local held = luamp.Event(); cgo = luamp.Event()\n"
+    "cp = luamp.Process{target = function() cl:acquire(); held:set(); cgo:wait(); cl:release() end}\n"
+    "cp:start(); held:wait()");
+  CHECK(err == NULL, "setup: %s", err);
+  double t0 = luamp_now();
+  err = run("assert(cl:acquire(true, 0.00002) == false, 'acquire should time out')");
+  double dt = luamp_now() - t0;
+  CHECK(err == NULL, "short timeout: %s", err);
+  CHECK(dt >= 0.00002 && dt < 0.5, "a 20 us timeout took %.6f s", dt);
+  luamp_request_interrupt();
+  t0 = luamp_now();
+  err = run("cl:acquire()");
+  dt = luamp_now() - t0;
+  luamp_take_interrupt();
+  CHECK(err && strstr(err, "luamp.Interrupted"), "a pending interrupt should end the acquire, got %s",
+        err ? err : "no error");
+  CHECK(dt < 0.5, "the pending interrupt took %.3f s to notice", dt);
+  start_signal_storm(1);
+  interrupt_at = 20;
+  t0 = luamp_now();
+  err = run("cl:acquire()");
+  dt = luamp_now() - t0;
+  stop_signal_storm();
+  luamp_take_interrupt();
+  CHECK(err && strstr(err, "luamp.Interrupted"), "an interrupt should end the acquire, got %s",
+        err ? err : "no error");
+  CHECK(dt < 1.0, "the interrupt took %.3f s to notice", dt);
+  err = run("cgo:set(); assert(cl:acquire(true, 10), 'the waiter gets the lock'); cl:release(); cp:join()");
+  CHECK(err == NULL, "after: %s", err);
+}
+
 int main(void) {
   test_futex_deadline(0);
   test_futex_deadline(1);
@@ -199,6 +235,7 @@ int main(void) {
   test_lua_interrupts();
   test_raw_fork_child_frees_nothing();
   test_release_wakes_only_sleepers();
+  test_contended_interrupt_and_timeout();
   lua_close(L);
   if (failures) return 1;
   puts("test_sync: ok");
