@@ -217,6 +217,8 @@ void luamp_children_finish(void);
  * the state it shares copy-on-write): its children settled, shared objects given back,
  * stdio flushed, _exit. The second makes os.exit in L leave that way. */
 _Noreturn void luamp_child_exit(int code);
+/* (Called in the parent before the fork: os.exit then leaves through luamp_child_exit
+ * in every process luamp_fork made, and is the original os.exit elsewhere.) */
 void luamp_install_child_os_exit(lua_State *L);
 
 /* ---- the shared arena (arena.c) -------------------------------------------------------
