@@ -937,26 +937,9 @@ static void normalize_error(lua_State *L) {
   lua_remove(L, -2);
 }
 
-/* A number, boolean or nil needs neither the memo nor the protected call: with room for
- * the largest of them reserved first, nothing in its encoding can raise (a message
- * round trip is mostly such values). Returns 0 for every other value, or without room. */
-static int encode_plain_scalar(lua_State *L, int idx, luamp_buf *b, luamp_fdlist *fds) {
-  int type = lua_type(L, idx);
-  if (type != LUA_TNUMBER && type != LUA_TBOOLEAN && type != LUA_TNIL) return 0;
-  if (b->cap - b->len < 16 && luamp_buf_reserve(b, 16)) return 0;
-  enc e;
-  e.L = L;
-  e.b = b;
-  put_byte(&e, CODEC_VERSION);
-  encode_scalar(&e, idx, type);
-  if (fds) fds->n = 0;
-  return 1;
-}
-
 /* The carrier list (handles.c) is installed for the pcall only: NULL for a plain encode,
  * so handles nested in it never put descriptors in a list they do not travel with. */
 static int encode_with(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *fds) {
-  if (encode_plain_scalar(L, idx, b, fds)) return 0;
   idx = lua_absindex(L, idx);
   enc e;
   memo m;
@@ -1329,34 +1312,7 @@ int luamp_decodex(lua_State *L, const char *data, size_t len, int flags) {
   return luamp_decode_fds(L, data, len, flags, NULL);
 }
 
-/* A message that is one number, boolean or nil, exactly (the version byte, the tag and
- * the bytes the tag says, nothing more), is pushed without the protected call: nothing
- * in it can fail. Returns 0 for any other message, which the full decoder checks. */
-static int decode_plain_scalar(lua_State *L, const char *data, size_t len) {
-  const unsigned char *p = (const unsigned char *)data;
-  if (len < 2 || p[0] != CODEC_VERSION) return 0;
-  unsigned t = p[1];
-  size_t body = len - 2;
-  if (t >= T_FIXINT && body == 0) lua_pushinteger(L, (lua_Integer)(t - T_FIXINT));
-  else if (t == T_NIL && body == 0) lua_pushnil(L);
-  else if ((t == T_FALSE || t == T_TRUE) && body == 0) lua_pushboolean(L, t == T_TRUE);
-  else if (t == T_INT8 && body == 1) lua_pushinteger(L, (int8_t)p[2]);
-  else if (t == T_INT16 && body == 2) lua_pushinteger(L, (int16_t)load_le(p + 2, 2));
-  else if (t == T_INT32 && body == 4) lua_pushinteger(L, (int32_t)load_le(p + 2, 4));
-  else if (t == T_INT64 && body == 8) lua_pushinteger(L, (lua_Integer)load_le(p + 2, 8));
-  else if (t == T_FLOAT && body == 8) {
-    uint64_t bits = load_le(p + 2, 8);
-    double v;
-    memcpy(&v, &bits, 8);
-    lua_pushnumber(L, (lua_Number)v);
-  } else {
-    return 0;
-  }
-  return 1;
-}
-
 int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luamp_fdlist *in) {
-  if (lua_checkstack(L, 1) && decode_plain_scalar(L, data, len)) return 0;
   dec d;
   dec_init(&d, L, data, len, flags);
   if (!lua_checkstack(L, 8)) {
