@@ -1,5 +1,6 @@
 /* test_conn_blocking.c — a Connection's receive outside any task, with no pump and no
- * deadline, blocks in recvmsg itself: in a ping-pong of N messages the parent makes N
+ * deadline, blocks in recvmsg itself (and a manager proxy call waits for its reply in
+ * recv, with no poll first): in a ping-pong of N messages the parent makes N
  * recvmsg calls and (almost) no poll calls, one system call per message as a plain
  * blocking read. Ctrl-C still wins: an embedder's SIGINT handler installed with
  * SA_RESTART (which the kernel would otherwise restart a blocking recvmsg after) ends a
@@ -115,6 +116,25 @@ static const char *script =
   "local m = b:recv()\n"
   "assert(m == 'after', 'the connection did not go on: ' .. tostring(m))\n"
   "q:join()\n"
+  "-- a manager call waits for its reply in recv too, and Ctrl-C wins there as well\n"
+  "local m = luamp.Manager()\n"
+  "local d, mq = m:dict(), m:Queue()\n"
+  "d.k = 0\n"
+  "local mr0, mp0 = counts()\n"
+  "for i = 1, 200 do d.k = i end\n"
+  "local mr1, mp1 = counts()\n"
+  "assert(d.k == 200)\n"
+  "assert(mp1 - mp0 <= 200 // 16, ('%d poll calls for 200 manager calls'):format(mp1 - mp0))\n"
+  "local k = luamp.Process{target = function()\n"
+  "  sigint_when_asleep(parent)\n"
+  "  if not a:poll(5) then mq:put('late') end\n"
+  "end}\n"
+  "k:start()\n"
+  "local ok2, e2 = pcall(mq.get, mq)\n"
+  "assert(not ok2 and type(e2) == 'table' and e2.kind == 'Interrupted', 'the manager call was not interrupted: ' .. tostring(e2))\n"
+  "b:send('done')\n"
+  "k:join()\n"
+  "m:shutdown()\n"
   "return r1 - r0, p1 - p0\n";
 
 int main(void) {
