@@ -374,6 +374,8 @@ typedef struct enc {
   names *nm;               /* NULL until first needed this call */
   int names_fresh;         /* the map was (re)built during this call */
   int names_slot, anchor_slot, anchor_n;
+  const void *slice;       /* this table is written as the list of its items i..j */
+  lua_Integer slice_i, slice_j;
 } enc;
 
 /* Appends a rendering of the key at idx ("key" steps) to the path. */
@@ -769,11 +771,40 @@ static void patch_counts(enc *e, size_t at, uint64_t n1, uint64_t n2) {
   memcpy(e->b->data + at, tmp, (size_t)k);
 }
 
+/* The table at idx as the plain list {t[i], ..., t[j]} (nils in place; its other keys and
+ * its metatable not sent): a Pool chunk's arguments straight from the caller's list, a
+ * chunk's results from the worker's table, without building a table for them or walking
+ * them with lua_next. */
+static void encode_slice(enc *e, int idx, memo_entry *s, const void *p) {
+  lua_State *L = e->L;
+  slot_fill(e, s, p, e->nrefs++);
+  enter(e);
+  put_byte(e, T_TABLE);
+  lua_Integer i = e->slice_i, j = e->slice_j;
+  put_varint(e, (uint64_t)(j - i + 1));
+  put_varint(e, 0);
+  int k = lua_gettop(L) + 1, v = k + 1;             /* the key (for error paths), the value */
+  lua_pushnil(L);
+  for (lua_Integer x = i; x <= j; x++) {
+    int t = lua_geti(L, idx, x);
+    if (t == LUA_TNUMBER && lua_isinteger(L, v)) put_int(e, lua_tointeger(L, v));
+    else if (!encode_scalar(e, v, t)) {
+      lua_pushinteger(L, x - i + 1);
+      lua_replace(L, k);
+      encode_child_t(e, STEP_KEY, k, v, t);
+    }
+    lua_settop(L, k);
+  }
+  lua_settop(L, k - 1);
+  e->depth--;
+}
+
 static void encode_table(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   memo_entry *s = enc_slot(e, p);
   if (memo_hit(e->m, s)) { put_ref(e, s->val); return; }
+  if (p == e->slice) { encode_slice(e, idx, s, p); return; }
   if (p == e->globals) { put_byte(e, T_GLOBALS); return; }
   if (encode_named(e, p)) return;
   int mt = metatable_or_handle(e, idx);
@@ -1347,7 +1378,8 @@ typedef struct scratch {
 } scratch;
 
 #define SCRATCH_MT "luamp.codec.scratch"
-#define SCRATCH_KEEP (1u << 20)    /* buffer bytes kept between calls */
+#define SCRATCH_KEEP (4u << 20)    /* buffer bytes kept between calls (a Pool worker
+                                      encodes a chunk's ~1 MB of results again and again) */
 #define SCRATCH_MEMO_KEEP (1u << 16)  /* memo entries kept between calls */
 
 static char scratch_regkey;
@@ -1393,21 +1425,70 @@ static scratch *push_scratch(lua_State *L) {
   return s;
 }
 
-/* luamp.dumps(v) -> string; as _core.dumpx(v) (upvalue true) -> string, fds|nil, where
- * fds is a bundle (handles.c) holding duplicates of the descriptors the value's handles
- * need, for a transport that sends them along later. */
+/* luamp.dumps(v) -> string; as _core.dumpx(v, [root], [t, i, j]) (upvalue true) ->
+ * string, fds|nil, where fds is a bundle (handles.c) holding duplicates of the
+ * descriptors the value's handles need, for a transport that sends them along later, and
+ * the table t, where met in v (v itself may be t), is written as the plain list {t[i],
+ * ..., t[j]} (see encode_slice). */
+static scratch *dump_to_scratch(lua_State *L, int carry);
+
+/* Pushes a bundle (handles.c) with duplicates of the descriptors s collected. */
+static int push_fds_bundle(lua_State *L, scratch *s) {
+  luamp_fdlist *out = luamp_fds_push_bundle(L);
+  for (int i = 0; i < s->fl.n; i++) {
+    int fd = fcntl(s->fl.fd[i], F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) luamp_raise_errno(L, "Serialize", "dumpx: dup", errno);   /* the bundle owns the rest */
+    out->fd[out->n++] = fd;
+  }
+  return 1;
+}
+
 static int l_dumps(lua_State *L) {
   int carry = lua_toboolean(L, lua_upvalueindex(1));
+  scratch *s = dump_to_scratch(L, carry);
+  lua_pushlstring(L, s->b.data, s->b.len);
+  if (!carry || s->fl.n == 0) return 1;
+  return 1 + push_fds_bundle(L, s);
+}
+
+int luamp_dumpx_scratch(lua_State *L, const char **data, size_t *len) {
+  scratch *s = dump_to_scratch(L, 1);
+  *data = s->b.data;
+  *len = s->b.len;
+  return s->fl.n;
+}
+
+int luamp_dumpx_push_fds(lua_State *L) {
+  return push_fds_bundle(L, lua_touserdata(L, 3));
+}
+
+/* Encodes the value at 1 as l_dumps says (arguments at 1..5) into the state's scratch
+ * buffer, which stays on the stack (at 3) as a to-be-closed slot: the bytes are good
+ * until the calling C function returns. */
+static scratch *dump_to_scratch(lua_State *L, int carry) {
   luaL_checkany(L, 1);
   /* luamp's own callers name the value for error messages ("args", "the task function") */
   char root[64];
   snprintf(root, sizeof root, "%s", luaL_optstring(L, 2, "value"));
-  lua_settop(L, 1);
+  lua_Integer si = 0, sj = 0;
+  lua_settop(L, 5);
+  if (carry && !lua_isnil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    si = luaL_checkinteger(L, 4);
+    sj = luaL_checkinteger(L, 5);
+    if (sj < si - 1 || sj - si >= INT_MAX) luamp_raise(L, "Value", "dumpx: bad slice %lld..%lld",
+                                                       (long long)si, (long long)sj);
+  } else {
+    lua_pushnil(L);
+    lua_replace(L, 3);
+  }
+  lua_copy(L, 3, 2);                                /* the slice's table, anchored (or nil) */
+  lua_settop(L, 2);
   scratch *s = push_scratch(L);
   s->prev_fl = luamp_fds_send_begin(carry ? &s->fl : NULL);
   s->busy = 1;
-  lua_toclose(L, 2);
-  lua_settop(L, 4);
+  lua_toclose(L, 3);
+  lua_settop(L, 5);
   enc e;
   e.L = L;
   e.b = &s->b;
@@ -1417,21 +1498,16 @@ static int l_dumps(lua_State *L) {
   e.depth = e.nsteps = 0;
   e.nm = NULL;
   e.names_fresh = 0;
-  e.names_slot = 3;
-  e.anchor_slot = 4;
+  e.names_slot = 4;
+  e.anchor_slot = 5;
   e.anchor_n = 0;
+  e.slice = lua_istable(L, 2) ? lua_topointer(L, 2) : NULL;
+  e.slice_i = si;
+  e.slice_j = sj;
   s->b.len = 0;
   memo_clear(&s->m);
   encode_root(&e, 1);
-  lua_pushlstring(L, s->b.data, s->b.len);
-  if (!carry || s->fl.n == 0) return 1;
-  luamp_fdlist *out = luamp_fds_push_bundle(L);
-  for (int i = 0; i < s->fl.n; i++) {
-    int fd = fcntl(s->fl.fd[i], F_DUPFD_CLOEXEC, 0);
-    if (fd < 0) luamp_raise_errno(L, "Serialize", "dumpx: dup", errno);   /* the bundle owns the rest */
-    out->fd[out->n++] = fd;
-  }
-  return 2;
+  return s;
 }
 
 static int loads_with(lua_State *L, int flags) {
@@ -1466,7 +1542,8 @@ static int l_loads(lua_State *L) {
 static int l_loads_trusted(lua_State *L) { return loads_with(L, 0); }
 
 /* After a T_TABLE tag: the table's items (keys 1..n only, no metatable) go straight into
- * the table at dst, item i at dst[pos+i-1]; dst stands in for the table as a reference. */
+ * the table at dst, item i at dst[pos+i-1] (all n of them: a hole becomes nil); dst
+ * stands in for the table as a reference. */
 static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
   lua_State *L = d->L;
   size_t narr = get_count(d, 1);
@@ -1477,6 +1554,12 @@ static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
   for (size_t i = 1; i <= narr; i++) {
     decode_value(d);
     lua_rawseti(L, dst, pos + (lua_Integer)i - 1);
+  }
+  /* the items past the list part are holes unless the pairs name them: dst may be a
+   * table reused from an earlier chunk */
+  for (lua_Integer k = (lua_Integer)narr + 1; k <= n; k++) {
+    lua_pushnil(L);
+    lua_rawseti(L, dst, pos + k - 1);
   }
   for (size_t i = 0; i < nhash; i++) {
     decode_value(d);
@@ -1491,28 +1574,16 @@ static void decode_items_into(dec *d, int dst, lua_Integer pos, lua_Integer n) {
   d->depth--;
 }
 
-/* _core.loads_into(s, dst, pos, n, [at]): decodes s (trusted) without making the big
- * table a Pool result carries (a million results would otherwise be decoded into a
- * fresh table, its pages faulted in, and moved):
- *  - without at: s is a table whose keys are the integers 1..n and nothing else (a
- *    chunk's results); its items go straight into dst[pos .. pos+n-1]. Returns nothing.
- *  - with at: s is a result message, a list whose item 3 says whether the chunk succeeded;
- *    it is decoded and returned as usual, except that when item 3 is true and item `at` is
- *    such a table of n items, those go straight into dst and item `at` becomes true.
- * Keys of dst not named by s are left as they are. Raises Serialize for anything else. */
-static int l_loads_into(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  lua_Integer pos = luaL_checkinteger(L, 3), n = luaL_checkinteger(L, 4);
-  lua_Integer at = luaL_optinteger(L, 5, 0);
+/* What loads_into does, on bytes anywhere (a Lua string, or a record in a Pool ring): the
+ * table at index dst gets the items; the value (at > 0) or nothing is pushed. Raises. */
+static int loads_into_bytes(lua_State *L, const char *s, size_t len, int dst, lua_Integer pos,
+                            lua_Integer n, lua_Integer at) {
   if (n < 0 || pos < 1 || pos > LUA_MAXINTEGER - n || at < 0)
     luamp_raise(L, "Value", "loads_into: bad position or count");
-  lua_settop(L, 5);
   lua_pushnil(L);                                   /* refs_slot */
   dec d;
   dec_init(&d, L, s, len, 0);
-  d.refs_slot = 6;
+  d.refs_slot = lua_gettop(L);
   if (d.p == d.end) dec_fail(&d, "empty input");
   if (*d.p != CODEC_VERSION) dec_fail(&d, "unsupported format version %d", *d.p);
   d.p++;
@@ -1520,7 +1591,7 @@ static int l_loads_into(lua_State *L) {
   if (at == 0) {
     if (*d.p != T_TABLE) dec_fail(&d, "expected a plain table of %lld items", (long long)n);
     d.p++;
-    decode_items_into(&d, 2, pos, n);
+    decode_items_into(&d, dst, pos, n);
     if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
     return 0;
   }
@@ -1541,7 +1612,7 @@ static int l_loads_into(lua_State *L) {
       lua_pop(L, 1);
       if (ok) {
         d.p++;
-        decode_items_into(&d, 2, pos, n);
+        decode_items_into(&d, dst, pos, n);
         lua_pushboolean(L, 1);
         lua_rawseti(L, t, (lua_Integer)i);
         continue;
@@ -1561,6 +1632,56 @@ static int l_loads_into(lua_State *L) {
   d.depth--;
   if (d.p != d.end) dec_fail(&d, "%zu trailing bytes", (size_t)(d.end - d.p));
   return 1;
+}
+
+/* _core.loads_into(s, dst, pos, n, [at]): decodes s (trusted) without making the big
+ * table a Pool result carries (a million results would otherwise be decoded into a
+ * fresh table, its pages faulted in, and moved):
+ *  - without at: s is a table whose keys are the integers 1..n and nothing else (a
+ *    chunk's results); its items go straight into dst[pos .. pos+n-1]. Returns nothing.
+ *  - with at: s is a result message, a list whose item 3 says whether the chunk succeeded;
+ *    it is decoded and returned as usual, except that when item 3 is true and item `at` is
+ *    such a table of n items, those go straight into dst and item `at` becomes true.
+ * dst[pos .. pos+n-1] are all replaced (holes become nil), other keys of dst are left as
+ * they are. Raises Serialize for anything else. */
+static int l_loads_into(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer pos = luaL_checkinteger(L, 3), n = luaL_checkinteger(L, 4);
+  lua_Integer at = luaL_optinteger(L, 5, 0);
+  lua_settop(L, 5);
+  return loads_into_bytes(L, s, len, 2, pos, n, at);
+}
+
+typedef struct into_args {
+  const char *s;
+  size_t len;
+  lua_Integer pos, n, at;
+  int nres;
+} into_args;
+
+/* lua_pcall'd: (into_args*, dst). */
+static int loads_into_protected(lua_State *L) {
+  into_args *a = lua_touserdata(L, 1);
+  a->nres = loads_into_bytes(L, a->s, a->len, 2, a->pos, a->n, a->at);
+  return a->nres;
+}
+
+int luamp_decode_into(lua_State *L, const char *data, size_t len, int dst, lua_Integer pos,
+                      lua_Integer n, lua_Integer at) {
+  if (!lua_checkstack(L, 8)) {
+    luamp_error_push(L, "Serialize", "Lua stack exhausted");
+    return -1;
+  }
+  dst = lua_absindex(L, dst);
+  into_args a = {data, len, pos, n, at, 0};
+  lua_pushcfunction(L, loads_into_protected);
+  lua_pushlightuserdata(L, &a);
+  lua_pushvalue(L, dst);
+  if (lua_pcall(L, 2, LUA_MULTRET, 0) == LUA_OK) return a.nres;
+  normalize_error(L);
+  return -1;
 }
 
 /* _core.loadx(bytes, fds|nil) -> v: decodes (trusted) with the bundle's descriptors; the

@@ -152,6 +152,17 @@ int luamp_encode(lua_State *L, int idx, luamp_buf *b);     /* root "value" */
 #define LUAMP_DECODE_UNTRUSTED (LUAMP_DECODE_NO_CODE | LUAMP_DECODE_NO_LIVE)
 int luamp_decodex(lua_State *L, const char *data, size_t len, int flags);
 int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
+/* As _core.loads_into(data, dst, pos, n, at) (codec.c), on len bytes anywhere, into the
+ * table at index dst: returns the number of values pushed (0, or 1 with at > 0), or -1
+ * with the error object pushed. Never raises. */
+int luamp_decode_into(lua_State *L, const char *data, size_t len, int dst, lua_Integer pos,
+                      lua_Integer n, lua_Integer at);
+/* As _core.dumpx(v, root, t, i, j) with those at stack 1..5 (codec.c), but the bytes stay
+ * in the state's scratch buffer, good until the calling C function returns (the scratch is
+ * left at stack 3 as a to-be-closed slot; the stack above 5 is dropped). Returns how many
+ * descriptors the value needs; luamp_dumpx_push_fds then pushes their bundle. Raises. */
+int luamp_dumpx_scratch(lua_State *L, const char **data, size_t *len);
+int luamp_dumpx_push_fds(lua_State *L);
 
 /* Handles: a luamp object (userdata or table) crosses the codec by reference when its
  * metatable has a field __luamp_handle = function(obj) -> type_name, payload. The payload

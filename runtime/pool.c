@@ -5,9 +5,26 @@
  * process group, and only the parent should act on it — it terminates the pool) — plus
  * two table helpers for the hot path: Lua cannot make a table of a known size, and
  * growing a table of a million results one doubling at a time costs more than the work.
+ *
+ * Big blocks on huge pages. A map's result table of a million items is a 16 MB block
+ * written in full at once; fresh from malloc it comes in 4 KiB pages, each a page fault,
+ * and on a virtual machine a fault costs tens of microseconds (measured here: 3,900
+ * faults and 200 ms for 16 MB, against 25 ms on 2 MiB pages). So the first table_new of a
+ * big table puts a thin layer over the state's allocator: a block of BIG_BLOCK bytes or
+ * more (1.75 MiB) gets a mapping of its own, starting at a 2 MiB boundary, with MADV_HUGEPAGE (the
+ * kernel's "madvise" mode then backs every whole 2 MiB of it with one huge page), and goes
+ * back to the kernel when freed; every other block goes to the allocator as before. The
+ * layer knows its blocks by address (an open-addressing set); it frees itself on the
+ * state's last call (lua_close frees the main thread's block last).
  */
+#define _GNU_SOURCE 1   /* dladdr */
+#include <dlfcn.h>
 #include <malloc.h>
 #include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -34,10 +51,177 @@ static int l_worker_setup(lua_State *L) {
   return 0;
 }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+#define BIG_BLOCK (HUGE_PAGE / 8 * 7)   /* (rounded up to a huge page: see big_map) */
+
+typedef struct big_block { void *p; size_t maplen; } big_block;
+
+typedef struct big_alloc {
+  lua_Alloc f;            /* the state's allocator underneath */
+  void *ud;
+  void *last;             /* the main thread's block: freed by the state's last call */
+  big_block *set;         /* open addressing (linear probing) by address; cap a power of 2 */
+  size_t cap, n;
+} big_alloc;
+
+static size_t big_hash(const void *p, size_t cap) {
+  return (size_t)(((uintptr_t)p >> 21) * 0x9E3779B97F4A7C15ull) & (cap - 1);
+}
+
+static size_t big_find(const big_alloc *b, const void *p) {
+  if (!b->cap) return SIZE_MAX;
+  for (size_t i = big_hash(p, b->cap);; i = (i + 1) & (b->cap - 1)) {
+    if (b->set[i].p == p) return i;
+    if (!b->set[i].p) return SIZE_MAX;
+  }
+}
+
+static int big_insert(big_alloc *b, void *p, size_t maplen) {
+  if (2 * (b->n + 1) > b->cap) {
+    size_t cap = b->cap ? 2 * b->cap : 16;
+    big_block *set = calloc(cap, sizeof *set);
+    if (!set) return -1;
+    for (size_t i = 0; i < b->cap; i++) {
+      if (!b->set[i].p) continue;
+      size_t j = big_hash(b->set[i].p, cap);
+      while (set[j].p) j = (j + 1) & (cap - 1);
+      set[j] = b->set[i];
+    }
+    free(b->set);
+    b->set = set;
+    b->cap = cap;
+  }
+  size_t j = big_hash(p, b->cap);
+  while (b->set[j].p) j = (j + 1) & (b->cap - 1);
+  b->set[j].p = p;
+  b->set[j].maplen = maplen;
+  b->n++;
+  return 0;
+}
+
+/* Removes slot i, moving later members of its probe run back (no tombstones). */
+static void big_remove(big_alloc *b, size_t i) {
+  size_t mask = b->cap - 1;
+  b->set[i].p = NULL;
+  b->n--;
+  for (size_t j = (i + 1) & mask; b->set[j].p; j = (j + 1) & mask) {
+    size_t h = big_hash(b->set[j].p, b->cap);
+    /* j's entry may fill the hole at i if its home is not in (i, j] (cyclically) */
+    if ((j > i && (h <= i || h > j)) || (j < i && h <= i && h > j)) {
+      b->set[i] = b->set[j];
+      b->set[j].p = NULL;
+      i = j;
+    }
+  }
+}
+
+/* A mapping of at least n bytes starting at a 2 MiB boundary, asked for huge pages. Only
+ * whole huge pages of it get one: it runs to the next 2 MiB boundary when that wastes at
+ * most an eighth (a million 16-byte slots are 15.3 MiB: their last 1.3 MiB would
+ * otherwise fault in 4 KiB at a time). */
+static void *big_map(size_t n, size_t *maplen) {
+  if (n > SIZE_MAX - 4 * HUGE_PAGE) return NULL;
+  size_t len = (n + 4095) & ~(size_t)4095;
+  size_t whole = (n + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+  if (whole - len <= len / 8) len = whole;
+  size_t span = len + HUGE_PAGE;
+  char *r = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (r == MAP_FAILED) return NULL;
+  char *a = (char *)(((uintptr_t)r + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+  if (a > r) munmap(r, (size_t)(a - r));
+  if (a + len < r + span) munmap(a + len, (size_t)(r + span - (a + len)));
+#ifdef MADV_HUGEPAGE
+  madvise(a, len, MADV_HUGEPAGE);
+#endif
+  *maplen = len;
+  return a;
+}
+
+static void *big_alloc_f(void *ud, void *ptr, size_t osize, size_t nsize) {
+  big_alloc *b = ud;
+  size_t i = ptr && osize >= BIG_BLOCK ? big_find(b, ptr) : SIZE_MAX;
+  if (i == SIZE_MAX) {                                 /* not ours */
+    if (nsize < BIG_BLOCK || (ptr && nsize <= osize)) {
+      void *r = b->f(b->ud, ptr, osize, nsize);
+      if (ptr == b->last && nsize == 0) {              /* lua_close is done: so are we */
+        free(b->set);
+        free(b);
+      }
+      return r;
+    }
+    size_t maplen;
+    void *p = big_map(nsize, &maplen);
+    if (p && big_insert(b, p, maplen) < 0) {
+      munmap(p, maplen);
+      p = NULL;
+    }
+    if (!p) return b->f(b->ud, ptr, osize, nsize);    /* no mapping: as before */
+    if (ptr) {
+      memcpy(p, ptr, osize);
+      b->f(b->ud, ptr, osize, 0);
+    }
+    return p;
+  }
+  size_t maplen = b->set[i].maplen;
+  if (nsize == 0) {
+    big_remove(b, i);
+    munmap(ptr, maplen);
+    return NULL;
+  }
+  if (nsize >= BIG_BLOCK && nsize <= maplen) return ptr;   /* fits where it is */
+  void *np;
+  if (nsize >= BIG_BLOCK) {
+    size_t nl;
+    np = big_map(nsize, &nl);
+    if (!np) return NULL;
+    if (big_insert(b, np, nl) < 0) {
+      munmap(np, nl);
+      return NULL;
+    }
+  } else {
+    np = b->f(b->ud, NULL, 0, nsize);
+    if (!np) return NULL;
+  }
+  memcpy(np, ptr, osize < nsize ? osize : nsize);
+  big_remove(b, big_find(b, ptr));                     /* (the insert may have moved it) */
+  munmap(ptr, maplen);
+  return np;
+}
+
+/* Puts the big-block layer over L's allocator, once. The state calls it until its very
+ * end, after lua_close has unloaded the C modules (package's _CLIBS): loaded as a module,
+ * luamp pins itself first (RTLD_NODELETE), or goes without the layer. Linked into the
+ * program, it is never unloaded. */
+static void big_blocks_on(lua_State *L) {
+  void *ud;
+  if (lua_getallocf(L, &ud) == big_alloc_f) return;
+  Dl_info info;
+  if (dladdr((void *)big_alloc_f, &info) && info.dli_fname) {
+    void *self = dlopen(NULL, RTLD_LAZY);
+    void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE);
+    int in_program = 0;
+    if (!lib) {
+      /* not a library of its own: in the program, if the program has the symbol */
+      in_program = self && dlsym(self, "luaopen_luamp") != NULL;
+    }
+    if (self) dlclose(self);
+    if (!lib && !in_program) return;
+    /* lib stays open: with RTLD_NODELETE it is never unloaded anyway */
+  }
+  big_alloc *b = calloc(1, sizeof *b);
+  if (!b) return;                                      /* then without it */
+  b->f = lua_getallocf(L, &b->ud);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  b->last = lua_getextraspace(lua_tothread(L, -1));
+  lua_pop(L, 1);
+  lua_setallocf(L, big_alloc_f, b);
+}
+
 /* table_new(narr) -> a table with room for narr array items */
 static int l_table_new(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   if (n < 0 || n > (1 << 26)) n = 0;   /* a hint only: beyond this, let it grow */
+  if ((size_t)n >= BIG_BLOCK / 16) big_blocks_on(L);
   lua_createtable(L, (int)n, 1);
   return 1;
 }

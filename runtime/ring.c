@@ -19,6 +19,16 @@
  * go by the socket (the caller decides). The Pool never has more than a few dozen
  * messages outstanding on a ring, so a marker always fits.
  *
+ * Whole records, few pages. A record never crosses the end of its area: a PAD header (the
+ * rest of the area is unused) goes before one that would. So every record lies in one
+ * piece and the consumer can decode it where it lies (ring:take_decoded: a big chunk's
+ * million results go from the shared pages straight into the result table, with no
+ * string, socket or copy between). And when the ring is empty, a record that fits before
+ * the write offset goes back to the start of the area: a consumer that keeps up sees its
+ * messages in the same few pages. The area is large (RING_CAP, so that a big chunk's
+ * arguments or results fit) but costs only what is touched: the memfd's pages are made on
+ * first touch, and the rewinding keeps what is touched to about the largest backlog.
+ *
  * Waking. The consumer of a direction sets its `sleeping` word before it blocks (and looks
  * at the ring once more after setting it); the producer, after publishing, rings the
  * doorbell only if that word is set (and clears it). Both sides order the store before
@@ -48,7 +58,10 @@
  * Trust. The other side can write anything into the shared pages: every length and
  * position read from them is checked against the ring's size and fill before use; a ring
  * that makes no sense raises Value (the Pool then treats the worker as broken). Positions
- * and lengths are copied out of shared memory once before they are checked.
+ * and lengths are copied out of shared memory once before they are checked. A record
+ * decoded in place is read by the codec, which checks every length against the record's
+ * checked end as it goes: bytes changed under it can give a wrong value or a decode
+ * error, never a read outside the record.
  *
  * Crossing. A ring made before a fork is inherited (MAP_SHARED mapping, CLOEXEC fds); a
  * spawn worker gets it as a luamp handle: the memfd and both eventfds travel with the
@@ -67,9 +80,10 @@
 
 #define RING_MT "luamp.PoolRing"
 #define RING_MAGIC 0x676e6952706d6c00ULL   /* "\0lmpRing" */
-#define RING_CAP (256u * 1024)            /* bytes of each direction's data area */
+#define RING_CAP (4u << 20)               /* bytes of each direction's data area */
 #define HDR_SIZE 4096u
 #define MARKER 0x80000000u
+#define PAD 0xffffffffu                   /* the rest of the area up to its end is unused */
 #define MARKER_ROOM 256u                  /* markers that always fit after a record */
 #define SPIN_MIN_NS 2000.0
 #define SPIN_MAX_NS 50000.0
@@ -100,6 +114,8 @@ typedef struct {
   unsigned skip[2];       /* waits left that spin the least */
   unsigned vain[2];       /* long spins in vain since the last one that caught data */
   double gave_up[2];      /* when its last spin in vain began (ns), 0: none since */
+  int decoding;           /* a record is being decoded where it lies (take_decoded) */
+  int closing;            /* closed meanwhile: released when that decode ends */
 } ring;
 
 _Static_assert(sizeof(ring_hdr) <= HDR_SIZE, "ring header fits its page");
@@ -126,6 +142,10 @@ static int check_dir(lua_State *L, int idx) {
 }
 
 static void ring_release(ring *r) {
+  if (r->decoding) {        /* a finalizer closed it under a decode: that decode releases it */
+    r->closing = 1;
+    return;
+  }
   if (r->h) munmap(r->h, r->maplen);
   r->h = NULL;
   luamp_close_fd(r->memfd);
@@ -166,6 +186,10 @@ static int l_ring_new(lua_State *L) {
     if (r->efd[d] < 0) luamp_raise_errno(L, "Value", "pool ring: eventfd", errno);
   }
   if (map_ring(r) < 0) luamp_raise_errno(L, "Value", "pool ring: mmap", errno);
+  /* the first page of each area, where a ring whose reader keeps up writes every record,
+   * is made now: the first message does not pay for a fresh page (tens of us on a VM) */
+  memset(r->data[0], 0, 4096);
+  memset(r->data[1], 0, 4096);
   r->h->magic = RING_MAGIC;
   r->h->cap = RING_CAP;
   atomic_store(&r->h->d[1].sleeping, 1);
@@ -181,18 +205,14 @@ static int64_t ring_fill(ring_dir *dd, uint64_t *head, uint64_t *tail) {
   return (int64_t)fill;
 }
 
+/* Records never cross the end of the area (a PAD goes before one that would): each lies
+ * in one piece, so the consumer can decode it where it lies. */
 static void copy_in(unsigned char *area, uint64_t pos, const void *src, size_t n) {
-  size_t off = (size_t)(pos % RING_CAP), first = RING_CAP - off;
-  if (first >= n) { memcpy(area + off, src, n); return; }
-  memcpy(area + off, src, first);
-  memcpy(area, (const unsigned char *)src + first, n - first);
+  memcpy(area + (size_t)(pos % RING_CAP), src, n);
 }
 
 static void copy_out(void *dst, const unsigned char *area, uint64_t pos, size_t n) {
-  size_t off = (size_t)(pos % RING_CAP), first = RING_CAP - off;
-  if (first >= n) { memcpy(dst, area + off, n); return; }
-  memcpy(dst, area + off, first);
-  memcpy((unsigned char *)dst + first, area, n - first);
+  memcpy(dst, area + (size_t)(pos % RING_CAP), n);
 }
 
 static double mono_ns(void) {
@@ -213,29 +233,52 @@ static void ring_doorbell(ring *r, int d) {
   }
 }
 
-/* ring:put(d, bytes, [marker], [tag]) -> true (in the ring), or false (a marker went in
- * its place: send the message on the socket now; marker = true asks for one). tag: a
- * 32-bit number that travels with the record (0 by default). Raises Value if not even a
- * marker fits. */
-static int l_put(lua_State *L) {
-  ring *r = check_ring(L, 1);
-  int d = check_dir(L, 2);
-  size_t len;
-  const char *s = luaL_checklstring(L, 3, &len);
+/* Where the producer writes a record of `need` bytes (need > 0, a multiple of 8) with
+ * `room` free and the area's write offset at `off`: returns the bytes of PAD to put first
+ * (0: none), or -1 if it does not fit (with room kept for MARKER_ROOM markers after it).
+ * A record never crosses the end of the area; and when the ring is empty a record that
+ * fits before the offset starts again at the beginning, so a consumer that keeps up sees
+ * its messages in the same few pages (a ring only touches what its largest backlog needs:
+ * the memfd's pages are made on first touch). The pad counts as fill until the consumer
+ * has passed it: after going back, only the bytes before the old offset are free, so
+ * `follow` (bytes the caller is about to put right after this record) must fit there too,
+ * or the record stays where it is. */
+static int64_t place(uint64_t off, uint64_t need, uint64_t room, int empty, uint64_t follow) {
+  uint64_t spare = 8u * MARKER_ROOM;
+  uint64_t to_end = RING_CAP - off;
+  if (off > 0 && (need > to_end || (empty && follow <= RING_CAP && need + follow + spare <= off))) {
+    if (to_end + need + spare > room) return -1;
+    return (int64_t)to_end;
+  }
+  return need + spare <= room ? 0 : -1;
+}
+
+/* Puts len bytes at s (or a marker: want_marker, or when they do not fit) into direction
+ * d; whether the bytes went in. Raises Value when not even a marker fits. */
+static int put_bytes(lua_State *L, ring *r, int d, const char *s, size_t len, int want_marker,
+                     lua_Integer tag, lua_Integer follow) {
   ring_dir *dd = &r->h->d[d];
   /* the producer owns tail: its own copy is trusted, head is the consumer's */
   uint64_t tail = atomic_load_explicit(&dd->tail, memory_order_relaxed);
   uint64_t head = atomic_load_explicit(&dd->head, memory_order_acquire);
   uint64_t fill = tail - head;
-  if (fill > RING_CAP) luamp_raise(L, "Value", "pool ring: the reader's position is garbled");
+  if (fill > RING_CAP || (tail & 7))
+    luamp_raise(L, "Value", "pool ring: the reader's position is garbled");
   uint64_t room = RING_CAP - fill;
-  lua_Integer tag = luaL_optinteger(L, 5, 0);
   if (tag < 0 || tag > UINT32_MAX) luamp_raise(L, "Value", "ring tag out of range");
+  if (follow < 0) luamp_raise(L, "Value", "ring: follow must not be negative");
   uint64_t need = 8 + (uint64_t)len;
   need = (need + 7) & ~(uint64_t)7;
-  int inline_ok = !lua_toboolean(L, 4) && len < MARKER && need + 8u * MARKER_ROOM <= room;
+  int64_t pad = -1;
+  if (!want_marker && len < MARKER)
+    pad = place(tail % RING_CAP, need, room, fill == 0, (uint64_t)follow);
   uint32_t hdr[2] = {(uint32_t)len, (uint32_t)tag};
-  if (inline_ok) {
+  if (pad >= 0) {
+    if (pad > 0) {
+      uint32_t ph[2] = {PAD, 0};
+      copy_in(r->data[d], tail, ph, 8);
+      tail += (uint64_t)pad;
+    }
     copy_in(r->data[d], tail, hdr, 8);
     copy_in(r->data[d], tail + 8, s, len);
   } else {
@@ -246,14 +289,100 @@ static int l_put(lua_State *L) {
   }
   atomic_store_explicit(&dd->tail, tail + need, memory_order_release);
   ring_doorbell(r, d);
-  lua_pushboolean(L, inline_ok);
+  return pad >= 0;
+}
+
+/* ring:put(d, bytes, [marker], [tag], [follow]) -> true (in the ring), or false (a marker
+ * went in its place: send the message on the socket now; marker = true asks for one).
+ * tag: a 32-bit number that travels with the record (0 by default). follow: how many
+ * bytes of records the caller puts right after this one (see place). Raises Value if not
+ * even a marker fits. */
+static int l_put(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  size_t len;
+  const char *s = luaL_checklstring(L, 3, &len);
+  lua_pushboolean(L, put_bytes(L, r, d, s, len, lua_toboolean(L, 4), luaL_optinteger(L, 5, 0),
+                               luaL_optinteger(L, 6, 0)));
   return 1;
+}
+
+/* ring:put_value(d, v, [tag], [t, i, j]) -> true: v encoded as _core.dumpx(v, nil, t, i, j)
+ * would, straight into the ring (no string is made); or false, bytes, [fds]: a marker
+ * went in its place (v too big for the ring, or it needs descriptors): send bytes (and
+ * fds) on the socket now. Raises what dumpx raises; then nothing was put. */
+static int l_put_value(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  luaL_checkany(L, 3);
+  lua_Integer tag = luaL_optinteger(L, 4, 0);
+  /* the caller holds the ring: it stays alive without a stack slot */
+  lua_settop(L, 7);
+  lua_remove(L, 4);
+  lua_remove(L, 1);
+  lua_remove(L, 1);                       /* v, t, i, j */
+  lua_pushnil(L);
+  lua_rotate(L, 2, 1);                    /* v, nil (root), t, i, j */
+  const char *data;
+  size_t len;
+  int nfds = luamp_dumpx_scratch(L, &data, &len);
+  if (!r->h) luamp_raise(L, "Value", "pool ring is closed");   /* (by a hook meanwhile) */
+  if (put_bytes(L, r, d, data, len, nfds > 0, tag, 0)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushlstring(L, data, len);
+  if (nfds == 0) return 2;
+  return 2 + luamp_dumpx_push_fds(L);
 }
 
 static int garbled(lua_State *L, const char *why) {
   lua_pushnil(L);
   lua_pushfstring(L, "pool ring: %s", why);
   return 2;
+}
+
+enum { REC_EMPTY, REC_MARKER, REC_DATA, REC_GARBLED };
+
+/* The next record of direction d, PADs before it passed over: its kind; for REC_DATA its
+ * bytes' place and length, for REC_DATA and REC_MARKER its tag and where it starts (head)
+ * and the bytes it takes (consuming it stores head + used, which moves past the PADs
+ * too); for REC_GARBLED why. Nothing is stored here: empty or garbled, the position stays
+ * where it was. Everything read from the shared pages is copied out once, then checked. */
+static int next_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *tag,
+                       uint64_t *used, const char **why) {
+  ring_dir *dd = &r->h->d[d];
+  uint64_t tail;
+  int64_t fill = ring_fill(dd, head, &tail);
+  if (fill < 0) { *why = "positions are garbled"; return REC_GARBLED; }
+  for (;;) {
+    if (fill == 0) return REC_EMPTY;
+    if (fill < 8) { *why = "a record is cut short"; return REC_GARBLED; }
+    uint32_t hdr[2];
+    copy_out(hdr, r->data[d], *head, 8);
+    if (hdr[0] == PAD) {
+      uint64_t skip = RING_CAP - *head % RING_CAP;
+      if (skip > (uint64_t)fill) { *why = "a pad is longer than the ring holds"; return REC_GARBLED; }
+      *head += skip;
+      fill -= (int64_t)skip;
+      continue;
+    }
+    *tag = hdr[1];
+    if (hdr[0] == MARKER) {
+      *used = 8;
+      return REC_MARKER;
+    }
+    if (hdr[0] & MARKER) { *why = "a record has a garbled length"; return REC_GARBLED; }
+    *used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
+    if (*used > (uint64_t)fill) { *why = "a record is longer than the ring holds"; return REC_GARBLED; }
+    if (*head % RING_CAP + *used > RING_CAP) {
+      *why = "a record crosses the end of the ring";
+      return REC_GARBLED;
+    }
+    *len = hdr[0];
+    return REC_DATA;
+  }
 }
 
 /* The budget after data came `delay` ns after a spin began: at least twice that, so the
@@ -308,37 +437,81 @@ static void took_after_spin(ring *r, int d) {
 static int l_take(lua_State *L) {
   ring *r = check_ring(L, 1);
   int d = check_dir(L, 2);
-  ring_dir *dd = &r->h->d[d];
-  uint64_t head, tail;
-  int64_t fill = ring_fill(dd, &head, &tail);
-  if (fill < 0) return garbled(L, "positions are garbled");
-  if (fill == 0) { lua_pushnil(L); return 1; }
-  if (r->gave_up[d] > 0) took_after_spin(r, d);
-  if (fill < 8) return garbled(L, "a record is cut short");
-  uint32_t hdr[2];
-  copy_out(hdr, r->data[d], head, 8);
-  uint64_t used;
-  if (hdr[0] == MARKER) {
-    lua_pushboolean(L, 0);
-    used = 8;
-  } else {
-    if (hdr[0] & MARKER) return garbled(L, "a record has a garbled length");
-    used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
-    if (used > (uint64_t)fill) return garbled(L, "a record is longer than the ring holds");
-    size_t off = (size_t)((head + 8) % RING_CAP);
-    if (off + hdr[0] <= RING_CAP) {
-      /* in one piece (nearly always): copied straight into the string */
-      lua_pushlstring(L, (const char *)r->data[d] + off, hdr[0]);
-    } else {
-      luaL_Buffer b;
-      char *p = luaL_buffinitsize(L, &b, hdr[0]);
-      copy_out(p, r->data[d], head + 8, hdr[0]);
-      luaL_pushresultsize(&b, hdr[0]);
-    }
+  uint64_t head, used = 0;
+  uint32_t len = 0, tag = 0;
+  const char *why = NULL;
+  int kind = next_record(r, d, &head, &len, &tag, &used, &why);
+  if (kind != REC_EMPTY && r->gave_up[d] > 0) took_after_spin(r, d);
+  switch (kind) {
+    case REC_EMPTY: lua_pushnil(L); return 1;
+    case REC_GARBLED: return garbled(L, why);
+    case REC_MARKER: lua_pushboolean(L, 0); break;
+    default:   /* a record is in one piece: copied straight into the string */
+      lua_pushlstring(L, (const char *)r->data[d] + (head + 8) % RING_CAP, len);
   }
-  lua_pushinteger(L, hdr[1]);
-  atomic_store_explicit(&dd->head, head + used, memory_order_release);
+  lua_pushinteger(L, tag);
+  atomic_store_explicit(&r->h->d[d].head, head + used, memory_order_release);
   return 2;
+}
+
+/* ring:take_decoded(d, [dst, pos, n, at]) -> as take, but a message comes decoded
+ * (trusted: the ring joins luamp's own processes) where it lies in the shared pages,
+ * without a copy: the value, its tag and true; with dst, as _core.loads_into(bytes, dst, pos,
+ * n, at) (a big chunk's results go straight into the result table). A record that does
+ * not decode is consumed and reported as garbled (nil, message); a Ctrl-C met while
+ * decoding is raised once the record is consumed. */
+static int l_take_decoded(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  int into = !lua_isnoneornil(L, 3);
+  lua_Integer pos = 0, n = 0, at = 0;
+  if (into) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    pos = luaL_checkinteger(L, 4);
+    n = luaL_checkinteger(L, 5);
+    at = luaL_optinteger(L, 6, 0);
+    if (n < 0 || pos < 1 || pos > LUA_MAXINTEGER - n || at < 0)
+      luamp_raise(L, "Value", "take_decoded: bad position or count");
+  }
+  lua_settop(L, 6);
+  uint64_t head, used = 0;
+  uint32_t len = 0, tag = 0;
+  const char *why = NULL;
+  int kind = next_record(r, d, &head, &len, &tag, &used, &why);
+  if (kind != REC_EMPTY && r->gave_up[d] > 0) took_after_spin(r, d);
+  switch (kind) {
+    case REC_EMPTY: lua_pushnil(L); return 1;
+    case REC_GARBLED: return garbled(L, why);
+    case REC_MARKER:
+      atomic_store_explicit(&r->h->d[d].head, head + used, memory_order_release);
+      lua_pushboolean(L, 0);
+      lua_pushinteger(L, tag);
+      return 2;
+    default: break;
+  }
+  const char *p = (const char *)r->data[d] + head % RING_CAP + 8;
+  /* the record stays where it is (head not moved) until it is decoded: the producer
+   * writes only past tail; a finalizer that closes the ring meanwhile defers its unmap */
+  r->decoding = 1;
+  int rc = into ? luamp_decode_into(L, p, len, 3, pos, n, at)
+                : luamp_decodex(L, p, len, 0) == 0 ? 1 : -1;
+  r->decoding = 0;
+  if (r->closing) {
+    ring_release(r);
+  } else {
+    atomic_store_explicit(&r->h->d[d].head, head + used, memory_order_release);
+  }
+  if (rc < 0) {
+    if (luamp_is_interrupted(L, -1)) return lua_error(L);
+    const char *msg = lua_tostring(L, -1);
+    lua_pushnil(L);
+    lua_pushfstring(L, "pool ring: a record does not decode: %s", msg ? msg : "?");
+    return 2;
+  }
+  if (rc == 0) lua_pushboolean(L, 1);   /* loads_into without at: nothing to give back */
+  lua_pushinteger(L, tag);
+  lua_pushboolean(L, 1);                /* (a decoded false or nil is told from a marker) */
+  return 3;
 }
 
 /* ring:has(d) -> whether direction d holds a message (or garbled positions: the take
@@ -532,7 +705,9 @@ static int l_gc(lua_State *L) {
 int luamp_open_ring(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"put", l_put},
+    {"put_value", l_put_value},
     {"take", l_take},
+    {"take_decoded", l_take_decoded},
     {"has", l_has},
     {"set_sleeping", l_set_sleeping},
     {"peer_awake", l_peer_awake},

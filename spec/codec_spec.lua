@@ -136,6 +136,45 @@ describe("codec tables", function()
   end)
 end)
 
+describe("codec slices (_core.dumpx with t, i, j: a Pool chunk's items and results)", function()
+  local core = luamp._core
+  local function rtx(...) return loads(core.dumpx(...), TRUSTED) end
+
+  it("writes the table as the list of its items i..j, nils in place, nothing else", function()
+    local t = setmetatable({10, 20, nil, 40, 50, x = "not sent", n = 5}, {__name = "M"})
+    local r = rtx(t, nil, t, 2, 5)
+    assert.is_nil(getmetatable(r))
+    assert.is_nil(r.x); assert.is_nil(r.n)
+    assert.equal(20, r[1]); assert.is_nil(r[2]); assert.equal(40, r[3]); assert.equal(50, r[4])
+    assert.is_nil(r[5])
+    assert.same({}, rtx(t, nil, t, 3, 2))
+  end)
+
+  it("inside another value, and met twice it is one table", function()
+    local res = {1, {2}, "three", 4.5, true}
+    local r = rtx({7, res, res, 9}, nil, res, 1, 4)
+    assert.equal(r[2], r[3])
+    assert.same({1, {2}, "three", 4.5}, r[2])
+    assert.equal(9, r[4])
+    -- other tables are written as usual
+    local other = {1, 2, a = 3}
+    assert.same({other, {1}}, rtx({other, res}, nil, res, 1, 1))
+  end)
+
+  it("reads the items as t[k] does (__index included)", function()
+    local t = setmetatable({}, {__index = function(_, k) return k * 10 end})
+    assert.same({20, 30, 40}, rtx(t, nil, t, 2, 4))
+  end)
+
+  it("names the item that cannot be sent, and refuses a bad range", function()
+    local t = {1, 2, {f = io.stdout}}
+    local e = H.raises("Serialize", core.dumpx, t, "items", t, 2, 3)
+    assert.matches("items[2].f", tostring(e), 1, true)
+    H.raises("Value", core.dumpx, t, nil, t, 3, 1)
+    H.raises("Value", core.dumpx, t, nil, t, 1, math.maxinteger)
+  end)
+end)
+
 describe("codec functions", function()
   it("carry upvalues", function()
     local base, name = 10, "n"

@@ -86,6 +86,8 @@ local TIMEOUT_POLL = 0.01       -- how often a timed chunk not yet started is lo
 local FN_CACHE = 64             -- functions a worker keeps
 local MAX_AHEAD = 128           -- chunks one worker may hold
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
+local TINY_CHUNK = 5e-5         -- a chunk this short runs on busy workers only (tiny_busy)
+local STALL_MIN = 0.02          -- a busy worker's chunk this far past its estimate: stalled
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
 local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
 local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
@@ -243,14 +245,19 @@ end
 -- where the ring holds a marker for it; nil when the parent is gone. An empty ring is
 -- spun on briefly while the parent is awake, then slept on (its doorbell and the socket,
 -- whose EOF says the parent is gone).
-local function worker_next(conn, ring, wait_set, spin)
+-- decoded: the message is decoded where it lies in the ring (ring:take_decoded), and
+-- comes back as value, nil, true; one that came on the socket comes as bytes, fds.
+-- dst, n: a list message's n items are decoded straight into dst (as _core.loads_into).
+local function worker_next(conn, ring, wait_set, spin, decoded, dst, n)
   while true do
-    local m, garbled = ring:take(0)
+    local m, garbled, dec
+    if decoded then m, garbled, dec = ring:take_decoded(0, dst, 1, n) else m, garbled = ring:take(0) end
+    if dec then return m, nil, true end
     if m then return m end
     if m == false then
-      local ok, data = U.pcall(conn._recv, conn)
+      local ok, data, fds = U.pcall(conn._recv, conn)
       if not ok then return nil end
-      return data
+      return data, fds
     end
     -- nil: empty (or garbled: the parent cannot be followed any more)
     if garbled then return nil end
@@ -287,23 +294,35 @@ local function worker_post(conn, ring, out, ofds, count)
   return U.pcall(conn._send, conn, out, ofds)
 end
 
--- Encodes and sends the answer to one chunk; false when the parent is gone.
-local answer = {}   -- the answer's table, refilled for each (it is encoded at once)
-local function send_result(conn, ring, jobid, k, okc, dt, res, t0)
-  answer[1], answer[2], answer[3], answer[4], answer[5], answer[6] = jobid, k, okc, dt, res, t0
-  local oke, out, ofds = U.pcall(dumpx, answer)
-  answer[5] = nil
-  if not oke then
-    if okc then
-      out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
-    else
-      -- the error value cannot cross: its string stands in for it
-      out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
-    end
-  end
-  local oks = worker_post(conn, ring, out, ofds)
+-- Encodes msg straight into the ring (ring:put_value: no string is made), or sends it on
+-- the socket behind a marker; t, n: the table in msg encoded as its items 1..n (a map's
+-- results). Returns false, the error when msg cannot be encoded (nothing was sent); else
+-- true, and whether the parent is still there.
+local function worker_post_value(conn, ring, msg, count, t, n)
+  local oke, inring, out, ofds = U.pcall(ring.put_value, ring, 1, msg, count, t, 1, n)
+  if not oke then return false, inring end
+  if inring then return true, true end
+  local oks = U.pcall(conn._send, conn, out, ofds)
   if ofds then ofds:close() end
-  return oks
+  return true, oks
+end
+
+-- Encodes and sends the answer to one chunk; false when the parent is gone. rn: res is
+-- a map's results, items 1..rn (encoded as that list, not walked as a table).
+local answer = {}   -- the answer's table, refilled for each (it is encoded at once)
+local function send_result(conn, ring, jobid, k, okc, dt, res, t0, rn)
+  answer[1], answer[2], answer[3], answer[4], answer[5], answer[6] = jobid, k, okc, dt, res, t0
+  local oke, sent = worker_post_value(conn, ring, answer, 0, rn and res, rn)
+  answer[5] = nil
+  if oke then return sent end
+  local out
+  if okc then
+    out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(sent), "", sent}})
+  else
+    -- the error value cannot cross: its string stands in for it
+    out = dumps({jobid, k, false, dt, {res[1], res[2], res[1]}})
+  end
+  return worker_post(conn, ring, out)
 end
 
 -- Sends the answers held for coalescing (p: {jobid, first k, count, dt, results, t0,
@@ -312,12 +331,9 @@ end
 -- error).
 local function flush_coalesced(conn, ring, p)
   if p[3] > 1 then
-    local oke, out, ofds = U.pcall(dumpx, {p[1], p[2], true, p[4], p[5], p[6], p[7]})
-    if oke then
-      local oks = worker_post(conn, ring, out, ofds, p[3])
-      if ofds then ofds:close() end
-      return oks
-    end
+    local oke, sent = worker_post_value(conn, ring, {p[1], p[2], true, p[4], p[5], p[6], p[7]},
+      p[3], p[5], p[7])
+    if oke then return sent end
   end
   local res, pos, ns = p[5], 0, p[8]
   for j = 1, p[3] do
@@ -346,6 +362,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     end
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
+  local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
   -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
   -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
   -- every chunk is answered on its own.)
@@ -356,7 +373,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     if timed then mode = mode - TIMED end
     local big = mode ~= APPLY and n >= SCRATCH_MIN
     if big then
-      out = out or {}
+      out = out or core.table_new(n)
       for i = n + 1, out_n do out[i] = nil end
       out_n = n
     end
@@ -371,7 +388,9 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       stamps[slot] = (started << 40) | IDLE40
     end
     io.stdout:flush()
-    if not send_result(conn, ring, jobid, k, okc, dt, res, t0) then return false end
+    if not send_result(conn, ring, jobid, k, okc, dt, res, t0, okc and mode ~= APPLY and n or nil) then
+      return false
+    end
     done = done + 1
     return not (maxtasks and done >= maxtasks)
   end
@@ -460,13 +479,24 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
           k, off = k + 1, off + cn
         end
       else
-        local afds
+        local afds, args
         if not abytes then
-          local okr, data, fds = U.pcall(conn._recv, conn)
-          if not okr then return 0 end
-          abytes, afds = data, fds
+          -- the arguments follow as a message of their own: decoded where they lie in
+          -- the ring (a big chunk's list straight into a table reused from chunk to
+          -- chunk), or from the socket behind a marker
+          local dst
+          if mode & 3 ~= APPLY and n >= SCRATCH_MIN then
+            argbuf = argbuf or core.table_new(n)
+            for i = n + 1, argbuf_n do argbuf[i] = nil end
+            argbuf_n, dst = n, argbuf
+          end
+          local data, fds, decoded = worker_next(conn, ring, wait_set, spin, true, dst, n)
+          if data == nil and not decoded then return 0 end
+          if decoded then args = dst or data else abytes, afds = data, fds end
         end
-        if not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
+        if args ~= nil then
+          if not run_chunk(jobid, k, fid, mode, n, nil, nil, args, 1) then return 0 end
+        elseif not run_chunk(jobid, k, fid, mode, n, abytes, afds) then return 0 end
       end
     end
   end
@@ -763,14 +793,16 @@ local function produce(st, job)
     local last = math.min(job.len, first + job.chunksize - 1)
     n = last - first + 1
     if n <= 0 then job.exhausted = true; return nil end
-    if n >= SCRATCH_MIN then
-      -- one table per job, refilled: a fresh one per chunk would fault in new pages
-      args = core.table_slice(job.list, first, last, job.scratch, job.scratch_n)
-      job.scratch, job.scratch_n = args, n
-    else
-      args = core.table_slice(job.list, first, last)
-    end
     if last >= job.len then job.exhausted = true end
+    -- the items are encoded straight from the caller's list (no table is made for them);
+    -- an item that cannot be encoded is then looked for in a slice
+    local ok, bytes, fds = U.pcall(dumpx, job.list, nil, job.list, first, last)
+    if ok then
+      job.pulled = job.pulled + n
+      job.next_k = job.next_k + 1
+      return {job = job, k = job.next_k, first = first, n = n, bytes = bytes, fds = fds}
+    end
+    args = core.table_slice(job.list, first, last)
   else
     args, n = {}, 0
     local iter = job.iter
@@ -822,7 +854,7 @@ local function produce_run(st, job, m)
   local first = job.pulled + 1
   local last = math.min(job.len, job.pulled + m * cs)
   if last - first + 1 <= cs then return nil end   -- one chunk: nothing to share
-  local ok, bytes, fds = U.pcall(dumpx, core.table_slice(job.list, first, last))
+  local ok, bytes, fds = U.pcall(dumpx, job.list, nil, job.list, first, last)
   if not ok or fds then
     if fds then fds:close() end
     job.no_runs = true
@@ -992,8 +1024,11 @@ local function capacity(st, w, job)
   if not est then return held == 0 and 1 or 0 end
   local per = math.max(est * job.chunksize, 1e-7)
   -- a fair share at most: the estimate comes from earlier chunks and may be far off
+  -- (shared among as many workers as run at once: see tiny_busy)
   local left = backlog(st, job)
-  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // #st.workers))
+  local sharers = #st.workers
+  if st.oversub and per < TINY_CHUNK then sharers = math.min(sharers, st.ncpu) end
+  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
   if held == 0 then return math.max(1, math.min(room, want)) end
   if w.unknown > 0 or w.ahead_bytes >= AHEAD_BYTES then return 0 end
   if want >= 2 then
@@ -1099,20 +1134,32 @@ local function evict_fns(w, keep)
 end
 
 -- A message to worker w: in its ring when it fits, else on the socket behind a marker.
-local function post(w, data)
-  if not w.ring:put(0, data) then w.conn:send_bytes(data) end
+-- follow: bytes of messages that go right after it (see ring.c, place).
+local function post(w, data, follow)
+  if not w.ring:put(0, data, false, 0, follow) then w.conn:send_bytes(data) end
 end
 
--- chunks: a list, or a single chunk (send_direct)
+-- The chunks' arguments not inlined follow the message as messages of their own: in the
+-- ring when they fit (the worker decodes them where they lie), else on the socket behind
+-- a marker; with descriptors always on the socket. chunks: a list, or a single chunk
+-- (send_direct).
 local function send_message(w, data, chunks)
-  post(w, data)
-  local conn = w.conn
-  if chunks.job then
-    if chunks.fds or #chunks.bytes > INLINE_MAX then conn:_send(chunks.bytes, chunks.fds) end
-    return
+  local list = chunks.job and {chunks} or chunks
+  local follow = 0
+  for _, c in ipairs(list) do
+    if not c.run and not c.fds and #c.bytes > INLINE_MAX then follow = follow + #c.bytes + 16 end
   end
-  for _, c in ipairs(chunks) do
-    if not c.run and (c.fds or #c.bytes > INLINE_MAX) then conn:_send(c.bytes, c.fds) end
+  post(w, data, follow)
+  local conn = w.conn
+  for _, c in ipairs(list) do
+    if not c.run then
+      if c.fds then
+        w.ring:put(0, "", true)
+        conn:_send(c.bytes, c.fds)
+      elseif #c.bytes > INLINE_MAX then
+        post(w, c.bytes)
+      end
+    end
   end
 end
 
@@ -1166,14 +1213,32 @@ local function send_chunks(st, w, chunks)
   end
 end
 
+-- With more workers than CPUs, chunks known to be tiny (TINY_CHUNK) go to at most one
+-- busy worker per CPU: another worker woken for them would only take a CPU from one that
+-- is running, fault in its own pages, and make every hand-over a wake-up (Pool(8) ran
+-- tiny tasks at 0.57x the rate of Pool(2) on 2 CPUs). A worker whose chunk runs far past
+-- its estimate (blocked, or a long task) does not count: the next one is woken then.
+local function tiny_busy(st)
+  local busy, t = 0, now()
+  for _, w in ipairs(st.workers) do
+    if w.inflight.first <= w.inflight.last and not w.dead
+        and t - w.busy_since < math.max(4 * w.queued_est, STALL_MIN) then
+      busy = busy + 1
+    end
+  end
+  return busy >= st.ncpu
+end
+
 -- Hands out chunks while some worker can take them: each goes to the worker holding
 -- the least; a batch carries further chunks of the same function when they are short.
 local function dispatch_round(st)
   local job = feed_head(st)
   if not job then return false end
   local best, cap
+  local est = st.oversub and job.fe.est
+  local only_busy = est and est * job.chunksize < TINY_CHUNK and tiny_busy(st)
   for _, w in ipairs(st.workers) do
-    local c = capacity(st, w, job)
+    local c = (not only_busy or w.inflight.first <= w.inflight.last) and capacity(st, w, job) or 0
     if c > 0 and (not best or dq_len(w.inflight) < dq_len(best.inflight)) then best, cap = w, c end
   end
   if not best then return false end
@@ -1230,7 +1295,8 @@ local function fail_all(st, err)
   st.feed = dq_new()
 end
 
--- A result message from w (raw bytes) for chunk c, the head of w's queue.
+-- A result message from w (raw bytes, or {the message} decoded in the ring) for chunk c,
+-- the head of w's queue.
 -- items: the message answers the chunks of a map from c on that hold this many items
 -- (coalesced, see worker_loop and queue_pop_run).
 local function on_result(st, w, c, data, fds, items)
@@ -1238,7 +1304,8 @@ local function on_result(st, w, c, data, fds, items)
   if c.fds then c.fds:close() end
   local ok, msg
   local job = c.job
-  if fds then ok, msg = U.pcall(loadx, data, fds)
+  if type(data) == "table" then ok, msg = true, data[1]   -- decoded in the ring
+  elseif fds then ok, msg = U.pcall(loadx, data, fds)
   elseif not items and c.n >= SCRATCH_MIN and job.kind == "map" and not job.ready then
     -- a big chunk of a map: its results go straight into the map's result table
     -- (msg[5] is then true)
@@ -1291,6 +1358,20 @@ local function on_init_message(st, w, data)
   end
 end
 
+-- w's next record in its ring (as ring:take): the answer to a big chunk of a map is
+-- decoded where it lies, its results straight into the map's result table (msg[5] is then
+-- true), and comes boxed ({msg}: told from raw bytes).
+local function take_answer(w)
+  local c = w.init_seen and not w.timeout_kill and w.inflight[w.inflight.first]
+  local job = c and c.job
+  if job and c.n >= SCRATCH_MIN and job.kind == "map" and not job.ready then
+    local m, tag, dec = w.ring:take_decoded(1, job.results, c.first, c.n, 5)
+    if dec then return {m}, tag end
+    return m, tag
+  end
+  return w.ring:take(1)
+end
+
 -- The next message from w: from its ring, or from the socket where the ring held a marker
 -- for it (w.owed counts markers taken whose message has not been read); nil when there is
 -- none now, or nil, "garbled" for a ring that makes no sense. look_socket: the socket was
@@ -1306,7 +1387,7 @@ local function next_message(w, look_socket, taken, m, tag)
       w.owed = w.owed - 1
       return data, fds, w.owed_tag
     end
-    m, tag = w.ring:take(1)
+    m, tag = take_answer(w)
   end
   if m then return m, nil, tag end
   local garbled = tag
@@ -1342,7 +1423,7 @@ local function drain_messages(st, w, look_socket)
     -- protected call (a ring is closed only with its worker dead)
     local ok, data, fds, tag
     local m, t
-    if w.owed == 0 then m, t = ring:take(1) end
+    if w.owed == 0 then m, t = take_answer(w) end
     if m or (m == nil and t == nil and not look_socket and w.owed == 0) then
       ok, data, tag = true, m, t
     else
@@ -2446,6 +2527,7 @@ local function new_pool(opts)
     -- with more workers than CPUs, a spinning side would only keep a peer that has work
     -- off a CPU: nobody spins then (see ring.c)
     spin = n <= core.cpu_count(),
+    ncpu = core.cpu_count(), oversub = n > core.cpu_count(),
   }
   -- the workers' start stamps (see TIMED): one slot per worker, in blocks of n made as
   -- needed (a replacement starts before the killed worker it replaces is reaped)
@@ -2473,6 +2555,15 @@ function P._pool_with_method(m, ...)
   creating_method = nil
   if not ok then error(pool, 0) end
   return pool
+end
+
+-- For specs: how long a busy worker's chunk may run past its estimate before tiny_busy
+-- stops counting it (on a loaded machine a descheduled worker looks stalled). Returns
+-- the value before.
+function P._tiny_stall(seconds)
+  local old = STALL_MIN
+  STALL_MIN = seconds
+  return old
 end
 
 -- The entry of a worker started by spawn (runs in the fresh interpreter).
