@@ -27,6 +27,7 @@
  * (every wait through luamp_wait_fds, so Ctrl-C raises Interrupted), and a poll over many
  * channels. Payloads are codec values, decoded trusted: only authenticated peers get there.
  */
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -34,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -240,11 +242,13 @@ int luamp_chan_step(luamp_chan *c, const uint8_t **msg, size_t *mlen) {
       c->in = p;
       c->in_cap = want;
     }
-    ssize_t n = recv(c->fd, c->in + c->in_end, c->in_cap - c->in_end, MSG_DONTWAIT);
+    ssize_t n = recv(c->fd, c->in + c->in_end, c->in_cap - c->in_end, c->block ? 0 : MSG_DONTWAIT);
     if (n > 0) {
       c->in_end += (size_t)n;
       continue;
     }
+    /* a blocking recv cut short by a signal: the caller's wait looks at the Ctrl-C mark */
+    if (c->block && errno == EINTR) return CH_AGAIN;
     if (n == 0) {
       c->peer_closed = 1;
       c->why = have ? "the peer closed in the middle of a frame" : "the peer closed the connection";
@@ -642,6 +646,25 @@ static int l_chan_flush(lua_State *L) {
   return 1;
 }
 
+/* A client's call outside any task, with no pump to serve and no timeout, waits for its
+ * reply in recv itself: one system call where poll + recv made two, as for a Pipe
+ * (connection.c). The socket is made blocking once (every other call on it passes
+ * MSG_DONTWAIT) with SO_RCVTIMEO at LUAMP_WAIT_SLICE: the kernel sleeps no longer than a
+ * slice and never restarts the recv after a signal handler, so Ctrl-C still wins (the
+ * EINTR, or a slice that passed, hands over to wait_chan and luamp_wait_fds). */
+static int direct_reply_ok(luamp_chan *c, double deadline) {
+  if (deadline >= 0 || c->role != CH_CLIENT || luamp_chan_pending(c) || !luamp_wait_is_plain() ||
+      luamp_interrupt_pending())
+    return 0;
+  if (c->blocking_ok == 0) {
+    struct timeval tv = {.tv_sec = 0, .tv_usec = (suseconds_t)(LUAMP_WAIT_SLICE * 1e6)};
+    int fl = fcntl(c->fd, F_GETFL);
+    c->blocking_ok = fl >= 0 && setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 &&
+                     fcntl(c->fd, F_SETFL, fl & ~O_NONBLOCK) == 0 ? 1 : -1;
+  }
+  return c->blocking_ok == 1;
+}
+
 /* chan:call(value, [timeout]) -> reply: the client's round trip, blocking. */
 static int l_chan_call(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
@@ -651,13 +674,16 @@ static int l_chan_call(lua_State *L) {
   /* the reply cannot be here before the request went: wait first, then read (one recv
    * per reply instead of a wasted one), unless a frame is buffered already */
   int waited = frame_buffered(&u->c);
+  int direct = !waited && direct_reply_ok(&u->c, deadline);
   for (;;) {
-    if (!waited) wait_chan(L, &u->c, deadline, "manager call");
+    if (!waited && !direct) wait_chan(L, &u->c, deadline, "manager call");
     waited = 0;
     if (luamp_chan_pending(&u->c) && luamp_chan_flush(&u->c) < 0) flush_or_raise(L, &u->c);
     const uint8_t *msg;
     size_t len;
+    u->c.block = direct;
     int r = luamp_chan_step(&u->c, &msg, &len);
+    u->c.block = direct = 0;
     if (r == CH_MSG) {
       push_message(L, msg, len);
       return 1;

@@ -50,6 +50,8 @@ typedef struct luamp_chan {
   luamp_buf out;
   size_t out_off;
   const char *why;                               /* text for the last failure */
+  int block;                                     /* this step's recv may block (a client's call) */
+  int blocking_ok;                               /* 1: fd made blocking with SO_RCVTIMEO; -1: could not */
 } luamp_chan;
 
 /* A channel over fd (non-blocking, owned by the channel from now on). */

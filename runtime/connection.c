@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -62,6 +63,7 @@ typedef struct conn {
   int tx_broken;          /* a send stopped mid-message: the stream is no longer framed */
   int rx_broken;          /* the peer sent something that is not a frame */
   unsigned waited;        /* receives in a row that found the socket empty (see rx_start) */
+  int sliced;             /* SO_RCVTIMEO is LUAMP_WAIT_SLICE: 1 set, -1 could not be, 0 not yet */
   char *scratch;          /* CHUNK bytes: first records, discarded data */
   /* records drained from the socket while a send waited, not yet received */
   char *rbuf;
@@ -358,6 +360,23 @@ static int send_frame(conn *c, const char *data, size_t len, const luamp_fdlist 
 
 /* ---- receiving ------------------------------------------------------------------------- */
 
+/* A receive outside any task, with no pump to serve and no deadline, blocks in recvmsg
+ * itself: one system call per message, as a plain blocking read, where a poll first
+ * would make two. It keeps the guarantees of luamp_wait_fds: the socket's SO_RCVTIMEO is
+ * LUAMP_WAIT_SLICE, so the kernel neither sleeps longer than a slice (a Ctrl-C whose
+ * handler ran just before the call is seen a slice later at most) nor restarts the call
+ * after a signal handler, even one installed with SA_RESTART (signal(7)): the EINTR
+ * looks at the interrupt mark. The timeout is the socket's, shared by every descriptor
+ * of it; luamp's other receives never block in the kernel, so it changes nothing else. */
+static int direct_receive_ok(conn *c) {
+  if (!luamp_wait_is_plain()) return 0;
+  if (c->sliced == 0) {
+    struct timeval tv = {.tv_sec = 0, .tv_usec = (suseconds_t)(LUAMP_WAIT_SLICE * 1e6)};
+    c->sliced = setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 ? 1 : -1;
+  }
+  return c->sliced == 1;
+}
+
 /* Starts the next message: reads its length (and, from the socket, its first record).
  * On T_OK either the whole message is in scratch (*small set to its length) or
  * rx_active is set with rx_got bytes of it in place. With nowait, an empty socket
@@ -380,7 +399,8 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
      * EAGAIN, one system call fewer per message. Every 16th receive tries the recv
      * first again, which ends the mode once messages arrive ahead of their reader; so
      * does a pending Ctrl-C, which must not win over a message already there. */
-    int wait_first = !nowait && c->waited && (c->waited++ & 15) != 0 && !interrupt_pending();
+    int direct = !nowait && deadline < 0 && !luamp_interrupt_pending() && direct_receive_ok(c);
+    int wait_first = !direct && !nowait && c->waited && (c->waited++ & 15) != 0 && !interrupt_pending();
     if (wait_first) {
       int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
       if (rc != T_OK) return rc;
@@ -390,7 +410,7 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
       union { char buf[CMSG_ROOM]; struct cmsghdr align; } ctl;
       struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2, .msg_control = ctl.buf,
                            .msg_controllen = sizeof ctl.buf};
-      ssize_t n = recvmsg(c->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      ssize_t n = recvmsg(c->fd, &msg, (direct ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
       if (n > 0) take_cmsg_fds(c, &msg, &c->rx_fds);
       if (n > 0) {
         if (n < HDR || (msg.msg_flags & MSG_TRUNC)) { c->rx_broken = 1; return T_CORRUPT; }
@@ -400,9 +420,13 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
         break;
       }
       if (n == 0) return T_EOF;
+      if (direct && errno == EINTR && luamp_interrupt_pending()) return T_INTR;
       if (recv_retry(errno)) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) return T_SYS;
       if (nowait) return T_TIMEOUT;
+      /* A slice passed in a direct receive (or its socket is non-blocking): from here on
+       * luamp_wait_fds waits, with its own slices and its own look at the mark. */
+      direct = 0;
       /* Another reader may take the record between poll and recv: then wait again. */
       int rc = wait_fd(c->fd, POLLIN, deadline, NULL);
       if (rc != T_OK) return rc;
@@ -502,8 +526,22 @@ static void rx_finish(conn *c) {
 
 /* ---- Lua binding ----------------------------------------------------------------------- */
 
+/* The functions of the Connection metatable and of its method table hold that
+ * metatable as their first upvalue: comparing with it is luaL_checkudata's check
+ * without looking the name up in the registry on every send and receive. */
+static conn *to_conn(lua_State *L, int idx) {
+  conn *c = lua_touserdata(L, idx);
+  int ok = c != NULL && lua_getmetatable(L, idx);
+  if (ok) {
+    ok = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+  }
+  if (!ok) luaL_typeerror(L, idx, CONN_MT);
+  return c;
+}
+
 static conn *check_conn(lua_State *L, int idx) {
-  conn *c = luaL_checkudata(L, idx, CONN_MT);
+  conn *c = to_conn(L, idx);
   if (c->fd < 0) luamp_raise(L, "Closed", "connection is closed");
   return c;
 }
@@ -663,8 +701,7 @@ static int deliver(lua_State *L, conn *c, const char *data, size_t len, int deco
   return 1;
 }
 
-static int do_recv(lua_State *L, int decode, int nowait, uint64_t maxlen, const char *what) {
-  conn *c = check_conn(L, 1);
+static int do_recv(lua_State *L, conn *c, int decode, int nowait, uint64_t maxlen, const char *what) {
   const char *data;
   size_t len;
   int rc = rx_message(c, -1, nowait, maxlen, &data, &len);
@@ -675,28 +712,32 @@ static int do_recv(lua_State *L, int decode, int nowait, uint64_t maxlen, const 
 
 /* :recv_bytes([maxlength]) -> string */
 static int l_recv_bytes(lua_State *L) {
-  check_readable(L, check_conn(L, 1));
-  return do_recv(L, 0, 0, maxlength_arg(L, 2), "recv_bytes");
+  conn *c = check_conn(L, 1);
+  check_readable(L, c);
+  return do_recv(L, c, 0, 0, maxlength_arg(L, 2), "recv_bytes");
 }
 
 /* :_recv_bytes_nowait() -> string, [fds], or nothing when no message has begun to
  * arrive: the receive for a reader that only has a readiness hint (luamp's Pool); fds as
  * for _recv */
 static int l_recv_bytes_nowait(lua_State *L) {
-  check_readable(L, check_conn(L, 1));
-  return do_recv(L, 2, 1, UINT64_MAX, "recv_bytes");
+  conn *c = check_conn(L, 1);
+  check_readable(L, c);
+  return do_recv(L, c, 2, 1, UINT64_MAX, "recv_bytes");
 }
 
 /* :_recv() -> string, [fds]: the raw message and the descriptors that came with it */
 static int l_recv_fds(lua_State *L) {
-  check_readable(L, check_conn(L, 1));
-  return do_recv(L, 2, 0, UINT64_MAX, "recv");
+  conn *c = check_conn(L, 1);
+  check_readable(L, c);
+  return do_recv(L, c, 2, 0, UINT64_MAX, "recv");
 }
 
 /* :recv() -> value */
 static int l_recv(lua_State *L) {
-  check_readable(L, check_conn(L, 1));
-  return do_recv(L, 1, 0, UINT64_MAX, "recv");
+  conn *c = check_conn(L, 1);
+  check_readable(L, c);
+  return do_recv(L, c, 1, 0, UINT64_MAX, "recv");
 }
 
 static int buffered(const conn *c) { return rbuf_avail(c) > 0; }
@@ -733,12 +774,12 @@ static int l_ready_now(lua_State *L) {
 }
 
 static int l_close(lua_State *L) {
-  conn_release(luaL_checkudata(L, 1, CONN_MT));
+  conn_release(to_conn(L, 1));
   return 0;
 }
 
 static int l_tostring(lua_State *L) {
-  conn *c = luaL_checkudata(L, 1, CONN_MT);
+  conn *c = to_conn(L, 1);
   if (c->fd < 0) {
     lua_pushliteral(L, "<Connection closed>");
   } else {
@@ -748,11 +789,12 @@ static int l_tostring(lua_State *L) {
   return 1;
 }
 
-/* __index: methods first, then the fields closed, readable, writable. */
+/* __index: methods first, then the fields closed, readable, writable. A method is found
+ * without looking at the object: the method checks it. */
 static int l_index(lua_State *L) {
-  conn *c = luaL_checkudata(L, 1, CONN_MT);
   lua_pushvalue(L, 2);
-  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
+  if (lua_rawget(L, lua_upvalueindex(2)) != LUA_TNIL) return 1;
+  conn *c = to_conn(L, 1);
   const char *k = lua_tostring(L, 2);
   if (!k) return 1;
   if (strcmp(k, "closed") == 0) lua_pushboolean(L, c->fd < 0);
@@ -854,7 +896,7 @@ static int l_is_connection(lua_State *L) {
 }
 
 static int l_gc(lua_State *L) {
-  conn_release(luaL_checkudata(L, 1, CONN_MT));
+  conn_release(to_conn(L, 1));
   return 0;
 }
 
@@ -886,9 +928,15 @@ int luamp_open_connection(lua_State *L) {
     {NULL, NULL}
   };
   if (luaL_newmetatable(L, CONN_MT)) {
-    luaL_setfuncs(L, meta, 0);
-    luaL_newlib(L, methods);
-    lua_pushcclosure(L, l_index, 1);
+    /* every function of the metatable and of the methods holds it (to_conn) */
+    lua_pushvalue(L, -1);
+    luaL_setfuncs(L, meta, 1);
+    luaL_newlibtable(L, methods);
+    lua_pushvalue(L, -2);
+    luaL_setfuncs(L, methods, 1);
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_pushcclosure(L, l_index, 2);
     lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);

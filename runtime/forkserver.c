@@ -182,9 +182,6 @@ static void serve_request(lua_State *L, int ctl, int kind, int child_fd, int sta
     luamp_close_fd(status_fd);
     /* a worker's fork made it ignore SIGINT (the pool stops it); others get Ctrl-C back */
     if (kind != LUAMP_FORK_WORKER) signal(SIGINT, SIG_DFL);
-    /* it leaves as a forked child does: closing the state would touch (and so copy)
-     * every page of the server's heap */
-    luamp_install_child_os_exit(L);
     luamp_child_exit(run_start(L, child_fd, 0));
   }
   int err = errno;
@@ -242,6 +239,9 @@ _Noreturn void luamp_forkserver_main(lua_State *L, int ctl, pid_t creator,
   lua_getfield(L, -1, "_load_all");
   if (lua_pcall(L, 0, 0, 0) != LUA_OK) _exit(1);
   lua_pop(L, 1);
+  /* its children leave as forked children do, through os.exit too: closing the state
+   * would touch (and so copy) every page of the server's heap */
+  luamp_install_child_os_exit(L);
   struct pollfd *pfd = NULL;
   int cap = 0;
   for (;;) {

@@ -63,6 +63,10 @@ double luamp_deadline_arg(lua_State *L, int idx);
  * (SIGINT seen by the host) is pending it returns -2. Returns the number of ready fds
  * (revents set), 0 on timeout, -1 with errno on failure. */
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline);
+/* 1 when luamp_wait_fds would only poll the caller's fds (no task scheduler, no pump to
+ * serve meanwhile): a caller may then block in its own system call instead, bounded by
+ * LUAMP_WAIT_SLICE and ended by EINTR, as luamp_wait_fds is (connection.c's receive). */
+int luamp_wait_is_plain(void);
 /* In a pollfd's events for luamp_wait_fds: of the tasks waiting on this fd, wake one per
  * readiness (a token fd: each waiter takes one), not all. Never reaches the kernel. */
 #define LUAMP_POLL_ONE 0x400
@@ -224,6 +228,8 @@ void luamp_children_finish(void);
  * the state it shares copy-on-write): its children settled, shared objects given back,
  * stdio flushed, _exit. The second makes os.exit in L leave that way. */
 _Noreturn void luamp_child_exit(int code);
+/* (Called in the parent before the fork: os.exit then leaves through luamp_child_exit
+ * in every process luamp_fork made, and is the original os.exit elsewhere.) */
 void luamp_install_child_os_exit(lua_State *L);
 
 /* ---- the shared arena (arena.c) -------------------------------------------------------

@@ -15,10 +15,21 @@
 
 struct luamp_embedded { const char *name, *chunkname, *src; size_t len; };
 extern const struct luamp_embedded luamp_embedded_modules[];
+/* the same modules precompiled at build time (cmake/bytecode_dump.c) */
+struct luamp_embedded_bytecode { const char *name; const unsigned char *code; size_t len; };
+extern const struct luamp_embedded_bytecode luamp_embedded_bytecode[];
 
+/* Loads a module's bytecode: a fresh interpreter (every spawn child) then does not parse
+ * the sources again, which was most of its start. A Lua that cannot load it (another
+ * release's bytecode format: luamp.so in an interpreter other than the one it was built
+ * for) parses the source instead. */
 static int embedded_loader(lua_State *L) {
   const struct luamp_embedded *m = lua_touserdata(L, lua_upvalueindex(1));
-  if (luaL_loadbuffer(L, m->src, m->len, m->chunkname) != LUA_OK) return lua_error(L);
+  const struct luamp_embedded_bytecode *bc = lua_touserdata(L, lua_upvalueindex(2));
+  if (!bc || luaL_loadbufferx(L, (const char *)bc->code, bc->len, m->chunkname, "b") != LUA_OK) {
+    lua_settop(L, 0);
+    if (luaL_loadbufferx(L, m->src, m->len, m->chunkname, "t") != LUA_OK) return lua_error(L);
+  }
   lua_pushstring(L, m->name);
   lua_call(L, 1, 1);
   return 1;
@@ -27,8 +38,11 @@ static int embedded_loader(lua_State *L) {
 static void install_embedded(lua_State *L) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   for (const struct luamp_embedded *m = luamp_embedded_modules; m->name; m++) {
+    const struct luamp_embedded_bytecode *bc = luamp_embedded_bytecode;
+    while (bc->name && strcmp(bc->name, m->name) != 0) bc++;
     lua_pushlightuserdata(L, (void *)m);
-    lua_pushcclosure(L, embedded_loader, 1);
+    lua_pushlightuserdata(L, bc->name ? (void *)bc : NULL);
+    lua_pushcclosure(L, embedded_loader, 2);
     lua_setfield(L, -2, m->name);
   }
   lua_pop(L, 1);

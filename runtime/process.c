@@ -82,6 +82,7 @@ typedef struct child {
 
 static child *live_children;
 static int in_daemon;
+static int forked_child;        /* made by luamp_fork (or a descendant of one) */
 static pid_t parent_at_fork;    /* who forked this process, 0 in the first process */
 
 /* In a pool worker: the signals whose disposition it changed, and what it inherited. */
@@ -266,6 +267,7 @@ static void children_after_fork(void) { live_children = NULL; }
 
 /* In a new child of luamp_fork, after the fork hooks: what `daemon` asks for. */
 static void reset_after_fork(int daemon, pid_t parent) {
+  forked_child = 1;
   in_daemon = daemon == LUAMP_FORK_DAEMON;
   parent_at_fork = parent;
   if (in_worker) {
@@ -303,10 +305,12 @@ pid_t luamp_fork(int daemon) {
   return pid;
 }
 
-/* Leaves a child process: the exit hooks settle its own children and give back the
- * shared objects it inherited, stdio is flushed, and no atexit handler or finalizer of
- * the parent's program runs. */
+/* Leaves a child process: stdio is flushed (what it printed goes out before its own
+ * children are waited for, as Python flushes before joining them), the exit hooks settle
+ * those children and give back the shared objects it inherited, stdio is flushed again,
+ * and no atexit handler or finalizer of the parent's program runs. */
 _Noreturn void luamp_child_exit(int code) {
+  fflush(NULL);
   luamp_exit_hooks_run(LUAMP_AT_CHILD_EXIT);
   fflush(NULL);
   _exit(code & 0xff);
@@ -333,20 +337,40 @@ static child *check_own_child(lua_State *L) {
   return c;
 }
 
-/* os.exit replacement inside a child: same arguments as Lua's, but leaves via _exit. */
-static int l_child_os_exit(lua_State *L) {
-  int code;
-  if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
-  else code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
-  luamp_child_exit(code);
+/* os.exit as a forked child needs it: there (with the arguments of Lua's) it leaves
+ * through luamp_child_exit, so that no atexit handler or finalizer of the parent's
+ * program runs; in any other process it is the os.exit it took the place of (upvalue 1),
+ * called with the same arguments. It is put in place in the parent, before the fork
+ * (luamp_install_child_os_exit), not in each child: there writing the os table would
+ * copy its page (and the pages the lookup of its name writes), for every child. */
+static int l_os_exit(lua_State *L) {
+  if (forked_child) {
+    int code;
+    if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
+    else code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+    luamp_child_exit(code);
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
 }
 
 void luamp_install_child_os_exit(lua_State *L) {
-  if (lua_getglobal(L, "os") == LUA_TTABLE) {
-    lua_pushcfunction(L, l_child_os_exit);
-    lua_setfield(L, -2, "exit");
+  int top = lua_gettop(L);
+  lua_pushglobaltable(L);
+  lua_pushliteral(L, "os");
+  if (lua_rawget(L, -2) == LUA_TTABLE) {
+    lua_pushliteral(L, "exit");
+    lua_rawget(L, -2);
+    if (lua_tocfunction(L, -1) != l_os_exit) {
+      lua_pushcclosure(L, l_os_exit, 1);
+      lua_pushliteral(L, "exit");
+      lua_insert(L, -2);
+      lua_rawset(L, -3);
+    }
   }
-  lua_pop(L, 1);
+  lua_settop(L, top);
 }
 
 /* The first fork runs, in the parent, the library calls every child's prologue makes
@@ -391,15 +415,18 @@ static void bind_child_calls(lua_State *L) {
   lua_settop(L, top);
 }
 
-/* _core.fork(entry, [daemon]) -> Child handle in the parent. In the child, calls
- * entry() and exits with its integer result (0 if none, 1 if it raised); never returns.
- * daemon: true for a daemon, "worker" for a pool worker (see LUAMP_FORK_WORKER). */
+/* _core.fork(entry, [daemon], ...) -> Child handle in the parent. In the child, calls
+ * entry(...) and exits with its integer result (0 if none, 1 if it raised); never
+ * returns. daemon: true for a daemon, "worker" for a pool worker (see LUAMP_FORK_WORKER).
+ * The arguments spare the caller a closure made for every child. */
 static int l_fork(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
+  int nargs = lua_gettop(L) > 2 ? lua_gettop(L) - 2 : 0;
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
   if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   bind_child_calls(L);
+  luamp_install_child_os_exit(L);
   reap_ended();
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;
@@ -424,10 +451,11 @@ static int l_fork(lua_State *L) {
   }
   if (pid == 0) {
     luamp_close_fd(spare);
-    luamp_install_child_os_exit(L);
+    /* the entry and its arguments, below the handle pushed above */
     lua_pushvalue(L, 1);
+    for (int i = 0; i < nargs; i++) lua_pushvalue(L, 3 + i);
     int code = 0;
-    if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
+    if (lua_pcall(L, nargs, 1, 0) != LUA_OK) {
       fprintf(stderr, "%s\n", luaL_tolstring(L, -1, NULL));
       code = 1;
     } else if (lua_isinteger(L, -1)) {

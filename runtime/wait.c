@@ -276,6 +276,8 @@ static int wait_round(struct pollfd *fds, int nfds, int ms, int *pumps_ran) {
   return r;
 }
 
+int luamp_wait_is_plain(void) { return !sched_active() && !pumps_active(); }
+
 int luamp_wait_fds(struct pollfd *fds, int nfds, double deadline) {
   /* inside a task, or with tasks to run meanwhile: the scheduler waits (sched.c) */
   if (sched_active()) return luamp_wait_sched->wait_fds(fds, nfds, deadline);

@@ -26,6 +26,36 @@ describe("Pipe", function()
     a:close(); b:close()
   end)
 
+  it("carries every number, boolean and nil exactly; a cut one raises and the pipe goes on", function()
+    local r, w = luamp.Pipe(false)
+    local values = {true, false, 0, 1, -1, 127, 128, -128, -129, 32767, -32768, 65536,
+      -2^31 | 0, 2^31 | 0, 2^53 + 1 | 0, math.maxinteger, math.mininteger, 0.0, -0.0, 1.0,
+      -1.5, 0.1, 5e-324, math.huge, -math.huge}
+    for _, v in ipairs(values) do
+      w:send(v)
+      local back = r:recv()
+      assert.equal(math.type(v), math.type(back))
+      assert.equal(v, back)
+      if v == 0 and math.type(v) == "float" then assert.equal(1 / v, 1 / back) end
+    end
+    w:send(0 / 0)
+    local nan = r:recv()
+    assert.is_true(nan ~= nan)
+    w:send(nil)
+    assert.is_nil(r:recv())
+    -- a number's bytes cut short, or with a byte too many, is not a number
+    for _, v in ipairs({300, 70000, 2^40 | 0, 1.5, 100}) do
+      local bytes = luamp.dumps(v)
+      w:send_bytes(bytes:sub(1, -2))
+      H.raises("Serialize", r.recv, r)
+      w:send_bytes(bytes .. "\0")
+      H.raises("Serialize", r.recv, r)
+    end
+    w:send(7)
+    assert.equal(7, r:recv())
+    r:close(); w:close()
+  end)
+
   it("Pipe(false) gives a reader and a writer; the wrong direction raises Value", function()
     local r, w = luamp.Pipe(false)
     assert.is_true(r.readable); assert.is_false(r.writable)

@@ -58,6 +58,27 @@ describe("Process", function()
     assert.equal(1, p.exitcode)
   end)
 
+  it("leaves os.exit in the parent as Lua's: its code, and the state closed when asked", function()
+    local script = H.script([[
+      local luamp = require "luamp"
+      local p = luamp.Process{target = function()
+        -- the child's os.exit runs none of the parent's finalizers
+        setmetatable({}, {__gc = function() io.write("child finalizer ") end})
+        os.exit(7, true)
+      end}
+      p:start(); p:join()
+      local q = luamp.Process{target = function() print("from q") end}
+      q:start(); q:join()
+      io.write(p.exitcode, " ", q.exitcode, "\n")
+      setmetatable({}, {__gc = function() io.write("closed\n") end})
+      os.exit(3, true)
+    ]])
+    local out, err, code = H.run({script})
+    os.remove(script)
+    assert.equal(3, code, err)
+    assert.equal("from q\n7 0\nclosed\n", out)
+  end)
+
   it("reports -signal for terminate and kill", function()
     local p = luamp.Process{target = function() luamp.sleep(60) end}
     p:start(); p:terminate(); p:join()

@@ -16,10 +16,44 @@ local Process_mt = {}
 
 -- Per-process bookkeeping, reset in each child.
 local current          -- the Process object (or MainProcess) for this process
-local parent_info      -- {pid=, name=} of the process that started this one, or nil
-local children = {}    -- started and not yet known to have ended: object -> true
+-- (A forked child's prologue writes as little of the heap it shares with its parent as
+-- it can: each page written there is a page copied. So it allocates nothing here.)
+local parent_pid, parent_name   -- of the process that started this one, or nil
+local children = {}    -- started and not yet known to have ended: object -> true; false
+                       -- in a forked child until it starts one
 local child_counter = 0
 local P = {}           -- the public names (filled in below)
+
+-- A Process's identity ("1", "2:1"...) and default name are made when first asked for:
+-- formatting them for every Process written the string table's pages (and the C
+-- stack's, for the number) between one fork and the next. A Process records the one
+-- that made it and its count there instead.
+local function identity_of(s)
+  local id = s.identity
+  if id == nil then
+    local cs = S[s.creator]
+    if cs.main then id = tostring(s.counter) else id = identity_of(cs) .. ":" .. s.counter end
+    s.identity = id
+  end
+  return id
+end
+
+local function name_of(s)
+  local name = s.name
+  if name == nil then
+    name = "Process-" .. identity_of(s)
+    s.name = name
+  end
+  return name
+end
+
+-- The pid of a Process: its child's, or this process's own for the current one (which a
+-- forked child does not write down: see child_main).
+local function pid_of(self, s)
+  if s.handle then return s.handle:pid() end
+  if self == current then return core.getpid() end
+  return s.pid
+end
 
 local function check_open(self)
   local s = S[self]
@@ -35,11 +69,10 @@ end
 
 local function note_exit(self, code)
   if code ~= nil then
-    if TR.on and children[self] then
-      local pid = S[self].handle:pid()
-      TR.instant("exit", pid, {exitcode = code})
+    if children and children[self] then
+      if TR.on then TR.instant("exit", S[self].handle:pid(), {exitcode = code}) end
+      children[self] = nil
     end
-    children[self] = nil
   end
   return code
 end
@@ -52,11 +85,11 @@ local function exitcode(self)
 end
 
 local getters = {
-  name = function(self) return S[self].name end,
+  name = function(self) return name_of(S[self]) end,
   daemon = function(self) return S[self].daemon end,
   pid = function(self)
     local s = check_open(self)
-    return s.handle and s.handle:pid() or s.pid
+    return pid_of(self, s)
   end,
   exitcode = exitcode,
   sentinel = function(self)
@@ -92,7 +125,7 @@ end
 
 Process_mt.__tostring = function(self)
   local s = S[self]
-  if s.closed then return string.format("<Process name=%s closed>", s.name) end
+  if s.closed then return string.format("<Process name=%s closed>", name_of(s)) end
   local state
   if s.main then
     state = "started"
@@ -102,8 +135,9 @@ Process_mt.__tostring = function(self)
     local code = exitcode(self)
     state = code == nil and "started" or ("stopped exitcode=" .. code)
   end
-  local pid = s.handle and (" pid=" .. s.handle:pid()) or (s.pid and (" pid=" .. s.pid) or "")
-  return string.format("<Process name=%s%s%s %s>", s.name, pid,
+  local pid = pid_of(self, s)
+  pid = pid and (" pid=" .. pid) or ""
+  return string.format("<Process name=%s%s%s %s>", name_of(s), pid,
     s.daemon and " daemon" or "", state)
 end
 
@@ -127,17 +161,26 @@ end
 -- Runs in the child right after fork; its result is the exit code.
 local function child_main(self, parent)
   local s = S[self]
-  parent_info = parent or {pid = core.parent_pid(), name = current and S[current].name or "MainProcess"}
+  if parent then
+    parent_pid, parent_name = parent.pid, parent.name
+  else
+    -- (the parent's name is made when asked for: parent_process)
+    parent_pid, parent_name = core.parent_pid(), current
+  end
+  -- the Process this one was, to a grandchild, keeps its pid (the parent's)
+  local was = S[current]
+  if not was.main and was.pid == nil and not was.handle then was.pid = parent_pid end
   current = self
-  s.pid = core.getpid()
-  children = {}
+  children = false
   child_counter = 0
   -- the top of the child: an Interrupted ends it here like any other error (reported,
   -- exit code 1, as Python's KeyboardInterrupt does), and there is nothing to hand it on to
+  -- (stdout is flushed on the way out: luamp_child_exit in runtime/process.c, or the
+  -- exit of a spawn child; here only ahead of the report)
   local ok, err = xpcall(self.run, traceback_handler, self)
-  io.stdout:flush()
   if not ok then
-    io.stderr:write("Process ", s.name, ":\n", err, "\n")
+    io.stdout:flush()
+    io.stderr:write("Process ", name_of(s), ":\n", err, "\n")
     io.stderr:flush()
     return 1
   end
@@ -155,9 +198,9 @@ local function spawn_payload(self)
     if k ~= "run" then fields[k] = v end
   end
   local body, fds = core.dumpx({
-    target = s.target, args = s.args, name = s.name, daemon = s.daemon,
-    identity = s.identity, run = rawget(self, "run"), fields = fields,
-    parent_pid = core.getpid(), parent_name = S[current].name,
+    target = s.target, args = s.args, name = name_of(s), daemon = s.daemon,
+    identity = identity_of(s), run = rawget(self, "run"), fields = fields,
+    parent_pid = core.getpid(), parent_name = name_of(S[current]),
   }, "args")
   return core.dumps({v = 1, path = package.path, cpath = package.cpath,
     daemon = s.kind or s.daemon, parent_pid = core.getpid(), body = body}), fds
@@ -181,8 +224,9 @@ function Process:start()
     if not ok then error(h, 0) end
     s.handle = h
   else
-    s.handle = core.fork(function() return child_main(self) end, s.daemon)
+    s.handle = core.fork(child_main, s.daemon, self)
   end
+  if not children then children = {} end
   for p in pairs(children) do
     local ps = S[p]
     local code = ps.handle:ended()
@@ -194,7 +238,7 @@ function Process:start()
   children[self] = true
   if TR.on then
     local pid = s.handle:pid()
-    TR.row(pid, s.name)
+    TR.row(pid, name_of(s))
     TR.instant("start", pid)
   end
 end
@@ -227,7 +271,7 @@ function Process:close()
   if s.closed then return end
   if s.handle then
     s.handle:close()          -- raises Value while the child runs
-    children[self] = nil
+    if children then children[self] = nil end
   end
   s.closed = true
 end
@@ -243,12 +287,11 @@ local function new_process(opts)
   if opts.name ~= nil and type(opts.name) ~= "string" then raise("Value", "Process: name must be a string") end
   local self = setmetatable({}, Process_mt)
   child_counter = child_counter + 1
-  local identity = (current and S[current].identity or "") .. (current and not S[current].main and ":" or "") .. child_counter
   S[self] = {
     target = opts.target,
     args = opts.args,
-    identity = identity,
-    name = opts.name or ("Process-" .. identity),
+    creator = current, counter = child_counter,   -- identity_of
+    name = opts.name,
     daemon = opts.daemon and true or false,
     authkey = S[current].authkey,     -- inherited, as in Python
   }
@@ -301,20 +344,21 @@ function P.current_process()
 end
 
 function P.parent_process()
-  if not parent_info then return nil end
-  if not parent_obj or parent_obj.pid ~= parent_info.pid then
-    parent_obj = setmetatable({pid = parent_info.pid, name = parent_info.name,
-      sentinel = core.pidfd_open(parent_info.pid)}, Parent)
+  if not parent_pid then return nil end
+  if not parent_obj or parent_obj.pid ~= parent_pid then
+    if type(parent_name) ~= "string" then parent_name = name_of(S[parent_name]) end
+    parent_obj = setmetatable({pid = parent_pid, name = parent_name,
+      sentinel = core.pidfd_open(parent_pid)}, Parent)
   end
   return parent_obj
 end
 
 function P.active_children()
   local list = {}
-  for p in pairs(children) do
+  for p in pairs(children or {}) do
     if exitcode(p) == nil then list[#list + 1] = p end
   end
-  table.sort(list, function(a, b) return S[a].identity < S[b].identity end)
+  table.sort(list, function(a, b) return identity_of(S[a]) < identity_of(S[b]) end)
   -- and the workers of this process's pools, as Python lists its pool workers
   local pool = package.loaded["luamp.pool"]
   if pool and pool._active_workers then
