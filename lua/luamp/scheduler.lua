@@ -69,7 +69,8 @@ local function task(fn, ...)
   if type(fn) ~= "function" and not (getmetatable(fn) or {}).__call then
     raise("Value", "luamp.task: expected a function, got " .. type(fn))
   end
-  local t = setmetatable({_done = false, id = false, _results = false}, Task)   -- (sized once)
+  -- every field finish() touches is there from the start: no resize, no __index
+  local t = setmetatable({_done = false, id = false, _results = false, _waiters = false}, Task)
   t.id = core.task_new(runner, t, fn, ...)
   live[t.id] = t
   return t
