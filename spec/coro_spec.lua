@@ -166,6 +166,23 @@ describe("luamp.task and luamp.run", function()
     assert.equal("went on", t:wait())
   end)
 
+  it("reports the error of a task nobody waited for when run() never raised it", function()
+    local path = H.script([[
+      local luamp = require "luamp"
+      luamp.task(function() error("lost_failure_text") end)
+      local seen = luamp.task(function() error("seen_failure_text") end)
+      local t2 = luamp.task(function() return "other" end)
+      print(t2:wait())
+      print(pcall(seen.wait, seen))
+    ]])
+    local out, err, code = H.run({path})
+    os.remove(path)
+    assert.equal(0, code)
+    assert.matches("^other\n", out)
+    assert.matches("luamp: error in luamp.Task%(1%), never waited for: .*lost_failure_text", err)
+    assert.not_matches("seen_failure_text", err)   -- waited for: its caller saw it
+  end)
+
   it("refuses luamp.run inside a task", function()
     local t = luamp.task(function() luamp.run() end)
     H.raises("Value", function() t:wait() end)

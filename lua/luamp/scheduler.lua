@@ -89,6 +89,15 @@ function Task:cancel()
   return true
 end
 
+-- A task whose error nobody saw (no wait, and run() never raised it) reports it on its
+-- way out, at the latest when the state closes, as Python's "Task exception was never
+-- retrieved" does (a forked child's copies are never collected: `failed` holds them).
+Task.__gc = function(t)
+  if t._err == nil or t._waited or t._cancelled_done then return end
+  io.stderr:write(string.format("luamp: error in luamp.Task(%s), never waited for: %s\ntask traceback:%s\n",
+    tostring(t.id), tostring(t._err), tostring(t._tb)))
+end
+
 local function with_traceback(e, tb)
   if tb == nil or tb == "" then return e end
   if type(e) == "string" then return e .. "\n" .. tb end
