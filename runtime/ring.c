@@ -26,10 +26,24 @@
  * The parent keeps its word set except while it is inside a pool wait: pumps run by
  * other waits and a host loop then still learn of results through the doorbell fd.
  *
- * Spinning. Before sleeping, a side may spin a little (ring:spin): the budget adapts per
- * direction (it follows the time data took to arrive, whether the spin caught it or the
- * sleep after it did (ring:woke), and halves when a spin was in vain, down to a couple of microseconds), so a side whose peer is not
- * running (more workers than cores, a loaded machine) soon stops spinning for it.
+ * Spinning. Before sleeping, a side may spin a little (spin_rings): the budget adapts per
+ * direction to how long data takes to come after a spin begins. A spin that catches data
+ * raises the budget to twice what it needed, if that is more (never less: a budget that
+ * suffices costs nothing more when the data comes). A spin in vain is judged when the
+ * data comes (the take that finds it): the producer stamps the moment it rang the
+ * doorbell (`rang_at`, its monotonic clock, which both sides share), so the consumer knows
+ * when the data was published, not when its sleep ended. Data published within
+ * SPIN_MAX_NS of the spin's start raises the budget to twice that delay (a longer spin
+ * would have caught it); later data halves it, down to SPIN_MIN_NS. Spins in vain with
+ * a budget above SPIN_MIN_NS, VAIN_IN_A_ROW of them with none caught in between, also
+ * make the next waits of that side spin only SPIN_MIN_NS: one wait, then after the next
+ * such spin two, four... up to BACKOFF_MAX (all reset by a spin that catches its data).
+ * On a loaded machine, where the peer is often off its CPU and a long spin would rarely
+ * be rewarded (and takes a CPU the peer may need), a side thus hardly spins; on an idle
+ * one the odd spin in vain (a collection, a preemption) changes nothing (a back-off
+ * there made both sides fall asleep in turn: 45 us per apply round trip instead of 24). So in a tight request/answer loop both sides are
+ * still spinning when the next message comes (no doorbell, no sleep). A spin never lasts
+ * longer than SPIN_MAX_NS, and a pending Ctrl-C ends it at once.
  *
  * Trust. The other side can write anything into the shared pages: every length and
  * position read from them is checked against the ring's size and fill before use; a ring
@@ -59,11 +73,14 @@
 #define MARKER_ROOM 256u                  /* markers that always fit after a record */
 #define SPIN_MIN_NS 2000.0
 #define SPIN_MAX_NS 50000.0
+#define BACKOFF_MAX 64                    /* waits that spin the least after spins in vain */
+#define VAIN_IN_A_ROW 3                   /* long spins in vain before the back-off starts */
 
 typedef struct {
   _Alignas(64) _Atomic uint64_t tail;
   _Alignas(64) _Atomic uint64_t head;
   _Alignas(64) _Atomic uint32_t sleeping;
+  _Atomic uint64_t rang_at;   /* when the producer last rang the doorbell (ns); a hint */
 } ring_dir;
 
 typedef struct {
@@ -79,13 +96,25 @@ typedef struct {
   int memfd;
   int efd[2];             /* doorbell of direction d, rung by its producer */
   double spin_ns[2];      /* this side's spin budget when it waits on direction d */
+  unsigned backoff[2];    /* waits to spin the least after the next long spin in vain */
+  unsigned skip[2];       /* waits left that spin the least */
+  unsigned vain[2];       /* long spins in vain since the last one that caught data */
   double gave_up[2];      /* when its last spin in vain began (ns), 0: none since */
 } ring;
 
 _Static_assert(sizeof(ring_hdr) <= HDR_SIZE, "ring header fits its page");
 
+/* Every function of this file that takes a ring has the rings' metatable as upvalue 1:
+ * comparing with it costs no registry lookup by name (luaL_checkudata's), on a path
+ * taken several times per task. */
 static ring *check_ring(lua_State *L, int idx) {
-  ring *r = luaL_checkudata(L, idx, RING_MT);
+  ring *r = lua_touserdata(L, idx);
+  int ours = r && lua_getmetatable(L, idx);
+  if (ours) {
+    ours = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+  }
+  if (!ours) luaL_typeerror(L, idx, RING_MT);
   if (!r->h) luamp_raise(L, "Value", "pool ring is closed");
   return r;
 }
@@ -166,10 +195,17 @@ static void copy_out(void *dst, const unsigned char *area, uint64_t pos, size_t 
   memcpy((unsigned char *)dst + first, area, n - first);
 }
 
+static double mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
 static void ring_doorbell(ring *r, int d) {
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load_explicit(&r->h->d[d].sleeping, memory_order_relaxed) &&
       atomic_exchange(&r->h->d[d].sleeping, 0)) {
+    atomic_store_explicit(&r->h->d[d].rang_at, (uint64_t)mono_ns(), memory_order_relaxed);
     uint64_t one = 1;
     ssize_t w;
     do w = write(r->efd[d], &one, sizeof one); while (w < 0 && errno == EINTR);
@@ -220,6 +256,53 @@ static int garbled(lua_State *L, const char *why) {
   return 2;
 }
 
+/* The budget after data came `delay` ns after a spin began: at least twice that, so the
+ * next spin catches it too (never less on a success: a side whose data comes within the
+ * budget loses nothing by keeping it). */
+static void budget_grow(ring *r, int d, double delay) {
+  double want = 2 * delay + SPIN_MIN_NS;
+  if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
+  if (want > r->spin_ns[d]) r->spin_ns[d] = want;
+}
+
+/* The spin a side waiting on direction d may afford now (see the header): its budget,
+ * or only SPIN_MIN_NS after long spins in vain. */
+static double spin_budget(ring *r, int d) {
+  return r->skip[d] > 0 ? SPIN_MIN_NS : r->spin_ns[d];
+}
+
+/* After a wait's spin of up to `budget` ns: caught (the back-off is over) or in vain. */
+static void spin_judged(ring *r, int d, int caught, double budget) {
+  if (r->skip[d] > 0) r->skip[d]--;
+  if (caught) {
+    r->backoff[d] = r->vain[d] = 0;
+  } else if (budget > SPIN_MIN_NS * 1.5 && ++r->vain[d] >= VAIN_IN_A_ROW) {
+    r->backoff[d] = r->backoff[d] ? r->backoff[d] * 2 : 1;
+    if (r->backoff[d] > BACKOFF_MAX) r->backoff[d] = BACKOFF_MAX;
+    r->skip[d] = r->backoff[d];
+  }
+}
+
+/* Data is found on direction d after this side's last spin for it was in vain (it slept
+ * since, or found the data just before sleeping). The delay counted is from the spin's
+ * start to when the producer rang the doorbell (stamped in the shared header: a hint
+ * from the other side, used only if it falls between the spin's start and now, for the
+ * time the sleep took to end is not the producer's), else to now: within SPIN_MAX_NS the
+ * budget grows to catch such data next time; later data halves it. */
+static void took_after_spin(ring *r, int d) {
+  double began = r->gave_up[d];
+  r->gave_up[d] = 0;
+  double t = mono_ns();
+  double rang = (double)atomic_load_explicit(&r->h->d[d].rang_at, memory_order_relaxed);
+  double delay = rang >= began && rang <= t ? rang - began : t - began;
+  if (delay <= SPIN_MAX_NS) {
+    budget_grow(r, d, delay);
+  } else {
+    r->spin_ns[d] /= 2;
+    if (r->spin_ns[d] < SPIN_MIN_NS) r->spin_ns[d] = SPIN_MIN_NS;
+  }
+}
+
 /* ring:take(d) -> the next message's bytes and its tag, false and the tag (a marker: the
  * next message is on the socket), or nil (empty); nil, message if the ring is garbled. */
 static int l_take(lua_State *L) {
@@ -230,6 +313,7 @@ static int l_take(lua_State *L) {
   int64_t fill = ring_fill(dd, &head, &tail);
   if (fill < 0) return garbled(L, "positions are garbled");
   if (fill == 0) { lua_pushnil(L); return 1; }
+  if (r->gave_up[d] > 0) took_after_spin(r, d);
   if (fill < 8) return garbled(L, "a record is cut short");
   uint32_t hdr[2];
   copy_out(hdr, r->data[d], head, 8);
@@ -241,10 +325,16 @@ static int l_take(lua_State *L) {
     if (hdr[0] & MARKER) return garbled(L, "a record has a garbled length");
     used = (8 + (uint64_t)hdr[0] + 7) & ~(uint64_t)7;
     if (used > (uint64_t)fill) return garbled(L, "a record is longer than the ring holds");
-    luaL_Buffer b;
-    char *p = luaL_buffinitsize(L, &b, hdr[0]);
-    copy_out(p, r->data[d], head + 8, hdr[0]);
-    luaL_pushresultsize(&b, hdr[0]);
+    size_t off = (size_t)((head + 8) % RING_CAP);
+    if (off + hdr[0] <= RING_CAP) {
+      /* in one piece (nearly always): copied straight into the string */
+      lua_pushlstring(L, (const char *)r->data[d] + off, hdr[0]);
+    } else {
+      luaL_Buffer b;
+      char *p = luaL_buffinitsize(L, &b, hdr[0]);
+      copy_out(p, r->data[d], head + 8, hdr[0]);
+      luaL_pushresultsize(&b, hdr[0]);
+    }
   }
   lua_pushinteger(L, hdr[1]);
   atomic_store_explicit(&dd->head, head + used, memory_order_release);
@@ -309,12 +399,6 @@ static int l_clear_doorbell(lua_State *L) {
   return 0;
 }
 
-static double mono_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
 static int ring_nonempty(ring *r, int d) {
   ring_dir *dd = &r->h->d[d];
   return atomic_load_explicit(&dd->tail, memory_order_acquire) !=
@@ -323,7 +407,8 @@ static int ring_nonempty(ring *r, int d) {
 
 /* spin_rings(d, limit_s, ring...) -> the first ring whose direction d got a message
  * while spinning, or nil. Spins at most the smallest budget of the rings (adaptive, see
- * the header) and never past limit_s seconds (nil: no limit). A pending Ctrl-C ends it. */
+ * the header) and never past limit_s seconds (nil: no limit). A pending Ctrl-C ends it
+ * at once (the wait that follows reports it). */
 static int l_spin_rings(lua_State *L) {
   int d = check_dir(L, 1);
   double limit = luaL_optnumber(L, 2, -1);
@@ -336,54 +421,49 @@ static int l_spin_rings(lua_State *L) {
     ring *r = check_ring(L, i);
     if (ring_nonempty(r, d)) { lua_pushvalue(L, i); return 1; }
     rs[n++] = r;
-    if (r->spin_ns[d] < budget) budget = r->spin_ns[d];
+    double b = spin_budget(r, d);
+    if (b < budget) budget = b;
   }
   if (limit >= 0 && limit * 1e9 < budget) budget = limit * 1e9;
-  if (budget < SPIN_MIN_NS / 2) return 0;
+  if (budget < SPIN_MIN_NS / 2 || luamp_interrupt_pending()) return 0;
   double t0 = mono_ns(), t = t0;
   unsigned rounds = 0;
   while (t - t0 < budget) {
     for (int i = 0; i < n; i++) {
       if (ring_nonempty(rs[i], d)) {
-        double took = t - t0;
-        /* success: next time spin about twice what this one needed */
         for (int k = 0; k < n; k++) {
-          double want = 2 * took + SPIN_MIN_NS;
-          if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
-          rs[k]->spin_ns[d] = (rs[k]->spin_ns[d] + want) / 2;
-          if (rs[k]->spin_ns[d] < SPIN_MIN_NS) rs[k]->spin_ns[d] = SPIN_MIN_NS;
+          budget_grow(rs[k], d, t - t0);
+          spin_judged(rs[k], d, 1, budget);
           rs[k]->gave_up[d] = 0;
         }
         lua_pushvalue(L, 3 + i);
         return 1;
       }
     }
-    for (int k = 0; k < 16; k++) luamp_cpu_relax();
-    if ((++rounds & 3) == 0) t = mono_ns();
+    for (int k = 0; k < 8; k++) luamp_cpu_relax();
+    if ((++rounds & 7) == 0) {
+      if (luamp_interrupt_pending()) break;
+      t = mono_ns();
+    }
   }
+  /* (data that came while this side was off the CPU is still taken) */
+  for (int i = 0; i < n; i++) {
+    if (ring_nonempty(rs[i], d)) { lua_pushvalue(L, 3 + i); return 1; }
+  }
+  /* in vain: the next take that finds data judges the budget (took_after_spin) */
   for (int k = 0; k < n; k++) {
-    rs[k]->spin_ns[d] /= 2;
-    if (rs[k]->spin_ns[d] < SPIN_MIN_NS) rs[k]->spin_ns[d] = SPIN_MIN_NS;
+    spin_judged(rs[k], d, 0, budget);
     rs[k]->gave_up[d] = t0;
   }
   return 0;
 }
 
-/* ring:woke(d): direction d has a message after this side gave up spinning and slept:
- * if it came soon after the spin began, a longer spin would have caught it, so the
- * budget grows to about twice that delay (a message that took long shrinks nothing). */
-static int l_woke(lua_State *L) {
+/* ring:spin_budget(d) -> the spin (seconds) this side would afford now waiting on
+ * direction d (for the specs: the policy of the header, observed without timing). */
+static int l_spin_budget(lua_State *L) {
   ring *r = check_ring(L, 1);
-  int d = check_dir(L, 2);
-  if (r->gave_up[d] > 0) {
-    double took = mono_ns() - r->gave_up[d];
-    r->gave_up[d] = 0;
-    if (took < SPIN_MAX_NS / 2) {
-      double want = 2 * took + SPIN_MIN_NS;
-      if (want > r->spin_ns[d]) r->spin_ns[d] = (r->spin_ns[d] + want) / 2;
-    }
-  }
-  return 0;
+  lua_pushnumber(L, spin_budget(r, check_dir(L, 2)) / 1e9);
+  return 1;
 }
 
 /* ring:doorbell_fd(d) -> the eventfd a consumer of direction d waits on */
@@ -458,8 +538,8 @@ int luamp_open_ring(lua_State *L) {
     {"peer_awake", l_peer_awake},
     {"clear_doorbell", l_clear_doorbell},
     {"kick", l_kick},
-    {"woke", l_woke},
     {"doorbell_fd", l_doorbell_fd},
+    {"spin_budget", l_spin_budget},
     {"close", l_close},
     {NULL, NULL}
   };
@@ -475,15 +555,17 @@ int luamp_open_ring(lua_State *L) {
     {NULL, NULL}
   };
   if (luaL_newmetatable(L, RING_MT)) {
-    luaL_setfuncs(L, meta, 0);
-    luaL_newlib(L, methods);
+    lua_pushvalue(L, -1);
+    luaL_setfuncs(L, meta, 1);
+    luaL_newlibtable(L, methods);
+    lua_pushvalue(L, -2);
+    luaL_setfuncs(L, methods, 1);
     lua_setfield(L, -2, "__index");
   }
-  lua_pop(L, 1);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUAMP_HANDLES_KEY);
   lua_pushcfunction(L, l_from_handle);
   lua_setfield(L, -2, RING_MT);
   lua_pop(L, 1);
-  luaL_setfuncs(L, fns, 0);
+  luaL_setfuncs(L, fns, 1);   /* (the metatable, left on the stack, is their upvalue) */
   return 0;
 }

@@ -125,6 +125,13 @@ local function remote_payload(e)
   return {core.error_text(e), traceback_of(e), e}
 end
 
+-- The message handler of a task's xpcall (as U.xpcall's, without a closure per task): an
+-- Interrupted goes on as it is, and the caller raises it again.
+local function task_handler(e)
+  if core.is_error(e, "Interrupted") then return e end
+  return remote_payload(e)
+end
+
 local function remote_error(p, prefix)
   if type(p) ~= "table" then p = {tostring(p), ""} end
   local msg = tostring(p[1])
@@ -256,7 +263,6 @@ local function worker_next(conn, ring, wait_set, spin)
         if not ok then return nil end
         local _, still = ring:set_sleeping(0, false)
         if not still then ring:clear_doorbell(0) end
-        ring:woke(0)
         if #ready > 0 and not ring:has(0) then
           for _, fd in ipairs(ready) do
             if fd == wait_set[2] then
@@ -282,8 +288,11 @@ local function worker_post(conn, ring, out, ofds, count)
 end
 
 -- Encodes and sends the answer to one chunk; false when the parent is gone.
+local answer = {}   -- the answer's table, refilled for each (it is encoded at once)
 local function send_result(conn, ring, jobid, k, okc, dt, res, t0)
-  local oke, out, ofds = U.pcall(dumpx, {jobid, k, okc, dt, res, t0})
+  answer[1], answer[2], answer[3], answer[4], answer[5], answer[6] = jobid, k, okc, dt, res, t0
+  local oke, out, ofds = U.pcall(dumpx, answer)
+  answer[5] = nil
   if not oke then
     if okc then
       out = dumps({jobid, k, false, dt, {"result could not be sent: " .. tostring(out), "", out}})
@@ -352,8 +361,9 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       out_n = n
     end
     local t0 = now()
-    local okc, res = U.xpcall(exec_chunk, remote_payload, fns[fid], mode, n, abytes, afds,
+    local okc, res = xpcall(exec_chunk, task_handler, fns[fid], mode, n, abytes, afds,
       timed and stamp or nil, run_args, off, big and out or nil)
+    if not okc and core.is_error(res, "Interrupted") then error(res, 0) end
     if afds then afds:close() end
     local dt = now() - t0
     if timed and stamp then
@@ -543,8 +553,20 @@ end
 
 -- {name, bytes, value, ...} of the global functions f reads (through other global
 -- functions too) that changed since the pool was made; nil when none did.
+-- The walk depends only on the values of the globals it looks at: st.gmemo[f] keeps its
+-- answer with those names and values ({answer, n, name, value, ...}), and while they are
+-- the same the answer is too (a task per call costs no walk and no tables).
 local function changed_globals(st, f)
   if type(f) ~= "function" or not is_lua_fn(f) then return nil end
+  local memo = st.gmemo[f]
+  if memo then
+    local same = true
+    for i = 3, memo[2], 2 do
+      if not rawequal(rawget(_G, memo[i]), memo[i + 1]) then same = false; break end
+    end
+    if same then return memo[1] end
+  end
+  memo = {false, 2}
   local out
   local seen, stack = {}, {f}
   while #stack > 0 do
@@ -558,6 +580,8 @@ local function changed_globals(st, f)
       if not seen[name] then
         seen[name] = true
         local v = rawget(_G, name)
+        local m = memo[2]
+        memo[m + 1], memo[m + 2], memo[2] = name, v, m + 2
         if type(v) == "function" and is_lua_fn(v) then
           stack[#stack + 1] = v
           if st.gbase[name] ~= v then
@@ -578,6 +602,8 @@ local function changed_globals(st, f)
       end
     end
   end
+  memo[1] = out
+  st.gmemo[f] = memo
   return out
 end
 
@@ -616,7 +642,7 @@ local function job_finish(st, job, ok, value)
   finish_count = finish_count + 1
   job.finished = finish_count
   job.exhausted = true
-  job.retry = dq_new()
+  if job.retry.last >= job.retry.first then job.retry = dq_new() end
   st.jobs[job.id] = nil
   st.njobs = st.njobs - 1
   if job.progress then
@@ -880,7 +906,7 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0,
-             owed = 0}
+             owed = 0, got = {}}
   local okr, ring = pcall(core.ring_new)   -- re-raised
   if not okr then a:close(); b:close(); error(ring, 0) end
   w.ring = ring
@@ -1077,9 +1103,14 @@ local function post(w, data)
   if not w.ring:put(0, data) then w.conn:send_bytes(data) end
 end
 
+-- chunks: a list, or a single chunk (send_direct)
 local function send_message(w, data, chunks)
   post(w, data)
   local conn = w.conn
+  if chunks.job then
+    if chunks.fds or #chunks.bytes > INLINE_MAX then conn:_send(chunks.bytes, chunks.fds) end
+    return
+  end
   for _, c in ipairs(chunks) do
     if not c.run and (c.fds or #c.bytes > INLINE_MAX) then conn:_send(c.bytes, c.fds) end
   end
@@ -1212,7 +1243,10 @@ local function on_result(st, w, c, data, fds, items)
     -- a big chunk of a map: its results go straight into the map's result table
     -- (msg[5] is then true)
     ok, msg = U.pcall(core.loads_into, data, job.results, c.first, c.n, 5)
-  else ok, msg = U.pcall(loads, data) end
+  else
+    ok, msg = pcall(loads, data)   -- Interrupted re-raised
+    if not ok and is_error(msg, "Interrupted") then error(msg, 0) end
+  end
   if not ok or type(msg) ~= "table" or msg[1] ~= job.id or msg[2] ~= c.k then
     return false
   end
@@ -1263,14 +1297,17 @@ end
 -- seen readable (or w ended), so with no marker owed it can only hold EOF — which the
 -- receive raises — or a message no marker announced (garbled). The ring is looked at
 -- again after the socket's readiness: the marker is published before the socket send.
-local function next_message(w, look_socket)
-  if w.owed > 0 then
-    local data, fds = w.conn:_recv_bytes_nowait()
-    if data == nil then return nil end
-    w.owed = w.owed - 1
-    return data, fds, w.owed_tag
+-- taken: the caller took from the ring already, and m, tag are what it got.
+local function next_message(w, look_socket, taken, m, tag)
+  if not taken then
+    if w.owed > 0 then
+      local data, fds = w.conn:_recv_bytes_nowait()
+      if data == nil then return nil end
+      w.owed = w.owed - 1
+      return data, fds, w.owed_tag
+    end
+    m, tag = w.ring:take(1)
   end
-  local m, tag = w.ring:take(1)
   if m then return m, nil, tag end
   local garbled = tag
   if m == false then
@@ -1295,9 +1332,22 @@ end
 -- and a pump of this pool run from inside another pool's pump can read this very
 -- connection), so every receive is one that returns nothing when no message is there.
 local function drain_messages(st, w, look_socket)
-  local got, interrupted = {}
+  -- (w's list, reused: drain is not re-entered for one worker; emptied as it is used,
+  -- and what an error left in it is dropped, as a list of its own would be)
+  local got, interrupted = w.got, nil
+  if next(got) ~= nil then got = {}; w.got = got end
+  local ring = w.ring
   while not w.dead do
-    local ok, data, fds, tag = pcall(next_message, w, look_socket)   -- Interrupted re-raised below
+    -- a record in the ring, or an empty ring with nothing else to look at, needs no
+    -- protected call (a ring is closed only with its worker dead)
+    local ok, data, fds, tag
+    local m, t
+    if w.owed == 0 then m, t = ring:take(1) end
+    if m or (m == nil and t == nil and not look_socket and w.owed == 0) then
+      ok, data, tag = true, m, t
+    else
+      ok, data, fds, tag = pcall(next_message, w, look_socket, w.owed == 0, m, t)   -- Interrupted re-raised below
+    end
     if ok and data == nil then
       if fds == "garbled" then w.garbled = true end
       break
@@ -1332,12 +1382,15 @@ local function drain_messages(st, w, look_socket)
       got[m + 1], got[m + 2], got[m + 3], got[m + 4] = c, data, fds or false, items or false
     end
   end
-  if #got > 0 then dispatch(st) end
-  for i = 1, #got, 4 do
-    if not on_result(st, w, got[i], got[i + 1], got[i + 2] or nil, got[i + 3] or nil) then
+  local n = #got
+  if n > 0 then dispatch(st) end
+  for i = 1, n, 4 do
+    local c, data, fds, items = got[i], got[i + 1], got[i + 2] or nil, got[i + 3] or nil
+    got[i], got[i + 1], got[i + 2], got[i + 3] = nil, nil, nil, nil
+    if not on_result(st, w, c, data, fds, items) then
       w.garbled = true
       if TR.on then TR.instant("WorkerLost", w.pid, {malformed = true}) end
-      chunk_failed(st, got[i].job, got[i], core.error("WorkerLost",
+      chunk_failed(st, c.job, c, core.error("WorkerLost",
         "worker " .. w.pid .. " sent a malformed result", {pid = w.pid}))
     end
   end
@@ -1450,7 +1503,9 @@ end
 -- look again (nil: no timed task is running).
 local function check_timeouts(st)
   local wake, killed
-  for _, w in ipairs(st.workers) do
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
     local c = w.inflight[w.inflight.first]
     if c and c.timed and not w.timeout_kill and not w.dead and not w.killed then
       local limit = c.job.timeout
@@ -1561,8 +1616,10 @@ end
 -- the pool waits. Whether any worker had some.
 local function drain_unannounced(st)
   local any = false
-  for _, w in ipairs(st.workers) do
-    if not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
+    if w and not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then
       drain(st, w)
       any = true
     end
@@ -1576,15 +1633,16 @@ end
 -- with nothing left to wake it (a join hung about once in twenty).
 local function settle(st)
   if st.respawn then st.respawn = false; repopulate(st) end
-  dispatch(st)
+  -- (dispatch, send_stops and run_callbacks do nothing when these are empty or RUN)
+  if st.feed.last >= st.feed.first then dispatch(st) end
   -- a bounded number of rounds: a worker that keeps answering must not starve callbacks
   for _ = 1, 8 do
     if not drain_unannounced(st) then break end
     if st.respawn then st.respawn = false; repopulate(st) end
-    dispatch(st)
+    if st.feed.last >= st.feed.first then dispatch(st) end
   end
-  send_stops(st)
-  run_callbacks(st)
+  if st.state == "CLOSE" then send_stops(st) end
+  if st.callbacks.last >= st.callbacks.first then run_callbacks(st) end
 end
 
 -- One fd of this pool is ready, or was when a wait looked (called from the pool's waits
@@ -1598,7 +1656,6 @@ function service_fd(st, fd)
     -- the doorbell: taken, and set again for the next message unless the pool is
     -- inside one of its waits (see wait_round)
     w.ring:clear_doorbell(1)
-    w.ring:woke(1)
     if not st.awake then w.ring:set_sleeping(1, true) end
     drain(st, w)
   elseif fd == w.cfd and not w.eof then
@@ -1633,7 +1690,9 @@ end
 local function set_awake(st, awake)
   st.awake = awake
   local pending
-  for _, w in ipairs(st.workers) do
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
     if not w.dead and w.ring:set_sleeping(1, not awake) then pending = w end
   end
   return pending
@@ -1645,20 +1704,28 @@ local SPIN_EST = 2e-4    -- a worker's head chunk expected within this is spun f
 -- asleep); returns the worker that answered, or nil.
 local function spin_for_result(st, timeout)
   if not st.spin then return nil end
-  local rings, by_ring
-  for _, w in ipairs(st.workers) do
+  -- (one worker to spin for, the common case, needs no lists)
+  local one, rings, by_ring
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
     local c = w.inflight[w.inflight.first]
     if c and c.est and c.est < SPIN_EST and not w.dead and w.ring:peer_awake(0) then
       if rings then
         rings[#rings + 1] = w.ring; by_ring[w.ring] = w
+      elseif one then
+        rings, by_ring = {one.ring, w.ring}, {[one.ring] = one, [w.ring] = w}
       else
-        rings, by_ring = {w.ring}, {[w.ring] = w}
+        one = w
       end
     end
   end
-  if not rings then return nil end
-  local r = core.spin_rings(1, timeout, unpack(rings))
-  return r and by_ring[r]
+  if rings then
+    local r = core.spin_rings(1, timeout, unpack(rings))
+    return r and by_ring[r]
+  end
+  if one and core.spin_rings(1, timeout, one.ring) then return one end
+  return nil
 end
 
 local function wait_round(st, fds, timeout, tick)
@@ -1708,7 +1775,9 @@ local function wait_once(st, deadline)
   if deadline then timeout = math.max(0, deadline - now()) end
   if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
   local tick = false
-  for _, w in ipairs(st.workers) do
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
     if not w.sfd or w.sfd < 0 then tick = true end
   end
   if tick then timeout = math.min(timeout or 0.05, 0.05) end
@@ -1771,12 +1840,12 @@ local function wait_many(sts, deadline)
   end
 end
 
--- Waits until done() is true; returns false on timeout.
-local function wait_until(st, done, timeout)
-  U.check_timeout("wait", timeout)
+-- Waits until done(arg) is true; returns false on timeout.
+local function wait_until(st, done, timeout, arg)
+  if timeout ~= nil then U.check_timeout("wait", timeout) end
   local deadline = timeout and now() + math.max(timeout, 0)
   settle(st)
-  while not done() do
+  while not done(arg) do
     if deadline and now() >= deadline then return false end
     wait_once(st, deadline)
   end
@@ -1828,6 +1897,8 @@ AsyncResult.__name = "luamp.AsyncResult"
 -- table from objects to jobs would cost the collector an ephemeron pass per result).
 local JOB = setmetatable({}, {__name = "luamp.pool.job"})
 
+local function job_ready(job) return job.ready end
+
 function AsyncResult:ready()
   return self[JOB].ready == true
 end
@@ -1836,7 +1907,7 @@ function AsyncResult:wait(timeout)
   local job = self[JOB]
   if job.ready then return end
   check_owner(job.st)
-  wait_until(job.st, function() return job.ready end, timeout)
+  wait_until(job.st, job_ready, timeout, job)
 end
 
 -- For luamp.wait: the fds whose readiness may make this result ready (its pool's
@@ -1857,7 +1928,7 @@ function AsyncResult:get(timeout)
   local job = self[JOB]
   if not job.ready then
     check_owner(job.st)
-    if not wait_until(job.st, function() return job.ready end, timeout) then
+    if not wait_until(job.st, job_ready, timeout, job) then
       if TR.on then TR.instant("Timeout", core.getpid(), {job = job.id, timeout = timeout}) end
       raise("Timeout", string.format("result not ready after %g s", timeout))
     end
@@ -2030,28 +2101,64 @@ end
 
 local function new_job(self, st, kind, f, mode)
   st.next_job = st.next_job + 1
+  -- (the fields an apply job gets in its life are named here, those set later as nil:
+  -- its table is made at its final size, 16, not grown and rehashed as they come)
   local job = {
-    st = st, pool = self, id = st.next_job, kind = kind, mode = mode,
-    fe = func_entry(st, f), globals = changed_globals(st, f),
-    label = TR.on and TR.label(f) or nil,
-    pulled = 0, consumed = 0, next_k = 0, done_items = 0,
-    retry = dq_new(),
+    st = st, id = st.next_job, kind = kind, mode = mode, fe = func_entry(st, f),
+    pulled = 0, next_k = 0, done_items = 0, retry = dq_new(),
+    chunksize = nil, abytes = nil, exhausted = nil, ready = nil, ok = nil, value = nil,
+    finished = nil,
   }
+  local globals = changed_globals(st, f)
+  if globals then job.globals = globals end
+  if TR.on then job.label = TR.label(f) end
   st.jobs[job.id] = job
   st.njobs = st.njobs + 1
   return job
 end
 
 -- A single task with nothing queued before it goes straight to an idle worker (what
--- dispatch would do, without looking through the feed).
+-- dispatch would do, without looking through the feed): what produce, send_chunks and
+-- queue_add_all do for it, without their lists.
 local function send_direct(st, job)
   local maxtasks = st.maxtasks
-  for _, w in ipairs(st.workers) do
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
     -- (what capacity says of an idle worker)
     if w.inflight.first > w.inflight.last and not (w.dead or w.stopping or w.sending
         or w.broken or w.timeout_kill) and not (maxtasks and w.sent >= maxtasks) then
-      local c = produce(st, job)
-      if c then send_chunks(st, w, {c}) end
+      local fe = job.fe
+      local defs = remember_fn(w, fe, send_globals(w, job, nil))
+      local drops = false
+      if dq_len(w.known_order) > FN_CACHE then drops = evict_fns(w, {[fe.id] = true}) or false end
+      local bytes, fds = job.abytes, job.afds
+      job.abytes, job.afds = nil, nil
+      job.exhausted, job.pulled, job.next_k = true, 1, 1
+      local timed = job.timeout ~= nil
+      local est = fe.est
+      local c = {job = job, k = 1, first = 1, n = 1, bytes = bytes, timed = timed, est = est,
+                 ahead = 0}   -- (8 fields: the size of its table)
+      if fds then c.fds = fds end
+      local q = w.inflight
+      q.last = q.last + 1
+      q[q.last] = c
+      w.busy_since = now()
+      if est then w.queued_est = w.queued_est + est else w.unknown = w.unknown + 1 end
+      w.sent = w.sent + 1
+      local inline = not fds and #bytes <= INLINE_MAX and bytes
+      local msg = st.apply_msg
+      msg[1], msg[2], msg[4], msg[5], msg[6], msg[7], msg[8], msg[9] =
+        defs or false, drops, job.id, 1, fe.id, timed and APPLY + TIMED or APPLY, 1, inline
+      local data = dumps(msg)
+      msg[1], msg[2], msg[9] = false, false, false
+      w.sending = true
+      local ok, err = pcall(send_message, w, data, c)   -- Interrupted re-raised
+      w.sending = false
+      if not ok then
+        if is_error(err, "Interrupted") then error(err, 0) end
+        w.broken = true
+      end
       return true
     end
   end
@@ -2175,7 +2282,6 @@ function Pool:apply_async(f, args, opts)
   local job = new_job(self, st, "apply", f, APPLY)
   job.abytes, job.afds = abytes, afds
   job.timeout = timeout
-  job.total = 1
   job.callback, job.error_callback = cb, ecb
   job.chunksize = 1
   local res = setmetatable({[JOB] = job}, AsyncResult)
@@ -2183,13 +2289,19 @@ function Pool:apply_async(f, args, opts)
   return res
 end
 
-function Pool:apply(f, args)
-  local ok, r = pcall(function() return table.pack(self:apply_async(f, args):get()) end)   -- re-raised
+local function apply_get(self, f, args) return self:apply_async(f, args):get() end
+
+local function apply_done(self, ok, ...)
   if not ok then
-    pool_interrupted(state_of(self), r)
-    error(r, 0)
+    local err = ...
+    pool_interrupted(state_of(self), err)
+    error(err, 0)
   end
-  return unpack(r, 1, r.n)
+  return ...
+end
+
+function Pool:apply(f, args)
+  return apply_done(self, pcall(apply_get, self, f, args))   -- re-raised
 end
 
 function Pool:map_async(f, list, opts)
@@ -2239,6 +2351,7 @@ local function imap(self, what, f, list, opts, ordered)
   job.buf = {}
   job.uq = dq_new()
   job.yielded = 0
+  job.consumed = 0
   job.window = cs * math.max(st.processes * 8, 64)
   if type(list) == "function" then
     job.iter = list
@@ -2325,7 +2438,9 @@ local function new_pool(opts)
     feed = dq_new(), jobs = {}, njobs = 0, next_job = 0,
     fcache = setmetatable({}, {__mode = "k"}), next_fid = 0,
     callbacks = dq_new(),
-    gbase = global_functions(),
+    gbase = global_functions(), gmemo = setmetatable({}, {__mode = "k"}),
+    -- the message of send_direct, refilled for each task
+    apply_msg = {false, false, false, 0, 1, 0, APPLY, 1, false},
     method = creating_method or require("luamp.process").get_start_method(),
     epoch = now(), free_slots = {}, dying = 0,
     -- with more workers than CPUs, a spinning side would only keep a peer that has work
