@@ -112,6 +112,22 @@ extern const luamp_wait_scheduler *luamp_wait_sched;
 int luamp_sched_active(void);
 int luamp_sched_in_task(void);
 int luamp_sched_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
+/* Turns (sched.c): tasks of this process waiting on the same cross-process wait (key:
+ * the address of what they wait on) let one of them wait that way at a time. try takes
+ * the turn if it is free (1) or says another task holds it (0); wait suspends the task
+ * until it gets the turn (1), the deadline (0) or a cancel (-2); the holder leaves when
+ * its wait ends, whatever the outcome. Outside a task: 1, and leave does nothing. */
+int luamp_sched_turn_try(const void *key);
+int luamp_sched_turn_wait(const void *key, double deadline);
+void luamp_sched_turn_leave(const void *key);
+/* The same wait without a C stack: when luamp_sched_can_yield(L) (L is the task's own
+ * thread and may yield), a C function with nothing to release calls turn_yield as its
+ * return; the task yields and k runs when the wait ends (or at once, if it need not
+ * wait). k calls turn_resumed for the outcome (as turn_wait's) and the deadline. */
+int luamp_sched_can_yield(lua_State *L);
+int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_KFunction k,
+                           lua_KContext ctx);
+int luamp_sched_turn_resumed(double *deadline);
 /* The running task's Lua thread (for the Ctrl-C hook), or NULL. */
 lua_State *luamp_sched_current_thread(void);
 int luamp_open_sched(lua_State *L);

@@ -111,6 +111,7 @@ enum { R_INLINE = 1, R_REF = 2, R_FDS = 0x100 };   /* R_FDS: descriptors on the 
 enum { Q_OK = 0, Q_TIMEOUT, Q_INTR, Q_NOMEM, Q_CORRUPT, Q_SYS, Q_SIDE_FULL, Q_TOOMANY };
 /* Or'ed into what wait_until returns when it could not take the lock again. */
 #define Q_UNLOCKED 0x100
+#define Q_FOLLOW 0x200   /* (with Q_UNLOCKED) a task of this process has the turn */
 
 /* What a put commits (under the tail lock), with the count of puts (tver). */
 struct tstate {
@@ -946,9 +947,11 @@ static int wait_token(queue *q, int w, double deadline) {
 
 /* The common loop of get, put and join, entered and left with lock `which` held.
  * ready(q) says whether the caller can go ahead; returns Q_OK when it can. A waiter
- * registers before its last look at the condition (register_waiter). */
-static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int block,
-                      double deadline) {
+ * registers before its last look at the condition (register_waiter). Tasks of one
+ * process take turns (sched.c): one of them registers and waits on the eventfd, the
+ * others wait for its turn without system calls. */
+static int wait_until_turn(queue *q, int which, int w, int (*ready)(queue *), int block,
+                           double deadline, int *turn, int can_yield) {
   int registered = 0;
   for (;;) {
     if (q->shm->corrupt) {
@@ -962,6 +965,16 @@ static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int blo
     if (!block || (deadline >= 0 && luamp_now() >= deadline)) {
       if (registered) unregister(q, w);
       return Q_TIMEOUT;
+    }
+    if (!registered && !*turn && !(*turn = luamp_sched_turn_try(&q->efd[w]))) {
+      q_unlock(q, which);
+      if (can_yield) return Q_FOLLOW | Q_UNLOCKED;   /* the caller yields for the turn */
+      int rc = luamp_sched_turn_wait(&q->efd[w], deadline);
+      *turn = rc == 1;
+      int lrc = q_lock(q, which, deadline);
+      if (lrc != Q_OK) return lrc | Q_UNLOCKED;
+      if (rc == -2) return Q_INTR;
+      continue;
     }
     if (!registered) {
       register_waiter(q, w);
@@ -981,6 +994,20 @@ static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int blo
     }
     if (rc == Q_OK && take_token(q->efd[w])) registered = 0;   /* a waker counted us out */
   }
+}
+
+static int wait_until_y(queue *q, int which, int w, int (*ready)(queue *), int block,
+                        double deadline, int can_yield) {
+  int turn = 0;
+  int rc = wait_until_turn(q, which, w, ready, block, deadline, &turn, can_yield);
+  /* a task given the turn while it yielded holds it though turn is 0 here */
+  if (turn || luamp_sched_in_task()) luamp_sched_turn_leave(&q->efd[w]);
+  return rc;
+}
+
+static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int block,
+                      double deadline) {
+  return wait_until_y(q, which, w, ready, block, deadline, 0);
 }
 
 /* (under the head lock) */
@@ -1114,11 +1141,12 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
   return rc;
 }
 
-static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist *fds) {
+static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist *fds,
+                    int can_yield) {
   if (block) spin_while(q, 0);
   int rc = q_lock(q, L_HEAD, block ? deadline : 0);
   if (rc != Q_OK) return rc;
-  rc = wait_until(q, L_HEAD, W_GET, items_ready, block, deadline);
+  rc = wait_until_y(q, L_HEAD, W_GET, items_ready, block, deadline, can_yield);
   if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
   if (rc == Q_OK) rc = pop(q, it);
   if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
@@ -1369,12 +1397,16 @@ static int push_item_protected(lua_State *L) {
   return 1;
 }
 
+static int get_k(lua_State *L, int status, lua_KContext decode);
+
 static int do_get(lua_State *L, int block, double deadline, int decode) {
   queue *q = check_queue(L, 1);
   item it = {0, 0, 0, 0};   /* (set by get_item on Q_OK; -O2 cannot tell) */
   luamp_fdlist fds;
   fds.n = 0;
-  int rc = get_item(q, &it, block, deadline, &fds);
+  int rc = get_item(q, &it, block, deadline, &fds, block && luamp_sched_can_yield(L));
+  if (rc == Q_FOLLOW)   /* nothing held: wait for the turn with no C stack, then again */
+    return luamp_sched_turn_yield(L, &q->efd[W_GET], deadline, get_k, decode);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
   if (!it.ref && fds.n == 0) {
     if (!decode) {
@@ -1407,6 +1439,14 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
   luamp_fdlist_close(&fds);
   if (status != LUA_OK) return lua_error(L);
   return 1;
+}
+
+/* do_get again after a wait for the turn (see luamp_sched_turn_yield) */
+static int get_k(lua_State *L, int status, lua_KContext decode) {
+  (void)status;
+  double deadline;
+  if (luamp_sched_turn_resumed(&deadline) == -2) raise_status(L, check_queue(L, 1), Q_INTR, 0, "Empty");
+  return do_get(L, 1, deadline, (int)decode);
 }
 
 /* :get([block], [timeout]) -> value */

@@ -2,24 +2,36 @@
  * sched.c — the task scheduler: luamp.task coroutines, each of whose waits suspends only
  * that task, and the one wait that serves them all.
  *
- * Mechanism: stackful tasks. Every task runs its Lua thread on a C stack of its own
- * (mmap'd, with a guard page; a small cache keeps freed ones). A blocking call inside a
- * task needs no change of its own: every luamp wait already ends in luamp_wait_fds
- * (fds + deadline) or luamp_futex_wait (a futex word), and both hand over to this file
- * when they run inside a task: the task records what it waits for and switches back to
- * the main context (a few instructions on x86-64, swapcontext elsewhere). The C frames of
- * the waiting call (its locks, buffers and fds) stay on the task's stack untouched until
- * the task is resumed, and the wait then returns as it would have: the number of ready
- * fds, 0 at the deadline, or -2 (Interrupted) when the task was cancelled. So Queue get,
- * recv, join, Popen:wait, manager calls, AsyncResult:get and sleep all cooperate, and
- * so do user coroutines inside a task (their resume frames live on the task's stack).
+ * Mechanism: a task is a Lua thread; it runs on a runner, a C stack (mmap'd, with a guard
+ * page) whose loop calls lua_resume on it. A blocking call inside a task needs no change
+ * of its own: every luamp wait already ends in luamp_wait_fds (fds + deadline) or
+ * luamp_futex_wait (a futex word), and both hand over to this file when they run inside
+ * a task: the task records what it waits for and switches back to the main context (a
+ * few instructions on x86-64, swapcontext elsewhere), keeping its runner. The C frames of
+ * the waiting call (its locks, buffers and fds) stay on that stack untouched until the
+ * task is resumed, and the wait then returns as it would have: the number of ready fds, 0
+ * at the deadline, or -2 (Interrupted) when the task was cancelled. So Queue get, recv,
+ * join, Popen:wait, manager calls, AsyncResult:get and sleep all cooperate, and so do
+ * user coroutines inside a task (their resume frames live on the runner's stack).
+ * A wait that holds nothing in C can instead suspend by a Lua yield with a continuation
+ * (lua_yieldk; luamp_sched_turn_yield): lua_resume returns, the runner goes back to the
+ * free list, and the task holds no C stack while it waits. A new task has no stack
+ * either. So 10,000 tasks in line for a queue cost 10,000 Lua threads and one runner.
+ * A bare coroutine.yield of the task's own thread is a sleep(0).
+ *
+ * Turns: tasks of this process waiting on the same queue class take turns (see
+ * luamp_sched_turn_wait): one registers in the queue and polls its eventfd, the others
+ * wait in line here, and each that leaves hands the turn to the next, which finds an
+ * item left or becomes the one registered. One token from another process thus serves a
+ * whole backlog with task switches and no system call.
  *
  * The main context is whoever is not a task: luamp.run, Task:wait outside a task, or any
  * blocking call made outside a task while tasks exist. Its waits (main_wait) run the
  * ready tasks, then make one poll(2) over the caller's own fds, the background pumps'
  * fds (wait.c), one entry per distinct fd that tasks wait on, and the futex bridge's
  * eventfd, with the nearest task deadline as timeout. Readiness marks the waiting tasks
- * ready; they run at the next round. Tasks are resumed only from the main context, never
+ * ready; they run at the next round (while tasks make each other ready, up to POLL_EVERY
+ * rounds run without a poll). Tasks are resumed only from the main context, never
  * from inside a task and never from inside a pump, so contexts never nest.
  *
  * Waiters of one fd: all are woken when it is ready (readiness is a hint; each caller
@@ -52,7 +64,7 @@
  * as tasks never calls luamp.run. These handles keep the host's loop alive while tasks
  * live.
  *
- * Fork: a child forked inside a task goes on running on that task's stack as its main
+ * Fork: a child forked inside a task goes on running on that task's runner as its main
  * context (it never returns to the scheduler; it leaves through _exit); the parent's
  * tasks, watches and bridge thread are forgotten in the child (pid check).
  */
@@ -149,7 +161,7 @@ static void ctx_swap(ctx_t *from, ctx_t *to) { swapcontext(&from->uc, &to->uc); 
 
 enum { T_READY, T_WAIT, T_RUN, T_DONE };
 /* what ended a wait */
-enum { W_FD, W_TIMEOUT, W_CANCEL, W_FUTEX, W_UNPARK };
+enum { W_FD, W_TIMEOUT, W_CANCEL, W_FUTEX, W_UNPARK, W_TURN };
 
 struct task;
 typedef struct slab slab;
@@ -190,9 +202,8 @@ typedef struct task {
   lua_Integer id;
   lua_State *T;
   int ref;                  /* T in the registry */
-  char *stack;
-  slab *slab;
-  ctx_t ctx;
+  int nargs;                /* for its first resume: the arguments on T */
+  struct runner *run;       /* the C stack it runs on (kept while it waits in C) */
   int state;
   int cancel;               /* the next wait returns -2 */
   int parked;               /* in task_park: task_unpark may wake it */
@@ -208,10 +219,23 @@ typedef struct task {
   int nready;
   struct task *rnext;       /* ready queue */
   struct task *hnext;       /* id hash chain */
+  struct task **hprev;      /* what points at it in the chain (removal without a walk) */
+  struct task *tprev, *tnext;   /* in a turn's line (luamp_sched_turn_wait) */
+  const void *turn_key;     /* the turn it waits for after luamp_sched_turn_yield */
+} task;
+
+/* A C stack that runs tasks: a loop calling lua_resume on the current task. A task that
+ * waits in C keeps its runner until it is resumed and suspends otherwise or ends; one
+ * that suspends by a Lua yield (luamp_sched_turn_yield) gives it back at once. */
+typedef struct runner {
+  ctx_t ctx;
+  char *stack;
+  slab *slab;
+  struct runner *next;      /* in the free list */
 #ifdef SCHED_ASAN
   void *fake;
 #endif
-} task;
+} runner;
 
 static pid_t sched_pid;
 static task *current;               /* the running task, NULL in the main context */
@@ -229,6 +253,7 @@ static int nwatches, watches_cap;
 static int *watch_of_fd;            /* fd -> watch index + 1 (0: none) */
 static int watch_of_fd_cap;
 static fwaiter *fwaiters;
+static struct turn *turns;         /* turns in use (luamp_sched_turn_wait) */
 static int fw_dirty;
 /* Stacks come in slabs of SLAB_STACKS (one mapping each): a slab is unmapped only when
  * all its stacks are free and another free slab is kept, so a burst of thousands of
@@ -241,6 +266,10 @@ struct slab {
 };
 static slab *slabs_with_free;
 static int empty_slabs;           /* slabs whose every stack is free */
+/* Runners not in use, kept (stack pages and all) up to RUNNERS_KEPT for the next tasks. */
+#define RUNNERS_KEPT 256
+static runner *free_runners;
+static int nfree_runners;
 #ifdef SCHED_ASAN
 static const void *main_stack_bottom;
 static size_t main_stack_size;
@@ -263,7 +292,10 @@ static void forget_if_forked(void) {
   if (watch_of_fd) memset(watch_of_fd, 0, sizeof *watch_of_fd * (size_t)watch_of_fd_cap);
   fwaiters = NULL;
   fw_dirty = 0;
+  turns = NULL;
   slabs_with_free = NULL;   /* one of the stacks may be the one this child runs on */
+  free_runners = NULL;
+  nfree_runners = 0;
   empty_slabs = 0;
   bridge_forget();
 }
@@ -552,62 +584,112 @@ static void stack_put(slab *sl, char *s) {
 
 /* ---- switching ---- */
 
-/* From the task back to the main context; returns when the task is resumed. */
-static void to_main(task *t) {
+/* From a runner back to the main context; returns when the main context switches back. */
+static void to_main(runner *r) {
 #ifdef SCHED_ASAN
-  __sanitizer_start_switch_fiber(&t->fake, main_stack_bottom, main_stack_size);
-  ctx_swap(&t->ctx, &main_ctx);
-  __sanitizer_finish_switch_fiber(t->fake, &main_stack_bottom, &main_stack_size);
+  __sanitizer_start_switch_fiber(&r->fake, main_stack_bottom, main_stack_size);
+  ctx_swap(&r->ctx, &main_ctx);
+  __sanitizer_finish_switch_fiber(r->fake, &main_stack_bottom, &main_stack_size);
 #else
-  ctx_swap(&t->ctx, &main_ctx);
+  ctx_swap(&r->ctx, &main_ctx);
 #endif
 }
 
+static void runner_free(runner *r) {
+  stack_put(r->slab, r->stack);
+  free(r);
+}
+
 static void task_free(task *t) {
-  task **p = &by_id[(size_t)t->id % HASH_SIZE];
-  while (*p != t) p = &(*p)->hnext;
-  *p = t->hnext;
+  *t->hprev = t->hnext;
+  if (t->hnext) t->hnext->hprev = t->hprev;
   luaL_unref(t->T, LUA_REGISTRYINDEX, t->ref);
-  stack_put(t->slab, t->stack);
   free(t);
 }
 
-static void resume(task *t) {
+/* Runs the current task until it ends or suspends; on its runner's stack, for ever. */
+static void runner_main(void) {
+#ifdef SCHED_ASAN
+  __sanitizer_finish_switch_fiber(NULL, &main_stack_bottom, &main_stack_size);
+#endif
+  for (;;) {
+    task *t = current;
+    runner *r = t->run;
+    lua_State *T = t->T;
+    int nres = 0;
+    int nargs = t->nargs;
+    t->nargs = 0;
+    int st = lua_resume(T, NULL, nargs, &nres);
+    if (st == LUA_YIELD) {
+      lua_pop(T, nres);
+      /* a suspend of ours left it waiting; a bare coroutine.yield is a sleep(0) */
+      if (t->state == T_RUN) ready_push(t);
+    } else {
+      if (st != LUA_OK) {
+        /* the runner (scheduler.lua) catches the task's own errors: this is a Ctrl-C
+         * that struck in the runner itself, or memory */
+        if (luamp_is_interrupted(T, -1)) luamp_request_interrupt();
+        else fprintf(stderr, "luamp: task %lld failed: %s\n", (long long)t->id, luamp_push_error_text(T, -1));
+        lua_settop(T, 0);
+      }
+      t->state = T_DONE;
+      live--;
+      ended++;
+    }
+    t->run = NULL;
+    r->next = free_runners;
+    free_runners = r;
+    nfree_runners++;
+    to_main(r);
+  }
+}
+
+static runner *runner_get(void) {
+  runner *r = free_runners;
+  if (r) {
+    free_runners = r->next;
+    nfree_runners--;
+    return r;
+  }
+  r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->stack = stack_get(&r->slab);
+  if (!r->stack) {
+    free(r);
+    return NULL;
+  }
+  ctx_make(&r->ctx, r->stack, STACK_SIZE, runner_main);
+  return r;
+}
+
+/* Runs t until it suspends or ends. Returns -1 (errno set) when no runner could be made:
+ * t stays ready. */
+static int resume(task *t) {
+  runner *r = t->run;
+  if (!r) {
+    r = runner_get();
+    if (!r) return -1;
+    t->run = r;
+  }
   current = t;
   t->state = T_RUN;
 #ifdef SCHED_ASAN
   void *fake = NULL;
-  __sanitizer_start_switch_fiber(&fake, t->stack, STACK_SIZE);
-  ctx_swap(&main_ctx, &t->ctx);
+  __sanitizer_start_switch_fiber(&fake, r->stack, STACK_SIZE);
+  ctx_swap(&main_ctx, &r->ctx);
   __sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #else
-  ctx_swap(&main_ctx, &t->ctx);
+  ctx_swap(&main_ctx, &r->ctx);
 #endif
   current = NULL;
   if (t->state == T_DONE) task_free(t);
-}
-
-static void task_entry(void) {
-  task *t = current;
-#ifdef SCHED_ASAN
-  __sanitizer_finish_switch_fiber(NULL, &main_stack_bottom, &main_stack_size);
-#endif
-  lua_State *T = t->T;
-  if (lua_pcall(T, lua_gettop(T) - 1, 0, 0) != LUA_OK) {
-    /* the runner (scheduler.lua) catches the task's own errors: this is a Ctrl-C that
-     * struck in the runner itself, or memory */
-    if (luamp_is_interrupted(T, -1)) luamp_request_interrupt();
-    else fprintf(stderr, "luamp: task %lld failed: %s\n", (long long)t->id, luamp_push_error_text(T, -1));
-    lua_settop(T, 0);
+  while (nfree_runners > RUNNERS_KEPT) {
+    runner *f = free_runners;
+    free_runners = f->next;
+    nfree_runners--;
+    runner_free(f);
   }
-  t->state = T_DONE;
-  live--;
-  ended++;
-#ifdef SCHED_ASAN
-  __sanitizer_start_switch_fiber(NULL, main_stack_bottom, main_stack_size);
-#endif
-  ctx_swap(&t->ctx, &main_ctx);
-  abort();   /* a finished task is never resumed */
+  return 0;
 }
 
 /* Runs the tasks that are ready now (not those they make ready: the next round does). */
@@ -618,7 +700,10 @@ static void run_ready(void) {
     ready_head = t->rnext;
     if (!ready_head) ready_tail = NULL;
     int last = t == stop;
-    resume(t);
+    if (resume(t) < 0) {
+      ready_push(t);   /* no memory for a stack: try again at the next round */
+      break;
+    }
     if (last) break;
   }
 }
@@ -685,7 +770,7 @@ static int task_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
   if (deadline >= 0) heap_push(t);
   t->state = T_WAIT;
   if (deadline >= 0 && deadline <= luamp_now() && !nfds && !fw) wake(t, W_TIMEOUT);
-  to_main(t);
+  to_main(t->run);
   if (nodes != small) free(nodes);
   t->nodes = NULL;
   if (t->why != W_CANCEL && t->cancel) {   /* cancelled while it was ready to run */
@@ -693,6 +778,157 @@ static int task_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
     return W_CANCEL;
   }
   return t->why;
+}
+
+/* ---- turns: one waiter per process on a shared wait ---- */
+
+/* Tasks of this process that wait for the same thing (a queue class: its getters, say)
+ * take turns: the holder of the turn waits the cross-process way (registers in the
+ * queue, polls its token fd), the others wait in line here, suspended without system
+ * calls. When the holder leaves (it got its item, timed out, was cancelled) the first in
+ * line gets the turn and runs at the next round: it finds an item left over, or becomes
+ * the one that registers. So one token from another process starts a chain that serves
+ * the whole backlog, each step a task switch. */
+typedef struct turn {
+  const void *key;
+  task *holder;
+  task *head, *tail;   /* waiting for the turn, in order */
+  struct turn *next;
+} turn;
+
+static turn *turn_find(const void *key, int make) {
+  for (struct turn **p = &turns; *p; p = &(*p)->next) {
+    turn *u = *p;
+    if (u->key != key) continue;
+    if (p != &turns) {   /* move to the front: the busy one is found first */
+      *p = u->next;
+      u->next = turns;
+      turns = u;
+    }
+    return u;
+  }
+  if (!make) return NULL;
+  turn *u = calloc(1, sizeof *u);
+  if (!u) return NULL;
+  u->key = key;
+  u->next = turns;
+  turns = u;
+  return u;
+}
+
+static void turn_drop_if_idle(turn *u) {
+  if (u->holder || u->head) return;
+  for (struct turn **p = &turns; *p; p = &(*p)->next)
+    if (*p == u) {
+      *p = u->next;
+      free(u);
+      return;
+    }
+}
+
+static void turn_unline(turn *u, task *t) {
+  if (t->tprev) t->tprev->tnext = t->tnext;
+  else u->head = t->tnext;
+  if (t->tnext) t->tnext->tprev = t->tprev;
+  else u->tail = t->tprev;
+  t->tprev = t->tnext = NULL;
+}
+
+static void turn_line(turn *u, task *t) {
+  t->tnext = NULL;
+  t->tprev = u->tail;
+  if (u->tail) u->tail->tnext = t;
+  else u->head = t;
+  u->tail = t;
+}
+
+/* After a wait for the turn ended for reason why: 1 it has the turn, 0 the deadline
+ * passed, -2 cancelled (a turn handed over meanwhile goes on to the next). */
+static int turn_waited(task *t, const void *key, int why) {
+  turn *u = turn_find(key, 0);
+  if (!u) return why == W_CANCEL ? -2 : why == W_TURN;
+  if (u->holder == t) {
+    if (why == W_TURN) return 1;
+    luamp_sched_turn_leave(key);
+  } else if (t->tprev || u->head == t) {
+    turn_unline(u, t);
+    turn_drop_if_idle(u);
+  }
+  return why == W_CANCEL ? -2 : 0;
+}
+
+int luamp_sched_turn_try(const void *key) {
+  if (!luamp_sched_in_task()) return 1;
+  turn *u = turn_find(key, 1);
+  if (!u) return 1;   /* no memory: wait the cross-process way, as outside a task */
+  if (u->holder && u->holder != current) return 0;
+  u->holder = current;
+  return 1;
+}
+
+void luamp_sched_turn_leave(const void *key) {
+  if (!luamp_sched_in_task()) return;
+  turn *u = turn_find(key, 0);
+  if (!u || u->holder != current) return;
+  u->holder = u->head;
+  if (u->head) {
+    task *t = u->head;
+    turn_unline(u, t);
+    wake(t, W_TURN);
+  }
+  turn_drop_if_idle(u);
+}
+
+int luamp_sched_turn_wait(const void *key, double deadline) {
+  if (!luamp_sched_in_task()) return 1;
+  turn *u = turn_find(key, 1);
+  if (!u) return 1;
+  task *t = current;
+  if (!u->holder || u->holder == t) {
+    u->holder = t;
+    return 1;
+  }
+  turn_line(u, t);
+  return turn_waited(t, key, task_wait(NULL, 0, NULL, deadline, 0));
+}
+
+int luamp_sched_can_yield(lua_State *L) {
+  return luamp_sched_in_task() && L == current->T && lua_isyieldable(L);
+}
+
+int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_KFunction k,
+                           lua_KContext ctx) {
+  task *t = current;
+  t->turn_key = key;
+  t->deadline = deadline;
+  turn *u = turn_find(key, 1);
+  if (t->cancel || !u || !u->holder || u->holder == t) {
+    /* no need to wait (or no memory to: then it waits the cross-process way) */
+    if (u && !u->holder) u->holder = t;
+    t->why = t->cancel ? W_CANCEL : W_TURN;
+    t->cancel = 0;
+    return k(L, LUA_OK, ctx);
+  }
+  turn_line(u, t);
+  t->nfds = 0;
+  t->fw = NULL;
+  t->parked = 0;
+  t->hidx = -1;
+  if (deadline >= 0) heap_push(t);
+  t->state = T_WAIT;
+  if (deadline >= 0 && deadline <= luamp_now()) wake(t, W_TIMEOUT);
+  return lua_yieldk(L, 0, ctx, k);   /* runner_main sees the yield; the runner is free */
+}
+
+int luamp_sched_turn_resumed(double *deadline) {
+  task *t = current;
+  *deadline = t->deadline;
+  int why = t->why;
+  if (why != W_CANCEL && t->cancel) {   /* cancelled while it was ready to run */
+    t->cancel = 0;
+    why = W_CANCEL;
+  }
+  return turn_waited(t, t->turn_key, why);
 }
 
 /* ---- the futex bridge ---- */
@@ -862,8 +1098,11 @@ static int remaining_ms(double deadline) {
   return ms > slice ? slice : (int)ms;
 }
 
-/* Waits for the caller's fds, its futex waiter fw, the deadline or (stop_ended) a task's
- * end, running tasks meanwhile. Returns as luamp_wait_fds does (fw: 0 woken, 1 at the
+#define POLL_EVERY 32
+static int rounds_unpolled;
+
+/* Waits for the caller's fds, its futex waiter fw, the deadline or (stop_ended 1) a task's
+ * end or (2) the end of every task, running tasks meanwhile. Returns as luamp_wait_fds does (fw: 0 woken, 1 at the
  * deadline). */
 static int main_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline, int stop_ended) {
   unsigned ended0 = ended;
@@ -883,8 +1122,17 @@ static int main_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline,
     check_private_loop();
     if (luamp_interrupt_pending()) { result = -2; break; }
     if (fw && (fw->fired || atomic_load(fw->word) != fw->expect)) { result = 0; break; }
-    if (stop_ended && ended != ended0) { result = 0; break; }
+    if (stop_ended == 1 && ended != ended0) { result = 0; break; }
+    if (stop_ended == 2 && !live) { result = 0; break; }
     if (deadline >= 0 && luamp_now() >= deadline) { result = fw ? 1 : 0; break; }
+    /* Tasks made ready by tasks (a turn or an item handed on, a sleep(0)) run on without
+     * a poll for up to POLL_EVERY rounds: a chain of handovers costs no system call, and
+     * fds (the caller's too) are still looked at every POLL_EVERY rounds. */
+    if (ready_head && !luamp_pump_running() && ++rounds_unpolled < POLL_EVERY) {
+      expire_deadlines(luamp_now());
+      continue;
+    }
+    rounds_unpolled = 0;
     int ms = remaining_ms(deadline);
     if (ready_head && !luamp_pump_running()) ms = 0;
     if (nheap > 0) {
@@ -1127,24 +1375,23 @@ static int l_task_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   forget_if_forked();
   int n = lua_gettop(L);
+  /* no C stack yet: a runner's is lent to it whenever it runs */
+  lua_State *T = lua_newthread(L);
   task *t = calloc(1, sizeof *t);
   if (!t) luamp_raise(L, "Value", "task: out of memory");
-  t->stack = stack_get(&t->slab);
-  if (!t->stack) {
-    free(t);
-    luamp_raise(L, "Value", "task: cannot map a stack: %s", strerror(errno));
-  }
-  lua_State *T = lua_newthread(L);   /* may raise (memory): then t leaks, as Lua would */
   t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
   t->T = T;
   for (int i = 1; i <= n; i++) lua_pushvalue(L, i);
   lua_xmove(L, T, n);
+  t->nargs = n - 1;
   t->id = ++next_id;
   t->hidx = -1;
   t->one_fd = -1;
-  ctx_make(&t->ctx, t->stack, STACK_SIZE, task_entry);
-  t->hnext = by_id[(size_t)t->id % HASH_SIZE];
-  by_id[(size_t)t->id % HASH_SIZE] = t;
+  task **head = &by_id[(size_t)t->id % HASH_SIZE];
+  t->hnext = *head;
+  t->hprev = head;
+  if (*head) (*head)->hprev = &t->hnext;
+  *head = t;
   live++;
   ready_push(t);
   host_sync();
@@ -1202,14 +1449,16 @@ static int l_task_count(lua_State *L) {
   return 1;
 }
 
-/* sched_step([timeout]): runs tasks until one ends, the timeout passes or (with no task
- * left) at once. Raises Interrupted on Ctrl-C. Main context only. */
+/* sched_step([timeout], [all]): runs tasks until one ends (all: until none is left), the
+ * timeout passes or (with no task left) at once. Raises Interrupted on Ctrl-C. Main
+ * context only. */
 static int l_sched_step(lua_State *L) {
   double deadline = luamp_deadline_arg(L, 1);
+  int all = lua_toboolean(L, 2);
   if (luamp_sched_in_task()) luamp_raise(L, "Value", "sched_step inside a task");
   forget_if_forked();
   if (!live) return 0;
-  int rc = main_wait(NULL, 0, NULL, deadline, 1);
+  int rc = main_wait(NULL, 0, NULL, deadline, all ? 2 : 1);
   if (rc == -2) {
     luamp_take_interrupt();
     luamp_raise(L, "Interrupted", "interrupted");
@@ -1236,13 +1485,24 @@ static int sched_guard_gc(lua_State *L) {
   for (int i = 0; i < HASH_SIZE; i++) {
     for (task *t = by_id[i], *next; t; t = next) {
       next = t->hnext;
-      stack_put(t->slab, t->stack);
+      if (t->run) runner_free(t->run);
       free(t);
     }
     by_id[i] = NULL;
   }
   live = 0;
   ready_head = ready_tail = NULL;
+  while (turns) {
+    struct turn *u = turns;
+    turns = u->next;
+    free(u);
+  }
+  while (free_runners) {
+    runner *r = free_runners;
+    free_runners = r->next;
+    runner_free(r);
+  }
+  nfree_runners = 0;
   watches_compact();
   host_sync();
   if (htimer) { uv_close((uv_handle_t *)htimer, host_close_cb); htimer = NULL; }

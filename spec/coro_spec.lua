@@ -166,6 +166,23 @@ describe("luamp.task and luamp.run", function()
     assert.equal("went on", t:wait())
   end)
 
+  it("reports the error of a task nobody waited for when run() never raised it", function()
+    local path = H.script([[
+      local luamp = require "luamp"
+      luamp.task(function() error("lost_failure_text") end)
+      local seen = luamp.task(function() error("seen_failure_text") end)
+      local t2 = luamp.task(function() return "other" end)
+      print(t2:wait())
+      print(pcall(seen.wait, seen))
+    ]])
+    local out, err, code = H.run({path})
+    os.remove(path)
+    assert.equal(0, code)
+    assert.matches("^other\n", out)
+    assert.matches("luamp: error in luamp.Task%(1%), never waited for: .*lost_failure_text", err)
+    assert.not_matches("seen_failure_text", err)   -- waited for: its caller saw it
+  end)
+
   it("refuses luamp.run inside a task", function()
     local t = luamp.task(function() luamp.run() end)
     H.raises("Value", function() t:wait() end)
@@ -468,5 +485,112 @@ describe("Ctrl-C during luamp.run", function()
       P.expect("run\tInterrupted"), P.exit(3)})
     os.remove(path)
     assert(ok, transcript)
+  end)
+end)
+
+describe("tasks waiting on one queue", function()
+  it("10,000 tasks blocked on a Queue get every item another process puts, none lost or twice", function()
+    local N = 10000
+    local q, go = luamp.Queue(), luamp.Event()
+    local p = luamp.Process{target = function() go:wait(); for i = 1, N do q:put(i) end end}
+    p:start()
+    local seen, blocked, waiters = {}, 0, nil
+    for _ = 1, N do
+      luamp.task(function()
+        blocked = blocked + 1
+        local v = q:get(true, 60)
+        assert(not seen[v], "item twice")
+        seen[v] = true
+      end)
+    end
+    luamp.task(function()
+      assert.equal(N, blocked)
+      -- the tasks take turns: one registration for the whole process, not one per task
+      waiters = q:_waiters()
+      go:set()
+    end)
+    luamp.run()
+    p:join()
+    assert.equal(1, waiters)
+    for i = 1, N do assert(seen[i], "item lost") end
+    assert.is_true(q:empty())
+  end)
+
+  it("a task in line for the turn times out or is cancelled without disturbing the others", function()
+    local q = luamp.Queue()
+    local log = {}
+    local first = luamp.task(function() return q:get(true, LONG) end)
+    local timed = luamp.task(function()
+      local ok, e = pcall(q.get, q, true, 0.05)
+      log[#log + 1] = "timed out " .. e.kind
+    end)
+    local cancelled = luamp.task(function()
+      local ok, e = pcall(q.get, q, true, LONG)
+      log[#log + 1] = "cancelled " .. e.kind
+      error(e, 0)
+    end)
+    local last = luamp.task(function() return q:get(true, LONG) end)
+    luamp.task(function()
+      luamp.sleep(0.1)
+      cancelled:cancel()
+      luamp.sleep(0)
+      q:put("a"); q:put("b")
+    end)
+    local t0 = luamp.time()
+    luamp.run()
+    assert.is_true(luamp.time() - t0 < LONG - 1)
+    assert.same({"timed out Empty", "cancelled Interrupted"}, log)
+    assert.equal("a", first:wait())
+    assert.equal("b", last:wait())
+  end)
+
+  it("a task handed the turn and cancelled before it runs passes the turn on", function()
+    local q = luamp.Queue()
+    local b
+    local a = luamp.task(function()
+      local v = q:get(true, LONG)
+      b:cancel()   -- b was just handed the turn and has not run yet
+      return v
+    end)
+    b = luamp.task(function() return q:get(true, LONG) end)
+    local c = luamp.task(function() return q:get(true, LONG) end)
+    luamp.task(function() q:put(1); q:put(2) end)
+    local t0 = luamp.time()
+    luamp.run()
+    assert.is_true(luamp.time() - t0 < LONG - 1, "c waited for its timeout")
+    assert.equal(1, a:wait())
+    H.raises("Interrupted", function() b:wait() end)
+    assert.equal(2, c:wait())
+  end)
+
+  it("gets in a nested coroutine and where Lua cannot yield still take their turn", function()
+    local q = luamp.Queue()
+    local plain = luamp.task(function() return q:get(true, LONG) end)
+    local nested = luamp.task(function()
+      return coroutine.wrap(function() return q:get(true, LONG) end)()
+    end)
+    local in_gsub = luamp.task(function()
+      local got
+      string.gsub("x", "x", function() got = q:get(true, LONG) end)   -- no yield across gsub
+      return got
+    end)
+    local after = luamp.task(function() return q:get(true, LONG) end)
+    luamp.task(function() for i = 1, 4 do q:put(i) end end)
+    local t0 = luamp.time()
+    luamp.run()
+    assert.is_true(luamp.time() - t0 < LONG - 1)
+    assert.same({1, 2, 3, 4}, {plain:wait(), nested:wait(), in_gsub:wait(), after:wait()})
+  end)
+
+  it("a bare coroutine.yield in a task lets the other tasks run, like sleep(0)", function()
+    local log = {}
+    luamp.task(function()
+      log[#log + 1] = "a1"
+      coroutine.yield("ignored")
+      log[#log + 1] = "a2"
+    end)
+    luamp.task(function() log[#log + 1] = "b" end)
+    luamp.run()
+    assert.same({"a1", "b", "a2"}, log)
   end)
 end)

@@ -1,6 +1,7 @@
 -- luamp.scheduler: luamp.task, Task and luamp.run. The C side (runtime/sched.c) gives
--- every task a Lua thread and a C stack of its own and suspends it in whichever luamp
--- wait it makes; this file keeps what a task returned or raised and who waits for it.
+-- every task a Lua thread (and a C stack while it runs or waits in C) and suspends it in
+-- whichever luamp wait it makes; this file keeps what a task returned or raised and who
+-- waits for it.
 local core = require "luamp._core"
 local U = require "luamp.util"
 
@@ -25,31 +26,29 @@ local function handler(e)
   return {e = e, tb = cut and tb:sub(1, cut - 1) or tb}
 end
 
+local NONE = table.pack()   -- the results of a task that returned nothing (never changed)
+
 local function finish(t)
   t._done = true
   live[t.id] = nil
-  for id in pairs(t._waiters) do core.task_unpark(id) end
+  local waiters = t._waiters
+  if waiters then
+    for id in pairs(waiters) do core.task_unpark(id) end
+  end
 end
 
--- Runs on the task's own thread (sched.c calls it first thing).
-local function runner(t, fn, ...)
-  if t._cancelled then
-    t._err, t._tb, t._cancelled_done = core.error("Interrupted", "task cancelled"), "", true
-    return finish(t)
-  end
-  local r = table.pack(xpcall(fn, handler, ...))
-  if r[1] then
-    t._results = table.pack(table.unpack(r, 2, r.n))
+-- What xpcall returned: no table is made for a task that returns nothing.
+local function settle(t, ok, ...)
+  if ok then
+    t._results = select("#", ...) == 0 and NONE or table.pack(...)
   else
-    local e = r[2]
+    local e = ...
     t._err, t._tb = e.e, e.tb
     if is_error(t._err, "Interrupted") then
-      if t._cancelled then
-        t._cancelled_done = true
-      else
+      if not t._cancelled then
         core.sched_interrupt()   -- a Ctrl-C struck this task's Lua code: run() raises it
-        t._cancelled_done = true
       end
+      t._cancelled_done = true
     else
       failed[#failed + 1] = t
     end
@@ -57,11 +56,21 @@ local function runner(t, fn, ...)
   finish(t)
 end
 
+-- Runs on the task's own thread (sched.c resumes it first thing).
+local function runner(t, fn, ...)
+  if t._cancelled then
+    t._err, t._tb, t._cancelled_done = core.error("Interrupted", "task cancelled"), "", true
+    return finish(t)
+  end
+  return settle(t, xpcall(fn, handler, ...))
+end
+
 local function task(fn, ...)
   if type(fn) ~= "function" and not (getmetatable(fn) or {}).__call then
     raise("Value", "luamp.task: expected a function, got " .. type(fn))
   end
-  local t = setmetatable({_waiters = {}, _done = false}, Task)
+  -- every field finish() touches is there from the start: no resize, no __index
+  local t = setmetatable({_done = false, id = false, _results = false, _waiters = false}, Task)
   t.id = core.task_new(runner, t, fn, ...)
   live[t.id] = t
   return t
@@ -78,6 +87,15 @@ function Task:cancel()
   self._cancelled = true
   core.task_cancel(self.id)
   return true
+end
+
+-- A task whose error nobody saw (no wait, and run() never raised it) reports it on its
+-- way out, at the latest when the state closes, as Python's "Task exception was never
+-- retrieved" does (a forked child's copies are never collected: `failed` holds them).
+Task.__gc = function(t)
+  if t._err == nil or t._waited or t._cancelled_done then return end
+  io.stderr:write(string.format("luamp: error in luamp.Task(%s), never waited for: %s\ntask traceback:%s\n",
+    tostring(t.id), tostring(t._err), tostring(t._tb)))
 end
 
 local function with_traceback(e, tb)
@@ -100,6 +118,7 @@ function Task:wait(timeout)
     local me = core.task_current()
     if me == self.id then raise("Value", "Task:wait: a task cannot wait for itself") end
     if me then
+      self._waiters = self._waiters or {}
       self._waiters[me] = true
       while not self._done do
         local left = deadline and math.max(0, deadline - core.time())
@@ -129,7 +148,7 @@ end
 local function run()
   if core.task_current() then raise("Value", "luamp.run: called inside a task") end
   local ok, err = pcall(function()   -- re-raised below (Interrupted after cancelling)
-    while core.task_count() > 0 do core.sched_step() end
+    while core.task_count() > 0 do core.sched_step(nil, true) end
   end)
   if not ok then
     if is_error(err, "Interrupted") then
