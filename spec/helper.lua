@@ -107,4 +107,27 @@ function H.raises(kind, fn, ...)
   return err
 end
 
+-- Starts a process that runs f() with a queue stall armed at `point`
+-- (_core._queue_stall parks it there and says so through a pipe); returns the process
+-- once it sits there, holding whatever that point holds.
+function H.stalled(point, f)
+  local luamp = H.luamp
+  local r, w = luamp.Pipe(false)
+  local p = H.start(function()
+    luamp._core._queue_stall(point, w:fileno())
+    f()
+    os.exit(7)                        -- not reached: the stall never returns
+  end)
+  assert(r:poll(30) == true, "the process never reached " .. point)
+  r:close(); w:close()
+  return p
+end
+
+-- SIGKILLs p and checks that it died of it.
+function H.kill9(p)
+  p:kill()
+  p:join()
+  assert(p.exitcode == -9, "expected exit code -9, got " .. tostring(p.exitcode))
+end
+
 return H

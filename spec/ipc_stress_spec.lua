@@ -9,25 +9,7 @@ local start = H.start
 
 local until_waiting = H.until_waiting
 
--- Starts a process that runs f(q) with a stall armed at `point`; returns the process once
--- it sits there, holding whatever that point holds.
-local function stalled(point, f)
-  local r, w = luamp.Pipe(false)
-  local p = start(function()
-    core._queue_stall(point, w:fileno())
-    f()
-    os.exit(7)                        -- not reached: the stall never returns
-  end)
-  assert.is_true(r:poll(30), "the process never reached " .. point)
-  r:close(); w:close()
-  return p
-end
-
-local function kill(p)
-  p:kill()
-  p:join()
-  assert.equal(-9, p.exitcode)
-end
+local stalled, kill = H.stalled, H.kill9
 
 describe("queue stress", function()
   it("4 producers x 4 consumers x 25,000 items: every item exactly once", function()

@@ -7,25 +7,7 @@ local core = luamp._core
 
 local start = H.start
 
--- Starts a process that runs f() with a stall armed at `point`; returns the process once
--- it sits there, holding whatever that point holds.
-local function stalled(point, f)
-  local r, w = luamp.Pipe(false)
-  local p = start(function()
-    core._queue_stall(point, w:fileno())
-    f()
-    os.exit(7)                        -- not reached: the stall never returns
-  end)
-  assert.is_true(r:poll(30), "the process never reached " .. point)
-  r:close(); w:close()
-  return p
-end
-
-local function kill(p)
-  p:kill()
-  p:join()
-  assert.equal(-9, p.exitcode)
-end
+local stalled, kill = H.stalled, H.kill9
 
 describe("queue sides", function()
   it("a producer stopped inside its lock does not hold up getters", function()
