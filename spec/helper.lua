@@ -130,4 +130,11 @@ function H.kill9(p)
   assert(p.exitcode == -9, "expected exit code -9, got " .. tostring(p.exitcode))
 end
 
+-- {1, 2, ..., n}
+function H.range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
 return H

@@ -8,11 +8,7 @@ local core = luamp._core
 local describe, it, assert = describe, it, assert
 local _ENV = _G
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 local function readable(fd)
   return #core.wait_fds({fd}, 0) == 1

@@ -7,11 +7,7 @@ local luamp = H.luamp
 local describe, it, setup, teardown, assert = describe, it, setup, teardown, assert
 local _ENV = _G
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 local function alive(pid)
   return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true

@@ -6,11 +6,7 @@ local luamp = H.luamp
 local describe, it, assert = describe, it, assert
 local _ENV = _G
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 local function count_fds()
   local p = io.popen("ls /proc/" .. luamp.getpid() .. "/fd | wc -l")
