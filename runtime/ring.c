@@ -432,6 +432,14 @@ static void took_after_spin(ring *r, int d) {
   }
 }
 
+/* next_record for a take: whatever it finds after a spin in vain judges that spin. */
+static int take_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *tag,
+                       uint64_t *used, const char **why) {
+  int kind = next_record(r, d, head, len, tag, used, why);
+  if (kind != REC_EMPTY && r->gave_up[d] > 0) took_after_spin(r, d);
+  return kind;
+}
+
 /* ring:take(d) -> the next message's bytes and its tag, false and the tag (a marker: the
  * next message is on the socket), or nil (empty); nil, message if the ring is garbled. */
 static int l_take(lua_State *L) {
@@ -440,8 +448,7 @@ static int l_take(lua_State *L) {
   uint64_t head, used = 0;
   uint32_t len = 0, tag = 0;
   const char *why = NULL;
-  int kind = next_record(r, d, &head, &len, &tag, &used, &why);
-  if (kind != REC_EMPTY && r->gave_up[d] > 0) took_after_spin(r, d);
+  int kind = take_record(r, d, &head, &len, &tag, &used, &why);
   switch (kind) {
     case REC_EMPTY: lua_pushnil(L); return 1;
     case REC_GARBLED: return garbled(L, why);
@@ -477,8 +484,7 @@ static int l_take_decoded(lua_State *L) {
   uint64_t head, used = 0;
   uint32_t len = 0, tag = 0;
   const char *why = NULL;
-  int kind = next_record(r, d, &head, &len, &tag, &used, &why);
-  if (kind != REC_EMPTY && r->gave_up[d] > 0) took_after_spin(r, d);
+  int kind = take_record(r, d, &head, &len, &tag, &used, &why);
   switch (kind) {
     case REC_EMPTY: lua_pushnil(L); return 1;
     case REC_GARBLED: return garbled(L, why);
