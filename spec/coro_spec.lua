@@ -183,6 +183,25 @@ describe("luamp.task and luamp.run", function()
     assert.not_matches("seen_failure_text", err)   -- waited for: its caller saw it
   end)
 
+  it("closes a task's to-be-closed variables when it raises, and keeps its results for every wait", function()
+    local closed = {}
+    local function closer(name) return setmetatable({}, {__close = function() closed[#closed + 1] = name end}) end
+    local t = luamp.task(function()
+      local a <close> = closer("a")
+      luamp.sleep(0)
+      error("after a wait")
+    end)
+    local ok, e = pcall(t.wait, t)
+    assert.is_false(ok)
+    assert.matches("after a wait", tostring(e))
+    assert.same({"a"}, closed)
+    local r = luamp.task(function(x, y) luamp.sleep(0); return x, nil, y end, 1, 2)
+    assert.same({1, nil, 2, n = 3}, table.pack(r:wait()))
+    assert.same({1, nil, 2, n = 3}, table.pack(r:wait()))
+    assert.matches("^luamp.Task%(%d+, done%)$", tostring(r))
+    assert.matches("^luamp.Task%(%d+, failed%)$", tostring(t))
+  end)
+
   it("refuses luamp.run inside a task", function()
     local t = luamp.task(function() luamp.run() end)
     H.raises("Value", function() t:wait() end)
