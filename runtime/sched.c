@@ -23,7 +23,18 @@
  * luamp_sched_turn_wait): one registers in the queue and polls its eventfd, the others
  * wait in line here, and each that leaves hands the turn to the next, which finds an
  * item left or becomes the one registered. One token from another process thus serves a
- * whole backlog with task switches and no system call.
+ * whole backlog with task switches and no system call. Better still, a getter that got
+ * its item hands the small items left straight to the tasks given the turn and not run
+ * yet (luamp_sched_turn_hand_on, under one queue lock for the lot): each of them returns
+ * its item when it runs, without the queue. A task handed an item and cancelled before it
+ * runs passes it to the next such task (and raises Interrupted), or keeps it when there
+ * is none (the cancel is then for its next wait): an item handed is never lost.
+ *
+ * Ends: a task is a userdata (the Task; this struct) whose thread runs the task function
+ * directly. When it returns, its results stay on its thread for Task:wait and it leaves
+ * the live slots; when it raises, the traceback and error are recorded on the helper
+ * thread (and its to-be-closed variables closed), and run() raises the first nobody
+ * waited for. No Lua code runs and nothing is allocated when a task returns.
  *
  * The main context is whoever is not a task: luamp.run, Task:wait outside a task, or any
  * blocking call made outside a task while tasks exist. Its waits (main_wait) run the
@@ -163,7 +174,7 @@ enum { T_READY, T_WAIT, T_RUN, T_DONE };
 /* how a task ended: running yet, returned, raised, cancelled (or met Interrupted) */
 enum { E_RUNNING, E_OK, E_ERROR, E_CANCELLED };
 /* what ended a wait */
-enum { W_FD, W_TIMEOUT, W_CANCEL, W_FUTEX, W_UNPARK, W_TURN };
+enum { W_FD, W_TIMEOUT, W_CANCEL, W_FUTEX, W_UNPARK, W_TURN, W_ITEM };
 
 struct task;
 typedef struct slab slab;
@@ -229,6 +240,9 @@ typedef struct task {
   struct task *rnext;       /* ready queue */
   struct task *tprev, *tnext;   /* in a turn's line (luamp_sched_turn_wait) */
   const void *turn_key;     /* the turn it waits for after luamp_sched_turn_yield */
+  int takes;                /* waits for it by turn_yield: may be handed an item instead */
+  size_t item_len;          /* W_ITEM: the item handed to it */
+  char item[LUAMP_HAND_MAX];
 } task;
 
 /* A C stack that runs tasks: a loop calling lua_resume on the current task. A task that
@@ -913,6 +927,7 @@ int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_K
     return k(L, LUA_OK, ctx);
   }
   turn_line(u, t);
+  t->takes = 1;
   t->nfds = 0;
   t->fw = NULL;
   t->parked = 0;
@@ -923,10 +938,70 @@ int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_K
   return lua_yieldk(L, 0, ctx, k);   /* runner_main sees the yield; the runner is free */
 }
 
-int luamp_sched_turn_resumed(double *deadline) {
+/* The task given the turn for u and not run yet, if it waits by turn_yield (and so can be
+ * handed an item in place of the turn), else NULL. */
+static task *taker(turn *u) {
+  task *w = u->holder;
+  if (!w || w == current || w->state != T_READY || w->why != W_TURN || !w->takes || w->cancel)
+    return NULL;
+  return w;
+}
+
+/* Gives w (taker(u)) the item, and the turn to the first in line. */
+static void hand(turn *u, task *w, const char *data, size_t len) {
+  memcpy(w->item, data, len);
+  w->item_len = len;
+  w->why = W_ITEM;
+  u->holder = u->head;
+  if (u->head) {
+    task *h = u->head;
+    turn_unline(u, h);
+    wake(h, W_TURN);
+  }
+}
+
+int luamp_sched_turn_handable(const void *key) {
+  if (!luamp_sched_active()) return 0;   /* (a forked child forgets its parent's tasks) */
+  turn *u = turns && turns->key == key ? turns : turn_find(key, 0);
+  return u && taker(u);
+}
+
+int luamp_sched_turn_hand_on(const void *key, int (*next)(void *arg, const char **data, size_t *len),
+                             void *arg) {
+  turn *u = luamp_sched_active() ? turn_find(key, 0) : NULL;
+  if (!u) return 0;
+  int n = 0;
+  task *w;
+  const char *data;
+  size_t len;
+  while ((w = taker(u)) && next(arg, &data, &len)) {
+    hand(u, w, data, len);
+    n++;
+  }
+  turn_drop_if_idle(u);
+  return n;
+}
+
+int luamp_sched_turn_resumed(double *deadline, const char **item, size_t *len) {
   task *t = current;
   *deadline = t->deadline;
+  t->takes = 0;
   int why = t->why;
+  if (why == W_ITEM) {
+    /* cancelled after it was handed its item: the item goes to the next taker, if there
+     * is one (then this wait raises Interrupted); else it is this wait's result, and the
+     * cancel is for the next wait */
+    turn *u = t->cancel ? turn_find(t->turn_key, 0) : NULL;
+    task *w = u ? taker(u) : NULL;
+    if (!w) {
+      *item = t->item;
+      *len = t->item_len;
+      return 2;
+    }
+    hand(u, w, t->item, t->item_len);
+    t->cancel = 0;
+    return -2;
+  }
   if (why != W_CANCEL && t->cancel) {   /* cancelled while it was ready to run */
     t->cancel = 0;
     why = W_CANCEL;
