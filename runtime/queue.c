@@ -57,6 +57,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1795,6 +1796,30 @@ static int l_stall(lua_State *L) {
   return 0;
 }
 
+/* _core._queue_layout() -> the shared header's field offsets and the record format's
+ * sizes, for fuzz/fuzz_queue.c, which scribbles them as another process could. */
+static int l_layout(lua_State *L) {
+  lua_createtable(L, 0, 20);
+#define LAYOUT(name, v) (lua_pushinteger(L, (lua_Integer)(v)), lua_setfield(L, -2, name))
+  LAYOUT("header_size", HEADER_SIZE);
+  LAYOUT("qshm_size", sizeof(qshm));
+  LAYOUT("chunk_size", CHUNK_SIZE);
+  LAYOUT("chunk_hdr", CHUNK_HDR);
+  LAYOUT("rec_hdr", REC_HDR);
+  LAYOUT("inline_max", INLINE_MAX);
+  LAYOUT("lock_size", sizeof(pthread_mutex_t));
+  LAYOUT("tlock", offsetof(qshm, tlock));
+  LAYOUT("hlock", offsetof(qshm, hlock));
+  LAYOUT("tst", offsetof(qshm, tst));
+  LAYOUT("tver", offsetof(qshm, tver));
+  LAYOUT("hst", offsetof(qshm, hst));
+  LAYOUT("hver", offsetof(qshm, hver));
+  LAYOUT("spare", offsetof(qshm, spare));
+  LAYOUT("al", offsetof(qshm, al));
+#undef LAYOUT
+  return 1;
+}
+
 static int l_is_queue(lua_State *L) {
   lua_pushboolean(L, to_queue(L, 1) != NULL);
   return 1;
@@ -1884,6 +1909,7 @@ int luamp_open_queue(lua_State *L) {
     {"queue_new", l_queue_new},
     {"is_queue", l_is_queue},
     {"_queue_stall", l_stall},
+    {"_queue_layout", l_layout},
     {NULL, NULL}
   };
   push_metatables(L);
