@@ -186,6 +186,7 @@ typedef struct queue {
                                 mapped lately (see chunk_prefault) */
   unsigned mapped_next;
   uint64_t gets_seen;        /* the consumers' count when this process last needed a chunk */
+  uint64_t puts_seen;        /* the producers' count when this process last looked at it */
   pid_t owner;               /* the process spent, mapped and gets_seen are about */
   int nspent;
   int spent_skip, spent_backoff;   /* free_spent calls to let pass after a busy tail lock */
@@ -1044,7 +1045,18 @@ static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int blo
 }
 
 /* (under the head lock) */
-static int items_ready(queue *q) { return puts_of(q->shm) > gets_of(q->shm); }
+/* The count of puts only grows, so one seen earlier is a lower bound: while the gets are
+ * below it, an item is there without a look at the producers' line. Each look is a
+ * cache miss for the consumer and, worse, makes the producer's next commit (a full
+ * barrier) wait for that line to come back; a consumer behind the producer now looks
+ * once per batch. Garbage there only sends the get to records that pop then finds
+ * corrupt. */
+static int items_ready(queue *q) {
+  uint64_t gets = gets_of(q->shm);
+  if (q->puts_seen > gets) return 1;
+  q->puts_seen = puts_of(q->shm);
+  return q->puts_seen > gets;
+}
 /* (under the tail lock) */
 static int room_ready(queue *q) { return has_room(q->shm); }
 /* (under the head lock) items put and not yet task_done */
