@@ -783,9 +783,10 @@ static int append(queue *q, int kind, const struct parts *d, uint64_t token) {
     stall_here(STALL_CHUNK_LINK);
     n.tail_chunk = off;
     n.tail_pos = CHUNK_HDR;
+    h = nh;                                 /* (chunk_at of the old one moved nothing) */
   }
-  char *p = q_at(q, n.tail_chunk + n.tail_pos, need);
-  if (!p) return Q_NOMEM;
+  /* inside the chunk that chunk_at validated and mapped whole */
+  char *p = (char *)h + n.tail_pos;
   uint32_t rh[2] = {len + pre, (uint32_t)kind | (token ? R_FDS : 0)};
   memcpy(p, rh, REC_HDR);
   p += REC_HDR;
@@ -905,8 +906,7 @@ static int pop(queue *q, item *it) {
     }
     uint64_t end = used ? used : CHUNK_SIZE;
     if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
-    const char *p = q_at(q, n.head_chunk + n.head_pos, end - n.head_pos);
-    if (!p) return Q_NOMEM;
+    const char *p = (const char *)h + n.head_pos;   /* (chunk_at mapped it whole) */
     uint32_t rh[2];
     memcpy(rh, p, REC_HDR);
     uint64_t len = rh[0];
@@ -956,6 +956,8 @@ static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
   if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
   if (luamp_sched_in_task()) return;   /* the other side may be a task of this process */
+  /* items known to be there (see items_ready): no look at the producers' line */
+  if (!for_room && q->puts_seen > gets_of(s)) return;
   int i = 0;
   /* a look every few pauses: each look pulls the state's cache line away from the
    * process that is about to change it */
