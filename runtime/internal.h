@@ -123,11 +123,24 @@ void luamp_sched_turn_leave(const void *key);
 /* The same wait without a C stack: when luamp_sched_can_yield(L) (L is the task's own
  * thread and may yield), a C function with nothing to release calls turn_yield as its
  * return; the task yields and k runs when the wait ends (or at once, if it need not
- * wait). k calls turn_resumed for the outcome (as turn_wait's) and the deadline. */
+ * wait). k calls turn_resumed for the outcome (as turn_wait's, or 2: an item handed to
+ * it, below) and the deadline. */
 int luamp_sched_can_yield(lua_State *L);
 int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_KFunction k,
                            lua_KContext ctx);
-int luamp_sched_turn_resumed(double *deadline);
+int luamp_sched_turn_resumed(double *deadline, const char **item, size_t *len);
+/* Hand-off: a getter holding key's lock with items left may give them, each of at most
+ * LUAMP_HAND_MAX bytes, straight to the tasks given the turn and not run yet (one each,
+ * in line order; the turn moves on past them): handable says whether there is one;
+ * hand_on calls next for the items (0: no more) while there are. Such a task's
+ * turn_resumed then returns 2 with the item's bytes in *item, *len (valid until it next
+ * waits). A task handed an item and cancelled before it runs passes the item on to the
+ * next such task if there is one (and returns -2), else returns it (the cancel then
+ * applies to its next wait): no item handed is lost. */
+#define LUAMP_HAND_MAX 48
+int luamp_sched_turn_handable(const void *key);
+int luamp_sched_turn_hand_on(const void *key, int (*next)(void *arg, const char **data, size_t *len),
+                             void *arg);
 /* The running task's Lua thread (for the Ctrl-C hook), or NULL. */
 lua_State *luamp_sched_current_thread(void);
 int luamp_open_sched(lua_State *L);

@@ -883,7 +883,9 @@ static void give_spare(queue *q, uint64_t off) {
 /* Takes the first record (under the head lock, with an item published): an inline item
  * is copied to q->rx. Reads the producers' chunk without their lock, and validates
  * everything it reads, since the memory is shared. */
-static int pop(queue *q, item *it) {
+/* small: 0, or pop only a record of at most that many bytes kept inline without
+ * descriptors (else Q_TIMEOUT, nothing taken). */
+static int pop(queue *q, item *it, uint64_t small) {
   qshm *s = q->shm;
   struct hstate n = *hst_of(s);
   /* a published item lies at most one chunk further: a longer chain of chunks left
@@ -916,6 +918,7 @@ static int pop(queue *q, item *it) {
     uint64_t token = 0;
     const char *body = p + REC_HDR;
     uint64_t blen = len;
+    if (small && (fds || kind != R_INLINE || len > small)) return Q_TIMEOUT;
     if (fds) {
       if (len < 8) return Q_CORRUPT;
       memcpy(&token, body, 8);
@@ -1201,7 +1204,7 @@ static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist
   if (!q->shm->corrupt && items_ready(q) && !luamp_sched_in_task()) rc = Q_OK;
   else rc = wait_until_y(q, L_HEAD, W_GET, items_ready, block, deadline, can_yield);
   if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
-  if (rc == Q_OK) rc = pop(q, it);
+  if (rc == Q_OK) rc = pop(q, it, 0);
   if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
   if (rc == Q_OK && it->token) side_recv(q, it->token, fds);
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
@@ -1209,6 +1212,30 @@ static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist
   q_unlock(q, L_HEAD);
   free_spent(q, 0);
   return rc;
+}
+
+/* The next small item for luamp_sched_turn_hand_on (under the head lock). */
+static int hand_next(void *arg, const char **data, size_t *len) {
+  queue *q = arg;
+  item it;
+  if (q->shm->corrupt || !items_ready(q)) return 0;
+  int rc = pop(q, &it, LUAMP_HAND_MAX);
+  if (rc == Q_CORRUPT) q->shm->corrupt = 1;
+  if (rc != Q_OK) return 0;
+  *data = q->rx;
+  *len = (size_t)it.len;
+  return 1;
+}
+
+/* After a get: the small items left go straight to the tasks of this process given the
+ * turn and not run yet (sched.c), under one lock for the lot; each of them then returns
+ * its item without the queue. Items with descriptors or extents wait for their getter. */
+static void hand_on(queue *q) {
+  const void *key = &q->efd[W_GET];
+  if (!luamp_sched_turn_handable(key) || q_lock(q, L_HEAD, 0) != Q_OK) return;
+  luamp_sched_turn_hand_on(key, hand_next, q);
+  chain_wakeups(q);
+  q_unlock(q, L_HEAD);
 }
 
 /* Frees the extent of a large item once it has been decoded. */
@@ -1482,6 +1509,7 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
       lua_pushlstring(L, str, slen);
     else if (luamp_decode(L, q->rx, (size_t)it.len) < 0)
       return lua_error(L);
+    hand_on(q);
     return 1;
   }
   const char *data = q->rx;
@@ -1513,7 +1541,17 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
 static int get_k(lua_State *L, int status, lua_KContext decode) {
   (void)status;
   double deadline;
-  if (luamp_sched_turn_resumed(&deadline) == -2) raise_status(L, check_queue(L, 1), Q_INTR, 0, "Empty");
+  const char *item;
+  size_t len;
+  int rc = luamp_sched_turn_resumed(&deadline, &item, &len);
+  if (rc == 2) {   /* handed its item (hand_on) */
+    const char *str = item;
+    size_t slen = len;
+    if (!decode || luamp_decoded_string(item, len, &str, &slen)) lua_pushlstring(L, str, slen);
+    else if (luamp_decode(L, item, len) < 0) return lua_error(L);
+    return 1;
+  }
+  if (rc == -2) raise_status(L, check_queue(L, 1), Q_INTR, 0, "Empty");
   return do_get(L, 1, deadline, (int)decode);
 }
 

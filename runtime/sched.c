@@ -23,7 +23,18 @@
  * luamp_sched_turn_wait): one registers in the queue and polls its eventfd, the others
  * wait in line here, and each that leaves hands the turn to the next, which finds an
  * item left or becomes the one registered. One token from another process thus serves a
- * whole backlog with task switches and no system call.
+ * whole backlog with task switches and no system call. Better still, a getter that got
+ * its item hands the small items left straight to the tasks given the turn and not run
+ * yet (luamp_sched_turn_hand_on, under one queue lock for the lot): each of them returns
+ * its item when it runs, without the queue. A task handed an item and cancelled before it
+ * runs passes it to the next such task (and raises Interrupted), or keeps it when there
+ * is none (the cancel is then for its next wait): an item handed is never lost.
+ *
+ * Ends: a task is a userdata (the Task; this struct) whose thread runs the task function
+ * directly. When it returns, its results stay on its thread for Task:wait and it leaves
+ * the live slots; when it raises, the traceback and error are recorded on the helper
+ * thread (and its to-be-closed variables closed), and run() raises the first nobody
+ * waited for. No Lua code runs and nothing is allocated when a task returns.
  *
  * The main context is whoever is not a task: luamp.run, Task:wait outside a task, or any
  * blocking call made outside a task while tasks exist. Its waits (main_wait) run the
@@ -160,8 +171,10 @@ static void ctx_swap(ctx_t *from, ctx_t *to) { swapcontext(&from->uc, &to->uc); 
 /* ---- tasks ------------------------------------------------------------------------------ */
 
 enum { T_READY, T_WAIT, T_RUN, T_DONE };
+/* how a task ended: running yet, returned, raised, cancelled (or met Interrupted) */
+enum { E_RUNNING, E_OK, E_ERROR, E_CANCELLED };
 /* what ended a wait */
-enum { W_FD, W_TIMEOUT, W_CANCEL, W_FUTEX, W_UNPARK, W_TURN };
+enum { W_FD, W_TIMEOUT, W_CANCEL, W_FUTEX, W_UNPARK, W_TURN, W_ITEM };
 
 struct task;
 typedef struct slab slab;
@@ -200,13 +213,20 @@ typedef struct fwaiter {
 
 typedef struct task {
   lua_Integer id;
-  lua_State *T;
-  int ref;                  /* T in the registry */
-  int nargs;                /* for its first resume: the arguments on T */
+  lua_State *T;             /* its thread (the Task userdata's user value 1) */
+  int slot;                 /* in slots[] and the anchor table while not DONE */
+  int nargs;                /* for its next resume: the arguments on T */
+  int started;
   struct runner *run;       /* the C stack it runs on (kept while it waits in C) */
   int state;
   int cancel;               /* the next wait returns -2 */
-  int parked;               /* in task_park: task_unpark may wake it */
+  int cancelled;            /* cancel() was called on it */
+  int parked;               /* in task_join: the end of the task it waits for wakes it */
+  int result;               /* E_: how it ended */
+  int nres;                 /* E_OK: its results, the top nres values of T */
+  int waited;               /* its results or error were taken (Task:wait, run()) */
+  struct task *joiners;     /* tasks in Task:wait for it (linked by jnext) */
+  struct task *jnext;
   /* the current wait */
   struct pollfd *fds;
   int nfds;
@@ -218,10 +238,11 @@ typedef struct task {
   int one_fd;               /* the token fd it was last woken from, -1 none */
   int nready;
   struct task *rnext;       /* ready queue */
-  struct task *hnext;       /* id hash chain */
-  struct task **hprev;      /* what points at it in the chain (removal without a walk) */
   struct task *tprev, *tnext;   /* in a turn's line (luamp_sched_turn_wait) */
   const void *turn_key;     /* the turn it waits for after luamp_sched_turn_yield */
+  int takes;                /* waits for it by turn_yield: may be handed an item instead */
+  size_t item_len;          /* W_ITEM: the item handed to it */
+  char item[LUAMP_HAND_MAX];
 } task;
 
 /* A C stack that runs tasks: a loop calling lua_resume on the current task. A task that
@@ -244,8 +265,16 @@ static lua_Integer next_id;
 static int live;                    /* tasks not yet DONE */
 static unsigned ended;              /* counts tasks that finished */
 static task *ready_head, *ready_tail;
-#define HASH_SIZE 1024
-static task *by_id[HASH_SIZE];
+/* Live tasks by slot: a dense array (what the Ctrl-C of run() and the state's close walk),
+ * slots reused through free_slots. The same slot of the anchor table (a Lua table in the
+ * registry) holds the Task userdata, whose memory is the task struct, until it ends. */
+static task **slots;
+static int slots_top, slots_cap;
+static int *free_slots;
+static int nfree_slots;
+static char failed_key;             /* registry key: the failed Tasks */
+static lua_State *anchors;          /* a thread whose index 1 is the anchor table */
+static lua_State *helper;           /* a thread for the rare ends that run Lua code */
 static task **heap;
 static int nheap, heap_cap;
 static watch *watches;
@@ -277,6 +306,7 @@ static size_t main_stack_size;
 
 static void host_sync(void);
 static void bridge_forget(void);
+static void cancel_task(struct task *t);
 
 /* A forked child starts with no tasks of its own: the parent's belong to its program. */
 static void forget_if_forked(void) {
@@ -286,7 +316,8 @@ static void forget_if_forked(void) {
   current = NULL;
   live = 0;
   ready_head = ready_tail = NULL;
-  memset(by_id, 0, sizeof by_id);
+  slots_top = 0;
+  nfree_slots = 0;
   nheap = 0;
   nwatches = 0;
   if (watch_of_fd) memset(watch_of_fd, 0, sizeof *watch_of_fd * (size_t)watch_of_fd_cap);
@@ -315,12 +346,6 @@ int luamp_sched_in_task(void) {
 lua_State *luamp_sched_current_thread(void) {
   task *t = current;
   return t && sched_pid == luamp_self_pid() ? t->T : NULL;
-}
-
-static task *task_by_id(lua_Integer id) {
-  for (task *t = by_id[(size_t)id % HASH_SIZE]; t; t = t->hnext)
-    if (t->id == id) return t;
-  return NULL;
 }
 
 static void ready_push(task *t) {
@@ -600,12 +625,7 @@ static void runner_free(runner *r) {
   free(r);
 }
 
-static void task_free(task *t) {
-  *t->hprev = t->hnext;
-  if (t->hnext) t->hnext->hprev = t->hprev;
-  luaL_unref(t->T, LUA_REGISTRYINDEX, t->ref);
-  free(t);
-}
+static void task_ended(task *t, int st, int nres);
 
 /* Runs the current task until it ends or suspends; on its runner's stack, for ever. */
 static void runner_main(void) {
@@ -619,22 +639,20 @@ static void runner_main(void) {
     int nres = 0;
     int nargs = t->nargs;
     t->nargs = 0;
-    int st = lua_resume(T, NULL, nargs, &nres);
+    int st;
+    if (!t->started && t->cancel) {
+      st = LUA_ERRRUN;   /* cancelled before it started: it never runs */
+      lua_settop(T, 0);
+    } else {
+      t->started = 1;
+      st = lua_resume(T, NULL, nargs, &nres);
+    }
     if (st == LUA_YIELD) {
       lua_pop(T, nres);
       /* a suspend of ours left it waiting; a bare coroutine.yield is a sleep(0) */
       if (t->state == T_RUN) ready_push(t);
     } else {
-      if (st != LUA_OK) {
-        /* the runner (scheduler.lua) catches the task's own errors: this is a Ctrl-C
-         * that struck in the runner itself, or memory */
-        if (luamp_is_interrupted(T, -1)) luamp_request_interrupt();
-        else fprintf(stderr, "luamp: task %lld failed: %s\n", (long long)t->id, luamp_push_error_text(T, -1));
-        lua_settop(T, 0);
-      }
-      t->state = T_DONE;
-      live--;
-      ended++;
+      task_ended(t, st, nres);
     }
     t->run = NULL;
     r->next = free_runners;
@@ -682,7 +700,6 @@ static int resume(task *t) {
   ctx_swap(&main_ctx, &r->ctx);
 #endif
   current = NULL;
-  if (t->state == T_DONE) task_free(t);
   while (nfree_runners > RUNNERS_KEPT) {
     runner *f = free_runners;
     free_runners = f->next;
@@ -711,7 +728,7 @@ static void run_ready(void) {
 /* ---- waiting inside a task ---- */
 
 /* Suspends the current task until one of fds is ready, the futex word (if any) is woken
- * or differs from expect, the deadline passes, or (parked) task_unpark. */
+ * or differs from expect, the deadline passes, or (parked) the end of a task it joins. */
 static int task_wait(struct pollfd *fds, int nfds, fwaiter *fw, double deadline, int parked) {
   task *t = current;
   int one_fd = t->one_fd;
@@ -910,6 +927,7 @@ int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_K
     return k(L, LUA_OK, ctx);
   }
   turn_line(u, t);
+  t->takes = 1;
   t->nfds = 0;
   t->fw = NULL;
   t->parked = 0;
@@ -920,10 +938,70 @@ int luamp_sched_turn_yield(lua_State *L, const void *key, double deadline, lua_K
   return lua_yieldk(L, 0, ctx, k);   /* runner_main sees the yield; the runner is free */
 }
 
-int luamp_sched_turn_resumed(double *deadline) {
+/* The task given the turn for u and not run yet, if it waits by turn_yield (and so can be
+ * handed an item in place of the turn), else NULL. */
+static task *taker(turn *u) {
+  task *w = u->holder;
+  if (!w || w == current || w->state != T_READY || w->why != W_TURN || !w->takes || w->cancel)
+    return NULL;
+  return w;
+}
+
+/* Gives w (taker(u)) the item, and the turn to the first in line. */
+static void hand(turn *u, task *w, const char *data, size_t len) {
+  memcpy(w->item, data, len);
+  w->item_len = len;
+  w->why = W_ITEM;
+  u->holder = u->head;
+  if (u->head) {
+    task *h = u->head;
+    turn_unline(u, h);
+    wake(h, W_TURN);
+  }
+}
+
+int luamp_sched_turn_handable(const void *key) {
+  if (!luamp_sched_active()) return 0;   /* (a forked child forgets its parent's tasks) */
+  turn *u = turns && turns->key == key ? turns : turn_find(key, 0);
+  return u && taker(u);
+}
+
+int luamp_sched_turn_hand_on(const void *key, int (*next)(void *arg, const char **data, size_t *len),
+                             void *arg) {
+  turn *u = luamp_sched_active() ? turn_find(key, 0) : NULL;
+  if (!u) return 0;
+  int n = 0;
+  task *w;
+  const char *data;
+  size_t len;
+  while ((w = taker(u)) && next(arg, &data, &len)) {
+    hand(u, w, data, len);
+    n++;
+  }
+  turn_drop_if_idle(u);
+  return n;
+}
+
+int luamp_sched_turn_resumed(double *deadline, const char **item, size_t *len) {
   task *t = current;
   *deadline = t->deadline;
+  t->takes = 0;
   int why = t->why;
+  if (why == W_ITEM) {
+    /* cancelled after it was handed its item: the item goes to the next taker, if there
+     * is one (then this wait raises Interrupted); else it is this wait's result, and the
+     * cancel is for the next wait */
+    turn *u = t->cancel ? turn_find(t->turn_key, 0) : NULL;
+    task *w = u ? taker(u) : NULL;
+    if (!w) {
+      *item = t->item;
+      *len = t->item_len;
+      return 2;
+    }
+    hand(u, w, t->item, t->item_len);
+    t->cancel = 0;
+    return -2;
+  }
   if (why != W_CANCEL && t->cancel) {   /* cancelled while it was ready to run */
     t->cancel = 0;
     why = W_CANCEL;
@@ -1232,11 +1310,8 @@ static void host_after(void) {
   if (luamp_interrupt_pending() && live) {
     /* nobody calls run() to see it: cancel every task, as run() would */
     luamp_take_interrupt();
-    for (int i = 0; i < HASH_SIZE; i++)
-      for (task *t = by_id[i]; t; t = t->hnext) {
-        if (t->state == T_WAIT) wake(t, W_CANCEL);
-        else t->cancel = 1;
-      }
+    for (int i = 0; i < slots_top; i++)
+      if (slots[i]) cancel_task(slots[i]);
   }
   host_sync();
 }
@@ -1369,77 +1444,264 @@ static void raise_cancelled(lua_State *L) {
   luamp_raise(L, "Interrupted", "task cancelled");
 }
 
-/* task_new(runner, ...) -> id: a task that will call runner(...) on a thread and stack
- * of its own. */
+#define TASK_MT "luamp.Task"
+
+/* A free slot (slots[] and the anchor table), or -1 with no memory. */
+static int slot_get(void) {
+  if (nfree_slots) return free_slots[--nfree_slots];
+  if (slots_top == slots_cap) {
+    int cap = slots_cap ? slots_cap * 2 : 256;
+    task **s = realloc(slots, sizeof *s * (size_t)cap);
+    if (!s) return -1;
+    slots = s;
+    int *f = realloc(free_slots, sizeof *f * (size_t)cap);
+    if (!f) return -1;
+    free_slots = f;
+    slots_cap = cap;
+  }
+  return slots_top++;
+}
+
+/* Records the failure of t (its thread T dead with the error on top), on the helper
+ * thread in lua_pcall: the traceback, T's pending to-be-closed variables closed, then T
+ * holds [error, traceback]. An Interrupted ends it as cancelled (and a Ctrl-C that struck
+ * its Lua code is handed to the main context); any other error joins the failed list
+ * that run() raises from. */
+static int record_failure(lua_State *H) {
+  task *t = lua_touserdata(H, 1);
+  lua_State *T = t->T;
+  luaL_traceback(H, T, "", 0);   /* 2: from where it raised, down to the task function */
+  /* the error object (or the error of a __close handler) is left at T's index 1 */
+  if (lua_resetthread(T) == LUA_OK) lua_pushnil(T);
+  lua_settop(T, 1);
+  lua_pushvalue(T, 1);
+  lua_xmove(T, H, 1);   /* 3: the error */
+  if (luamp_is_interrupted(H, 3)) {
+    if (!t->cancelled) luamp_request_interrupt();
+    t->result = E_CANCELLED;
+  } else {
+    t->result = E_ERROR;
+    lua_rawgetp(H, LUA_REGISTRYINDEX, &failed_key);
+    lua_rawgeti(anchors, 1, t->slot + 1);
+    lua_xmove(anchors, H, 1);
+    lua_rawseti(H, -2, (lua_Integer)lua_rawlen(H, -2) + 1);
+  }
+  lua_settop(H, 2);
+  lua_xmove(H, T, 1);
+  return 0;
+}
+
+/* The end of task t (st: what lua_resume returned; LUA_ERRRUN with an empty stack for a
+ * task cancelled before it started). Its results stay on T for Task:wait; it leaves the
+ * slots and the anchor table, after which the Task userdata (t's memory) lives as long
+ * as Lua keeps it. Tasks in Task:wait for it are woken. */
+static void task_ended(task *t, int st, int nres) {
+  lua_State *T = t->T;
+  t->state = T_DONE;
+  live--;
+  ended++;
+  if (st == LUA_OK) {
+    t->result = E_OK;
+    t->nres = nres;
+  } else if (lua_gettop(T) == 0) {
+    t->result = E_CANCELLED;
+  } else {
+    t->result = E_ERROR;
+    lua_settop(helper, 0);
+    lua_pushcfunction(helper, record_failure);
+    lua_pushlightuserdata(helper, t);
+    if (lua_pcall(helper, 1, 0, 0) != LUA_OK) {   /* no memory for the record */
+      fprintf(stderr, "luamp: task %lld failed: %s\n", (long long)t->id, luamp_push_error_text(helper, -1));
+      lua_settop(helper, 0);
+      lua_settop(T, 0);
+      t->result = E_CANCELLED;
+    }
+  }
+  for (task *j = t->joiners; j; j = j->jnext)
+    if (j->state == T_WAIT && j->parked) wake(j, W_UNPARK);
+  t->joiners = NULL;
+  slots[t->slot] = NULL;
+  free_slots[nfree_slots++] = t->slot;
+  /* nothing allocated: the slot exists in the table, and setting nil never grows it */
+  lua_pushnil(anchors);
+  lua_rawseti(anchors, 1, t->slot + 1);
+}
+
+static task *check_task(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, TASK_MT);
+}
+
+/* task_new(fn, ...) -> Task: a task that will call fn(...) on a thread of its own. */
 static int l_task_new(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_checkany(L, 1);
   forget_if_forked();
   int n = lua_gettop(L);
+  if (!lua_checkstack(L, n + 4)) luamp_raise(L, "Value", "task: too many arguments");
+  int slot = slot_get();
+  if (slot < 0) luamp_raise(L, "Value", "task: out of memory");
+  lua_pushvalue(anchors, 1);   /* (a table that grows raises here, on the caller) */
+  lua_xmove(anchors, L, 1);
+  task *t = lua_newuserdatauv(L, sizeof *t, 1);
+  memset(t, 0, sizeof *t);
+  luaL_setmetatable(L, TASK_MT);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, -3, slot + 1);
+  lua_remove(L, -2);
   /* no C stack yet: a runner's is lent to it whenever it runs */
   lua_State *T = lua_newthread(L);
-  task *t = calloc(1, sizeof *t);
-  if (!t) luamp_raise(L, "Value", "task: out of memory");
-  t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  t->T = T;
+  lua_setiuservalue(L, -2, 1);
   for (int i = 1; i <= n; i++) lua_pushvalue(L, i);
   lua_xmove(L, T, n);
+  t->T = T;
   t->nargs = n - 1;
   t->id = ++next_id;
+  t->slot = slot;
   t->hidx = -1;
   t->one_fd = -1;
-  task **head = &by_id[(size_t)t->id % HASH_SIZE];
-  t->hnext = *head;
-  t->hprev = head;
-  if (*head) (*head)->hprev = &t->hnext;
-  *head = t;
+  slots[slot] = t;
   live++;
   ready_push(t);
   host_sync();
-  lua_pushinteger(L, t->id);
   return 1;
 }
 
-/* task_current() -> id of the running task, or nil */
-static int l_task_current(lua_State *L) {
-  if (!luamp_sched_in_task()) return 0;
-  lua_pushinteger(L, current->id);
+/* task_metatable() -> the Tasks' metatable (scheduler.lua fills it) */
+static int l_task_metatable(lua_State *L) {
+  luaL_getmetatable(L, TASK_MT);
   return 1;
 }
 
-/* task_cancel(id) -> true if the task was live */
+/* task_in() -> whether a task runs now */
+static int l_task_in(lua_State *L) {
+  lua_pushboolean(L, luamp_sched_in_task());
+  return 1;
+}
+
+/* task_id(t) -> its number */
+static int l_task_id(lua_State *L) {
+  lua_pushinteger(L, check_task(L, 1)->id);
+  return 1;
+}
+
+/* task_state(t) -> "running", "done", "failed" or "cancelled" */
+static int l_task_state(lua_State *L) {
+  static const char *const names[] = {"running", "done", "failed", "cancelled"};
+  lua_pushstring(L, names[check_task(L, 1)->result]);
+  return 1;
+}
+
+/* task_done(t, [claim]) -> whether it ended. claim: its error counts as seen from now on. */
+static int l_task_done(lua_State *L) {
+  task *t = check_task(L, 1);
+  if (lua_toboolean(L, 2)) t->waited = 1;
+  lua_pushboolean(L, t->result != E_RUNNING);
+  return 1;
+}
+
+/* task_claim(t) -> true if nobody had seen its end (and now somebody has) */
+static int l_task_claim(lua_State *L) {
+  task *t = check_task(L, 1);
+  lua_pushboolean(L, !t->waited);
+  t->waited = 1;
+  return 1;
+}
+
+/* task_results(t) -> true, its results | false, error (nil: cancelled before it ran),
+ * traceback. It must have ended. */
+static int l_task_results(lua_State *L) {
+  task *t = check_task(L, 1);
+  if (t->result == E_RUNNING) luamp_raise(L, "Value", "task_results: the task runs");
+  lua_State *T = t->T;
+  if (t->result == E_OK) {
+    if (!lua_checkstack(L, t->nres + 1)) luamp_raise(L, "Value", "task: too many results");
+    lua_pushboolean(L, 1);
+    int base = lua_gettop(T) - t->nres;
+    for (int i = 1; i <= t->nres; i++) lua_pushvalue(T, base + i);
+    lua_xmove(T, L, t->nres);
+    return t->nres + 1;
+  }
+  lua_pushboolean(L, 0);
+  if (lua_gettop(T) < 2) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "");
+    return 3;
+  }
+  lua_pushvalue(T, 1);
+  lua_pushvalue(T, 2);
+  lua_xmove(T, L, 2);
+  return 3;
+}
+
+/* task_unseen(t) -> error, traceback of a failed task nobody waited for, or nothing */
+static int l_task_unseen(lua_State *L) {
+  task *t = check_task(L, 1);
+  if (t->result != E_ERROR || t->waited || lua_gettop(t->T) < 2) return 0;
+  lua_pushvalue(t->T, 1);
+  lua_pushvalue(t->T, 2);
+  lua_xmove(t->T, L, 2);
+  return 2;
+}
+
+/* task_take_failed() -> the tasks that raised since the last call, in order */
+static int l_task_take_failed(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &failed_key);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &failed_key);
+  return 1;
+}
+
+static void cancel_task(task *t) {
+  t->cancelled = 1;
+  if (t->state == T_WAIT) wake(t, W_CANCEL);
+  else t->cancel = 1;
+}
+
+/* task_cancel(t) -> true if the task had not ended */
 static int l_task_cancel(lua_State *L) {
+  task *t = check_task(L, 1);
   forget_if_forked();
-  task *t = task_by_id(luaL_checkinteger(L, 1));
-  if (!t || t->state == T_DONE) {
+  if (t->state == T_DONE || t->result != E_RUNNING) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  if (t->state == T_WAIT) wake(t, W_CANCEL);
-  else t->cancel = 1;
+  cancel_task(t);
   host_sync();
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* task_park([timeout]) -> true when task_unpark woke it, false at the timeout. */
-static int l_task_park(lua_State *L) {
-  double deadline = luamp_deadline_arg(L, 1);
-  if (!luamp_sched_in_task()) luamp_raise(L, "Value", "task_park outside a task");
-  int why = task_wait(NULL, 0, NULL, deadline, 1);
-  if (why == W_CANCEL) raise_cancelled(L);
-  lua_pushboolean(L, why == W_UNPARK);
-  return 1;
+/* task_cancel_all(): cancels every task not ended */
+static int l_task_cancel_all(lua_State *L) {
+  (void)L;
+  forget_if_forked();
+  for (int i = 0; i < slots_top; i++)
+    if (slots[i]) cancel_task(slots[i]);
+  host_sync();
+  return 0;
 }
 
-/* task_unpark(id): wakes a task parked in task_park. */
-static int l_task_unpark(lua_State *L) {
-  forget_if_forked();
-  task *t = task_by_id(luaL_checkinteger(L, 1));
-  if (t && t->state == T_WAIT && t->parked) {
-    wake(t, W_UNPARK);
-    host_sync();
+/* task_join(t, [timeout]) -> whether t ended; inside a task, which waits suspended. */
+static int l_task_join(lua_State *L) {
+  task *t = check_task(L, 1);
+  double deadline = luamp_deadline_arg(L, 2);
+  if (!luamp_sched_in_task()) luamp_raise(L, "Value", "task_join outside a task");
+  task *me = current;
+  if (t == me) luamp_raise(L, "Value", "Task:wait: a task cannot wait for itself");
+  int why = W_UNPARK;
+  while (t->result == E_RUNNING && why != W_CANCEL && why != W_TIMEOUT) {
+    me->jnext = t->joiners;
+    t->joiners = me;
+    why = task_wait(NULL, 0, NULL, deadline, 1);
+    for (task **p = &t->joiners; *p; p = &(*p)->jnext)
+      if (*p == me) {
+        *p = me->jnext;
+        break;
+      }
+    if (why < 0) luamp_raise_errno(L, "Value", "Task:wait", errno);
   }
-  return 0;
+  if (why == W_CANCEL) raise_cancelled(L);
+  lua_pushboolean(L, t->result != E_RUNNING);
+  return 1;
 }
 
 /* task_count() -> tasks not finished */
@@ -1479,17 +1741,16 @@ static int l_sched_interrupt(lua_State *L) {
 static int sched_guard_gc(lua_State *L) {
   (void)L;
   if (sched_pid != luamp_self_pid() || current) return 0;
-  for (int i = 0; i < HASH_SIZE; i++)
-    for (task *t = by_id[i]; t; t = t->hnext)
-      if (t->state == T_WAIT) wake(t, W_CANCEL);
-  for (int i = 0; i < HASH_SIZE; i++) {
-    for (task *t = by_id[i], *next; t; t = next) {
-      next = t->hnext;
-      if (t->run) runner_free(t->run);
-      free(t);
-    }
-    by_id[i] = NULL;
+  /* the tasks' memory is their Task userdata, freed by Lua after this */
+  for (int i = 0; i < slots_top; i++)
+    if (slots[i] && slots[i]->state == T_WAIT) wake(slots[i], W_CANCEL);
+  for (int i = 0; i < slots_top; i++) {
+    task *t = slots[i];
+    if (t && t->run) runner_free(t->run);
+    if (t) t->run = NULL;
+    slots[i] = NULL;
   }
+  slots_top = nfree_slots = 0;
   live = 0;
   ready_head = ready_tail = NULL;
   while (turns) {
@@ -1518,12 +1779,29 @@ static const luamp_wait_scheduler wait_hooks = {
 int luamp_open_sched(lua_State *L) {
   luamp_wait_sched = &wait_hooks;
   luamp_on_close(L, "luamp.sched_guard", sched_guard_gc);
+  luaL_newmetatable(L, TASK_MT);
+  lua_pop(L, 1);
+  anchors = lua_newthread(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors);
+  lua_newtable(anchors);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &failed_key);
+  helper = lua_newthread(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &helper);
   static const luaL_Reg fns[] = {
     {"task_new", l_task_new},
-    {"task_current", l_task_current},
+    {"task_metatable", l_task_metatable},
+    {"task_in", l_task_in},
+    {"task_id", l_task_id},
+    {"task_state", l_task_state},
+    {"task_done", l_task_done},
+    {"task_claim", l_task_claim},
+    {"task_results", l_task_results},
+    {"task_unseen", l_task_unseen},
+    {"task_take_failed", l_task_take_failed},
     {"task_cancel", l_task_cancel},
-    {"task_park", l_task_park},
-    {"task_unpark", l_task_unpark},
+    {"task_cancel_all", l_task_cancel_all},
+    {"task_join", l_task_join},
     {"task_count", l_task_count},
     {"sched_step", l_sched_step},
     {"sched_interrupt", l_sched_interrupt},

@@ -183,6 +183,25 @@ describe("luamp.task and luamp.run", function()
     assert.not_matches("seen_failure_text", err)   -- waited for: its caller saw it
   end)
 
+  it("closes a task's to-be-closed variables when it raises, and keeps its results for every wait", function()
+    local closed = {}
+    local function closer(name) return setmetatable({}, {__close = function() closed[#closed + 1] = name end}) end
+    local t = luamp.task(function()
+      local a <close> = closer("a")
+      luamp.sleep(0)
+      error("after a wait")
+    end)
+    local ok, e = pcall(t.wait, t)
+    assert.is_false(ok)
+    assert.matches("after a wait", tostring(e))
+    assert.same({"a"}, closed)
+    local r = luamp.task(function(x, y) luamp.sleep(0); return x, nil, y end, 1, 2)
+    assert.same({1, nil, 2, n = 3}, table.pack(r:wait()))
+    assert.same({1, nil, 2, n = 3}, table.pack(r:wait()))
+    assert.matches("^luamp.Task%(%d+, done%)$", tostring(r))
+    assert.matches("^luamp.Task%(%d+, failed%)$", tostring(t))
+  end)
+
   it("refuses luamp.run inside a task", function()
     local t = luamp.task(function() luamp.run() end)
     H.raises("Value", function() t:wait() end)
@@ -561,6 +580,85 @@ describe("tasks waiting on one queue", function()
     assert.equal(1, a:wait())
     H.raises("Interrupted", function() b:wait() end)
     assert.equal(2, c:wait())
+  end)
+
+  it("items handed to tasks in line go on to the next when a task is cancelled before it runs", function()
+    -- a gets 1 and hands 2 to b and 3 to c (they have not run); cancelling b and c passes
+    -- their items on to d and e, in line order, and b and c raise Interrupted
+    local q = luamp.Queue()
+    local ts = {}
+    local a = luamp.task(function()
+      local v = q:get(true, LONG)
+      ts[2]:cancel(); ts[3]:cancel()
+      return v
+    end)
+    ts[1] = a
+    for i = 2, 5 do ts[i] = luamp.task(function() return q:get(true, LONG) end) end
+    luamp.task(function() q:put(1); q:put(2); q:put(3) end)
+    local t0 = luamp.time()
+    luamp.run()
+    assert.is_true(luamp.time() - t0 < LONG - 1, "a task waited for its timeout")
+    assert.equal(1, a:wait())
+    H.raises("Interrupted", function() ts[2]:wait() end)
+    H.raises("Interrupted", function() ts[3]:wait() end)
+    assert.equal(2, ts[4]:wait())
+    assert.equal(3, ts[5]:wait())
+  end)
+
+  it("a task handed an item and cancelled with nobody left in line keeps it; its next wait raises", function()
+    local q = luamp.Queue()
+    local b
+    local a = luamp.task(function()
+      local v = q:get(true, LONG)
+      b:cancel()
+      return v
+    end)
+    b = luamp.task(function()
+      local v = q:get(true, LONG)
+      local ok, e = pcall(luamp.sleep, 0)
+      return v, e and e.kind
+    end)
+    luamp.task(function() q:put("x"); q:put("y") end)
+    luamp.run()
+    assert.equal("x", a:wait())
+    assert.same({"y", "Interrupted"}, {b:wait()})
+  end)
+
+  it("no item is lost or doubled when tasks in line are cancelled as items are handed to them (300 rounds)", function()
+    local rng = math.random
+    math.randomseed(7)
+    for round = 1, 300 do
+      local q = luamp.Queue()
+      local K = rng(2, 12)
+      local M = K + rng(0, 3)   -- an item for every task: each gets one or is cancelled
+      local ts, got = {}, {}
+      local function victims()
+        for i = 1, K do
+          if rng(1, 3) == 1 then ts[i]:cancel() end
+        end
+      end
+      for i = 1, K do
+        ts[i] = luamp.task(function()
+          local v = q:get(true, LONG)
+          got[#got + 1] = v
+          if rng(1, 2) == 1 then victims() end
+        end)
+      end
+      luamp.task(function()
+        for i = 1, M do q:put(i) end
+        if rng(1, 4) == 1 then victims() end
+      end)
+      luamp.run()
+      while true do
+        local ok, v = pcall(q.get, q, false)
+        if not ok then break end
+        got[#got + 1] = v
+      end
+      table.sort(got)
+      assert.equal(M, #got, "round " .. round .. ": items lost or doubled")
+      for i = 1, M do assert.equal(i, got[i], "round " .. round) end
+      q:close()
+    end
   end)
 
   it("gets in a nested coroutine and where Lua cannot yield still take their turn", function()
