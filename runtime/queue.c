@@ -191,6 +191,7 @@ typedef struct queue {
   int nspent;
   int spent_skip, spent_backoff;   /* free_spent calls to let pass after a busy tail lock */
   luamp_buf tx;              /* encoded item being put, reused */
+  int tx_busy;               /* a put (of some task) is using tx */
   char *rx;                  /* small item copied out under the head lock */
   size_t rx_cap;
 } queue;
@@ -1433,9 +1434,29 @@ static double block_args(lua_State *L, int idx, int *block) {
 
 static int finish_put(lua_State *L, queue *q, int rc) {
   int err = errno;
-  if (q->tx.cap > 4 * 1024 * 1024) luamp_buf_free(&q->tx);   /* keep it for the next item */
   if (rc != Q_OK) raise_status(L, q, rc, err, "Full");
   return 0;
+}
+
+/* The buffer a put encodes into: the queue's own, kept between puts, unless another
+ * task of this process is inside a put with it (waiting for room, its item still in
+ * there: this put's encoding overwrote it, and that item was lost and this one sent
+ * twice); then a buffer of this put's own. */
+static luamp_buf *tx_take(queue *q, luamp_buf *own) {
+  luamp_buf_init(own);
+  if (q->tx_busy) return own;
+  q->tx_busy = 1;
+  q->tx.len = 0;
+  return &q->tx;
+}
+
+static void tx_give(queue *q, luamp_buf *tx) {
+  if (tx != &q->tx) {
+    luamp_buf_free(tx);
+    return;
+  }
+  if (q->tx.cap > 4 * 1024 * 1024) luamp_buf_free(&q->tx);   /* keep it for the next item */
+  q->tx_busy = 0;
 }
 
 /* :put(v, [block], [timeout]) */
@@ -1451,12 +1472,19 @@ static int l_put(lua_State *L) {
     d.len += d.hlen;
     return finish_put(L, q, put_bytes(q, &d, block, deadline, NULL));
   }
-  q->tx.len = 0;
+  luamp_buf own, *tx = tx_take(q, &own);
   luamp_fdlist fds;
-  if (luamp_encode_fds(L, 2, &q->tx, "item", &fds) < 0) return lua_error(L);
-  d = (struct parts){q->tx.data, NULL, q->tx.len, q->tx.len};
+  if (luamp_encode_fds(L, 2, tx, "item", &fds) < 0) {
+    tx_give(q, tx);
+    return lua_error(L);
+  }
+  d = (struct parts){tx->data, NULL, tx->len, tx->len};
   /* the descriptors are borrowed from objects the item (still on the stack) keeps open */
-  return finish_put(L, q, put_bytes(q, &d, block, deadline, &fds));
+  int rc = put_bytes(q, &d, block, deadline, &fds);
+  int err = errno;
+  tx_give(q, tx);
+  errno = err;
+  return finish_put(L, q, rc);
 }
 
 static int l_put_nowait(lua_State *L) {

@@ -77,3 +77,24 @@ describe("Queue items", function()
     assert.equal("still fine", q:get())
   end)
 end)
+
+describe("Queue put from tasks", function()
+  it("keeps each task's item when several wait for room in the same queue", function()
+    -- a put that waits for room keeps its encoded item in the queue object's buffer;
+    -- another task's put meanwhile encoded over it: {"a"} was lost and {"b"} came twice
+    for _ = 1, 3 do
+      local full = luamp.Queue(1)
+      full:put({0})
+      local got = {}
+      for _, name in ipairs({"a", "b", "c"}) do
+        luamp.task(function() full:put({name, string.rep(name, 100)}, true, 10) end)
+      end
+      luamp.task(function()
+        for i = 1, 4 do got[i] = full:get(true, 10)[1] end
+      end)
+      luamp.run()
+      table.sort(got, function(x, y) return tostring(x) < tostring(y) end)
+      assert.same({0, "a", "b", "c"}, got)
+    end
+  end)
+end)
