@@ -403,8 +403,7 @@ static inline shared_ud *open_value(lua_State *L);
 
 static int l_value_get_lock(lua_State *L) {
   open_value(L);
-  if (lua_getiuservalue(L, 1, 1) != LUA_TUSERDATA)
-    luamp_raise(L, "Value", "this Value was made without a lock");
+  push_lock(L, 1, "Value");
   return 1;
 }
 
