@@ -403,8 +403,7 @@ static inline shared_ud *open_value(lua_State *L);
 
 static int l_value_get_lock(lua_State *L) {
   open_value(L);
-  if (lua_getiuservalue(L, 1, 1) != LUA_TUSERDATA)
-    luamp_raise(L, "Value", "this Value was made without a lock");
+  push_lock(L, 1, "Value");
   return 1;
 }
 
@@ -452,11 +451,21 @@ static inline shared_ud *open_value(lua_State *L) {
   return to_shared(L, 1, VALUE_MAGIC, 1);   /* raises the right error */
 }
 
+/* An element of a signed integer typecode of 4 or 8 bytes (the usual counters) read and
+ * pushed without the general decoder; 0 for any other typecode. */
+static inline int push_int_fast(lua_State *L, const tcode *tc, const char *p) {
+  if (tc->kind != SIGNED) return 0;
+  if (tc->size == 4) lua_pushinteger(L, (int32_t)__atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED));
+  else if (tc->size == 8) lua_pushinteger(L, (int64_t)__atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED));
+  else return 0;
+  return 1;
+}
+
 static int l_value_index(lua_State *L) {
   shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 0);
   if (lua_topointer(L, 2) == u->value_key) {
     if (!u->data) luamp_raise(L, "Value", "Value is closed");
-    push_elem(L, u->tc, u->data);
+    if (!push_int_fast(L, u->tc, u->data)) push_elem(L, u->tc, u->data);
     return 1;
   }
   lua_pushvalue(L, 2);

@@ -36,6 +36,16 @@
  *
  * The userdata of each type starts with a magic number, which lets the hot methods
  * check their argument with one comparison instead of a metatable lookup.
+ *
+ * A Lock or RLock that users hold is a table, not the userdata: its own fields `acquire`
+ * and `release` are closures over the userdata, so `lock:acquire()` finds its C function
+ * in the table itself (a method of a userdata costs a metatable lookup and a second table
+ * lookup on every call), and they check self by identity (the userdata keeps the table's
+ * address). Anything else (a wrong self, arguments, a lock that is taken) goes to the
+ * general methods in the metatable's __index, which work on any Lock table: wrong-self
+ * errors, waits and their tracing (trace.lua wraps those) stay in one place. The table
+ * also holds its userdata under a private light-userdata key, for the general methods,
+ * and `recovered` once an acquire took the lock over from a dead owner.
  */
 #include <limits.h>
 #include <math.h>
@@ -279,7 +289,8 @@ static void mutex_lock(lock_obj *o) {
 
 typedef struct sync_type {
   const char *name;               /* public name: "Lock" */
-  const char *mt;                 /* registry name of its metatable */
+  const char *mt;                 /* registry name of its metatable (a Lock's: the table's) */
+  const char *udmt;               /* registry name of the userdata's metatable */
   uint64_t magic;
   unsigned objtype;               /* LUAMP_OBJ_* block type */
   uint32_t kind;
@@ -289,43 +300,33 @@ typedef struct sync_type {
 enum { T_LOCK, T_RLOCK, T_SEM, T_BSEM, T_EVENT, T_COND, T_BARRIER, T_COUNT };
 
 static const sync_type types[T_COUNT] = {
-  {"Lock", "luamp.Lock", 0x6b636f4c706d756cULL, LUAMP_OBJ_LOCK, K_LOCK, sizeof(lock_obj)},
-  {"RLock", "luamp.RLock", 0x6b636f4c52706d75ULL, LUAMP_OBJ_LOCK, K_RLOCK, sizeof(lock_obj)},
-  {"Semaphore", "luamp.Semaphore", 0x6d65536d756c0001ULL, LUAMP_OBJ_SEMAPHORE, K_SEM, sizeof(sem_obj)},
-  {"BoundedSemaphore", "luamp.BoundedSemaphore", 0x6d65536d756c0002ULL, LUAMP_OBJ_SEMAPHORE, K_BSEM, sizeof(sem_obj)},
-  {"Event", "luamp.Event", 0x746e6576456d756cULL, LUAMP_OBJ_EVENT, K_EVENT, sizeof(event_obj)},
-  {"CondCore", "luamp.CondCore", 0x646e6f436d756c00ULL, LUAMP_OBJ_CONDITION, K_COND, sizeof(cond_obj)},
-  {"BarrierCore", "luamp.BarrierCore", 0x7272614270756c00ULL, LUAMP_OBJ_BARRIER, K_BARRIER, sizeof(barrier_obj)},
+  {"Lock", "luamp.Lock", "luamp.Lock.core", 0x6b636f4c706d756cULL, LUAMP_OBJ_LOCK, K_LOCK, sizeof(lock_obj)},
+  {"RLock", "luamp.RLock", "luamp.RLock.core", 0x6b636f4c52706d75ULL, LUAMP_OBJ_LOCK, K_RLOCK, sizeof(lock_obj)},
+  {"Semaphore", "luamp.Semaphore", "luamp.Semaphore", 0x6d65536d756c0001ULL, LUAMP_OBJ_SEMAPHORE, K_SEM, sizeof(sem_obj)},
+  {"BoundedSemaphore", "luamp.BoundedSemaphore", "luamp.BoundedSemaphore", 0x6d65536d756c0002ULL, LUAMP_OBJ_SEMAPHORE, K_BSEM, sizeof(sem_obj)},
+  {"Event", "luamp.Event", "luamp.Event", 0x746e6576456d756cULL, LUAMP_OBJ_EVENT, K_EVENT, sizeof(event_obj)},
+  {"CondCore", "luamp.CondCore", "luamp.CondCore", 0x646e6f436d756c00ULL, LUAMP_OBJ_CONDITION, K_COND, sizeof(cond_obj)},
+  {"BarrierCore", "luamp.BarrierCore", "luamp.BarrierCore", 0x7272614270756c00ULL, LUAMP_OBJ_BARRIER, K_BARRIER, sizeof(barrier_obj)},
 };
 
 typedef struct sync_ud {
   uint64_t magic;                 /* types[t].magic; lets hot methods skip the metatable */
   void *obj;                      /* == ref.ptr; NULL once closed */
   int t;
-  int recovered;                  /* wears the "recovered" metatable */
+  int recovered;                  /* Lock/RLock: its table says recovered = true */
+  const void *self;               /* Lock/RLock: the address of its table */
   luamp_ref ref;
 } sync_ud;
 
-#define RECOVERED_SUFFIX ".recovered"
+/* The key under which a Lock's table holds its userdata. */
+static const char lock_key = 0;
+
+static int is_lock_type(int t) { return t == T_LOCK || t == T_RLOCK; }
 
 static int type_named(const char *name) {
   for (int t = 0; t < T_COUNT; t++)
     if (strcmp(types[t].name, name) == 0) return t;
   return -1;
-}
-
-/* The slow half of argument checking: says what was wrong. */
-static sync_ud *bad_self(lua_State *L, int idx, int t) {
-  sync_ud *u = lua_touserdata(L, idx);
-  if (u && lua_rawlen(L, idx) == sizeof *u && u->magic == types[t].magic)
-    luamp_raise(L, "Value", "%s is closed", types[t].name);
-  luamp_raise(L, "Value", "expected a %s, got %s", types[t].name, luaL_typename(L, idx));
-}
-
-static inline sync_ud *to_sync(lua_State *L, int idx, int t) {
-  sync_ud *u = lua_touserdata(L, idx);
-  if (u && lua_rawlen(L, idx) == sizeof *u && u->magic == types[t].magic && u->obj) return u;
-  return bad_self(L, idx, t);
 }
 
 /* Any of this file's userdata at idx (open or closed), or NULL. */
@@ -337,25 +338,56 @@ static sync_ud *any_sync(lua_State *L, int idx) {
   return NULL;
 }
 
+/* The userdata of the Lock or RLock table at idx (open or closed), or NULL. Only the
+ * table the userdata was made for counts: a copy of its fields is not a Lock. */
+static sync_ud *lock_of(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TTABLE) return NULL;
+  lua_rawgetp(L, idx, &lock_key);
+  sync_ud *u = any_sync(L, -1);
+  lua_pop(L, 1);
+  if (u && is_lock_type(u->t) && u->self == lua_topointer(L, idx)) return u;
+  return NULL;
+}
+
+/* This file's object at idx: a Lock's table or another type's userdata; NULL if neither. */
+static sync_ud *object_at(lua_State *L, int idx) {
+  sync_ud *u = lock_of(L, idx);
+  if (u) return u;
+  u = any_sync(L, idx);
+  return u && !is_lock_type(u->t) ? u : NULL;
+}
+
+/* The slow half of argument checking: says what was wrong. */
+static sync_ud *bad_self(lua_State *L, int idx, int t) {
+  sync_ud *u = object_at(L, idx);
+  if (u && u->magic == types[t].magic)
+    luamp_raise(L, "Value", "%s is closed", types[t].name);
+  luamp_raise(L, "Value", "expected a %s, got %s", types[t].name, luaL_typename(L, idx));
+}
+
+static inline sync_ud *to_sync(lua_State *L, int idx, int t) {
+  sync_ud *u = is_lock_type(t) ? lock_of(L, idx) : any_sync(L, idx);
+  if (u && u->magic == types[t].magic && u->obj) return u;
+  return bad_self(L, idx, t);
+}
+
 /* Lock or RLock at idx. */
 static sync_ud *to_any_lock(lua_State *L, int idx) {
-  sync_ud *u = lua_touserdata(L, idx);
-  if (u && lua_rawlen(L, idx) == sizeof *u && u->obj &&
-      (u->magic == types[T_LOCK].magic || u->magic == types[T_RLOCK].magic))
-    return u;
+  sync_ud *u = lock_of(L, idx);
+  if (u && u->obj) return u;
   return bad_self(L, idx, T_LOCK);
 }
 
 /* For metamethods, which users can call with anything. */
 static sync_ud *checked_any(lua_State *L, int t) {
-  sync_ud *u = any_sync(L, 1);
+  sync_ud *u = object_at(L, 1);
   if (!u) bad_self(L, 1, t);
   return u;
 }
 
 static sync_ud *to_any_lock_or_closed(lua_State *L) {
-  sync_ud *u = checked_any(L, T_LOCK);
-  if (u->t != T_LOCK && u->t != T_RLOCK) bad_self(L, 1, T_LOCK);
+  sync_ud *u = lock_of(L, 1);
+  if (!u) bad_self(L, 1, T_LOCK);
   return u;
 }
 
@@ -364,8 +396,31 @@ static sync_ud *push_ud(lua_State *L, int t) {
   memset(u, 0, sizeof *u);
   u->magic = types[t].magic;
   u->t = t;
-  luaL_setmetatable(L, types[t].mt);
+  luaL_setmetatable(L, types[t].udmt);
   return u;
+}
+
+static int l_lock_acquire_own(lua_State *L);
+static int l_lock_release_own(lua_State *L);
+static int l_rlock_acquire_own(lua_State *L);
+static int l_rlock_release_own(lua_State *L);
+
+/* Replaces the Lock or RLock userdata on the stack top with the table users hold. */
+static void wrap_lock(lua_State *L) {
+  sync_ud *u = lua_touserdata(L, -1);
+  int r = u->t == T_RLOCK;
+  lua_createtable(L, 0, 4);                 /* acquire, release, the key, recovered */
+  lua_pushvalue(L, -2);
+  lua_pushcclosure(L, r ? l_rlock_acquire_own : l_lock_acquire_own, 1);
+  lua_setfield(L, -2, "acquire");
+  lua_pushvalue(L, -2);
+  lua_pushcclosure(L, r ? l_rlock_release_own : l_lock_release_own, 1);
+  lua_setfield(L, -2, "release");
+  lua_pushvalue(L, -2);
+  lua_rawsetp(L, -2, &lock_key);
+  luaL_setmetatable(L, types[u->t].mt);
+  u->self = lua_topointer(L, -1);
+  lua_remove(L, -2);
 }
 
 static sync_ud *new_object(lua_State *L, int t) {
@@ -373,21 +428,20 @@ static sync_ud *new_object(lua_State *L, int t) {
   uint32_t *kind = luamp_ref_alloc(L, &u->ref, types[t].objtype, types[t].size);
   *kind = types[t].kind;
   u->obj = kind;
+  if (is_lock_type(t)) wrap_lock(L);
   return u;
 }
 
-/* A lock handle wears one of two metatables so that `lock.recovered` is a plain table
- * field (the hot methods stay one table lookup away): switch on a change only. */
+/* `lock.recovered` is a field of the lock's table (at idx) while true; the methods table
+ * says false otherwise. Written on a change only. */
 static void set_recovered(lua_State *L, int idx, sync_ud *u, int rec) {
   if (u->recovered == rec) return;
   u->recovered = rec;
-  if (rec) {
-    lua_pushfstring(L, "%s%s", types[u->t].mt, RECOVERED_SUFFIX);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-  } else {
-    luaL_getmetatable(L, types[u->t].mt);
-  }
-  lua_setmetatable(L, idx);
+  idx = lua_absindex(L, idx);
+  lua_pushliteral(L, "recovered");
+  if (rec) lua_pushboolean(L, 1);
+  else lua_pushnil(L);
+  lua_rawset(L, idx);
 }
 
 static void sync_release(sync_ud *u) {
@@ -424,6 +478,8 @@ static int acquire_slow(lua_State *L, sync_ud *u, double deadline) {
   return 1;
 }
 
+/* The general methods, in the metatable's __index: self is checked in full. */
+
 /* lock:acquire([block=true], [timeout]) -> boolean */
 static int l_lock_acquire(lua_State *L) {
   sync_ud *u = to_sync(L, 1, T_LOCK);
@@ -432,7 +488,7 @@ static int l_lock_acquire(lua_State *L) {
     uint32_t c = 0;
     if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_self_pid(),
                                                 memory_order_acquire, memory_order_relaxed)) {
-      if (u->recovered) set_recovered(L, 1, u, 0);
+      set_recovered(L, 1, u, 0);
       lua_pushboolean(L, 1);
       return 1;
     }
@@ -440,14 +496,25 @@ static int l_lock_acquire(lua_State *L) {
   return acquire_slow(L, u, timeout_deadline(L, 2, 3));
 }
 
-/* lock:release(): Value when it is not held (any process may release a Lock). */
-static int l_lock_release(lua_State *L) {
-  sync_ud *u = to_sync(L, 1, T_LOCK);
-  lock_obj *o = u->obj;
+/* Releases a Lock word: Value when it was not held (any process may release a Lock). */
+static void lock_release(lua_State *L, lock_obj *o) {
   uint32_t old = lock_release_word(o);
   if (old & WAITERS) luamp_futex_wake(&o->word, 1);
   else if (old == 0) luamp_raise(L, "Value", "release of an unlocked Lock");
+}
+
+/* lock:release() */
+static int l_lock_release(lua_State *L) {
+  lock_release(L, to_sync(L, 1, T_LOCK)->obj);
   return 0;
+}
+
+/* An RLock held by this process at depth d (> 0) one level deeper; 0 at the limit. */
+static inline int rlock_deeper(lock_obj *o) {
+  uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
+  if (d == UINT32_MAX) return 0;
+  atomic_store_explicit(&o->depth, d + 1, memory_order_relaxed);
+  return 1;
 }
 
 static int l_rlock_acquire(lua_State *L) {
@@ -456,9 +523,7 @@ static int l_rlock_acquire(lua_State *L) {
   uint32_t me = (uint32_t)luamp_self_pid();
   uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
   if ((c & OWNER) == me) {
-    uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
-    if (d == UINT32_MAX) luamp_raise(L, "Value", "RLock acquired too many times");
-    atomic_store_explicit(&o->depth, d + 1, memory_order_relaxed);
+    if (!rlock_deeper(o)) luamp_raise(L, "Value", "RLock acquired too many times");
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -467,7 +532,7 @@ static int l_rlock_acquire(lua_State *L) {
     if (atomic_compare_exchange_strong_explicit(&o->word, &c, me, memory_order_acquire,
                                                 memory_order_relaxed)) {
       atomic_store_explicit(&o->depth, 1, memory_order_relaxed);
-      if (u->recovered) set_recovered(L, 1, u, 0);
+      set_recovered(L, 1, u, 0);
       lua_pushboolean(L, 1);
       return 1;
     }
@@ -475,19 +540,110 @@ static int l_rlock_acquire(lua_State *L) {
   return acquire_slow(L, u, timeout_deadline(L, 2, 3));
 }
 
-/* rlock:release(): Value unless this process holds it. */
-static int l_rlock_release(lua_State *L) {
-  sync_ud *u = to_sync(L, 1, T_RLOCK);
-  lock_obj *o = u->obj;
-  if ((atomic_load_explicit(&o->word, memory_order_relaxed) & OWNER) != (uint32_t)luamp_self_pid())
-    luamp_raise(L, "Value", "cannot release an RLock not held by this process");
+/* Releases an RLock this process holds (the caller checked). */
+static inline void rlock_release(lock_obj *o) {
   uint32_t d = atomic_load_explicit(&o->depth, memory_order_relaxed);
   if (d > 1) {
     atomic_store_explicit(&o->depth, d - 1, memory_order_relaxed);
-    return 0;
+    return;
   }
   atomic_store_explicit(&o->depth, 0, memory_order_relaxed);
   lock_unlock(o);
+}
+
+/* rlock:release(): Value unless this process holds it. */
+static int l_rlock_release(lua_State *L) {
+  lock_obj *o = to_sync(L, 1, T_RLOCK)->obj;
+  if ((atomic_load_explicit(&o->word, memory_order_relaxed) & OWNER) != (uint32_t)luamp_self_pid())
+    luamp_raise(L, "Value", "cannot release an RLock not held by this process");
+  rlock_release(o);
+  return 0;
+}
+
+/* The lock's own `acquire` and `release` (closures over its userdata): the common case
+ * only, with self checked by identity; everything else goes to the general method, looked
+ * up each time (trace.lua swaps timing wrappers in and out of the methods table). */
+
+static int call_general(lua_State *L, int t, const char *name) {
+  int n = lua_gettop(L);
+  luaL_getmetatable(L, types[t].mt);
+  lua_getfield(L, -1, "__index");
+  lua_getfield(L, -1, name);
+  lua_insert(L, 1);
+  lua_pop(L, 2);
+  lua_call(L, n, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* The lock behind an own method, if self (argument 1) is its table. The table clears
+ * `self` when it is collected (lock_table_gc), so an address reused by another object
+ * after that never passes. */
+static inline sync_ud *own_lock(lua_State *L) {
+  sync_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  return lua_topointer(L, 1) == u->self && u->obj ? u : NULL;
+}
+
+static int l_lock_acquire_own(lua_State *L) {
+  sync_ud *u = own_lock(L);
+  if (u && lua_gettop(L) == 1) {
+    lock_obj *o = u->obj;
+    uint32_t c = 0;
+    if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_self_pid(),
+                                                memory_order_acquire, memory_order_relaxed)) {
+      if (u->recovered) set_recovered(L, 1, u, 0);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  return call_general(L, T_LOCK, "acquire");
+}
+
+static int l_lock_release_own(lua_State *L) {
+  sync_ud *u = own_lock(L);
+  if (!u) return call_general(L, T_LOCK, "release");
+  lock_release(L, u->obj);
+  return 0;
+}
+
+static int l_rlock_acquire_own(lua_State *L) {
+  sync_ud *u = own_lock(L);
+  if (u) {
+    lock_obj *o = u->obj;
+    uint32_t me = (uint32_t)luamp_self_pid();
+    uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
+    if ((c & OWNER) == me) {
+      if (rlock_deeper(o)) {
+        lua_pushboolean(L, 1);
+        return 1;
+      }
+    } else if (lua_gettop(L) == 1) {
+      c = 0;
+      if (atomic_compare_exchange_strong_explicit(&o->word, &c, me, memory_order_acquire,
+                                                  memory_order_relaxed)) {
+        atomic_store_explicit(&o->depth, 1, memory_order_relaxed);
+        if (u->recovered) set_recovered(L, 1, u, 0);
+        lua_pushboolean(L, 1);
+        return 1;
+      }
+    }
+  }
+  return call_general(L, T_RLOCK, "acquire");
+}
+
+static int l_rlock_release_own(lua_State *L) {
+  sync_ud *u = own_lock(L);
+  if (u && (atomic_load_explicit(&((lock_obj *)u->obj)->word, memory_order_relaxed) & OWNER) ==
+               (uint32_t)luamp_self_pid()) {
+    rlock_release(u->obj);
+    return 0;
+  }
+  return call_general(L, T_RLOCK, "release");
+}
+
+/* __gc of a Lock's table: its own methods stop accepting that address as self. */
+static int l_lock_table_gc(lua_State *L) {
+  sync_ud *u = lock_of(L, 1);
+  if (u) u->self = NULL;
   return 0;
 }
 
@@ -931,11 +1087,12 @@ static int l_sync_attach(lua_State *L) {
     luamp_raise(L, "Value", "cannot attach shared object: it is not a %s", types[t].name);
   }
   u->obj = kind;
+  if (is_lock_type(t)) wrap_lock(L);
   /* the object this process already has, if it is open: its reference stays, ours goes */
   luamp_ref_push_key(L, &u->ref);
   const char *key = lua_tostring(L, -1);
   if (luamp_handle_find(L, key)) {
-    sync_ud *old = any_sync(L, -1);
+    sync_ud *old = object_at(L, -1);
     if (old && old->obj && old->t == t) {
       sync_release(u);
       return 1;
@@ -949,7 +1106,7 @@ static int l_sync_attach(lua_State *L) {
 
 /* sync_payload(obj) -> payload table (pins the object) */
 static int l_sync_payload(lua_State *L) {
-  sync_ud *u = any_sync(L, 1);
+  sync_ud *u = object_at(L, 1);
   if (!u) luamp_raise(L, "Value", "not a synchronisation object");
   if (!u->obj) luamp_raise(L, "Value", "%s is closed", types[u->t].name);
   luamp_ref_push_key(L, &u->ref);
@@ -962,7 +1119,7 @@ static int l_sync_payload(lua_State *L) {
 /* __luamp_handle: obj -> "luamp.<Type>", payload */
 static int l_sync_handle(lua_State *L) {
   l_sync_payload(L);
-  sync_ud *u = lua_touserdata(L, 1);
+  sync_ud *u = object_at(L, 1);
   lua_pushstring(L, types[u->t].mt);
   lua_insert(L, -2);
   return 2;
@@ -971,7 +1128,8 @@ static int l_sync_handle(lua_State *L) {
 /* close(), __close and __gc: drops this handle's reference (the object lives on while
  * other handles, here or in other processes, hold it). Idempotent. */
 static int l_sync_close(lua_State *L) {
-  sync_ud *u = any_sync(L, 1);
+  sync_ud *u = lock_of(L, 1);   /* a Lock's table; else a userdata (its __gc too) */
+  if (!u) u = any_sync(L, 1);
   if (u) sync_release(u);
   return 0;
 }
@@ -993,44 +1151,30 @@ static int l_sync_methods(lua_State *L) {
 
 static void define_type(lua_State *L, int t, const luaL_Reg *methods, lua_CFunction tostring) {
   const luaL_Reg meta[] = {
-    {"__gc", l_sync_close},
+    {"__gc", is_lock_type(t) ? l_lock_table_gc : l_sync_close},
     {"__close", l_sync_close},
     {"__tostring", tostring},
     {"__luamp_handle", l_sync_handle},
     {NULL, NULL}
   };
+  if (is_lock_type(t)) {
+    /* the userdata behind a Lock's table: only its lifetime */
+    luaL_newmetatable(L, types[t].udmt);
+    lua_pushcfunction(L, l_sync_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+  }
   luaL_newmetatable(L, types[t].mt);
   luaL_setfuncs(L, meta, 0);
   lua_newtable(L);
   luaL_setfuncs(L, methods, 0);
   lua_pushcfunction(L, l_sync_close);
   lua_setfield(L, -2, "close");
-  if (t == T_LOCK || t == T_RLOCK) {
+  if (is_lock_type(t)) {
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "recovered");
   }
   lua_setfield(L, -2, "__index");
-  if (t == T_LOCK || t == T_RLOCK) {
-    /* the same metatable, but its index says recovered = true before the methods */
-    lua_newtable(L);
-    lua_pushnil(L);
-    while (lua_next(L, -3)) {
-      lua_pushvalue(L, -2);
-      lua_insert(L, -2);
-      lua_rawset(L, -4);
-    }
-    lua_newtable(L);
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "recovered");
-    lua_newtable(L);
-    lua_getfield(L, -4, "__index");
-    lua_setfield(L, -2, "__index");
-    lua_setmetatable(L, -2);
-    lua_setfield(L, -2, "__index");
-    lua_pushfstring(L, "%s%s", types[t].mt, RECOVERED_SUFFIX);
-    lua_insert(L, -2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-  }
   lua_pop(L, 1);
 }
 

@@ -84,6 +84,44 @@ describe("Lock", function()
     H.raises("Value", luamp.RLock().acquire, l)   -- a Lock is not an RLock
   end)
 
+  it("acquire and release act on the object they are called on, and check it", function()
+    for _, make in ipairs {luamp.Lock, luamp.RLock} do
+      local a, b = make(), make()
+      assert.is_true(a.acquire(b))             -- as Python's Lock.acquire(b): b is taken
+      assert.is_true(b:locked())
+      assert.is_false(a:locked())
+      a.release(b)
+      assert.is_false(b:locked())
+      H.raises("Value", a.acquire)             -- no self
+      H.raises("Value", a.release)
+      H.raises("Value", a.acquire, "a")
+      H.raises("Value", a.release, 7)
+      H.raises("Value", a.acquire, luamp.Semaphore())
+      H.raises("Value", a.release, luamp.Event())
+      local copy = setmetatable({}, getmetatable(a))   -- a Lock's fields, not a Lock
+      for k, v in pairs(a) do copy[k] = v end
+      H.raises("Value", copy.acquire, copy)
+      H.raises("Value", copy.release, copy)
+      assert.is_false(a:locked())
+    end
+  end)
+
+  it("methods kept after their lock was collected raise Value for any argument", function()
+    for _, make in ipairs {luamp.Lock, luamp.RLock} do
+      local l = make()
+      local acquire, release = l.acquire, l.release
+      l = nil   -- luacheck: ignore
+      collectgarbage(); collectgarbage()
+      -- new objects may take the collected table's address
+      local others = {}
+      for i = 1, 200 do others[i] = i % 2 == 0 and {} or ("s" .. i) end
+      for _, o in ipairs(others) do
+        H.raises("Value", acquire, o)
+        H.raises("Value", release, o)
+      end
+    end
+  end)
+
   it("with returns the function's results and releases, also on error", function()
     local l = luamp.Lock()
     local a, b = l:with(function(x, y)
