@@ -952,6 +952,15 @@ static int l_spin_budget(lua_State *L) {
   return 1;
 }
 
+/* :_spin() -> whether a message is announced after one spin (as a receive would spin
+ * before it blocks; it takes nothing); for the specs */
+static int l_spin(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  spin_for_message(c, -1);
+  lua_pushboolean(L, c->hints && hint_pending(&c->hints->d[!c->dir]));
+  return 1;
+}
+
 static int l_close(lua_State *L) {
   conn_release(to_conn(L, 1));
   return 0;
@@ -1093,6 +1102,7 @@ int luamp_open_connection(lua_State *L) {
     {"_recv", l_recv_fds},
     {"_recv_bytes_nowait", l_recv_bytes_nowait},
     {"_spin_budget", l_spin_budget},
+    {"_spin", l_spin},
     {NULL, NULL}
   };
   static const luaL_Reg meta[] = {

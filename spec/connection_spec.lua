@@ -372,23 +372,28 @@ describe("Pipe receive spin", function()
   end
 
   it("grows its budget when the answer comes soon after a spin in vain, up to a bound", function()
-    local a, b = luamp.Pipe()
-    assert.near(MIN, b:_spin_budget(), 1e-9)
-    local p = answerer(a, 12e-6)
-    -- the first spin (MIN) misses the 12 us answer, which then counts from the spin's
-    -- start to the answer's stamp (not to the end of the sleep): the budget becomes about
-    -- twice that. (A loaded machine can stretch a round past the 50 us that count as
-    -- soon; then the round is tried again.)
-    local grew
-    for i = 1, 300 do
-      b:send(i)
-      assert.equal(i, b:recv())
-      if b:_spin_budget() >= 15e-6 then grew = b:_spin_budget() break end
+    -- One process plays both ends: b spins in vain, a sends 12 us after that spin began,
+    -- then b "sleeps" before it receives, as a slow wake-up would. The delay that counts
+    -- runs to the sender's stamp, not to the receive: the budget becomes about twice it.
+    -- (A preemption can stretch a try past the 50 us that count as soon: then the
+    -- budget rightly shrinks, and a fresh Pipe is tried.)
+    for _ = 1, 50 do
+      local a, b = luamp.Pipe()
+      assert.near(MIN, b:_spin_budget(), 1e-9)
+      local t0 = luamp.time()
+      assert.is_false(b:_spin())
+      while luamp.time() - t0 < 12e-6 do end
+      a:send("x")
+      luamp.sleep(0.0003)
+      assert.equal("x", b:recv())
+      local grown = b:_spin_budget()
+      a:close(); b:close()
+      if grown >= 15e-6 then
+        assert.is_true(grown <= MAX)
+        return
+      end
     end
-    b:send(nil)
-    p:join()
-    assert.is_not_nil(grew, "the spin budget never grew")
-    assert.is_true(grew <= MAX)
+    error("the spin budget never grew")
   end)
 
   it("keeps an idle receive cheap: a long wait spins at most its bound", function()
