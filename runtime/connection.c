@@ -31,14 +31,36 @@
  * drained into rbuf keep their descriptors in a FIFO (stash), from which a frame read
  * out of rbuf takes as many as its header says. Received descriptors belong to the
  * message until it is decoded; whatever the decoding does not take is closed.
+ *
+ * Spinning. A request and its answer cross a Pipe in a few microseconds of work, but a
+ * receiver that sleeps in the kernel pays for its wake-up (about 10 us per direction on
+ * a VM, where an idle CPU must be woken first). So the two ends of a Pipe share one page
+ * of hints (MAP_SHARED, inherited by fork): per direction, how many messages were sent
+ * (`sent`, bumped after a message's first record went out; `rang_at`, the sender's
+ * monotonic clock just before it went) and how many receives began (`taken`). A receive with nothing there
+ * spins a little on that page, without a system call, before it blocks: `sent` moving
+ * past `taken` means a record is in the socket. The budget adapts as the Pool's rings'
+ * does (ring.c): a spin that catches its message raises it to twice what it needed, a
+ * message that comes within SPIN_MAX_NS after a spin in vain (judged by `rang_at`, not
+ * by when the sleep ended) raises it to twice that delay, a later one halves it, and
+ * spins in vain in a row make the next waits spin only SPIN_MIN_NS for a while. So in a
+ * ping-pong both ends are still spinning when the answer comes, and a Pipe that is idle
+ * or slow costs at most SPIN_MIN_NS per receive. The page is a hint only: every receive
+ * is still a real recvmsg, and receives running ahead of the messages counted (an end
+ * that came as a handle has no page and counts nothing) end the spinning of that end for
+ * good. A spin happens only in a plain wait (no task scheduler, no pump: inside
+ * luamp.run a wait suspends its task instead), never longer than SPIN_MAX_NS or the
+ * deadline, and a pending Ctrl-C ends it at once.
  */
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -56,6 +78,23 @@
 #define FDS_SHIFT 56                   /* frame length word: descriptor count in the top byte */
 #define LEN_MASK (((uint64_t)1 << FDS_SHIFT) - 1)
 #define CMSG_ROOM CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)
+#define SPIN_MIN_NS 2000.0
+#define SPIN_MAX_NS 50000.0
+#define BACKOFF_MAX 64                 /* waits that spin the least after spins in vain */
+#define VAIN_IN_A_ROW 3                /* long spins in vain before the back-off starts */
+#define HINT_PAGE 4096
+#define UNANNOUNCED_MAX 16             /* receives ahead of the sends counted: no more spins */
+
+/* One direction of a Pipe's shared hint page (see the header): written by any process
+ * holding either end, so only ever a hint. */
+typedef struct {
+  _Alignas(64) _Atomic uint64_t sent;     /* messages whose first record went out */
+  _Atomic uint64_t rang_at;               /* monotonic ns of the last bump of sent */
+  _Alignas(64) _Atomic uint64_t taken;    /* receives that began */
+} hint_dir;
+
+typedef struct { hint_dir d[2]; } pipe_hints;
+_Static_assert(sizeof(pipe_hints) <= HINT_PAGE, "the hints fit their page");
 
 typedef struct conn {
   int fd;                 /* -1 once closed */
@@ -80,6 +119,13 @@ typedef struct conn {
   luamp_fdlist rx_fds;    /* descriptors that came with the message being received */
   int *stash;             /* descriptors of records drained into rbuf, oldest first */
   size_t stash_pos, stash_len, stash_cap;
+  /* spinning before a receive blocks (see the header) */
+  pipe_hints *hints;      /* this end's own mapping of the Pipe's page, or NULL */
+  int dir;                /* the direction this end sends on; it receives on !dir */
+  int hints_broken;       /* a message came that the page never announced: no more spins */
+  double spin_ns;         /* the budget */
+  unsigned backoff, skip, vain;
+  double gave_up;         /* when the last spin in vain began (ns), 0: none since */
 } conn;
 
 /* Outcomes of the transfer helpers; the Lua-facing functions turn them into errors
@@ -263,6 +309,123 @@ static int wait_fd(int fd, short events, double deadline, short *revents) {
   return T_OK;
 }
 
+/* ---- spinning (see the header) ---------------------------------------------------------- */
+
+static double mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* The sender's side, around a message's first record: the stamp before it goes (so a
+ * receiver that the send wakes finds it fresh), the count once it went. */
+static void hint_stamp(conn *c) {
+  if (c->hints)
+    atomic_store_explicit(&c->hints->d[c->dir].rang_at, (uint64_t)mono_ns(), memory_order_relaxed);
+}
+
+static void hint_sent(conn *c) {
+  if (c->hints) atomic_fetch_add_explicit(&c->hints->d[c->dir].sent, 1, memory_order_seq_cst);
+}
+
+static int hint_pending(hint_dir *h) {
+  uint64_t sent = atomic_load_explicit(&h->sent, memory_order_acquire);
+  uint64_t taken = atomic_load_explicit(&h->taken, memory_order_relaxed);
+  return (int64_t)(sent - taken) > 0;
+}
+
+static void budget_grow(conn *c, double delay) {
+  double want = 2 * delay + SPIN_MIN_NS;
+  if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
+  if (want > c->spin_ns) c->spin_ns = want;
+}
+
+static void spin_judged(conn *c, int caught, double budget) {
+  if (c->skip > 0) c->skip--;
+  if (caught) {
+    c->backoff = c->vain = 0;
+  } else if (budget > SPIN_MIN_NS * 1.5 && ++c->vain >= VAIN_IN_A_ROW) {
+    c->backoff = c->backoff ? c->backoff * 2 : 1;
+    if (c->backoff > BACKOFF_MAX) c->backoff = BACKOFF_MAX;
+    c->skip = c->backoff;
+  }
+}
+
+/* A receive began (from the socket or from rbuf): counts it, and judges the last spin
+ * if it was in vain. The delay counted runs from the spin's start to the sender's stamp
+ * when that falls between the spin's start and now, else to now. Receives that run ahead
+ * of the count by more than a few messages (a sender that bumps nothing: it came as a
+ * handle, without the page) end this end's spinning: it would only spin in vain. */
+static void hint_taken(conn *c) {
+  if (!c->hints) return;
+  hint_dir *h = &c->hints->d[!c->dir];
+  uint64_t taken = atomic_fetch_add_explicit(&h->taken, 1, memory_order_relaxed) + 1;
+  uint64_t sent = atomic_load_explicit(&h->sent, memory_order_relaxed);
+  if ((int64_t)(taken - sent) > UNANNOUNCED_MAX) c->hints_broken = 1;
+  if (c->gave_up <= 0) return;
+  double began = c->gave_up, t = mono_ns();
+  c->gave_up = 0;
+  double rang = (double)atomic_load_explicit(&h->rang_at, memory_order_relaxed);
+  double delay = rang >= began && rang <= t ? rang - began : t - began;
+  if (delay <= SPIN_MAX_NS) {
+    budget_grow(c, delay);
+  } else {
+    c->spin_ns /= 2;
+    if (c->spin_ns < SPIN_MIN_NS) c->spin_ns = SPIN_MIN_NS;
+  }
+}
+
+/* Before a receive that would block: spins until the page announces a message, for at
+ * most the budget (and the deadline). Returns nothing: the receive that follows looks
+ * at the socket either way. */
+static void spin_for_message(conn *c, double deadline) {
+  if (!c->hints || c->hints_broken || !luamp_wait_is_plain()) return;
+  hint_dir *h = &c->hints->d[!c->dir];
+  if (hint_pending(h)) return;
+  double budget = c->skip > 0 ? SPIN_MIN_NS : c->spin_ns;
+  if (deadline >= 0) {
+    double left = (deadline - luamp_now()) * 1e9;
+    if (left < budget) budget = left;
+  }
+  if (budget < SPIN_MIN_NS / 2 || luamp_interrupt_pending()) return;
+  double t0 = mono_ns(), t = t0;
+  unsigned rounds = 0;
+  while (t - t0 < budget) {
+    if (hint_pending(h)) {
+      budget_grow(c, t - t0);
+      spin_judged(c, 1, budget);
+      c->gave_up = 0;
+      return;
+    }
+    for (int k = 0; k < 8; k++) luamp_cpu_relax();
+    if ((++rounds & 7) == 0) {
+      if (luamp_interrupt_pending()) return;
+      t = mono_ns();
+    }
+  }
+  if (hint_pending(h)) return;          /* (it came while this side was off its CPU) */
+  spin_judged(c, 0, budget);
+  c->gave_up = t0;
+}
+
+/* Maps the hint page of a new Pipe: one shared page, mapped a second time for the other
+ * end (mremap of a shared mapping with old size 0), so each end owns its own mapping.
+ * Without it (mapping refused) the Pipe simply never spins. */
+static void hints_map(conn *a, conn *b) {
+  void *p = mmap(NULL, HINT_PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return;
+  void *q = mremap(p, 0, HINT_PAGE, MREMAP_MAYMOVE);
+  if (q == MAP_FAILED) {
+    munmap(p, HINT_PAGE);
+    return;
+  }
+  a->hints = p;
+  b->hints = q;
+  a->dir = 0;
+  b->dir = 1;
+  a->spin_ns = b->spin_ns = SPIN_MIN_NS;
+}
+
 /* ---- sending --------------------------------------------------------------------------- */
 
 /* Errors after which a receive is simply tried again. ECONNRESET: when a peer exits with
@@ -341,8 +504,10 @@ static int send_frame(conn *c, const char *data, size_t len, const luamp_fdlist 
   put_le64(hdr, len | nfds << FDS_SHIFT);
   size_t first = len < CHUNK - HDR ? len : CHUNK - HDR;
   struct iovec iov[2] = {{hdr, HDR}, {(void *)data, first}};
+  hint_stamp(c);
   int rc = send_record(c, iov, 2, fds);
   if (rc != T_OK) return rc;
+  hint_sent(c);
   for (size_t off = first; off < len;) {
     size_t k = len - off < CHUNK ? len - off : CHUNK;
     struct iovec one = {(void *)(data + off), k};
@@ -399,6 +564,7 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
      * EAGAIN, one system call fewer per message. Every 16th receive tries the recv
      * first again, which ends the mode once messages arrive ahead of their reader; so
      * does a pending Ctrl-C, which must not win over a message already there. */
+    if (!nowait) spin_for_message(c, deadline);
     int direct = !nowait && deadline < 0 && !luamp_interrupt_pending() && direct_receive_ok(c);
     int wait_first = !direct && !nowait && c->waited && (c->waited++ & 15) != 0 && !interrupt_pending();
     if (wait_first) {
@@ -432,6 +598,7 @@ static int rx_start(conn *c, double deadline, int nowait, uint64_t maxlen, size_
       if (rc != T_OK) return rc;
     }
   }
+  hint_taken(c);
   uint64_t total = get_le64(hdr);
   unsigned nfds = (unsigned)(total >> FDS_SHIFT);
   total &= LEN_MASK;
@@ -579,6 +746,8 @@ static void conn_release(conn *c) {
   rx_release(c, 0);
   luamp_buf_free(&c->tx);
   stash_close(c);
+  if (c->hints) munmap(c->hints, HINT_PAGE);
+  c->hints = NULL;
 }
 
 static conn *new_conn_ud(lua_State *L) {
@@ -610,6 +779,7 @@ static int l_pipe(lua_State *L) {
     luamp_raise_errno(L, "Value", "Pipe: socketpair", errno);
   a->fd = sv[0];
   b->fd = sv[1];
+  hints_map(a, b);
   widen_buffer(sv[0]);
   widen_buffer(sv[1]);
   a->readable = 1;
@@ -773,6 +943,24 @@ static int l_ready_now(lua_State *L) {
   return 1;
 }
 
+/* :_spin_budget() -> the spin (seconds) this end's next receive may afford, or nil when
+ * it never spins (no hint page, or a message came unannounced); for the specs */
+static int l_spin_budget(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  if (!c->hints || c->hints_broken) return 0;
+  lua_pushnumber(L, (c->skip > 0 ? SPIN_MIN_NS : c->spin_ns) / 1e9);
+  return 1;
+}
+
+/* :_spin() -> whether a message is announced after one spin (as a receive would spin
+ * before it blocks; it takes nothing); for the specs */
+static int l_spin(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  spin_for_message(c, -1);
+  lua_pushboolean(L, c->hints && hint_pending(&c->hints->d[!c->dir]));
+  return 1;
+}
+
 static int l_close(lua_State *L) {
   conn_release(to_conn(L, 1));
   return 0;
@@ -913,6 +1101,8 @@ int luamp_open_connection(lua_State *L) {
     {"_send", l_send_fds},
     {"_recv", l_recv_fds},
     {"_recv_bytes_nowait", l_recv_bytes_nowait},
+    {"_spin_budget", l_spin_budget},
+    {"_spin", l_spin},
     {NULL, NULL}
   };
   static const luaL_Reg meta[] = {

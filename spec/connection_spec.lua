@@ -340,3 +340,116 @@ describe("luamp.wait", function()
     H.raises("Value", luamp.wait, {}, "soon")
   end)
 end)
+
+-- A Pipe's receive spins a little on the Pipe's shared hint page before it sleeps
+-- (runtime/connection.c, "Spinning"): the budget grows when answers come soon after a
+-- spin, stays bounded, an idle wait costs no CPU to speak of, and an end whose peer has
+-- no page (it came as a handle) stops spinning rather than spin in vain on every receive.
+describe("Pipe receive spin", function()
+  local MIN, MAX = 2e-6, 50e-6
+
+  -- CPU ticks (user + system) this process has used, from /proc/self/stat
+  local function cpu_ticks()
+    local f = assert(io.open("/proc/self/stat"))
+    local s = f:read("a")
+    f:close()
+    local fields = {}
+    for v in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = v end
+    return tonumber(fields[12]) + tonumber(fields[13])
+  end
+
+  -- a child that answers each message after `delay` seconds of work; nil ends it
+  local function answerer(a, delay)
+    return start(function()
+      while true do
+        local v = a:recv()
+        if v == nil then return end
+        local t = luamp.time()
+        while luamp.time() - t < delay do end
+        a:send(v)
+      end
+    end)
+  end
+
+  it("grows its budget when the answer comes soon after a spin in vain, up to a bound", function()
+    -- One process plays both ends: b spins in vain, a sends 12 us after that spin began,
+    -- then b "sleeps" before it receives, as a slow wake-up would. The delay that counts
+    -- runs to the sender's stamp, not to the receive: the budget becomes about twice it.
+    -- (A preemption can stretch a try past the 50 us that count as soon: then the
+    -- budget rightly shrinks, and a fresh Pipe is tried.)
+    for _ = 1, 50 do
+      local a, b = luamp.Pipe()
+      assert.near(MIN, b:_spin_budget(), 1e-9)
+      local t0 = luamp.time()
+      assert.is_false(b:_spin())
+      while luamp.time() - t0 < 12e-6 do end
+      a:send("x")
+      luamp.sleep(0.0003)
+      assert.equal("x", b:recv())
+      local grown = b:_spin_budget()
+      a:close(); b:close()
+      if grown >= 15e-6 then
+        assert.is_true(grown <= MAX)
+        return
+      end
+    end
+    error("the spin budget never grew")
+  end)
+
+  it("keeps an idle receive cheap: a long wait spins at most its bound", function()
+    local a, b = luamp.Pipe()
+    local p = answerer(a, 30e-6)
+    for i = 1, 300 do
+      b:send(i)
+      assert.equal(i, b:recv())
+      if b:_spin_budget() >= 40e-6 then break end
+    end
+    b:send(nil)
+    p:join()
+    -- a receive that waits 0.3 s for a late message (sleeping, not spinning)
+    local q = start(function() luamp.sleep(0.3); a:send("late") end)
+    local t0 = cpu_ticks()
+    assert.equal("late", b:recv())
+    q:join()
+    local used = cpu_ticks() - t0
+    assert.is_true(used <= 5, "the wait used " .. used .. " ticks of CPU")
+    -- the message came long after the spin began: the budget shrank
+    assert.is_true(b:_spin_budget() < 40e-6)
+  end)
+
+  it("stops spinning when messages come from an end without the page, and loses none", function()
+    local a, b = luamp.Pipe()
+    local p = start(function()
+      local c = a:recv()              -- a Connection that came as a handle: no hint page
+      for i = 1, 50 do c:send(i) end
+      a:send(c:recv())
+    end)
+    local late_a, late_b = luamp.Pipe()   -- made after the child started
+    assert.is_not_nil(late_b:_spin_budget())
+    b:send(late_a)
+    for i = 1, 50 do assert.equal(i, late_b:recv()) end
+    assert.is_nil(late_b:_spin_budget())
+    late_b:send("back")
+    assert.equal("back", b:recv())
+    p:join()
+    assert.equal(0, p.exitcode)
+  end)
+
+  it("a ping-pong between two processes answers every message, in order", function()
+    local a, b = luamp.Pipe()
+    local p = start(function()
+      for _ = 1, 5000 do a:send(a:recv() + 1) end
+      for _ = 1, 200 do a:send_bytes(a:recv_bytes()) end
+    end)
+    local v = 0
+    for _ = 1, 5000 do b:send(v); v = b:recv() end
+    assert.equal(5000, v)
+    for i = 1, 200 do
+      local s = string.rep("x", i * 997)
+      b:send_bytes(s)
+      assert.equal(s, b:recv_bytes())
+    end
+    p:join()
+    assert.equal(0, p.exitcode)
+  end)
+end)

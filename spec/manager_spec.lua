@@ -407,3 +407,55 @@ describe("Manager and Ctrl-C", function()
     assert.equal("ready\nfalse\tInterrupted\n1\n", out)
   end)
 end)
+
+-- Proxy calls whose arguments and results are all nil, booleans, numbers and strings go
+-- as vectors of plain values (runtime/auth.c, "Plain calls"), anything else as a codec
+-- table. Both must carry every value exactly.
+describe("Manager plain calls", function()
+  local QM, obj
+  before_each(function()
+    QM = luamp.BaseManager{address = {"127.0.0.1", 0}, authkey = "plain"}
+    QM:register("echo", function()
+      local e = {}
+      function e.back(_, ...) return select("#", ...), ... end
+      function e.same(_, a, b) return rawequal(a, b) end
+      function e.fail(_, v) error({v}) end
+      return setmetatable({}, {__index = e})
+    end)
+    QM:start()
+    obj = QM:echo()
+  end)
+  after_each(function() QM:shutdown() end)
+
+  it("carry every plain value exactly, with its integer or float subtype", function()
+    local big = string.rep("\0ab\255", 300000)
+    local vals = table.pack(nil, true, false, 0, -1, math.mininteger, math.maxinteger, 0.5,
+      -0.0, 1 / 0, -1 / 0, 1e308, 2^53, "", "x\0y", big, nil)
+    local got = table.pack(obj:back(table.unpack(vals, 1, vals.n)))
+    assert.equal(vals.n, got[1])
+    assert.equal(vals.n + 1, got.n)
+    for i = 1, vals.n do
+      local a, b = vals[i], got[i + 1]
+      assert.equal(math.type(a), math.type(b), "value " .. i)
+      assert.is_true(rawequal(a, b), "value " .. i)
+    end
+    assert.equal(-1 / 0, 1 / got[10])              -- -0.0 stays negative
+    local nan = select(2, obj:back(0 / 0))
+    assert.is_true(nan ~= nan)
+    assert.equal(0, (obj:back()))
+  end)
+
+  it("many values, tables among them and errors go through the codec as before", function()
+    local many = {}
+    for i = 1, 400 do many[i] = i end
+    local got = table.pack(obj:back(table.unpack(many)))
+    assert.equal(400, got[1])
+    assert.equal(400, got[401])
+    local t = {1, {2}}
+    assert.is_true(obj:same(t, t))             -- one table in one call stays one table
+    assert.same({1, {2}}, select(2, obj:back(t)))
+    local ok, e = pcall(obj.fail, obj, "why")
+    assert.is_false(ok)
+    assert.equal("Remote", e.kind)
+  end)
+end)

@@ -117,19 +117,25 @@ local function raise_reply(info)
   raise(info.kind, tostring(info.message), fields)
 end
 
--- call(ref, id, method, ...) -> the results of method on object id at the manager
-local function call(ref, id, method, ...)
-  local ch = take_channel(ref)
-  local ok, reply = pcall(ch.call, ch, {id, method, select("#", ...), ...})
+-- The end of a call: ch:request's outcome (under pcall). A reply of plain results comes
+-- as true, results...; any other as the table {true, n, results...} or {false, error}.
+local function finish_call(ref, ch, ok, reply, ...)
   if not ok then
     -- Interrupted, EOF, a broken socket: the connection's state is unknown, close it
     ch:close()
     error(reply, 0)
   end
   give_back(ref, ch)
+  if reply == true then return ... end
   if type(reply) ~= "table" then raise("Remote", "malformed reply from the manager") end
   if reply[1] == true then return unpack(reply, 3, 2 + (reply[2] or 0)) end
   raise_reply(reply[2])
+end
+
+-- call(ref, id, method, ...) -> the results of method on object id at the manager
+local function call(ref, id, method, ...)
+  local ch = take_channel(ref)
+  return finish_call(ref, ch, pcall(ch.request, ch, id, method, ...))
 end
 
 -- ---- proxies ---------------------------------------------------------------------------
@@ -1134,7 +1140,7 @@ local function serve(listener, authkey, registry, address)
   end
 
   local function send_reply(conn, reply)
-    local ok, err = U.pcall(conn.ch.send, conn.ch, reply)
+    local ok, err = U.pcall(conn.ch.send_reply, conn.ch, reply)
     if not ok then
       if core.is_error(err, "Serialize") then
         ok, err = U.pcall(conn.ch.send, conn.ch, {false, error_info(err)})
