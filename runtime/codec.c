@@ -82,8 +82,20 @@ int luamp_buf_reserve(luamp_buf *b, size_t extra) {
     if (cap > SIZE_MAX / 2) return -1;
     cap *= 2;
   }
-  char *p = realloc(b->data, cap);
-  if (!p) return -1;
+  char *p;
+  if (cap < LUAMP_POPULATE_MIN) {
+    p = realloc(b->data, cap);
+    if (!p) return -1;
+  } else {
+    /* a big buffer (a Pool chunk's ~1 MB of results) is mapped in one go before it is
+     * written, not faulted in a page at a time (luamp_populate); realloc would copy into
+     * the new block first */
+    p = malloc(cap);
+    if (!p) return -1;
+    luamp_populate(p, cap, 1);
+    if (b->len) memcpy(p, b->data, b->len);
+    free(b->data);
+  }
   b->data = p;
   b->cap = cap;
   return 0;

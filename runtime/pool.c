@@ -15,7 +15,11 @@
  * kernel's "madvise" mode then backs every whole 2 MiB of it with one huge page), and goes
  * back to the kernel when freed; every other block goes to the allocator as before. The
  * layer knows its blocks by address (an open-addressing set); it frees itself on the
- * state's last call (lua_close frees the main thread's block last).
+ * state's last call (lua_close frees the main thread's block last). The layer is put on
+ * by a table_new of LUAMP_POPULATE_MIN bytes or more (a Pool(8) worker's chunk tables are
+ * 500 KB); a block from that size up to BIG_BLOCK still comes from the allocator, but
+ * its new part is mapped at once (luamp_populate: one system call instead of a fault per
+ * 4 KiB page).
  */
 #define _GNU_SOURCE 1   /* dladdr */
 #include <dlfcn.h>
@@ -28,6 +32,24 @@
 #include <unistd.h>
 
 #include "internal.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#define MADV_POPULATE_WRITE 23
+#endif
+
+int luamp_populate(void *p, size_t n, int write) {
+  static int unsupported;   /* a kernel before 5.14 is not asked again */
+  if (unsupported) return -1;
+  uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
+  uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)4095;
+  if (e <= a) return 0;
+  int saved = errno;
+  int rc = madvise((void *)a, e - a, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+  if (rc < 0 && errno == EINVAL) unsupported = 1;
+  errno = saved;
+  return rc < 0 ? -1 : 0;
+}
 
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
@@ -143,6 +165,10 @@ static void *big_alloc_f(void *ud, void *ptr, size_t osize, size_t nsize) {
   if (i == SIZE_MAX) {                                 /* not ours */
     if (nsize < BIG_BLOCK || (ptr && nsize <= osize)) {
       void *r = b->f(b->ud, ptr, osize, nsize);
+      if (r && nsize >= LUAMP_POPULATE_MIN && (!ptr || nsize > osize)) {
+        size_t had = ptr ? osize : 0;   /* (without ptr, osize is a type tag) */
+        luamp_populate((char *)r + had, nsize - had, 1);
+      }
       if (ptr == b->last && nsize == 0) {              /* lua_close is done: so are we */
         free(b->set);
         free(b);
@@ -221,7 +247,7 @@ static void big_blocks_on(lua_State *L) {
 static int l_table_new(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   if (n < 0 || n > (1 << 26)) n = 0;   /* a hint only: beyond this, let it grow */
-  if ((size_t)n >= BIG_BLOCK / 16) big_blocks_on(L);
+  if ((size_t)n >= LUAMP_POPULATE_MIN / 16) big_blocks_on(L);
   lua_createtable(L, (int)n, 1);
   return 1;
 }
