@@ -358,12 +358,6 @@ int luamp_open_subprocess(lua_State *L);
 int luamp_open_connection(lua_State *L);
 int luamp_open_queue(lua_State *L);
 int luamp_open_pool(lua_State *L);
-/* Maps the whole pages inside [p, p + n) into this process now, one system call instead
- * of a page fault per 4 KiB page (a fault costs ~14 us on the virtual machines luamp is
- * measured on, populating ~1.5 us): for memory about to be written (write) or read in
- * full. A hint: 0 done, -1 not (the pages then come by faults as before). (pool.c) */
-int luamp_populate(void *p, size_t n, int write);
-#define LUAMP_POPULATE_MIN (64u << 10)    /* smaller blocks are left to faults */
 /* The Pool's shared-memory channel (ring.c); opened by luamp_open_pool. */
 int luamp_open_ring(lua_State *L);
 int luamp_open_handles(lua_State *L);

@@ -33,24 +33,6 @@
 
 #include "internal.h"
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#define MADV_POPULATE_WRITE 23
-#endif
-
-int luamp_populate(void *p, size_t n, int write) {
-  static int unsupported;   /* a kernel before 5.14 is not asked again */
-  if (unsupported) return -1;
-  uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
-  uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)4095;
-  if (e <= a) return 0;
-  int saved = errno;
-  int rc = madvise((void *)a, e - a, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
-  if (rc < 0 && errno == EINVAL) unsupported = 1;
-  errno = saved;
-  return rc < 0 ? -1 : 0;
-}
-
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
   lua_Integer fd = luaL_checkinteger(L, 1);
