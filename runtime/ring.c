@@ -371,6 +371,44 @@ static int l_put_value(lua_State *L) {
   return 2 + luamp_dumpx_push_fds(L);
 }
 
+/* ring:put_args(d, pre, t, i, j) -> pre_in_ring, len, [bytes, [fds]]: the message pre,
+ * then the list {t[i], ..., t[j]} encoded as _core.dumpx(t, nil, t, i, j) would (len
+ * bytes), straight into the ring after it (no string is made: a Pool's big chunk of a
+ * map, whose arguments are encoded when they are sent). The list is encoded first: when
+ * that raises (what dumpx raises), nothing was put. pre_in_ring false: a marker went in
+ * pre's place, send pre on the socket now; bytes (and fds): the list went the same way,
+ * send them on the socket after pre. The caller holds pre (as it holds the ring): it
+ * stays alive without a stack slot. */
+static int l_put_args(lua_State *L) {
+  ring *r = check_ring(L, 1);
+  int d = check_dir(L, 2);
+  size_t plen;
+  const char *pre = luaL_checklstring(L, 3, &plen);
+  luaL_checktype(L, 4, LUA_TTABLE);
+  luaL_checkinteger(L, 5);
+  luaL_checkinteger(L, 6);
+  lua_settop(L, 6);
+  lua_remove(L, 1);
+  lua_remove(L, 1);
+  lua_remove(L, 1);                       /* t, i, j */
+  lua_pushvalue(L, 1);
+  lua_insert(L, 1);
+  lua_pushnil(L);
+  lua_insert(L, 2);                       /* t (the value), nil (root), t, i, j */
+  const char *data;
+  size_t len;
+  int nfds = luamp_dumpx_scratch(L, &data, &len);
+  if (!r->h) luamp_raise(L, "Value", "pool ring is closed");   /* (by a hook meanwhile) */
+  int pre_in = put_bytes(L, r, d, pre, plen, 0, 0, (lua_Integer)len + 16);
+  int in = put_bytes(L, r, d, data, len, nfds > 0, 0, 0);
+  lua_pushboolean(L, pre_in);
+  lua_pushinteger(L, (lua_Integer)len);
+  if (in) return 2;
+  lua_pushlstring(L, data, len);
+  if (nfds == 0) return 3;
+  return 3 + luamp_dumpx_push_fds(L);
+}
+
 static int garbled(lua_State *L, const char *why) {
   lua_pushnil(L);
   lua_pushfstring(L, "pool ring: %s", why);
@@ -748,6 +786,7 @@ int luamp_open_ring(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"put", l_put},
     {"put_value", l_put_value},
+    {"put_args", l_put_args},
     {"take", l_take},
     {"take_decoded", l_take_decoded},
     {"has", l_has},

@@ -773,6 +773,14 @@ local function unrun(c)
   c.run = nil
 end
 
+-- Whether the chunks of job are encoded only when they are sent (send_lazy): a map's
+-- big chunks of the caller's list, untimed. Their arguments go from the list straight
+-- into the ring; none is kept: a chunk that goes out again (its worker died before it
+-- started) is encoded from the list again.
+local function lazy_job(job)
+  return job.kind == "map" and job.list ~= nil and not job.timeout and job.chunksize >= SCRATCH_MIN
+end
+
 local function produce(st, job)
   local c = dq_pop(job.retry)
   if c then
@@ -783,6 +791,15 @@ local function produce(st, job)
   if job.window and job.pulled - job.consumed >= job.window then return nil end
   local first = job.pulled + 1
   local args, n
+  if lazy_job(job) then
+    local last = math.min(job.len, first + job.chunksize - 1)
+    n = last - first + 1
+    if n <= 0 then job.exhausted = true; return nil end
+    if last >= job.len then job.exhausted = true end
+    job.pulled = job.pulled + n
+    job.next_k = job.next_k + 1
+    return {job = job, k = job.next_k, first = first, n = n, lazy = true}
+  end
   if job.kind == "apply" then
     -- encoded when submitted
     job.exhausted, job.pulled, job.next_k = true, 1, 1
@@ -1059,7 +1076,7 @@ local function queue_add_all(w, chunks)
     else
       unknown = unknown + 1
     end
-    local a = busy and (c.run and c.run.size or #c.bytes) or 0
+    local a = busy and (c.run and c.run.size or c.bytes and #c.bytes) or 0   -- (lazy: send_lazy)
     c.ahead = a
     ahead = ahead + a
   end
@@ -1213,6 +1230,56 @@ local function send_chunks(st, w, chunks)
   end
 end
 
+-- Sends chunk c of a lazy_job to w, as a message of its own followed by its arguments,
+-- encoded from the caller's list straight into the ring (ring:put_args). An item that
+-- cannot be encoded fails the map, as produce's encoding would have (the worker still
+-- gets the functions it is now known to hold).
+local function send_lazy(st, w, c)
+  local job = c.job
+  local fe = job.fe
+  local defs = send_globals(w, job, nil)
+  defs = remember_fn(w, fe, defs)
+  local drops = evict_fns(w, {[fe.id] = true})
+  local data = dumps({defs or false, drops or false, false, job.id, c.k, fe.id, job.mode, c.n, false})
+  local busy = w.inflight.last >= w.inflight.first
+  local last = c.first + c.n - 1
+  w.sending = true
+  local ok, pre_in, len, bytes, fds = pcall(w.ring.put_args, w.ring, 0, data, job.list, c.first, last)
+  if not ok and is_error(pre_in, "Serialize") then
+    -- nothing was put
+    local err = pre_in
+    local okp, e2 = pcall(post, w, dumps({defs or false, drops or false, false}))
+    w.sending = false
+    if not okp then
+      if is_error(e2, "Interrupted") then error(e2, 0) end
+      w.broken = true
+    end
+    job_finish(st, job, false, item_error(core.table_slice(job.list, c.first, last), c.n, c.first, err))
+    return
+  end
+  queue_add_all(w, {c})
+  w.sent = w.sent + 1
+  if ok then
+    if busy then
+      c.ahead = len
+      w.ahead_bytes = w.ahead_bytes + len
+    end
+    if not pre_in or bytes then
+      ok, pre_in = pcall(function()
+        if not pre_in then w.conn:send_bytes(data) end
+        if bytes then w.conn:_send(bytes, fds) end
+      end)
+      if fds then fds:close() end
+    end
+  end
+  w.sending = false
+  if not ok then
+    if is_error(pre_in, "Interrupted") then error(pre_in, 0) end
+    -- the worker is gone: its sentinel will tell, and this chunk goes with it
+    w.broken = true
+  end
+end
+
 -- With more workers than CPUs, chunks known to be tiny (TINY_CHUNK) go to at most one
 -- busy worker per CPU: another worker woken for them would only take a CPU from one that
 -- is running, fault in its own pages, and make every hand-over a wake-up (Pool(8) ran
@@ -1253,7 +1320,12 @@ local function dispatch_round(st)
   while #batch < cap and bytes < AHEAD_BYTES do
     local j = feed_head(st)
     if not j or (j ~= job and (j.fe ~= job.fe or j.chunksize ~= job.chunksize)) then break end
+    if #batch > 0 and lazy_job(j) then break end   -- (a lazy chunk goes alone)
     local c = produce(st, j)
+    if c and c.lazy then
+      send_lazy(st, best, c)
+      return true
+    end
     if c then
       batch[#batch + 1] = c
       bytes = bytes + #c.bytes
