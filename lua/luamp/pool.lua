@@ -363,6 +363,10 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
   local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
+  -- before the first of them: the heap left by the fork is copied at once (core.own_heap)
+  local function big_tables()
+    if not out and not argbuf then core.own_heap() end
+  end
   -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
   -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
   -- every chunk is answered on its own.)
@@ -373,6 +377,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     if timed then mode = mode - TIMED end
     local big = mode ~= APPLY and n >= SCRATCH_MIN
     if big then
+      big_tables()
       out = out or core.table_new(n)
       for i = n + 1, out_n do out[i] = nil end
       out_n = n
@@ -486,6 +491,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
           -- chunk), or from the socket behind a marker
           local dst
           if mode & 3 ~= APPLY and n >= SCRATCH_MIN then
+            big_tables()
             argbuf = argbuf or core.table_new(n)
             for i = n + 1, argbuf_n do argbuf[i] = nil end
             argbuf_n, dst = n, argbuf
