@@ -376,15 +376,21 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     local base = started
     if timed then mode = mode - TIMED end
     local big = mode ~= APPLY and n >= SCRATCH_MIN
-    if big then
+    local dst
+    if big and run_args == argbuf and off == 1 then
+      -- arguments decoded into argbuf: each result takes its argument's place (read
+      -- before it is written), so a big chunk needs one table, not two
+      dst = argbuf
+    elseif big then
       big_tables()
       out = out or core.table_new(n)
       for i = n + 1, out_n do out[i] = nil end
       out_n = n
+      dst = out
     end
     local t0 = now()
     local okc, res = xpcall(exec_chunk, task_handler, fns[fid], mode, n, abytes, afds,
-      timed and stamp or nil, run_args, off, big and out or nil)
+      timed and stamp or nil, run_args, off, dst)
     if not okc and core.is_error(res, "Interrupted") then error(res, 0) end
     if afds then afds:close() end
     local dt = now() - t0
