@@ -11,7 +11,9 @@
 --    parent dispatches: it knows exactly which chunks each worker holds, in the order the
 --    worker runs them.
 --  * Work is cut into chunks (a run of items of one job). A chunk's arguments are
---    encoded once (luamp.dumps) when it is made; a message to a worker carries a batch
+--    encoded once (luamp.dumps) when it is made — except a map's big chunks of the
+--    caller's list (lazy_job), encoded from the list straight into the ring when sent
+--    (send_lazy) and kept nowhere; a message to a worker carries a batch
 --    of chunks plus the definitions of functions that worker has not seen yet (functions
 --    are cached in the workers by an id: a map over a million items sends the function
 --    once). A function with upvalues other than the global table is re-encoded per call

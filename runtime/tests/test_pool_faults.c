@@ -107,7 +107,10 @@ int main(void) {
     long m = median3(d[0], d[1], d[2]);
     printf("Pool(%d): map of %d items: %ld page faults beyond a map of 4 (budget %ld)\n",
            procs[p], N_ITEMS, m, max[p]);
+#if !defined(__SANITIZE_ADDRESS__)
+    /* (the sanitizer's shadow memory takes faults of its own: the counts mean nothing) */
     if (m > max[p]) failures++;
+#endif
   }
   close(counter);
   return failures ? 1 : 0;
