@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -48,6 +49,26 @@ void luamp_close_fd(int fd) {
   int saved = errno;
   if (fd >= 0) close(fd);
   errno = saved;
+}
+
+/* ---- memory ------------------------------------------------------------------------------ */
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#define MADV_POPULATE_WRITE 23
+#endif
+
+int luamp_populate(void *p, size_t n, int write) {
+  static int unsupported;   /* a kernel before 5.14 is not asked again */
+  if (unsupported) return -1;
+  uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
+  uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)4095;
+  if (e <= a) return 0;
+  int saved = errno;
+  int rc = madvise((void *)a, e - a, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+  if (rc < 0 && errno == EINVAL) unsupported = 1;
+  errno = saved;
+  return rc < 0 ? -1 : 0;
 }
 
 /* ---- this process ------------------------------------------------------------------------ */

@@ -82,8 +82,20 @@ int luamp_buf_reserve(luamp_buf *b, size_t extra) {
     if (cap > SIZE_MAX / 2) return -1;
     cap *= 2;
   }
-  char *p = realloc(b->data, cap);
-  if (!p) return -1;
+  char *p;
+  if (cap < LUAMP_POPULATE_MIN) {
+    p = realloc(b->data, cap);
+    if (!p) return -1;
+  } else {
+    /* a big buffer (a Pool chunk's ~1 MB of results) is mapped in one go before it is
+     * written, not faulted in a page at a time (luamp_populate); realloc would copy into
+     * the new block first */
+    p = malloc(cap);
+    if (!p) return -1;
+    luamp_populate(p, cap, 1);
+    if (b->len) memcpy(p, b->data, b->len);
+    free(b->data);
+  }
   b->data = p;
   b->cap = cap;
   return 0;
@@ -780,6 +792,7 @@ static void patch_counts(enc *e, size_t at, uint64_t n1, uint64_t n2) {
  * its metatable not sent): a Pool chunk's arguments straight from the caller's list, a
  * chunk's results from the worker's table, without building a table for them or walking
  * them with lua_next. */
+#define SLICE_BATCH 64
 static void encode_slice(enc *e, int idx, memo_entry *s, const void *p) {
   lua_State *L = e->L;
   slot_fill(e, s, p, e->nrefs++);
@@ -788,17 +801,30 @@ static void encode_slice(enc *e, int idx, memo_entry *s, const void *p) {
   lua_Integer i = e->slice_i, j = e->slice_j;
   put_varint(e, (uint64_t)(j - i + 1));
   put_varint(e, 0);
-  int k = lua_gettop(L) + 1, v = k + 1;             /* the key (for error paths), the value */
+  int k = lua_gettop(L) + 1, v = k + 1;             /* the key (for error paths), the values */
   lua_pushnil(L);
-  for (lua_Integer x = i; x <= j; x++) {
-    int t = lua_geti(L, idx, x);
-    if (t == LUA_TNUMBER && lua_isinteger(L, v)) put_int(e, lua_tointeger(L, v));
-    else if (!encode_scalar(e, v, t)) {
-      lua_pushinteger(L, x - i + 1);
-      lua_replace(L, k);
-      encode_child_t(e, STEP_KEY, k, v, t);
+  /* the items are fetched SLICE_BATCH at a time and popped together: a pop per item was
+   * a sixth of the instructions of a big map's chunk */
+  if (!lua_checkstack(L, SLICE_BATCH + 1)) enc_fail(e, "out of memory (Lua stack)");
+  for (lua_Integer x = i; x <= j;) {
+    int m = j - x + 1 < SLICE_BATCH ? (int)(j - x + 1) : SLICE_BATCH;
+    for (int q = 0; q < m; q++) lua_geti(L, idx, x + q);
+    for (int q = 0; q < m; q++) {
+      int vq = v + q;
+      if (lua_isinteger(L, vq)) {
+        put_int(e, lua_tointeger(L, vq));
+        continue;
+      }
+      int t = lua_type(L, vq);
+      if (!encode_scalar(e, vq, t)) {
+        lua_pushinteger(L, x + q - i + 1);
+        lua_replace(L, k);
+        encode_child_t(e, STEP_KEY, k, vq, t);
+        lua_settop(L, v + m - 1);
+      }
     }
     lua_settop(L, k);
+    x += m;
   }
   lua_settop(L, k - 1);
   e->depth--;

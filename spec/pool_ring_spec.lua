@@ -456,6 +456,32 @@ describe("Pool over the ring", function()
     assert.equal(6001, r[6000])
   end)
 
+  it("big chunks of a map keep no copy of their arguments in the parent while they run", function()
+    -- they are encoded from the caller's list straight into the ring when sent (and again
+    -- from the list if they must go out again): before, each chunk in flight held its
+    -- encoded arguments as a string (two chunks of 2,000 items of 200 bytes here)
+    local p <close> = luamp.Pool(2)
+    local started, go = luamp.Semaphore(0), luamp.Event()
+    local items = {}
+    for i = 1, 8000 do items[i] = string.rep("0", 190) .. string.format("%010d", i) end
+    collectgarbage(); collectgarbage()
+    local before = collectgarbage("count")
+    -- the first task of each of the first two chunks (one per idle worker) holds its chunk
+    local res = p:map_async(function(x)
+      local i = tonumber(x)
+      if i == 1 or i == 2001 then started:release(); go:wait() end
+      return i
+    end, items, 2000)
+    assert.is_true(started:acquire(true, 30) and started:acquire(true, 30))
+    collectgarbage(); collectgarbage()
+    local held = collectgarbage("count") - before
+    go:set()
+    local r = res:get(30)
+    for i = 1, 8000, 999 do assert.equal(i, r[i]) end
+    -- what the map itself holds: its result table (8,000 slots, 125 KiB) and bookkeeping
+    assert.is_true(held < 400, string.format("%.0f KiB held in the parent", held))
+  end)
+
   it("a failing task in a run raises its own error, with the worker's traceback", function()
     local p <close> = luamp.Pool(2)
     for _, cs in ipairs({1, 3, 7}) do

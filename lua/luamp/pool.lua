@@ -11,7 +11,9 @@
 --    parent dispatches: it knows exactly which chunks each worker holds, in the order the
 --    worker runs them.
 --  * Work is cut into chunks (a run of items of one job). A chunk's arguments are
---    encoded once (luamp.dumps) when it is made; a message to a worker carries a batch
+--    encoded once (luamp.dumps) when it is made — except a map's big chunks of the
+--    caller's list (lazy_job), encoded from the list straight into the ring when sent
+--    (send_lazy) and kept nowhere; a message to a worker carries a batch
 --    of chunks plus the definitions of functions that worker has not seen yet (functions
 --    are cached in the workers by an id: a map over a million items sends the function
 --    once). A function with upvalues other than the global table is re-encoded per call
@@ -363,6 +365,10 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
   local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
+  -- before the first of them: the heap left by the fork is copied at once (core.own_heap)
+  local function big_tables()
+    if not out and not argbuf then core.own_heap() end
+  end
   -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
   -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
   -- every chunk is answered on its own.)
@@ -372,14 +378,21 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     local base = started
     if timed then mode = mode - TIMED end
     local big = mode ~= APPLY and n >= SCRATCH_MIN
-    if big then
+    local dst
+    if big and run_args == argbuf and off == 1 then
+      -- arguments decoded into argbuf: each result takes its argument's place (read
+      -- before it is written), so a big chunk needs one table, not two
+      dst = argbuf
+    elseif big then
+      big_tables()
       out = out or core.table_new(n)
       for i = n + 1, out_n do out[i] = nil end
       out_n = n
+      dst = out
     end
     local t0 = now()
     local okc, res = xpcall(exec_chunk, task_handler, fns[fid], mode, n, abytes, afds,
-      timed and stamp or nil, run_args, off, big and out or nil)
+      timed and stamp or nil, run_args, off, dst)
     if not okc and core.is_error(res, "Interrupted") then error(res, 0) end
     if afds then afds:close() end
     local dt = now() - t0
@@ -486,6 +499,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
           -- chunk), or from the socket behind a marker
           local dst
           if mode & 3 ~= APPLY and n >= SCRATCH_MIN then
+            big_tables()
             argbuf = argbuf or core.table_new(n)
             for i = n + 1, argbuf_n do argbuf[i] = nil end
             argbuf_n, dst = n, argbuf
@@ -773,6 +787,14 @@ local function unrun(c)
   c.run = nil
 end
 
+-- Whether the chunks of job are encoded only when they are sent (send_lazy): a map's
+-- big chunks of the caller's list, untimed. Their arguments go from the list straight
+-- into the ring; none is kept: a chunk that goes out again (its worker died before it
+-- started) is encoded from the list again.
+local function lazy_job(job)
+  return job.kind == "map" and job.list ~= nil and not job.timeout and job.chunksize >= SCRATCH_MIN
+end
+
 local function produce(st, job)
   local c = dq_pop(job.retry)
   if c then
@@ -783,6 +805,15 @@ local function produce(st, job)
   if job.window and job.pulled - job.consumed >= job.window then return nil end
   local first = job.pulled + 1
   local args, n
+  if lazy_job(job) then
+    local last = math.min(job.len, first + job.chunksize - 1)
+    n = last - first + 1
+    if n <= 0 then job.exhausted = true; return nil end
+    if last >= job.len then job.exhausted = true end
+    job.pulled = job.pulled + n
+    job.next_k = job.next_k + 1
+    return {job = job, k = job.next_k, first = first, n = n, lazy = true}
+  end
   if job.kind == "apply" then
     -- encoded when submitted
     job.exhausted, job.pulled, job.next_k = true, 1, 1
@@ -1059,7 +1090,7 @@ local function queue_add_all(w, chunks)
     else
       unknown = unknown + 1
     end
-    local a = busy and (c.run and c.run.size or #c.bytes) or 0
+    local a = busy and (c.run and c.run.size or c.bytes and #c.bytes) or 0   -- (lazy: send_lazy)
     c.ahead = a
     ahead = ahead + a
   end
@@ -1213,6 +1244,56 @@ local function send_chunks(st, w, chunks)
   end
 end
 
+-- Sends chunk c of a lazy_job to w, as a message of its own followed by its arguments,
+-- encoded from the caller's list straight into the ring (ring:put_args). An item that
+-- cannot be encoded fails the map, as produce's encoding would have (the worker still
+-- gets the functions it is now known to hold).
+local function send_lazy(st, w, c)
+  local job = c.job
+  local fe = job.fe
+  local defs = send_globals(w, job, nil)
+  defs = remember_fn(w, fe, defs)
+  local drops = evict_fns(w, {[fe.id] = true})
+  local data = dumps({defs or false, drops or false, false, job.id, c.k, fe.id, job.mode, c.n, false})
+  local busy = w.inflight.last >= w.inflight.first
+  local last = c.first + c.n - 1
+  w.sending = true
+  local ok, pre_in, len, bytes, fds = pcall(w.ring.put_args, w.ring, 0, data, job.list, c.first, last)
+  if not ok and is_error(pre_in, "Serialize") then
+    -- nothing was put
+    local err = pre_in
+    local okp, e2 = pcall(post, w, dumps({defs or false, drops or false, false}))
+    w.sending = false
+    if not okp then
+      if is_error(e2, "Interrupted") then error(e2, 0) end
+      w.broken = true
+    end
+    job_finish(st, job, false, item_error(core.table_slice(job.list, c.first, last), c.n, c.first, err))
+    return
+  end
+  queue_add_all(w, {c})
+  w.sent = w.sent + 1
+  if ok then
+    if busy then
+      c.ahead = len
+      w.ahead_bytes = w.ahead_bytes + len
+    end
+    if not pre_in or bytes then
+      ok, pre_in = pcall(function()
+        if not pre_in then w.conn:send_bytes(data) end
+        if bytes then w.conn:_send(bytes, fds) end
+      end)
+      if fds then fds:close() end
+    end
+  end
+  w.sending = false
+  if not ok then
+    if is_error(pre_in, "Interrupted") then error(pre_in, 0) end
+    -- the worker is gone: its sentinel will tell, and this chunk goes with it
+    w.broken = true
+  end
+end
+
 -- With more workers than CPUs, chunks known to be tiny (TINY_CHUNK) go to at most one
 -- busy worker per CPU: another worker woken for them would only take a CPU from one that
 -- is running, fault in its own pages, and make every hand-over a wake-up (Pool(8) ran
@@ -1253,7 +1334,12 @@ local function dispatch_round(st)
   while #batch < cap and bytes < AHEAD_BYTES do
     local j = feed_head(st)
     if not j or (j ~= job and (j.fe ~= job.fe or j.chunksize ~= job.chunksize)) then break end
+    if #batch > 0 and lazy_job(j) then break end   -- (a lazy chunk goes alone)
     local c = produce(st, j)
+    if c and c.lazy then
+      send_lazy(st, best, c)
+      return true
+    end
     if c then
       batch[#batch + 1] = c
       bytes = bytes + #c.bytes
