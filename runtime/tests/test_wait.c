@@ -9,9 +9,7 @@
 
 #include "internal.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 static volatile sig_atomic_t ticks;
 static void on_alarm(int sig) { (void)sig; ticks++; }
@@ -67,7 +65,5 @@ int main(void) {
   test_deadline_survives_signals();
   test_ready_fd_ends_wait();
   test_interrupt();
-  if (failures) return 1;
-  puts("test_wait: ok");
-  return 0;
+  return test_done("test_wait");
 }
