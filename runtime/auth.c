@@ -737,7 +737,8 @@ static void wait_chan(lua_State *L, luamp_chan *c, double deadline, const char *
   if (w == 0) luamp_raise(L, "Timeout", "%s timed out", what);
 }
 
-/* chan:handshake(authkey, [timeout]): the client side, blocking. Auth on a wrong key. */
+/* chan:handshake(authkey, [timeout]): the client side, blocking. Auth on a wrong key, EOF
+ * if the manager closes without a verdict. */
 static int l_chan_handshake(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
   size_t kl;
@@ -751,8 +752,10 @@ static int l_chan_handshake(lua_State *L) {
     int r = luamp_chan_step(&u->c, &msg, &len);
     if (r == CH_DONE_AUTH) break;
     if (r == CH_MSG) luamp_raise(L, "Value", "manager spoke before the handshake ended");
+    /* a refusal is said (verdict 0: Auth, from the step); a bare close is a manager that
+     * stopped meanwhile, which every later call would meet as EOF too */
     if (r == CH_EOF && u->c.state == CH_WAIT_VERDICT)
-      luamp_raise(L, "Auth", "the manager closed the connection during the handshake");
+      luamp_raise(L, "EOF", "manager connection: the manager closed the connection during the handshake");
     if (r != CH_AGAIN) raise_step(L, &u->c, r);
     wait_chan(L, &u->c, deadline, "manager handshake");
   }

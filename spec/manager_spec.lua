@@ -326,6 +326,33 @@ describe("BaseManager", function()
     l:close()
   end)
 
+  it("a manager that closes during the handshake (shutting down) is EOF, not Auth", function()
+    -- a stand-in server: says hello, reads the client's proof, then closes without a
+    -- verdict, as a manager stopping at that moment does (a refusal says so first)
+    local path = os.tmpname()
+    os.remove(path)
+    local py = [[
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1]); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall((40).to_bytes(4, "big") + b"LUAMPM1\0" + os.urandom(32))
+got = b""
+while len(got) < 4 + 64:
+    b = c.recv(4 + 64 - len(got))
+    if not b: break
+    got += b
+c.close()
+]]
+    local server = luamp.subprocess.Popen({"python3", "-c", py, path}, {stdout = "pipe"})
+    finally(function() server:kill(); server:wait(); os.remove(path) end)
+    assert.equal("ready", server.stdout:read("l"))
+    local c = luamp.BaseManager{address = path, authkey = "k"}
+    local e = raises("EOF", function() c:connect() end)
+    assert.truthy(tostring(e):find("during the handshake", 1, true), tostring(e))
+  end)
+
   describe("survives hostile and broken clients", function()
     local QM, port, lq
     before_each(function()

@@ -2,7 +2,7 @@
 -- clone, into a throwaway rocks tree, after which stock lua5.4 finds the module and the
 -- tree's bin has the luamp program, with nothing but the tree's own paths. The build
 -- directory (build.luarocks/, ignored by git) stays between runs so that later runs only
--- rebuild what changed.
+-- rebuild what changed (one run at a time: see the lock below).
 local H = require "helper"
 
 local function read(path)
@@ -38,7 +38,11 @@ describe("the rockspec", function()
     os.remove(tree)
     local log = os.tmpname()
     finally(function() H.sh("rm -rf " .. H.q(tree) .. " " .. H.q(log)) end)
-    local _, code = H.sh("cd " .. H.q(H.root) .. " && CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) " ..
+    -- one build at a time in build.luarocks/: two runs of this spec at once (the plain and
+    -- the sanitized suite in one clone) would share its CMake cache, whose install prefix
+    -- is the last configure's, and one run's luamp.so would land in the other's tree
+    local _, code = H.sh("cd " .. H.q(H.root) .. " && mkdir -p build.luarocks && " ..
+      "CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) flock build.luarocks/.spec.lock " ..
       "luarocks --lua-version 5.4 --tree " .. H.q(tree) .. " make > " .. H.q(log) .. " 2>&1")
     assert.equal(0, code, read(log))
     assert.truthy(io.open(tree .. "/lib/lua/5.4/luamp.so"), "luamp.so is not in the tree")

@@ -595,29 +595,14 @@ function AsyncResult:get(timeout)
   return job.value
 end
 
-function AsyncResult:successful()
-  local job = self[JOB]
-  if not job.ready then raise("Value", "result is not ready") end
-  return job.ok
-end
-
-AsyncResult.__tostring = function(self)
-  local job = self[JOB]
-  if not job.ready then return "<AsyncResult ready=false>" end
-  return string.format("<AsyncResult ready=true successful=%s>", tostring(job.ok))
-end
+U.async_result_methods(AsyncResult, JOB)
 
 -- ---- jobs ------------------------------------------------------------------------------
 
 local sequence_len = U.sequence_len
 
 local function call_options(what, opts, known)
-  if opts == nil then return {} end
-  if math.type(opts) == "integer" then return {chunksize = opts} end
-  if type(opts) ~= "table" then raise("Value", what .. ": expected a chunksize or an options table") end
-  for k in pairs(opts) do
-    if not known[k] then raise("Value", string.format("%s: unknown option '%s'", what, tostring(k))) end
-  end
+  opts = U.call_options(what, opts, known)
   if opts.chunksize ~= nil and (math.type(opts.chunksize) ~= "integer" or opts.chunksize < 1) then
     raise("Value", what .. ": chunksize must be a positive integer")
   end

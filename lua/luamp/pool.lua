@@ -2127,17 +2127,7 @@ function AsyncResult:cancel()
   return true
 end
 
-function AsyncResult:successful()
-  local job = self[JOB]
-  if not job.ready then raise("Value", "result is not ready") end
-  return job.ok
-end
-
-AsyncResult.__tostring = function(self)
-  local job = self[JOB]
-  if not job.ready then return "<AsyncResult ready=false>" end
-  return string.format("<AsyncResult ready=true successful=%s>", tostring(job.ok))
-end
+U.async_result_methods(AsyncResult, JOB)
 
 -- ---- IMapIterator --------------------------------------------------------------------
 
@@ -2347,16 +2337,7 @@ end
 
 local sequence_len = U.sequence_len
 
--- Options after the function and list: a number (chunksize) or a table.
-local function call_options(what, opts, known)
-  if opts == nil then return {} end
-  if math.type(opts) == "integer" then return {chunksize = opts} end
-  if type(opts) ~= "table" then raise("Value", what .. ": expected a chunksize or an options table") end
-  for k in pairs(opts) do
-    if not known[k] then raise("Value", string.format("%s: unknown option '%s'", what, tostring(k))) end
-  end
-  return opts
-end
+local call_options = U.call_options
 
 local function check_chunksize(what, cs)
   if cs ~= nil and (math.type(cs) ~= "integer" or cs < 1) then

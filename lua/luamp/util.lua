@@ -82,4 +82,32 @@ function U.sequence_len(list, what)
   return #list
 end
 
+-- Options after a Pool call's function and list: a number (chunksize) or a table whose
+-- keys are all in `known`. What each option must be is the caller's to check.
+function U.call_options(what, opts, known)
+  if opts == nil then return {} end
+  if math.type(opts) == "integer" then return {chunksize = opts} end
+  if type(opts) ~= "table" then U.raise("Value", what .. ": expected a chunksize or an options table") end
+  for k in pairs(opts) do
+    if not known[k] then U.raise("Value", string.format("%s: unknown option '%s'", what, tostring(k))) end
+  end
+  return opts
+end
+
+-- The methods of an AsyncResult class (luamp.Pool's, luamp.broker's) that only read its
+-- job record {ready =, ok =}, found in the result under `key`: successful() and how it
+-- prints.
+function U.async_result_methods(class, key)
+  function class:successful()
+    local job = self[key]
+    if not job.ready then U.raise("Value", "result is not ready") end
+    return job.ok
+  end
+  class.__tostring = function(self)
+    local job = self[key]
+    if not job.ready then return "<AsyncResult ready=false>" end
+    return string.format("<AsyncResult ready=true successful=%s>", tostring(job.ok))
+  end
+end
+
 return U

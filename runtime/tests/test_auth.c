@@ -12,9 +12,7 @@
 
 #include "auth.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 static void pair(luamp_chan *cl, luamp_chan *sv) {
   int fds[2];

@@ -14,9 +14,7 @@
 
 #include "luamp.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 static lua_State *new_state(void) {
   lua_State *L = luaL_newstate();
@@ -167,7 +165,5 @@ int main(void) {
   test_processes();
   test_interruptible_call();
   test_repl_on_a_pipe();
-  if (failures) return 1;
-  puts("test_embed: ok");
-  return 0;
+  return test_done("test_embed");
 }

@@ -20,9 +20,7 @@
 #include "luamp.h"
 #include "internal.h"   /* only for the private loop's re-entrance guard */
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 static double now(void) {
   struct timespec ts;
@@ -281,7 +279,5 @@ int main(void) {
   test_pool_callbacks_through_host_loop();
   test_stale_readiness_on_host_loop();
   test_private_loop_not_reentered();
-  if (failures) return 1;
-  puts("test_embed_loop: ok");
-  return 0;
+  return test_done("test_embed_loop");
 }

@@ -19,9 +19,7 @@
 
 extern char **environ;
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 static void send_with_fds(int fd, const void *p, size_t n, const int *fds, int nfds) {
   union { char buf[CMSG_SPACE(sizeof(int) * 8)]; struct cmsghdr align; } u;

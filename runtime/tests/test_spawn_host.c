@@ -15,9 +15,7 @@
 
 #include "luamp.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 /* Runs src, which returns a string: "ok" or what went wrong. */
 static void expect_ok(lua_State *L, const char *what, const char *src) {

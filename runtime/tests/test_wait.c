@@ -9,9 +9,7 @@
 
 #include "internal.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-  fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "test_util.h"
 
 static volatile sig_atomic_t ticks;
 static void on_alarm(int sig) { (void)sig; ticks++; }
@@ -30,16 +28,24 @@ static void stop_signal_storm(void) {
   setitimer(ITIMER_REAL, &it, NULL);
 }
 
+/* A wait proves something only if signals landed in it: a process that a loaded machine
+ * leaves off its CPU for the whole wait sees the storm's expiries merged into one or two
+ * signals. So the wait is tried again (each try checked) until one had its storm. */
 static void test_deadline_survives_signals(void) {
-  start_signal_storm();
-  double t0 = luamp_now();
-  int rc = luamp_wait_fds(NULL, 0, t0 + 0.2);
-  double dt = luamp_now() - t0;
-  stop_signal_storm();
-  CHECK(rc == 0, "timeout should return 0, got %d", rc);
-  CHECK(dt >= 0.2, "wait returned early after %.3f s", dt);
-  CHECK(dt < 2.0, "wait overslept: %.3f s", dt);
-  CHECK(ticks > 5, "the signal storm did not happen (%d ticks)", (int)ticks);
+  int stormed = 0;
+  for (int try = 0; try < 50 && !stormed; try++) {
+    ticks = 0;
+    start_signal_storm();
+    double t0 = luamp_now();
+    int rc = luamp_wait_fds(NULL, 0, t0 + 0.2);
+    double dt = luamp_now() - t0;
+    stop_signal_storm();
+    CHECK(rc == 0, "timeout should return 0, got %d", rc);
+    CHECK(dt >= 0.2, "wait returned early after %.3f s", dt);
+    CHECK(dt < 2.0, "wait overslept: %.3f s", dt);
+    stormed = ticks > 5;
+  }
+  CHECK(stormed, "the signal storm did not happen in 50 waits (%d ticks in the last)", (int)ticks);
 }
 
 static void test_ready_fd_ends_wait(void) {
@@ -67,7 +73,5 @@ int main(void) {
   test_deadline_survives_signals();
   test_ready_fd_ends_wait();
   test_interrupt();
-  if (failures) return 1;
-  puts("test_wait: ok");
-  return 0;
+  return test_done("test_wait");
 }
