@@ -996,6 +996,33 @@ static int encode_plain(lua_State *L, int idx, luamp_buf *b) {
   return 1;
 }
 
+size_t luamp_encode_plain(lua_State *L, int idx, unsigned char *head, const char **tail,
+                          size_t *tail_len) {
+  int type = lua_type(L, idx);
+  *tail = NULL;
+  *tail_len = 0;
+  head[0] = CODEC_VERSION;
+  if (type == LUA_TSTRING) {
+    size_t len;
+    *tail = lua_tolstring(L, idx, &len);
+    *tail_len = len;
+    if (len < 64) {
+      head[1] = (unsigned char)(T_SHORTSTR + len);
+      return 2;
+    }
+    head[1] = T_STR;
+    return 2 + (size_t)varint_put(head + 2, len);
+  }
+  if (type != LUA_TNUMBER && type != LUA_TBOOLEAN && type != LUA_TNIL) return 0;
+  /* a buffer with room for any scalar: nothing in encode_scalar can fail */
+  luamp_buf b = {(char *)head, 1, LUAMP_PLAIN_HEAD};
+  enc e;
+  e.L = L;
+  e.b = &b;
+  encode_scalar(&e, idx, type);
+  return b.len;
+}
+
 static int encode_with(lua_State *L, int idx, luamp_buf *b, const char *root, luamp_fdlist *fds) {
   idx = lua_absindex(L, idx);
   if (encode_plain(L, idx, b)) {
@@ -1429,6 +1456,33 @@ int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luam
   if (rc == LUA_OK) return 0;
   normalize_error(L);
   return -1;
+}
+
+int luamp_decoded_string(const char *data, size_t len, const char **s, size_t *slen) {
+  const unsigned char *p = (const unsigned char *)data, *end = p + len;
+  if (len < 2 || p[0] != CODEC_VERSION) return 0;
+  if (p[1] >= T_SHORTSTR && p[1] < T_FIXINT) {
+    if (len != 2 + (size_t)(p[1] - T_SHORTSTR)) return 0;
+    *s = data + 2;
+    *slen = len - 2;
+    return 1;
+  }
+  if (p[1] != T_STR) return 0;
+  /* the varint as get_varint reads it (redundant continuation bytes allowed) */
+  uint64_t n = 0;
+  int shift = 0;
+  p += 2;
+  for (;; shift += 7) {
+    if (p == end || shift > 63) return 0;
+    unsigned char c = *p++;
+    if (shift == 63 && c > 1) return 0;
+    n |= (uint64_t)(c & 0x7f) << shift;
+    if (!(c & 0x80)) break;
+  }
+  if (n != (uint64_t)(end - p)) return 0;
+  *s = (const char *)p;
+  *slen = (size_t)n;
+  return 1;
 }
 
 int luamp_decode(lua_State *L, const char *data, size_t len) {

@@ -168,6 +168,17 @@ int luamp_encode(lua_State *L, int idx, luamp_buf *b);     /* root "value" */
 #define LUAMP_DECODE_UNTRUSTED (LUAMP_DECODE_NO_CODE | LUAMP_DECODE_NO_LIVE)
 int luamp_decodex(lua_State *L, const char *data, size_t len, int flags);
 int luamp_decode(lua_State *L, const char *data, size_t len);  /* trusted */
+/* A nil, boolean, number or string encoded without a buffer (for a queue's put, which
+ * copies it once, straight into shared memory): writes the encoding's head (at most
+ * LUAMP_PLAIN_HEAD bytes) and points tail at the string's own bytes that follow it
+ * (none for the other types); returns the head's length, or 0 for a value that needs
+ * luamp_encodex. The same bytes as luamp_encodex writes. Never raises. */
+#define LUAMP_PLAIN_HEAD 16
+size_t luamp_encode_plain(lua_State *L, int idx, unsigned char *head, const char **tail,
+                          size_t *tail_len);
+/* Whether len bytes are the encoding of one string; if so, *s and *slen are its bytes
+ * (inside data), to be pushed without the decoder. */
+int luamp_decoded_string(const char *data, size_t len, const char **s, size_t *slen);
 /* As _core.loads_into(data, dst, pos, n, at) (codec.c), on len bytes anywhere, into the
  * table at index dst: returns the number of values pushed (0, or 1 with at > 0), or -1
  * with the error object pushed. Never raises. */

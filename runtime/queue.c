@@ -57,6 +57,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,6 +88,8 @@
 #define RETAIN (8u * 1024 * 1024)      /* freed bytes kept with their pages for reuse */
 #define GROW_STEP (1024u * 1024)       /* the memfd grows in these steps */
 #define NSPENT 16              /* extents a consumer keeps to free while the tail lock is busy */
+#define SPENT_BACKOFF_MAX 64   /* most gets between tries at freeing extents */
+#define FREE_SPIN 32           /* a consumer's spin for the tail lock, to free extents */
 #define NSPARE 4               /* chunks left by consumers, handed straight to producers */
 #define SPARE_WAIT 0.005       /* seconds a producer may wait for a spare chunk */
 #define SPARE_IDLE 0.001       /* ... as long as the consumers took an item this recently */
@@ -183,8 +186,10 @@ typedef struct queue {
                                 mapped lately (see chunk_prefault) */
   unsigned mapped_next;
   uint64_t gets_seen;        /* the consumers' count when this process last needed a chunk */
+  uint64_t puts_seen;        /* the producers' count when this process last looked at it */
   pid_t owner;               /* the process spent, mapped and gets_seen are about */
   int nspent;
+  int spent_skip, spent_backoff;   /* free_spent calls to let pass after a busy tail lock */
   luamp_buf tx;              /* encoded item being put, reused */
   char *rx;                  /* small item copied out under the head lock */
   size_t rx_cap;
@@ -557,7 +562,7 @@ static void own_notes(queue *q) {
   pid_t self = luamp_self_pid();
   if (q->owner == self) return;
   q->owner = self;
-  q->nspent = 0;
+  q->nspent = q->spent_skip = q->spent_backoff = 0;
   memset(q->mapped, 0, sizeof q->mapped);
   q->gets_seen = 0;
 }
@@ -728,12 +733,27 @@ static uint64_t take_spare(queue *q, uint64_t tail_chunk) {
   }
 }
 
+/* An item's bytes in two parts, head then tail (either may be empty): an encoding's head
+ * and a string's own bytes go straight from the Lua string into shared memory. */
+struct parts { const char *head, *tail; size_t hlen, len; };
+
+/* Copies bytes [from, to) of the parts to dst + from. */
+static void parts_copy(char *dst, const struct parts *d, size_t from, size_t to) {
+  if (from < d->hlen) {
+    size_t n = (to < d->hlen ? to : d->hlen) - from;
+    memcpy(dst + from, d->head + from, n);
+    from += n;
+  }
+  if (from < to) memcpy(dst + from, d->tail + (from - d->hlen), to - from);
+}
+
 /* Appends a record (under the tail lock, with room checked) and publishes it; a nonzero
  * token (R_FDS) goes in the record's first 8 bytes, before data. Consumers read a chunk
  * without the tail lock, up to the published count, so everything a published record
  * depends on (its bytes, a chunk header, the link to it) is written before the count. */
-static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t token) {
+static int append(queue *q, int kind, const struct parts *d, uint64_t token) {
   qshm *s = q->shm;
+  uint32_t len = (uint32_t)d->len;
   struct tstate n = *tst_of(s);
   uint32_t pre = token ? 8 : 0;
   uint64_t need = REC_HDR + pad8((uint64_t)len + pre);
@@ -763,17 +783,18 @@ static int append(queue *q, int kind, const void *data, uint32_t len, uint64_t t
     stall_here(STALL_CHUNK_LINK);
     n.tail_chunk = off;
     n.tail_pos = CHUNK_HDR;
+    h = nh;                                 /* (chunk_at of the old one moved nothing) */
   }
-  char *p = q_at(q, n.tail_chunk + n.tail_pos, need);
-  if (!p) return Q_NOMEM;
+  /* inside the chunk that chunk_at validated and mapped whole */
+  char *p = (char *)h + n.tail_pos;
   uint32_t rh[2] = {len + pre, (uint32_t)kind | (token ? R_FDS : 0)};
   memcpy(p, rh, REC_HDR);
   p += REC_HDR;
   if (token) memcpy(p, &token, 8);
   p += pre;
-  memcpy(p, data, len / 2);
+  parts_copy(p, d, 0, len / 2);
   stall_here(STALL_LOCKED_PUT);
-  memcpy(p + len / 2, (const char *)data + len / 2, len - len / 2);
+  parts_copy(p, d, len / 2, len);
   n.tail_pos += need;
   tst_commit(s, &n, puts_of(s) + 1);
   return Q_OK;
@@ -797,7 +818,7 @@ static int tail_lock_soon(queue *q) {
     return 0;
   }
   int rc = pthread_mutex_trylock(lock);
-  for (int i = 0; rc == EBUSY && i < LOCK_SPIN && ncpus() > 1; i++) {
+  for (int i = 0; rc == EBUSY && i < FREE_SPIN && ncpus() > 1; i++) {
     luamp_cpu_relax();
 #ifdef __GLIBC__
     if (__atomic_load_n(&lock->__data.__lock, __ATOMIC_RELAXED) != 0) continue;
@@ -820,10 +841,24 @@ static int tail_lock_soon(queue *q) {
 static void free_spent(queue *q, int wait) {
   own_notes(q);
   if (q->nspent == 0) return;
-  if (wait ? q_lock(q, L_TAIL, -1) != Q_OK : !tail_lock_soon(q)) return;
+  if (!wait && q->spent_skip > 0) {
+    q->spent_skip--;
+    return;
+  }
+  if (wait ? q_lock(q, L_TAIL, -1) != Q_OK : !tail_lock_soon(q)) {
+    /* The producers are busy in their lock (a 1P1C pair with small records holds it
+     * most of the time): trying at every get spun 200 rounds in vain 20,000 times per
+     * 100k 1 KiB items, slowing the consumer so much that the producer ran ahead into
+     * fresh chunks, which gave more extents to free. Try less often after each miss. */
+    q->spent_backoff = q->spent_backoff ? q->spent_backoff * 2 : 1;
+    if (q->spent_backoff > SPENT_BACKOFF_MAX) q->spent_backoff = SPENT_BACKOFF_MAX;
+    q->spent_skip = q->spent_backoff;
+    return;
+  }
   for (int i = 0; i < q->nspent; i++) arena_free(q, q->spent[i].off, q->spent[i].len);
   q_unlock(q, L_TAIL);
   q->nspent = 0;
+  q->spent_backoff = q->spent_skip = 0;
 }
 
 /* (head_locked: the list full, the extent is leaked rather than the tail lock taken) */
@@ -871,8 +906,7 @@ static int pop(queue *q, item *it) {
     }
     uint64_t end = used ? used : CHUNK_SIZE;
     if (end - n.head_pos < REC_HDR) return Q_CORRUPT;
-    const char *p = q_at(q, n.head_chunk + n.head_pos, end - n.head_pos);
-    if (!p) return Q_NOMEM;
+    const char *p = (const char *)h + n.head_pos;   /* (chunk_at mapped it whole) */
     uint32_t rh[2];
     memcpy(rh, p, REC_HDR);
     uint64_t len = rh[0];
@@ -922,6 +956,8 @@ static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
   if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
   if (luamp_sched_in_task()) return;   /* the other side may be a task of this process */
+  /* items known to be there (see items_ready): no look at the producers' line */
+  if (!for_room && q->puts_seen > gets_of(s)) return;
   int i = 0;
   /* a look every few pauses: each look pulls the state's cache line away from the
    * process that is about to change it */
@@ -1011,7 +1047,18 @@ static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int blo
 }
 
 /* (under the head lock) */
-static int items_ready(queue *q) { return puts_of(q->shm) > gets_of(q->shm); }
+/* The count of puts only grows, so one seen earlier is a lower bound: while the gets are
+ * below it, an item is there without a look at the producers' line. Each look is a
+ * cache miss for the consumer and, worse, makes the producer's next commit (a full
+ * barrier) wait for that line to come back; a consumer behind the producer now looks
+ * once per batch. Garbage there only sends the get to records that pop then finds
+ * corrupt. */
+static int items_ready(queue *q) {
+  uint64_t gets = gets_of(q->shm);
+  if (q->puts_seen > gets) return 1;
+  q->puts_seen = puts_of(q->shm);
+  return q->puts_seen > gets;
+}
 /* (under the tail lock) */
 static int room_ready(queue *q) { return has_room(q->shm); }
 /* (under the head lock) items put and not yet task_done */
@@ -1081,13 +1128,15 @@ static void side_recv(queue *q, uint32_t token, luamp_fdlist *out) {
 
 /* Puts a record; the tail lock is taken and released here. With fds, they go on the
  * side socket first, and the record carries their token. */
-static int put_record(queue *q, int kind, const void *data, uint32_t len, int block,
-                      double deadline, const luamp_fdlist *fds) {
+static int put_record(queue *q, int kind, const struct parts *d, int block, double deadline,
+                      const luamp_fdlist *fds) {
   for (;;) {
     if (block) spin_while(q, 1);
     int rc = q_lock(q, L_TAIL, block ? deadline : 0);
     if (rc != Q_OK) return rc;
-    rc = wait_until(q, L_TAIL, W_PUT, room_ready, block, deadline);
+    /* (the wait's bookkeeping skipped when there is room now, as there mostly is) */
+    if (q->shm->maxsize == 0 && !q->shm->corrupt && !luamp_sched_in_task()) rc = Q_OK;
+    else rc = wait_until(q, L_TAIL, W_PUT, room_ready, block, deadline);
     if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
     uint32_t token = 0;
     if (rc == Q_OK && fds) {
@@ -1095,7 +1144,7 @@ static int put_record(queue *q, int kind, const void *data, uint32_t len, int bl
       if (token == 0) token = ++q->shm->side_token;
       rc = side_send(q, token, fds);
     }
-    if (rc == Q_OK) rc = append(q, kind, data, len, token);
+    if (rc == Q_OK) rc = append(q, kind, d, token);
     if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
     if (rc == Q_CORRUPT) q->shm->corrupt = 1;
     chain_wakeups(q);
@@ -1113,11 +1162,11 @@ static int put_record(queue *q, int kind, const void *data, uint32_t len, int bl
 
 /* Puts len bytes: inline, or copied to an extent of their own first. fds: NULL, or the
  * descriptors the item's handles need (sent on the side socket). */
-static int put_bytes(queue *q, const char *data, size_t len, int block, double deadline,
+static int put_bytes(queue *q, const struct parts *d, int block, double deadline,
                      const luamp_fdlist *fds) {
   if (fds && fds->n == 0) fds = NULL;
-  if (len <= INLINE_MAX)
-    return put_record(q, R_INLINE, data, (uint32_t)len, block, deadline, fds);
+  size_t len = d->len;
+  if (len <= INLINE_MAX) return put_record(q, R_INLINE, d, block, deadline, fds);
   uint64_t ext = pad_page(len);
   int lrc = q_lock(q, L_TAIL, block ? deadline : 0);
   if (lrc != Q_OK) return lrc;
@@ -1128,11 +1177,12 @@ static int put_bytes(queue *q, const char *data, size_t len, int block, double d
   int rc = Q_NOMEM;
   if (dst) {
     prefault(q, off, ext, 1);
-    memcpy(dst, data, len / 2);
+    parts_copy(dst, d, 0, len / 2);
     stall_here(STALL_REF_COPY);
-    memcpy(dst + len / 2, data + len / 2, len - len / 2);
+    parts_copy(dst, d, len / 2, len);
     uint64_t ref[2] = {off, len};
-    rc = put_record(q, R_REF, ref, sizeof ref, block, deadline, fds);
+    struct parts r = {(const char *)ref, NULL, sizeof ref, sizeof ref};
+    rc = put_record(q, R_REF, &r, block, deadline, fds);
   }
   if (rc != Q_OK && q_lock(q, L_TAIL, -1) == Q_OK) {
     arena_free(q, off, ext);
@@ -1146,7 +1196,10 @@ static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist
   if (block) spin_while(q, 0);
   int rc = q_lock(q, L_HEAD, block ? deadline : 0);
   if (rc != Q_OK) return rc;
-  rc = wait_until_y(q, L_HEAD, W_GET, items_ready, block, deadline, can_yield);
+  /* (the wait's bookkeeping skipped when an item is there now; a task always goes
+   * through it, since it may hold the turn) */
+  if (!q->shm->corrupt && items_ready(q) && !luamp_sched_in_task()) rc = Q_OK;
+  else rc = wait_until_y(q, L_HEAD, W_GET, items_ready, block, deadline, can_yield);
   if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
   if (rc == Q_OK) rc = pop(q, it);
   if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
@@ -1171,6 +1224,7 @@ static const char *const kind_mt[] = {QUEUE_MT, SIMPLE_MT, JOINABLE_MT};
 static const char *const kind_name[] = {"Queue", "SimpleQueue", "JoinableQueue"};
 
 static void queue_release(queue *q) {
+  q->spent_skip = 0;
   if (q->shm) free_spent(q, 0);    /* extents still listed are leaked if the lock is busy */
   if (q->win) munmap(q->win, q->winlen);
   q->win = NULL;
@@ -1309,10 +1363,12 @@ static int l_queue_new(lua_State *L) {
 static queue *to_queue(lua_State *L, int idx) {
   void *p = lua_touserdata(L, idx);
   if (!p || !lua_getmetatable(L, idx)) return NULL;
-  int ok = 0;
-  for (int k = 1; k <= 3 && !ok; k++) ok = lua_rawequal(L, -1, lua_upvalueindex(k));
+  /* (pointers compared: lua_rawequal was a third of a put's binding) */
+  const void *mt = lua_topointer(L, -1);
   lua_pop(L, 1);
-  return ok ? p : NULL;
+  for (int k = 1; k <= 3; k++)
+    if (mt == lua_topointer(L, lua_upvalueindex(k))) return p;
+  return NULL;
 }
 
 static queue *check_queue(lua_State *L, int idx) {
@@ -1361,11 +1417,19 @@ static int l_put(lua_State *L) {
   luaL_checkany(L, 2);
   int block;
   double deadline = block_args(L, 3, &block);
+  /* a plain value is copied once, from the Lua string straight into the record */
+  unsigned char head[LUAMP_PLAIN_HEAD];
+  struct parts d = {(const char *)head, NULL, 0, 0};
+  if ((d.hlen = luamp_encode_plain(L, 2, head, &d.tail, &d.len)) != 0) {
+    d.len += d.hlen;
+    return finish_put(L, q, put_bytes(q, &d, block, deadline, NULL));
+  }
   q->tx.len = 0;
   luamp_fdlist fds;
   if (luamp_encode_fds(L, 2, &q->tx, "item", &fds) < 0) return lua_error(L);
+  d = (struct parts){q->tx.data, NULL, q->tx.len, q->tx.len};
   /* the descriptors are borrowed from objects the item (still on the stack) keeps open */
-  return finish_put(L, q, put_bytes(q, q->tx.data, q->tx.len, block, deadline, &fds));
+  return finish_put(L, q, put_bytes(q, &d, block, deadline, &fds));
 }
 
 static int l_put_nowait(lua_State *L) {
@@ -1381,7 +1445,8 @@ static int l_put_raw(lua_State *L) {
   const char *s = luaL_checklstring(L, 2, &len);
   int block;
   double deadline = block_args(L, 3, &block);
-  return finish_put(L, q, put_bytes(q, s, len, block, deadline, NULL));
+  struct parts d = {s, NULL, len, len};
+  return finish_put(L, q, put_bytes(q, &d, block, deadline, NULL));
 }
 
 /* Runs inside lua_pcall: pushes the item (decoded with the descriptors that came with it,
@@ -1409,11 +1474,14 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
     return luamp_sched_turn_yield(L, &q->efd[W_GET], deadline, get_k, decode);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
   if (!it.ref && fds.n == 0) {
-    if (!decode) {
-      lua_pushlstring(L, q->rx, (size_t)it.len);
-    } else if (luamp_decode(L, q->rx, (size_t)it.len) < 0) {
+    const char *str = q->rx;
+    size_t slen = (size_t)it.len;
+    /* a string is pushed as it is: the decoder's pcall and reference table cost
+     * twice what the string itself does */
+    if (!decode || luamp_decoded_string(q->rx, (size_t)it.len, &str, &slen))
+      lua_pushlstring(L, str, slen);
+    else if (luamp_decode(L, q->rx, (size_t)it.len) < 0)
       return lua_error(L);
-    }
     return 1;
   }
   const char *data = q->rx;
@@ -1742,6 +1810,30 @@ static int l_stall(lua_State *L) {
   return 0;
 }
 
+/* _core._queue_layout() -> the shared header's field offsets and the record format's
+ * sizes, for fuzz/fuzz_queue.c, which scribbles them as another process could. */
+static int l_layout(lua_State *L) {
+  lua_createtable(L, 0, 20);
+#define LAYOUT(name, v) (lua_pushinteger(L, (lua_Integer)(v)), lua_setfield(L, -2, name))
+  LAYOUT("header_size", HEADER_SIZE);
+  LAYOUT("qshm_size", sizeof(qshm));
+  LAYOUT("chunk_size", CHUNK_SIZE);
+  LAYOUT("chunk_hdr", CHUNK_HDR);
+  LAYOUT("rec_hdr", REC_HDR);
+  LAYOUT("inline_max", INLINE_MAX);
+  LAYOUT("lock_size", sizeof(pthread_mutex_t));
+  LAYOUT("tlock", offsetof(qshm, tlock));
+  LAYOUT("hlock", offsetof(qshm, hlock));
+  LAYOUT("tst", offsetof(qshm, tst));
+  LAYOUT("tver", offsetof(qshm, tver));
+  LAYOUT("hst", offsetof(qshm, hst));
+  LAYOUT("hver", offsetof(qshm, hver));
+  LAYOUT("spare", offsetof(qshm, spare));
+  LAYOUT("al", offsetof(qshm, al));
+#undef LAYOUT
+  return 1;
+}
+
 static int l_is_queue(lua_State *L) {
   lua_pushboolean(L, to_queue(L, 1) != NULL);
   return 1;
@@ -1831,6 +1923,7 @@ int luamp_open_queue(lua_State *L) {
     {"queue_new", l_queue_new},
     {"is_queue", l_is_queue},
     {"_queue_stall", l_stall},
+    {"_queue_layout", l_layout},
     {NULL, NULL}
   };
   push_metatables(L);
