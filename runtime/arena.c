@@ -47,6 +47,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/single_threaded.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -121,13 +122,22 @@ static inline block *block_of(const luamp_ref *r) {
   return (block *)((char *)r->ptr - BLOCK_HEADER);
 }
 
-/* mu stays held from prepare to child/parent, so no reference comes or goes between
- * the count and the fork. */
-static pid_t forking;   /* the parent's pid, from prepare until the fork returns */
+/* mu stays held from prepare to child/parent, so that no other thread adds or drops a
+ * reference between the count and the fork. A process that never started a thread
+ * (__libc_single_threaded) has nobody to keep out, and skips it: every page the parent
+ * writes around a fork is a page copied (mu's, before and after), and so is every page
+ * the child writes (unlocking). For the same reason `forking` is written only when it
+ * changes, and the child asks for its own pid only when it has references to take. */
+static pid_t forking;   /* the pid of the process that forks, from prepare on */
+static int fork_locked; /* mu is held across this fork */
 
 static void arena_fork_prepare(void) {
-  pthread_mutex_lock(&mu);
-  forking = getpid();
+  if (!__libc_single_threaded) {
+    pthread_mutex_lock(&mu);
+    fork_locked = 1;
+  }
+  pid_t me = luamp_self_pid();
+  if (forking != me) forking = me;
   for (luamp_ref *r = live_refs; r; r = r->next)
     if (r->owner == forking) atomic_fetch_add(&block_of(r)->refs, 1);
 }
@@ -135,14 +145,19 @@ static void arena_fork_prepare(void) {
 static void arena_fork_parent(pid_t pid) {
   for (luamp_ref *r = live_refs; pid < 0 && r; r = r->next)
     if (r->owner == forking) atomic_fetch_sub(&block_of(r)->refs, 1);   /* still >= 1: ours */
-  pthread_mutex_unlock(&mu);
+  if (fork_locked) {
+    fork_locked = 0;
+    pthread_mutex_unlock(&mu);
+  }
 }
 
 static void arena_fork_child(void) {
-  pid_t me = luamp_self_pid();
   for (luamp_ref *r = live_refs; r; r = r->next)
-    if (r->owner == forking) r->owner = me;
-  pthread_mutex_unlock(&mu);
+    if (r->owner == forking) r->owner = luamp_self_pid();
+  if (fork_locked) {
+    fork_locked = 0;
+    pthread_mutex_unlock(&mu);
+  }
 }
 
 static void init_once(void) { luamp_self_pid(); }
@@ -401,6 +416,7 @@ size_t luamp_ref_capacity(const luamp_ref *ref) {
 
 /* The child-exit hook: drops every reference this process holds. */
 static void arena_child_exit(void) {
+  if (!live_refs && __libc_single_threaded) return;   /* nothing to drop, nobody to race */
   pthread_mutex_lock(&mu);
   while (live_refs) {
     luamp_ref *ref = live_refs;

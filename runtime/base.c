@@ -11,7 +11,8 @@
  * pthread_atfork solved the same problem for libc: the owner of the state registers what
  * to do, and fork() runs the list. luamp_fork does not use pthread_atfork itself because
  * its hooks must run only for luamp's own forks, with signals blocked, and must know
- * whether the fork failed; the pid cache, which must be right after any fork, does.
+ * whether the fork failed; the pid cache, which must be right after any fork, needs no
+ * hook at all: the kernel wipes it in every child (luamp_self, below).
  *
  * Ordering follows pthread_atfork: prepare in reverse registration order, parent and
  * child in registration order; exit hooks in reverse order, as atexit. Registration is
@@ -48,7 +49,9 @@ static _Noreturn void too_many(const char *what) {
 void luamp_close_fd(int fd) {
   int saved = errno;
   if (fd >= 0) close(fd);
-  errno = saved;
+  /* errno lives in the thread's TLS page: writing it unchanged would copy that page
+   * after a fork, for nothing */
+  if (errno != saved) errno = saved;
 }
 
 /* ---- memory ------------------------------------------------------------------------------ */
@@ -73,30 +76,35 @@ int luamp_populate(void *p, size_t n, int write) {
 
 /* ---- this process ------------------------------------------------------------------------ */
 
-/* getpid() is a real system call and ownership checks are on hot paths (every join,
- * every subprocess read), so the pid is cached; any fork, luamp's or anyone's, clears
- * the cache in the child through pthread_atfork. */
-pid_t luamp_pid_cache;
+/* The page that describes this process alone (base.h). MADV_WIPEONFORK makes the kernel
+ * hand every child a zero page in its place: the pid cache is right after any fork, a
+ * Ctrl-C meant for the parent is not the child's, and the parent's copy is neither copied
+ * nor write-protected by fork() — a page written after a fork while the child runs costs
+ * a copy-on-write fault (tens of microseconds, with a TLB shootdown, on the VMs this
+ * project runs on), so state a child must not inherit is best kept where fork does not
+ * look. The union fills its page, so nothing else shares what is wiped. Where the kernel
+ * cannot wipe it (before Linux 4.14, or a host whose loader made .bss a file mapping), a
+ * pthread_atfork child handler clears it instead, in any fork that goes through libc. */
+luamp_self_page luamp_self __attribute__((aligned(4096)));
 
-static void forget_pid(void) { luamp_pid_cache = 0; }
+static void clear_self(void) { memset(&luamp_self, 0, sizeof luamp_self); }
 
-pid_t luamp_self_pid_slow(void) {
-  static int atfork_registered;
-  if (!atfork_registered) {
-    pthread_atfork(NULL, NULL, forget_pid);
-    atfork_registered = 1;
-  }
-  luamp_pid_cache = getpid();
-  return luamp_pid_cache;
+static void self_setup(void) {
+  if (madvise(&luamp_self, sizeof luamp_self, MADV_WIPEONFORK) != 0) pthread_atfork(NULL, NULL, clear_self);
 }
 
-volatile sig_atomic_t luamp_interrupt_mark;
+pid_t luamp_self_pid_slow(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, self_setup);
+  luamp_self.s.pid = getpid();
+  return luamp_self.s.pid;
+}
 
-void luamp_request_interrupt(void) { luamp_interrupt_mark = 1; }
+void luamp_request_interrupt(void) { luamp_self.s.interrupt_mark = 1; }
 
 int luamp_take_interrupt(void) {
-  int was = luamp_interrupt_mark;
-  luamp_interrupt_mark = 0;
+  int was = luamp_self.s.interrupt_mark;
+  if (was) luamp_self.s.interrupt_mark = 0;
   return was;
 }
 
@@ -174,7 +182,6 @@ void luamp_fork_parent(pid_t pid) {
 }
 
 void luamp_fork_child(void) {
-  luamp_interrupt_mark = 0;   /* a Ctrl-C meant for the parent is not the child's */
   for (int i = 0; i < n_fork_hooks; i++)
     if (fork_hooks[i].child) fork_hooks[i].child();
 }

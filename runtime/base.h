@@ -49,20 +49,29 @@ static inline void luamp_cpu_relax(void) {
 
 /* ---- this process ------------------------------------------------------------------------ */
 
-/* This process's pid (cached; correct after any fork). Inline because the lock fast
- * paths (sync.c) store it on every acquire. */
-extern pid_t luamp_pid_cache;          /* 0 until first asked; cleared in every fork child */
+/* What describes this process alone: its pid (cached: getpid() is a real system call and
+ * the lock fast paths (sync.c) store it on every acquire) and the pending-interrupt mark.
+ * It fills a page of its own that every child, forked by luamp or by anyone, finds zero
+ * (base.c: MADV_WIPEONFORK), so nothing has to reset it after a fork and a fork never
+ * copies it. */
+typedef union luamp_self_page {
+  struct {
+    pid_t pid;                            /* 0 until first asked */
+    volatile sig_atomic_t interrupt_mark;
+  } s;
+  char page[4096];
+} luamp_self_page;
+extern luamp_self_page luamp_self;
 pid_t luamp_self_pid_slow(void);
 static inline pid_t luamp_self_pid(void) {
-  pid_t p = luamp_pid_cache;
+  pid_t p = luamp_self.s.pid;
   return p ? p : luamp_self_pid_slow();
 }
 
 /* The pending-interrupt mark. luamp_request_interrupt (luamp.h) sets it for the next (or
  * current) wait to report; the library installs no signal handler of its own (see
  * interrupt.c). A forked child starts without it. */
-extern volatile sig_atomic_t luamp_interrupt_mark;
-static inline int luamp_interrupt_pending(void) { return luamp_interrupt_mark != 0; }
+static inline int luamp_interrupt_pending(void) { return luamp_self.s.interrupt_mark != 0; }
 /* Returns and clears the pending-interrupt mark. */
 int luamp_take_interrupt(void);
 
@@ -82,7 +91,7 @@ const char *luamp_spawn_executable(void);
  * Child hooks run with signals blocked in a half-made child: no Lua, no malloc'd state
  * of the parent's to free, only resetting what the child must not share. A fork done
  * without luamp_fork (a library's raw fork()) runs none of them; the owners cope
- * (the pid cache is reset through pthread_atfork; handles check their owner pid). */
+ * (the pid cache is wiped by the kernel in every child; handles check their owner pid). */
 void luamp_atfork(void (*prepare)(void), void (*parent)(pid_t pid), void (*child)(void));
 void luamp_fork_prepare(void);
 void luamp_fork_parent(pid_t pid);

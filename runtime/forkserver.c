@@ -280,9 +280,12 @@ static pid_t server_pid;
  * so it runs in every luamp fork; after a raw fork the child keeps the socket open but
  * never uses it (ctl_owner is not its pid). */
 static void forget_server(void) {
-  if (ctl_fd >= 0) close(ctl_fd);
-  ctl_fd = -1;
-  server_pid = 0;
+  /* (written only when set: in a child every page written is a page copied) */
+  if (ctl_fd >= 0) {
+    close(ctl_fd);
+    ctl_fd = -1;
+  }
+  if (server_pid) server_pid = 0;
 }
 
 /* Reaps a server that went away (its control socket broke). */

@@ -42,7 +42,7 @@ static int private_loop_running;
 /* In a new child: the copy of the parent's loop (epoll set, signal pipe) must be made its
  * own before a subprocess can be used here. */
 static void private_loop_after_fork(void) {
-  private_loop_running = 0;
+  if (private_loop_running) private_loop_running = 0;
   if (private_loop_made) uv_loop_fork(&private_loop);
 }
 

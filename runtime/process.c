@@ -44,6 +44,7 @@
  * SIGTTIN, so writing to the terminal (with `stty tostop`) or reading it never stops it.
  * The dispositions a worker changed are put back in its children, forked or spawned.
  */
+#include <link.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -80,10 +81,21 @@ typedef struct child {
   struct child *prev, *next;   /* live list, while not reaped */
 } child;
 
-static child *live_children;
-static int in_daemon;
-static int forked_child;        /* made by luamp_fork (or a descendant of one) */
-static pid_t parent_at_fork;    /* who forked this process, 0 in the first process */
+/* The registry, on one page of its own, with room for the records of the first
+ * CHILD_SLOTS live children (more go to the heap). A page written after a fork while the
+ * child runs is a page copied, and on this project's VMs a copy-on-write fault costs tens
+ * of microseconds (with a TLB shootdown in the parent): a start writes this page once in
+ * the parent (the new record, the list) and once in the child (the fork flags), rather
+ * than a heap page, a .bss page and the record's page on each side. */
+#define CHILD_SLOTS 32
+static struct {
+  child *live;                  /* live list, while not reaped */
+  int in_daemon;
+  int forked_child;             /* made by luamp_fork (or a descendant of one) */
+  pid_t parent_at_fork;         /* who forked this process, 0 in the first process */
+  uint32_t slots_used;          /* bit i: slot[i] holds a record */
+  child slot[CHILD_SLOTS];
+} reg __attribute__((aligned(4096)));
 
 /* In a pool worker: the signals whose disposition it changed, and what it inherited. */
 static const int worker_signals[] = {SIGINT, SIGTTIN, SIGTTOU, SIGTERM};
@@ -91,20 +103,20 @@ static const int worker_signals[] = {SIGINT, SIGTTIN, SIGTTOU, SIGTERM};
 static int in_worker;
 static struct sigaction worker_inherited[N_WORKER_SIGNALS];
 
-int luamp_is_daemon(void) { return in_daemon; }
+int luamp_is_daemon(void) { return reg.in_daemon; }
 
 static void list_remove(child *c) {
   if (c->prev) c->prev->next = c->next;
-  else if (live_children == c) live_children = c->next;
+  else if (reg.live == c) reg.live = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
 }
 
 static void list_push(child *c) {
   c->prev = NULL;
-  c->next = live_children;
-  if (live_children) live_children->prev = c;
-  live_children = c;
+  c->next = reg.live;
+  if (reg.live) reg.live->prev = c;
+  reg.live = c;
 }
 
 static int exitcode_of(int status) {
@@ -113,10 +125,38 @@ static int exitcode_of(int status) {
   return 255;
 }
 
+static int is_slot(const child *c) { return c >= reg.slot && c < reg.slot + CHILD_SLOTS; }
+
+/* Memory for a record: a free slot of the registry page, else the heap. Nothing is
+ * written: the slot is only taken by child_init, so l_fork can choose it before the fork
+ * and fill it after (nothing else starts a child in between). NULL: out of memory. */
+static child *child_alloc(void) {
+  uint32_t free_slots = ~reg.slots_used;
+  if (free_slots) return &reg.slot[__builtin_ctz(free_slots)];
+  return malloc(sizeof(child));
+}
+
+/* Memory from child_alloc that never held a record (the start failed). */
+static void child_discard(child *c) {
+  if (!is_slot(c)) free(c);
+}
+
+static void child_init(child *c, pid_t pid, int daemon) {
+  if (is_slot(c)) reg.slots_used |= 1u << (c - reg.slot);
+  memset(c, 0, sizeof *c);
+  c->pid = pid;
+  c->owner = luamp_self_pid();
+  c->daemon = daemon;
+  c->has_handle = 1;
+  c->pidfd = -1;
+  c->status_fd = -1;
+}
+
 static void child_free(child *c) {
   luamp_close_fd(c->pidfd);
   luamp_close_fd(c->status_fd);
-  free(c);
+  if (is_slot(c)) reg.slots_used &= ~(1u << (c - reg.slot));
+  else free(c);
 }
 
 /* A forkserver's child (forkserver.c): the server reaps it and sends its exit code, one
@@ -195,9 +235,10 @@ reaped:
 
 /* Reaps this process's children that have ended; the records Lua no longer holds go. */
 static void reap_ended(void) {
+  if (!reg.live) return;
   pid_t me = luamp_self_pid();
   child *next;
-  for (child *c = live_children; c; c = next) {
+  for (child *c = reg.live; c; c = next) {
     next = c->next;
     if (c->owner == me && child_reap(c, 0) && !c->has_handle) child_free(c);
   }
@@ -210,11 +251,13 @@ static int child_kill(child *c, int sig) {
 }
 
 void luamp_children_finish(void) {
+  /* a child that started none touches nothing here (not even the wiped page of its pid) */
+  if (!reg.live) return;
   pid_t me = luamp_self_pid();
-  for (child *c = live_children; c; c = c->next)
+  for (child *c = reg.live; c; c = c->next)
     if (c->owner == me && c->daemon) child_kill(c, SIGTERM);
-  while (live_children) {
-    child *c = live_children;
+  while (reg.live) {
+    child *c = reg.live;
     if (c->owner != me) { list_remove(c); continue; }
     child_reap(c, 1);
     if (!c->has_handle) child_free(c);
@@ -263,13 +306,15 @@ static void worker_sigdefault(sigset_t *set) {
 
 /* The fork hook (in any luamp fork's child): nothing in the inherited list is ours to
  * wait for. */
-static void children_after_fork(void) { live_children = NULL; }
+static void children_after_fork(void) {
+  if (reg.live) reg.live = NULL;
+}
 
 /* In a new child of luamp_fork, after the fork hooks: what `daemon` asks for. */
 static void reset_after_fork(int daemon, pid_t parent) {
-  forked_child = 1;
-  in_daemon = daemon == LUAMP_FORK_DAEMON;
-  parent_at_fork = parent;
+  reg.forked_child = 1;
+  reg.in_daemon = daemon == LUAMP_FORK_DAEMON;
+  reg.parent_at_fork = parent;
   if (in_worker) {
     /* a worker's child: what the worker changed for itself is not inherited */
     for (int i = 0; i < N_WORKER_SIGNALS; i++) sigaction(worker_signals[i], &worker_inherited[i], NULL);
@@ -285,15 +330,70 @@ static void reset_after_fork(int daemon, pid_t parent) {
   }
 }
 
+/* ---- the code a child runs, mapped from its first instruction -------------------------
+ * fork() copies the page tables of anonymous memory but not of file mappings that never
+ * had a private page: a child starts with none of the program's code or read-only data
+ * mapped, and faults in every page of it that it runs or reads (the fork's return path in
+ * libc, luamp's fork hooks, the Lua interpreter, stdio's flush...), each fault as dear
+ * as a copied page. The kernel does copy a file mapping's page tables once the mapping
+ * has an anonymous page (an anon_vma): one byte of each read-only segment of the objects
+ * a child runs (luamp's, Lua's, libc's) is written back with its own value through
+ * /proc/self/mem, which gives that segment a private copy of one page (4 KiB) and every
+ * later child the parent's mapping of the rest. Nothing changes if /proc/self/mem cannot
+ * be written (a kernel that forbids forced writes, no /proc): children fault as before. */
+typedef struct {
+  const void *const *in;   /* addresses: the objects holding them are shared */
+  int n;
+  int mem;                 /* /proc/self/mem, open for writing */
+} code_objects;
+
+static int map_code_segments(struct dl_phdr_info *info, size_t size, void *data) {
+  (void)size;
+  code_objects *co = data;
+  int ours = 0;
+  for (int i = 0; i < info->dlpi_phnum && !ours; i++) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    if (ph->p_type != PT_LOAD) continue;
+    uintptr_t lo = info->dlpi_addr + ph->p_vaddr, hi = lo + ph->p_memsz;
+    for (int k = 0; k < co->n; k++)
+      if ((uintptr_t)co->in[k] >= lo && (uintptr_t)co->in[k] < hi) ours = 1;
+  }
+  if (!ours) return 0;
+  long page = sysconf(_SC_PAGESIZE);
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    if (ph->p_type != PT_LOAD || (ph->p_flags & PF_W) || ph->p_memsz < (size_t)page * 3) continue;
+    /* a page in the middle: the first and last may share a mapping with a neighbour */
+    uintptr_t at = (info->dlpi_addr + ph->p_vaddr + ph->p_memsz / 2) & ~(uintptr_t)(page - 1);
+    unsigned char b = *(volatile unsigned char *)at;
+    ssize_t w;
+    do w = pwrite(co->mem, &b, 1, (off_t)at); while (w < 0 && errno == EINTR);
+  }
+  return 0;
+}
+
+static void share_code_page_tables(void) {
+  static int done;
+  if (done) return;
+  done = 1;
+  const void *in[] = {(void *)luamp_fork, (void *)lua_pcallk, (void *)fork};
+  code_objects co = {in, (int)(sizeof in / sizeof in[0]), -1};
+  do co.mem = open("/proc/self/mem", O_RDWR | O_CLOEXEC); while (co.mem < 0 && errno == EINTR);
+  if (co.mem < 0) return;
+  dl_iterate_phdr(map_code_segments, &co);
+  luamp_close_fd(co.mem);
+}
+
 pid_t luamp_fork(int daemon) {
   sigset_t all, old;
   pid_t parent = luamp_self_pid();
+  share_code_page_tables();
   fflush(NULL);
   sigfillset(&all);
   sigprocmask(SIG_BLOCK, &all, &old);
   luamp_fork_prepare();
   pid_t pid = fork();
-  int saved = errno;
+  int saved = errno;   /* (restored only if changed: errno's TLS page is not rewritten) */
   if (pid == 0) {
     luamp_fork_child();
     reset_after_fork(daemon, parent);
@@ -301,7 +401,7 @@ pid_t luamp_fork(int daemon) {
     luamp_fork_parent(pid);
   }
   sigprocmask(SIG_SETMASK, &old, NULL);
-  errno = saved;
+  if (errno != saved) errno = saved;
   return pid;
 }
 
@@ -344,7 +444,7 @@ static child *check_own_child(lua_State *L) {
  * (luamp_install_child_os_exit), not in each child: there writing the os table would
  * copy its page (and the pages the lookup of its name writes), for every child. */
 static int l_os_exit(lua_State *L) {
-  if (forked_child) {
+  if (reg.forked_child) {
     int code;
     if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
     else code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
@@ -424,7 +524,7 @@ static int l_fork(lua_State *L) {
   int nargs = lua_gettop(L) > 2 ? lua_gettop(L) - 2 : 0;
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
-  if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  if (reg.in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   bind_child_calls(L);
   luamp_install_child_os_exit(L);
   reap_ended();
@@ -435,17 +535,21 @@ static int l_fork(lua_State *L) {
    * of fds would start a child it cannot watch. */
   int spare = eventfd(0, EFD_CLOEXEC);
   if (spare < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
-  child *c = calloc(1, sizeof *c);
+  child *c = child_alloc();
   if (!c) {
     luamp_close_fd(spare);
     luamp_raise(L, "Value", "out of memory");
   }
-  c->pidfd = -1;
-  c->status_fd = -1;
+  /* The handle points at its record from before the fork, so that after it the parent
+   * writes the registry page and no other. The child's copy of the handle is never used:
+   * the child leaves from inside this call (luamp_child_exit), the handle still on its
+   * stack. */
+  u->c = c;
   pid_t pid = luamp_fork(daemon);
   if (pid < 0) {
     int err = errno;
-    free(c);
+    u->c = NULL;
+    child_discard(c);
     luamp_close_fd(spare);
     luamp_raise_errno(L, "Value", "fork", err);
   }
@@ -463,10 +567,7 @@ static int l_fork(lua_State *L) {
     }
     luamp_child_exit(code);
   }
-  c->pid = pid;
-  c->owner = luamp_self_pid();
-  c->daemon = daemon;
-  c->has_handle = 1;
+  child_init(c, pid, daemon);
   if (daemon == LUAMP_FORK_WORKER) {
     c->group = 1;
     setpgid(pid, pid);   /* as the child does: whichever runs first makes the group */
@@ -479,11 +580,11 @@ static int l_fork(lua_State *L) {
     int err = errno;
     kill(pid, SIGKILL);
     child_reap(c, 1);
-    free(c);
+    u->c = NULL;
+    child_free(c);
     luamp_raise_errno(L, "Value", "cannot start a process (pidfd_open)", err);
   }
   list_push(c);
-  u->c = c;
   return 1;
 }
 
@@ -579,7 +680,7 @@ static int l_spawn(lua_State *L) {
   luamp_fdlist *fds = luamp_fds_check_bundle(L, 3);
   int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
              ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
-  if (in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
+  if (reg.in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   const char *exe = luamp_spawn_executable();
   if (!exe) luamp_raise(L, "Value", "cannot start a process: no luamp executable is known (luamp.set_executable)");
   if (len > LUAMP_SPAWN_MAX) luamp_raise(L, "Value", "cannot start a process: the target and args are too large");
@@ -601,30 +702,25 @@ static int l_spawn(lua_State *L) {
     luamp_close_fd(sv[1]);
     sv[1] = moved;
   }
-  child *c = sv[1] >= 0 ? calloc(1, sizeof *c) : NULL;
+  child *c = sv[1] >= 0 ? child_alloc() : NULL;
   if (!c) {
     luamp_close_fd(sv[0]);
     luamp_close_fd(sv[1]);
     luamp_close_fd(spare);
     luamp_raise(L, "Value", "cannot start a process: out of memory or fds");
   }
-  c->pidfd = -1;
-  c->status_fd = -1;
   fflush(NULL);
   pid_t pid;
   int rc = spawn_child(exe, sv[1], daemon == LUAMP_FORK_WORKER, &pid);
   luamp_close_fd(sv[1]);
   if (rc != 0) {
-    free(c);
+    child_discard(c);
     luamp_close_fd(sv[0]);
     luamp_close_fd(spare);
     lua_pushfstring(L, "cannot start a process: %s", exe);
     luamp_raise_errno(L, "Value", lua_tostring(L, -1), rc);
   }
-  c->pid = pid;
-  c->owner = luamp_self_pid();
-  c->daemon = daemon;
-  c->has_handle = 1;
+  child_init(c, pid, daemon);
   c->group = daemon == LUAMP_FORK_WORKER;
   luamp_close_fd(spare);
   c->pidfd = pidfd_open_cloexec(pid);
@@ -633,7 +729,7 @@ static int l_spawn(lua_State *L) {
     luamp_close_fd(sv[0]);
     kill(pid, SIGKILL);
     child_reap(c, 1);
-    free(c);
+    child_free(c);
     luamp_raise_errno(L, "Value", "cannot start a process (pidfd_open)", err);
   }
   list_push(c);
@@ -649,7 +745,7 @@ void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, 
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;
   luaL_setmetatable(L, CHILD_MT);
-  child *c = calloc(1, sizeof *c);
+  child *c = child_alloc();
   if (!c) {
     /* it runs unwatched and unreaped by us: end it (the server reaps it) */
     syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
@@ -657,12 +753,9 @@ void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, 
     luamp_close_fd(status_fd);
     luamp_raise(L, "Value", "out of memory");
   }
-  c->pid = pid;
+  child_init(c, pid, daemon);
   c->pidfd = pidfd;
   c->status_fd = status_fd;
-  c->owner = luamp_self_pid();
-  c->daemon = daemon;
-  c->has_handle = 1;
   list_push(c);
   u->c = c;
 }
@@ -676,10 +769,10 @@ static int l_spawn_child_setup(lua_State *L) {
   int worker = lua_type(L, 1) == LUA_TSTRING && strcmp(lua_tostring(L, 1), "worker") == 0;
   int daemon = !worker && lua_toboolean(L, 1);
   pid_t parent = (pid_t)luaL_checkinteger(L, 2);
-  parent_at_fork = parent;
+  reg.parent_at_fork = parent;
   /* forked by a forkserver: the fork set it up against the server, its real parent */
   if (luamp_forkserver_child) return 0;
-  in_daemon = daemon;
+  reg.in_daemon = daemon;
   if (worker) {
     become_worker(parent);
   } else if (daemon) {
@@ -733,7 +826,11 @@ static int l_child_poll(lua_State *L) {
 static int l_child_wait(lua_State *L) {
   child *c = check_own_child(L);
   double deadline = luamp_deadline_arg(L, 2);
-  while (!child_reap(c, 0)) {
+  /* A child with a pidfd is waited for first and reaped once that says it ended: one
+   * system call fewer than looking first, for the usual join of a running child. */
+  int look = c->reaped || c->pidfd < 0 || c->status_fd >= 0;
+  while (!(look && child_reap(c, 0))) {
+    look = 1;
     struct pollfd pfd = {.fd = c->pidfd, .events = POLLIN};
     int n;
     if (c->pidfd >= 0) {
@@ -796,12 +893,12 @@ static int l_child_tostring(lua_State *L) {
 
 static int l_getpid(lua_State *L) { lua_pushinteger(L, luamp_self_pid()); return 1; }
 static int l_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
-static int l_is_daemon(lua_State *L) { lua_pushboolean(L, in_daemon); return 1; }
+static int l_is_daemon(lua_State *L) { lua_pushboolean(L, reg.in_daemon); return 1; }
 
 /* the pid of the process that forked this one, or nil in the first process */
 static int l_parent_pid(lua_State *L) {
-  if (!parent_at_fork) return 0;
-  lua_pushinteger(L, parent_at_fork);
+  if (!reg.parent_at_fork) return 0;
+  lua_pushinteger(L, reg.parent_at_fork);
   return 1;
 }
 

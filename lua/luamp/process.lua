@@ -210,8 +210,19 @@ function Process:start()
   local s = check_open(self)
   if s.handle then raise("Value", "cannot start a process twice") end
   if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
-  -- the fork reaps the children that have ended (runtime/process.c); as Python's
-  -- _cleanup, they leave the list of children, so nothing keeps them from the collector
+  -- As Python's _cleanup, the children known to have ended (reaped by a join or by an
+  -- earlier start: runtime/process.c) leave the list, so nothing keeps them from the
+  -- collector; and this one joins it. Both before the start, not after: after a fork the
+  -- parent writes as few pages as it can, each one being copied while the child runs. A
+  -- start that failed leaves an entry without a handle, dropped here the next time.
+  if not children then children = {} end
+  for p in pairs(children) do
+    local ps = S[p]
+    local code = ps.handle and ps.handle:ended()
+    if code ~= nil then ps.exitcode = code end
+    if code ~= nil or not ps.handle then children[p] = nil end
+  end
+  children[self] = true
   local m = s.method or P.get_start_method()
   if m == "spawn" or m == "forkserver" then
     -- the descriptors of luamp objects in the args (queues, locks...) go with the message;
@@ -226,16 +237,6 @@ function Process:start()
   else
     s.handle = core.fork(child_main, s.daemon, self)
   end
-  if not children then children = {} end
-  for p in pairs(children) do
-    local ps = S[p]
-    local code = ps.handle:ended()
-    if code ~= nil then
-      ps.exitcode = code
-      children[p] = nil
-    end
-  end
-  children[self] = true
   if TR.on then
     local pid = s.handle:pid()
     TR.row(pid, name_of(s))
@@ -356,7 +357,7 @@ end
 function P.active_children()
   local list = {}
   for p in pairs(children or {}) do
-    if exitcode(p) == nil then list[#list + 1] = p end
+    if S[p].handle and exitcode(p) == nil then list[#list + 1] = p end
   end
   table.sort(list, function(a, b) return identity_of(S[a]) < identity_of(S[b]) end)
   -- and the workers of this process's pools, as Python lists its pool workers
