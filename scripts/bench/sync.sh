@@ -63,7 +63,10 @@ int main(int argc, char **argv) {
 C
 cc -O2 -o "$tmp/futex" "$tmp/futex.c"
 
-# The empty Lua-to-C call, made the way lock:acquire() is made: a method of a userdata.
+# The empty Lua-to-C call made as a userdata method (ud:noop()): the lock.pair floor is two of
+# these plus the raw C pair. Since session 5 a luamp Lock is a table whose acquire/release
+# fields are C closures, so its lookup is cheaper than this floor's: the floor stands for the
+# usual userdata-method binding, not for how luamp now calls its Lock.
 cat > "$tmp/noop.c" <<'C'
 #include <lua.h>
 #include <lauxlib.h>
