@@ -179,6 +179,8 @@ typedef struct queue {
   int sfd;                   /* the side socket */
   int kind;
   int spin;                  /* current spin budget, see spin_while */
+  int busy;                  /* calls of this process inside a wait that may suspend a task:
+                              * close must not unmap what they will touch on resuming */
   int lock_spin;             /* current lock spin budget, see q_lock */
   int lock_tries, lock_fails;   /* contended lockings in this window, and spins in vain */
   struct extent spent[NSPENT];   /* extents gets are done with, not yet freed (free_spent) */
@@ -1166,8 +1168,8 @@ static int put_record(queue *q, int kind, const struct parts *d, int block, doub
 
 /* Puts len bytes: inline, or copied to an extent of their own first. fds: NULL, or the
  * descriptors the item's handles need (sent on the side socket). */
-static int put_bytes(queue *q, const struct parts *d, int block, double deadline,
-                     const luamp_fdlist *fds) {
+static int put_bytes_in(queue *q, const struct parts *d, int block, double deadline,
+                        const luamp_fdlist *fds) {
   if (fds && fds->n == 0) fds = NULL;
   size_t len = d->len;
   if (len <= INLINE_MAX) return put_record(q, R_INLINE, d, block, deadline, fds);
@@ -1195,8 +1197,8 @@ static int put_bytes(queue *q, const struct parts *d, int block, double deadline
   return rc;
 }
 
-static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist *fds,
-                    int can_yield) {
+static int get_item_in(queue *q, item *it, int block, double deadline, luamp_fdlist *fds,
+                       int can_yield) {
   if (block) spin_while(q, 0);
   int rc = q_lock(q, L_HEAD, block ? deadline : 0);
   if (rc != Q_OK) return rc;
@@ -1244,6 +1246,24 @@ static void item_done(queue *q, const item *it) {
   if (!it->ref) return;
   spend(q, it->off, pad_page(it->len), 0);
   free_spent(q, 0);
+}
+
+/* put_bytes_in and get_item_in, counted in q->busy: inside a task they may suspend it with
+ * its C frames (and the queue's mappings) still in use, while another task runs */
+static int put_bytes(queue *q, const struct parts *d, int block, double deadline,
+                     const luamp_fdlist *fds) {
+  q->busy++;
+  int rc = put_bytes_in(q, d, block, deadline, fds);
+  q->busy--;
+  return rc;
+}
+
+static int get_item(queue *q, item *it, int block, double deadline, luamp_fdlist *fds,
+                    int can_yield) {
+  q->busy++;
+  int rc = get_item_in(q, it, block, deadline, fds, can_yield);
+  q->busy--;
+  return rc;
 }
 
 /* ---- creation and release -------------------------------------------------------------- */
@@ -1637,10 +1657,12 @@ static int l_task_done(lua_State *L) {
 static int l_join(lua_State *L) {
   queue *q = check_queue(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
+  q->busy++;
   int rc = q_lock(q, L_HEAD, deadline);
   if (rc == Q_OK) rc = wait_until(q, L_HEAD, W_JOIN, join_ready, 1, deadline);
   else rc |= Q_UNLOCKED;
   int err = errno;
+  q->busy--;
   if (rc & Q_UNLOCKED) rc &= ~Q_UNLOCKED;
   else q_unlock(q, L_HEAD);
   if (rc == Q_TIMEOUT) {
@@ -1700,6 +1722,10 @@ static int l_waiters(lua_State *L) {
 static int l_close(lua_State *L) {
   queue *q = to_queue(L, 1);
   if (!q) luaL_typeerror(L, 1, "luamp queue");
+  if (q->busy)   /* a task of this process waits on it: releasing now would pull the
+                  * mappings and descriptors from under that wait */
+    luamp_raise(L, "Value", "%s is in use by a waiting task: close it after that wait ends",
+                kind_name[q->kind]);
   queue_release(q);
   return 0;
 }
@@ -1918,7 +1944,7 @@ static void push_metatables(lua_State *L) {
 static void fill_metatable(lua_State *L, int kind, const luaL_Reg *methods) {
   static const luaL_Reg meta[] = {
     {"__gc", l_gc},
-    {"__close", l_gc},
+    {"__close", l_close},
     {"__tostring", l_tostring},
     {"__luamp_handle", l_handle},
     {NULL, NULL}

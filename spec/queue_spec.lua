@@ -289,3 +289,53 @@ describe("JoinableQueue", function()
     assert.equal("<JoinableQueue size=1 maxsize=1 unfinished=1>", tostring(q))
   end)
 end)
+
+describe("Queue closed while a task of the same process waits on it", function()
+  -- Tasks run one at a time: the second task starts only once the first is suspended in
+  -- its wait, so the close below always meets a waiting task (no sleep involved).
+  local function closed_under(q, wait, release)
+    local outcome = {}
+    local waiter = luamp.task(function() return wait(q) end)
+    luamp.task(function()
+      outcome.ok, outcome.err = pcall(q.close, q)
+      release(q)                       -- ends the wait
+    end)
+    luamp.run()
+    return outcome, waiter
+  end
+
+  it("refuses the close with Value while a get waits, and the get still gets its item", function()
+    for _ = 1, 20 do
+      local outcome, waiter = closed_under(luamp.Queue(),
+        function(q) return q:get(true, 30) end,
+        function(q) q:put("item") end)
+      assert.is_false(outcome.ok)
+      assert.equal("Value", outcome.err.kind)
+      assert.equal("item", waiter:wait())
+    end
+  end)
+
+  it("refuses it while a put waits for room and while a join waits", function()
+    local outcome, waiter = closed_under(luamp.Queue(1),
+      function(q) q:put(1); q:put(2, true, 30); return "put" end,
+      function(q) assert.equal(1, q:get()) end)
+    assert.equal("Value", outcome.err.kind)
+    assert.equal("put", waiter:wait())
+    outcome, waiter = closed_under(luamp.JoinableQueue(),
+      function(q) q:put(1); return q:join(30) end,
+      function(q) q:get(); q:task_done() end)
+    assert.equal("Value", outcome.err.kind)
+    assert.is_true(waiter:wait())
+  end)
+
+  it("closes once the wait has ended, through close() and <close>", function()
+    local q = luamp.Queue()
+    local waiter = luamp.task(function() return q:get(true, 30) end)
+    luamp.task(function() q:put(7) end)
+    luamp.run()
+    assert.equal(7, waiter:wait())
+    q:close()
+    H.raises("Closed", q.get_nowait, q)
+    do local q2 <close> = luamp.Queue(); q2:put(1) end
+  end)
+end)
