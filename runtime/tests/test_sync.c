@@ -63,17 +63,25 @@ static void stop_signal_storm(void) {
   interrupt_at = 0;
 }
 
+/* As in test_wait: a process a loaded machine leaves off its CPU for the whole wait sees
+ * the storm's expiries merged into one or two signals, so the wait is tried again (each
+ * try checked) until one had its storm. */
 static void test_futex_deadline(int restart) {
   _Atomic uint32_t word = 7;
-  start_signal_storm(restart);
-  double t0 = luamp_now();
-  int rc = luamp_futex_wait(&word, 7, t0 + 0.2);
-  double dt = luamp_now() - t0;
-  stop_signal_storm();
-  CHECK(rc == 1, "timeout should return 1, got %d", rc);
-  CHECK(dt >= 0.2, "futex wait returned early after %.3f s", dt);
-  CHECK(dt < 2.0, "futex wait overslept: %.3f s", dt);
-  CHECK(ticks > 5, "the signal storm did not happen (%d ticks)", (int)ticks);
+  int stormed = 0;
+  for (int try = 0; try < 50 && !stormed; try++) {
+    start_signal_storm(restart);
+    double t0 = luamp_now();
+    int rc = luamp_futex_wait(&word, 7, t0 + 0.2);
+    double dt = luamp_now() - t0;
+    stop_signal_storm();
+    CHECK(rc == 1, "timeout should return 1, got %d", rc);
+    CHECK(dt >= 0.2, "futex wait returned early after %.3f s", dt);
+    CHECK(dt < 2.0, "futex wait overslept: %.3f s", dt);
+    stormed = ticks > 5;
+  }
+  CHECK(stormed, "the signal storm did not happen in 50 waits (%d ticks in the last)",
+        (int)ticks);
 }
 
 static void test_futex_changed_and_interrupt(void) {
