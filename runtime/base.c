@@ -27,6 +27,7 @@
 #include <string.h>
 #include <errno.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -72,6 +73,66 @@ int luamp_populate(void *p, size_t n, int write) {
   if (rc < 0 && errno == EINVAL) unsupported = 1;
   errno = saved;
   return rc < 0 ? -1 : 0;
+}
+
+/* ---- adaptive spinning (see base.h) ------------------------------------------------------ */
+
+#define SPIN_BACKOFF_MAX 64       /* waits that spin the least after spins in vain */
+#define SPIN_VAIN_IN_A_ROW 3      /* long spins in vain before the back-off starts */
+
+double luamp_mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+void luamp_spin_init(luamp_spin *s) {
+  memset(s, 0, sizeof *s);
+  s->ns = LUAMP_SPIN_MIN_NS;
+}
+
+/* The budget after data came `delay` ns after a spin began: at least twice that, so the
+ * next spin catches it too (never less on a success: a waiter whose data comes within the
+ * budget loses nothing by keeping it). */
+static void spin_grow(luamp_spin *s, double delay) {
+  double want = 2 * delay + LUAMP_SPIN_MIN_NS;
+  if (want > LUAMP_SPIN_MAX_NS) want = LUAMP_SPIN_MAX_NS;
+  if (want > s->ns) s->ns = want;
+}
+
+static void spin_judged(luamp_spin *s, int caught, double budget) {
+  if (s->skip > 0) s->skip--;
+  if (caught) {
+    s->backoff = s->vain = 0;
+  } else if (budget > LUAMP_SPIN_MIN_NS * 1.5 && ++s->vain >= SPIN_VAIN_IN_A_ROW) {
+    s->backoff = s->backoff ? s->backoff * 2 : 1;
+    if (s->backoff > SPIN_BACKOFF_MAX) s->backoff = SPIN_BACKOFF_MAX;
+    s->skip = s->backoff;
+  }
+}
+
+void luamp_spin_caught(luamp_spin *s, double waited, double budget) {
+  spin_grow(s, waited);
+  spin_judged(s, 1, budget);
+  s->gave_up = 0;
+}
+
+void luamp_spin_in_vain(luamp_spin *s, double began, double budget) {
+  spin_judged(s, 0, budget);
+  s->gave_up = began;
+}
+
+void luamp_spin_late(luamp_spin *s, double rang_at) {
+  double began = s->gave_up;
+  s->gave_up = 0;
+  double t = luamp_mono_ns();
+  double delay = rang_at >= began && rang_at <= t ? rang_at - began : t - began;
+  if (delay <= LUAMP_SPIN_MAX_NS) {
+    spin_grow(s, delay);
+  } else {
+    s->ns /= 2;
+    if (s->ns < LUAMP_SPIN_MIN_NS) s->ns = LUAMP_SPIN_MIN_NS;
+  }
 }
 
 /* ---- this process ------------------------------------------------------------------------ */

@@ -47,6 +47,43 @@ static inline void luamp_cpu_relax(void) {
 #endif
 }
 
+/* ---- adaptive spinning ---------------------------------------------------------------------
+ * A waiter that expects data within microseconds (the Pool's rings, a Pipe) spins a little
+ * before it sleeps. Its budget adapts to how long data takes to come after a spin begins:
+ * a spin that catches data raises the budget to twice what it needed, if that is more. A
+ * spin in vain is judged when the data comes (luamp_spin_late), from the sender's stamp of
+ * when it published (its CLOCK_MONOTONIC, luamp_mono_ns, which all processes share), not
+ * from when the sleep ended: data within LUAMP_SPIN_MAX_NS of the spin's start raises the
+ * budget to twice that delay, later data halves it (down to LUAMP_SPIN_MIN_NS). Spins in
+ * vain with a budget above LUAMP_SPIN_MIN_NS, three in a row with none caught between,
+ * make the next waits spin only LUAMP_SPIN_MIN_NS: one wait, then two, four... up to 64
+ * (all reset by a spin that catches its data). So on a loaded machine a waiter hardly
+ * spins, and on an idle one the odd spin in vain changes nothing. */
+#define LUAMP_SPIN_MIN_NS 2000.0
+#define LUAMP_SPIN_MAX_NS 50000.0
+
+typedef struct luamp_spin {
+  double ns;              /* the budget */
+  unsigned backoff;       /* waits to spin the least after the next long spin in vain */
+  unsigned skip;          /* waits left that spin the least */
+  unsigned vain;          /* long spins in vain since the last one that caught data */
+  double gave_up;         /* when the last spin in vain began (ns), 0: none since */
+} luamp_spin;
+
+double luamp_mono_ns(void);
+void luamp_spin_init(luamp_spin *s);
+/* The spin a waiter may afford now: its budget, or the least after long spins in vain. */
+static inline double luamp_spin_budget(const luamp_spin *s) {
+  return s->skip > 0 ? LUAMP_SPIN_MIN_NS : s->ns;
+}
+/* After a spin of up to `budget` ns that began at `began`: data caught `waited` ns in, */
+void luamp_spin_caught(luamp_spin *s, double waited, double budget);
+/* or none (the next luamp_spin_late judges it). */
+void luamp_spin_in_vain(luamp_spin *s, double began, double budget);
+/* Data found after a spin in vain (s->gave_up > 0), published at the sender's stamp
+ * `rang_at` (a hint: used only if it falls between the spin's start and now). */
+void luamp_spin_late(luamp_spin *s, double rang_at);
+
 /* ---- this process ------------------------------------------------------------------------ */
 
 /* What describes this process alone: its pid (cached: getpid() is a real system call and

@@ -37,20 +37,18 @@
  * a VM, where an idle CPU must be woken first). So the two ends of a Pipe share one page
  * of hints (MAP_SHARED, inherited by fork): per direction, how many messages were sent
  * (`sent`, bumped after a message's first record went out; `rang_at`, the sender's
- * monotonic clock just before it went) and how many receives began (`taken`). A receive with nothing there
- * spins a little on that page, without a system call, before it blocks: `sent` moving
- * past `taken` means a record is in the socket. The budget adapts as the Pool's rings'
- * does (ring.c): a spin that catches its message raises it to twice what it needed, a
- * message that comes within SPIN_MAX_NS after a spin in vain (judged by `rang_at`, not
- * by when the sleep ended) raises it to twice that delay, a later one halves it, and
- * spins in vain in a row make the next waits spin only SPIN_MIN_NS for a while. So in a
- * ping-pong both ends are still spinning when the answer comes, and a Pipe that is idle
- * or slow costs at most SPIN_MIN_NS per receive. The page is a hint only: every receive
- * is still a real recvmsg, and receives running ahead of the messages counted (an end
- * that came as a handle has no page and counts nothing) end the spinning of that end for
- * good. A spin happens only in a plain wait (no task scheduler, no pump: inside
- * luamp.run a wait suspends its task instead), never longer than SPIN_MAX_NS or the
- * deadline, and a pending Ctrl-C ends it at once.
+ * monotonic clock just before it went) and how many receives began (`taken`). A receive
+ * with nothing there spins a little on that page, without a system call, before it
+ * blocks: `sent` moving past `taken` means a record is in the socket. The budget adapts
+ * as base.h's luamp_spin says (as the Pool's rings' does), a spin in vain judged by
+ * `rang_at`, not by when the sleep ended. So in a ping-pong both ends are still spinning
+ * when the answer comes, and a Pipe that is idle or slow costs at most
+ * LUAMP_SPIN_MIN_NS per receive. The page is a hint only: every receive is still a real
+ * recvmsg, and receives running ahead of the messages counted (an end that came as a
+ * handle has no page and counts nothing) end the spinning of that end for good. A spin
+ * happens only in a plain wait (no task scheduler, no pump: inside luamp.run a wait
+ * suspends its task instead), never longer than LUAMP_SPIN_MAX_NS or the deadline, and a
+ * pending Ctrl-C ends it at once.
  */
 #include <fcntl.h>
 #include <stdatomic.h>
@@ -78,10 +76,6 @@
 #define FDS_SHIFT 56                   /* frame length word: descriptor count in the top byte */
 #define LEN_MASK (((uint64_t)1 << FDS_SHIFT) - 1)
 #define CMSG_ROOM CMSG_SPACE(sizeof(int) * LUAMP_MAX_FDS)
-#define SPIN_MIN_NS 2000.0
-#define SPIN_MAX_NS 50000.0
-#define BACKOFF_MAX 64                 /* waits that spin the least after spins in vain */
-#define VAIN_IN_A_ROW 3                /* long spins in vain before the back-off starts */
 #define HINT_PAGE 4096
 #define UNANNOUNCED_MAX 16             /* receives ahead of the sends counted: no more spins */
 
@@ -123,9 +117,7 @@ typedef struct conn {
   pipe_hints *hints;      /* this end's own mapping of the Pipe's page, or NULL */
   int dir;                /* the direction this end sends on; it receives on !dir */
   int hints_broken;       /* a message came that the page never announced: no more spins */
-  double spin_ns;         /* the budget */
-  unsigned backoff, skip, vain;
-  double gave_up;         /* when the last spin in vain began (ns), 0: none since */
+  luamp_spin spin;        /* the budget and its back-off */
 } conn;
 
 /* Outcomes of the transfer helpers; the Lua-facing functions turn them into errors
@@ -311,17 +303,12 @@ static int wait_fd(int fd, short events, double deadline, short *revents) {
 
 /* ---- spinning (see the header) ---------------------------------------------------------- */
 
-static double mono_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
 /* The sender's side, around a message's first record: the stamp before it goes (so a
  * receiver that the send wakes finds it fresh), the count once it went. */
 static void hint_stamp(conn *c) {
   if (c->hints)
-    atomic_store_explicit(&c->hints->d[c->dir].rang_at, (uint64_t)mono_ns(), memory_order_relaxed);
+    atomic_store_explicit(&c->hints->d[c->dir].rang_at, (uint64_t)luamp_mono_ns(),
+                          memory_order_relaxed);
 }
 
 static void hint_sent(conn *c) {
@@ -332,23 +319,6 @@ static int hint_pending(hint_dir *h) {
   uint64_t sent = atomic_load_explicit(&h->sent, memory_order_acquire);
   uint64_t taken = atomic_load_explicit(&h->taken, memory_order_relaxed);
   return (int64_t)(sent - taken) > 0;
-}
-
-static void budget_grow(conn *c, double delay) {
-  double want = 2 * delay + SPIN_MIN_NS;
-  if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
-  if (want > c->spin_ns) c->spin_ns = want;
-}
-
-static void spin_judged(conn *c, int caught, double budget) {
-  if (c->skip > 0) c->skip--;
-  if (caught) {
-    c->backoff = c->vain = 0;
-  } else if (budget > SPIN_MIN_NS * 1.5 && ++c->vain >= VAIN_IN_A_ROW) {
-    c->backoff = c->backoff ? c->backoff * 2 : 1;
-    if (c->backoff > BACKOFF_MAX) c->backoff = BACKOFF_MAX;
-    c->skip = c->backoff;
-  }
 }
 
 /* A receive began (from the socket or from rbuf): counts it, and judges the last spin
@@ -362,17 +332,8 @@ static void hint_taken(conn *c) {
   uint64_t taken = atomic_fetch_add_explicit(&h->taken, 1, memory_order_relaxed) + 1;
   uint64_t sent = atomic_load_explicit(&h->sent, memory_order_relaxed);
   if ((int64_t)(taken - sent) > UNANNOUNCED_MAX) c->hints_broken = 1;
-  if (c->gave_up <= 0) return;
-  double began = c->gave_up, t = mono_ns();
-  c->gave_up = 0;
-  double rang = (double)atomic_load_explicit(&h->rang_at, memory_order_relaxed);
-  double delay = rang >= began && rang <= t ? rang - began : t - began;
-  if (delay <= SPIN_MAX_NS) {
-    budget_grow(c, delay);
-  } else {
-    c->spin_ns /= 2;
-    if (c->spin_ns < SPIN_MIN_NS) c->spin_ns = SPIN_MIN_NS;
-  }
+  if (c->spin.gave_up > 0)
+    luamp_spin_late(&c->spin, (double)atomic_load_explicit(&h->rang_at, memory_order_relaxed));
 }
 
 /* Before a receive that would block: spins until the page announces a message, for at
@@ -382,30 +343,27 @@ static void spin_for_message(conn *c, double deadline) {
   if (!c->hints || c->hints_broken || !luamp_wait_is_plain()) return;
   hint_dir *h = &c->hints->d[!c->dir];
   if (hint_pending(h)) return;
-  double budget = c->skip > 0 ? SPIN_MIN_NS : c->spin_ns;
+  double budget = luamp_spin_budget(&c->spin);
   if (deadline >= 0) {
     double left = (deadline - luamp_now()) * 1e9;
     if (left < budget) budget = left;
   }
-  if (budget < SPIN_MIN_NS / 2 || luamp_interrupt_pending()) return;
-  double t0 = mono_ns(), t = t0;
+  if (budget < LUAMP_SPIN_MIN_NS / 2 || luamp_interrupt_pending()) return;
+  double t0 = luamp_mono_ns(), t = t0;
   unsigned rounds = 0;
   while (t - t0 < budget) {
     if (hint_pending(h)) {
-      budget_grow(c, t - t0);
-      spin_judged(c, 1, budget);
-      c->gave_up = 0;
+      luamp_spin_caught(&c->spin, t - t0, budget);
       return;
     }
     for (int k = 0; k < 8; k++) luamp_cpu_relax();
     if ((++rounds & 7) == 0) {
       if (luamp_interrupt_pending()) return;
-      t = mono_ns();
+      t = luamp_mono_ns();
     }
   }
   if (hint_pending(h)) return;          /* (it came while this side was off its CPU) */
-  spin_judged(c, 0, budget);
-  c->gave_up = t0;
+  luamp_spin_in_vain(&c->spin, t0, budget);
 }
 
 /* Maps the hint page of a new Pipe: one shared page, mapped a second time for the other
@@ -423,7 +381,8 @@ static void hints_map(conn *a, conn *b) {
   b->hints = q;
   a->dir = 0;
   b->dir = 1;
-  a->spin_ns = b->spin_ns = SPIN_MIN_NS;
+  luamp_spin_init(&a->spin);
+  luamp_spin_init(&b->spin);
 }
 
 /* ---- sending --------------------------------------------------------------------------- */
@@ -948,7 +907,7 @@ static int l_ready_now(lua_State *L) {
 static int l_spin_budget(lua_State *L) {
   conn *c = check_conn(L, 1);
   if (!c->hints || c->hints_broken) return 0;
-  lua_pushnumber(L, (c->skip > 0 ? SPIN_MIN_NS : c->spin_ns) / 1e9);
+  lua_pushnumber(L, luamp_spin_budget(&c->spin) / 1e9);
   return 1;
 }
 

@@ -36,24 +36,16 @@
  * The parent keeps its word set except while it is inside a pool wait: pumps run by
  * other waits and a host loop then still learn of results through the doorbell fd.
  *
- * Spinning. Before sleeping, a side may spin a little (spin_rings): the budget adapts per
- * direction to how long data takes to come after a spin begins. A spin that catches data
- * raises the budget to twice what it needed, if that is more (never less: a budget that
- * suffices costs nothing more when the data comes). A spin in vain is judged when the
- * data comes (the take that finds it): the producer stamps the moment it rang the
- * doorbell (`rang_at`, its monotonic clock, which both sides share), so the consumer knows
- * when the data was published, not when its sleep ended. Data published within
- * SPIN_MAX_NS of the spin's start raises the budget to twice that delay (a longer spin
- * would have caught it); later data halves it, down to SPIN_MIN_NS. Spins in vain with
- * a budget above SPIN_MIN_NS, VAIN_IN_A_ROW of them with none caught in between, also
- * make the next waits of that side spin only SPIN_MIN_NS: one wait, then after the next
- * such spin two, four... up to BACKOFF_MAX (all reset by a spin that catches its data).
- * On a loaded machine, where the peer is often off its CPU and a long spin would rarely
- * be rewarded (and takes a CPU the peer may need), a side thus hardly spins; on an idle
- * one the odd spin in vain (a collection, a preemption) changes nothing (a back-off
- * there made both sides fall asleep in turn: 45 us per apply round trip instead of 24). So in a tight request/answer loop both sides are
+ * Spinning. Before sleeping, a side may spin a little (spin_rings), for a budget per
+ * direction that adapts as base.h's luamp_spin says: the producer stamps the moment it
+ * rang the doorbell (`rang_at`), so the consumer judges a spin in vain by when the data
+ * was published, not by when its sleep ended. On a loaded machine, where the peer is often
+ * off its CPU and a long spin would rarely be rewarded (and takes a CPU the peer may
+ * need), a side thus hardly spins; on an idle one the odd spin in vain (a collection, a
+ * preemption) changes nothing (a back-off there made both sides fall asleep in turn: 45 us
+ * per apply round trip instead of 24). So in a tight request/answer loop both sides are
  * still spinning when the next message comes (no doorbell, no sleep). A spin never lasts
- * longer than SPIN_MAX_NS, and a pending Ctrl-C ends it at once.
+ * longer than LUAMP_SPIN_MAX_NS, and a pending Ctrl-C ends it at once.
  *
  * Trust. The other side can write anything into the shared pages: every length and
  * position read from them is checked against the ring's size and fill before use; a ring
@@ -85,10 +77,6 @@
 #define MARKER 0x80000000u
 #define PAD 0xffffffffu                   /* the rest of the area up to its end is unused */
 #define MARKER_ROOM 256u                  /* markers that always fit after a record */
-#define SPIN_MIN_NS 2000.0
-#define SPIN_MAX_NS 50000.0
-#define BACKOFF_MAX 64                    /* waits that spin the least after spins in vain */
-#define VAIN_IN_A_ROW 3                   /* long spins in vain before the back-off starts */
 #define MAP_STEP (64u << 10)              /* bytes of a ring area mapped ahead at once */
 
 typedef struct {
@@ -110,11 +98,7 @@ typedef struct {
   size_t maplen;
   int memfd;
   int efd[2];             /* doorbell of direction d, rung by its producer */
-  double spin_ns[2];      /* this side's spin budget when it waits on direction d */
-  unsigned backoff[2];    /* waits to spin the least after the next long spin in vain */
-  unsigned skip[2];       /* waits left that spin the least */
-  unsigned vain[2];       /* long spins in vain since the last one that caught data */
-  double gave_up[2];      /* when its last spin in vain began (ns), 0: none since */
+  luamp_spin spin[2];     /* this side's spinning when it waits on direction d */
   size_t mapped[2];       /* bytes of area d from its start whose pages this process has
                              mapped at once (see ring_map_ahead); 0 after a fork */
   pid_t mapped_by;        /* the process mapped[] belongs to */
@@ -162,7 +146,8 @@ static ring *new_ring_ud(lua_State *L) {
   ring *r = lua_newuserdatauv(L, sizeof *r, 0);
   memset(r, 0, sizeof *r);
   r->memfd = r->efd[0] = r->efd[1] = -1;
-  r->spin_ns[0] = r->spin_ns[1] = SPIN_MIN_NS;
+  luamp_spin_init(&r->spin[0]);
+  luamp_spin_init(&r->spin[1]);
   luaL_setmetatable(L, RING_MT);
   return r;
 }
@@ -219,12 +204,6 @@ static void copy_out(void *dst, const unsigned char *area, uint64_t pos, size_t 
   memcpy(dst, area + (size_t)(pos % RING_CAP), n);
 }
 
-static double mono_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
 /* Makes sure this process has the pages of area d under [off, off + len) mapped: the
  * bytes from the area's start up to r->mapped[d] are; past that, up to the end of the
  * range (at least MAP_STEP further, at most the area's end), are mapped with one madvise
@@ -258,7 +237,7 @@ static void ring_doorbell(ring *r, int d) {
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load_explicit(&r->h->d[d].sleeping, memory_order_relaxed) &&
       atomic_exchange(&r->h->d[d].sleeping, 0)) {
-    atomic_store_explicit(&r->h->d[d].rang_at, (uint64_t)mono_ns(), memory_order_relaxed);
+    atomic_store_explicit(&r->h->d[d].rang_at, (uint64_t)luamp_mono_ns(), memory_order_relaxed);
     uint64_t one = 1;
     ssize_t w;
     do w = write(r->efd[d], &one, sizeof one); while (w < 0 && errno == EINTR);
@@ -459,58 +438,13 @@ static int next_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *
   }
 }
 
-/* The budget after data came `delay` ns after a spin began: at least twice that, so the
- * next spin catches it too (never less on a success: a side whose data comes within the
- * budget loses nothing by keeping it). */
-static void budget_grow(ring *r, int d, double delay) {
-  double want = 2 * delay + SPIN_MIN_NS;
-  if (want > SPIN_MAX_NS) want = SPIN_MAX_NS;
-  if (want > r->spin_ns[d]) r->spin_ns[d] = want;
-}
-
-/* The spin a side waiting on direction d may afford now (see the header): its budget,
- * or only SPIN_MIN_NS after long spins in vain. */
-static double spin_budget(ring *r, int d) {
-  return r->skip[d] > 0 ? SPIN_MIN_NS : r->spin_ns[d];
-}
-
-/* After a wait's spin of up to `budget` ns: caught (the back-off is over) or in vain. */
-static void spin_judged(ring *r, int d, int caught, double budget) {
-  if (r->skip[d] > 0) r->skip[d]--;
-  if (caught) {
-    r->backoff[d] = r->vain[d] = 0;
-  } else if (budget > SPIN_MIN_NS * 1.5 && ++r->vain[d] >= VAIN_IN_A_ROW) {
-    r->backoff[d] = r->backoff[d] ? r->backoff[d] * 2 : 1;
-    if (r->backoff[d] > BACKOFF_MAX) r->backoff[d] = BACKOFF_MAX;
-    r->skip[d] = r->backoff[d];
-  }
-}
-
-/* Data is found on direction d after this side's last spin for it was in vain (it slept
- * since, or found the data just before sleeping). The delay counted is from the spin's
- * start to when the producer rang the doorbell (stamped in the shared header: a hint
- * from the other side, used only if it falls between the spin's start and now, for the
- * time the sleep took to end is not the producer's), else to now: within SPIN_MAX_NS the
- * budget grows to catch such data next time; later data halves it. */
-static void took_after_spin(ring *r, int d) {
-  double began = r->gave_up[d];
-  r->gave_up[d] = 0;
-  double t = mono_ns();
-  double rang = (double)atomic_load_explicit(&r->h->d[d].rang_at, memory_order_relaxed);
-  double delay = rang >= began && rang <= t ? rang - began : t - began;
-  if (delay <= SPIN_MAX_NS) {
-    budget_grow(r, d, delay);
-  } else {
-    r->spin_ns[d] /= 2;
-    if (r->spin_ns[d] < SPIN_MIN_NS) r->spin_ns[d] = SPIN_MIN_NS;
-  }
-}
-
 /* next_record for a take: whatever it finds after a spin in vain judges that spin. */
 static int take_record(ring *r, int d, uint64_t *head, uint32_t *len, uint32_t *tag,
                        uint64_t *used, const char **why) {
   int kind = next_record(r, d, head, len, tag, used, why);
-  if (kind != REC_EMPTY && r->gave_up[d] > 0) took_after_spin(r, d);
+  if (kind != REC_EMPTY && r->spin[d].gave_up > 0)   /* judges the last spin, in vain */
+    luamp_spin_late(&r->spin[d],
+                    (double)atomic_load_explicit(&r->h->d[d].rang_at, memory_order_relaxed));
   return kind;
 }
 
@@ -669,26 +603,22 @@ static int l_spin_rings(lua_State *L) {
   if (top < 3) return 0;
   ring *rs[64];
   int n = 0;
-  double budget = SPIN_MAX_NS;
+  double budget = LUAMP_SPIN_MAX_NS;
   for (int i = 3; i <= top && n < 64; i++) {
     ring *r = check_ring(L, i);
     if (ring_nonempty(r, d)) { lua_pushvalue(L, i); return 1; }
     rs[n++] = r;
-    double b = spin_budget(r, d);
+    double b = luamp_spin_budget(&r->spin[d]);
     if (b < budget) budget = b;
   }
   if (limit >= 0 && limit * 1e9 < budget) budget = limit * 1e9;
-  if (budget < SPIN_MIN_NS / 2 || luamp_interrupt_pending()) return 0;
-  double t0 = mono_ns(), t = t0;
+  if (budget < LUAMP_SPIN_MIN_NS / 2 || luamp_interrupt_pending()) return 0;
+  double t0 = luamp_mono_ns(), t = t0;
   unsigned rounds = 0;
   while (t - t0 < budget) {
     for (int i = 0; i < n; i++) {
       if (ring_nonempty(rs[i], d)) {
-        for (int k = 0; k < n; k++) {
-          budget_grow(rs[k], d, t - t0);
-          spin_judged(rs[k], d, 1, budget);
-          rs[k]->gave_up[d] = 0;
-        }
+        for (int k = 0; k < n; k++) luamp_spin_caught(&rs[k]->spin[d], t - t0, budget);
         lua_pushvalue(L, 3 + i);
         return 1;
       }
@@ -696,18 +626,15 @@ static int l_spin_rings(lua_State *L) {
     for (int k = 0; k < 8; k++) luamp_cpu_relax();
     if ((++rounds & 7) == 0) {
       if (luamp_interrupt_pending()) break;
-      t = mono_ns();
+      t = luamp_mono_ns();
     }
   }
   /* (data that came while this side was off the CPU is still taken) */
   for (int i = 0; i < n; i++) {
     if (ring_nonempty(rs[i], d)) { lua_pushvalue(L, 3 + i); return 1; }
   }
-  /* in vain: the next take that finds data judges the budget (took_after_spin) */
-  for (int k = 0; k < n; k++) {
-    spin_judged(rs[k], d, 0, budget);
-    rs[k]->gave_up[d] = t0;
-  }
+  /* in vain: the next take that finds data judges the budget (take_record) */
+  for (int k = 0; k < n; k++) luamp_spin_in_vain(&rs[k]->spin[d], t0, budget);
   return 0;
 }
 
@@ -715,7 +642,7 @@ static int l_spin_rings(lua_State *L) {
  * direction d (for the specs: the policy of the header, observed without timing). */
 static int l_spin_budget(lua_State *L) {
   ring *r = check_ring(L, 1);
-  lua_pushnumber(L, spin_budget(r, check_dir(L, 2)) / 1e9);
+  lua_pushnumber(L, luamp_spin_budget(&r->spin[check_dir(L, 2)]) / 1e9);
   return 1;
 }
 
