@@ -271,7 +271,14 @@ local function worker_next(conn, ring, wait_set, spin, decoded, dst, n)
         local ok, ready = U.pcall(core.wait_fds, wait_set)
         if not ok then return nil end
         local _, still = ring:set_sleeping(0, false)
-        if not still then ring:clear_doorbell(0) end
+        -- The doorbell is taken whenever it was seen ringing, not only when the parent
+        -- cleared the word this time: a ring that came while the word was being set
+        -- (the parent rang, then the ring was found non-empty and the word cleared
+        -- here) would otherwise stay counted, and every later poll would return at once
+        -- (an idle worker at 100% CPU), as the parent's service_fd does for its side.
+        local rang = not still
+        for _, fd in ipairs(ready) do rang = rang or fd == wait_set[1] end
+        if rang then ring:clear_doorbell(0) end
         if #ready > 0 and not ring:has(0) then
           for _, fd in ipairs(ready) do
             if fd == wait_set[2] then
