@@ -111,7 +111,7 @@ enum { K_LOCK = 0x4c4b4c31, K_RLOCK, K_SEM, K_BSEM, K_EVENT, K_COND, K_BARRIER }
 #define SPIN_STILL 20e-6         /* or for this long if the holder neither releases nor leaves */
 #define SPIN_BUSY 3              /* looks in a row that saw a release: the holder loops */
 #define NAP_FIRST 20e-6          /* a waiter outrun by a looping holder naps this long... */
-#define NAP_MAX 400e-6           /* ...twice as long after each nap it was outrun again */
+#define NAP_MAX 200e-6           /* ...twice as long after each nap it was outrun again */
 
 typedef struct lock_obj {
   uint32_t kind;
@@ -198,7 +198,7 @@ static int lock_nap(lock_obj *o, uint32_t me, double deadline, uint32_t seen) {
     uint32_t n = atomic_load_explicit(&o->released, memory_order_relaxed);
     if (n == seen) return 0;
     seen = n;
-    if (nap < NAP_MAX) nap *= 2;
+    nap = nap * 2 < NAP_MAX ? nap * 2 : NAP_MAX;
   }
 }
 
