@@ -55,6 +55,17 @@
 
 #include "auth.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#define AUTH_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define AUTH_ASAN 1
+#endif
+#endif
+#ifdef AUTH_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
 #define CHAN_MT "luamp.AuthChannel"
 #define LISTENER_MT "luamp.AuthListener"
 #define MAGIC "LUAMPM1"                      /* 8 bytes with its NUL */
@@ -77,6 +88,28 @@ static uint32_t get_be32(const uint8_t *p) {
   return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+/* A message handed out by a step lives in the receive buffer, followed by its tag and
+ * maybe more frames. Under ASan its tag and the buffer's unused room are poisoned until
+ * the next step, so a reader of the payload that strays past its end is caught even
+ * though the memory is there (fuzz/fuzz_plain.c relies on it). */
+static void guard_message(luamp_chan *c, uint8_t *end) {
+#ifdef AUTH_ASAN
+  ASAN_POISON_MEMORY_REGION(end, TAG);
+  ASAN_POISON_MEMORY_REGION(c->in + c->in_end, c->in_cap - c->in_end);
+#else
+  (void)c;
+  (void)end;
+#endif
+}
+
+static void unguard_message(luamp_chan *c) {
+#ifdef AUTH_ASAN
+  if (c->in) ASAN_UNPOISON_MEMORY_REGION(c->in, c->in_cap);
+#else
+  (void)c;
+#endif
+}
+
 void luamp_chan_init(luamp_chan *c, int fd, int role) {
   memset(c, 0, sizeof *c);
   c->fd = fd;
@@ -88,6 +121,7 @@ void luamp_chan_init(luamp_chan *c, int fd, int role) {
 void luamp_chan_free(luamp_chan *c) {
   if (c->fd >= 0) luamp_close_fd(c->fd);
   c->fd = -1;
+  unguard_message(c);
   free(c->in);
   c->in = NULL;
   c->in_start = c->in_end = c->in_cap = c->consume = 0;
@@ -166,6 +200,7 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
     c->rx_ctr++;
     *msg = f;
     *mlen = len - TAG;
+    guard_message(c, f + len - TAG);
     return CH_MSG;
   }
   case CH_HELLO_SENT: {
@@ -215,6 +250,7 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
 
 int luamp_chan_step(luamp_chan *c, const uint8_t **msg, size_t *mlen) {
   if (c->consume) {
+    unguard_message(c);
     c->in_start += c->consume;
     c->consume = 0;
     if (c->in_start == c->in_end) c->in_start = c->in_end = 0;

@@ -517,9 +517,9 @@ static int l_take_decoded(lua_State *L) {
   }
   if (rc < 0) {
     if (luamp_is_interrupted(L, -1)) return lua_error(L);
-    const char *msg = lua_tostring(L, -1);
+    const char *msg = luamp_push_error_text(L, -1);     /* the codec's error object */
     lua_pushnil(L);
-    lua_pushfstring(L, "pool ring: a record does not decode: %s", msg ? msg : "?");
+    lua_pushfstring(L, "pool ring: a record does not decode: %s", msg);
     return 2;
   }
   if (rc == 0) lua_pushboolean(L, 1);   /* loads_into without at: nothing to give back */

@@ -168,9 +168,12 @@ describe("pool ring", function()
     r:put(1, core.dumps({1, 2, 3}))
     local m, why = r:take_decoded(1)
     assert.is_nil(m); assert.matches("does not decode", why, 1, true)
+    -- the reason says what failed: the codec's error, kind and message
+    assert.matches("does not decode: luamp.Serialize: malformed data at byte 3", why, 1, true)
     -- more items than the caller expects
     m, why = r:take_decoded(1, {}, 1, 2)
     assert.is_nil(m); assert.matches("does not decode", why, 1, true)
+    assert.matches("does not decode: luamp.Serialize: ", why, 1, true)
     assert.is_nil(r:take_decoded(1))
     H.raises("Value", r.take_decoded, r, 1, {}, 0, 2)
     r:close()

@@ -8,13 +8,14 @@ local slots = luamp.Semaphore(4)
 local ok, timed_out, running, most = 0, 0, 0, 0
 
 for i = 1, 50 do
-  -- every tenth command hangs, and is killed at its timeout
+  -- every tenth command hangs, and is killed at its timeout (2 s: far more than an echo
+  -- needs even on a busy machine, where a shell's start alone can take most of a second)
   local cmd = i % 10 == 0 and "exec sleep 30" or "echo command " .. i
   luamp.task(function()
     slots:acquire()
     running = running + 1
     most = math.max(most, running)
-    local done, r = pcall(sp.run, {"sh", "-c", cmd}, {capture_output = true, timeout = 0.5})
+    local done, r = pcall(sp.run, {"sh", "-c", cmd}, {capture_output = true, timeout = 2})
     running = running - 1
     slots:release()
     if done and r.stdout == "command " .. i .. "\n" then
