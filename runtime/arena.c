@@ -151,7 +151,7 @@ static void arena_fork_parent(pid_t pid) {
   }
 }
 
-static void arena_fork_child(void) {
+LUAMP_CHILD_PATH static void arena_fork_child(void) {
   for (luamp_ref *r = live_refs; r; r = r->next)
     if (r->owner == forking) r->owner = luamp_self_pid();
   if (fork_locked) {
@@ -415,7 +415,7 @@ size_t luamp_ref_capacity(const luamp_ref *ref) {
 }
 
 /* The child-exit hook: drops every reference this process holds. */
-static void arena_child_exit(void) {
+LUAMP_CHILD_PATH static void arena_child_exit(void) {
   if (!live_refs && __libc_single_threaded) return;   /* nothing to drop, nobody to race */
   pthread_mutex_lock(&mu);
   while (live_refs) {

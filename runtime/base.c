@@ -208,6 +208,34 @@ const char *luamp_spawn_executable(void) {
 
 /* ---- fork hooks -------------------------------------------------------------------------- */
 
+/* Whether a stream may hold output not yet written. fflush(NULL) answers by locking
+ * libc's list of streams, and the lock word (in libc's .bss) and the thread's cleanup
+ * record (in its TLS block) are written even when there is nothing to flush: around
+ * every fork that is two pages the parent writes before it, write-protected by the fork
+ * before, and one more page a child writes on its way out, each a page fault (~20 us on
+ * the VMs luamp is measured on). glibc's stream list is public data (_IO_list_all, each
+ * FILE's _chain and write pointers, as its own _IO_flush_all reads them): in a process
+ * with one thread nothing changes the list under a reader, and a stream whose write
+ * pointer stands at its buffer's start has nothing to flush. A wide-oriented stream, a
+ * second thread (now or ever), another libc: the answer is yes, and fflush(NULL) runs. */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+extern FILE *_IO_list_all;
+extern char __libc_single_threaded;
+
+static int stdio_may_hold_output(void) {
+  if (!__libc_single_threaded) return 1;
+  for (FILE *f = _IO_list_all; f; f = f->_chain)
+    if (f->_mode > 0 || f->_IO_write_ptr > f->_IO_write_base) return 1;
+  return 0;
+}
+#else
+static int stdio_may_hold_output(void) { return 1; }
+#endif
+
+LUAMP_CHILD_PATH void luamp_flush_stdio(void) {
+  if (stdio_may_hold_output()) fflush(NULL);
+}
+
 static struct {
   void (*prepare)(void);
   void (*parent)(pid_t pid);
@@ -242,7 +270,7 @@ void luamp_fork_parent(pid_t pid) {
     if (fork_hooks[i].parent) fork_hooks[i].parent(pid);
 }
 
-void luamp_fork_child(void) {
+LUAMP_CHILD_PATH void luamp_fork_child(void) {
   for (int i = 0; i < n_fork_hooks; i++)
     if (fork_hooks[i].child) fork_hooks[i].child();
 }
@@ -293,7 +321,7 @@ void luamp_atexit(void (*fn)(void), int when) {
   pthread_mutex_unlock(&registry_mu);
 }
 
-void luamp_exit_hooks_run(int when) {
+LUAMP_CHILD_PATH void luamp_exit_hooks_run(int when) {
   for (int i = n_exit_hooks - 1; i >= 0; i--)
     if (exit_hooks[i].when & when) exit_hooks[i].fn();
 }

@@ -95,6 +95,7 @@ typedef union luamp_self_page {
   struct {
     pid_t pid;                            /* 0 until first asked */
     volatile sig_atomic_t interrupt_mark;
+    unsigned processes_made;              /* Process objects made here (their identities) */
   } s;
   char page[4096];
 } luamp_self_page;
@@ -130,9 +131,21 @@ const char *luamp_spawn_executable(void);
  * without luamp_fork (a library's raw fork()) runs none of them; the owners cope
  * (the pid cache is wiped by the kernel in every child; handles check their owner pid). */
 void luamp_atfork(void (*prepare)(void), void (*parent)(pid_t pid), void (*child)(void));
+
+/* fflush(NULL) for a fork or a forked child's exit, which writes no page when no stream
+ * holds unwritten output (see base.c): what a fork would print twice, or an exit lose, is
+ * written first, as fflush(NULL) does. */
+void luamp_flush_stdio(void);
 void luamp_fork_prepare(void);
 void luamp_fork_parent(pid_t pid);
 void luamp_fork_child(void);
+
+/* For the code a forked child runs before its target and on its way out (luamp_fork, the
+ * child and child-exit hooks): gathered on a page or two of its own. The first touch of a
+ * page of the parent's memory, code included, costs a child ~4 us on the VMs luamp is
+ * measured on (the hypervisor maps it in), and these functions lay on seven pages, one or
+ * two per file. The linkers place every .text.hot.* section together. */
+#define LUAMP_CHILD_PATH __attribute__((section(".text.hot.luamp_child")))
 
 /* ---- exec hooks ---------------------------------------------------------------------------
  * Whoever starts a program with posix_spawn (a spawn child, a subprocess) asks for the

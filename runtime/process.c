@@ -93,6 +93,7 @@ static struct {
   int in_daemon;
   int forked_child;             /* made by luamp_fork (or a descendant of one) */
   pid_t parent_at_fork;         /* who forked this process, 0 in the first process */
+  int for_process;              /* forked by Process:start (_core.fork_process) */
   uint32_t slots_used;          /* bit i: slot[i] holds a record */
   child slot[CHILD_SLOTS];
 } reg __attribute__((aligned(4096)));
@@ -250,7 +251,7 @@ static int child_kill(child *c, int sig) {
   return kill(c->pid, sig);
 }
 
-void luamp_children_finish(void) {
+LUAMP_CHILD_PATH void luamp_children_finish(void) {
   /* a child that started none touches nothing here (not even the wiped page of its pid) */
   if (!reg.live) return;
   pid_t me = luamp_self_pid();
@@ -306,15 +307,19 @@ static void worker_sigdefault(sigset_t *set) {
 
 /* The fork hook (in any luamp fork's child): nothing in the inherited list is ours to
  * wait for. */
-static void children_after_fork(void) {
+LUAMP_CHILD_PATH static void children_after_fork(void) {
   if (reg.live) reg.live = NULL;
 }
 
+/* Set by l_fork around its luamp_fork, for reset_after_fork in the child. */
+static int forking_for_process;
+
 /* In a new child of luamp_fork, after the fork hooks: what `daemon` asks for. */
-static void reset_after_fork(int daemon, pid_t parent) {
+LUAMP_CHILD_PATH static void reset_after_fork(int daemon, pid_t parent) {
   reg.forked_child = 1;
   reg.in_daemon = daemon == LUAMP_FORK_DAEMON;
   reg.parent_at_fork = parent;
+  reg.for_process = forking_for_process;
   if (in_worker) {
     /* a worker's child: what the worker changed for itself is not inherited */
     for (int i = 0; i < N_WORKER_SIGNALS; i++) sigaction(worker_signals[i], &worker_inherited[i], NULL);
@@ -384,11 +389,12 @@ static void share_code_page_tables(void) {
   luamp_close_fd(co.mem);
 }
 
-pid_t luamp_fork(int daemon) {
+
+LUAMP_CHILD_PATH pid_t luamp_fork(int daemon) {
   sigset_t all, old;
   pid_t parent = luamp_self_pid();
   share_code_page_tables();
-  fflush(NULL);
+  luamp_flush_stdio();
   sigfillset(&all);
   sigprocmask(SIG_BLOCK, &all, &old);
   luamp_fork_prepare();
@@ -409,16 +415,40 @@ pid_t luamp_fork(int daemon) {
  * children are waited for, as Python flushes before joining them), the exit hooks settle
  * those children and give back the shared objects it inherited, stdio is flushed again,
  * and no atexit handler or finalizer of the parent's program runs. */
-_Noreturn void luamp_child_exit(int code) {
-  fflush(NULL);
+LUAMP_CHILD_PATH _Noreturn void luamp_child_exit(int code) {
+  luamp_flush_stdio();
   luamp_exit_hooks_run(LUAMP_AT_CHILD_EXIT);
-  fflush(NULL);
+  luamp_flush_stdio();
   _exit(code & 0xff);
 }
 
 static int pidfd_open_cloexec(pid_t pid) {
   /* pidfds are always close-on-exec */
   return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+/* The fd a new child's pidfd can take. A start holds one open before it forks (made by
+ * the first start, and again after one used it), so that a process out of fds fails to
+ * start (Value) rather than starting a child it cannot watch; the pidfd is opened without
+ * it unless the fd table is full. Kept from one start to the next, not made and closed
+ * around every fork: two system calls in the parent and one in the child fewer. A forked
+ * child inherits it (close-on-exec, like every fd of luamp's) as its own. */
+static int spare_fd = -1;
+
+static int hold_spare_fd(void) {
+  if (spare_fd < 0) spare_fd = eventfd(0, EFD_CLOEXEC);
+  return spare_fd;
+}
+
+/* The pidfd of a child just started, in the slot of the spare if it has to. */
+static int open_child_pidfd(pid_t pid) {
+  int fd = pidfd_open_cloexec(pid);
+  if (fd < 0 && (errno == EMFILE || errno == ENFILE) && spare_fd >= 0) {
+    luamp_close_fd(spare_fd);
+    spare_fd = -1;
+    fd = pidfd_open_cloexec(pid);
+  }
+  return fd;
 }
 
 /* ---- Lua binding ---------------------------------------------------------------------- */
@@ -515,15 +545,62 @@ static void bind_child_calls(lua_State *L) {
   lua_settop(L, top);
 }
 
+/* The child of _core.fork(entry, daemon, ...): entry(...); the exit code is its integer
+ * result (0 if none, 1 if it raised). */
+LUAMP_CHILD_PATH static _Noreturn void run_entry(lua_State *L, int nargs) {
+  lua_pushvalue(L, 1);
+  for (int i = 0; i < nargs; i++) lua_pushvalue(L, 3 + i);
+  int code = 0;
+  if (lua_pcall(L, nargs, 1, 0) != LUA_OK) {
+    fprintf(stderr, "%s\n", luaL_tolstring(L, -1, NULL));
+    code = 1;
+  } else if (lua_isinteger(L, -1)) {
+    code = (int)lua_tointeger(L, -1);
+  }
+  luamp_child_exit(code);
+}
+
+/* The child of _core.fork_process(daemon, handler, failed, self, fn, ...): fn(...) under
+ * the message handler, exit code 0; if it raised, failed(self, what the handler made)
+ * reports it and gives the exit code (1 if it raised too, or gave no integer). What
+ * xpcall would do, from C: a Lua function of its own between the fork and the target
+ * was more of the parent's pages for the child to touch (its closure, prototype and code,
+ * the interpreter's vararg and xpcall code). */
+LUAMP_CHILD_PATH static _Noreturn void run_process(lua_State *L, int nargs) {
+  lua_pushvalue(L, 5);
+  for (int i = 1; i <= nargs; i++) lua_pushvalue(L, 5 + i);
+  if (lua_pcall(L, nargs, 0, 2) == LUA_OK) luamp_child_exit(0);
+  lua_pushvalue(L, 3);
+  lua_insert(L, -2);
+  lua_pushvalue(L, 4);
+  lua_insert(L, -2);
+  int code = 1;
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK) fprintf(stderr, "%s\n", luaL_tolstring(L, -1, NULL));
+  else if (lua_isinteger(L, -1)) code = (int)lua_tointeger(L, -1);
+  luamp_child_exit(code);
+}
+
+static int fork_kind(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TSTRING && strcmp(lua_tostring(L, idx), "worker") == 0) return LUAMP_FORK_WORKER;
+  return lua_toboolean(L, idx) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
+}
+
 /* _core.fork(entry, [daemon], ...) -> Child handle in the parent. In the child, calls
  * entry(...) and exits with its integer result (0 if none, 1 if it raised); never
  * returns. daemon: true for a daemon, "worker" for a pool worker (see LUAMP_FORK_WORKER).
- * The arguments spare the caller a closure made for every child. */
-static int l_fork(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  int nargs = lua_gettop(L) > 2 ? lua_gettop(L) - 2 : 0;
-  int daemon = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "worker") == 0
-             ? LUAMP_FORK_WORKER : lua_toboolean(L, 2) ? LUAMP_FORK_DAEMON : LUAMP_FORK_PLAIN;
+ * The arguments spare the caller a closure made for every child.
+ * _core.fork_process(daemon, handler, failed, self, fn, ...): Process:start's fork (see
+ * run_process), which the child can tell (process_child_of). */
+LUAMP_CHILD_PATH static int fork_entry(lua_State *L, int for_process) {
+  int entry = for_process ? 5 : 1;
+  luaL_checktype(L, entry, LUA_TFUNCTION);
+  if (for_process) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+  }
+  int nargs = lua_gettop(L) - entry;
+  if (!for_process && nargs > 0) nargs--;   /* the daemon argument, between entry and args */
+  int daemon = fork_kind(L, for_process ? 1 : 2);
   if (reg.in_daemon) luamp_raise(L, "Value", "daemonic processes are not allowed to have children");
   bind_child_calls(L);
   luamp_install_child_os_exit(L);
@@ -531,51 +608,35 @@ static int l_fork(lua_State *L) {
   child_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->c = NULL;
   luaL_setmetatable(L, CHILD_MT);
-  /* The fd the child's pidfd will take, held across the fork: without it, a process out
-   * of fds would start a child it cannot watch. */
-  int spare = eventfd(0, EFD_CLOEXEC);
-  if (spare < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
+  if (hold_spare_fd() < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
   child *c = child_alloc();
-  if (!c) {
-    luamp_close_fd(spare);
-    luamp_raise(L, "Value", "out of memory");
-  }
+  if (!c) luamp_raise(L, "Value", "out of memory");
   /* The handle points at its record from before the fork, so that after it the parent
    * writes the registry page and no other. The child's copy of the handle is never used:
    * the child leaves from inside this call (luamp_child_exit), the handle still on its
    * stack. */
   u->c = c;
+  if (forking_for_process != for_process) forking_for_process = for_process;
   pid_t pid = luamp_fork(daemon);
   if (pid < 0) {
     int err = errno;
     u->c = NULL;
     child_discard(c);
-    luamp_close_fd(spare);
     luamp_raise_errno(L, "Value", "fork", err);
   }
   if (pid == 0) {
-    luamp_close_fd(spare);
-    /* the entry and its arguments, below the handle pushed above */
-    lua_pushvalue(L, 1);
-    for (int i = 0; i < nargs; i++) lua_pushvalue(L, 3 + i);
-    int code = 0;
-    if (lua_pcall(L, nargs, 1, 0) != LUA_OK) {
-      fprintf(stderr, "%s\n", luaL_tolstring(L, -1, NULL));
-      code = 1;
-    } else if (lua_isinteger(L, -1)) {
-      code = (int)lua_tointeger(L, -1);
-    }
-    luamp_child_exit(code);
+    /* the entry and its arguments are below the handle pushed above */
+    if (for_process) run_process(L, nargs);
+    run_entry(L, nargs);
   }
   child_init(c, pid, daemon);
   if (daemon == LUAMP_FORK_WORKER) {
     c->group = 1;
     setpgid(pid, pid);   /* as the child does: whichever runs first makes the group */
   }
-  luamp_close_fd(spare);
-  c->pidfd = pidfd_open_cloexec(pid);
+  c->pidfd = open_child_pidfd(pid);
   if (c->pidfd < 0 && errno != ENOSYS) {
-    /* Only another thread can have taken the reserved fd. The child has only just
+    /* Only another thread can have taken the spare fd. The child has only just
      * started: it goes (with its group) rather than run unwatched. */
     int err = errno;
     kill(pid, SIGKILL);
@@ -585,6 +646,19 @@ static int l_fork(lua_State *L) {
     luamp_raise_errno(L, "Value", "cannot start a process (pidfd_open)", err);
   }
   list_push(c);
+  return 1;
+}
+
+static int l_fork(lua_State *L) { return fork_entry(L, 0); }
+static int l_fork_process(lua_State *L) { return fork_entry(L, 1); }
+
+/* _core.process_child_of(pid) -> whether this process was forked by Process:start in the
+ * process `pid` (its bookkeeping inherited from there is its own to take over: see own()
+ * in process.lua). A process forked from such a child by anything else (a library's raw
+ * fork) answers for that child's parent, whose bookkeeping it also inherited. */
+static int l_process_child_of(lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  lua_pushboolean(L, reg.for_process && reg.parent_at_fork == pid);
   return 1;
 }
 
@@ -689,13 +763,10 @@ static int l_spawn(lua_State *L) {
   u->c = NULL;
   luaL_setmetatable(L, CHILD_MT);
   int sv[2] = {-1, -1};
-  int spare = eventfd(0, EFD_CLOEXEC);   /* the pidfd's fd, as in l_fork */
-  if (spare < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-    int err = errno;
-    luamp_close_fd(spare);
-    luamp_raise_errno(L, "Value", "cannot start a process", err);
-  }
+  /* the pidfd's fd, as in l_fork */
+  if (hold_spare_fd() < 0) luamp_raise_errno(L, "Value", "cannot start a process", errno);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    luamp_raise_errno(L, "Value", "cannot start a process", errno);
   /* adddup2 onto the same number would keep FD_CLOEXEC: never let the child's end be it */
   if (sv[1] == LUAMP_SPAWN_FD) {
     int moved = fcntl(sv[1], F_DUPFD_CLOEXEC, LUAMP_SPAWN_FD + 1);
@@ -706,7 +777,6 @@ static int l_spawn(lua_State *L) {
   if (!c) {
     luamp_close_fd(sv[0]);
     luamp_close_fd(sv[1]);
-    luamp_close_fd(spare);
     luamp_raise(L, "Value", "cannot start a process: out of memory or fds");
   }
   fflush(NULL);
@@ -716,14 +786,12 @@ static int l_spawn(lua_State *L) {
   if (rc != 0) {
     child_discard(c);
     luamp_close_fd(sv[0]);
-    luamp_close_fd(spare);
     lua_pushfstring(L, "cannot start a process: %s", exe);
     luamp_raise_errno(L, "Value", lua_tostring(L, -1), rc);
   }
   child_init(c, pid, daemon);
   c->group = daemon == LUAMP_FORK_WORKER;
-  luamp_close_fd(spare);
-  c->pidfd = pidfd_open_cloexec(pid);
+  c->pidfd = open_child_pidfd(pid);
   if (c->pidfd < 0 && errno != ENOSYS) {
     int err = errno;
     luamp_close_fd(sv[0]);
@@ -892,6 +960,21 @@ static int l_child_tostring(lua_State *L) {
 }
 
 static int l_getpid(lua_State *L) { lua_pushinteger(L, luamp_self_pid()); return 1; }
+
+/* count_process() -> the number of a Process made in this process (1, 2...);
+ * count_process(true) starts again from 1 (a spawn child: its first Process was its
+ * own). The count lives on the page every child finds zero (base.h), which a parent
+ * writes with no page fault after a fork: a Lua counter's page was one more the parent
+ * wrote, write-protected, between one start and the next. */
+static int l_count_process(lua_State *L) {
+  if (lua_toboolean(L, 1)) {
+    luamp_self.s.processes_made = 0;
+    return 0;
+  }
+  luamp_self_pid();   /* the page is wiped in children once set up (base.c) */
+  lua_pushinteger(L, ++luamp_self.s.processes_made);
+  return 1;
+}
 static int l_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
 static int l_is_daemon(lua_State *L) { lua_pushboolean(L, reg.in_daemon); return 1; }
 
@@ -955,10 +1038,13 @@ int luamp_open_process(lua_State *L) {
   };
   static const luaL_Reg fns[] = {
     {"fork", l_fork},
+    {"fork_process", l_fork_process},
+    {"process_child_of", l_process_child_of},
     {"spawn", l_spawn},
     {"spawn_child_setup", l_spawn_child_setup},
     {"set_executable", l_set_executable},
     {"getpid", l_getpid},
+    {"count_process", l_count_process},
     {"getppid", l_getppid},
     {"is_daemon", l_is_daemon},
     {"parent_pid", l_parent_pid},

@@ -7,6 +7,7 @@ local TR = require("luamp.trace")._T
 local U = require "luamp.util"
 
 local raise = U.raise
+local xpcall = xpcall
 
 -- private state of each Process, keyed by the object (ephemeron table)
 local S = setmetatable({}, {__mode = "k"})
@@ -14,15 +15,49 @@ local S = setmetatable({}, {__mode = "k"})
 local Process = {}
 local Process_mt = {}
 
--- Per-process bookkeeping, reset in each child.
-local current          -- the Process object (or MainProcess) for this process
--- (A forked child's prologue writes as little of the heap it shares with its parent as
--- it can: each page written there is a page copied. So it allocates nothing here.)
-local parent_pid, parent_name   -- of the process that started this one, or nil
-local children = {}    -- started and not yet known to have ended: object -> true; false
+-- Per-process bookkeeping, in one table, for the process whose pid is `pid` (the count
+-- of Process objects made here, which names them, is runtime/process.c's count_process).
+-- A forked child writes none of it before its target runs: each page a child writes of
+-- the heap it shares with its parent is a page copied (a page fault, ~20 us here), and
+-- setting these fields in the child wrote three (two of upvalues, and the new Process,
+-- marked by the collector's write barrier when it became `current`). The child takes
+-- them over on first use instead (own(), below): whatever reads them calls own() first.
+local me = {
+  pid = core.getpid(),
+  current = nil,       -- the Process object (or MainProcess) for this process
+  parent_pid = nil,    -- of the process that started this one, or nil
+  parent_name = nil,   -- its name, or its Process object (the name is made when asked for)
+  children = {},       -- started and not yet known to have ended: object -> true; false
                        -- in a forked child until it starts one
-local child_counter = 0
+}
 local P = {}           -- the public names (filled in below)
+
+-- The bookkeeping, made this process's own if it was inherited. A child forked by
+-- Process:start (runtime/process.c says which, and from which parent) becomes the Process
+-- its parent was starting, with no children: the one in its parent's `children` without
+-- a handle (start dropped any other before it forked, and sets the handle only in the
+-- parent, after the fork). A child of any other fork (a Pool worker, a manager, a
+-- library's raw fork) keeps what it inherited, as before.
+local function own()
+  local pid = core.getpid()
+  if me.pid == pid then return me end
+  if me.children and core.process_child_of(me.pid) then
+    local started
+    for p in pairs(me.children) do
+      if not S[p].handle then started = p; break end
+    end
+    if started then
+      local was = S[me.current]
+      -- the Process this one was, to a grandchild, keeps its pid (the parent's)
+      if not was.main and was.pid == nil and not was.handle then was.pid = me.pid end
+      me.parent_pid, me.parent_name = me.pid, me.current
+      me.current = started
+      me.children = false
+    end
+  end
+  me.pid = pid
+  return me
+end
 
 -- A Process's identity ("1", "2:1"...) and default name are made when first asked for:
 -- formatting them for every Process written the string table's pages (and the C
@@ -51,7 +86,7 @@ end
 -- forked child does not write down: see child_main).
 local function pid_of(self, s)
   if s.handle then return s.handle:pid() end
-  if self == current then return core.getpid() end
+  if self == own().current then return core.getpid() end
   return s.pid
 end
 
@@ -69,6 +104,7 @@ end
 
 local function note_exit(self, code)
   if code ~= nil then
+    local children = own().children
     if children and children[self] then
       if TR.on then TR.instant("exit", S[self].handle:pid(), {exitcode = code}) end
       children[self] = nil
@@ -149,41 +185,49 @@ function Process:run()
   if s.target then return s.target(U.unpack_args(s.args)) end
 end
 
--- The child's traceback ends where luamp called the target: the frames below belong to
--- the parent's program (its main chunk, a test runner) and would only mislead.
+-- The child's traceback ends where luamp called the target (xpcall in a spawn child, the
+-- fork itself in a forked one): the frames below belong to the parent's program (its main
+-- chunk, a test runner) and would only mislead.
 local function traceback_handler(e)
   local tb = core.error_report(e, 2)
   local cut = tb:find("\n%s*%(%.%.%.tail calls%.%.%.%)\n%s*%[C%]: in function 'xpcall'")
            or tb:find("\n%s*%[C%]: in function 'xpcall'")
+           or tb:find("\n%s*%[C%]: in [%w ]*'[%w_.]*fork_process'")
   return cut and tb:sub(1, cut - 1) or tb
 end
 
--- Runs in the child right after fork; its result is the exit code.
-local function child_main(self, parent)
-  local s = S[self]
-  if parent then
-    parent_pid, parent_name = parent.pid, parent.name
-  else
-    -- (the parent's name is made when asked for: parent_process)
-    parent_pid, parent_name = core.parent_pid(), current
-  end
-  -- the Process this one was, to a grandchild, keeps its pid (the parent's)
-  local was = S[current]
-  if not was.main and was.pid == nil and not was.handle then was.pid = parent_pid end
-  current = self
-  children = false
-  child_counter = 0
-  -- the top of the child: an Interrupted ends it here like any other error (reported,
-  -- exit code 1, as Python's KeyboardInterrupt does), and there is nothing to hand it on to
-  -- (stdout is flushed on the way out: luamp_child_exit in runtime/process.c, or the
-  -- exit of a spawn child; here only ahead of the report)
-  local ok, err = xpcall(self.run, traceback_handler, self)
-  if not ok then
-    io.stdout:flush()
-    io.stderr:write("Process ", name_of(s), ":\n", err, "\n")
-    io.stderr:flush()
-    return 1
-  end
+local function nothing() end
+
+-- What the child of self calls: its run method with self, or for the default run, the
+-- target with its arguments (what Process.run would call), found before the fork.
+local function run_call(self, s)
+  local run = self.run
+  if run ~= Process.run then return run, self end
+  if s.target == nil then return nothing end
+  return s.target, U.unpack_args(s.args)
+end
+
+-- A child's target raised (what traceback_handler made of it): reported, exit code 1.
+local function child_failed(self, err)
+  io.stdout:flush()
+  io.stderr:write("Process ", name_of(S[self]), ":\n", err, "\n")
+  io.stderr:flush()
+  return 1
+end
+
+-- The top of a spawn child, once it read its start message, with what run_call gave; the
+-- result is the exit code. A forked child does the same from C (run_process in
+-- runtime/process.c), reading as few objects as it can before its target runs: every page
+-- of memory it shares with its parent that it first touches costs it ~4 us on the VMs
+-- luamp is measured on (a written one ~20), and a Lua function here, Process.run's
+-- lookups (the Process's __index, S, the arguments' unpacking) touched a dozen.
+-- An Interrupted ends the child here like any other error (reported, exit code 1, as
+-- Python's KeyboardInterrupt does), and there is nothing to hand it on to (stdout is
+-- flushed on the way out: luamp_child_exit in runtime/process.c, or the exit of a spawn
+-- child; here only ahead of the report).
+local function child_main(self, fn, ...)
+  local ok, err = xpcall(fn, traceback_handler, ...)
+  if not ok then return child_failed(self, err) end
   return 0
 end
 
@@ -200,7 +244,7 @@ local function spawn_payload(self)
   local body, fds = core.dumpx({
     target = s.target, args = s.args, name = name_of(s), daemon = s.daemon,
     identity = identity_of(s), run = rawget(self, "run"), fields = fields,
-    parent_pid = core.getpid(), parent_name = name_of(S[current]),
+    parent_pid = core.getpid(), parent_name = name_of(S[own().current]),
   }, "args")
   return core.dumps({v = 1, path = package.path, cpath = package.cpath,
     daemon = s.kind or s.daemon, parent_pid = core.getpid(), body = body}), fds
@@ -210,12 +254,14 @@ function Process:start()
   local s = check_open(self)
   if s.handle then raise("Value", "cannot start a process twice") end
   if core.is_daemon() then raise("Value", "daemonic processes are not allowed to have children") end
+  local me = own()
   -- As Python's _cleanup, the children known to have ended (reaped by a join or by an
   -- earlier start: runtime/process.c) leave the list, so nothing keeps them from the
   -- collector; and this one joins it. Both before the start, not after: after a fork the
   -- parent writes as few pages as it can, each one being copied while the child runs. A
   -- start that failed leaves an entry without a handle, dropped here the next time.
-  if not children then children = {} end
+  if not me.children then me.children = {} end
+  local children = me.children
   for p in pairs(children) do
     local ps = S[p]
     local code = ps.handle and ps.handle:ended()
@@ -235,7 +281,7 @@ function Process:start()
     if not ok then error(h, 0) end
     s.handle = h
   else
-    s.handle = core.fork(child_main, s.daemon, self)
+    s.handle = core.fork_process(s.daemon, traceback_handler, child_failed, self, run_call(self, s))
   end
   if TR.on then
     local pid = s.handle:pid()
@@ -247,14 +293,14 @@ end
 function Process:join(timeout)
   U.check_timeout("join", timeout)
   local s = check_started(self, "join")
-  if self == current then raise("Value", "cannot join the current process") end
+  if self == own().current then raise("Value", "cannot join the current process") end
   local code = s.handle:wait(timeout)
   if code ~= nil then s.exitcode = note_exit(self, code) end
 end
 
 function Process:is_alive()
   local s = check_open(self)
-  if self == current then return true end
+  if self == own().current then return true end
   if not s.handle then return false end
   return exitcode(self) == nil
 end
@@ -272,6 +318,7 @@ function Process:close()
   if s.closed then return end
   if s.handle then
     s.handle:close()          -- raises Value while the child runs
+    local children = own().children
     if children then children[self] = nil end
   end
   s.closed = true
@@ -287,14 +334,15 @@ local function new_process(opts)
   if opts.args ~= nil and type(opts.args) ~= "table" then raise("Value", "Process: args must be a table") end
   if opts.name ~= nil and type(opts.name) ~= "string" then raise("Value", "Process: name must be a string") end
   local self = setmetatable({}, Process_mt)
-  child_counter = child_counter + 1
+  local me = own()
+  local counter = core.count_process()
   S[self] = {
     target = opts.target,
     args = opts.args,
-    creator = current, counter = child_counter,   -- identity_of
+    creator = me.current, counter = counter,   -- identity_of
     name = opts.name,
     daemon = opts.daemon and true or false,
-    authkey = S[current].authkey,     -- inherited, as in Python
+    authkey = S[me.current].authkey,     -- inherited, as in Python
   }
   if opts.run ~= nil then
     if type(opts.run) ~= "function" then raise("Value", "Process: run must be a function") end
@@ -311,7 +359,7 @@ local main = setmetatable({}, Process_mt)
 -- authkey: random per process tree; children inherit it (managers default to it)
 S[main] = {name = "MainProcess", identity = "", main = true, daemon = false, pid = core.getpid(),
   authkey = core.random_bytes(32)}
-current = main
+me.current = main
 
 -- A handle on the process that started this one: pid, name, is_alive, join, sentinel.
 local Parent = {}
@@ -339,16 +387,19 @@ local parent_obj
 function P.Process(opts) return new_process(opts) end
 
 function P.current_process()
+  local current = own().current
   -- the pid is read live: after a raw fork outside luamp, it is still right
   if S[current].main then S[current].pid = core.getpid() end
   return current
 end
 
 function P.parent_process()
+  local me = own()
+  local parent_pid = me.parent_pid
   if not parent_pid then return nil end
   if not parent_obj or parent_obj.pid ~= parent_pid then
-    if type(parent_name) ~= "string" then parent_name = name_of(S[parent_name]) end
-    parent_obj = setmetatable({pid = parent_pid, name = parent_name,
+    if type(me.parent_name) ~= "string" then me.parent_name = name_of(S[me.parent_name]) end
+    parent_obj = setmetatable({pid = parent_pid, name = me.parent_name,
       sentinel = core.pidfd_open(parent_pid)}, Parent)
   end
   return parent_obj
@@ -356,7 +407,7 @@ end
 
 function P.active_children()
   local list = {}
-  for p in pairs(children or {}) do
+  for p in pairs(own().children or {}) do
     if S[p].handle and exitcode(p) == nil then list[#list + 1] = p end
   end
   table.sort(list, function(a, b) return identity_of(S[a]) < identity_of(S[b]) end)
@@ -442,7 +493,14 @@ function P._spawn_main(bytes, fds)
   local self = new_process(opts)
   S[self].identity = inner.identity
   S[self].method = "spawn"
-  return child_main(self, {pid = inner.parent_pid, name = inner.parent_name})
+  local me = own()
+  me.parent_pid, me.parent_name = inner.parent_pid, inner.parent_name
+  local was = S[me.current]
+  if not was.main and was.pid == nil and not was.handle then was.pid = me.parent_pid end
+  me.current = self
+  me.children = false
+  core.count_process(true)
+  return child_main(self, run_call(self, S[self]))
 end
 
 -- the program a spawn child runs (default: see runtime/spawn.c)
