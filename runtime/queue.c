@@ -94,7 +94,7 @@
 #define NSPARE 4               /* chunks left by consumers, handed straight to producers */
 #define SPARE_WAIT 0.005       /* seconds a producer may wait for a spare chunk */
 #define SPARE_IDLE 0.001       /* ... as long as the consumers took an item this recently */
-#define SPARE_SPIN 64          /* rounds of that wait spent spinning before yielding the CPU */
+#define SPARE_SPIN 64          /* rounds of that wait between looks at the consumers (a power of 2) */
 #define SPIN_MIN 32            /* spin rounds (a pause each, tens of ns) */
 #define SPIN_MAX 4096
 #define LOCK_SPIN 200          /* first lock spin budget, in pause rounds (~20 ns each) */
@@ -705,6 +705,7 @@ static uint64_t take_spare(queue *q, uint64_t tail_chunk) {
   qshm *s = q->shm;
   double until = 0, idle_until = 0;
   uint64_t gets = 0;
+  int stalled = 0;   /* the consumers took nothing in the last look's interval */
   for (int round = 0;; round++) {
     for (int i = 0; i < NSPARE; i++) {
       if (__atomic_load_n(&s->spare[i], __ATOMIC_RELAXED) == 0) continue;
@@ -729,18 +730,20 @@ static uint64_t take_spare(queue *q, uint64_t tail_chunk) {
       double now = luamp_now();
       until = now + SPARE_WAIT;
       idle_until = now + SPARE_IDLE;
-    } else if ((round & 63) == 0) {
+    } else if (stalled || (round & (SPARE_SPIN - 1)) == 0) {
       double now = luamp_now();
       uint64_t g = gets_of(s);
-      if (g != gets) { gets = g; idle_until = now + SPARE_IDLE; }
+      stalled = g == gets;
+      if (!stalled) { gets = g; idle_until = now + SPARE_IDLE; }
       if (now >= until || now >= idle_until) return 0;
     }
-    /* After a short spin, the CPU is given away at every round: the consumers may be
-     * waiting for it (one free CPU, or both processes pinned to one), and then a spin
-     * to the end of SPARE_IDLE cost a millisecond per chunk (1 KiB items on one CPU:
-     * 245k items/s, the producer spinning a quarter of each chunk's time). */
-    if (round < SPARE_SPIN) relax(SPIN_STRIDE);
-    else sched_yield();
+    /* Consumers that took nothing for SPARE_SPIN rounds are not running: the CPU is
+     * given away at every round until they take again (they may be waiting for it: one
+     * free CPU, or both processes pinned to one). A spin to the end of SPARE_IDLE cost
+     * a millisecond per chunk then (1 KiB items on one CPU: 245k items/s). Consumers
+     * that are taking items run elsewhere: the spin goes on without system calls. */
+    if (stalled) sched_yield();
+    else relax(SPIN_STRIDE);
   }
 }
 
