@@ -35,6 +35,9 @@ void luamp_close_fd(int fd);
  * full (the Pool's rings, big codec buffers, big Lua blocks). A hint: 0 done, -1 not (the
  * pages then come by faults as before). */
 int luamp_populate(void *p, size_t n, int write);
+/* A cache of freed 1-4 KiB blocks over L's allocator (alloc.c); the luamp program puts it
+ * on each state it makes. */
+void luamp_alloc_cache_on(lua_State *L);
 #define LUAMP_POPULATE_MIN (64u << 10)    /* smaller blocks are left to faults */
 
 /* One pause of a spin-wait loop: tells the CPU (and a hypervisor) that this thread is

@@ -12,7 +12,7 @@
 
 -- Lowest first. A file may call files of its own layer (without a circle) and below.
 local LAYERS = {
-  {"base", {"base", "loop", "luamp_embedded", "luamp_bytecode"}},   -- lua/ as C data (source, bytecode)
+  {"base", {"base", "loop", "alloc", "luamp_embedded", "luamp_bytecode"}},   -- lua/ as C data (source, bytecode)
   {"services", {"error", "wait", "interrupt", "sched"}},
   {"codec", {"handles", "codec", "bytecode"}},
   {"objects", {"arena", "sync", "shared", "connection", "queue", "auth", "redis",

@@ -165,6 +165,22 @@ describe("Queue", function()
     assert.equal("still here", q:get())
   end)
 
+  it("takes only a queue as self: other userdata and other kinds are refused", function()
+    local q, s = luamp.Queue(), luamp.SimpleQueue()
+    for _, other in ipairs{io.stdout, luamp.Value("i", 0), luamp.Array("d", 200), {}, 1} do
+      assert.has_error(function() q.put(other, 1) end)
+      assert.has_error(function() q.get(other) end)
+      assert.is_false(luamp._core.is_queue(other))
+    end
+    -- the queue's cookie is per object: a queue of another kind is still a queue
+    s:put("x")
+    assert.equal("x", q.get(s))
+    assert.is_true(luamp._core.is_queue(s) and luamp._core.is_queue(q))
+    q:close()
+    H.raises("Closed", q.put, q, 1)
+    assert.is_true(luamp._core.is_queue(q))
+  end)
+
   it("has a readable tostring", function()
     local q = luamp.Queue(100)
     q:put(1); q:put(2); q:put(3)
