@@ -44,6 +44,24 @@ describe("Pool parent overhead", function()
     end)
   end
 
+  it("a worker runs a big chunk of a map with 7 Lua VM instructions per item (task included)", function()
+    -- the loop (4: get the argument, call, store, loop) and the task x * x (2), counted in
+    -- the worker by a hook its initializer set; before: 8 (the argument's index was
+    -- worked out per item)
+    local pool <close> = luamp.Pool{processes = 1, initializer = function()
+      _G.VM_COUNT = 0
+      debug.sethook(function() _G.VM_COUNT = _G.VM_COUNT + 1 end, "", 1)
+    end}
+    pool:map(sq, {1, 2})
+    local count = function() return _G.VM_COUNT end
+    local c0 = pool:apply(count)
+    local r = pool:map(sq, range(20000), 20000)
+    local c1 = pool:apply(count)
+    assert.equal(20000 * 20000, r[20000])
+    local per = (c1 - c0) / 20000
+    assert.is_true(per < 7.5, string.format("%.2f VM instructions per item", per))
+  end)
+
   it("a worker that dies in a run fails its chunk alone; the run's other chunks run elsewhere (imap)", function()
     local pool <close> = luamp.Pool(2)
     local function f(x)

@@ -203,6 +203,10 @@ local function exec_chunk(task, mode, n, abytes, afds, stamp, run_args, off, out
   if mode == MAP then
     if stamp then
       for i = 1, n do stamp(); out[i] = task(args[off + i]) end
+    elseif off == 0 then
+      -- (the arguments from their first item: one VM instruction of eight per item
+      -- less)
+      for i = 1, n do out[i] = task(args[i]) end
     else
       for i = 1, n do out[i] = task(args[off + i]) end
     end
