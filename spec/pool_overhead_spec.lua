@@ -83,6 +83,24 @@ describe("Pool parent overhead", function()
     assert.is_true(per < 7.5, string.format("%.2f VM instructions per item", per))
   end)
 
+  it("a worker runs tiny tasks of chunksize 1 with about 9 Lua VM instructions each", function()
+    -- the loop over the run's items and the task, and the answer's share: before, a list
+    -- of every chunk's size was made for each answer (23 per task), used only if the
+    -- answers had to go one by one
+    local pool <close> = luamp.Pool{processes = 1, initializer = function()
+      _G.VM_COUNT = 0
+      debug.sethook(function() _G.VM_COUNT = _G.VM_COUNT + 1 end, "", 1)
+    end}
+    local items = range(4000)
+    pool:map(sq, items, 1)   -- (the estimate)
+    local count = function() return _G.VM_COUNT end
+    local c0 = pool:apply(count)
+    local r = pool:map(sq, items, 1)
+    local per = (pool:apply(count) - c0) / 4000
+    assert.equal(4000 * 4000, r[4000])
+    assert.is_true(per < 15, string.format("%.2f VM instructions per task", per))
+  end)
+
   it("a worker that dies in a run fails its chunk alone; the run's other chunks run elsewhere (imap)", function()
     local pool <close> = luamp.Pool(2)
     local function f(x)

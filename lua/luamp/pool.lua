@@ -339,18 +339,18 @@ local function send_result(conn, ring, jobid, k, okc, dt, res, t0, rn)
 end
 
 -- Sends the answers held for coalescing (p: {jobid, first k, count, dt, results, t0,
--- items, {n of each chunk}}) as one message whose tag says how many chunks it answers;
--- if they cannot be encoded together, chunk by chunk as before (each with its own
--- error).
+-- items, chunk size}: whole chunks, the last one maybe short) as one message whose tag
+-- says how many chunks it answers; if they cannot be encoded together, chunk by chunk
+-- as before (each with its own error).
 local function flush_coalesced(conn, ring, p)
   if p[3] > 1 then
     local oke, sent = worker_post_value(conn, ring, {p[1], p[2], true, p[4], p[5], p[6], p[7]},
       p[3], p[5], p[7])
     if oke then return sent end
   end
-  local res, pos, ns = p[5], 0, p[8]
+  local res, pos, cs, items = p[5], 0, p[8], p[7]
   for j = 1, p[3] do
-    local n = ns[j]
+    local n = math.min(cs, items - pos)
     local part = j == 1 and p[3] == 1 and res or table.move(res, pos + 1, pos + n, 1, core.table_new(n))
     pos = pos + n
     if not send_result(conn, ring, p[1], p[2] + j - 1, true, p[4] / p[3], part, p[6]) then
@@ -435,11 +435,11 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       local res = out
       if from > 1 or upto < n then res = table.move(out, from, upto, 1, core.table_new(upto - from + 1)) end
       local nch = (upto - from) // cs + 1
-      local sizes = {}
-      for j = 1, nch do sizes[j] = math.min(cs, upto - (from + (j - 1) * cs) + 1) end
       local t = now()
+      -- (the size of each chunk is worked out only if they go one by one: a list of
+      -- them was half the worker's work on chunks of one tiny task)
       local ok = flush_coalesced(conn, ring, {jobid, k + (from - 1) // cs, nch, t - t0,
-        res, t0, upto - from + 1, sizes})
+        res, t0, upto - from + 1, cs})
       from, t0 = upto + 1, t
       return ok
     end
