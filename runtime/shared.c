@@ -243,6 +243,7 @@ typedef struct shared_ud {
   const tcode *tc;
   uint64_t n;
   const void *value_key;   /* this state's interned "value" (see l_value_index) */
+  const void *get_lock_key;  /* and "get_lock" (kept alive as a key of the methods table) */
   luamp_ref ref;
 } shared_ud;
 
@@ -261,6 +262,9 @@ static shared_ud *new_shared_ud(lua_State *L, uint64_t magic) {
   u->magic = magic;
   lua_pushliteral(L, "value");
   u->value_key = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  lua_pushliteral(L, "get_lock");
+  u->get_lock_key = lua_topointer(L, -1);
   lua_pop(L, 1);
   luaL_setmetatable(L, magic == VALUE_MAGIC ? "luamp.Value" : "luamp.Array");
   return u;
@@ -365,9 +369,10 @@ static int l_shared_attach(lua_State *L) {
   return 1;
 }
 
+/* The lock is a Lock's or RLock's table, or false. */
 static void push_lock(lua_State *L, int idx, const char *what) {
-  lua_getiuservalue(L, idx, 1);
-  if (!lua_toboolean(L, -1)) luamp_raise(L, "Value", "this %s was made without a lock", what);
+  if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE)
+    luamp_raise(L, "Value", "this %s was made without a lock", what);
 }
 
 static int l_shared_close(lua_State *L) {
@@ -463,9 +468,15 @@ static inline int push_int_fast(lua_State *L, const tcode *tc, const char *p) {
 
 static int l_value_index(lua_State *L) {
   shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 0);
-  if (lua_topointer(L, 2) == u->value_key) {
+  const void *key = lua_topointer(L, 2);
+  if (key == u->value_key) {
     if (!u->data) luamp_raise(L, "Value", "Value is closed");
     if (!push_int_fast(L, u->tc, u->data)) push_elem(L, u->tc, u->data);
+    return 1;
+  }
+  /* the other lookup in a loop (v:get_lock() around an update), without the table */
+  if (key == u->get_lock_key) {
+    lua_pushcfunction(L, l_value_get_lock);
     return 1;
   }
   lua_pushvalue(L, 2);

@@ -13,7 +13,10 @@
  * it looks at the word only every SPIN_POLL and takes the lock only once it stayed free
  * from one look to the next with no release in between (a release count beside the
  * word tells), so a holder that loops over short critical sections keeps the lock and
- * its data in its own cache instead of passing both across on every turn; after
+ * its data in its own cache instead of passing both across on every turn. A waiter that
+ * sees the holder release again and again without getting a chance (a loop of short
+ * critical sections) naps instead (lock_nap), looking once after each nap, so that the
+ * holder runs on undisturbed and makes no futex calls; after
  * SPIN_MAX (or SPIN_STILL of a holder doing nothing) it sleeps on the futex, and a woken
  * waiter that finds the lock taken again spins once more before it sleeps (rather than
  * have the holder wake it on its next release). Sleepers are counted beside the word, so that a waiter that takes the lock
@@ -106,6 +109,9 @@ enum { K_LOCK = 0x4c4b4c31, K_RLOCK, K_SEM, K_BSEM, K_EVENT, K_COND, K_BARRIER }
 #define SPIN_POLL 2e-6           /* a spinning waiter looks at the word this often... */
 #define SPIN_MAX 100e-6          /* ...for this long, before it sleeps in the kernel */
 #define SPIN_STILL 20e-6         /* or for this long if the holder neither releases nor leaves */
+#define SPIN_BUSY 3              /* looks in a row that saw a release: the holder loops */
+#define NAP_FIRST 20e-6          /* a waiter outrun by a looping holder naps this long... */
+#define NAP_MAX 200e-6           /* ...twice as long after each nap it was outrun again */
 
 typedef struct lock_obj {
   uint32_t kind;
@@ -159,10 +165,48 @@ static int pid_dead(pid_t pid) {
   return n > 0;
 }
 
+/* Never written: the polite waiter's naps are futex waits on it that only time out. */
+static _Atomic uint32_t nap_word;
+
+/* A polite waiter that a holder outran: the holder releases and takes the lock again
+ * faster than the waiter can look (a loop of short critical sections in another process).
+ * Spinning on would pull the lock's line away from the holder on every look, and sleeping
+ * on the word (WAITERS) would make the holder's next release a futex call and hand the
+ * lock across, again and again. So the waiter naps on a word nobody wakes, a little longer
+ * each time it is outrun again, and looks once after each nap: a free lock it takes, a
+ * holder still looping means another nap, and a holder that stopped (no release since the
+ * last look: a long critical section, or gone) leaves it to the ordinary sleep on the word,
+ * which the release ends. The holder meanwhile runs on at full speed, as a C futex mutex's
+ * holder does while its waiter is in the kernel. Returns as lock_spin does. */
+static int lock_nap(lock_obj *o, uint32_t me, double deadline, uint32_t seen) {
+  double nap = NAP_FIRST;
+  for (;;) {
+    double now = luamp_now();
+    if (deadline >= 0 && now >= deadline) return 0;
+    double until = now + nap;
+    if (deadline >= 0 && deadline < until) until = deadline;
+    if (luamp_futex_wait(&nap_word, 0, until) == -2) return -2;
+    uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
+    if (c & WAITERS) return 0;
+    if (c == 0) {
+      uint32_t w = atomic_load_explicit(&o->sleepers, memory_order_relaxed) ? WAITERS : 0;
+      if (atomic_compare_exchange_strong_explicit(&o->word, &c, me | w, memory_order_acquire,
+                                                  memory_order_relaxed))
+        return 1;
+      continue;
+    }
+    uint32_t n = atomic_load_explicit(&o->released, memory_order_relaxed);
+    if (n == seen) return 0;
+    seen = n;
+    nap = nap * 2 < NAP_MAX ? nap * 2 : NAP_MAX;
+  }
+}
+
 /* Waits for a lock held by another process without sleeping: 1 acquired, 0 when it
  * stops (someone sleeps on the word, SPIN_MAX or the deadline passed, or the holder did
  * nothing for SPIN_STILL: a long critical section, or a holder not running, is not worth
- * a processor), -2 on a pending interrupt.
+ * a processor), -2 on a pending interrupt. A polite waiter that SPIN_BUSY looks in a row
+ * found released again naps instead (lock_nap).
  * A polite waiter (a user's acquire) looks at the word every SPIN_POLL only, reading (a
  * look moves the cache line away from the holder, who then pays a miss), and takes the
  * lock only when it stayed free from one look to the next with no release in between:
@@ -176,6 +220,7 @@ static int lock_spin(lock_obj *o, uint32_t me, double deadline, int polite) {
   if (deadline >= 0 && deadline < end) end = deadline;
   uint32_t last = atomic_load_explicit(&o->word, memory_order_relaxed);
   uint32_t seen = atomic_load_explicit(&o->released, memory_order_relaxed);
+  int busy = 0;
   while (now < end && now - active < SPIN_STILL) {
     double next = now + (polite ? SPIN_POLL : 0);
     do {
@@ -187,6 +232,8 @@ static int lock_spin(lock_obj *o, uint32_t me, double deadline, int polite) {
     if (c & WAITERS) return 0;
     uint32_t n = atomic_load_explicit(&o->released, memory_order_relaxed);
     if (c != last || n != seen) active = now;
+    busy = n != seen ? busy + 1 : 0;
+    if (polite && busy >= SPIN_BUSY) return lock_nap(o, me, deadline, n);
     if (c == 0 && (!polite || (last == 0 && n == seen))) {
       uint32_t w = atomic_load_explicit(&o->sleepers, memory_order_relaxed) ? WAITERS : 0;
       if (atomic_compare_exchange_strong_explicit(&o->word, &c, me | w, memory_order_acquire,
@@ -237,12 +284,14 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int polite, int 
         continue;
       }
     }
+    /* the deadline before WAITERS: a waiter that will not sleep must not leave the
+     * holder's release a futex call that wakes nobody (acquire(false) did, every time) */
+    double now = luamp_now();
+    if (deadline >= 0 && now >= deadline) return 0;
     if (!(c & WAITERS)) {
       if (!atomic_compare_exchange_strong(&o->word, &c, c | WAITERS)) continue;
       c |= WAITERS;
     }
-    double now = luamp_now();
-    if (deadline >= 0 && now >= deadline) return 0;
     double until = now + slice;
     if (deadline >= 0 && deadline < until) until = deadline;
     /* a waiter killed in its sleep leaves the count high: releases then wake for

@@ -2,8 +2,10 @@
  * without SA_RESTART), a pending interrupt ends them, and the Lua-level waits (Lock,
  * Semaphore, Event, Condition, Barrier) behave the same: full timeouts despite EINTR,
  * Interrupted when a Ctrl-C arrives. A release after a contended acquire makes no futex
- * call when nobody else sleeps on the lock. */
+ * call when nobody else sleeps on the lock, nor after failed tries, nor while a waiter
+ * waits for a holder that loops over the lock. */
 #include <dlfcn.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -194,6 +196,28 @@ static void test_release_wakes_only_sleepers(void) {
   CHECK(futex_wakes == before, "the release woke nobody with %d futex calls", futex_wakes - before);
 }
 
+static int l_futex_wakes(lua_State *L);
+
+/* acquire(false) of a Lock another process holds fails without leaving WAITERS behind:
+ * the holder's release then makes no futex call (it made one after every failed try). */
+static void test_failed_try_leaves_no_wake(void) {
+  const char *err = run(
+    "local l, held, go, wakes = luamp.Lock(), luamp.Event(), luamp.Event(), luamp.Value('i', -1)\n"
+    "local p = luamp.Process{target = function()\n"
+    "  l:acquire(); held:set(); go:wait()\n"
+    "  local w = futex_wakes(); l:release(); wakes.value = futex_wakes() - w\n"
+    "end}\n"
+    "p:start(); held:wait()\n"
+    "for _ = 1, 3 do assert(l:acquire(false) == false, 'the lock is held') end\n"
+    "go:set(); p:join()\n"
+    "try_wakes = wakes.value");
+  CHECK(err == NULL, "failed tries: %s", err);
+  lua_getglobal(L, "try_wakes");
+  int wakes = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  CHECK(wakes == 0, "the holder's release made %d futex wakes after failed tries", wakes);
+}
+
 /* A Lock held by another process: a waiter first spins (sync.c lock_spin), then sleeps;
  * a Ctrl-C already pending, or arriving during the wait, ends it with Interrupted, and a
  * timeout shorter than the spin is kept. */
@@ -230,6 +254,66 @@ static void test_contended_interrupt_and_timeout(void) {
   CHECK(err == NULL, "after: %s", err);
 }
 
+/* pin_cpu(n): this process runs on CPU n only (nil: on every CPU again); false if it cannot. */
+static int l_pin_cpu(lua_State *L) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (lua_isnil(L, 1)) for (int i = 0; i < CPU_SETSIZE; i++) CPU_SET(i, &set);
+  else CPU_SET((int)luaL_checkinteger(L, 1), &set);
+  lua_pushboolean(L, sched_setaffinity(0, sizeof set, &set) == 0);
+  return 1;
+}
+
+static int l_futex_wakes(lua_State *L) {
+  lua_pushinteger(L, futex_wakes);
+  return 1;
+}
+
+/* A child loops over a short critical section (scripts/bench/sync.sh's counter does) while
+ * this process takes the same lock now and then: waiting for it must not turn the holder's
+ * releases into futex calls (sync.c lock_nap). It did for nearly every acquire that had to
+ * wait: the waiter slept with WAITERS set, so the holder's next release woke it, and the
+ * holder had the lock again before the woken waiter looked, so that went on. A holder taken
+ * off its CPU while it holds the lock still earns its waiter a sleep and itself a wake, so
+ * on a loaded machine a round may see a few: up to five rounds, one of them must be clean
+ * (fewer wakes than a quarter of the waits; the old code made about one per wait). */
+static void test_looping_holder_not_woken(void) {
+  if (sysconf(_SC_NPROCESSORS_ONLN) < 2) return;   /* the holder must run beside us */
+  lua_register(L, "pin_cpu", l_pin_cpu);
+  int wakes = -1, waits = 0;
+  for (int round = 0; round < 5; round++) {
+    const char *err = run(
+      "local l, stop, wakes = luamp.Lock(), luamp.Value('i', 0), luamp.Value('i', -1)\n"
+      "local count = luamp.Value('i', 0, {lock = false})\n"
+      "pin_cpu(0)   -- the holder on the other CPU, so that it runs while we wait\n"
+      "local p = luamp.Process{target = function()\n"
+      "  assert(pin_cpu(1)); local w = futex_wakes()\n"
+      "  while stop.value == 0 do l:acquire(); count.value = count.value + 1; l:release() end\n"
+      "  wakes.value = futex_wakes() - w\n"
+      "end}\n"
+      "p:start()\n"
+      "local waited = 0\n"
+      "for _ = 1, 50 do\n"
+      "  local c = count.value\n"
+      "  while count.value < c + 200 do end   -- the child is looping\n"
+      "  if l:locked() then waited = waited + 1 end\n"
+      "  l:acquire(); l:release()\n"
+      "end\n"
+      "stop.value = 1; p:join(); pin_cpu(nil)\n"
+      "holder_wakes, waits = wakes.value, waited");
+    CHECK(err == NULL, "looping holder: %s", err);
+    lua_getglobal(L, "holder_wakes");
+    lua_getglobal(L, "waits");
+    wakes = (int)lua_tointeger(L, -2);
+    waits = (int)lua_tointeger(L, -1);
+    lua_pop(L, 2);
+    printf("looping holder, round %d: %d futex wakes for %d waits\n", round + 1, wakes, waits);
+    if (err || (waits >= 10 && wakes >= 0 && wakes * 4 < waits)) break;
+  }
+  CHECK(waits >= 10 && wakes >= 0 && wakes * 4 < waits,
+        "the holder made %d futex wakes while %d acquires waited", wakes, waits);
+}
+
 int main(void) {
   test_futex_deadline(0);
   test_futex_deadline(1);
@@ -244,6 +328,9 @@ int main(void) {
   test_raw_fork_child_frees_nothing();
   test_release_wakes_only_sleepers();
   test_contended_interrupt_and_timeout();
+  lua_register(L, "futex_wakes", l_futex_wakes);
+  test_failed_try_leaves_no_wake();
+  test_looping_holder_not_woken();
   lua_close(L);
   if (failures) return 1;
   puts("test_sync: ok");
