@@ -44,27 +44,6 @@ describe("Pool parent overhead", function()
     end)
   end
 
-  it("a worker takes tiny tasks 512 to a message (chunksize 1)", function()
-    -- the worker's takes from its ring, counted by a call hook its initializer set: 4,000
-    -- tasks known to be tiny go out in runs of up to 512 (8 messages, about 10 takes with
-    -- the empty ones before a wait); before, at most 128 chunks a worker (about 42)
-    local pool <close> = luamp.Pool{processes = 1, initializer = function()
-      _G.TAKES = 0
-      local take = debug.getregistry()["luamp.PoolRing"].__index.take
-      debug.sethook(function()
-        if debug.getinfo(2, "f").func == take then _G.TAKES = _G.TAKES + 1 end
-      end, "c")
-    end}
-    local items = range(4000)
-    pool:map(sq, items, 1)   -- (the estimate)
-    local count = function() return _G.TAKES end
-    local c0 = pool:apply(count)
-    local r = pool:map(sq, items, 1)
-    local takes = pool:apply(count) - c0
-    assert.equal(4000 * 4000, r[4000])
-    assert.is_true(takes <= 24, takes .. " takes")
-  end)
-
   it("a worker runs a big chunk of a map with 7 Lua VM instructions per item (task included)", function()
     -- the loop (4: get the argument, call, store, loop) and the task x * x (2), counted in
     -- the worker by a hook its initializer set; before: 8 (the argument's index was

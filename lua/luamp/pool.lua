@@ -86,7 +86,7 @@ local IDLE40 = MASK40
 local SEQMASK = (1 << 23) - 1
 local TIMEOUT_POLL = 0.01       -- how often a timed chunk not yet started is looked at
 local FN_CACHE = 64             -- functions a worker keeps
-local MAX_AHEAD = 512           -- chunks one worker may hold (tiny ones: see capacity)
+local MAX_AHEAD = 128           -- chunks one worker may hold
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
 local TINY_CHUNK = 5e-5         -- a chunk this short runs on busy workers only (tiny_busy)
 local STALL_MIN = 0.02          -- a busy worker's chunk this far past its estimate: stalled
@@ -1064,9 +1064,7 @@ end
 -- work (topped up once half of it is done, so that one message carries many), or a
 -- single long chunk waiting behind the running one while there is work enough for every
 -- worker. So the worker does not wait for the parent between chunks, and no chunk waits
--- behind a long task while another worker is idle. (MAX_AHEAD binds only for tiny
--- chunks: 512 of them a message, since a run's chunks cost the parent no table each; at
--- 128, each worker slept and was woken four times as often, for nothing.)
+-- behind a long task while another worker is idle.
 -- (per, left and want depend on the job alone: dispatch_round works them out once per
 -- round, with job_want; held is held_by(w).)
 local function job_want(st, job)
