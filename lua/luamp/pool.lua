@@ -93,6 +93,7 @@ local STALL_MIN = 0.02          -- a busy worker's chunk this far past its estim
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
 local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
 local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
+local RUN_OWN_HEAP = 256        -- a worker's first run this long copies its heap (own_heap)
 local TERM_GRACE = 1.0          -- seconds between SIGTERM and SIGKILL in terminate
 local NIL = setmetatable({}, {__name = "luamp.pool.nil"})   -- a nil result in a buffer
 local FAILED = {__name = "luamp.pool.failed"}   -- metatable of a failed chunk's mark
@@ -203,6 +204,10 @@ local function exec_chunk(task, mode, n, abytes, afds, stamp, run_args, off, out
   if mode == MAP then
     if stamp then
       for i = 1, n do stamp(); out[i] = task(args[off + i]) end
+    elseif off == 0 then
+      -- (the arguments from their first item: one VM instruction of eight per item
+      -- less)
+      for i = 1, n do out[i] = task(args[i]) end
     else
       for i = 1, n do out[i] = task(args[off + i]) end
     end
@@ -335,18 +340,18 @@ local function send_result(conn, ring, jobid, k, okc, dt, res, t0, rn)
 end
 
 -- Sends the answers held for coalescing (p: {jobid, first k, count, dt, results, t0,
--- items, {n of each chunk}}) as one message whose tag says how many chunks it answers;
--- if they cannot be encoded together, chunk by chunk as before (each with its own
--- error).
+-- items, chunk size}: whole chunks, the last one maybe short) as one message whose tag
+-- says how many chunks it answers; if they cannot be encoded together, chunk by chunk
+-- as before (each with its own error).
 local function flush_coalesced(conn, ring, p)
   if p[3] > 1 then
     local oke, sent = worker_post_value(conn, ring, {p[1], p[2], true, p[4], p[5], p[6], p[7]},
       p[3], p[5], p[7])
     if oke then return sent end
   end
-  local res, pos, ns = p[5], 0, p[8]
+  local res, pos, cs, items = p[5], 0, p[8], p[7]
   for j = 1, p[3] do
-    local n = ns[j]
+    local n = math.min(cs, items - pos)
     local part = j == 1 and p[3] == 1 and res or table.move(res, pos + 1, pos + n, 1, core.table_new(n))
     pos = pos + n
     if not send_result(conn, ring, p[1], p[2] + j - 1, true, p[4] / p[3], part, p[6]) then
@@ -372,9 +377,16 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
   local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
-  -- before the first of them: the heap left by the fork is copied at once (core.own_heap)
+  -- before the first of them, or the first long run of small chunks: the heap left by
+  -- the fork is copied at once (core.own_heap), before the garbage collector's marking
+  -- writes into every page of it (a fault each, with a TLB flush: in a fresh Pool(2)
+  -- worker, 20,000 tasks of chunksize 1 took 14-19 ms of CPU instead of 2)
+  local heap_owned = false
   local function big_tables()
-    if not out and not argbuf then core.own_heap() end
+    if not heap_owned then
+      heap_owned = true
+      core.own_heap()
+    end
   end
   -- Runs one chunk and answers it; false when the worker must stop (the parent is gone,
   -- or maxtasks chunks are done). (A run's COALESCE is ignored here: with maxtasks,
@@ -431,11 +443,11 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
       local res = out
       if from > 1 or upto < n then res = table.move(out, from, upto, 1, core.table_new(upto - from + 1)) end
       local nch = (upto - from) // cs + 1
-      local sizes = {}
-      for j = 1, nch do sizes[j] = math.min(cs, upto - (from + (j - 1) * cs) + 1) end
       local t = now()
+      -- (the size of each chunk is worked out only if they go one by one: a list of
+      -- them was half the worker's work on chunks of one tiny task)
       local ok = flush_coalesced(conn, ring, {jobid, k + (from - 1) // cs, nch, t - t0,
-        res, t0, upto - from + 1, sizes})
+        res, t0, upto - from + 1, cs})
       from, t0 = upto + 1, t
       return ok
     end
@@ -486,6 +498,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes = msg[i + 5]
+      if math.type(abytes) == "integer" and n >= RUN_OWN_HEAP then big_tables() end
       if math.type(abytes) == "integer" and mode >= COALESCE and not maxtasks then
         if -abytes < 1 or not run_args then return 0 end
         if not run_coalesced(jobid, k, fid, mode - COALESCE, n, -abytes, run_args) then return 0 end
@@ -903,22 +916,15 @@ local function produce_run(st, job, m)
   local run = {bytes = bytes, first = first,
                mode = job.kind == "map" and job.mode + COALESCE or job.mode,
                size = #bytes * cs // (last - first + 1)}
-  local out = {}
-  local k = job.next_k
-  local full = last - (last - first + 1) % cs   -- the chunks before a short last one
-  local j = 0
-  for f = first, full, cs do
-    k, j = k + 1, j + 1
-    out[j] = {job = job, k = k, first = f, n = cs, run = run}
-  end
-  if full < last then
-    k, j = k + 1, j + 1
-    out[j] = {job = job, k = k, first = full + 1, n = last - full, run = run}
-  end
-  job.next_k = k
+  -- the run's chunks are one span (see split_head): no table per chunk
+  local total = last - first + 1
+  local span = (total + cs - 1) // cs
+  local c = {job = job, k = job.next_k + 1, first = first, n = cs, run = run, span = span,
+             total = total}
+  job.next_k = job.next_k + span
   job.pulled = last
   if last >= job.len then job.exhausted = true end
-  return out, #bytes
+  return {c}, #bytes
 end
 
 -- The oldest job that can make a chunk now (jobs whose imap window is full are passed
@@ -976,7 +982,7 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0,
-             owed = 0, got = {}}
+             owed = 0, got = {}, extra = 0}
   local okr, ring = pcall(core.ring_new)   -- re-raised
   if not okr then a:close(); b:close(); error(ring, 0) end
   w.ring = ring
@@ -1037,6 +1043,13 @@ local function remove_worker(st, w)
   U.pcall(w.handle.close, w.handle)   -- frees the pidfd once reaped
 end
 
+-- The chunks w holds (its queue's entries, and the chunks of its spans beyond their
+-- first: see queue_add_all).
+local function held_by(w)
+  local q = w.inflight
+  return q.last - q.first + 1 + w.extra
+end
+
 -- Chunks not yet handed out: the rest of job, and at least one per other waiting job.
 local function backlog(st, job)
   local n = dq_len(job.retry) + dq_len(st.feed) - 1
@@ -1052,21 +1065,26 @@ end
 -- single long chunk waiting behind the running one while there is work enough for every
 -- worker. So the worker does not wait for the parent between chunks, and no chunk waits
 -- behind a long task while another worker is idle.
-local function capacity(st, w, job)
-  if w.dead or w.stopping or w.sending or w.broken or w.timeout_kill then return 0 end
-  local held = dq_len(w.inflight)
-  local room = MAX_AHEAD - held
-  if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
-  if room <= 0 then return 0 end
+-- (per, left and want depend on the job alone: dispatch_round works them out once per
+-- round, with job_want; held is held_by(w).)
+local function job_want(st, job)
   local est = job.fe.est
-  if not est then return held == 0 and 1 or 0 end
+  if not est then return nil end
   local per = math.max(est * job.chunksize, 1e-7)
   -- a fair share at most: the estimate comes from earlier chunks and may be far off
   -- (shared among as many workers as run at once: see tiny_busy)
   local left = backlog(st, job)
   local sharers = #st.workers
   if st.oversub and per < TINY_CHUNK then sharers = math.min(sharers, st.ncpu) end
-  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
+  return per, left, math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
+end
+
+local function capacity(st, w, held, per, left, want)
+  if w.dead or w.stopping or w.sending or w.broken or w.timeout_kill then return 0 end
+  local room = MAX_AHEAD - held
+  if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
+  if room <= 0 then return 0 end
+  if not per then return held == 0 and 1 or 0 end
   if held == 0 then return math.max(1, math.min(room, want)) end
   if w.unknown > 0 or w.ahead_bytes >= AHEAD_BYTES then return 0 end
   if want >= 2 then
@@ -1079,6 +1097,11 @@ local function capacity(st, w, job)
 end
 
 -- Bookkeeping of a worker's queue: the work it holds, as far as it is known.
+-- An entry of the queue is a chunk, or a span: the consecutive chunks of one run
+-- (produce_run) in one table, span of them, total items, n in each but the last (a
+-- run of 20,000 tasks of chunk size 1 made and took back a table per task: most of the
+-- parent's work). Its est and ahead are those of one chunk. The chunks a worker holds
+-- are the entries plus w.extra (the spans' chunks beyond their first).
 -- Adds chunks to w's queue, with what is known of their work and bytes.
 local function queue_add_all(w, chunks)
   local q = w.inflight
@@ -1089,22 +1112,41 @@ local function queue_add_all(w, chunks)
     local c = chunks[i]
     last = last + 1
     q[last] = c
+    local m = c.span or 1
+    if m > 1 then w.extra = w.extra + m - 1 end
     local est = c.job.fe.est
     if est then
       local e = est * c.n
       c.est = e
-      qe = qe + e
+      qe = qe + e * m
     else
-      unknown = unknown + 1
+      unknown = unknown + m
     end
     local a = busy and (c.run and c.run.size or c.bytes and #c.bytes) or 0   -- (lazy: send_lazy)
     c.ahead = a
-    ahead = ahead + a
+    ahead = ahead + a * m
   end
   q.last, w.queued_est, w.unknown, w.ahead_bytes = last, qe, unknown, ahead
 end
 
+-- Makes the first chunk of the span at the head of w's queue (if it is one of more
+-- than one chunk) an entry of its own, before it.
+local function split_head(w)
+  local q = w.inflight
+  local c = q[q.first]
+  if not c or not c.span or c.span < 2 then return end
+  local n = c.n
+  local x = {job = c.job, k = c.k, first = c.first, n = n, run = c.run, est = c.est,
+             ahead = c.ahead}
+  c.k, c.first, c.span, c.total = c.k + 1, c.first + n, c.span - 1, c.total - n
+  if c.span == 1 then c.n = c.total end
+  w.extra = w.extra - 1
+  q.first = q.first - 1
+  q[q.first] = x
+end
+
 local function queue_pop(w)
+  split_head(w)
   local c = dq_pop(w.inflight)
   if not c then return nil end
   if c.est then w.queued_est = w.queued_est - c.est else w.unknown = w.unknown - 1 end
@@ -1117,35 +1159,57 @@ local function queue_pop(w)
 end
 
 -- Takes the count chunks a coalesced answer covers off w's queue: consecutive chunks of
--- one map job over consecutive items; returns the first and the items they hold, or nil
--- (nothing taken: the worker broke the protocol).
+-- one map job over consecutive items; returns the first (as {job, k, first}) and the
+-- items they hold, or nil (nothing taken: the worker broke the protocol). A span is
+-- taken whole, or its first chunks (what is left of it stays at the head).
 local function queue_pop_run(w, count)
   local q = w.inflight
   local f = q.first
-  if count > q.last - f + 1 then return nil end
   local c = q[f]
+  if not c or count > held_by(w) then return nil end
   local job, k, nextf = c.job, c.k, c.first
   if job.kind ~= "map" then return nil end
-  local items = 0
-  for j = 0, count - 1 do
-    local x = q[f + j]
-    if x.job ~= job or x.k ~= k + j or x.first ~= nextf or x.timed then return nil end
-    nextf = x.first + x.n
-    items = items + x.n
+  local items, left, i = 0, count, f
+  while left > 0 do
+    local x = q[i]
+    if x.job ~= job or x.k ~= k or x.first ~= nextf or x.timed then return nil end
+    local m = x.span or 1
+    if m > left then
+      items = items + left * x.n
+      left = 0
+    else
+      local xi = m > 1 and x.total or x.n
+      items = items + xi
+      nextf, k, left, i = nextf + xi, k + m, left - m, i + 1
+    end
   end
+  local head = {job = job, k = c.k, first = c.first, n = items}
   local qe, unknown, ahead = w.queued_est, w.unknown, w.ahead_bytes
-  for j = f, f + count - 1 do
-    local x = q[j]
-    q[j] = nil
-    if x.est then qe = qe - x.est else unknown = unknown - 1 end
-    ahead = ahead - (x.ahead or 0)
-    x.bytes, x.run = nil, nil
+  left = count
+  while left > 0 do
+    local x = q[f]
+    local m = x.span or 1
+    local t = m > left and left or m
+    if x.est then qe = qe - x.est * t else unknown = unknown - t end
+    ahead = ahead - (x.ahead or 0) * t
+    if t == m then
+      q[f] = nil
+      f = f + 1
+      x.bytes, x.run = nil, nil
+      if m > 1 then w.extra = w.extra - (m - 1) end
+    else
+      -- the first t chunks of a span: the rest stays
+      x.k, x.first, x.span, x.total = x.k + t, x.first + t * x.n, m - t, x.total - t * x.n
+      if x.span == 1 then x.n = x.total end
+      w.extra = w.extra - t
+    end
+    left = left - t
   end
-  q.first = f + count
+  q.first = f
   if q.first > q.last then qe = 0 end   -- no drift from float sums
   w.queued_est, w.unknown, w.ahead_bytes = qe, unknown, ahead
   w.busy_since = now()
-  return c, items
+  return head, items
 end
 
 local function remember_fn(w, fe, defs)
@@ -1221,7 +1285,8 @@ local function send_chunks(st, w, chunks)
     local last = chunks[#chunks]
     msg[3] = first.run.bytes
     msg[4], msg[5], msg[6], msg[7], msg[8], msg[9] =
-      job.id, first.k, fe.id, first.run.mode, last.first + last.n - first.first, -job.chunksize
+      job.id, first.k, fe.id, first.run.mode,
+      last.first + (last.span and last.total or last.n) - first.first, -job.chunksize
   else
     for _, c in ipairs(chunks) do
       local job = c.job
@@ -1239,7 +1304,12 @@ local function send_chunks(st, w, chunks)
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
   queue_add_all(w, chunks)
-  w.sent = w.sent + #chunks
+  local nchunks = #chunks
+  for i = 1, nchunks do
+    local m = chunks[i].span
+    if m then nchunks = nchunks + m - 1 end
+  end
+  w.sent = w.sent + nchunks
   local data = dumps(msg)
   w.sending = true
   local ok, err = pcall(send_message, w, data, chunks)   -- Interrupted re-raised
@@ -1307,14 +1377,17 @@ end
 -- tiny tasks at 0.57x the rate of Pool(2) on 2 CPUs). A worker whose chunk runs far past
 -- its estimate (blocked, or a long task) does not count: the next one is woken then.
 local function tiny_busy(st)
-  local busy, t = 0, now()
-  for _, w in ipairs(st.workers) do
+  local busy, t, ncpu = 0, now(), st.ncpu
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
     if w.inflight.first <= w.inflight.last and not w.dead
         and t - w.busy_since < math.max(4 * w.queued_est, STALL_MIN) then
       busy = busy + 1
+      if busy >= ncpu then return true end
     end
   end
-  return busy >= st.ncpu
+  return false
 end
 
 -- Hands out chunks while some worker can take them: each goes to the worker holding
@@ -1322,12 +1395,24 @@ end
 local function dispatch_round(st)
   local job = feed_head(st)
   if not job then return false end
-  local best, cap
-  local est = st.oversub and job.fe.est
-  local only_busy = est and est * job.chunksize < TINY_CHUNK and tiny_busy(st)
-  for _, w in ipairs(st.workers) do
-    local c = (not only_busy or w.inflight.first <= w.inflight.last) and capacity(st, w, job) or 0
-    if c > 0 and (not best or dq_len(w.inflight) < dq_len(best.inflight)) then best, cap = w, c end
+  local best, cap, best_held
+  local per, left, want = job_want(st, job)
+  local only_busy = st.oversub and per and per < TINY_CHUNK and tiny_busy(st)
+  local ws = st.workers
+  for i = 1, #ws do
+    local w = ws[i]
+    if not only_busy or w.inflight.first <= w.inflight.last then
+      -- (a worker holding as many as the best so far cannot be chosen: its capacity is
+      -- not worked out; and none holds fewer than none)
+      local held = held_by(w)
+      if not best or held < best_held then
+        local c = capacity(st, w, held, per, left, want)
+        if c > 0 then
+          best, cap, best_held = w, c, held
+          if held == 0 then break end
+        end
+      end
+    end
   end
   if not best then return false end
   if cap >= 2 then
@@ -1637,6 +1722,7 @@ end
 local function requeue_inflight(st, w)
   local rest = {}
   while true do
+    split_head(w)   -- (a span goes back chunk by chunk)
     local r = dq_pop(w.inflight)
     if not r then break end
     rest[#rest + 1] = r
@@ -1727,6 +1813,7 @@ function worker_ended(st, w, code)
   drain(st, w, true)
   remove_worker(st, w)
   if w.timeout_kill then st.dying = st.dying - 1 end
+  split_head(w)
   local c = dq_pop(w.inflight)
   if TR.on and c then TR.instant("WorkerLost", w.pid, {exitcode = code}) end
   if c then
