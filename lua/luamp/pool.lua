@@ -1245,6 +1245,17 @@ end
 -- ring when they fit (the worker decodes them where they lie), else on the socket behind
 -- a marker; with descriptors always on the socket. chunks: a list, or a single chunk
 -- (send_direct).
+-- Ends a send to w begun with w.sending = true: a failed send re-raises Interrupted (Ctrl-C
+-- wins) and otherwise marks the worker broken; its sentinel will tell, and what it was sent
+-- goes with it.
+local function send_done(w, ok, err)
+  w.sending = false
+  if not ok then
+    if is_error(err, "Interrupted") then error(err, 0) end
+    w.broken = true
+  end
+end
+
 local function send_message(w, data, chunks)
   local list = chunks.job and {chunks} or chunks
   local follow = 0
@@ -1313,12 +1324,7 @@ local function send_chunks(st, w, chunks)
   local data = dumps(msg)
   w.sending = true
   local ok, err = pcall(send_message, w, data, chunks)   -- Interrupted re-raised
-  w.sending = false
-  if not ok then
-    if is_error(err, "Interrupted") then error(err, 0) end
-    -- the worker is gone: its sentinel will tell, and these chunks go with it
-    w.broken = true
-  end
+  send_done(w, ok, err)
 end
 
 -- Sends chunk c of a lazy_job to w, as a message of its own followed by its arguments,
@@ -1340,11 +1346,7 @@ local function send_lazy(st, w, c)
     -- nothing was put
     local err = pre_in
     local okp, e2 = pcall(post, w, dumps({defs or false, drops or false, false}))
-    w.sending = false
-    if not okp then
-      if is_error(e2, "Interrupted") then error(e2, 0) end
-      w.broken = true
-    end
+    send_done(w, okp, e2)
     job_finish(st, job, false, item_error(core.table_slice(job.list, c.first, last), c.n, c.first, err))
     return
   end
@@ -1363,12 +1365,7 @@ local function send_lazy(st, w, c)
       if fds then fds:close() end
     end
   end
-  w.sending = false
-  if not ok then
-    if is_error(pre_in, "Interrupted") then error(pre_in, 0) end
-    -- the worker is gone: its sentinel will tell, and this chunk goes with it
-    w.broken = true
-  end
+  send_done(w, ok, pre_in)
 end
 
 -- With more workers than CPUs, chunks known to be tiny (TINY_CHUNK) go to at most one
@@ -2405,11 +2402,7 @@ local function send_direct(st, job)
       msg[1], msg[2], msg[9] = false, false, false
       w.sending = true
       local ok, err = pcall(send_message, w, data, c)   -- Interrupted re-raised
-      w.sending = false
-      if not ok then
-        if is_error(err, "Interrupted") then error(err, 0) end
-        w.broken = true
-      end
+      send_done(w, ok, err)
       return true
     end
   end
