@@ -61,10 +61,18 @@ describe_ns("broker across network namespaces", function()
   teardown(teardown_all)
 
   it("maps 10,000 items while one worker namespace is torn down mid-run", function()
-    local function start(n, addr)
+    -- The cut must find b inside a task, holding entries that a then has to claim, and a
+    -- must not finish the map before b took any: a's tasks wait for the file "go"; once b
+    -- has run tasks the spec makes "hold", b's next task makes "held" and never ends, and
+    -- only then come "go" and the cut. (Before, on a loaded machine b could hold nothing
+    -- at the cut, or start when the map was over, and a claimed nothing.)
+    local gate = dir .. "/gate"
+    must("mkdir " .. gate)
+    local function start(n, addr, side)
       local log = os.tmpname()
       local w = {log = log}
-      w.proc = sp.Popen({"ip", "netns", "exec", n, H.host, "worker", "--broker", "redis://" .. addr .. ":6379/0",
+      w.proc = sp.Popen({"ip", "netns", "exec", n, "env", "LUAMP_SPEC_SIDE=" .. side,
+        "LUAMP_SPEC_GATE=" .. gate, H.host, "worker", "--broker", "redis://" .. addr .. ":6379/0",
         "--queue", "spread", "--authkey", "k", "--processes", "2", "-v"},
         {stderr = io.open(log, "w"), stdout = "devnull"})
       function w.text() return R.read_file(log) end
@@ -74,26 +82,50 @@ describe_ns("broker across network namespaces", function()
       workers[#workers + 1] = w
       return w
     end
-    local a = start(ns.w1, "10.77.1.1")
-    local b = start(ns.w2, "10.77.2.1")
+    local a = start(ns.w1, "10.77.1.1", "a")
+    local b = start(ns.w2, "10.77.2.1", "b")
     -- the caller runs beside Redis; it prints progress so the spec knows the map is going
     local script = H.script([[
       local luamp = require "luamp"
       local pool = luamp.Pool{broker = "redis://10.77.1.1:6379/0", queue = "spread", authkey = "k", lease = 2}
       local items = {}
       for i = 1, 10000 do items[i] = i end
-      local r = pool:map(function(x) luamp.sleep(0.0005); return x * 3 end, items, 20)
+      local r = pool:map(function(x)
+        local gate = os.getenv("LUAMP_SPEC_GATE")
+        local function exists(name)
+          local f = io.open(gate .. "/" .. name)
+          if f then f:close() end
+          return f ~= nil
+        end
+        if os.getenv("LUAMP_SPEC_SIDE") == "a" then
+          while not exists("go") do luamp.sleep(0.005) end
+        elseif exists("hold") then
+          io.open(gate .. "/held", "w"):close()
+          luamp.sleep(3600)            -- cut off and killed in here
+        end
+        luamp.sleep(0.0005)
+        return x * 3
+      end, items, 20)
       local bad = 0
       for i = 1, 10000 do if r[i] ~= i * 3 then bad = bad + 1 end end
       print(#r, r.n, bad)
     ]])
     local caller = sp.Popen({"ip", "netns", "exec", ns.r, H.host, script}, {stdout = "pipe", stderr = "pipe"})
-    -- tear down w2's namespace once both workers are running tasks
-    local deadline = luamp.time() + 60
-    while not (a.text():find("task %x+:%d+") and b.text():find("task %x+:%d+")) do
-      assert(luamp.time() < deadline, "workers never started:\n" .. a.text() .. b.text())
-      luamp.sleep(0.02)
+    -- tear down w2's namespace once a is running tasks and b is stuck in one
+    local function until_true(what, cond)
+      local deadline = luamp.time() + 60       -- (a hang guard only)
+      while not cond() do
+        assert(luamp.time() < deadline, what .. ":\n" .. a.text() .. b.text())
+        luamp.sleep(0.02)
+      end
     end
+    local function exists(name) return sh("test -e " .. gate .. "/" .. name) end
+    until_true("workers never started", function()
+      return a.text():find("task %x+:%d+") and b.text():find("task %x+:%d+")
+    end)
+    must("touch " .. gate .. "/hold")
+    until_true("b never held a task", function() return exists("held") end)
+    must("touch " .. gate .. "/go")
     must(in_ns(ns.w2, "ip link del v" .. tag .. "b"))      -- cut off (the pair goes too)
     sh("for p in $(ip netns pids " .. ns.w2 .. "); do kill -9 $p; done")
     b.proc:wait()
