@@ -243,7 +243,10 @@ typedef struct shared_ud {
   const tcode *tc;
   uint64_t n;
   const void *value_key;   /* this state's interned "value" (see l_value_index) */
-  const void *get_lock_key;  /* and "get_lock" (kept alive as a key of the methods table) */
+  const void *get_lock_key;  /* and "get_lock" and "add" (kept alive as keys of the */
+  const void *add_key;       /* methods table) */
+  unsigned int_size;       /* 4 or 8 for a signed integer typecode of that size (the usual
+                            * counters: their hot paths skip the general codec), else 0 */
   luamp_ref ref;
 } shared_ud;
 
@@ -266,8 +269,19 @@ static shared_ud *new_shared_ud(lua_State *L, uint64_t magic) {
   lua_pushliteral(L, "get_lock");
   u->get_lock_key = lua_topointer(L, -1);
   lua_pop(L, 1);
+  lua_pushliteral(L, "add");
+  u->add_key = lua_topointer(L, -1);
+  lua_pop(L, 1);
   luaL_setmetatable(L, magic == VALUE_MAGIC ? "luamp.Value" : "luamp.Array");
   return u;
+}
+
+/* The shape of the elements at data, once they are known to fit the block. */
+static void set_shape(shared_ud *u, const tcode *tc, uint64_t n, char *data) {
+  u->tc = tc;
+  u->n = n;
+  u->int_size = tc->kind == SIGNED && (tc->size == 4 || tc->size == 8) ? tc->size : 0;
+  u->data = data;
 }
 
 static void set_lock(lua_State *L, int lock_idx) {
@@ -287,9 +301,7 @@ static shared_ud *alloc_shared(lua_State *L, uint64_t magic, const tcode *tc, ui
                                   sizeof *h + n * tc->size);
   h->code = (uint32_t)tc->code;
   h->n = n;
-  u->tc = tc;
-  u->n = n;
-  u->data = (char *)(h + 1);
+  set_shape(u, tc, n, (char *)(h + 1));
   return u;
 }
 
@@ -348,9 +360,7 @@ static int l_shared_attach(lua_State *L) {
     luamp_ref_release(&u->ref);
     luamp_raise(L, "Value", "cannot attach shared object: its header is damaged");
   }
-  u->tc = tc;
-  u->n = n;
-  u->data = (char *)(h + 1);
+  set_shape(u, tc, n, (char *)(h + 1));
   /* the object this process already has, if it is open: its reference stays, ours goes */
   luamp_ref_push_key(L, &u->ref);
   const char *key = lua_tostring(L, -1);
@@ -412,9 +422,32 @@ static int l_value_get_lock(lua_State *L) {
   return 1;
 }
 
-/* v:add(n) -> the new value, atomically (no lock needed) */
-static int l_value_add(lua_State *L) {
-  shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 1);
+/* v:add(n) for an integer n and a signed 4- or 8-byte counter, without the general codec
+ * (no __int128, no typecode table): 1 done, the new value pushed; 0 for any other case,
+ * and for a result out of range, which the general path then reports. */
+static int add_int_fast(lua_State *L, shared_ud *u) {
+  if (!u->int_size || !lua_isinteger(L, 2)) return 0;
+  lua_Integer d = lua_tointeger(L, 2), r;
+  if (u->int_size == 4) {
+    int32_t *p = (int32_t *)u->data;
+    int32_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    do {
+      if (__builtin_add_overflow((lua_Integer)cur, d, &r) || r != (int32_t)r) return 0;
+    } while (!__atomic_compare_exchange_n(p, &cur, (int32_t)r, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  } else {
+    int64_t *p = (int64_t *)u->data;
+    int64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    do {
+      if (__builtin_add_overflow((lua_Integer)cur, d, &r)) return 0;
+    } while (!__atomic_compare_exchange_n(p, &cur, (int64_t)r, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  }
+  lua_pushinteger(L, r);
+  return 1;
+}
+
+/* v:add(n) for any typecode and number, through the general codec (its own function, so
+ * that the fast path's frame stays small) */
+static __attribute__((noinline)) int value_add_general(lua_State *L, shared_ud *u) {
   const tcode *tc = u->tc;
   num d = check_num(L, 2, "increment");
   uint64_t cur = load_bits(tc, u->data), nb;
@@ -437,6 +470,13 @@ static int l_value_add(lua_State *L) {
   return 1;
 }
 
+/* v:add(n) -> the new value, atomically (no lock needed) */
+static int l_value_add(lua_State *L) {
+  shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 1);
+  if (add_int_fast(L, u)) return 1;
+  return value_add_general(L, u);
+}
+
 /* v:cas(old, new) -> true if the value was old (compared as stored) and is now new */
 static int l_value_cas(lua_State *L) {
   shared_ud *u = to_shared(L, 1, VALUE_MAGIC, 1);
@@ -456,12 +496,11 @@ static inline shared_ud *open_value(lua_State *L) {
   return to_shared(L, 1, VALUE_MAGIC, 1);   /* raises the right error */
 }
 
-/* An element of a signed integer typecode of 4 or 8 bytes (the usual counters) read and
- * pushed without the general decoder; 0 for any other typecode. */
-static inline int push_int_fast(lua_State *L, const tcode *tc, const char *p) {
-  if (tc->kind != SIGNED) return 0;
-  if (tc->size == 4) lua_pushinteger(L, (int32_t)__atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED));
-  else if (tc->size == 8) lua_pushinteger(L, (int64_t)__atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED));
+/* The element of a Value of a signed integer typecode of 4 or 8 bytes (the usual
+ * counters) read and pushed without the general decoder; 0 for any other typecode. */
+static inline int push_int_fast(lua_State *L, const shared_ud *u) {
+  if (u->int_size == 4) lua_pushinteger(L, __atomic_load_n((const int32_t *)u->data, __ATOMIC_RELAXED));
+  else if (u->int_size == 8) lua_pushinteger(L, __atomic_load_n((const int64_t *)u->data, __ATOMIC_RELAXED));
   else return 0;
   return 1;
 }
@@ -471,7 +510,12 @@ static int l_value_index(lua_State *L) {
   const void *key = lua_topointer(L, 2);
   if (key == u->value_key) {
     if (!u->data) luamp_raise(L, "Value", "Value is closed");
-    if (!push_int_fast(L, u->tc, u->data)) push_elem(L, u->tc, u->data);
+    if (!push_int_fast(L, u)) push_elem(L, u->tc, u->data);
+    return 1;
+  }
+  /* and v:add(n), the atomic counter's, without the methods table */
+  if (key == u->add_key) {
+    lua_pushcfunction(L, l_value_add);
     return 1;
   }
   /* the other lookup in a loop (v:get_lock() around an update), without the table */
@@ -506,7 +550,18 @@ static int l_value_newindex(lua_State *L) {
   shared_ud *u = open_value(L);
   if (lua_topointer(L, 2) != u->value_key)
     luamp_raise(L, "Value", "a Value has no settable field '%s'", luaL_tolstring(L, 2, NULL));
-  if (lua_isinteger(L, 3) && store_int_fast(u->tc, u->data, lua_tointeger(L, 3))) return 0;
+  if (lua_isinteger(L, 3)) {
+    lua_Integer i = lua_tointeger(L, 3);
+    if (u->int_size == 4 && i == (int32_t)i) {
+      __atomic_store_n((int32_t *)u->data, (int32_t)i, __ATOMIC_RELAXED);
+      return 0;
+    }
+    if (u->int_size == 8) {
+      __atomic_store_n((int64_t *)u->data, (int64_t)i, __ATOMIC_RELAXED);
+      return 0;
+    }
+    if (store_int_fast(u->tc, u->data, i)) return 0;
+  }
   store_bits(u->tc, u->data, check_elem(L, 3, u->tc, "value"));
   return 0;
 }

@@ -133,6 +133,35 @@ describe("Value", function()
     H.raises("Value", q.add, q, 1)
   end)
 
+  -- the counters' fast paths (signed 4- and 8-byte integers) keep every check of the
+  -- general one
+  it("keeps the range checks of 'i' and 'q' at their limits", function()
+    local i = luamp.Value("i", 2147483646, {lock = false})
+    assert.equal(2147483647, i:add(1))
+    H.raises("Value", i.add, i, 1)
+    assert.equal(2147483647, i.value)
+    assert.equal(-2147483648, i:add(-4294967295))
+    H.raises("Value", i.add, i, -1)
+    H.raises("Value", i.add, i, math.mininteger)
+    assert.equal(-2147483648, i.value)
+    H.raises("Value", function() i.value = 2147483648 end)
+    H.raises("Value", function() i.value = -2147483649 end)
+    i.value = -2147483648
+    assert.equal(-2147483648, i.value)
+    assert.equal(-2147483646, i:add(2.0))       -- an integral float adds as the general path does
+    H.raises("Value", i.add, i, 0.5)
+    H.raises("Value", i.add, i, "1")
+    assert.equal(-2147483646, i.value)
+    assert.equal("integer", math.type(i.value))
+    local q = luamp.Value("q", math.mininteger + 1)
+    assert.equal(math.mininteger, q:add(-1))
+    H.raises("Value", q.add, q, -1)
+    assert.equal(math.mininteger, q.value)
+    q.value = math.maxinteger
+    assert.equal(math.maxinteger, q.value)
+    assert.equal(-1, q:add(math.mininteger))
+  end)
+
   it("has an RLock by default, none with {lock = false}, or the one given", function()
     local v = luamp.Value("i", 0)
     assert.truthy(tostring(v:get_lock()):match("^<RLock"))
