@@ -382,21 +382,26 @@ static int interrupt_pending(void) {
 /* The lock word is shared memory too. glibc keeps the mutex's type in it: garbage there
  * sends pthread_mutex_lock down paths that assert or wait for ever, so the type is
  * checked against a mutex made here the same way before the lock is touched. */
-static int lock_type_ok(const pthread_mutex_t *lock) {
+static int lock_kind = -1;   /* (glibc) the __kind of a mutex made here, see lock_type_ok */
+
+static void lock_kind_init(void) {
 #ifdef __GLIBC__
-  static int expected = -1;
-  if (expected < 0) {
-    pthread_mutex_t m;
-    pthread_mutexattr_t ma;
-    pthread_mutexattr_init(&ma);
-    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
-    pthread_mutex_init(&m, &ma);
-    pthread_mutexattr_destroy(&ma);
-    expected = m.__data.__kind;
-    pthread_mutex_destroy(&m);
-  }
-  return __atomic_load_n(&lock->__data.__kind, __ATOMIC_RELAXED) == expected;
+  pthread_mutex_t m;
+  pthread_mutexattr_t ma;
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(&m, &ma);
+  pthread_mutexattr_destroy(&ma);
+  lock_kind = m.__data.__kind;
+  pthread_mutex_destroy(&m);
+#endif
+}
+
+static inline int lock_type_ok(const pthread_mutex_t *lock) {
+#ifdef __GLIBC__
+  if (__builtin_expect(lock_kind < 0, 0)) lock_kind_init();
+  return __atomic_load_n(&lock->__data.__kind, __ATOMIC_RELAXED) == lock_kind;
 #else
   (void)lock;
   return 1;
@@ -458,14 +463,9 @@ static int lock_owner_bogus(queue *q, const pthread_mutex_t *lock) {
  * raise) and a lock word that is garbage is recognised (Q_CORRUPT). A live holder that
  * keeps the lock (a stopped process) is waited for up to the deadline, but at least
  * LOCK_GRACE seconds, then Q_TIMEOUT; deadline < 0: for as long as it takes. */
-static int q_lock(queue *q, int which, double deadline) {
+static __attribute__((noinline)) int q_lock_slow(queue *q, int which, double deadline, int rc) {
   qshm *s = q->shm;
   pthread_mutex_t *lock = lock_of(s, which);
-  if (!lock_type_ok(lock)) {
-    s->corrupt = 1;
-    return Q_CORRUPT;
-  }
-  int rc = pthread_mutex_trylock(lock);
   int spins = rc == EBUSY && ncpus() > 1 ? q->lock_spin : 0;
   int i;
   for (i = 0; rc == EBUSY && i < spins; i++) {
@@ -515,6 +515,18 @@ static int q_lock(queue *q, int which, double deadline) {
   return Q_OK;
 }
 
+/* The uncontended case inline (one trylock); anything else in q_lock_slow. */
+static inline int q_lock(queue *q, int which, double deadline) {
+  pthread_mutex_t *lock = lock_of(q->shm, which);
+  if (!lock_type_ok(lock)) {
+    q->shm->corrupt = 1;
+    return Q_CORRUPT;
+  }
+  int rc = pthread_mutex_trylock(lock);
+  if (__builtin_expect(rc == 0, 1)) return Q_OK;
+  return q_lock_slow(q, which, deadline, rc);
+}
+
 static void q_unlock(queue *q, int which) { pthread_mutex_unlock(lock_of(q->shm, which)); }
 
 /* ---- the arena ------------------------------------------------------------------------ */
@@ -523,17 +535,18 @@ static void q_unlock(queue *q, int which) { pthread_mutex_unlock(lock_of(q->shm,
  * trusted once this says so: a mapping beyond the end of the file raises SIGBUS when
  * touched. The file never shrinks, so the size seen last is a safe bound, and fstat is
  * only asked when something claims more. */
-static int in_file(queue *q, uint64_t end) {
-  if (end <= q->fsize_seen) return 1;
+static __attribute__((noinline)) int in_file_slow(queue *q, uint64_t end) {
   struct stat st;
   if (fstat(q->memfd, &st) < 0 || st.st_size < 0) return 0;
   q->fsize_seen = (uint64_t)st.st_size;
   return end <= q->fsize_seen;
 }
 
-/* A pointer to [off, off+len) of the memfd, growing this process's window as needed;
- * NULL (and the queue marked corrupt) for a range beyond the end of the file. */
-static char *q_at(queue *q, uint64_t off, uint64_t len) {
+static inline int in_file(queue *q, uint64_t end) {
+  return end <= q->fsize_seen || in_file_slow(q, end);
+}
+
+static __attribute__((noinline)) char *q_at_slow(queue *q, uint64_t off, uint64_t len) {
   uint64_t end = off + len;
   if (end < off || !in_file(q, end)) {
     q->shm->corrupt = 1;
@@ -549,6 +562,16 @@ static char *q_at(queue *q, uint64_t off, uint64_t len) {
     q->winlen = want;
   }
   return q->win + off;
+}
+
+/* A pointer to [off, off+len) of the memfd, growing this process's window as needed;
+ * NULL (and the queue marked corrupt) for a range beyond the end of the file. Inline:
+ * a range inside both the file size seen and the window (the usual case). */
+static inline char *q_at(queue *q, uint64_t off, uint64_t len) {
+  uint64_t end = off + len;
+  if (__builtin_expect(end >= off && end <= q->fsize_seen && end <= q->winlen, 1))
+    return q->win + off;
+  return q_at_slow(q, off, len);
 }
 
 /* Maps [off, off+len) into this process's page tables in one call rather than one page
@@ -1152,7 +1175,7 @@ static void side_recv(queue *q, uint32_t token, luamp_fdlist *out) {
 static int put_record(queue *q, int kind, const struct parts *d, int block, double deadline,
                       const luamp_fdlist *fds) {
   for (;;) {
-    if (block) spin_while(q, 1);
+    if (block && q->shm->maxsize) spin_while(q, 1);   /* (unbounded: never full) */
     int rc = q_lock(q, L_TAIL, block ? deadline : 0);
     if (rc != Q_OK) return rc;
     /* (the wait's bookkeeping skipped when there is room now, as there mostly is) */
@@ -1214,7 +1237,7 @@ static int put_bytes_in(queue *q, const struct parts *d, int block, double deadl
 
 static int get_item_in(queue *q, item *it, int block, double deadline, luamp_fdlist *fds,
                        int can_yield) {
-  if (block) spin_while(q, 0);
+  if (block && q->puts_seen <= gets_of(q->shm)) spin_while(q, 0);   /* (see items_ready) */
   int rc = q_lock(q, L_HEAD, block ? deadline : 0);
   if (rc != Q_OK) return rc;
   /* (the wait's bookkeeping skipped when an item is there now; a task always goes
