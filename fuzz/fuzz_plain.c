@@ -9,6 +9,8 @@
  * through the sealed frames and the binding exactly as a manager's do):
  *   byte 0 even: the peer is a client and the Lua side a server, which steps (chan:step)
  *                and gets a request table {id, method, nargs, args...} or Serialize;
+ *                or, with bit 1 set, receives as the manager's loop does (chan:receive:
+ *                "req", id, method, args...) and answers through chan:reply;
  *   byte 0 odd:  the peer is a manager and the Lua side a client whose chan:request(1,
  *                "m") gets the vector as its reply: true, results... or Serialize.
  * The payload sent is VEC_TAG followed by the rest of the input. Properties checked
@@ -58,6 +60,20 @@ static const char helpers_lua[] =
   "  assert(math.type(n) == 'integer' and n >= 0 and n <= 248, 'bad nargs')\n"
   "  ch:send_reply({true, n + 2, req[1], req[2], table.unpack(req, 4, n + 3)})\n"
   "  return true\n"
+  "end\n"
+  /* the same through the manager loop's receive and reply */
+  "function F.receive_serve()\n"
+  "  local r = table.pack(pcall(ch.receive, ch))\n"
+  "  if not r[1] then serialize(r[1], r[2]); return false end\n"
+  "  assert(r[2] == 'req' and r.n >= 4, 'no request: ' .. tostring(r[2]))\n"
+  "  ch:reply(table.unpack(r, 3, r.n))\n"
+  "  return true\n"
+  "end\n"
+  "function F.receive_genuine()\n"
+  "  local r = table.pack(ch:receive())\n"
+  "  assert(r.n == 5 and r[1] == 'req' and r[2] == 7 and math.type(r[2]) == 'integer' and\n"
+  "         r[3] == 'get' and r[4] == 'k' and r[5] == -0.5,\n"
+  "         'the genuine request after the fuzzed one came out wrong')\n"
   "end\n"
   "function F.serve_genuine()\n"
   "  local what, req = ch:step()\n"
@@ -160,7 +176,7 @@ static void peer_send(luamp_chan *c, const uint8_t *payload, size_t len) {
 }
 
 /* The Lua side is the server; the fuzzer a client. */
-static void as_client(const uint8_t *payload, size_t len) {
+static void as_client(const uint8_t *payload, size_t len, int receive) {
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   strcpy(sa.sun_path, path);
@@ -178,7 +194,7 @@ static void as_client(const uint8_t *payload, size_t len) {
   if (luamp_chan_step(&c, &msg, &mlen) != CH_DONE_AUTH) abort();
 
   peer_send(&c, payload, len);
-  if (call("serve")) {
+  if (call(receive ? "receive_serve" : "serve")) {
     peer_message(&c, &msg, &mlen);
     expect(msg, mlen, payload, len, "the decoded request re-encoded");
   }
@@ -196,7 +212,7 @@ static void as_client(const uint8_t *payload, size_t len) {
   *p++ = 'd';
   append_u64(&p, bits);
   peer_send(&c, genuine, (size_t)(p - genuine));
-  call("serve_genuine");
+  call(receive ? "receive_genuine" : "serve_genuine");
   call("close");
   luamp_chan_free(&c);
 }
@@ -257,7 +273,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   payload[0] = VEC_TAG;
   memcpy(payload + 1, data + 1, size - 1);
   if (data[0] & 1) as_manager(payload, size);
-  else as_client(payload, size);
+  else as_client(payload, size, data[0] & 2);
   free(payload);
   if (++runs % 256 == 0) lua_gc(L, LUA_GCCOLLECT);
   return 0;

@@ -33,9 +33,9 @@
  * table: no table on either side, no protected call, no memo; for a d[k] round trip that
  * was about a quarter of the instructions of both processes. The first byte tells the
  * two kinds apart (a codec value starts with its version, 1). A request vector holds the
- * id, the method and the arguments, and the server rebuilds its usual request table
- * {id, method, nargs, args...}; a reply vector holds the results of a call that
- * succeeded. Anything else (a table argument, an error reply) goes through the codec as
+ * id, the method and the arguments, which the server's receive hands over as values (no
+ * table; step still rebuilds the request table {id, method, nargs, args...}); a reply
+ * vector holds the results of a call that succeeded (reply seals them from values). Anything else (a table argument, an error reply) goes through the codec as
  * before, so values shared between arguments keep their identity. Vectors are checked
  * like any other input: count, tags and lengths against the frame's end.
  */
@@ -765,6 +765,35 @@ static int l_chan_step(lua_State *L) {
   return raise_step(L, &u->c, r);
 }
 
+/* chan:receive([buffered_only]) -> as step, except that a request vector comes as
+ * "req", id, method, args... (no table: the server's fast path runs it from there). */
+static int l_chan_receive(lua_State *L) {
+  chan_ud *u = check_chan(L, 1);
+  if (lua_toboolean(L, 2) && !frame_buffered(&u->c)) return 0;
+  const uint8_t *msg;
+  size_t len;
+  int r = luamp_chan_step(&u->c, &msg, &len);
+  if (u->c.state != CH_BROKEN && luamp_chan_pending(&u->c)) luamp_chan_flush(&u->c);
+  if (r == CH_AGAIN) return 0;
+  if (r == CH_DONE_AUTH) {
+    lua_pushliteral(L, "auth");
+    return 1;
+  }
+  if (r == CH_MSG) {
+    lua_settop(L, 1);
+    if (len > 0 && msg[0] == VEC_TAG) {
+      lua_pushliteral(L, "req");
+      int n = push_vector(L, msg, len);
+      if (n < 2) luamp_raise(L, "Serialize", "manager connection: malformed request");
+      return 1 + n;
+    }
+    lua_pushliteral(L, "msg");
+    push_message(L, msg, len);
+    return 2;
+  }
+  return raise_step(L, &u->c, r);
+}
+
 /* Waits until the channel can read (and write, with output pending). */
 static void wait_chan(lua_State *L, luamp_chan *c, double deadline, const char *what) {
   struct pollfd p = {.fd = c->fd, .events = POLLIN | (luamp_chan_pending(c) ? POLLOUT : 0)};
@@ -936,6 +965,31 @@ static int l_chan_send_reply(lua_State *L) {
   return 1;
 }
 
+/* chan:reply(results...) -> as send, for the results of a call that succeeded: a vector
+ * when they are all plain, else the reply table {true, n, results...}. */
+static int l_chan_reply(lua_State *L) {
+  chan_ud *u = check_chan(L, 1);
+  int n = lua_gettop(L) - 1;
+  if (all_plain(L, 2, n)) {
+    seal_vector(L, &u->c, 2, n);
+  } else {
+    lua_createtable(L, n + 2, 0);
+    lua_pushboolean(L, 1);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, n);
+    lua_rawseti(L, -2, 2);
+    for (int i = 0; i < n; i++) {
+      lua_pushvalue(L, 2 + i);
+      lua_rawseti(L, -2, 3 + i);
+    }
+    seal_value(L, &u->c, -1);
+  }
+  int r = luamp_chan_flush(&u->c);
+  if (r < 0) flush_or_raise(L, &u->c);
+  lua_pushboolean(L, r == 1);
+  return 1;
+}
+
 static int l_chan_fileno(lua_State *L) {
   lua_pushinteger(L, check_chan(L, 1)->c.fd);
   return 1;
@@ -1025,6 +1079,7 @@ int luamp_open_auth(lua_State *L) {
     {"start", l_chan_start}, {"step", l_chan_step}, {"handshake", l_chan_handshake},
     {"send", l_chan_send}, {"flush", l_chan_flush}, {"call", l_chan_call},
     {"request", l_chan_request}, {"send_reply", l_chan_send_reply},
+    {"receive", l_chan_receive}, {"reply", l_chan_reply},
     {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"authed", l_chan_authed},
     {"close", l_chan_close}, {NULL, NULL}};
   if (luaL_newmetatable(L, CHAN_MT)) {

@@ -485,4 +485,32 @@ describe("Manager plain calls", function()
     assert.is_false(ok)
     assert.equal("Remote", e.kind)
   end)
+
+  it("requests pipelined behind a parked one wait their turn and are answered in order", function()
+    local M = luamp.Manager{address = {"127.0.0.1", 0}}
+    local q, d = M:Queue(), M:dict()
+    d.k = 7
+    local function id_of(p)
+      local _, h = getmetatable(p).__luamp_handle(p)
+      return h.id
+    end
+    local core = luamp._core
+    local ch = core.auth_connect("127.0.0.1", M.address[2], 5)
+    ch:handshake(luamp.current_process().authkey, 5)
+    -- a client of its own sends without waiting: send_reply seals {true, n, values...} as
+    -- the plain vector of the values, which is what a proxy's plain request is
+    ch:send_reply({true, 4, id_of(q), "get", true, 5})      -- parks: the queue is empty
+    ch:send_reply({true, 3, id_of(d), "__getitem", "k"})    -- plain, behind it
+    ch:send({id_of(d), "__setitem", 2, "t", {1}})           -- a request table, behind both
+    q:put("x")
+    -- each ping takes the oldest reply not yet read
+    assert.same({n = 2, true, "x"}, table.pack(ch:request(0, "ping")))
+    assert.same({n = 2, true, 7}, table.pack(ch:request(0, "ping")))
+    assert.same({n = 1, true}, table.pack(ch:request(0, "ping")))
+    assert.same({n = 2, true, "pong"}, table.pack(ch:request(0, "ping")))
+    assert.same({n = 2, true, "pong"}, table.pack(ch:request(0, "ping")))
+    assert.same({1}, d.t)
+    ch:close()
+    M:shutdown()
+  end)
 end)

@@ -8,7 +8,8 @@
 --    each request runs in a coroutine, so a call that must wait (q:get on an empty queue,
 --    lock:acquire, ev:wait) parks only its own connection while the loop serves others.
 --    Requests are {id, method, nargs, args...}; replies {true, nres, results...} or
---    {false, error fields}. An error raised by an object keeps its luamp kind; any other
+--    {false, error fields} (plain ones travel as vectors of values, see auth.c: a
+--    request that finds its connection idle runs from those values, no table made). An error raised by an object keeps its luamp kind; any other
 --    error comes back as Remote with the server's traceback. Id 0 is the manager itself
 --    (create, shutdown, ping). Objects live until the manager shuts down.
 --  * Proxies hold (address, authkey, id) and call through one connection per process and
@@ -21,6 +22,7 @@ local U = require "luamp.util"
 local process = require "luamp.process"
 
 local raise = U.raise
+local interrupted = U.interrupted
 local pack, unpack = table.pack, table.unpack
 
 local M = {}
@@ -1097,13 +1099,21 @@ local function serve(listener, authkey, registry, address)
     return id, typeid, t.kind
   end
 
-  local function handle(conn, req)
-    local id, method, n = req[1], req[2], req[3]
-    if math.type(id) ~= "integer" or type(method) ~= "string" or math.type(n) ~= "integer" or n < 0 then
+  -- handle(id, method, args...) -> the call's results; or handle(req), a request table
+  -- {id, method, nargs, args...} (unpacked here, under the caller's protection: its
+  -- nargs is the peer's word)
+  local function handle(id, method, ...)
+    if type(id) == "table" then
+      local req = id
+      local n = req[3]
+      if math.type(n) ~= "integer" or n < 0 then raise("Value", "malformed request") end
+      return handle(req[1], req[2], unpack(req, 4, 3 + n))
+    end
+    if math.type(id) ~= "integer" or type(method) ~= "string" then
       raise("Value", "malformed request")
     end
     if id == 0 then
-      if method == "create" then return create(unpack(req, 4, 3 + n)) end
+      if method == "create" then return create(...) end
       if method == "shutdown" then
         stop = true
         return true
@@ -1118,7 +1128,7 @@ local function serve(listener, authkey, registry, address)
       if type(f) ~= "function" or method == "__index" then
         raise("Value", string.format("method '%s' of %s is not exposed", method, entry.typeid))
       end
-      return f(entry.obj, unpack(req, 4, 3 + n))
+      return f(entry.obj, ...)
     end
     if entry.exposed and not entry.exposed[method] then
       raise("Value", string.format("method '%s' of %s is not exposed", method, entry.typeid))
@@ -1126,7 +1136,7 @@ local function serve(listener, authkey, registry, address)
     if method:sub(1, 1) == "_" and method:sub(1, 2) ~= "__" then
       raise("Value", string.format("method '%s' of %s is not exposed", method, entry.typeid))
     end
-    return call_user(entry, method, unpack(req, 4, 3 + n))
+    return call_user(entry, method, ...)
   end
 
   local function close_conn(conn)
@@ -1149,89 +1159,135 @@ local function serve(listener, authkey, registry, address)
     end
   end
 
+  -- The reply to a call that ended: ok, its results or its error (as traceback made it).
+  -- Plain results go as a vector (chan:reply); an error as {false, error fields}.
+  local function reply_to(conn, ok, ...)
+    if conn.closed then return end
+    if not ok then
+      local e = ...
+      if type(e) == "table" and e.tb then
+        return send_reply(conn, {false, error_info(e.raw, e.tb)})
+      end
+      return send_reply(conn, {false, error_info(e)})
+    end
+    local ch = conn.ch
+    local sent, err = pcall(ch.reply, ch, ...)
+    if not sent then
+      if interrupted(err) then error(err, 0) end
+      if core.is_error(err, "Serialize") then return send_reply(conn, {false, error_info(err)}) end
+      close_conn(conn)
+    end
+  end
+
   local start_next
   local DONE = {}          -- what a request's coroutine yields when it has its reply
   local idle = {}          -- finished coroutines, reused for the next requests
 
-  local function finish(ok, ...)
-    if ok then return {true, select("#", ...), ...} end
-    local e = ...
-    if type(e) == "table" and e.tb then return {false, error_info(e.raw, e.tb)} end
-    return {false, error_info(e)}
+  -- a handler's Interrupted goes on up (out of the coroutine), as U.xpcall would send it
+  local function passed(ok, ...)
+    if not ok and interrupted((...)) then error((...), 0) end
+    return ok, ...
   end
 
-  -- the body of every request coroutine: one request, then yield DONE and the reply
-  local function worker(conn, req)
-    while true do
-      conn, req = coroutine.yield(DONE, finish(U.xpcall(handle, traceback, conn, req)))
+  -- The body of every request coroutine: handle(id, method, args...) (or a request
+  -- table), then yield DONE and the outcome, and take the next request. (A proper tail
+  -- call: the coroutine's stack does not grow.)
+  local function worker(...)
+    return worker(coroutine.yield(DONE, passed(xpcall(handle, traceback, ...))))
+  end
+
+  -- what a resume of conn's coroutine gave: parked (a is its waiter), or DONE and the
+  -- outcome, which goes back as the reply
+  local function resumed(conn, co, rok, a, ...)
+    current_conn = nil
+    if rok and a ~= DONE then return end
+    conn.co = nil
+    if rok then
+      idle[#idle + 1] = co
+      reply_to(conn, ...)
+    elseif not conn.closed then
+      send_reply(conn, {false, error_info(a)})
     end
+    if #conn.inbox > 0 then start_next(conn) end
   end
 
-  -- resumes a request's coroutine; sends its reply when it has finished
+  -- resumes conn's request coroutine with the given values
   local function resume(conn, ...)
     local co = conn.co
     current_conn = conn
-    local ok, a, reply = coroutine.resume(co, ...)
-    current_conn = nil
-    if ok and a ~= DONE then return end          -- parked (a is its waiter)
-    conn.co = nil
-    if ok then idle[#idle + 1] = co else reply = {false, error_info(a)} end
-    if not conn.closed then send_reply(conn, reply) end
-    start_next(conn)
+    return resumed(conn, co, coroutine.resume(co, ...))
+  end
+
+  -- runs a request on conn (which runs none): a request table, or id, method, args...
+  local function run(conn, ...)
+    local n = #idle
+    local co = idle[n]
+    if co then
+      idle[n] = nil
+    else
+      co = coroutine.create(worker)
+    end
+    conn.co = co
+    return resume(conn, ...)
   end
 
   start_next = function(conn)
     if conn.closed or conn.co or #conn.inbox == 0 then return end
-    local req = table.remove(conn.inbox, 1)
-    local co = table.remove(idle)
-    if not co then
-      co = coroutine.create(worker)
-      coroutine.resume(co)                       -- to its first yield
+    run(conn, table.remove(conn.inbox, 1))
+  end
+
+  -- What one receive gave; false when the connection has nothing more for now (or closed).
+  local function received(conn, ok, what, ...)
+    if not ok then
+      if interrupted(what) then error(what, 0) end
+      if core.is_error(what, "Serialize") and conn.ch:authed() then
+        -- an authenticated peer sent what this side cannot decode: answer that request
+        conn.inbox[#conn.inbox + 1] = {0, "__undecodable", 0}
+        conn.bad = what
+      else
+        close_conn(conn)
+        return false
+      end
+    elseif what == nil then
+      return false
+    elseif what == "req" then
+      -- a plain request: run it from the values themselves when nothing is queued
+      if not conn.co and #conn.inbox == 0 then
+        run(conn, ...)
+        return true
+      end
+      conn.inbox[#conn.inbox + 1] = {(...), (select(2, ...)), select("#", ...) - 2, select(3, ...)}
+    elseif what == "auth" then
+      conn.authed = true
+      conn.deadline = nil
+      handshaking = handshaking - 1
+    else
+      local msg = ...
+      if type(msg) ~= "table" then
+        close_conn(conn)
+        return false
+      end
+      conn.inbox[#conn.inbox + 1] = msg
     end
-    conn.co = co
-    resume(conn, conn, req)
+    if not conn.co and #conn.inbox > 0 then
+      if conn.bad then
+        table.remove(conn.inbox)
+        local e = conn.bad
+        conn.bad = nil
+        send_reply(conn, {false, error_info(e)})
+      else
+        start_next(conn)
+      end
+    end
+    return true
   end
 
   local function service(conn)
-    local buffered_only = false
-    while not conn.closed do
-      -- the first step reads the socket; later ones only take frames already buffered
-      -- (the loop's poll reports anything that arrives after)
-      local ok, what, msg = U.pcall(conn.ch.step, conn.ch, buffered_only)
-      buffered_only = true
-      if not ok then
-        if core.is_error(what, "Serialize") and conn.ch:authed() then
-          -- an authenticated peer sent what this side cannot decode: answer that request
-          conn.inbox[#conn.inbox + 1] = {0, "__undecodable", 0}
-          conn.bad = what
-        else
-          close_conn(conn)
-          return
-        end
-      elseif what == nil then
-        return
-      elseif what == "auth" then
-        conn.authed = true
-        conn.deadline = nil
-        handshaking = handshaking - 1
-      else
-        if type(msg) ~= "table" then
-          close_conn(conn)
-          return
-        end
-        conn.inbox[#conn.inbox + 1] = msg
-      end
-      if not conn.co and #conn.inbox > 0 then
-        if conn.bad then
-          table.remove(conn.inbox)
-          local e = conn.bad
-          conn.bad = nil
-          send_reply(conn, {false, error_info(e)})
-        else
-          start_next(conn)
-        end
-      end
-    end
+    local ch = conn.ch
+    -- the first receive reads the socket; later ones only take frames already buffered
+    -- (the loop's poll reports anything that arrives after)
+    if not received(conn, pcall(ch.receive, ch, false)) then return end
+    while not conn.closed and received(conn, pcall(ch.receive, ch, true)) do end
   end
 
   local items, owners, dirty = {}, {}, true
