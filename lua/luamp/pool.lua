@@ -580,7 +580,8 @@ local function func_entry(st, f)
   local bytes = dumps(f, "the task function")
   if e and e.bytes == bytes then return e end
   st.next_fid = st.next_fid + 1
-  e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est}
+  e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est,
+       est_job = e and e.est_job}
   st.fcache[f] = e
   return e
 end
@@ -1076,7 +1077,16 @@ local function job_want(st, job)
   local left = backlog(st, job)
   local sharers = #st.workers
   if st.oversub and per < TINY_CHUNK then sharers = math.min(sharers, st.ncpu) end
-  return per, left, math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
+  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
+  -- Until a result of this job has come back, the estimate is only a hint (from earlier
+  -- jobs of the function, whose arguments may cost far less: a warm-up map over small
+  -- numbers made 5 ms tasks look like 50 us ones): a worker holds at most two of its
+  -- chunks meanwhile, the second only as the one waiting behind a long chunk. A fair
+  -- share handed out on a wrong hint cannot be taken back: half of 16 such tasks went to
+  -- one worker up front, and the map waited for it while the other sat idle.
+  -- (fe.est_job: the latest job whose result went into the estimate; ids only grow)
+  if want > 1 and (job.fe.est_job or 0) < job.id then want = 1 end
+  return per, left, want
 end
 
 local function capacity(st, w, held, per, left, want)
@@ -1498,6 +1508,7 @@ local function on_result(st, w, c, data, fds, items)
     n = items
   end
   local fe, dt = c.job.fe, msg[4]
+  fe.est_job = c.job.id
   if math.type(dt) == "float" and n > 0 then
     local per = dt / n
     fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
