@@ -184,6 +184,36 @@ describe("Pool", function()
       for _, i in ipairs({1, 2, 4}) do gates[i][2]:send("go") end
       for _, i in ipairs({1, 2, 4}) do assert.equal(i, results[i]:get(5)) end
     end)
+
+    it("long tasks after a warm-up of short ones are not handed out in halves up front", function()
+      -- The warm-up makes the function's estimate tiny; the real tasks run 5 ms. One
+      -- worker (the first, which gets the first item) is stuck on its task until the end:
+      -- every task it was given up front waits behind it. Before, each worker was handed
+      -- its fair share of the 16 tasks at once on the warm-up's estimate (8 each): the
+      -- other worker ran its 8 and sat idle. Now a job's chunks go out one (and one
+      -- waiting behind it) at a time until a result of the job itself has come back.
+      local report_r, report_w = luamp.Pipe(false)
+      local gate_r, gate_w = luamp.Pipe(false)
+      local p <close> = luamp.Pool(2)
+      local stuck = {}
+      local function task(x)
+        if x == 0 then return 0 end
+        local me = luamp.getpid()
+        report_w:send(me)
+        if me == stuck[1] then gate_r:recv() else luamp.sleep(0.005) end
+        return me
+      end
+      stuck[1] = p:pids()[1]
+      p:map(task, {0, 0, 0, 0})
+      local res = p:map_async(task, range(16), 1)
+      local others = 0
+      while others < 13 do
+        assert.is_true(report_r:poll(10), "the free worker ran only " .. others .. " tasks")
+        if report_r:recv() ~= stuck[1] then others = others + 1 end
+      end
+      for _ = 1, 16 do gate_w:send("go") end
+      assert.equal(16, res:get(10).n)
+    end)
   end)
 
   describe("errors", function()

@@ -89,6 +89,7 @@ local FN_CACHE = 64             -- functions a worker keeps
 local MAX_AHEAD = 128           -- chunks one worker may hold
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
 local TINY_CHUNK = 5e-5         -- a chunk this short runs on busy workers only (tiny_busy)
+local TINY_ITEM = 2e-6          -- items this short are computation only (see cpu_job)
 local STALL_MIN = 0.02          -- a busy worker's chunk this far past its estimate: stalled
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
 local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
@@ -580,7 +581,8 @@ local function func_entry(st, f)
   local bytes = dumps(f, "the task function")
   if e and e.bytes == bytes then return e end
   st.next_fid = st.next_fid + 1
-  e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est}
+  e = {id = st.next_fid, bytes = bytes, fixed = is_fixed(f), est = e and e.est,
+       est_job = e and e.est_job}
   st.fcache[f] = e
   return e
 end
@@ -982,7 +984,7 @@ function spawn(st)
   local a, b = Pipe()
   local w = {conn = a, inflight = dq_new(), known = {}, known_order = dq_new(), sent = 0,
              ahead_bytes = 0, queued_est = 0, unknown = 0, busy_since = 0, timed_done = 0,
-             owed = 0, got = {}, extra = 0}
+             owed = 0, got = {}, extra = 0, cpu_seen = false, cpu_was = false}
   local okr, ring = pcall(core.ring_new)   -- re-raised
   if not okr then a:close(); b:close(); error(ring, 0) end
   w.ring = ring
@@ -1059,6 +1061,25 @@ local function backlog(st, job)
   return n
 end
 
+-- Whether job's chunks are pure computation, known or likely: in a pool with more
+-- workers than CPUs they then run on at most one busy worker per CPU (tiny_busy), as
+-- more would only take turns on the CPUs while each pays its first chunk's costs (its
+-- copy of the heap, tables faulted in, a collection through the heap the fork left it).
+-- A map of x*x over 1M items on Pool(8) on 2 CPUs cost the workers 130 ms of CPU,
+-- against 94 ms on Pool(2), every worker 5 ms for its first chunk of 31,250 items.
+-- Known: chunks that are tiny (TINY_CHUNK), or items that are (TINY_ITEM: too short for
+-- a system call, let alone a wait). Likely: a list cut into big chunks (lazy_job), before
+-- any result of the job has told; a wrong guess costs the other workers one chunk's
+-- wait (or STALL_MIN, when results of other chunks come meanwhile).
+local function cpu_job(st, job)
+  if not st.oversub then return false end
+  local fe = job.fe
+  local est = fe.est
+  if est and est * job.chunksize < TINY_CHUNK then return true end
+  if (fe.est_job or 0) >= job.id then return est ~= nil and est < TINY_ITEM end
+  return lazy_job(job)
+end
+
 -- How many chunks of job may be sent to w now. An idle worker always takes one. A busy
 -- one takes more only when they are known to be short: up to PREFETCH_TIME of queued
 -- work (topped up once half of it is done, so that one message carries many), or a
@@ -1069,17 +1090,26 @@ end
 -- round, with job_want; held is held_by(w).)
 local function job_want(st, job)
   local est = job.fe.est
-  if not est then return nil end
+  local sharers = #st.workers
+  if st.oversub and cpu_job(st, job) then sharers = math.min(sharers, st.ncpu) end
+  if not est then return nil, nil, nil, sharers end
   local per = math.max(est * job.chunksize, 1e-7)
   -- a fair share at most: the estimate comes from earlier chunks and may be far off
   -- (shared among as many workers as run at once: see tiny_busy)
   local left = backlog(st, job)
-  local sharers = #st.workers
-  if st.oversub and per < TINY_CHUNK then sharers = math.min(sharers, st.ncpu) end
-  return per, left, math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
+  local want = math.min(math.floor(PREFETCH_TIME / per), -(-left // sharers))
+  -- Until a result of this job has come back, the estimate is only a hint (from earlier
+  -- jobs of the function, whose arguments may cost far less: a warm-up map over small
+  -- numbers made 5 ms tasks look like 50 us ones): a worker holds at most two of its
+  -- chunks meanwhile, the second only as the one waiting behind a long chunk. A fair
+  -- share handed out on a wrong hint cannot be taken back: half of 16 such tasks went to
+  -- one worker up front, and the map waited for it while the other sat idle.
+  -- (fe.est_job: the latest job whose result went into the estimate; ids only grow)
+  if want > 1 and (job.fe.est_job or 0) < job.id then want = 1 end
+  return per, left, want, sharers
 end
 
-local function capacity(st, w, held, per, left, want)
+local function capacity(st, w, held, per, left, want, sharers)
   if w.dead or w.stopping or w.sending or w.broken or w.timeout_kill then return 0 end
   local room = MAX_AHEAD - held
   if st.maxtasks then room = math.min(room, st.maxtasks - w.sent) end
@@ -1092,7 +1122,7 @@ local function capacity(st, w, held, per, left, want)
     local n = math.min(room, want, math.floor(budget / per))
     return n >= want // 2 and n or 0
   end
-  if held == 1 and left >= 2 * #st.workers then return 1 end
+  if held == 1 and left >= 2 * sharers then return 1 end
   return 0
 end
 
@@ -1368,18 +1398,40 @@ local function send_lazy(st, w, c)
   send_done(w, ok, pre_in)
 end
 
--- With more workers than CPUs, chunks known to be tiny (TINY_CHUNK) go to at most one
--- busy worker per CPU: another worker woken for them would only take a CPU from one that
--- is running, fault in its own pages, and make every hand-over a wake-up (Pool(8) ran
+-- Whether worker w's process is running or waiting for a CPU (state R in /proc), asked
+-- at most every STALL_MIN / 4. A worker long past its chunk's estimate may be blocked
+-- (a task that waits: another worker should take the work) or only off its CPU (a loaded
+-- machine: one more worker would only take a CPU from it). Before, the second looked
+-- like the first: under load 10, a 1M map on Pool(8) woke 3-8 workers, not 2. Not
+-- known (no /proc): blocked, as before.
+local function on_cpu(w, t)
+  if w.cpu_seen and t - w.cpu_seen < STALL_MIN / 4 then return w.cpu_was end
+  local running = false
+  local f = io.open("/proc/" .. w.pid .. "/stat")
+  if f then
+    local line = f:read("l")
+    f:close()
+    running = line ~= nil and line:match(".*%) (%a)") == "R"
+  end
+  w.cpu_seen, w.cpu_was = t, running
+  return running
+end
+
+-- With more workers than CPUs, chunks of a cpu_job go to at most one busy worker per
+-- CPU: another worker woken for them would only take a CPU from one that is running,
+-- fault in its own pages, and make every hand-over a wake-up (Pool(8) ran
 -- tiny tasks at 0.57x the rate of Pool(2) on 2 CPUs). A worker whose chunk runs far past
--- its estimate (blocked, or a long task) does not count: the next one is woken then.
+-- its estimate (blocked, or a long task) does not count, unless it has answered (this
+-- process is behind, not the worker) or the kernel says it is running or ready to run
+-- (on_cpu): the next one is woken then.
 local function tiny_busy(st)
   local busy, t, ncpu = 0, now(), st.ncpu
   local ws = st.workers
   for i = 1, #ws do
     local w = ws[i]
     if w.inflight.first <= w.inflight.last and not w.dead
-        and t - w.busy_since < math.max(4 * w.queued_est, STALL_MIN) then
+        and (t - w.busy_since < math.max(4 * w.queued_est, STALL_MIN) or w.ring:has(1)
+             or on_cpu(w, t)) then
       busy = busy + 1
       if busy >= ncpu then return true end
     end
@@ -1393,8 +1445,8 @@ local function dispatch_round(st)
   local job = feed_head(st)
   if not job then return false end
   local best, cap, best_held
-  local per, left, want = job_want(st, job)
-  local only_busy = st.oversub and per and per < TINY_CHUNK and tiny_busy(st)
+  local per, left, want, sharers = job_want(st, job)
+  local only_busy = sharers < #st.workers and tiny_busy(st)
   local ws = st.workers
   for i = 1, #ws do
     local w = ws[i]
@@ -1403,7 +1455,7 @@ local function dispatch_round(st)
       -- not worked out; and none holds fewer than none)
       local held = held_by(w)
       if not best or held < best_held then
-        local c = capacity(st, w, held, per, left, want)
+        local c = capacity(st, w, held, per, left, want, sharers)
         if c > 0 then
           best, cap, best_held = w, c, held
           if held == 0 then break end
@@ -1500,8 +1552,14 @@ local function on_result(st, w, c, data, fds, items)
   local fe, dt = c.job.fe, msg[4]
   if math.type(dt) == "float" and n > 0 then
     local per = dt / n
-    fe.est = fe.est and (fe.est * 0.7 + per * 0.3) or per
+    -- the first result of a list job replaces a hint from earlier jobs (their items may
+    -- have cost 100x more or less); later ones, and apply's, are averaged in
+    if fe.est and ((fe.est_job or 0) >= job.id or job.kind == "apply") then
+      per = fe.est * 0.7 + per * 0.3
+    end
+    fe.est = per
   end
+  fe.est_job = job.id
   if TR.on then
     -- the worker's start time (one monotonic clock for all processes), else an estimate
     local t0 = math.type(msg[6]) == "float" and msg[6] or now() - (tonumber(dt) or 0)
