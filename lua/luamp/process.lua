@@ -3,8 +3,8 @@
 -- end-of-program join live in runtime/process.c; this file keeps the Python-shaped state:
 -- names, identities, the daemon flag, exitcode and the list of active children.
 local core = require "luamp._core"
-local TR = require("luamp.trace")._T
 local U = require "luamp.util"
+local TR = U.trace_state      -- luamp.trace's switch, without loading it
 
 local raise = U.raise
 local xpcall = xpcall
