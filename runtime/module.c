@@ -67,9 +67,9 @@ static const opener eager[] = {
   NULL
 };
 
-/* Opened on first use (open_lazy): their metatables and names were a third of a spawn
- * child's Lua heap (~23 KB, each page of it a page fault) and ~350,000 instructions,
- * for a target that may use none of them. Each registers what its objects need (handle
+/* Opened on first use (open_lazy) in a spawn child: their metatables and names were a
+ * third of its Lua heap (~23 KB, each page of it a page fault) and ~350,000
+ * instructions, for a target that may use none of them. Each registers what its objects need (handle
  * rebuilders, fork hooks) when it opens, before any of its objects can exist. */
 static const opener lazy[] = {
   luamp_open_repl,
@@ -125,6 +125,15 @@ int luaopen_luamp(lua_State *L) {
   lua_setfield(L, -2, "__index");
   lua_setmetatable(L, -3);
   lua_setfield(L, -2, "_open_all");
+  /* Only a process luamp spawned starts lean. A program opens the rest now, as it always
+   * did: its forked children find every part in the pages they share with it, and its
+   * heap keeps the size its collector is paced by (opened lazily, the fork benchmark's
+   * parent took ~2 more copy-on-write faults per child: a smaller heap is collected
+   * more often, and each collection while a child runs writes pages they share). */
+  if (!luamp_spawned) {
+    lua_getfield(L, -1, "_open_all");
+    lua_call(L, 0, 0);
+  }
   lua_pushstring(L, LUAMP_VERSION);
   lua_setfield(L, -2, "version");
   lua_setfield(L, -2, "luamp._core");

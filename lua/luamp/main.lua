@@ -26,10 +26,6 @@ local parts = {
 }
 local next_part = 1
 
--- LUAMP_TRACE=path traces the run from the start (luamp.trace), except in a process luamp
--- started by spawn (or a forkserver): it inherits the variable, not the trace.
-if not core.spawned() and (os.getenv("LUAMP_TRACE") or "") ~= "" then require "luamp.trace" end
-
 -- Loads the next part; false when none is left. A part whose loading raised (Ctrl-C in
 -- the middle of compiling it) is tried again by the next use, not skipped.
 local function load_next()
