@@ -195,7 +195,7 @@ static int relay_unread(void) {
  * already in the pty when a settle was asked for: it counts FIONREAD at the request (its
  * own reads cannot run in between) and answers once that many more bytes are written to
  * the terminal. Output arriving later is not waited for, so a child that keeps printing
- * delays the prompt by one pty buffer, not for ever. */
+ * delays the prompt by at most RELAY_MAX_REFILLS full buffers, not for ever. */
 static void *relay_main(void *arg) {
   (void)arg;
   char buf[4096], out[4096 + 8];
