@@ -1318,10 +1318,11 @@ end
 
 -- Sends chunks (a list) to w as one message.
 -- The message: {function definitions, functions to drop, a run's encoded arguments (or
--- false), then per chunk: job id, chunk number, function id, mode (the first plus SPIN_OK
--- when spin), items, and its encoded arguments (false: they follow on the socket)}. A run (chunks from one
--- produce_run, all of this message) is one entry: its first chunk number, its items in
--- all, and minus its chunk size; the worker cuts it into the same chunks.
+-- false), then per chunk: job id, chunk number, function id, mode (the first one plus
+-- SPIN_OK when spin), items, and its encoded arguments (false: they follow on the
+-- socket)}. A run (chunks from one produce_run, all of this message) is one entry: its
+-- first chunk number, its items in all, and minus its chunk size; the worker cuts it
+-- into the same chunks.
 local function send_chunks(st, w, chunks, spin)
   local msg = {false, false, false}
   local defs
