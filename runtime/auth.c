@@ -7,20 +7,25 @@
  * without blocking so one slow peer cannot hold up a server that serves many.
  *
  * The handshake is mutual and fresh each way, all with a key K = BLAKE2b(authkey):
- *   server -> client  "LUAMPM1\0" || Ns                       (Ns: 32 random bytes)
- *   client -> server  Nc || MAC_K("C" || Ns || Nc)           (Nc: 32 random bytes)
- *   server -> client  1 || MAC_K("S" || Ns || Nc)   or   0 (refused) and close
- * (MAC = keyed BLAKE2b, compared in constant time). Each side proves it holds K over a
- * nonce the other just chose, so a recorded handshake replays to nobody, and the server
- * shows its proof only to a client that proved first (it is no oracle). Before this
- * completes no frame over 64 KiB is read and nothing is decoded at all: the handshake
- * frames have fixed sizes and are checked byte for byte.
+ *   server -> client  "LUAMPM2\0" || Ns || O                  (Ns: 32 random bytes)
+ *   client -> server  Nc || C || MAC_K("C" || T)              (Nc: 32 random bytes)
+ *   server -> client  1 || MAC_K("S" || T)   or   0 (refused) and close
+ * where T = Ns || Nc || O || C (MAC = keyed BLAKE2b, compared in constant time). O is the
+ * set of session ciphers the server offers (LUAMP_SUITE_* bits), C the one the client
+ * chose from it: AES-256-GCM when both sides' CPUs run it (AES-NI: about a third of
+ * ChaCha20-Poly1305's instructions for a small frame), else ChaCha20-Poly1305. Both are
+ * in T, so a man in the middle who edits the offer (a downgrade) breaks both proofs.
+ * Each side proves it holds K over a nonce the other just chose, so a recorded handshake
+ * replays to nobody, and the server shows its proof only to a client that proved first
+ * (it is no oracle). Before this completes no frame over 64 KiB is read and nothing is
+ * decoded at all: the handshake frames have fixed sizes and are checked byte for byte.
  *
- * Afterwards the session key S = MAC_K("luamp session" || Ns || Nc) gives one key per
- * direction, and every frame is sealed with ChaCha20-Poly1305 (the header as associated
- * data, the frame's number in its direction as the nonce). A forged, replayed, reordered
- * or dropped frame fails to open: the channel is broken and reports Auth. Sealing also
- * hides the traffic (proxies carry the authkey, as Python's do under spawn).
+ * Afterwards the session key S = MAC_K("luamp session" || T) gives one key per direction,
+ * and every frame is sealed with the chosen AEAD (the header as associated data, the
+ * frame's number in its direction as the nonce: never reused under one key). A forged,
+ * replayed, reordered or dropped frame fails to open: the channel is broken and reports
+ * Auth. Sealing also hides the traffic (proxies carry the authkey, as Python's do under
+ * spawn). The AES keys are expanded once per session (crypto_aead_aes256gcm_beforenm).
  *
  * The Lua binding (_core.auth_*) gives the manager (lua/luamp/manager.lua) listeners,
  * channels with a non-blocking step for the server's loop and blocking calls for clients
@@ -68,11 +73,15 @@
 
 #define CHAN_MT "luamp.AuthChannel"
 #define LISTENER_MT "luamp.AuthListener"
-#define MAGIC "LUAMPM1"                      /* 8 bytes with its NUL */
-#define HELLO_LEN (8 + LUAMP_AUTH_NONCE)
-#define PROOF_LEN (LUAMP_AUTH_NONCE + 32)
+#define MAGIC "LUAMPM2"                      /* 8 bytes with its NUL */
+#define HELLO_LEN (8 + LUAMP_AUTH_NONCE + 1)
+#define PROOF_LEN (LUAMP_AUTH_NONCE + 1 + 32)
 #define VERDICT_OK_LEN (1 + 32)
 #define TAG crypto_aead_chacha20poly1305_ietf_ABYTES
+#define NPUB crypto_aead_chacha20poly1305_ietf_NPUBBYTES
+#define SUITES_KNOWN (LUAMP_SUITE_CHACHA | LUAMP_SUITE_AESGCM)
+_Static_assert(crypto_aead_aes256gcm_ABYTES == TAG, "both suites have 16-byte tags");
+_Static_assert(crypto_aead_aes256gcm_NPUBBYTES == NPUB, "both suites have 12-byte nonces");
 #define IN_MIN 16384                         /* first receive buffer */
 #define VEC_TAG 0xa5                         /* first byte of a payload of plain values */
 #define VEC_MAX 250                          /* values in one vector */
@@ -115,7 +124,15 @@ void luamp_chan_init(luamp_chan *c, int fd, int role) {
   c->fd = fd;
   c->role = role;
   c->state = CH_FRESH;
+  c->suites = LUAMP_SUITE_CHACHA | (crypto_aead_aes256gcm_is_available() ? LUAMP_SUITE_AESGCM : 0);
   luamp_buf_init(&c->out);
+}
+
+static void free_gcm(luamp_chan *c) {
+  if (!c->gcm) return;
+  sodium_memzero(c->gcm, 2 * sizeof(crypto_aead_aes256gcm_state));
+  free(c->gcm);
+  c->gcm = NULL;
 }
 
 void luamp_chan_free(luamp_chan *c) {
@@ -130,20 +147,32 @@ void luamp_chan_free(luamp_chan *c) {
   sodium_memzero(c->key, sizeof c->key);
   sodium_memzero(c->tx_key, sizeof c->tx_key);
   sodium_memzero(c->rx_key, sizeof c->rx_key);
+  free_gcm(c);
   c->state = CH_BROKEN;
 }
 
-/* MAC_K(label || Ns || Nc) */
+/* MAC_K(label || Ns || Nc || O || C) */
 static void handshake_mac(const luamp_chan *c, const char *label, uint8_t out[32]) {
   crypto_generichash_state st;
   crypto_generichash_init(&st, c->key, sizeof c->key, 32);
   crypto_generichash_update(&st, (const unsigned char *)label, strlen(label));
   crypto_generichash_update(&st, c->nonce_s, sizeof c->nonce_s);
   crypto_generichash_update(&st, c->nonce_c, sizeof c->nonce_c);
+  crypto_generichash_update(&st, &c->offer, 1);
+  crypto_generichash_update(&st, &c->suite, 1);
   crypto_generichash_final(&st, out, 32);
 }
 
-static void derive_session(luamp_chan *c) {
+static crypto_aead_aes256gcm_state *gcm_tx(const luamp_chan *c) {
+  return (crypto_aead_aes256gcm_state *)c->gcm;
+}
+
+static crypto_aead_aes256gcm_state *gcm_rx(const luamp_chan *c) {
+  return (crypto_aead_aes256gcm_state *)c->gcm + 1;
+}
+
+/* 0, or -1 out of memory (the AES suite's expanded keys) */
+static int derive_session(luamp_chan *c) {
   uint8_t s[32], c2s[32], s2c[32];
   handshake_mac(c, "luamp session", s);
   crypto_generichash(c2s, 32, (const unsigned char *)"client to server", 16, s, 32);
@@ -154,7 +183,21 @@ static void derive_session(luamp_chan *c) {
   sodium_memzero(s, sizeof s);
   sodium_memzero(c2s, sizeof c2s);
   sodium_memzero(s2c, sizeof s2c);
+  if (c->suite == LUAMP_SUITE_AESGCM) {
+    free_gcm(c);
+    c->gcm = aligned_alloc(16, 2 * sizeof(crypto_aead_aes256gcm_state));
+    if (!c->gcm) return -1;
+    crypto_aead_aes256gcm_beforenm(gcm_tx(c), c->tx_key);
+    crypto_aead_aes256gcm_beforenm(gcm_rx(c), c->rx_key);
+  }
   c->state = CH_AUTHED;
+  return 0;
+}
+
+/* The 12-byte nonce of frame number ctr (in its direction). */
+static void frame_nonce(uint8_t npub[NPUB], uint64_t ctr) {
+  memset(npub, 0, NPUB);
+  for (int i = 0; i < 8; i++) npub[4 + i] = (uint8_t)(ctr >> (8 * i));
 }
 
 /* Queues an unsealed (handshake) frame. */
@@ -176,6 +219,8 @@ int luamp_chan_start(luamp_chan *c, const void *authkey, size_t keylen) {
   memcpy(hello, MAGIC, 8);
   randombytes_buf(c->nonce_s, sizeof c->nonce_s);
   memcpy(hello + 8, c->nonce_s, LUAMP_AUTH_NONCE);
+  c->offer = c->suites;
+  hello[8 + LUAMP_AUTH_NONCE] = c->offer;
   c->state = CH_HELLO_SENT;
   return queue_plain(c, hello, sizeof hello);
 }
@@ -192,10 +237,14 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
   switch (c->state) {
   case CH_AUTHED: {
     if (len < TAG) return fail(c, CH_EPROTO, "sealed frame shorter than its tag");
-    uint8_t npub[crypto_aead_chacha20poly1305_ietf_NPUBBYTES] = {0};
-    for (int i = 0; i < 8; i++) npub[4 + i] = (uint8_t)(c->rx_ctr >> (8 * i));
-    if (crypto_aead_chacha20poly1305_ietf_decrypt_detached(
-            f, NULL, f, len - TAG, f + len - TAG, f - 4, 4, npub, c->rx_key) != 0)
+    uint8_t npub[NPUB];
+    frame_nonce(npub, c->rx_ctr);
+    int bad = c->suite == LUAMP_SUITE_AESGCM
+                  ? crypto_aead_aes256gcm_decrypt_detached_afternm(
+                        f, NULL, f, len - TAG, f + len - TAG, f - 4, 4, npub, gcm_rx(c))
+                  : crypto_aead_chacha20poly1305_ietf_decrypt_detached(
+                        f, NULL, f, len - TAG, f + len - TAG, f - 4, 4, npub, c->rx_key);
+    if (bad != 0)
       return fail(c, CH_EAUTH, "a frame failed authentication (forged, replayed or reordered)");
     c->rx_ctr++;
     *msg = f;
@@ -206,28 +255,37 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
   case CH_HELLO_SENT: {
     if (len != PROOF_LEN) return fail(c, CH_EPROTO, "malformed handshake from the client");
     memcpy(c->nonce_c, f, LUAMP_AUTH_NONCE);
+    c->suite = f[LUAMP_AUTH_NONCE];
     handshake_mac(c, "C", mac);
-    if (sodium_memcmp(mac, f + LUAMP_AUTH_NONCE, 32) != 0) {
+    if (sodium_memcmp(mac, f + LUAMP_AUTH_NONCE + 1, 32) != 0) {
       uint8_t no = 0;
       queue_plain(c, &no, 1);
       luamp_chan_flush(c);
       return fail(c, CH_EAUTH, "the client failed to prove it has the authkey");
     }
+    /* a proven client, but its choice must be one suite of those offered */
+    if ((c->suite != LUAMP_SUITE_CHACHA && c->suite != LUAMP_SUITE_AESGCM) || !(c->suite & c->offer))
+      return fail(c, CH_EPROTO, "the client chose a cipher that was not offered");
     uint8_t verdict[VERDICT_OK_LEN];
     verdict[0] = 1;
     handshake_mac(c, "S", verdict + 1);
-    if (queue_plain(c, verdict, sizeof verdict) != 0) return fail(c, CH_EIO, "out of memory");
-    derive_session(c);
+    if (queue_plain(c, verdict, sizeof verdict) != 0 || derive_session(c) != 0)
+      return fail(c, CH_EIO, "out of memory");
     return CH_DONE_AUTH;
   }
   case CH_WAIT_HELLO: {
     if (len != HELLO_LEN || memcmp(f, MAGIC, 8) != 0)
       return fail(c, CH_EPROTO, "the peer is not a luamp manager");
     memcpy(c->nonce_s, f + 8, LUAMP_AUTH_NONCE);
+    c->offer = f[8 + LUAMP_AUTH_NONCE];
+    uint8_t common = c->offer & c->suites & SUITES_KNOWN;
+    if (!common) return fail(c, CH_EPROTO, "the manager offers no cipher this side runs");
+    c->suite = common & LUAMP_SUITE_AESGCM ? LUAMP_SUITE_AESGCM : LUAMP_SUITE_CHACHA;
     randombytes_buf(c->nonce_c, sizeof c->nonce_c);
     uint8_t proof[PROOF_LEN];
     memcpy(proof, c->nonce_c, LUAMP_AUTH_NONCE);
-    handshake_mac(c, "C", proof + LUAMP_AUTH_NONCE);
+    proof[LUAMP_AUTH_NONCE] = c->suite;
+    handshake_mac(c, "C", proof + LUAMP_AUTH_NONCE + 1);
     if (queue_plain(c, proof, sizeof proof) != 0) return fail(c, CH_EIO, "out of memory");
     c->state = CH_WAIT_VERDICT;
     return CH_AGAIN;
@@ -240,7 +298,7 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
     handshake_mac(c, "S", mac);
     if (sodium_memcmp(mac, f + 1, 32) != 0)
       return fail(c, CH_EAUTH, "the manager failed to prove it has the authkey");
-    derive_session(c);
+    if (derive_session(c) != 0) return fail(c, CH_EIO, "out of memory");
     return CH_DONE_AUTH;
   }
   default:
@@ -335,10 +393,14 @@ int luamp_chan_seal_end(luamp_chan *c, size_t mark) {
   }
   uint8_t *h = (uint8_t *)c->out.data + mark;
   put_be32(h, (uint32_t)(plen + TAG));
-  uint8_t npub[crypto_aead_chacha20poly1305_ietf_NPUBBYTES] = {0};
-  for (int i = 0; i < 8; i++) npub[4 + i] = (uint8_t)(c->tx_ctr >> (8 * i));
-  crypto_aead_chacha20poly1305_ietf_encrypt_detached(h + 4, h + 4 + plen, NULL, h + 4, plen,
-                                                     h, 4, NULL, npub, c->tx_key);
+  uint8_t npub[NPUB];
+  frame_nonce(npub, c->tx_ctr);
+  if (c->suite == LUAMP_SUITE_AESGCM)
+    crypto_aead_aes256gcm_encrypt_detached_afternm(h + 4, h + 4 + plen, NULL, h + 4, plen, h, 4,
+                                                   NULL, npub, gcm_tx(c));
+  else
+    crypto_aead_chacha20poly1305_ietf_encrypt_detached(h + 4, h + 4 + plen, NULL, h + 4, plen,
+                                                       h, 4, NULL, npub, c->tx_key);
   c->tx_ctr++;
   c->out.len += TAG;
   return 0;
