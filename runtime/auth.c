@@ -458,8 +458,20 @@ static int unix_addr(struct sockaddr_un *sa, const char *path, size_t len) {
 typedef struct { luamp_chan c; } chan_ud;
 typedef struct { int fd; int family; } listener_ud;
 
+/* Whether value idx has the metatable at upvalue mt (the channel methods and auth_poll
+ * hold both metatables as upvalues: a pointer comparison, where luaL_testudata looked
+ * the name up in the registry, a few hundred instructions per call). */
+static int has_mt(lua_State *L, int idx, int mt) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
+  int eq = lua_topointer(L, -1) == lua_topointer(L, lua_upvalueindex(mt));
+  lua_pop(L, 1);
+  return eq;
+}
+
+/* (only in functions registered with the metatables as upvalues 1 and 2) */
 static chan_ud *check_chan(lua_State *L, int idx) {
-  chan_ud *u = luaL_checkudata(L, idx, CHAN_MT);
+  if (!has_mt(L, idx, 1)) luaL_typeerror(L, idx, CHAN_MT);
+  chan_ud *u = lua_touserdata(L, idx);
   if (u->c.fd < 0) luamp_raise(L, "Closed", "manager connection is closed");
   return u;
 }
@@ -828,10 +840,15 @@ static int l_chan_step(lua_State *L) {
 }
 
 /* chan:receive([buffered_only]) -> as step, except that a request vector comes as
- * "req", id, method, args... (no table: the server's fast path runs it from there). */
+ * "req", id, method, args... (no table: the server's fast path runs it from there).
+ * Without buffered_only, output still pending is sent first (raises if that fails). */
 static int l_chan_receive(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
-  if (lua_toboolean(L, 2) && !frame_buffered(&u->c)) return 0;
+  if (lua_toboolean(L, 2)) {
+    if (!frame_buffered(&u->c)) return 0;
+  } else if (luamp_chan_pending(&u->c) && luamp_chan_flush(&u->c) < 0) {
+    flush_or_raise(L, &u->c);
+  }
   const uint8_t *msg;
   size_t len;
   int r = luamp_chan_step(&u->c, &msg, &len);
@@ -1057,6 +1074,12 @@ static int l_chan_fileno(lua_State *L) {
   return 1;
 }
 
+/* chan:buffered() -> whether a whole frame is received and not yet handed out */
+static int l_chan_buffered(lua_State *L) {
+  lua_pushboolean(L, frame_buffered(&check_chan(L, 1)->c));
+  return 1;
+}
+
 static int l_chan_pending(lua_State *L) {
   lua_pushboolean(L, luamp_chan_pending(&check_chan(L, 1)->c));
   return 1;
@@ -1073,34 +1096,41 @@ static int l_chan_close(lua_State *L) {
   return 0;
 }
 
-/* _core.auth_poll(items, [timeout]) -> {index, ...} of the items ready. Items are
- * channels (readable, or writable while they have output pending), listeners and
- * integer fds (readable). */
+/* _core.auth_poll(items, [timeout], [out]) -> {index, ...} of the items ready (in out,
+ * refilled and ended by a nil, when given: the server's loop makes no table per call),
+ * and how many.
+ * Items are channels (readable, or writable while they have output pending), listeners
+ * and integer fds (readable). */
 static int l_poll(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   double deadline = luamp_deadline_arg(L, 2);
   lua_Integer n = luaL_len(L, 1);
   if (n < 0 || n > 65536) luamp_raise(L, "Value", "cannot poll %lld objects", (long long)n);
-  struct pollfd *fds = lua_newuserdatauv(L, sizeof *fds * (size_t)(n ? n : 1), 0);
+  /* a server with a few connections polls from the C stack (no garbage per call) */
+  struct pollfd few[16];
+  struct pollfd *fds = n <= 16 ? few : lua_newuserdatauv(L, sizeof *fds * (size_t)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
     lua_geti(L, 1, i + 1);
     fds[i].events = POLLIN;
     fds[i].revents = 0;
     if (lua_isinteger(L, -1)) {
       fds[i].fd = (int)lua_tointeger(L, -1);
-    } else if (luaL_testudata(L, -1, CHAN_MT)) {
+    } else if (has_mt(L, -1, 1)) {
       chan_ud *u = lua_touserdata(L, -1);
       fds[i].fd = u->c.fd;
       if (luamp_chan_pending(&u->c)) fds[i].events |= POLLOUT;
-    } else {
-      listener_ud *u = luaL_checkudata(L, -1, LISTENER_MT);
+    } else if (has_mt(L, -1, 2)) {
+      listener_ud *u = lua_touserdata(L, -1);
       fds[i].fd = u->fd;
+    } else {
+      luaL_error(L, "auth_poll: item %d is not a channel, listener or fd", (int)(i + 1));
     }
     lua_pop(L, 1);
   }
   int rc = luamp_wait_fds(fds, (int)n, deadline);
   if (rc < 0) raise_wait(L, rc);
-  lua_createtable(L, rc, 0);
+  if (lua_type(L, 3) == LUA_TTABLE) lua_pushvalue(L, 3);     /* (fds may live on the stack) */
+  else lua_createtable(L, rc > 0 ? rc : 0, 0);
   int k = 0;
   for (lua_Integer i = 0; i < n; i++) {
     if (fds[i].revents) {
@@ -1108,7 +1138,10 @@ static int l_poll(lua_State *L) {
       lua_rawseti(L, -2, ++k);
     }
   }
-  return 1;
+  lua_pushnil(L);
+  lua_rawseti(L, -2, k + 1);
+  lua_pushinteger(L, k);
+  return 2;
 }
 
 /* _core.random_bytes(n) -> string of n random bytes (authkeys) */
@@ -1142,15 +1175,8 @@ int luamp_open_auth(lua_State *L) {
     {"send", l_chan_send}, {"flush", l_chan_flush}, {"call", l_chan_call},
     {"request", l_chan_request}, {"send_reply", l_chan_send_reply},
     {"receive", l_chan_receive}, {"reply", l_chan_reply},
-    {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"authed", l_chan_authed},
+    {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"buffered", l_chan_buffered}, {"authed", l_chan_authed},
     {"close", l_chan_close}, {NULL, NULL}};
-  if (luaL_newmetatable(L, CHAN_MT)) {
-    luaL_newlib(L, chan_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_chan_close);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
   static const luaL_Reg listener_methods[] = {
     {"address", l_listener_address}, {"accept", l_listener_accept},
     {"fileno", l_listener_fileno}, {"close", l_listener_close}, {NULL, NULL}};
@@ -1160,11 +1186,28 @@ int luamp_open_auth(lua_State *L) {
     lua_pushcfunction(L, l_listener_close);
     lua_setfield(L, -2, "__gc");
   }
-  lua_pop(L, 1);
+  int lmt = lua_gettop(L);
+  int fresh = luaL_newmetatable(L, CHAN_MT);
+  int cmt = lua_gettop(L);
+  /* the channel methods and auth_poll hold both metatables (check_chan, has_mt) */
+  if (fresh) {
+    luaL_newlibtable(L, chan_methods);
+    lua_pushvalue(L, cmt);
+    lua_pushvalue(L, lmt);
+    luaL_setfuncs(L, chan_methods, 2);
+    lua_setfield(L, cmt, "__index");
+    lua_pushcfunction(L, l_chan_close);
+    lua_setfield(L, cmt, "__gc");
+  }
   static const luaL_Reg fns[] = {
-    {"auth_listen", l_listen}, {"auth_connect", l_connect}, {"auth_poll", l_poll},
+    {"auth_listen", l_listen}, {"auth_connect", l_connect},
     {"auth_ignore_sigint", l_ignore_sigint}, {"auth_unlink", l_unlink},
     {"random_bytes", l_random_bytes}, {NULL, NULL}};
+  lua_pushvalue(L, cmt);
+  lua_pushvalue(L, lmt);
+  lua_pushcclosure(L, l_poll, 2);
+  lua_setfield(L, lmt - 1, "auth_poll");
+  lua_pop(L, 2);
   luaL_setfuncs(L, fns, 0);
   return 0;
 }

@@ -433,6 +433,35 @@ describe("Manager and Ctrl-C", function()
     assert.equal("rc=0\n", rc, out)
     assert.equal("ready\nfalse\tInterrupted\n1\n", out)
   end)
+
+  it("Ctrl-C while a handler runs in serve_forever raises Interrupted out of it (not sent as a reply)", function()
+    local script = H.script([[
+      local m = luamp.BaseManager{address = {"127.0.0.1", 0}, authkey = "k"}
+      m:register("nap", function()
+        -- Ctrl-C, in the handler (the wait or the sleep raises Interrupted)
+        luamp.subprocess.Popen({"kill", "-INT", tostring(luamp.current_process().pid)}):wait()
+        luamp.sleep(10)
+        return "slept"
+      end)
+      local srv = m:get_server()
+      print(srv.address[2])
+      io.stdout:flush()
+      local ok, e = pcall(srv.serve_forever, srv)
+      print(ok, type(e) == "table" and e.kind or tostring(e))
+    ]])
+    local p = luamp.subprocess.Popen({H.host, script}, {stdout = "pipe"})
+    finally(function() if p:poll() == nil then p:kill(); p:wait() end; os.remove(script) end)
+    local port = assert(tonumber(p.stdout:read("l")))
+    local c = luamp.BaseManager{address = {"127.0.0.1", port}, authkey = "k"}
+    c:register("nap")
+    c:connect()
+    local ok, e = pcall(c.nap, c)
+    -- the server stopped: the call sees its connection close, not an error reply
+    assert.is_false(ok)
+    assert.equal("EOF", type(e) == "table" and e.kind or tostring(e))
+    local out = p:communicate(nil, 5)
+    assert.equal("false\tInterrupted\n", out)
+  end)
 end)
 
 -- Proxy calls whose arguments and results are all nil, booleans, numbers and strings go
