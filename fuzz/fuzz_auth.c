@@ -6,6 +6,8 @@
  *   1: a server talking to a client channel (a fake manager);
  *   2: a man in the middle of an authenticated session: one genuine sealed frame, then
  *      the input (which may replay or alter it), to the server channel.
+ * The same byte picks the ciphers the channels run ((byte / 3) % 3 + 1: ChaCha20-Poly1305,
+ * AES-256-GCM where the CPU runs it, or both), so each suite's opening is fuzzed.
  * Properties checked besides memory safety: without the key nobody authenticates (0, 1);
  * in 2 exactly the genuine frame opens and nothing else does (a replayed copy fails);
  * the receive buffer never outgrows what was actually received (twice over, plus its
@@ -105,6 +107,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   if (size < 1) return 0;
   int mode = data[0] % 3;
+  uint8_t suites = (uint8_t)((data[0] / 3) % 3 + 1);
+  if (!crypto_aead_aes256gcm_is_available()) suites = LUAMP_SUITE_CHACHA;
   data++;
   size--;
   int sv[2];
@@ -112,11 +116,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   luamp_chan c;
   if (mode == 0) {
     luamp_chan_init(&c, sv[0], CH_SERVER);
+    c.suites = suites;
     luamp_chan_start(&c, key, sizeof key - 1);
     luamp_chan_flush(&c);
     if (feed(&c, sv[1], data, size, 0, 0) != 0) abort();
   } else if (mode == 1) {
     luamp_chan_init(&c, sv[0], CH_CLIENT);
+    c.suites = suites;
     luamp_chan_start(&c, key, sizeof key - 1);
     if (feed(&c, sv[1], data, size, 0, 0) != 0) abort();
   } else {
@@ -125,6 +131,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     luamp_chan cl, srv;
     luamp_chan_init(&srv, cv[0], CH_SERVER);
     luamp_chan_init(&cl, cv[1], CH_CLIENT);
+    srv.suites = cl.suites = suites;
     handshake(&cl, &srv);
     /* a genuine frame, captured instead of sent */
     if (luamp_chan_seal(&cl, "hello", 5) != 0) abort();

@@ -7,20 +7,25 @@
  * without blocking so one slow peer cannot hold up a server that serves many.
  *
  * The handshake is mutual and fresh each way, all with a key K = BLAKE2b(authkey):
- *   server -> client  "LUAMPM1\0" || Ns                       (Ns: 32 random bytes)
- *   client -> server  Nc || MAC_K("C" || Ns || Nc)           (Nc: 32 random bytes)
- *   server -> client  1 || MAC_K("S" || Ns || Nc)   or   0 (refused) and close
- * (MAC = keyed BLAKE2b, compared in constant time). Each side proves it holds K over a
- * nonce the other just chose, so a recorded handshake replays to nobody, and the server
- * shows its proof only to a client that proved first (it is no oracle). Before this
- * completes no frame over 64 KiB is read and nothing is decoded at all: the handshake
- * frames have fixed sizes and are checked byte for byte.
+ *   server -> client  "LUAMPM2\0" || Ns || O                  (Ns: 32 random bytes)
+ *   client -> server  Nc || C || MAC_K("C" || T)              (Nc: 32 random bytes)
+ *   server -> client  1 || MAC_K("S" || T)   or   0 (refused) and close
+ * where T = Ns || Nc || O || C (MAC = keyed BLAKE2b, compared in constant time). O is the
+ * set of session ciphers the server offers (LUAMP_SUITE_* bits), C the one the client
+ * chose from it: AES-256-GCM when both sides' CPUs run it (AES-NI: about a third of
+ * ChaCha20-Poly1305's instructions for a small frame), else ChaCha20-Poly1305. Both are
+ * in T, so a man in the middle who edits the offer (a downgrade) breaks both proofs.
+ * Each side proves it holds K over a nonce the other just chose, so a recorded handshake
+ * replays to nobody, and the server shows its proof only to a client that proved first
+ * (it is no oracle). Before this completes no frame over 64 KiB is read and nothing is
+ * decoded at all: the handshake frames have fixed sizes and are checked byte for byte.
  *
- * Afterwards the session key S = MAC_K("luamp session" || Ns || Nc) gives one key per
- * direction, and every frame is sealed with ChaCha20-Poly1305 (the header as associated
- * data, the frame's number in its direction as the nonce). A forged, replayed, reordered
- * or dropped frame fails to open: the channel is broken and reports Auth. Sealing also
- * hides the traffic (proxies carry the authkey, as Python's do under spawn).
+ * Afterwards the session key S = MAC_K("luamp session" || T) gives one key per direction,
+ * and every frame is sealed with the chosen AEAD (the header as associated data, the
+ * frame's number in its direction as the nonce: never reused under one key). A forged,
+ * replayed, reordered or dropped frame fails to open: the channel is broken and reports
+ * Auth. Sealing also hides the traffic (proxies carry the authkey, as Python's do under
+ * spawn). The AES keys are expanded once per session (crypto_aead_aes256gcm_beforenm).
  *
  * The Lua binding (_core.auth_*) gives the manager (lua/luamp/manager.lua) listeners,
  * channels with a non-blocking step for the server's loop and blocking calls for clients
@@ -68,11 +73,15 @@
 
 #define CHAN_MT "luamp.AuthChannel"
 #define LISTENER_MT "luamp.AuthListener"
-#define MAGIC "LUAMPM1"                      /* 8 bytes with its NUL */
-#define HELLO_LEN (8 + LUAMP_AUTH_NONCE)
-#define PROOF_LEN (LUAMP_AUTH_NONCE + 32)
+#define MAGIC "LUAMPM2"                      /* 8 bytes with its NUL */
+#define HELLO_LEN (8 + LUAMP_AUTH_NONCE + 1)
+#define PROOF_LEN (LUAMP_AUTH_NONCE + 1 + 32)
 #define VERDICT_OK_LEN (1 + 32)
 #define TAG crypto_aead_chacha20poly1305_ietf_ABYTES
+#define NPUB crypto_aead_chacha20poly1305_ietf_NPUBBYTES
+#define SUITES_KNOWN (LUAMP_SUITE_CHACHA | LUAMP_SUITE_AESGCM)
+_Static_assert(crypto_aead_aes256gcm_ABYTES == TAG, "both suites have 16-byte tags");
+_Static_assert(crypto_aead_aes256gcm_NPUBBYTES == NPUB, "both suites have 12-byte nonces");
 #define IN_MIN 16384                         /* first receive buffer */
 #define VEC_TAG 0xa5                         /* first byte of a payload of plain values */
 #define VEC_MAX 250                          /* values in one vector */
@@ -115,7 +124,15 @@ void luamp_chan_init(luamp_chan *c, int fd, int role) {
   c->fd = fd;
   c->role = role;
   c->state = CH_FRESH;
+  c->suites = LUAMP_SUITE_CHACHA | (crypto_aead_aes256gcm_is_available() ? LUAMP_SUITE_AESGCM : 0);
   luamp_buf_init(&c->out);
+}
+
+static void free_gcm(luamp_chan *c) {
+  if (!c->gcm) return;
+  sodium_memzero(c->gcm, 2 * sizeof(crypto_aead_aes256gcm_state));
+  free(c->gcm);
+  c->gcm = NULL;
 }
 
 void luamp_chan_free(luamp_chan *c) {
@@ -130,20 +147,32 @@ void luamp_chan_free(luamp_chan *c) {
   sodium_memzero(c->key, sizeof c->key);
   sodium_memzero(c->tx_key, sizeof c->tx_key);
   sodium_memzero(c->rx_key, sizeof c->rx_key);
+  free_gcm(c);
   c->state = CH_BROKEN;
 }
 
-/* MAC_K(label || Ns || Nc) */
+/* MAC_K(label || Ns || Nc || O || C) */
 static void handshake_mac(const luamp_chan *c, const char *label, uint8_t out[32]) {
   crypto_generichash_state st;
   crypto_generichash_init(&st, c->key, sizeof c->key, 32);
   crypto_generichash_update(&st, (const unsigned char *)label, strlen(label));
   crypto_generichash_update(&st, c->nonce_s, sizeof c->nonce_s);
   crypto_generichash_update(&st, c->nonce_c, sizeof c->nonce_c);
+  crypto_generichash_update(&st, &c->offer, 1);
+  crypto_generichash_update(&st, &c->suite, 1);
   crypto_generichash_final(&st, out, 32);
 }
 
-static void derive_session(luamp_chan *c) {
+static crypto_aead_aes256gcm_state *gcm_tx(const luamp_chan *c) {
+  return (crypto_aead_aes256gcm_state *)c->gcm;
+}
+
+static crypto_aead_aes256gcm_state *gcm_rx(const luamp_chan *c) {
+  return (crypto_aead_aes256gcm_state *)c->gcm + 1;
+}
+
+/* 0, or -1 out of memory (the AES suite's expanded keys) */
+static int derive_session(luamp_chan *c) {
   uint8_t s[32], c2s[32], s2c[32];
   handshake_mac(c, "luamp session", s);
   crypto_generichash(c2s, 32, (const unsigned char *)"client to server", 16, s, 32);
@@ -154,7 +183,21 @@ static void derive_session(luamp_chan *c) {
   sodium_memzero(s, sizeof s);
   sodium_memzero(c2s, sizeof c2s);
   sodium_memzero(s2c, sizeof s2c);
+  if (c->suite == LUAMP_SUITE_AESGCM) {
+    free_gcm(c);
+    c->gcm = aligned_alloc(16, 2 * sizeof(crypto_aead_aes256gcm_state));
+    if (!c->gcm) return -1;
+    crypto_aead_aes256gcm_beforenm(gcm_tx(c), c->tx_key);
+    crypto_aead_aes256gcm_beforenm(gcm_rx(c), c->rx_key);
+  }
   c->state = CH_AUTHED;
+  return 0;
+}
+
+/* The 12-byte nonce of frame number ctr (in its direction). */
+static void frame_nonce(uint8_t npub[NPUB], uint64_t ctr) {
+  memset(npub, 0, NPUB);
+  for (int i = 0; i < 8; i++) npub[4 + i] = (uint8_t)(ctr >> (8 * i));
 }
 
 /* Queues an unsealed (handshake) frame. */
@@ -176,6 +219,8 @@ int luamp_chan_start(luamp_chan *c, const void *authkey, size_t keylen) {
   memcpy(hello, MAGIC, 8);
   randombytes_buf(c->nonce_s, sizeof c->nonce_s);
   memcpy(hello + 8, c->nonce_s, LUAMP_AUTH_NONCE);
+  c->offer = c->suites;
+  hello[8 + LUAMP_AUTH_NONCE] = c->offer;
   c->state = CH_HELLO_SENT;
   return queue_plain(c, hello, sizeof hello);
 }
@@ -192,10 +237,14 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
   switch (c->state) {
   case CH_AUTHED: {
     if (len < TAG) return fail(c, CH_EPROTO, "sealed frame shorter than its tag");
-    uint8_t npub[crypto_aead_chacha20poly1305_ietf_NPUBBYTES] = {0};
-    for (int i = 0; i < 8; i++) npub[4 + i] = (uint8_t)(c->rx_ctr >> (8 * i));
-    if (crypto_aead_chacha20poly1305_ietf_decrypt_detached(
-            f, NULL, f, len - TAG, f + len - TAG, f - 4, 4, npub, c->rx_key) != 0)
+    uint8_t npub[NPUB];
+    frame_nonce(npub, c->rx_ctr);
+    int bad = c->suite == LUAMP_SUITE_AESGCM
+                  ? crypto_aead_aes256gcm_decrypt_detached_afternm(
+                        f, NULL, f, len - TAG, f + len - TAG, f - 4, 4, npub, gcm_rx(c))
+                  : crypto_aead_chacha20poly1305_ietf_decrypt_detached(
+                        f, NULL, f, len - TAG, f + len - TAG, f - 4, 4, npub, c->rx_key);
+    if (bad != 0)
       return fail(c, CH_EAUTH, "a frame failed authentication (forged, replayed or reordered)");
     c->rx_ctr++;
     *msg = f;
@@ -206,28 +255,37 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
   case CH_HELLO_SENT: {
     if (len != PROOF_LEN) return fail(c, CH_EPROTO, "malformed handshake from the client");
     memcpy(c->nonce_c, f, LUAMP_AUTH_NONCE);
+    c->suite = f[LUAMP_AUTH_NONCE];
     handshake_mac(c, "C", mac);
-    if (sodium_memcmp(mac, f + LUAMP_AUTH_NONCE, 32) != 0) {
+    if (sodium_memcmp(mac, f + LUAMP_AUTH_NONCE + 1, 32) != 0) {
       uint8_t no = 0;
       queue_plain(c, &no, 1);
       luamp_chan_flush(c);
       return fail(c, CH_EAUTH, "the client failed to prove it has the authkey");
     }
+    /* a proven client, but its choice must be one suite of those offered */
+    if ((c->suite != LUAMP_SUITE_CHACHA && c->suite != LUAMP_SUITE_AESGCM) || !(c->suite & c->offer))
+      return fail(c, CH_EPROTO, "the client chose a cipher that was not offered");
     uint8_t verdict[VERDICT_OK_LEN];
     verdict[0] = 1;
     handshake_mac(c, "S", verdict + 1);
-    if (queue_plain(c, verdict, sizeof verdict) != 0) return fail(c, CH_EIO, "out of memory");
-    derive_session(c);
+    if (queue_plain(c, verdict, sizeof verdict) != 0 || derive_session(c) != 0)
+      return fail(c, CH_EIO, "out of memory");
     return CH_DONE_AUTH;
   }
   case CH_WAIT_HELLO: {
     if (len != HELLO_LEN || memcmp(f, MAGIC, 8) != 0)
       return fail(c, CH_EPROTO, "the peer is not a luamp manager");
     memcpy(c->nonce_s, f + 8, LUAMP_AUTH_NONCE);
+    c->offer = f[8 + LUAMP_AUTH_NONCE];
+    uint8_t common = c->offer & c->suites & SUITES_KNOWN;
+    if (!common) return fail(c, CH_EPROTO, "the manager offers no cipher this side runs");
+    c->suite = common & LUAMP_SUITE_AESGCM ? LUAMP_SUITE_AESGCM : LUAMP_SUITE_CHACHA;
     randombytes_buf(c->nonce_c, sizeof c->nonce_c);
     uint8_t proof[PROOF_LEN];
     memcpy(proof, c->nonce_c, LUAMP_AUTH_NONCE);
-    handshake_mac(c, "C", proof + LUAMP_AUTH_NONCE);
+    proof[LUAMP_AUTH_NONCE] = c->suite;
+    handshake_mac(c, "C", proof + LUAMP_AUTH_NONCE + 1);
     if (queue_plain(c, proof, sizeof proof) != 0) return fail(c, CH_EIO, "out of memory");
     c->state = CH_WAIT_VERDICT;
     return CH_AGAIN;
@@ -240,7 +298,7 @@ static int on_frame(luamp_chan *c, uint8_t *f, size_t len, const uint8_t **msg, 
     handshake_mac(c, "S", mac);
     if (sodium_memcmp(mac, f + 1, 32) != 0)
       return fail(c, CH_EAUTH, "the manager failed to prove it has the authkey");
-    derive_session(c);
+    if (derive_session(c) != 0) return fail(c, CH_EIO, "out of memory");
     return CH_DONE_AUTH;
   }
   default:
@@ -335,10 +393,14 @@ int luamp_chan_seal_end(luamp_chan *c, size_t mark) {
   }
   uint8_t *h = (uint8_t *)c->out.data + mark;
   put_be32(h, (uint32_t)(plen + TAG));
-  uint8_t npub[crypto_aead_chacha20poly1305_ietf_NPUBBYTES] = {0};
-  for (int i = 0; i < 8; i++) npub[4 + i] = (uint8_t)(c->tx_ctr >> (8 * i));
-  crypto_aead_chacha20poly1305_ietf_encrypt_detached(h + 4, h + 4 + plen, NULL, h + 4, plen,
-                                                     h, 4, NULL, npub, c->tx_key);
+  uint8_t npub[NPUB];
+  frame_nonce(npub, c->tx_ctr);
+  if (c->suite == LUAMP_SUITE_AESGCM)
+    crypto_aead_aes256gcm_encrypt_detached_afternm(h + 4, h + 4 + plen, NULL, h + 4, plen, h, 4,
+                                                   NULL, npub, gcm_tx(c));
+  else
+    crypto_aead_chacha20poly1305_ietf_encrypt_detached(h + 4, h + 4 + plen, NULL, h + 4, plen,
+                                                       h, 4, NULL, npub, c->tx_key);
   c->tx_ctr++;
   c->out.len += TAG;
   return 0;
@@ -396,8 +458,20 @@ static int unix_addr(struct sockaddr_un *sa, const char *path, size_t len) {
 typedef struct { luamp_chan c; } chan_ud;
 typedef struct { int fd; int family; } listener_ud;
 
+/* Whether value idx has the metatable at upvalue mt (the channel methods and auth_poll
+ * hold both metatables as upvalues: a pointer comparison, where luaL_testudata looked
+ * the name up in the registry, a few hundred instructions per call). */
+static int has_mt(lua_State *L, int idx, int mt) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
+  int eq = lua_topointer(L, -1) == lua_topointer(L, lua_upvalueindex(mt));
+  lua_pop(L, 1);
+  return eq;
+}
+
+/* (only in functions registered with the metatables as upvalues 1 and 2) */
 static chan_ud *check_chan(lua_State *L, int idx) {
-  chan_ud *u = luaL_checkudata(L, idx, CHAN_MT);
+  if (!has_mt(L, idx, 1)) luaL_typeerror(L, idx, CHAN_MT);
+  chan_ud *u = lua_touserdata(L, idx);
   if (u->c.fd < 0) luamp_raise(L, "Closed", "manager connection is closed");
   return u;
 }
@@ -766,10 +840,15 @@ static int l_chan_step(lua_State *L) {
 }
 
 /* chan:receive([buffered_only]) -> as step, except that a request vector comes as
- * "req", id, method, args... (no table: the server's fast path runs it from there). */
+ * "req", id, method, args... (no table: the server's fast path runs it from there).
+ * Without buffered_only, output still pending is sent first (raises if that fails). */
 static int l_chan_receive(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
-  if (lua_toboolean(L, 2) && !frame_buffered(&u->c)) return 0;
+  if (lua_toboolean(L, 2)) {
+    if (!frame_buffered(&u->c)) return 0;
+  } else if (luamp_chan_pending(&u->c) && luamp_chan_flush(&u->c) < 0) {
+    flush_or_raise(L, &u->c);
+  }
   const uint8_t *msg;
   size_t len;
   int r = luamp_chan_step(&u->c, &msg, &len);
@@ -995,6 +1074,12 @@ static int l_chan_fileno(lua_State *L) {
   return 1;
 }
 
+/* chan:buffered() -> whether a whole frame is received and not yet handed out */
+static int l_chan_buffered(lua_State *L) {
+  lua_pushboolean(L, frame_buffered(&check_chan(L, 1)->c));
+  return 1;
+}
+
 static int l_chan_pending(lua_State *L) {
   lua_pushboolean(L, luamp_chan_pending(&check_chan(L, 1)->c));
   return 1;
@@ -1011,34 +1096,41 @@ static int l_chan_close(lua_State *L) {
   return 0;
 }
 
-/* _core.auth_poll(items, [timeout]) -> {index, ...} of the items ready. Items are
- * channels (readable, or writable while they have output pending), listeners and
- * integer fds (readable). */
+/* _core.auth_poll(items, [timeout], [out]) -> {index, ...} of the items ready (in out,
+ * refilled and ended by a nil, when given: the server's loop makes no table per call),
+ * and how many.
+ * Items are channels (readable, or writable while they have output pending), listeners
+ * and integer fds (readable). */
 static int l_poll(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   double deadline = luamp_deadline_arg(L, 2);
   lua_Integer n = luaL_len(L, 1);
   if (n < 0 || n > 65536) luamp_raise(L, "Value", "cannot poll %lld objects", (long long)n);
-  struct pollfd *fds = lua_newuserdatauv(L, sizeof *fds * (size_t)(n ? n : 1), 0);
+  /* a server with a few connections polls from the C stack (no garbage per call) */
+  struct pollfd few[16];
+  struct pollfd *fds = n <= 16 ? few : lua_newuserdatauv(L, sizeof *fds * (size_t)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
     lua_geti(L, 1, i + 1);
     fds[i].events = POLLIN;
     fds[i].revents = 0;
     if (lua_isinteger(L, -1)) {
       fds[i].fd = (int)lua_tointeger(L, -1);
-    } else if (luaL_testudata(L, -1, CHAN_MT)) {
+    } else if (has_mt(L, -1, 1)) {
       chan_ud *u = lua_touserdata(L, -1);
       fds[i].fd = u->c.fd;
       if (luamp_chan_pending(&u->c)) fds[i].events |= POLLOUT;
-    } else {
-      listener_ud *u = luaL_checkudata(L, -1, LISTENER_MT);
+    } else if (has_mt(L, -1, 2)) {
+      listener_ud *u = lua_touserdata(L, -1);
       fds[i].fd = u->fd;
+    } else {
+      luaL_error(L, "auth_poll: item %d is not a channel, listener or fd", (int)(i + 1));
     }
     lua_pop(L, 1);
   }
   int rc = luamp_wait_fds(fds, (int)n, deadline);
   if (rc < 0) raise_wait(L, rc);
-  lua_createtable(L, rc, 0);
+  if (lua_type(L, 3) == LUA_TTABLE) lua_pushvalue(L, 3);     /* (fds may live on the stack) */
+  else lua_createtable(L, rc > 0 ? rc : 0, 0);
   int k = 0;
   for (lua_Integer i = 0; i < n; i++) {
     if (fds[i].revents) {
@@ -1046,7 +1138,10 @@ static int l_poll(lua_State *L) {
       lua_rawseti(L, -2, ++k);
     }
   }
-  return 1;
+  lua_pushnil(L);
+  lua_rawseti(L, -2, k + 1);
+  lua_pushinteger(L, k);
+  return 2;
 }
 
 /* _core.random_bytes(n) -> string of n random bytes (authkeys) */
@@ -1080,15 +1175,8 @@ int luamp_open_auth(lua_State *L) {
     {"send", l_chan_send}, {"flush", l_chan_flush}, {"call", l_chan_call},
     {"request", l_chan_request}, {"send_reply", l_chan_send_reply},
     {"receive", l_chan_receive}, {"reply", l_chan_reply},
-    {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"authed", l_chan_authed},
+    {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"buffered", l_chan_buffered}, {"authed", l_chan_authed},
     {"close", l_chan_close}, {NULL, NULL}};
-  if (luaL_newmetatable(L, CHAN_MT)) {
-    luaL_newlib(L, chan_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_chan_close);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
   static const luaL_Reg listener_methods[] = {
     {"address", l_listener_address}, {"accept", l_listener_accept},
     {"fileno", l_listener_fileno}, {"close", l_listener_close}, {NULL, NULL}};
@@ -1098,11 +1186,28 @@ int luamp_open_auth(lua_State *L) {
     lua_pushcfunction(L, l_listener_close);
     lua_setfield(L, -2, "__gc");
   }
-  lua_pop(L, 1);
+  int lmt = lua_gettop(L);
+  int fresh = luaL_newmetatable(L, CHAN_MT);
+  int cmt = lua_gettop(L);
+  /* the channel methods and auth_poll hold both metatables (check_chan, has_mt) */
+  if (fresh) {
+    luaL_newlibtable(L, chan_methods);
+    lua_pushvalue(L, cmt);
+    lua_pushvalue(L, lmt);
+    luaL_setfuncs(L, chan_methods, 2);
+    lua_setfield(L, cmt, "__index");
+    lua_pushcfunction(L, l_chan_close);
+    lua_setfield(L, cmt, "__gc");
+  }
   static const luaL_Reg fns[] = {
-    {"auth_listen", l_listen}, {"auth_connect", l_connect}, {"auth_poll", l_poll},
+    {"auth_listen", l_listen}, {"auth_connect", l_connect},
     {"auth_ignore_sigint", l_ignore_sigint}, {"auth_unlink", l_unlink},
     {"random_bytes", l_random_bytes}, {NULL, NULL}};
+  lua_pushvalue(L, cmt);
+  lua_pushvalue(L, lmt);
+  lua_pushcclosure(L, l_poll, 2);
+  lua_setfield(L, lmt - 1, "auth_poll");
+  lua_pop(L, 2);
   luaL_setfuncs(L, fns, 0);
   return 0;
 }

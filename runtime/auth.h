@@ -15,6 +15,10 @@
 #define LUAMP_AUTH_PREAUTH_MAX (64 * 1024)     /* largest frame read before authentication */
 #define LUAMP_AUTH_FRAME_MAX (1u << 30)        /* largest frame read after it */
 
+/* Session ciphers (bits of the server's offer; the client's choice is one of them). */
+#define LUAMP_SUITE_CHACHA 1                   /* ChaCha20-Poly1305: every build */
+#define LUAMP_SUITE_AESGCM 2                   /* AES-256-GCM: CPUs with AES-NI and CLMUL */
+
 enum { CH_CLIENT = 0, CH_SERVER = 1 };
 enum {
   CH_FRESH,          /* nothing done yet */
@@ -41,6 +45,9 @@ typedef struct luamp_chan {
   uint8_t nonce_s[LUAMP_AUTH_NONCE], nonce_c[LUAMP_AUTH_NONCE];
   uint8_t tx_key[LUAMP_AUTH_KEY], rx_key[LUAMP_AUTH_KEY];
   uint64_t tx_ctr, rx_ctr;                       /* per-direction frame numbers */
+  uint8_t suites;                                /* the ciphers this side runs (a test may narrow it) */
+  uint8_t offer, suite;                          /* the server's offer, the suite chosen */
+  void *gcm;                                     /* AES suite: expanded tx and rx keys (2 states) */
   /* input: bytes [in_start, in_end) of in are received and not yet consumed */
   uint8_t *in;
   size_t in_start, in_end, in_cap;

@@ -337,10 +337,10 @@ s = socket.socket(socket.AF_UNIX)
 s.bind(sys.argv[1]); s.listen(1)
 print("ready", flush=True)
 c, _ = s.accept()
-c.sendall((40).to_bytes(4, "big") + b"LUAMPM1\0" + os.urandom(32))
+c.sendall((41).to_bytes(4, "big") + b"LUAMPM2\0" + os.urandom(32) + b"\x01")
 got = b""
-while len(got) < 4 + 64:
-    b = c.recv(4 + 64 - len(got))
+while len(got) < 4 + 65:
+    b = c.recv(4 + 65 - len(got))
     if not b: break
     got += b
 c.close()
@@ -432,6 +432,35 @@ describe("Manager and Ctrl-C", function()
     os.remove(out_file); os.remove(script)
     assert.equal("rc=0\n", rc, out)
     assert.equal("ready\nfalse\tInterrupted\n1\n", out)
+  end)
+
+  it("Ctrl-C while a handler runs in serve_forever raises Interrupted out of it (not sent as a reply)", function()
+    local script = H.script([[
+      local m = luamp.BaseManager{address = {"127.0.0.1", 0}, authkey = "k"}
+      m:register("nap", function()
+        -- Ctrl-C, in the handler (the wait or the sleep raises Interrupted)
+        luamp.subprocess.Popen({"kill", "-INT", tostring(luamp.current_process().pid)}):wait()
+        luamp.sleep(10)
+        return "slept"
+      end)
+      local srv = m:get_server()
+      print(srv.address[2])
+      io.stdout:flush()
+      local ok, e = pcall(srv.serve_forever, srv)
+      print(ok, type(e) == "table" and e.kind or tostring(e))
+    ]])
+    local p = luamp.subprocess.Popen({H.host, script}, {stdout = "pipe"})
+    finally(function() if p:poll() == nil then p:kill(); p:wait() end; os.remove(script) end)
+    local port = assert(tonumber(p.stdout:read("l")))
+    local c = luamp.BaseManager{address = {"127.0.0.1", port}, authkey = "k"}
+    c:register("nap")
+    c:connect()
+    local ok, e = pcall(c.nap, c)
+    -- the server stopped: the call sees its connection close, not an error reply
+    assert.is_false(ok)
+    assert.equal("EOF", type(e) == "table" and e.kind or tostring(e))
+    local out = p:communicate(nil, 5)
+    assert.equal("false\tInterrupted\n", out)
   end)
 end)
 

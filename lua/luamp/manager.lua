@@ -24,6 +24,7 @@ local process = require "luamp.process"
 local raise = U.raise
 local interrupted = U.interrupted
 local pack, unpack = table.pack, table.unpack
+local mtype = math.type
 
 local M = {}
 
@@ -88,8 +89,13 @@ local function take_channel(ref)
     c = {pid = pid, free = {}}
     connections[ref.key] = c
   end
-  local ch = table.remove(c.free)
-  if ch then return ch end
+  local free = c.free
+  local n = #free
+  local ch = free[n]
+  if ch then
+    free[n] = nil
+    return ch
+  end
   return connect_channel(ref.address, ref.authkey)
 end
 
@@ -1103,13 +1109,13 @@ local function serve(listener, authkey, registry, address)
   -- {id, method, nargs, args...} (unpacked here, under the caller's protection: its
   -- nargs is the peer's word)
   local function handle(id, method, ...)
-    if type(id) == "table" then
-      local req = id
-      local n = req[3]
-      if math.type(n) ~= "integer" or n < 0 then raise("Value", "malformed request") end
-      return handle(req[1], req[2], unpack(req, 4, 3 + n))
-    end
-    if math.type(id) ~= "integer" or type(method) ~= "string" then
+    if mtype(id) ~= "integer" or type(method) ~= "string" then
+      if type(id) == "table" then
+        local req = id
+        local n = req[3]
+        if mtype(n) ~= "integer" or n < 0 then raise("Value", "malformed request") end
+        return handle(req[1], req[2], unpack(req, 4, 3 + n))
+      end
       raise("Value", "malformed request")
     end
     if id == 0 then
@@ -1162,14 +1168,17 @@ local function serve(listener, authkey, registry, address)
   -- The reply to a call that ended: ok, its results or its error (as traceback made it).
   -- Plain results go as a vector (chan:reply); an error as {false, error fields}.
   local function reply_to(conn, ok, ...)
-    if conn.closed then return end
     if not ok then
       local e = ...
+      -- a handler's Interrupted goes on up (out of the coroutine), as U.xpcall would send it
+      if interrupted(e) then error(e, 0) end
+      if conn.closed then return end
       if type(e) == "table" and e.tb then
         return send_reply(conn, {false, error_info(e.raw, e.tb)})
       end
       return send_reply(conn, {false, error_info(e)})
     end
+    if conn.closed then return end
     local ch = conn.ch
     local sent, err = pcall(ch.reply, ch, ...)
     if not sent then
@@ -1183,28 +1192,24 @@ local function serve(listener, authkey, registry, address)
   local DONE = {}          -- what a request's coroutine yields when it has its reply
   local idle = {}          -- finished coroutines, reused for the next requests
 
-  -- a handler's Interrupted goes on up (out of the coroutine), as U.xpcall would send it
-  local function passed(ok, ...)
-    if not ok and interrupted((...)) then error((...), 0) end
-    return ok, ...
+  -- The body of every request coroutine, given conn and the request (id, method,
+  -- args... or a request table): handle it, send the reply (from here, so the results
+  -- need not travel out through yield and resume), yield DONE and take the next request.
+  -- (A proper tail call: the coroutine's stack does not grow.)
+  local function worker(conn, ...)
+    reply_to(conn, xpcall(handle, traceback, ...))
+    return worker(coroutine.yield(DONE))
   end
 
-  -- The body of every request coroutine: handle(id, method, args...) (or a request
-  -- table), then yield DONE and the outcome, and take the next request. (A proper tail
-  -- call: the coroutine's stack does not grow.)
-  local function worker(...)
-    return worker(coroutine.yield(DONE, passed(xpcall(handle, traceback, ...))))
-  end
-
-  -- what a resume of conn's coroutine gave: parked (a is its waiter), or DONE and the
-  -- outcome, which goes back as the reply
-  local function resumed(conn, co, rok, a, ...)
+  -- what a resume of conn's coroutine gave: parked (a is its waiter), or DONE (replied)
+  local function resumed(conn, co, rok, a)
     current_conn = nil
     if rok and a ~= DONE then return end
     conn.co = nil
     if rok then
       idle[#idle + 1] = co
-      reply_to(conn, ...)
+    elseif interrupted(a) then
+      error(a, 0)
     elseif not conn.closed then
       send_reply(conn, {false, error_info(a)})
     end
@@ -1228,7 +1233,7 @@ local function serve(listener, authkey, registry, address)
       co = coroutine.create(worker)
     end
     conn.co = co
-    return resume(conn, ...)
+    return resume(conn, conn, ...)
   end
 
   start_next = function(conn)
@@ -1251,9 +1256,19 @@ local function serve(listener, authkey, registry, address)
     elseif what == nil then
       return false
     elseif what == "req" then
-      -- a plain request: run it from the values themselves when nothing is queued
+      -- a plain request: run it from the values themselves when nothing is queued (run
+      -- and resume, written out: this is every plain call's path)
       if not conn.co and #conn.inbox == 0 then
-        run(conn, ...)
+        local n = #idle
+        local co = idle[n]
+        if co then
+          idle[n] = nil
+        else
+          co = coroutine.create(worker)
+        end
+        conn.co = co
+        current_conn = conn
+        resumed(conn, co, coroutine.resume(co, conn, ...))
         return true
       end
       conn.inbox[#conn.inbox + 1] = {(...), (select(2, ...)), select("#", ...) - 2, select(3, ...)}
@@ -1284,13 +1299,14 @@ local function serve(listener, authkey, registry, address)
 
   local function service(conn)
     local ch = conn.ch
-    -- the first receive reads the socket; later ones only take frames already buffered
-    -- (the loop's poll reports anything that arrives after)
+    -- the first receive sends what output waits and reads the socket; later ones only
+    -- take frames already buffered (the loop's poll reports anything that arrives after)
     if not received(conn, pcall(ch.receive, ch, false)) then return end
-    while not conn.closed and received(conn, pcall(ch.receive, ch, true)) do end
+    while not conn.closed and ch:buffered() and received(conn, pcall(ch.receive, ch, true)) do end
   end
 
   local items, owners, dirty = {}, {}, true
+  local ready_buf = {}     -- auth_poll's answer, refilled each time
   while not stop do
     -- run what notify woke
     while #sched.runnable > 0 do
@@ -1333,9 +1349,9 @@ local function serve(listener, authkey, registry, address)
         if c.deadline and (not soonest or c.deadline < soonest) then soonest = c.deadline end
       end
     end
-    local ready = core.auth_poll(items, soonest and math.max(soonest - core.time(), 0))
-    for _, i in ipairs(ready) do
-      local o = owners[i]
+    local ready, nready = core.auth_poll(items, soonest and math.max(soonest - core.time(), 0), ready_buf)
+    for r = 1, nready do
+      local o = owners[ready[r]]
       if o == false then
         for _ = 1, 64 do
           local ok, ch = U.pcall(listener.accept, listener)
@@ -1352,7 +1368,6 @@ local function serve(listener, authkey, registry, address)
       elseif o.fd then
         if sched.fdwait[o] then wake(o, true) end
       elseif not o.closed then
-        if o.ch:pending() and not U.pcall(o.ch.flush, o.ch) then close_conn(o) end
         service(o)
       end
     end
