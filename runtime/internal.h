@@ -111,6 +111,9 @@ extern const luamp_wait_scheduler *luamp_wait_sched;
  * it waits. Same results as the functions they stand in for. */
 int luamp_sched_active(void);
 int luamp_sched_in_task(void);
+/* Inside a task, and no other task is ready to run: a short spin of its own (waiting for
+ * another process) then holds up nothing of this process. */
+int luamp_sched_alone(void);
 int luamp_sched_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
 /* Turns (sched.c): tasks of this process waiting on the same cross-process wait (key:
  * the address of what they wait on) let one of them wait that way at a time. try takes

@@ -1028,7 +1028,10 @@ static int pop(queue *q, item *it, uint64_t small) {
 static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
   if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
-  if (luamp_sched_in_task()) return;   /* the other side may be a task of this process */
+  /* the other side may be a task of this process: a task spins only when no other one
+   * is ready to run (one that waits for something else is held up by one short spin at
+   * most: the budget halves when a spin ends in vain) */
+  if (luamp_sched_in_task() && !luamp_sched_alone()) return;
   /* items known to be there (see items_ready): no look at the producers' line */
   if (!for_room && q->puts_seen > gets_of(s)) return;
   int i = 0;

@@ -350,6 +350,10 @@ int luamp_sched_in_task(void) {
   return current != NULL;
 }
 
+int luamp_sched_alone(void) {
+  return luamp_sched_in_task() && !ready_head;
+}
+
 lua_State *luamp_sched_current_thread(void) {
   task *t = current;
   return t && sched_pid == luamp_self_pid() ? t->T : NULL;
