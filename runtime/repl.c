@@ -129,16 +129,31 @@ static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
  * place by a fork hook, base.h; they still see a terminal) and a thread copies what arrives to the real terminal. While the
  * prompt is shown, the thread first clears the prompt's line and, once the output is
  * written, wakes read_key through an eventfd, which has libedit redraw the prompt and
- * what was typed. The thread uses only read/write on fds it owns (no stdio, no locks), so
- * a fork at any moment is safe; it runs until the program ends, as children may outlive
+ * what was typed. Before the REPL writes, relay_settle asks the thread to write out what
+ * the pty holds and waits for its answer (two more eventfds). The thread uses only
+ * poll/read/write/ioctl on fds it owns and atomics (no stdio, no locks), so a fork at any
+ * moment is safe; it runs until the program ends, as children may outlive
  * the REPL. External commands (luamp.subprocess) keep the real terminal. */
 
 static int relay_tty = -1;          /* the real terminal, for the thread's writes */
 static int relay_master = -1;       /* the pty's master: what children wrote */
 static int relay_event = -1;        /* eventfd: output was written over the prompt */
+static int relay_ask = -1;          /* eventfd: relay_settle asked (relay_asked moved) */
+static int relay_told = -1;         /* eventfd: the thread answered (relay_answered moved) */
 static atomic_int relay_at_prompt;
-static atomic_int relay_busy;       /* the thread holds output it has not written yet */
+static atomic_int relay_alive;      /* the thread runs (it stops at a read error) */
+static atomic_ullong relay_asked;   /* settle requests made, by the main thread */
+static atomic_ullong relay_answered;/* the latest request whose output is all written */
 static int child_stdio_fd = -1;     /* the pty's slave end, for children */
+
+/* A settle may chase at most this many times what the line discipline's buffer (4095
+ * bytes) held when full: more may wait behind it, but a child printing without pause
+ * must not hold the prompt up for ever. */
+#define RELAY_FULL 4095
+#define RELAY_MAX_REFILLS 16
+/* relay_settle waits at most this long for an answer; only a terminal that takes no
+ * output (Ctrl-S) or a thread that never runs comes near it. */
+#define RELAY_SETTLE_GUARD_MS 2000
 
 /* The fork hook: a child's terminal stdout/stderr become the pty the relay reads. */
 static void relay_child_after_fork(void) {
@@ -156,14 +171,67 @@ static void write_all(int fd, const char *p, size_t n) {
   }
 }
 
+static void post_event(int fd) {
+  uint64_t one = 1;
+  if (write(fd, &one, sizeof one) < 0) { /* already signalled */ }
+}
+
+static void drain_event(int fd) {
+  uint64_t v;
+  while (read(fd, &v, sizeof v) > 0) {}
+}
+
+/* What the pty holds unread. poll() first: a child's write reaches the master's line
+ * discipline through a kernel work item, after the write has returned, and FIONREAD
+ * alone does not count what that item still carries; poll on the master completes it. */
+static int relay_unread(void) {
+  struct pollfd pf = {.fd = relay_master, .events = POLLIN};
+  int pending = 0;
+  if (poll(&pf, 1, 0) <= 0 || ioctl(relay_master, FIONREAD, &pending) < 0) return 0;
+  return pending;
+}
+
+/* The relay thread is the master's only reader, so it alone can say which bytes were
+ * already in the pty when a settle was asked for: it counts FIONREAD at the request (its
+ * own reads cannot run in between) and answers once that many more bytes are written to
+ * the terminal. Output arriving later is not waited for, so a child that keeps printing
+ * delays the prompt by at most RELAY_MAX_REFILLS full buffers, not for ever. */
 static void *relay_main(void *arg) {
   (void)arg;
   char buf[4096], out[4096 + 8];
+  unsigned long long ticket = 0;   /* the request being served, 0: none */
+  long owed = 0;                   /* bytes of it still to write */
+  int full = 0, refills = 0;       /* the pty's buffer was full when counted */
   for (;;) {
-    ssize_t n = read(relay_master, buf, sizeof buf);
+    if (ticket && owed == 0) {
+      if (full && refills++ < RELAY_MAX_REFILLS) {
+        owed = relay_unread();
+        full = owed >= RELAY_FULL;
+      }
+      if (owed == 0) {
+        atomic_store(&relay_answered, ticket);
+        post_event(relay_told);
+        ticket = 0;
+      }
+    }
+    struct pollfd pf[2] = {{.fd = relay_master, .events = POLLIN}, {.fd = relay_ask, .events = POLLIN}};
+    if (poll(pf, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (pf[1].revents & POLLIN) {
+      drain_event(relay_ask);
+      /* a newer request counts everything unread again, an older one's bytes included */
+      ticket = atomic_load(&relay_asked);
+      refills = 0;
+      owed = relay_unread();
+      full = owed >= RELAY_FULL;
+      continue;
+    }
+    if (!(pf[0].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+    ssize_t n = read(relay_master, buf, sizeof buf);   /* non-blocking */
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) return NULL;
-    atomic_store(&relay_busy, 1);
+    if (n <= 0) break;
     int prompt = atomic_load(&relay_at_prompt);
     size_t k = 0;
     if (prompt) { memcpy(out, "\r\33[K", 4); k = 4; }
@@ -171,27 +239,29 @@ static void *relay_main(void *arg) {
     k += (size_t)n;
     if (prompt && buf[n - 1] != '\n') { out[k++] = '\r'; out[k++] = '\n'; }
     write_all(relay_tty, out, k);
-    atomic_store(&relay_busy, 0);
-    if (prompt) {
-      uint64_t one = 1;
-      if (write(relay_event, &one, sizeof one) < 0) { /* already signalled */ }
-    }
+    if (prompt) post_event(relay_event);
+    if (ticket) owed = owed > n ? owed - n : 0;
   }
+  atomic_store(&relay_alive, 0);
+  post_event(relay_told);
+  return NULL;
 }
 
 /* Best effort: without a pty (or a thread) children write to the terminal directly. */
 static void relay_start(void) {
   if (relay_master >= 0 || !isatty(STDOUT_FILENO)) return;
-  int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
   if (master < 0) return;
-  int slave = -1, tty = -1, ev = -1;
+  int slave = -1, tty = -1, ev = -1, ask = -1, told = -1;
   if (grantpt(master) < 0 || unlockpt(master) < 0) goto fail;
   const char *name = ptsname(master);
   if (!name) goto fail;
   slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
   tty = fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3);
   ev = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (slave < 0 || tty < 0 || ev < 0) goto fail;
+  ask = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  told = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (slave < 0 || tty < 0 || ev < 0 || ask < 0 || told < 0) goto fail;
   struct termios t;
   if (tcgetattr(slave, &t) == 0) {
     t.c_oflag &= (tcflag_t)~OPOST;         /* bytes through unchanged */
@@ -202,6 +272,9 @@ static void relay_start(void) {
   relay_master = master;
   relay_tty = tty;
   relay_event = ev;
+  relay_ask = ask;
+  relay_told = told;
+  atomic_store(&relay_alive, 1);
   sigset_t all, old;
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, &old);  /* signals stay the main thread's */
@@ -213,7 +286,8 @@ static void relay_start(void) {
   pthread_attr_destroy(&at);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (rc != 0) {
-    relay_master = relay_tty = relay_event = -1;
+    atomic_store(&relay_alive, 0);
+    relay_master = relay_tty = relay_event = relay_ask = relay_told = -1;
     goto fail;
   }
   child_stdio_fd = slave;
@@ -223,27 +297,32 @@ fail:
   if (slave >= 0) close(slave);
   if (tty >= 0) close(tty);
   if (ev >= 0) close(ev);
+  if (ask >= 0) close(ask);
+  if (told >= 0) close(told);
   close(master);
 }
 
 /* Before the REPL writes (results, the prompt): what children wrote so far goes out
  * first, so that a child's line printed before p:join() returned shows above the result.
- * Bounded (50 ms): a child that keeps printing must not hold up the REPL. */
+ * Asks the relay thread and waits for its answer (relay_main says which bytes that
+ * covers), not for a quiet moment: the thread may hold a chunk it has read and not yet
+ * written, which no look at the pty can see. */
 static void relay_settle(void) {
-  if (relay_master < 0) return;
-  for (int i = 0; i < 50; i++) {
-    int pending = 0;
-    if (ioctl(relay_master, FIONREAD, &pending) < 0) return;
-    if (pending == 0 && !atomic_load(&relay_busy)) return;
-    struct timespec ms = {0, 1000000};
-    nanosleep(&ms, NULL);
+  if (relay_master < 0 || !atomic_load(&relay_alive)) return;
+  unsigned long long ticket = atomic_fetch_add(&relay_asked, 1) + 1;
+  post_event(relay_ask);
+  double deadline = luamp_now() + RELAY_SETTLE_GUARD_MS / 1000.0;
+  while (atomic_load(&relay_answered) < ticket && atomic_load(&relay_alive)) {
+    double left = deadline - luamp_now();
+    if (left <= 0) return;
+    struct pollfd pf = {.fd = relay_told, .events = POLLIN};
+    if (poll(&pf, 1, (int)(left * 1000) + 1) > 0) drain_event(relay_told);
   }
 }
 
 /* In read_key: output was written over the prompt; draw it again with what was typed. */
 static void relay_redraw(void) {
-  uint64_t v;
-  while (read(relay_event, &v, sizeof v) > 0) {}
+  drain_event(relay_event);
   rl_forced_update_display();
 }
 

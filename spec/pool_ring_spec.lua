@@ -676,6 +676,27 @@ describe("Pool over the ring", function()
       .. ncpu .. " CPUs (" .. table.concat(counts, ", ") .. " tasks)")
   end)
 
+  it("more workers than CPUs: tiny tasks of every kind keep their results (SPIN_OK)", function()
+    -- a cpu_job's messages to an oversubscribed pool's workers say they may spin (a bit
+    -- on the mode of the first chunk): every kind of chunk must still run as it is
+    local p <close> = luamp.Pool(luamp.cpu_count() * 4)
+    local function sq(x) return x * x end
+    p:map(sq, range(1000), 1)   -- the pool learns that these tasks are tiny
+    for _ = 1, 3 do
+      local r = p:map(sq, range(5000), 1)                        -- runs, answers coalesced
+      assert.equal(5000, r.n); assert.equal(25000000, r[5000]); assert.equal(4, r[2])
+      r = p:map(sq, range(3000), {chunksize = 1, timeout = 30})   -- timed chunks
+      assert.equal(3000, r.n); assert.equal(9000000, r[3000])
+      r = p:starmap(function(a, b) return a - b end, {{5, 2}, {9, 1}, {4, 4}}, 1)
+      assert.same({3, 8, 0}, {r[1], r[2], r[3]})
+      r = p:map(sq, range(200000))                                -- big chunks, sent lazily
+      assert.equal(200000, r.n); assert.equal(40000000000, r[200000])
+      local n = 0
+      for v, i in p:imap(sq, range(2000), 1) do n = n + 1; assert.equal(i * i, v) end
+      assert.equal(2000, n)
+    end
+  end)
+
   it("more workers than cores (Pool(8)) runs tiny tasks to the end", function()
     local p <close> = luamp.Pool(8)
     local r = p:map(function(x) return x * x end, range(20000), 1)

@@ -76,6 +76,10 @@ local TIMED = 4                 -- added to the mode of a chunk whose job has a 
 -- it together with the run's next chunks, in one message
 local COALESCE = 8
 local COALESCE_TIME = 0.001     -- seconds a worker holds answers to send them together
+-- added to the mode of a message's first chunk in a pool with more workers than CPUs:
+-- the worker may spin for its next message after this one, as in a pool that fits its
+-- CPUs (see spin_ok)
+local SPIN_OK = 16
 -- A worker running a timed chunk stamps each task's start in a 64-bit word of shared
 -- memory (its slot of an Array the pool makes): bits 40..62 count the timed tasks it has
 -- started, bits 0..39 hold the start in microseconds since the pool's epoch (modulo
@@ -476,11 +480,17 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     done = done + (n + cs - 1) // cs
     return true
   end
+  local spin_now = spin
   while true do
-    local bytes = worker_next(conn, ring, wait_set, spin)
+    local bytes = worker_next(conn, ring, wait_set, spin_now)
     if not bytes then return 0 end         -- EOF: the parent is gone
     local msg = loads(bytes)
     if not msg then return 0 end           -- stop
+    spin_now = spin
+    if math.type(msg[7]) == "integer" and msg[7] >= SPIN_OK then
+      msg[7] = msg[7] - SPIN_OK
+      spin_now = true
+    end
     local defs, drops = msg[1], msg[2]
     if drops then for _, id in ipairs(drops) do fns[id] = nil end end
     if defs then
@@ -525,7 +535,7 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
             for i = n + 1, argbuf_n do argbuf[i] = nil end
             argbuf_n, dst = n, argbuf
           end
-          local data, fds, decoded = worker_next(conn, ring, wait_set, spin, true, dst, n)
+          local data, fds, decoded = worker_next(conn, ring, wait_set, spin_now, true, dst, n)
           if data == nil and not decoded then return 0 end
           if decoded then args = dst or data else abytes, afds = data, fds end
         end
@@ -1308,11 +1318,12 @@ end
 
 -- Sends chunks (a list) to w as one message.
 -- The message: {function definitions, functions to drop, a run's encoded arguments (or
--- false), then per chunk: job id, chunk number, function id, mode, items, and its
--- encoded arguments (false: they follow on the socket)}. A run (chunks from one
--- produce_run, all of this message) is one entry: its first chunk number, its items in
--- all, and minus its chunk size; the worker cuts it into the same chunks.
-local function send_chunks(st, w, chunks)
+-- false), then per chunk: job id, chunk number, function id, mode (the first one plus
+-- SPIN_OK when spin), items, and its encoded arguments (false: they follow on the
+-- socket)}. A run (chunks from one produce_run, all of this message) is one entry: its
+-- first chunk number, its items in all, and minus its chunk size; the worker cuts it
+-- into the same chunks.
+local function send_chunks(st, w, chunks, spin)
   local msg = {false, false, false}
   local defs
   local keep = {}
@@ -1344,6 +1355,7 @@ local function send_chunks(st, w, chunks)
   end
   msg[1] = defs or false
   msg[2] = evict_fns(w, keep) or false
+  if spin then msg[7] = msg[7] + SPIN_OK end
   queue_add_all(w, chunks)
   local nchunks = #chunks
   for i = 1, nchunks do
@@ -1361,13 +1373,14 @@ end
 -- encoded from the caller's list straight into the ring (ring:put_args). An item that
 -- cannot be encoded fails the map, as produce's encoding would have (the worker still
 -- gets the functions it is now known to hold).
-local function send_lazy(st, w, c)
+local function send_lazy(st, w, c, spin)
   local job = c.job
   local fe = job.fe
   local defs = send_globals(w, job, nil)
   defs = remember_fn(w, fe, defs)
   local drops = evict_fns(w, {[fe.id] = true})
-  local data = dumps({defs or false, drops or false, false, job.id, c.k, fe.id, job.mode, c.n, false})
+  local data = dumps({defs or false, drops or false, false, job.id, c.k, fe.id,
+                      spin and job.mode + SPIN_OK or job.mode, c.n, false})
   local busy = w.inflight.last >= w.inflight.first
   local last = c.first + c.n - 1
   w.sending = true
@@ -1425,15 +1438,20 @@ end
 -- process is behind, not the worker) or the kernel says it is running or ready to run
 -- (on_cpu): the next one is woken then.
 local function tiny_busy(st)
-  local busy, t, ncpu = 0, now(), st.ncpu
+  local busy, t, ncpu = 0, nil, st.ncpu
   local ws = st.workers
   for i = 1, #ws do
     local w = ws[i]
-    if w.inflight.first <= w.inflight.last and not w.dead
-        and (t - w.busy_since < math.max(4 * w.queued_est, STALL_MIN) or w.ring:has(1)
-             or on_cpu(w, t)) then
-      busy = busy + 1
-      if busy >= ncpu then return true end
+    local q = w.inflight
+    if q.first <= q.last and not w.dead then
+      -- (called for every round of a dispatch: no call that can be spared)
+      t = t or now()
+      local stall = 4 * w.queued_est
+      if stall < STALL_MIN then stall = STALL_MIN end
+      if t - w.busy_since < stall or w.ring:has(1) or on_cpu(w, t) then
+        busy = busy + 1
+        if busy >= ncpu then return true end
+      end
     end
   end
   return false
@@ -1446,7 +1464,10 @@ local function dispatch_round(st)
   if not job then return false end
   local best, cap, best_held
   local per, left, want, sharers = job_want(st, job)
-  local only_busy = sharers < #st.workers and tiny_busy(st)
+  -- (fewer sharers than workers: a cpu_job of an oversubscribed pool, whose chunks go to
+  -- at most one busy worker per CPU, so its workers may spin as in a pool that fits)
+  local spin_ok = sharers < #st.workers
+  local only_busy = spin_ok and tiny_busy(st)
   local ws = st.workers
   for i = 1, #ws do
     local w = ws[i]
@@ -1467,7 +1488,7 @@ local function dispatch_round(st)
   if cap >= 2 then
     local run = produce_run(st, job, cap)
     if run then
-      send_chunks(st, best, run)
+      send_chunks(st, best, run, spin_ok)
       return true
     end
   end
@@ -1478,7 +1499,7 @@ local function dispatch_round(st)
     if #batch > 0 and lazy_job(j) then break end   -- (a lazy chunk goes alone)
     local c = produce(st, j)
     if c and c.lazy then
-      send_lazy(st, best, c)
+      send_lazy(st, best, c, spin_ok)
       return true
     end
     if c then
@@ -1486,7 +1507,7 @@ local function dispatch_round(st)
       bytes = bytes + #c.bytes
     end
   end
-  if #batch > 0 then send_chunks(st, best, batch) end
+  if #batch > 0 then send_chunks(st, best, batch, spin_ok) end
   return true
 end
 
@@ -1935,7 +1956,11 @@ local function drain_unannounced(st)
   local ws = st.workers
   for i = 1, #ws do
     local w = ws[i]
-    if w and not w.dead and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then
+    -- (a worker that has reported its start and holds no chunk has nothing to say: most
+    -- of an oversubscribed pool's workers, while tiny tasks run on one per CPU; what it
+    -- sends anyway is seen by the next wait, as set_awake finds it)
+    if w and not w.dead and (w.inflight.first <= w.inflight.last or not w.init_seen or w.owed > 0)
+        and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then
       drain(st, w)
       any = true
     end
@@ -2017,15 +2042,24 @@ end
 local SPIN_EST = 2e-4    -- a worker's head chunk expected within this is spun for
 
 -- Spins briefly for a result when one is due soon from a worker that is running (not
--- asleep); returns the worker that answered, or nil.
+-- asleep); returns the worker that answered, or nil. In a pool with more workers than
+-- CPUs only while no more workers hold chunks than there are CPUs (a cpu_job's, see
+-- tiny_busy): the pool then runs as one that fits, and a spin takes no CPU from a
+-- worker with work waiting for one.
 local function spin_for_result(st, timeout)
-  if not st.spin then return nil end
+  local oversub = st.oversub
+  if not (st.spin or oversub) then return nil end
   -- (one worker to spin for, the common case, needs no lists)
   local one, rings, by_ring
   local ws = st.workers
+  local busy, ncpu = 0, st.ncpu
   for i = 1, #ws do
     local w = ws[i]
     local c = w.inflight[w.inflight.first]
+    if c and oversub then
+      busy = busy + 1
+      if busy > ncpu then return nil end
+    end
     if c and c.est and c.est < SPIN_EST and not w.dead and w.ring:peer_awake(0) then
       if rings then
         rings[#rings + 1] = w.ring; by_ring[w.ring] = w
@@ -2737,7 +2771,8 @@ local function new_pool(opts)
     method = creating_method or require("luamp.process").get_start_method(),
     epoch = now(), free_slots = {}, dying = 0,
     -- with more workers than CPUs, a spinning side would only keep a peer that has work
-    -- off a CPU: nobody spins then (see ring.c)
+    -- off a CPU: nobody spins then (see ring.c), but while a cpu_job's chunks run on no
+    -- more workers than CPUs (SPIN_OK, spin_for_result)
     spin = n <= core.cpu_count(),
     ncpu = core.cpu_count(), oversub = n > core.cpu_count(),
   }
