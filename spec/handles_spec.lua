@@ -11,27 +11,7 @@ local start = H.start
 -- the globals they use are locals here (standard functions cross by name).
 local collectgarbage, io = collectgarbage, io
 
--- Descriptors open in this process, counted without starting a process: `ls /proc/PID/fd`
--- through io.popen also lists popen's own pipe end for the child, which this process
--- closes only after the shell has started (posix_spawn returns at exec), so on a loaded
--- machine ls sometimes saw one descriptor more (13 for 12), with no leak at all. Each
--- probe opens /proc/self/fdinfo/N: the probe's own descriptor is not installed while the
--- path is looked up, so it never counts itself, and it is closed before the next.
--- Every open descriptor is below FDSize, the size of the process's descriptor table.
-local function fd_count()
-  local st = assert(io.open("/proc/self/status"))
-  local size = assert(tonumber(st:read("a"):match("\nFDSize:%s*(%d+)")))
-  st:close()
-  local n = 0
-  for fd = 0, size - 1 do
-    local f = io.open("/proc/self/fdinfo/" .. fd)
-    if f then
-      n = n + 1
-      f:close()
-    end
-  end
-  return n
-end
+local fd_count = H.fd_count
 
 -- An object that crosses the codec as whatever handle `hook` describes: a forger.
 local function forged(type_name, payload)

@@ -486,6 +486,34 @@ describe("Pool", function()
     end)
   end)
 
+  describe("descriptors", function()
+    it("a worker holds none of its siblings' descriptors (pidfds, pipes, rings)", function()
+      -- each worker counts its open descriptors; workers forked one after another used
+      -- to keep the pidfds of the ones forked before them (Pool(4): 0, 1, 2, 3 extra)
+      local p <close> = luamp.Pool(4)
+      local function count()
+        luamp.sleep(0.05)   -- long enough that every worker takes some of the items
+        local n = 0
+        for fd = 0, 1023 do
+          local f = io.open("/proc/self/fdinfo/" .. fd)
+          if f then n = n + 1; f:close() end
+        end
+        return {luamp.getpid(), n}
+      end
+      local by_pid, pids = {}, 0
+      for _, r in ipairs(p:map(count, range(16), 1)) do
+        if not by_pid[r[1]] then pids = pids + 1 end
+        by_pid[r[1]] = r[2]
+      end
+      assert.is_true(pids >= 2, "only " .. pids .. " worker(s) answered")
+      local first
+      for pid, n in pairs(by_pid) do
+        first = first or n
+        assert.equal(first, n, "worker " .. pid .. " holds " .. n .. " descriptors, another " .. first)
+      end
+    end)
+  end)
+
   describe("close, join, terminate", function()
     it("join before close raises Value; after close no new work; join waits (seed example)", function()
       local p = luamp.Pool(2)

@@ -8,12 +8,7 @@ local _ENV = _G
 
 local range = H.range
 
-local function count_fds()
-  local p = io.popen("ls /proc/" .. luamp.getpid() .. "/fd | wc -l")
-  local n = tonumber(p:read("a"))
-  p:close()
-  return n
-end
+local count_fds = H.fd_count
 
 describe("Pool under stress", function()
   it("workers killed while a stream runs: each item is right or WorkerLost, never lost", function()

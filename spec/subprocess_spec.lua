@@ -466,11 +466,7 @@ describe("subprocess.Popen", function()
 end)
 
 describe("subprocess resources", function()
-  local function open_fds()
-    local n = 0
-    for _ in io.popen("ls /proc/" .. luamp.getpid() .. "/fd"):lines() do n = n + 1 end
-    return n
-  end
+  local open_fds = H.fd_count
 
   it("leaves no file descriptor behind, on success or failure", function()
     sp.run({"true"})   -- the loop's own descriptors exist from here on

@@ -553,10 +553,13 @@ local creating_method   -- the start method of the Pool being made by _pool_with
 local function worker_main(st, parent_end, conn, ring, stamps, slot)
   core.worker_setup()
   parent_end:close()
-  -- ends that belong to the parent: holding them would keep sockets alive
+  -- ends that belong to the parent: holding them would keep sockets alive; and the
+  -- parent's handles of the workers forked before this one (here only a copy, whose
+  -- close frees the pidfd and never waits for or signals the sibling)
   for _, w in ipairs(st.workers) do
     U.pcall(w.conn.close, w.conn)
     if w.ring then w.ring:close() end
+    if w.handle then w.handle:close() end
   end
   if st.initializer then
     local ok, e = U.xpcall(st.initializer, remote_payload, U.unpack_args(st.initargs))
