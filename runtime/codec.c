@@ -1484,6 +1484,10 @@ int luamp_decode_fds(lua_State *L, const char *data, size_t len, int flags, luam
   return -1;
 }
 
+int luamp_decode_plain(lua_State *L, const char *data, size_t len) {
+  return decode_plain(L, (const unsigned char *)data, len);
+}
+
 int luamp_decoded_string(const char *data, size_t len, const char **s, size_t *slen) {
   const unsigned char *p = (const unsigned char *)data, *end = p + len;
   if (len < 2 || p[0] != CODEC_VERSION) return 0;

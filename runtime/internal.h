@@ -111,6 +111,9 @@ extern const luamp_wait_scheduler *luamp_wait_sched;
  * it waits. Same results as the functions they stand in for. */
 int luamp_sched_active(void);
 int luamp_sched_in_task(void);
+/* Inside a task, and no other task is ready to run: a short spin of its own (waiting for
+ * another process) then holds up nothing of this process. */
+int luamp_sched_alone(void);
 int luamp_sched_futex_wait(_Atomic uint32_t *word, uint32_t expect, double deadline);
 /* Turns (sched.c): tasks of this process waiting on the same cross-process wait (key:
  * the address of what they wait on) let one of them wait that way at a time. try takes
@@ -192,6 +195,9 @@ size_t luamp_encode_plain(lua_State *L, int idx, unsigned char *head, const char
 /* Whether len bytes are the encoding of one string; if so, *s and *slen are its bytes
  * (inside data), to be pushed without the decoder. */
 int luamp_decoded_string(const char *data, size_t len, const char **s, size_t *slen);
+/* Whether len bytes are the encoding of one nil, boolean or number; if so, pushes it (one
+ * free stack slot needed; nothing allocated) and returns 1, else returns 0. */
+int luamp_decode_plain(lua_State *L, const char *data, size_t len);
 /* As _core.loads_into(data, dst, pos, n, at) (codec.c), on len bytes anywhere, into the
  * table at index dst: returns the number of values pushed (0, or 1 with at > 0), or -1
  * with the error object pushed. Never raises. */

@@ -927,10 +927,13 @@ static void give_spare(queue *q, uint64_t off) {
  * is copied to q->rx. Reads the producers' chunk without their lock, and validates
  * everything it reads, since the memory is shared. */
 /* small: 0, or pop only a record of at most that many bytes kept inline without
- * descriptors (else Q_TIMEOUT, nothing taken). */
-static int pop(queue *q, item *it, uint64_t small) {
+ * descriptors (else Q_TIMEOUT, nothing taken). pop_in works on n, a copy of the head
+ * state, and counts the records it takes in *pend without committing them (leaving a
+ * chunk commits, pending takes and all, before the chunk goes back); the caller commits
+ * (pop: each record; hand_on: a batch of them, one store for the lot). */
+static int pop_in(queue *q, struct hstate *hs, uint64_t *pend, item *it, uint64_t small) {
   qshm *s = q->shm;
-  struct hstate n = *hst_of(s);
+  struct hstate n = *hs;
   /* a published item lies at most one chunk further: a longer chain of chunks left
    * without a record is garbage (a cycle), not followed for ever */
   for (int hops = 0;; hops++) {
@@ -944,7 +947,9 @@ static int pop(queue *q, item *it, uint64_t small) {
       n.head_chunk = h->next;
       n.head_pos = CHUNK_HDR;
       if (n.head_chunk == old || !chunk_at(q, n.head_chunk)) return Q_CORRUPT;
-      hst_commit(s, &n, gets_of(s));
+      hst_commit(s, &n, gets_of(s) + *pend);
+      *pend = 0;
+      *hs = n;
       give_spare(q, old);
       chunk_prefault(q, n.head_chunk, 0);
       continue;
@@ -987,9 +992,19 @@ static int pop(queue *q, item *it, uint64_t small) {
     }
     stall_here(STALL_LOCKED_GET);
     n.head_pos += REC_HDR + pad8(len);
-    hst_commit(s, &n, gets_of(s) + 1);
+    *hs = n;
+    ++*pend;
     return Q_OK;
   }
+}
+
+static int pop(queue *q, item *it, uint64_t small) {
+  qshm *s = q->shm;
+  struct hstate n = *hst_of(s);
+  uint64_t pend = 0;
+  int rc = pop_in(q, &n, &pend, it, small);
+  if (pend) hst_commit(s, &n, gets_of(s) + pend);
+  return rc;
 }
 
 /* ---- blocking -------------------------------------------------------------------------- */
@@ -1013,7 +1028,10 @@ static int pop(queue *q, item *it, uint64_t small) {
 static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
   if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
-  if (luamp_sched_in_task()) return;   /* the other side may be a task of this process */
+  /* the other side may be a task of this process: a task spins only when no other one
+   * is ready to run (one that waits for something else is held up by one short spin at
+   * most: the budget halves when a spin ends in vain) */
+  if (luamp_sched_in_task() && !luamp_sched_alone()) return;
   /* items known to be there (see items_ready): no look at the producers' line */
   if (!for_room && q->puts_seen > gets_of(s)) return;
   int i = 0;
@@ -1275,26 +1293,67 @@ static int get_item_in(queue *q, item *it, int block, double deadline, luamp_fdl
   return rc;
 }
 
-/* The next small item for luamp_sched_turn_hand_on (under the head lock). */
+/* A batch of takes for hand_on: the head state and the takes not committed yet, and the
+ * head chunk once a take has checked it. */
+struct hand_batch {
+  queue *q;
+  struct hstate n;
+  uint64_t pend;
+  const struct chunk_hdr *h;
+};
+
+/* The next small item for luamp_sched_turn_hand_on (under the head lock): its bytes stay
+ * valid until the next call (in the chunk, which goes back only when a take leaves it,
+ * or in q->rx). */
 static int hand_next(void *arg, const char **data, size_t *len) {
-  queue *q = arg;
+  struct hand_batch *b = arg;
+  queue *q = b->q;
+  if (q->shm->corrupt) return 0;
+  /* items_ready, counting the takes not committed yet */
+  uint64_t gets = gets_of(q->shm) + b->pend;
+  if (q->puts_seen <= gets && (q->puts_seen = puts_of(q->shm)) <= gets) return 0;
+  const struct chunk_hdr *h = b->h;
+  if (h) {
+    /* the next record of the chunk the last take checked, read as pop_in reads it: a
+     * small inline item without descriptors, whole before the chunk's end; anything
+     * else (a new chunk, another kind, garbage) goes the long way */
+    uint64_t used = __atomic_load_n(&h->used, __ATOMIC_ACQUIRE);
+    uint64_t pos = b->n.head_pos;
+    uint64_t end = used ? used : CHUNK_SIZE;
+    if (used <= CHUNK_SIZE && pos < end && end - pos >= REC_HDR) {
+      const char *p = (const char *)h + pos;
+      uint32_t rh[2];
+      memcpy(rh, p, REC_HDR);
+      if (rh[1] == R_INLINE && rh[0] <= LUAMP_HAND_MAX && REC_HDR + pad8(rh[0]) <= end - pos) {
+        stall_here(STALL_LOCKED_GET);
+        b->n.head_pos = pos + REC_HDR + pad8(rh[0]);
+        b->pend++;
+        *data = p + REC_HDR;
+        *len = rh[0];
+        return 1;
+      }
+    }
+  }
   item it;
-  if (q->shm->corrupt || !items_ready(q)) return 0;
-  int rc = pop(q, &it, LUAMP_HAND_MAX);
+  int rc = pop_in(q, &b->n, &b->pend, &it, LUAMP_HAND_MAX);
   if (rc == Q_CORRUPT) q->shm->corrupt = 1;
   if (rc != Q_OK) return 0;
+  b->h = chunk_at(q, b->n.head_chunk);   /* (pop_in checked it: not NULL) */
   *data = q->rx;
   *len = (size_t)it.len;
   return 1;
 }
 
 /* After a get: the small items left go straight to the tasks of this process given the
- * turn and not run yet (sched.c), under one lock for the lot; each of them then returns
- * its item without the queue. Items with descriptors or extents wait for their getter. */
+ * turn and not run yet (sched.c), under one lock for the lot and with one commit for the
+ * lot (each commit is a full barrier); each of them then returns its item without the
+ * queue. Items with descriptors or extents wait for their getter. */
 static void hand_on(queue *q) {
   const void *key = &q->efd[W_GET];
   if (!luamp_sched_turn_handable(key) || q_lock(q, L_HEAD, 0) != Q_OK) return;
-  luamp_sched_turn_hand_on(key, hand_next, q);
+  struct hand_batch b = {q, *hst_of(q->shm), 0, NULL};
+  luamp_sched_turn_hand_on(key, hand_next, &b);
+  if (b.pend) hst_commit(q->shm, &b.n, gets_of(q->shm) + b.pend);
   chain_wakeups(q);
   q_unlock(q, L_HEAD);
 }
@@ -1617,6 +1676,20 @@ static int push_item_protected(lua_State *L) {
 
 static int get_k(lua_State *L, int status, lua_KContext decode);
 
+/* Pushes an item that came inline and without descriptors: decoded (a number, boolean,
+ * nil or string without the decoder: its pcall and reference table cost more than the
+ * value itself), or (!decode) as a string. 0, or -1 with the error pushed. */
+static int push_small(lua_State *L, const char *data, size_t len, int decode) {
+  const char *str = data;
+  size_t slen = len;
+  if (decode && luamp_decode_plain(L, data, len)) return 0;
+  if (!decode || luamp_decoded_string(data, len, &str, &slen)) {
+    lua_pushlstring(L, str, slen);
+    return 0;
+  }
+  return luamp_decode(L, data, len) < 0 ? -1 : 0;
+}
+
 static int do_get(lua_State *L, int block, double deadline, int decode) {
   queue *q = check_queue(L, 1);
   item it = {0, 0, 0, 0};   /* (set by get_item on Q_OK; -O2 cannot tell) */
@@ -1627,14 +1700,7 @@ static int do_get(lua_State *L, int block, double deadline, int decode) {
     return luamp_sched_turn_yield(L, &q->efd[W_GET], deadline, get_k, decode);
   if (rc != Q_OK) raise_status(L, q, rc, errno, "Empty");
   if (!it.ref && fds.n == 0) {
-    const char *str = q->rx;
-    size_t slen = (size_t)it.len;
-    /* a string is pushed as it is: the decoder's pcall and reference table cost
-     * twice what the string itself does */
-    if (!decode || luamp_decoded_string(q->rx, (size_t)it.len, &str, &slen))
-      lua_pushlstring(L, str, slen);
-    else if (luamp_decode(L, q->rx, (size_t)it.len) < 0)
-      return lua_error(L);
+    if (push_small(L, q->rx, (size_t)it.len, decode) < 0) return lua_error(L);
     hand_on(q);
     return 1;
   }
@@ -1671,10 +1737,7 @@ static int get_k(lua_State *L, int status, lua_KContext decode) {
   size_t len;
   int rc = luamp_sched_turn_resumed(&deadline, &item, &len);
   if (rc == 2) {   /* handed its item (hand_on) */
-    const char *str = item;
-    size_t slen = len;
-    if (!decode || luamp_decoded_string(item, len, &str, &slen)) lua_pushlstring(L, str, slen);
-    else if (luamp_decode(L, item, len) < 0) return lua_error(L);
+    if (push_small(L, item, len, (int)decode) < 0) return lua_error(L);
     return 1;
   }
   if (rc == -2) raise_status(L, check_queue(L, 1), Q_INTR, 0, "Empty");

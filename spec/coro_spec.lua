@@ -688,6 +688,54 @@ describe("tasks waiting on one queue", function()
     assert.same({1, 2, 3, 4}, {plain:wait(), nested:wait(), in_gsub:wait(), after:wait()})
   end)
 
+  it("hands a backlog past a chunk's end and around items it cannot hand, in line order, none lost", function()
+    -- 20,000 small records fill more than one 256 KiB chunk; the long strings and the
+    -- table are not handed on (the task in line takes each itself, and hands on after it)
+    local N = 20000
+    local q = luamp.Queue()
+    local odd = {[3000] = 0.5, [5000] = string.rep("s", 100), [12000] = {k = "t"}, [19999] = string.rep("u", 49)}
+    local got, lined = {}, 0
+    for i = 1, N do
+      luamp.task(function() lined = lined + 1; got[i] = q:get(true, LONG) end)
+    end
+    luamp.task(function()
+      assert.equal(N, lined)   -- every getter waits in line before the first put
+      for i = 1, N do q:put(odd[i] or i) end
+    end)
+    luamp.run()
+    for i = 1, N do
+      local want = odd[i] or i
+      if type(want) == "table" then
+        assert.same(want, got[i], "item " .. i)
+      else
+        assert(got[i] == want, "task " .. i .. " got " .. tostring(got[i]))
+      end
+    end
+    assert.is_true(q:empty())
+    assert.equal(0, q:qsize())
+    q:put("after")
+    assert.equal("after", q:get(false))
+    assert.is_true(q:empty())
+  end)
+
+  it("runs in a round the tasks ready at its start, whether they wait in C or yielded", function()
+    -- a and c keep their C stacks across sleep(0); b and d suspend by a Lua yield (the
+    -- runner that ends a goes straight on with b); e, made by d, runs in the next round
+    local log = {}
+    local function note(s) log[#log + 1] = s end
+    luamp.task(function() note("a1"); luamp.sleep(0); note("a2") end)
+    luamp.task(function() note("b1"); coroutine.yield(); note("b2") end)
+    luamp.task(function() note("c1"); luamp.sleep(0); note("c2") end)
+    luamp.task(function()
+      note("d1")
+      luamp.task(function() note("e") end)
+      coroutine.yield()
+      note("d2")
+    end)
+    luamp.run()
+    assert.same({"a1", "b1", "c1", "d1", "a2", "b2", "c2", "e", "d2"}, log)
+  end)
+
   it("a bare coroutine.yield in a task lets the other tasks run, like sleep(0)", function()
     local log = {}
     luamp.task(function()
