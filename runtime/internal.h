@@ -365,6 +365,10 @@ void luamp_reap_ended(void);
 /* True in a child forked by a forkserver: its daemon and worker set-up was done by the
  * fork, against the server (its real parent). Set by forkserver.c. */
 extern int luamp_forkserver_child;
+/* True in a process that runtime/spawn.c started: a spawn child or a forkserver (and so
+ * every forkserver child). Such a process inherits its starter's environment but is not
+ * the program it describes (LUAMP_TRACE: lua/luamp/trace.lua). Set by spawn.c. */
+extern int luamp_spawned;
 /* The executable for spawn children: luamp_spawn_executable (base.h). */
 
 /* The libuv loops (loop.c) are in the base layer: base.h. */

@@ -829,6 +829,13 @@ void luamp_child_push_remote(lua_State *L, pid_t pid, int pidfd, int status_fd, 
 }
 
 int luamp_forkserver_child;
+int luamp_spawned;
+
+/* _core.spawned() -> true in a spawn child, a forkserver or a forkserver's child */
+static int l_spawned(lua_State *L) {
+  lua_pushboolean(L, luamp_spawned);
+  return 1;
+}
 
 /* _core.spawn_child_setup(daemon, parent_pid): in a spawn child, before any of the
  * parent's code runs. A daemon dies with its parent; if the parent is already gone (it
@@ -1042,6 +1049,7 @@ int luamp_open_process(lua_State *L) {
     {"process_child_of", l_process_child_of},
     {"spawn", l_spawn},
     {"spawn_child_setup", l_spawn_child_setup},
+    {"spawned", l_spawned},
     {"set_executable", l_set_executable},
     {"getpid", l_getpid},
     {"count_process", l_count_process},

@@ -160,6 +160,7 @@ void luamp_child_main(int argc, char **argv) {
   if (!server && strcmp(argv[1], LUAMP_SPAWN_ARG) != 0) return;
   int fd = parse_fd(argv[2]);
   if (fd < 0) bad_start("bad start descriptor argument");
+  luamp_spawned = 1;
   if (!luamp_executable()) {
     char path[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);

@@ -180,3 +180,35 @@ describe("luamp.trace_start / trace_stop", function()
     H.raises("Value", luamp.trace_start)
   end)
 end)
+
+describe("LUAMP_TRACE under the spawn and forkserver start methods", function()
+  -- The trace belongs to the program started with LUAMP_TRACE: a spawn child (or a
+  -- forkserver) inherits the variable but neither records nor writes the file, which the
+  -- program writes at its exit.
+  for _, method in ipairs{"spawn", "forkserver"} do
+    it("is written by the program only, not by a " .. method .. " child", function()
+      local trace = os.tmpname()
+      os.remove(trace)
+      local script = H.script(string.format([[
+luamp.set_start_method(%q)
+for _ = 1, 2 do
+  local p = luamp.Process{target = function() end}
+  p:start() p:join()
+  assert(p.exitcode == 0, "exit code " .. tostring(p.exitcode))
+end
+local f = io.open(os.getenv("LUAMP_TRACE"))
+if f then f:close() io.stderr:write("a child wrote the trace file\n") os.exit(3) end
+]], method))
+      local err, code = H.sh(string.format("LUAMP_TRACE=%s %s %s 2>&1", H.q(trace), H.q(H.host), H.q(script)))
+      os.remove(script)
+      local s = code == 0 and summary(trace)
+      os.remove(trace)
+      assert.equal(0, code, err)
+      local named = 0
+      for _, label in pairs(s.rows) do if label:find("^Process%-") then named = named + 1 end end
+      assert.equal(2, named)
+      assert.equal(2, count(s.instants, "start"))
+      assert.equal(2, count(s.instants, "exit"))
+    end)
+  end
+end)

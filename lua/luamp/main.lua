@@ -45,6 +45,7 @@ local function load_next()
 end
 
 function M._load_all()
+  core._open_all()          -- the C parts too (runtime/module.c), whichever Lua part needs them
   while load_next() do end
 end
 

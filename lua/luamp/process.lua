@@ -3,8 +3,13 @@
 -- end-of-program join live in runtime/process.c; this file keeps the Python-shaped state:
 -- names, identities, the daemon flag, exitcode and the list of active children.
 local core = require "luamp._core"
-local TR = require("luamp.trace")._T
 local U = require "luamp.util"
+local TR = U.trace_state      -- luamp.trace's switch
+-- luamp.trace (LUAMP_TRACE=path traces the run from the start) loads with this part, as
+-- the C parts load with the module (runtime/module.c), except in a process luamp spawned
+-- (a spawn child, a forkserver): it inherits LUAMP_TRACE, not the trace, and compiled it
+-- for nothing.
+if not core.spawned() then require "luamp.trace" end
 
 local raise = U.raise
 local xpcall = xpcall

@@ -18,7 +18,7 @@
 -- numbers appended to flat arrays; the JSON is written at stop.
 local core = require "luamp._core"
 
-local T = {on = false}
+local T = require("luamp.util").trace_state
 
 local st                      -- the trace being recorded: arrays of fields per event
 
@@ -106,6 +106,7 @@ end
 local waits
 local function wait_methods()
   if waits then return waits end
+  core._open_all()          -- the queue metatables below are the C parts' (runtime/module.c)
   waits = {}
   local function add(methods, method, label)
     local f = rawget(methods, method)
@@ -232,8 +233,10 @@ function M.trace_stop()
 end
 
 -- LUAMP_TRACE=path: trace the whole run, written when the Lua state closes (at exit).
+-- A process luamp started with the spawn start method (or a forkserver) inherits the
+-- variable, but the trace is its starter's: it neither records nor writes the file.
 local env = os.getenv("LUAMP_TRACE")
-if env and env ~= "" and not T.on then
+if env and env ~= "" and not T.on and not core.spawned() then
   M.trace_start(env)
   local owner = core.getpid()
   -- anchored in the registry through package.loaded: collected at lua_close

@@ -3,6 +3,11 @@ local core = require "luamp._core"
 
 local U = {}
 
+-- The tracing switch and recorders (lua/luamp/trace.lua fills them in): what
+-- process.lua checks before recording. It lives here so that the check does not load
+-- the trace module, which a spawn child (it does not trace) would compile for nothing.
+U.trace_state = {on = false}
+
 function U.raise(kind, message, fields)
   core.raise(kind, message, fields)
 end
