@@ -141,6 +141,35 @@ describe("spawn", function()
     r:close(); w:close()
   end)
 
+  it("gives the child the parent's authkey (or the one set on the Process), as Python does", function()
+    for _, m in ipairs{"spawn", "forkserver"} do
+      local out, err, code = host(([[
+        local ctx = luamp.get_context("%s")
+        local q = ctx.Queue()
+        local function report(q2)
+          local key = luamp.current_process().authkey
+          -- a fork grandchild inherits it from there
+          local g = luamp.Process{target = function() q2:put(luamp.current_process().authkey) end}
+          g:start(); g:join()
+          q2:put(key)
+        end
+        local p = ctx.Process{target = report, args = {q}}
+        p:start()
+        local grand, key = q:get(true, 30), q:get(true, 30)
+        p:join()
+        local mine = luamp.current_process().authkey
+        print(#mine, key == mine, grand == mine)
+        local p2 = ctx.Process{target = report, args = {q}}
+        p2.authkey = "set before start"
+        p2:start()
+        print(q:get(true, 30), q:get(true, 30))
+        p2:join()
+      ]]):format(m))
+      assert.equal(0, code, m .. ": " .. err)
+      assert.equal("32\ttrue\ttrue\nset before start\tset before start\n", out, m)
+    end
+  end)
+
   it("passes luamp objects in args with their descriptors (Queue, Lock, Value, Pipe)", function()
     local q, lock, v = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0)
     local a, b = ctx.Pipe()

@@ -250,6 +250,7 @@ local function spawn_payload(self)
     target = s.target, args = s.args, name = name_of(s), daemon = s.daemon,
     identity = identity_of(s), run = rawget(self, "run"), fields = fields,
     parent_pid = core.getpid(), parent_name = name_of(S[own().current]),
+    authkey = s.authkey,   -- a fork child inherits it with the memory; here it is sent
   }, "args")
   return core.dumps({v = 1, path = package.path, cpath = package.cpath,
     daemon = s.kind or s.daemon, parent_pid = core.getpid(), body = body}), fds
@@ -498,6 +499,7 @@ function P._spawn_main(bytes, fds)
   local self = new_process(opts)
   S[self].identity = inner.identity
   S[self].method = "spawn"
+  if type(inner.authkey) == "string" then S[self].authkey = inner.authkey end
   local me = own()
   me.parent_pid, me.parent_name = inner.parent_pid, inner.parent_name
   local was = S[me.current]
