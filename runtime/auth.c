@@ -816,6 +816,21 @@ static void push_request(lua_State *L, const uint8_t *msg, size_t len) {
   lua_rawseti(L, top + 1, 1);
 }
 
+/* One step of chan:step and chan:receive: reads what has come, sends what is pending.
+ * Returns 0 (nothing complete), 1 ("auth" pushed: handshake done) or -1 (a message, in
+ * msg and len); raises on a broken or refused channel. */
+static int chan_advance(lua_State *L, chan_ud *u, const uint8_t **msg, size_t *len) {
+  int r = luamp_chan_step(&u->c, msg, len);
+  if (u->c.state != CH_BROKEN && luamp_chan_pending(&u->c)) luamp_chan_flush(&u->c);
+  if (r == CH_AGAIN) return 0;
+  if (r == CH_DONE_AUTH) {
+    lua_pushliteral(L, "auth");
+    return 1;
+  }
+  if (r == CH_MSG) return -1;
+  return raise_step(L, &u->c, r);
+}
+
 /* chan:step([buffered_only]) -> nil (nothing complete), "auth" (handshake done), or
  * "msg", value. buffered_only: look only at frames already received (no recv call). */
 static int l_chan_step(lua_State *L) {
@@ -823,20 +838,12 @@ static int l_chan_step(lua_State *L) {
   if (lua_toboolean(L, 2) && !frame_buffered(&u->c)) return 0;
   const uint8_t *msg;
   size_t len;
-  int r = luamp_chan_step(&u->c, &msg, &len);
-  if (u->c.state != CH_BROKEN && luamp_chan_pending(&u->c)) luamp_chan_flush(&u->c);
-  if (r == CH_AGAIN) return 0;
-  if (r == CH_DONE_AUTH) {
-    lua_pushliteral(L, "auth");
-    return 1;
-  }
-  if (r == CH_MSG) {
-    lua_pushliteral(L, "msg");
-    if (len > 0 && msg[0] == VEC_TAG) push_request(L, msg, len);
-    else push_message(L, msg, len);
-    return 2;
-  }
-  return raise_step(L, &u->c, r);
+  int n = chan_advance(L, u, &msg, &len);
+  if (n >= 0) return n;
+  lua_pushliteral(L, "msg");
+  if (len > 0 && msg[0] == VEC_TAG) push_request(L, msg, len);
+  else push_message(L, msg, len);
+  return 2;
 }
 
 /* chan:receive([buffered_only]) -> as step, except that a request vector comes as
@@ -851,26 +858,18 @@ static int l_chan_receive(lua_State *L) {
   }
   const uint8_t *msg;
   size_t len;
-  int r = luamp_chan_step(&u->c, &msg, &len);
-  if (u->c.state != CH_BROKEN && luamp_chan_pending(&u->c)) luamp_chan_flush(&u->c);
-  if (r == CH_AGAIN) return 0;
-  if (r == CH_DONE_AUTH) {
-    lua_pushliteral(L, "auth");
-    return 1;
+  int n = chan_advance(L, u, &msg, &len);
+  if (n >= 0) return n;
+  lua_settop(L, 1);
+  if (len > 0 && msg[0] == VEC_TAG) {
+    lua_pushliteral(L, "req");
+    n = push_vector(L, msg, len);
+    if (n < 2) luamp_raise(L, "Serialize", "manager connection: malformed request");
+    return 1 + n;
   }
-  if (r == CH_MSG) {
-    lua_settop(L, 1);
-    if (len > 0 && msg[0] == VEC_TAG) {
-      lua_pushliteral(L, "req");
-      int n = push_vector(L, msg, len);
-      if (n < 2) luamp_raise(L, "Serialize", "manager connection: malformed request");
-      return 1 + n;
-    }
-    lua_pushliteral(L, "msg");
-    push_message(L, msg, len);
-    return 2;
-  }
-  return raise_step(L, &u->c, r);
+  lua_pushliteral(L, "msg");
+  push_message(L, msg, len);
+  return 2;
 }
 
 /* Waits until the channel can read (and write, with output pending). */

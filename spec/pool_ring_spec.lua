@@ -560,38 +560,46 @@ describe("Pool over the ring", function()
     end
   end)
 
-  it("more workers than CPUs: tiny tasks run on at most one busy worker per CPU", function()
-    local ncpu = luamp.cpu_count()
-    if ncpu >= 8 then return end
-    local p <close> = luamp.Pool(8)
-    local function pid() return luamp.getpid() end
-    p:map(pid, range(200), 1)   -- the pool learns that these tasks are tiny
-    -- on a loaded machine a descheduled worker looks stalled (not here: the knob), and a
-    -- chunk descheduled for long makes the tasks look long for a while: the rule must
-    -- hold in one of five tries (before it, all 8 took part every time)
+  -- how many distinct values (worker pids) a map's results hold
+  local function distinct(results)
+    local seen, n = {}, 0
+    for _, v in ipairs(results) do
+      if not seen[v] then seen[v] = true; n = n + 1 end
+    end
+    return n
+  end
+
+  -- The fewest workers that took part in run() (a map returning pids), in up to five
+  -- tries, stopping at ncpu. On a loaded machine a descheduled worker looks stalled (not
+  -- here: the stall knob is set out of reach meanwhile).
+  local function fewest_workers(ncpu, run)
     local pool_mod = require "luamp.pool"
     local stall = pool_mod._tiny_stall(1e9)
     local ok, best = pcall(function()
       local b = math.huge
       for _ = 1, 5 do
-        local seen, n = {}, 0
-        for _, v in ipairs(p:map(pid, range(20000), 1)) do
-          if not seen[v] then seen[v] = true; n = n + 1 end
-        end
-        b = math.min(b, n)
+        b = math.min(b, distinct(run()))
         if b <= ncpu then break end
       end
       return b
     end)
     pool_mod._tiny_stall(stall)
     if not ok then error(best, 0) end
+    return best
+  end
+
+  it("more workers than CPUs: tiny tasks run on at most one busy worker per CPU", function()
+    local ncpu = luamp.cpu_count()
+    if ncpu >= 8 then return end
+    local p <close> = luamp.Pool(8)
+    local function pid() return luamp.getpid() end
+    p:map(pid, range(200), 1)   -- the pool learns that these tasks are tiny
+    -- a chunk descheduled for long makes the tasks look long for a while: the rule must
+    -- hold in one of five tries (before it, all 8 took part every time)
+    local best = fewest_workers(ncpu, function() return p:map(pid, range(20000), 1) end)
     assert.is_true(best <= ncpu, best .. " workers ran tiny tasks on " .. ncpu .. " CPUs")
     -- long tasks still go to every worker
-    local seen, n = {}, 0
-    for _, v in ipairs(p:map(function() luamp.sleep(0.05); return luamp.getpid() end, range(16), 1)) do
-      if not seen[v] then seen[v] = true; n = n + 1 end
-    end
-    assert.equal(8, n)
+    assert.equal(8, distinct(p:map(function() luamp.sleep(0.05); return luamp.getpid() end, range(16), 1)))
   end)
 
   it("more workers than CPUs: a map of cheap items in big chunks runs on one worker per CPU", function()
@@ -599,32 +607,12 @@ describe("Pool over the ring", function()
     if ncpu >= 8 then return end
     local p <close> = luamp.Pool(8)
     local function pid() return luamp.getpid() end
-    -- (the knob: on a loaded machine a descheduled worker looks stalled; one of five tries)
-    local pool_mod = require "luamp.pool"
-    local stall = pool_mod._tiny_stall(1e9)
-    local ok, best = pcall(function()
-      local b = math.huge
-      for _ = 1, 5 do
-        -- 32 chunks of 6,250 items (the default chunk size): before, every worker took part
-        local seen, n = {}, 0
-        for _, v in ipairs(p:map(pid, range(200000))) do
-          if not seen[v] then seen[v] = true; n = n + 1 end
-        end
-        b = math.min(b, n)
-        if b <= ncpu then break end
-      end
-      return b
-    end)
-    pool_mod._tiny_stall(stall)
-    if not ok then error(best, 0) end
+    -- 32 chunks of 6,250 items (the default chunk size): before, every worker took part
+    local best = fewest_workers(ncpu, function() return p:map(pid, range(200000)) end)
     assert.is_true(best <= ncpu, best .. " workers ran the map on " .. ncpu .. " CPUs")
     -- items that wait go to every worker once the first results tell
-    local seen, n = {}, 0
     local function nap() luamp.sleep(0.0002); return luamp.getpid() end
-    for _, v in ipairs(p:map(nap, range(16 * 1024), 1024)) do
-      if not seen[v] then seen[v] = true; n = n + 1 end
-    end
-    assert.equal(8, n)
+    assert.equal(8, distinct(p:map(nap, range(16 * 1024), 1024)))
   end)
 
   it("more workers than CPUs: a worker long on its CPU is busy, not stalled", function()
