@@ -40,8 +40,9 @@
  * two kinds apart (a codec value starts with its version, 1). A request vector holds the
  * id, the method and the arguments, which the server's receive hands over as values (no
  * table; step still rebuilds the request table {id, method, nargs, args...}); a reply
- * vector holds the results of a call that succeeded (reply seals them from values). Anything else (a table argument, an error reply) goes through the codec as
- * before, so values shared between arguments keep their identity. Vectors are checked
+ * vector holds the results of a call that succeeded (reply seals them from values).
+ * Anything else (a table argument, an error reply) goes through the codec as before, so
+ * values shared between arguments keep their identity. Vectors are checked
  * like any other input: count, tags and lengths against the frame's end.
  */
 #include <fcntl.h>
@@ -917,22 +918,25 @@ static void seal_value(lua_State *L, luamp_chan *c, int idx) {
   if (luamp_chan_seal_end(c, mark) != 0) luamp_raise(L, "Value", "message too large for a manager call");
 }
 
-/* chan:send(value) -> true if all of it went out now (the rest goes with flush) */
-static int l_chan_send(lua_State *L) {
-  chan_ud *u = check_chan(L, 1);
-  seal_value(L, &u->c, 2);
+/* Sends what the channel holds, as far as the socket takes it now; pushes whether all
+ * of it went out (the rest goes with flush). Raises if the connection failed. */
+static int push_flushed(lua_State *L, chan_ud *u) {
   int r = luamp_chan_flush(&u->c);
   if (r < 0) flush_or_raise(L, &u->c);
   lua_pushboolean(L, r == 1);
   return 1;
 }
 
+/* chan:send(value) -> true if all of it went out now (the rest goes with flush) */
+static int l_chan_send(lua_State *L) {
+  chan_ud *u = check_chan(L, 1);
+  seal_value(L, &u->c, 2);
+  return push_flushed(L, u);
+}
+
 static int l_chan_flush(lua_State *L) {
   chan_ud *u = check_chan(L, 1);
-  int r = luamp_chan_flush(&u->c);
-  if (r < 0) flush_or_raise(L, &u->c);
-  lua_pushboolean(L, r == 1);
-  return 1;
+  return push_flushed(L, u);
 }
 
 /* A client's call outside any task, with no pump to serve and no timeout, waits for its
@@ -1037,10 +1041,7 @@ static int l_chan_send_reply(lua_State *L) {
   }
   if (vec) seal_vector(L, &u->c, lua_gettop(L) - (int)n + 1, (int)n);
   else seal_value(L, &u->c, 2);
-  int r = luamp_chan_flush(&u->c);
-  if (r < 0) flush_or_raise(L, &u->c);
-  lua_pushboolean(L, r == 1);
-  return 1;
+  return push_flushed(L, u);
 }
 
 /* chan:reply(results...) -> as send, for the results of a call that succeeded: a vector
@@ -1062,10 +1063,7 @@ static int l_chan_reply(lua_State *L) {
     }
     seal_value(L, &u->c, -1);
   }
-  int r = luamp_chan_flush(&u->c);
-  if (r < 0) flush_or_raise(L, &u->c);
-  lua_pushboolean(L, r == 1);
-  return 1;
+  return push_flushed(L, u);
 }
 
 static int l_chan_fileno(lua_State *L) {
@@ -1174,7 +1172,8 @@ int luamp_open_auth(lua_State *L) {
     {"send", l_chan_send}, {"flush", l_chan_flush}, {"call", l_chan_call},
     {"request", l_chan_request}, {"send_reply", l_chan_send_reply},
     {"receive", l_chan_receive}, {"reply", l_chan_reply},
-    {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"buffered", l_chan_buffered}, {"authed", l_chan_authed},
+    {"fileno", l_chan_fileno}, {"pending", l_chan_pending}, {"buffered", l_chan_buffered},
+    {"authed", l_chan_authed},
     {"close", l_chan_close}, {NULL, NULL}};
   static const luaL_Reg listener_methods[] = {
     {"address", l_listener_address}, {"accept", l_listener_accept},
