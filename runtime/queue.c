@@ -1025,15 +1025,16 @@ static int pop(queue *q, item *it, uint64_t small) {
  * that needs more looks (a reply that comes later than the gap: ping-pong) halves it,
  * down to SPIN_STRIDE, so a handover that waits for the other side stays prompt; a
  * spin in vain starts again from SPIN_STRIDE. */
+/* (Callers skip the call, without a look at the producers' line, when it cannot spin: a
+ * put to an unbounded queue, never full; a get while items are known to be there, see
+ * items_ready.) */
 static void spin_while(queue *q, int for_room) {
   const qshm *s = q->shm;
-  if (ncpus() < 2 || (for_room && s->maxsize == 0)) return;
+  if (ncpus() < 2) return;
   /* the other side may be a task of this process: a task spins only when no other one
    * is ready to run (one that waits for something else is held up by one short spin at
    * most: the budget halves when a spin ends in vain) */
   if (luamp_sched_in_task() && !luamp_sched_alone()) return;
-  /* items known to be there (see items_ready): no look at the producers' line */
-  if (!for_room && q->puts_seen > gets_of(s)) return;
   int i = 0;
   /* a look every few pauses: each look pulls the state's cache line away from the
    * process that is about to change it */
@@ -1135,12 +1136,12 @@ static int wait_until(queue *q, int which, int w, int (*ready)(queue *), int blo
  * barrier) wait for that line to come back; a consumer behind the producer now looks
  * once per batch. Garbage there only sends the get to records that pop then finds
  * corrupt. */
-static int items_ready(queue *q) {
-  uint64_t gets = gets_of(q->shm);
+static int items_beyond(queue *q, uint64_t gets) {
   if (q->puts_seen > gets) return 1;
   q->puts_seen = puts_of(q->shm);
   return q->puts_seen > gets;
 }
+static int items_ready(queue *q) { return items_beyond(q, gets_of(q->shm)); }
 /* (under the tail lock) */
 static int room_ready(queue *q) { return has_room(q->shm); }
 /* (under the head lock) items put and not yet task_done */
@@ -1309,9 +1310,7 @@ static int hand_next(void *arg, const char **data, size_t *len) {
   struct hand_batch *b = arg;
   queue *q = b->q;
   if (q->shm->corrupt) return 0;
-  /* items_ready, counting the takes not committed yet */
-  uint64_t gets = gets_of(q->shm) + b->pend;
-  if (q->puts_seen <= gets && (q->puts_seen = puts_of(q->shm)) <= gets) return 0;
+  if (!items_beyond(q, gets_of(q->shm) + b->pend)) return 0;   /* (takes not committed yet) */
   const struct chunk_hdr *h = b->h;
   if (h) {
     /* the next record of the chunk the last take checked, read as pop_in reads it: a
