@@ -638,16 +638,22 @@ static void runner_free(runner *r) {
 
 static void task_ended(task *t, int st, int nres);
 
-/* The next task of the round, taken off the ready queue, if it has no C stack of its
- * own (it is new, or suspended by a Lua yield): the runner that just finished a task
- * runs it straight on, without the two switches through the main context. */
-static task *round_next_stackless(void) {
+/* The next task of the round run_ready is running, taken off the ready queue; NULL once
+ * the round's last one has been taken. */
+static task *round_take(void) {
   task *t = ready_head;
-  if (!round_stop || !t || t->run) return NULL;
+  if (!round_stop || !t) return NULL;
   ready_head = t->rnext;
   if (!ready_head) ready_tail = NULL;
   if (t == round_stop) round_stop = NULL;
   return t;
+}
+
+/* The next task of the round, if it has no C stack of its own (it is new, or suspended
+ * by a Lua yield): the runner that just finished a task runs it straight on, without the
+ * two switches through the main context. */
+static task *round_next_stackless(void) {
+  return ready_head && !ready_head->run ? round_take() : NULL;
 }
 
 /* Runs the current task until it ends or suspends, then the next tasks of the round
@@ -743,11 +749,8 @@ static int resume(task *t) {
 /* Runs the tasks that are ready now (not those they make ready: the next round does). */
 static void run_ready(void) {
   round_stop = ready_tail;
-  while (round_stop && ready_head) {
-    task *t = ready_head;
-    ready_head = t->rnext;
-    if (!ready_head) ready_tail = NULL;
-    if (t == round_stop) round_stop = NULL;
+  task *t;
+  while ((t = round_take())) {
     if (resume(t) < 0) {
       ready_push(t);   /* no memory for a stack: try again at the next round */
       break;
