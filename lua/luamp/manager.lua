@@ -9,8 +9,9 @@
 --    lock:acquire, ev:wait) parks only its own connection while the loop serves others.
 --    Requests are {id, method, nargs, args...}; replies {true, nres, results...} or
 --    {false, error fields} (plain ones travel as vectors of values, see auth.c: a
---    request that finds its connection idle runs from those values, no table made). An error raised by an object keeps its luamp kind; any other
---    error comes back as Remote with the server's traceback. Id 0 is the manager itself
+--    request that finds its connection idle runs from those values, no table made). An
+--    error raised by an object keeps its luamp kind; any other error comes back as
+--    Remote with the server's traceback. Id 0 is the manager itself
 --    (create, shutdown, ping). Objects live until the manager shuts down.
 --  * Proxies hold (address, authkey, id) and call through one connection per process and
 --    manager, made on first use (after a fork, the child makes its own). They cross the
@@ -1224,6 +1225,7 @@ local function serve(listener, authkey, registry, address)
   end
 
   -- runs a request on conn (which runs none): a request table, or id, method, args...
+  -- (resume written out: this is every plain call's path)
   local function run(conn, ...)
     local n = #idle
     local co = idle[n]
@@ -1233,7 +1235,8 @@ local function serve(listener, authkey, registry, address)
       co = coroutine.create(worker)
     end
     conn.co = co
-    return resume(conn, conn, ...)
+    current_conn = conn
+    return resumed(conn, co, coroutine.resume(co, conn, ...))
   end
 
   start_next = function(conn)
@@ -1256,19 +1259,9 @@ local function serve(listener, authkey, registry, address)
     elseif what == nil then
       return false
     elseif what == "req" then
-      -- a plain request: run it from the values themselves when nothing is queued (run
-      -- and resume, written out: this is every plain call's path)
+      -- a plain request: run it from the values themselves when nothing is queued
       if not conn.co and #conn.inbox == 0 then
-        local n = #idle
-        local co = idle[n]
-        if co then
-          idle[n] = nil
-        else
-          co = coroutine.create(worker)
-        end
-        conn.co = co
-        current_conn = conn
-        resumed(conn, co, coroutine.resume(co, conn, ...))
+        run(conn, ...)
         return true
       end
       conn.inbox[#conn.inbox + 1] = {(...), (select(2, ...)), select("#", ...) - 2, select(3, ...)}
