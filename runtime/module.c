@@ -69,8 +69,9 @@ static const opener eager[] = {
 
 /* Opened on first use (open_lazy) in a spawn child: their metatables and names were a
  * third of its Lua heap (~23 KB, each page of it a page fault) and ~350,000
- * instructions, for a target that may use none of them. Each registers what its objects need (handle
- * rebuilders, fork hooks) when it opens, before any of its objects can exist. */
+ * instructions, for a target that may use none of them. Each registers what its objects
+ * need (handle rebuilders, fork hooks) when it opens, before any of its objects can
+ * exist. */
 static const opener lazy[] = {
   luamp_open_repl,
   luamp_open_sync,
