@@ -1221,6 +1221,8 @@ static int put_record(queue *q, int kind, const struct parts *d, int block, doub
     if (q->shm->maxsize == 0 && !q->shm->corrupt && !luamp_sched_in_task()) rc = Q_OK;
     else rc = wait_until(q, L_TAIL, W_PUT, room_ready, block, deadline);
     if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
+    /* (as in get_item_in: a put that raises Interrupted has added nothing) */
+    if (rc == Q_OK && luamp_interrupt_pending()) rc = Q_INTR;
     uint32_t token = 0;
     if (rc == Q_OK && fds) {
       token = ++q->shm->side_token;
@@ -1284,6 +1286,10 @@ static int get_item_in(queue *q, item *it, int block, double deadline, luamp_fdl
   if (!q->shm->corrupt && items_ready(q) && !luamp_sched_in_task()) rc = Q_OK;
   else rc = wait_until_y(q, L_HEAD, W_GET, items_ready, block, deadline, can_yield);
   if (rc & Q_UNLOCKED) return rc & ~Q_UNLOCKED;
+  /* A Ctrl-C that came during this get (one before it was raised by the call hook) is
+   * raised when the get returns, by the hook, whatever it took: the item would be lost
+   * then. It is raised here instead, with the item left in the queue. */
+  if (rc == Q_OK && luamp_interrupt_pending()) rc = Q_INTR;
   if (rc == Q_OK) rc = pop(q, it, 0);
   if (rc == Q_NOMEM && q->shm->corrupt) rc = Q_CORRUPT;
   if (rc == Q_OK && it->token) side_recv(q, it->token, fds);
