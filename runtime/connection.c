@@ -614,7 +614,12 @@ static int rx_continue(conn *c, double deadline) {
 /* Receives one message. On T_OK, *data and *len give it: inside scratch, or in rx_buf
  * (which the caller frees with rx_finish after pushing the value). nowait: see rx_start;
  * once a message has begun to arrive, its rest is waited for (the sender is in the middle
- * of it, or gone, which ends the wait with EOF). */
+ * of it, or gone, which ends the wait with EOF).
+ * A Ctrl-C that comes during a receive is raised, by the host's hook, when the receive
+ * returns: a message received by then would be lost. So a receive that has a whole
+ * message and finds a Ctrl-C pending returns T_INTR with the message kept, as the active
+ * one, for the next receive to deliver. (Until then it reads what is there, as it did:
+ * the part of a message read so far is kept anyway.) */
 static int rx_message(conn *c, double deadline, int nowait, uint64_t maxlen, const char **data,
                       size_t *len) {
   if (c->rx_broken) return T_CORRUPT;
@@ -624,12 +629,23 @@ static int rx_message(conn *c, double deadline, int nowait, uint64_t maxlen, con
     int rc = rx_start(c, deadline, nowait, maxlen, &small, &have_small);
     if (rc != T_OK) return rc;
     if (have_small) {
+      if (luamp_interrupt_pending()) {
+        c->rx_total = small;   /* (rx_reserve sizes the buffer by it) */
+        if (rx_reserve(c, small) == 0) {
+          memcpy(c->rx_buf, c->scratch, small);
+          c->rx_active = 1;
+          c->rx_got = small;
+          return T_INTR;
+        }
+        c->rx_total = 0;       /* no memory to keep it in: delivered now after all */
+      }
       *data = c->scratch;
       *len = small;
       return T_OK;
     }
   }
   int rc = rx_continue(c, deadline);
+  if (rc == T_OK && luamp_interrupt_pending()) rc = T_INTR;
   if (rc != T_OK) return rc;
   /* (rx_total > maxlen: a receive resumed under a smaller maxlength) */
   if (c->rx_discard || c->rx_total > maxlen) {
@@ -869,7 +885,10 @@ static int l_recv(lua_State *L) {
   return do_recv(L, c, 1, 0, UINT64_MAX, "recv");
 }
 
-static int buffered(const conn *c) { return rbuf_avail(c) > 0; }
+/* (a whole message held by a receive that a Ctrl-C ended, see rx_message, counts) */
+static int buffered(const conn *c) {
+  return rbuf_avail(c) > 0 || (c->rx_active && c->rx_got == c->rx_total);
+}
 
 /* :poll([timeout]) -> true when a receive would not block (data, or the peer closed) */
 static int l_poll(lua_State *L) {
