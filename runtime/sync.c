@@ -185,7 +185,8 @@ static int lock_nap(lock_obj *o, uint32_t me, double deadline, uint32_t seen) {
     if (deadline >= 0 && now >= deadline) return 0;
     double until = now + nap;
     if (deadline >= 0 && deadline < until) until = deadline;
-    if (luamp_futex_wait(&nap_word, 0, until) == -2) return -2;
+    /* (a Ctrl-C handled as the nap's system call returned is pending only now) */
+    if (luamp_futex_wait(&nap_word, 0, until) == -2 || luamp_interrupt_pending()) return -2;
     uint32_t c = atomic_load_explicit(&o->word, memory_order_relaxed);
     if (c & WAITERS) return 0;
     if (c == 0) {
@@ -257,6 +258,9 @@ static int lock_wait(lock_obj *o, uint32_t me, double deadline, int polite, int 
   int spin = !check;
   double slice = FIRST_SLICE;
   for (;;) {
+    /* A Ctrl-C that came during the acquire is raised by the host's hook when it returns,
+     * even after it took the lock: the lock would stay held by a caller told it failed. */
+    if (luamp_interrupt_pending()) return -2;
     uint32_t c = atomic_load(&o->word);
     if (c == 0) {
       /* WAITERS again only when others sleep, so that our release wakes one of them
@@ -533,7 +537,7 @@ static int acquire_slow(lua_State *L, sync_ud *u, double deadline) {
 static int l_lock_acquire(lua_State *L) {
   sync_ud *u = to_sync(L, 1, T_LOCK);
   lock_obj *o = u->obj;
-  if (lua_gettop(L) == 1) {
+  if (lua_gettop(L) == 1 && !luamp_interrupt_pending()) {   /* (see lock_wait) */
     uint32_t c = 0;
     if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_self_pid(),
                                                 memory_order_acquire, memory_order_relaxed)) {
@@ -576,7 +580,7 @@ static int l_rlock_acquire(lua_State *L) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  if (lua_gettop(L) == 1) {
+  if (lua_gettop(L) == 1 && !luamp_interrupt_pending()) {   /* (see lock_wait) */
     c = 0;
     if (atomic_compare_exchange_strong_explicit(&o->word, &c, me, memory_order_acquire,
                                                 memory_order_relaxed)) {
@@ -634,7 +638,7 @@ static inline sync_ud *own_lock(lua_State *L) {
 
 static int l_lock_acquire_own(lua_State *L) {
   sync_ud *u = own_lock(L);
-  if (u && lua_gettop(L) == 1) {
+  if (u && lua_gettop(L) == 1 && !luamp_interrupt_pending()) {   /* (see lock_wait) */
     lock_obj *o = u->obj;
     uint32_t c = 0;
     if (atomic_compare_exchange_strong_explicit(&o->word, &c, (uint32_t)luamp_self_pid(),
@@ -665,7 +669,7 @@ static int l_rlock_acquire_own(lua_State *L) {
         lua_pushboolean(L, 1);
         return 1;
       }
-    } else if (lua_gettop(L) == 1) {
+    } else if (lua_gettop(L) == 1 && !luamp_interrupt_pending()) {   /* (see lock_wait) */
       c = 0;
       if (atomic_compare_exchange_strong_explicit(&o->word, &c, me, memory_order_acquire,
                                                   memory_order_relaxed)) {
@@ -737,7 +741,7 @@ static sync_ud *to_sem(lua_State *L) {
 static int l_sem_acquire(lua_State *L) {
   sync_ud *u = to_sem(L);
   sem_obj *o = u->obj;
-  if (lua_gettop(L) == 1 && sem_try(o)) {
+  if (lua_gettop(L) == 1 && !luamp_interrupt_pending() && sem_try(o)) {
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -745,8 +749,10 @@ static int l_sem_acquire(lua_State *L) {
   int got = 0;
   atomic_fetch_add(&o->sleepers, 1);
   for (;;) {
-    if (sem_try(o)) { got = 1; break; }
-    int r = luamp_futex_wait(&o->value, 0, deadline);
+    /* (as in lock_wait: an acquire that raises Interrupted has taken no unit) */
+    int r = luamp_interrupt_pending() ? -2 : 0;
+    if (r == 0 && sem_try(o)) { got = 1; break; }
+    if (r == 0) r = luamp_futex_wait(&o->value, 0, deadline);
     if (r == -2) {
       atomic_fetch_sub(&o->sleepers, 1);
       raise_interrupted(L, types[u->t].name);

@@ -5,8 +5,9 @@
  * Ctrl-C that took an item anyway (one the producer put meanwhile) lost it there, as did
  * one that was spinning or waiting for the lock, and so did a receive that read its
  * message. So a get or put that finds a Ctrl-C pending when it is about to take or add its
- * item raises Interrupted and leaves the queue as it was, and a receive that finds one
- * pending keeps its message (whole, as the message under way) for the next receive.
+ * item raises Interrupted and leaves the queue as it was, a receive that finds one
+ * pending keeps its message (whole, as the message under way) for the next receive, and
+ * an acquire that finds one pending raises Interrupted before it takes the lock or unit.
  * Here the mark is set directly (interrupt(), as an embedder's handler that only marks
  * does), for small and large items, blocking and not, with and without a maxsize, and
  * at each point of a receive: before it starts, and while its message is read (this
@@ -110,6 +111,18 @@ static const char *const script =
   "local okf, m = pcall(b.recv, b)\n"
   "if not okf or type(m) ~= 'table' or m.msg ~= 'fds' then bad[#bad + 1] = 'a message with a descriptor: lost: ' .. tostring(m):sub(1, 200)\n"
   "else m.w:send('through'); if r:recv() ~= 'through' then bad[#bad + 1] = 'its descriptor does not work' end end\n"
+  /* a Lock, RLock or Semaphore: an acquire that raises Interrupted has taken nothing */
+  "for _, kind in ipairs({'Lock', 'RLock', 'Semaphore', 'BoundedSemaphore'}) do\n"
+  "  local l = luamp[kind]()\n"
+  "  for _, how in ipairs({{'acquire()', function() return l:acquire() end}, {'acquire(true, 1)', function() return l:acquire(true, 1) end},\n"
+  "                        {'acquire(false)', function() return l:acquire(false) end}, {'with', function() return l:with(function() end) end}}) do\n"
+  "    local ok = interrupted(how[2])\n"
+  "    if not ok then bad[#bad + 1] = kind .. ': ' .. how[1] .. ' with a Ctrl-C pending returned'; pcall(l.release, l) end\n"
+  "    if not l:acquire(false) then bad[#bad + 1] = kind .. ': ' .. how[1] .. ' with a Ctrl-C pending left it taken'\n"
+  "    else l:release() end\n"
+  "    if kind:find('Semaphore') and l:get_value() ~= 1 then bad[#bad + 1] = kind .. ': value ' .. l:get_value() .. ' after ' .. how[1] end\n"
+  "  end\n"
+  "end\n"
   "return table.concat(bad, '\\n')\n";
 
 int main(void) {
