@@ -211,6 +211,55 @@ describe("Pipe", function()
     assert.equal("Interrupted\tafter\n", out)
   end)
 
+  -- The host's Ctrl-C hook raises at the return of a receive that read its message: the
+  -- message was lost (94 of 100 interrupted receives of 200 KB messages lost one, 183 of
+  -- 199 of small ones). A receive that has its message when it finds the Ctrl-C pending
+  -- now keeps it for the next receive: 0 of 100 lost (a Ctrl-C that lands during the
+  -- decoding still loses one; the bound leaves room for a few under load).
+  it("Ctrl-C at random moments during receives of 200 KB messages: the messages stay", function()
+    local script = H.script([[
+      local luamp = require "luamp"
+      local a, b = luamp.Pipe()
+      local pad = string.rep("x", 200000)
+      local p = luamp.Process{daemon = true, target = function()
+        local i = 0
+        while true do i = i + 1; a:send({i = i, s = pad}) end
+      end}
+      p:start()
+      local signals = 60
+      local sig = luamp.subprocess.Popen({"bash", "-c", string.format(
+        "for ((k = 0; k < %d; k++)); do sleep 0.00$((RANDOM %% 10)); kill -INT %d; done",
+        signals, luamp.getpid())})
+      local last, lost, ints, done = 0, 0, 0, false
+      while not done do
+        -- (a Ctrl-C in this loop's own code is caught here and counted apart)
+        pcall(function()
+          while not done do
+            local ok, v = pcall(b.recv, b)
+            if ok then
+              if v.i ~= last + 1 or #v.s ~= #pad then lost = lost + 1 end
+              last = v.i
+            elseif v.kind == "Interrupted" then
+              ints = ints + 1
+            else
+              error(v)
+            end
+            done = sig:poll() ~= nil
+          end
+        end)
+      end
+      print(ints, lost)
+    ]])
+    local out, code = H.sh("timeout 60 " .. H.q(H.host) .. " " .. H.q(script) .. " 2>&1")
+    os.remove(script)
+    assert.equal(0, code, out)
+    local ints, lost = out:match("^(%d+)\t(%d+)\n$")
+    assert.is_truthy(ints, out)
+    ints, lost = tonumber(ints), tonumber(lost)
+    assert.is_true(ints >= 20, "only " .. ints .. " receives were interrupted")
+    assert.is_true(lost <= ints // 10, lost .. " of " .. ints .. " interrupted receives lost a message")
+  end)
+
   it("has a readable tostring and a file descriptor", function()
     local r, w = luamp.Pipe(false)
     local fd = r:fileno()
