@@ -611,6 +611,21 @@ static int rx_continue(conn *c, double deadline) {
   return T_OK;
 }
 
+/* Keeps the whole message data[0..len) (in scratch, or the active one in rx_buf) as the
+ * active message, for the next receive to deliver; 0 when there is no memory for it. */
+static int keep_message(conn *c, const char *data, size_t len) {
+  if (c->rx_active && data == c->rx_buf) return 1;
+  c->rx_total = len;     /* (rx_reserve sizes the buffer by it) */
+  if (rx_reserve(c, len) < 0) {
+    c->rx_total = 0;
+    return 0;
+  }
+  memmove(c->rx_buf, data, len);
+  c->rx_active = 1;
+  c->rx_got = len;
+  return 1;
+}
+
 /* Receives one message. On T_OK, *data and *len give it: inside scratch, or in rx_buf
  * (which the caller frees with rx_finish after pushing the value). nowait: see rx_start;
  * once a message has begun to arrive, its rest is waited for (the sender is in the middle
@@ -629,16 +644,8 @@ static int rx_message(conn *c, double deadline, int nowait, uint64_t maxlen, con
     int rc = rx_start(c, deadline, nowait, maxlen, &small, &have_small);
     if (rc != T_OK) return rc;
     if (have_small) {
-      if (luamp_interrupt_pending()) {
-        c->rx_total = small;   /* (rx_reserve sizes the buffer by it) */
-        if (rx_reserve(c, small) == 0) {
-          memcpy(c->rx_buf, c->scratch, small);
-          c->rx_active = 1;
-          c->rx_got = small;
-          return T_INTR;
-        }
-        c->rx_total = 0;       /* no memory to keep it in: delivered now after all */
-      }
+      /* (no memory to keep it in: delivered now after all) */
+      if (luamp_interrupt_pending() && keep_message(c, c->scratch, small)) return T_INTR;
       *data = c->scratch;
       *len = small;
       return T_OK;
@@ -825,15 +832,26 @@ static uint64_t maxlength_arg(lua_State *L, int idx) {
 
 /* Pushes the received message (as a string, or decoded) and releases the buffer and the
  * descriptors decoding did not take. With decode 2 (_recv), the string and, when the
- * message brought descriptors, a bundle holding them. */
-static int deliver(lua_State *L, conn *c, const char *data, size_t len, int decode) {
+ * message brought descriptors, a bundle holding them.
+ * A Ctrl-C that comes while a large message is decoded (or copied) is raised by the
+ * host's hook when the receive returns: then, or when the decoding itself raised it,
+ * the message is kept for the next receive as rx_message keeps it. (Not one with
+ * descriptors: decoding has handed them out.) */
+static int deliver(lua_State *L, conn *c, const char *data, size_t len, int decode,
+                   const char *what) {
+  int keepable = c->rx_fds.n == 0;
   if (decode == 1) {
     if (luamp_decode_fds(L, data, len, 0, &c->rx_fds) < 0) {
-      rx_finish(c);
+      if (!(keepable && luamp_is_interrupted(L, -1) && keep_message(c, data, len))) rx_finish(c);
       return lua_error(L);
     }
   } else {
     lua_pushlstring(L, data, len);
+  }
+  if (keepable && luamp_interrupt_pending() && keep_message(c, data, len)) {
+    lua_pop(L, 1);
+    luamp_take_interrupt();
+    luamp_raise(L, "Interrupted", "%s interrupted", what);
   }
   if (decode == 2 && c->rx_fds.n > 0) {
     luamp_fdlist *b = luamp_fds_push_bundle(L);
@@ -852,7 +870,7 @@ static int do_recv(lua_State *L, conn *c, int decode, int nowait, uint64_t maxle
   int rc = rx_message(c, -1, nowait, maxlen, &data, &len);
   if (rc == T_TIMEOUT && nowait) return 0;
   if (rc != T_OK) raise_transfer(L, c, rc, errno, what, c->dropped, maxlen);
-  return deliver(L, c, data, len, decode);
+  return deliver(L, c, data, len, decode, what);
 }
 
 /* :recv_bytes([maxlength]) -> string */
