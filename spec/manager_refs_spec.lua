@@ -295,6 +295,37 @@ describe("Manager object freeing", function()
   end)
 end)
 
+describe("Manager object freeing across managers", function()
+  it("a proxy of a manager that is gone releases nothing at a new one on the same port", function()
+    local a = luamp.Manager{address = {"127.0.0.1", 0}, authkey = "port"}
+    local port = a.address[2]
+    local old = a:dict()                     -- id 1 at a
+    a:shutdown()
+    -- the new server runs in a spawn child: a fork here would pin `old` (made before it)
+    local ctx = luamp.get_context("spawn")
+    local ready = ctx.Queue()
+    local srv = ctx.Process{target = function(p, r)
+      local B = luamp.BaseManager{address = {"127.0.0.1", p}, authkey = "port"}
+      B:register("get_d", function() return {v = "b's"} end)
+      local server = B:get_server()
+      r:put(true)
+      server:serve_forever()
+    end, args = {port, ready}}
+    srv:start()
+    finally(function() srv:terminate(); srv:join() end)
+    assert.is_true(ready:get(true, 30))
+    local b = luamp.BaseManager{address = {"127.0.0.1", port}, authkey = "port"}
+    b:register("get_d")
+    b:connect()
+    local new = b:get_d()                    -- id 1 at b
+    assert.equal(id_of(old), id_of(new))
+    old = nil                                -- luacheck: ignore
+    collect()
+    new.w = 1                                -- would carry a release of "id 1"
+    assert.equal("b's", new.v)
+  end)
+end)
+
 describe("BaseManager object freeing", function()
   local QM, shared
   before_each(function()

@@ -175,8 +175,11 @@ end
 
 local getpid, forks_made = core.getpid, core.auth_forks
 
--- address key -> {pid =, ch =, token =}: this process's session at each manager, held by
--- a connection of its own that makes no calls (so no interrupted call ever closes it).
+-- address key -> {pid =, ch =, token =, rel = {id, ...}}: this process's session at each
+-- manager, held by a connection of its own that makes no calls (so no interrupted call
+-- ever closes it), and the releases of its objects not sent yet. A proxy names the
+-- session that made it, so a release never goes to a later session (a new manager at a
+-- reused port), which might own an object of the same id.
 local sessions = {}
 -- Sessions a fork child inherited: kept (never collected, so never closed) until it
 -- exits, which keeps its parent's session, and the objects the parent made before the
@@ -184,13 +187,13 @@ local sessions = {}
 local inherited_sessions = {}
 
 local REL_BATCH = 200     -- releases carried by one request (a request vector holds 250 values)
-local rel_queue = {}      -- address key -> {pid =, ids...}: releases not yet sent
-local rel_waiting = false -- whether some queue of this process holds a release
+local rel_waiting = false -- whether some session of this process has releases to send
 
-local function session_token(ref)
+-- this process's session at ref's manager (opened now if it has none)
+local function session(ref)
   local key, pid = ref.key, getpid()
   local sess = sessions[key]
-  if sess and sess.pid == pid then return sess.token end
+  if sess and sess.pid == pid then return sess end
   if sess then inherited_sessions[#inherited_sessions + 1] = sess end
   sessions[key] = nil
   local ch = connect_channel(ref.address, ref.authkey)
@@ -200,8 +203,9 @@ local function session_token(ref)
     if not ok then error(got, 0) end
     raise("Remote", "malformed session reply from the manager")
   end
-  sessions[key] = {pid = pid, ch = ch, token = token}
-  return token
+  sess = {pid = pid, ch = ch, token = token, rel = {}}
+  sessions[key] = sess
+  return sess
 end
 
 -- closes this process's session at a manager that has stopped (its server was ours)
@@ -211,24 +215,18 @@ local function drop_session(key)
     sessions[key] = nil
     sess.ch:close()
   end
-  rel_queue[key] = nil
 end
 
-local function queues_waiting(pid)
-  for _, q in pairs(rel_queue) do
-    if q.pid == pid and q[1] then return true end
+local function releases_waiting(pid)
+  for _, sess in pairs(sessions) do
+    if sess.pid == pid and sess.rel[1] then return true end
   end
   return false
 end
 
-local function plain_call(ref, id, method, ...)
-  local ch = take_channel(ref)
-  return finish_call(ref, ch, pcall(ch.request, ch, id, method, ...))
-end
-
-local function finish_releasing(ref, ch, q, req, k, ok, ...)
+local function finish_releasing(ref, ch, rel, req, k, ok, ...)
   if not ok then
-    for i = 1, k do q[#q + 1] = req[4 + i] end
+    for i = 1, k do rel[#rel + 1] = req[4 + i] end
     rel_waiting = true
   end
   return finish_call(ref, ch, ok, ...)
@@ -239,26 +237,27 @@ end
 -- puts them back (releasing twice is harmless: the server ignores what the session no
 -- longer owns, and ids are never reused).
 local function call_releasing(ref, id, method, ...)
-  local key, pid = ref.key, getpid()
-  local q, sess = rel_queue[key], sessions[key]
-  if not (q and q.pid == pid and q[1] and sess and sess.pid == pid) then
-    if q and q.pid ~= pid then rel_queue[key] = nil end
-    rel_waiting = queues_waiting(pid)
-    return plain_call(ref, id, method, ...)
+  local pid = getpid()
+  local sess = sessions[ref.key]
+  local rel = sess and sess.pid == pid and sess.rel
+  if not (rel and rel[1]) then
+    rel_waiting = releases_waiting(pid)
+    local ch = take_channel(ref)
+    return finish_call(ref, ch, pcall(ch.request, ch, id, method, ...))
   end
-  local nq = #q
-  local k = nq < REL_BATCH and nq or REL_BATCH
   local ch = take_channel(ref)
+  local nq = #rel
+  local k = nq < REL_BATCH and nq or REL_BATCH
   local nargs = select("#", ...)
   local req = {0, "_rel", sess.token, k}
   for i = 1, k do
-    req[4 + i] = q[nq - k + i]
-    q[nq - k + i] = nil
+    req[4 + i] = rel[nq - k + i]
+    rel[nq - k + i] = nil
   end
   req[5 + k], req[6 + k] = id, method
   for i = 1, nargs do req[6 + k + i] = (select(i, ...)) end
-  rel_waiting = queues_waiting(pid)
-  return finish_releasing(ref, ch, q, req, k, pcall(ch.request, ch, unpack(req, 1, 6 + k + nargs)))
+  rel_waiting = releases_waiting(pid)
+  return finish_releasing(ref, ch, rel, req, k, pcall(ch.request, ch, unpack(req, 1, 6 + k + nargs)))
 end
 
 -- call(ref, id, method, ...) -> the results of method on object id at the manager
@@ -271,8 +270,8 @@ end
 -- ---- proxies ---------------------------------------------------------------------------
 
 -- proxy -> {ref =, id =, typeid =, kind =, exposed = set or nil, owner = pid that made it
--- (nil for a proxy rebuilt from a handle), forks = forks_made() then, pinned = true once
--- the server knows the object is never to be released}
+-- (nil for a proxy rebuilt from a handle), sess = the session that made it, forks =
+-- forks_made() then, pinned = true once the server knows the object is never released}
 local S = setmetatable({}, {__mode = "k"})
 
 local pin_own_object     -- set by a serving process: pins an object of its own, no call
@@ -299,13 +298,10 @@ local function proxy_gc(p)
   if not s or s.pinned or s.owner == nil or s.owner ~= getpid() or s.forks ~= forks_made() then
     return
   end
-  local key = s.ref.key
-  local q = rel_queue[key]
-  if not q or q.pid ~= s.owner then
-    q = {pid = s.owner}
-    rel_queue[key] = q
-  end
-  q[#q + 1] = s.id
+  local sess = s.sess
+  if sessions[s.ref.key] ~= sess then return end   -- its manager is gone
+  local rel = sess.rel
+  rel[#rel + 1] = s.id
   rel_waiting = true
 end
 
@@ -523,9 +519,9 @@ end
 
 new_kind("Auto", {})
 
--- make_proxy(ref, id, typeid, kind, exposed, owner): owner is this pid for a proxy
--- this process just created (create's answer), nil for one rebuilt from a handle
-local function make_proxy(ref, id, typeid, kind, exposed, owner)
+-- make_proxy(ref, id, typeid, kind, exposed, sess): sess is this process's session for
+-- a proxy it just created (create's answer), nil for one rebuilt from a handle
+local function make_proxy(ref, id, typeid, kind, exposed, sess)
   local mt = kinds[kind] or kinds.Auto
   local ex
   if exposed then
@@ -534,7 +530,7 @@ local function make_proxy(ref, id, typeid, kind, exposed, owner)
   end
   local p = setmetatable({}, mt)
   S[p] = {ref = ref, id = id, typeid = typeid, kind = kinds[kind] and kind or "Auto", exposed = ex,
-    owner = owner, forks = owner and forks_made(), pinned = owner == nil}
+    owner = sess and sess.pid, sess = sess, forks = sess and forks_made(), pinned = sess == nil}
   return p
 end
 
@@ -1669,8 +1665,9 @@ local function typeid_method(typeid)
   return function(self, ...)
     local s = bm_state(self)
     if not s.ref then raise("Value", "manager is not started or connected") end
-    local id, tid, kind, exposed = call(s.ref, 0, "create", session_token(s.ref), typeid, ...)
-    return make_proxy(s.ref, id, tid, kind, exposed, getpid())
+    local sess = session(s.ref)
+    local id, tid, kind, exposed = call(s.ref, 0, "create", sess.token, typeid, ...)
+    return make_proxy(s.ref, id, tid, kind, exposed, sess)
   end
 end
 
