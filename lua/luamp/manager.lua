@@ -37,11 +37,14 @@
 --    before the bytes can leave (_pin), and never frees the object. So a handle in
 --    flight, or in a process that got one, always finds its object, even after its
 --    owner exited. A proxy rebuilt from a handle is known pinned (its sender pinned it).
+--    A pin that cannot reach the manager fails the encoding (the handle does not leave).
 --  * Fork: a child has copies of its parent's proxies without any encoding. The parent
 --    never releases a proxy made before its latest fork (core.auth_forks, counted by a
 --    fork hook), and the child keeps the parent's session connection open until it
 --    exits (inherited_sessions), so the objects its parent made live at least as long as
---    the child, whatever the parent does or however it dies.
+--    the child, whatever the parent does or however it dies. (A fork made outside
+--    luamp, a library's raw fork(), runs no hook and is not counted: a child made so
+--    must get its proxies by handle, as a spawn child does.)
 --  * When a session's connection closes (its process and every fork child holding it
 --    exited, or were killed), the server frees the objects the session still owns:
 --    made by that process, never pinned, so no other process can know their ids.
