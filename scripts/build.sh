@@ -21,5 +21,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 build=${LUAMP_BUILD:-build}
+# Not while a test run uses this build directory (scripts/test.sh holds a shared lock on
+# it): relinking $build/luamp under a running suite made the specs that exec it fail with
+# "Permission denied" (exit 126), which looked like a flaky spec.
+mkdir -p "$build"
+exec 9> "$build/.in-use"
+if ! flock -n -x 9; then
+  echo "waiting for the test run that uses $build to end"
+  flock -x 9
+fi
 cmake -S . -B "$build" -DLUAMP_SANITIZE="${LUAMP_SANITIZE:-0}" >/dev/null
 cmake --build "$build" -j"$(nproc)"

@@ -22,6 +22,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 build=${LUAMP_BUILD:-build}
 export LUAMP_BUILD=$build
+# The run holds a shared lock on the build directory (descriptor 8), so that
+# scripts/build.sh waits rather than relink what the specs are running (see there). The
+# tests get the descriptor closed (8>&-): a process one leaves behind must not keep the
+# lock after the run.
+if [[ -d $build ]]; then
+  exec 8> "$build/.in-use"
+  flock -s 8
+fi
 
 # Seconds a spec file may take before it counts as hung. Files known to be slow get more.
 default_limit=${LUAMP_TEST_TIMEOUT:-120}
@@ -75,7 +83,7 @@ done
 # ---- C unit tests --------------------------------------------------------------------
 if (($# == 0)); then
   echo "== ctest"
-  (cd "$build" && ctest --output-on-failure) 2>&1 | tee "$tmp/ctest.log"
+  (cd "$build" && ctest --output-on-failure) 2>&1 8>&- | tee "$tmp/ctest.log"
   ctest_out=$(<"$tmp/ctest.log")
   if [[ $ctest_out =~ ([0-9]+)\ tests\ failed\ out\ of\ ([0-9]+) ]]; then
     failed=$((failed + BASH_REMATCH[1])); passed=$((passed + BASH_REMATCH[2] - BASH_REMATCH[1]))
@@ -99,7 +107,7 @@ run_spec() {
   # inherited SIG_IGN, so its Ctrl-C specs would hang).
   LUAMP_TEST_STATUS=$status setsid env --default-signal=INT,QUIT "${runner[@]}" \
     --cpath="$build/?.so" --lpath="spec/?.lua" -o scripts/test_output.lua \
-    "${busted_opts[@]}" "$file" 2>&1 &
+    "${busted_opts[@]}" "$file" 2>&1 8>&- &
   local pid=$!
   : > "$tmp/running/$pid"
   # the watchdog: kills the group at the limit; its sleep is ended with it when the run

@@ -4,7 +4,8 @@
 # process of its own) and one failing, it must stream their results, name the hung file
 # and the test it hung in with a TIMEOUT line, kill that run's whole process group,
 # count the hang as a failure, and exit non-zero with the right summary line; and TERM
-# to the runner must end the run it is in.
+# to the runner must end the run it is in. While it runs, the runner (not the specs) holds
+# the build directory's lock.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(mktemp -d "${TMPDIR:-/tmp}/luamp-selftest.XXXXXX")
@@ -84,6 +85,15 @@ env -u LUAMP_SANITIZE -u LUAMP_TEST_JOBS LUAMP_TEST_TIMEOUT=60 "$root/scripts/te
 runner=$!
 for _ in $(seq 300); do [[ -s $dir/child.pid ]] && break; sleep 0.1; done
 [[ -s $dir/child.pid ]] || { kill "$runner"; fail "the hanging spec did not start"; }
+# meanwhile the runner holds the build directory's lock (scripts/build.sh waits for it),
+# and the spec's processes do not (one left behind would keep it)
+build=${LUAMP_BUILD:-build}
+[[ $build == /* ]] || build=$root/$build
+holds() { local f; for f in /proc/"$1"/fd/*; do [[ $(readlink "$f") == "$build/.in-use" ]] && return 0; done; return 1; }
+if [[ -d $build ]]; then
+  holds "$runner" || { kill "$runner"; fail "the runner does not hold $build/.in-use"; }
+  holds "$(<"$dir/child.pid")" && { kill "$runner"; fail "a spec's process holds $build/.in-use"; }
+fi
 kill -TERM "$runner"
 wait "$runner"; rc=$?
 ((rc == 130)) || fail "runner ended with $rc after TERM, not 130"
