@@ -7,7 +7,7 @@
  * without blocking so one slow peer cannot hold up a server that serves many.
  *
  * The handshake is mutual and fresh each way, all with a key K = BLAKE2b(authkey):
- *   server -> client  "LUAMPM2\0" || Ns || O                  (Ns: 32 random bytes)
+ *   server -> client  "LUAMPM3\0" || Ns || O                  (Ns: 32 random bytes)
  *   client -> server  Nc || C || MAC_K("C" || T)              (Nc: 32 random bytes)
  *   server -> client  1 || MAC_K("S" || T)   or   0 (refused) and close
  * where T = Ns || Nc || O || C (MAC = keyed BLAKE2b, compared in constant time). O is the
@@ -74,7 +74,11 @@
 
 #define CHAN_MT "luamp.AuthChannel"
 #define LISTENER_MT "luamp.AuthListener"
-#define MAGIC "LUAMPM2"                      /* 8 bytes with its NUL */
+/* The magic names the manager protocol as well as the handshake: M3 added sessions and
+ * releases (manager.lua), which a client and a server must both speak (a server of M3
+ * frees what an M2 client, pinning nothing, may have handed on), so the two refuse
+ * each other at the hello. */
+#define MAGIC "LUAMPM3"                      /* 8 bytes with its NUL */
 #define HELLO_LEN (8 + LUAMP_AUTH_NONCE + 1)
 #define PROOF_LEN (LUAMP_AUTH_NONCE + 1 + 32)
 #define VERDICT_OK_LEN (1 + 32)
@@ -1160,6 +1164,16 @@ static int l_ignore_sigint(lua_State *L) {
   return 0;
 }
 
+/* _core.auth_forks() -> how many forks this process has made through luamp_fork (counted
+ * in the prepare hook, so a child starts from its parent's count too). A manager proxy
+ * made before the latest fork has a copy in the child: manager.lua never releases it. */
+static lua_Integer forks_made;
+static void count_fork(void) { forks_made++; }
+static int l_forks(lua_State *L) {
+  lua_pushinteger(L, forks_made);
+  return 1;
+}
+
 static int l_unlink(lua_State *L) {
   unlink(luaL_checkstring(L, 1));
   return 0;
@@ -1167,6 +1181,7 @@ static int l_unlink(lua_State *L) {
 
 int luamp_open_auth(lua_State *L) {
   if (sodium_init() < 0) luaL_error(L, "libsodium failed to initialise");
+  luamp_atfork(count_fork, NULL, NULL);
   static const luaL_Reg chan_methods[] = {
     {"start", l_chan_start}, {"step", l_chan_step}, {"handshake", l_chan_handshake},
     {"send", l_chan_send}, {"flush", l_chan_flush}, {"call", l_chan_call},
@@ -1200,7 +1215,7 @@ int luamp_open_auth(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"auth_listen", l_listen}, {"auth_connect", l_connect},
     {"auth_ignore_sigint", l_ignore_sigint}, {"auth_unlink", l_unlink},
-    {"random_bytes", l_random_bytes}, {NULL, NULL}};
+    {"random_bytes", l_random_bytes}, {"auth_forks", l_forks}, {NULL, NULL}};
   lua_pushvalue(L, cmt);
   lua_pushvalue(L, lmt);
   lua_pushcclosure(L, l_poll, 2);

@@ -337,7 +337,7 @@ s = socket.socket(socket.AF_UNIX)
 s.bind(sys.argv[1]); s.listen(1)
 print("ready", flush=True)
 c, _ = s.accept()
-c.sendall((41).to_bytes(4, "big") + b"LUAMPM2\0" + os.urandom(32) + b"\x01")
+c.sendall((41).to_bytes(4, "big") + b"LUAMPM3\0" + os.urandom(32) + b"\x01")
 got = b""
 while len(got) < 4 + 65:
     b = c.recv(4 + 65 - len(got))

@@ -12,12 +12,45 @@
 --    request that finds its connection idle runs from those values, no table made). An
 --    error raised by an object keeps its luamp kind; any other error comes back as
 --    Remote with the server's traceback. Id 0 is the manager itself
---    (create, shutdown, ping). Objects live until the manager shuts down.
+--    (create, shutdown, ping, and the _session, _rel, _pin of freeing below).
 --  * Proxies hold (address, authkey, id) and call through one connection per process and
 --    manager, made on first use (after a fork, the child makes its own). They cross the
 --    codec as handles carrying that triple, so they work in any process that receives
 --    them. A transport failure or an interrupted call closes the connection (a reply
 --    might still be in flight) and the next call reconnects.
+--
+-- Freeing. An object is freed (its id's entry dropped) when the process that made it has
+-- let go of every proxy to it, unless it may be used elsewhere; a wrong "no object" on a
+-- live proxy is far worse than a leak, so when in doubt the object is kept:
+--  * Each client process opens a session at a manager on its first create: a connection
+--    of its own that makes no calls, so that no interrupted or failed call ever closes
+--    it. The session owns the objects its process creates (each create makes a new id,
+--    so an id has one owner: a registered typeid that hands out the same object twice
+--    gives two ids, each freed alone, and freeing an id drops only its entry).
+--  * A proxy made by create is its process's own. When it is collected (__gc, which does
+--    no I/O: it may run in the middle of any call) its id is queued, and the queue rides
+--    on this process's next request to that manager (_rel, see call_releasing). The
+--    server frees an id only at the word of the session that owns it (any other release,
+--    forged or stale, is ignored): no process but the owner can free an object.
+--  * Pinned: when any process encodes a proxy (to a Queue, Pipe, Pool task, spawn
+--    child, another manager object) the server is told first, in a call that returns
+--    before the bytes can leave (_pin), and never frees the object. So a handle in
+--    flight, or in a process that got one, always finds its object, even after its
+--    owner exited. A proxy rebuilt from a handle is known pinned (its sender pinned it).
+--    A pin that cannot reach the manager fails the encoding (the handle does not leave).
+--  * Fork: a child has copies of its parent's proxies without any encoding. The parent
+--    never releases a proxy made before its latest fork (core.auth_forks, counted by a
+--    fork hook), and the child keeps the parent's session connection open until it
+--    exits (inherited_sessions), so the objects its parent made live at least as long as
+--    the child, whatever the parent does or however it dies. (A fork made outside
+--    luamp, a library's raw fork(), runs no hook and is not counted: a child made so
+--    must get its proxies by handle, as a spawn child does.)
+--  * When a session's connection closes (its process and every fork child holding it
+--    exited, or were killed), the server frees the objects the session still owns:
+--    made by that process, never pinned, so no other process can know their ids.
+-- Pinning needs only the one message, from whichever process encodes: releases and the
+-- end of a session free only owned objects, and a pin takes the object from its owner
+-- before any other process can hold it.
 local core = require "luamp._core"
 local U = require "luamp.util"
 local process = require "luamp.process"
@@ -141,16 +174,139 @@ local function finish_call(ref, ch, ok, reply, ...)
   raise_reply(reply[2])
 end
 
+-- ---- client side: sessions, releases and pins (see "Freeing" in the header) -------------
+
+local getpid, forks_made = core.getpid, core.auth_forks
+
+-- address key -> {pid =, ch =, token =, rel = {id, ...}}: this process's session at each
+-- manager, held by a connection of its own that makes no calls (so no interrupted call
+-- ever closes it), and the releases of its objects not sent yet. A proxy names the
+-- session that made it, so a release never goes to a later session (a new manager at a
+-- reused port), which might own an object of the same id.
+local sessions = {}
+-- Sessions a fork child inherited: kept (never collected, so never closed) until it
+-- exits, which keeps its parent's session, and the objects the parent made before the
+-- fork, alive at the server while the child may use them.
+local inherited_sessions = {}
+
+local REL_BATCH = 200     -- releases carried by one request (a request vector holds 250 values)
+local rel_waiting = false -- whether some session of this process has releases to send
+
+-- this process's session at ref's manager (opened now if it has none)
+local function session(ref)
+  local key, pid = ref.key, getpid()
+  local sess = sessions[key]
+  if sess and sess.pid == pid then return sess end
+  if sess then inherited_sessions[#inherited_sessions + 1] = sess end
+  sessions[key] = nil
+  local ch = connect_channel(ref.address, ref.authkey)
+  local ok, got, token = pcall(ch.request, ch, 0, "_session")
+  if not ok or got ~= true or type(token) ~= "string" then
+    ch:close()
+    if not ok then error(got, 0) end
+    raise("Remote", "malformed session reply from the manager")
+  end
+  sess = {pid = pid, ch = ch, token = token, rel = {}}
+  sessions[key] = sess
+  return sess
+end
+
+-- closes this process's session at a manager that has stopped (its server was ours)
+local function drop_session(key)
+  local sess = sessions[key]
+  if sess and sess.pid == getpid() then
+    sessions[key] = nil
+    sess.ch:close()
+  end
+end
+
+local function releases_waiting(pid)
+  for _, sess in pairs(sessions) do
+    if sess.pid == pid and sess.rel[1] then return true end
+  end
+  return false
+end
+
+local function finish_releasing(ref, ch, rel, req, k, ok, ...)
+  if not ok then
+    for i = 1, k do rel[#rel + 1] = req[4 + i] end
+    rel_waiting = true
+  end
+  return finish_call(ref, ch, ok, ...)
+end
+
+-- The request carries up to REL_BATCH queued releases before its own id, method and
+-- arguments: {0, "_rel", token, k, id1..idk, id, method, args...}. A transport failure
+-- puts them back (releasing twice is harmless: the server ignores what the session no
+-- longer owns, and ids are never reused).
+local function call_releasing(ref, id, method, ...)
+  local pid = getpid()
+  local sess = sessions[ref.key]
+  local rel = sess and sess.pid == pid and sess.rel
+  if not (rel and rel[1]) then
+    rel_waiting = releases_waiting(pid)
+    local ch = take_channel(ref)
+    return finish_call(ref, ch, pcall(ch.request, ch, id, method, ...))
+  end
+  local ch = take_channel(ref)
+  local nq = #rel
+  local k = nq < REL_BATCH and nq or REL_BATCH
+  local nargs = select("#", ...)
+  local req = {0, "_rel", sess.token, k}
+  for i = 1, k do
+    req[4 + i] = rel[nq - k + i]
+    rel[nq - k + i] = nil
+  end
+  req[5 + k], req[6 + k] = id, method
+  for i = 1, nargs do req[6 + k + i] = (select(i, ...)) end
+  rel_waiting = releases_waiting(pid)
+  return finish_releasing(ref, ch, rel, req, k, pcall(ch.request, ch, unpack(req, 1, 6 + k + nargs)))
+end
+
 -- call(ref, id, method, ...) -> the results of method on object id at the manager
 local function call(ref, id, method, ...)
+  if rel_waiting then return call_releasing(ref, id, method, ...) end
   local ch = take_channel(ref)
   return finish_call(ref, ch, pcall(ch.request, ch, id, method, ...))
 end
 
 -- ---- proxies ---------------------------------------------------------------------------
 
--- proxy -> {ref =, id =, typeid =, kind =, exposed = set or nil}
+-- proxy -> {ref =, id =, typeid =, kind =, exposed = set or nil, owner = pid that made it
+-- (nil for a proxy rebuilt from a handle), sess = the session that made it, forks =
+-- forks_made() then, pinned = true once the server knows the object is never released}
 local S = setmetatable({}, {__mode = "k"})
+
+local pin_own_object     -- set by a serving process: pins an object of its own, no call
+
+-- A proxy about to leave this process (its handle is being encoded): unless the server
+-- already knows, tell it, and wait for its answer, that the object is pinned. This runs
+-- before the encoded bytes can reach anyone, so no process ever holds a handle to an
+-- object its owner may still release (or whose owner's exit may free it).
+local function pin(s)
+  if pin_own_object and pin_own_object(s) then
+    s.pinned = true
+    return
+  end
+  call(s.ref, 0, "_pin", s.id)
+  s.pinned = true
+end
+
+-- __gc of every proxy: queues the release of an object this process made, never shared
+-- (not pinned) and made since this process last forked (an older one has a copy in a
+-- child). No I/O here: a collection can run in the middle of any call, this process's
+-- manager calls included; the release goes with the next request to that manager.
+local function proxy_gc(p)
+  local s = S[p]
+  if not s or s.pinned or s.owner == nil or s.owner ~= getpid() or s.forks ~= forks_made() then
+    return
+  end
+  local sess = s.sess
+  if sessions[s.ref.key] ~= sess then return end   -- its manager is gone
+  local rel = sess.rel
+  rel[#rel + 1] = s.id
+  rel_waiting = true
+end
 
 local function state(p)
   local s = S[p]
@@ -186,6 +342,7 @@ end
 
 local function proxy_handle(self)
   local s = S[self]
+  if not s.pinned then pin(s) end
   local ex
   if s.exposed then
     ex = {}
@@ -200,6 +357,7 @@ local function new_kind(name, methods, extra)
     __name = "luamp." .. name .. "Proxy",
     __tostring = proxy_tostring,
     __luamp_handle = proxy_handle,
+    __gc = proxy_gc,
   }
   for k, v in pairs(extra or {}) do mt[k] = v end
   local own = {}
@@ -364,15 +522,18 @@ end
 
 new_kind("Auto", {})
 
-local function make_proxy(ref, id, typeid, kind, exposed)
+-- make_proxy(ref, id, typeid, kind, exposed, sess): sess is this process's session for
+-- a proxy it just created (create's answer), nil for one rebuilt from a handle
+local function make_proxy(ref, id, typeid, kind, exposed, sess)
   local mt = kinds[kind] or kinds.Auto
-  local p = setmetatable({}, mt)
   local ex
   if exposed then
     ex = {}
     for _, m in ipairs(exposed) do ex[m] = true end
   end
-  S[p] = {ref = ref, id = id, typeid = typeid, kind = kinds[kind] and kind or "Auto", exposed = ex}
+  local p = setmetatable({}, mt)
+  S[p] = {ref = ref, id = id, typeid = typeid, kind = kinds[kind] and kind or "Auto", exposed = ex,
+    owner = sess and sess.pid, sess = sess, forks = sess and forks_made(), pinned = sess == nil}
   return p
 end
 
@@ -1062,7 +1223,10 @@ end
 -- serve(listener, authkey, registry, address): runs until a client asks it to stop.
 local function serve(listener, authkey, registry, address)
   sched = new_sched()
-  local objects, next_id = {}, 0
+  local objects, next_id, nobjects = {}, 0, 0
+  -- token -> {conn =, ids = {id = true}}: the sessions, each held by a client's connection
+  -- that makes no calls, and the objects it owns (made by it, not pinned, not released)
+  local sessions = {}
   local conns = {}                    -- list of connection records
   local nclosed, handshaking = 0, 0   -- closed since the poll list was made; not yet authed
   local stop = false
@@ -1074,26 +1238,99 @@ local function serve(listener, authkey, registry, address)
     return nil
   end
 
-  local function add_object(obj, typeid, kind, exposed)
+  pin_own_object = function(s)
+    if s.ref.key ~= my_key then return false end
+    local entry = objects[s.id]
+    if entry and entry.owner then
+      entry.owner.ids[s.id] = nil
+      entry.owner = nil
+    end
+    return true
+  end
+
+  -- An object whose session is known is owned by it (freed when the session releases it
+  -- or ends); any other (no session, or one this server does not know) is pinned from
+  -- the start.
+  local function add_object(obj, typeid, kind, exposed, owner)
     next_id = next_id + 1
+    nobjects = nobjects + 1
     local ex
     if exposed then
       ex = {}
       for _, m in ipairs(exposed) do ex[m] = true end
     end
-    objects[next_id] = {obj = obj, typeid = typeid, kind = kind, exposed = ex, exposed_list = exposed}
+    objects[next_id] = {obj = obj, typeid = typeid, kind = kind, exposed = ex, exposed_list = exposed,
+      owner = owner}
+    if owner then owner.ids[next_id] = true end
     return next_id
   end
 
-  local function create(typeid, ...)
+  -- Drops the id's entry, nothing else: the object itself lives on if anything else on the
+  -- server holds it (the queue a registered typeid hands out to every caller, the lock of
+  -- a Condition).
+  local function free(id)
+    objects[id] = nil
+    nobjects = nobjects - 1
+  end
+
+  -- the session sess releases id: only an object it owns (anything else is ignored)
+  local function release(sess, id)
+    if not sess.ids[id] then return end
+    sess.ids[id] = nil
+    local entry = objects[id]
+    if entry and entry.owner == sess then free(id) end
+  end
+
+  local function end_session(sess)
+    sessions[sess.token] = nil
+    for id in pairs(sess.ids) do
+      local entry = objects[id]
+      if entry and entry.owner == sess then free(id) end
+    end
+    sess.ids = {}
+  end
+
+  local function new_session(conn)
+    if conn.session then return conn.session.token end
+    local token
+    repeat token = core.random_bytes(16) until not sessions[token]
+    local sess = {conn = conn, ids = {}, token = token}
+    sessions[token] = sess
+    conn.session = sess
+    return token
+  end
+
+  -- handle(0, "_rel", token, k, id1..idk, id, method, args...): the releases, then the
+  -- request they rode on. The peer's word throughout: a token of no session, ids its
+  -- session does not own, a bad count release nothing.
+  local handle
+  local function release_then(token, k, ...)
+    local n = select("#", ...)
+    if mtype(k) ~= "integer" or k < 0 or k > n - 2 or k > 1024 then
+      raise("Value", "malformed release")
+    end
+    local rest = pack(...)
+    local sess = type(token) == "string" and sessions[token]
+    if sess then
+      for i = 1, k do
+        local id = rest[i]
+        if mtype(id) == "integer" then release(sess, id) end
+      end
+    end
+    if rest[k + 1] == 0 and rest[k + 2] == "_rel" then raise("Value", "malformed release") end
+    return handle(unpack(rest, k + 1, n))
+  end
+
+  local function create(token, typeid, ...)
     if type(typeid) ~= "string" then raise("Value", "create: typeid must be a string") end
+    local owner = type(token) == "string" and sessions[token] or nil
     local reg = registry[typeid]
     if reg and reg.callable then
       local obj = reg.callable(...)
       if obj == nil then raise("Value", "the callable of '" .. typeid .. "' returned nil") end
       local kind = "Auto"
       if type(obj) == "table" and getmetatable(obj) == nil and not reg.exposed then kind = "Dict" end
-      local id = add_object(obj, typeid, kind, reg.exposed)
+      local id = add_object(obj, typeid, kind, reg.exposed, owner)
       return id, typeid, kind, reg.exposed
     end
     local t = T[typeid]
@@ -1101,7 +1338,7 @@ local function serve(listener, authkey, registry, address)
       raise("Value", "unknown typeid '" .. typeid .. "'")
     end
     local obj = t.new(...)
-    local id = add_object(obj, typeid, t.kind)
+    local id = add_object(obj, typeid, t.kind, nil, owner)
     objects[id].builtin = t.class
     return id, typeid, t.kind
   end
@@ -1109,7 +1346,7 @@ local function serve(listener, authkey, registry, address)
   -- handle(id, method, args...) -> the call's results; or handle(req), a request table
   -- {id, method, nargs, args...} (unpacked here, under the caller's protection: its
   -- nargs is the peer's word)
-  local function handle(id, method, ...)
+  handle = function(id, method, ...)
     if mtype(id) ~= "integer" or type(method) ~= "string" then
       if type(id) == "table" then
         local req = id
@@ -1126,6 +1363,19 @@ local function serve(listener, authkey, registry, address)
         return true
       end
       if method == "ping" then return "pong" end
+      if method == "_rel" then return release_then(...) end
+      if method == "_session" then return new_session(current_conn) end
+      if method == "_pin" then
+        -- the caller is handing a proxy on: the object is never released from now on
+        local pid = ...
+        local entry = mtype(pid) == "integer" and objects[pid]
+        if entry and entry.owner then
+          entry.owner.ids[pid] = nil
+          entry.owner = nil
+        end
+        return true
+      end
+      if method == "_count" then return nobjects end
       raise("Value", "unknown manager request '" .. method .. "'")
     end
     local entry = objects[id]
@@ -1154,6 +1404,7 @@ local function serve(listener, authkey, registry, address)
     if conn.waiting then unpark(conn.waiting) end
     conn.co = nil
     conn.ch:close()
+    if conn.session then end_session(conn.session) end
   end
 
   local function send_reply(conn, reply)
@@ -1417,8 +1668,9 @@ local function typeid_method(typeid)
   return function(self, ...)
     local s = bm_state(self)
     if not s.ref then raise("Value", "manager is not started or connected") end
-    local id, tid, kind, exposed = call(s.ref, 0, "create", typeid, ...)
-    return make_proxy(s.ref, id, tid, kind, exposed)
+    local sess = session(s.ref)
+    local id, tid, kind, exposed = call(s.ref, 0, "create", sess.token, typeid, ...)
+    return make_proxy(s.ref, id, tid, kind, exposed, sess)
   end
 end
 
@@ -1498,11 +1750,19 @@ function BaseManager:connect()
   return self
 end
 
+-- (private, for tests) how many objects the server holds now
+function BaseManager:_object_count()
+  local s = bm_state(self)
+  if not s.ref then raise("Value", "manager is not started or connected") end
+  return call(s.ref, 0, "_count")
+end
+
 function BaseManager:shutdown()
   local s = BM[self]
   if not s or s.down then return end
   s.down = true
   if s.ref then drop_connection(s.ref.key) end
+  if s.ref and s.child then drop_session(s.ref.key) end
   local child = s.child
   if child and child:poll() == nil then
     child:signal(core.SIGTERM)
