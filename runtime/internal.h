@@ -267,6 +267,8 @@ luamp_fdlist *luamp_fds_check_bundle(lua_State *L, int idx);
 pid_t luamp_fork(int daemon);
 /* True in a daemon process (which may not start children). */
 int luamp_is_daemon(void);
+/* True while a child this process forked is not yet reaped (repl.c's relay asks). */
+int luamp_children_live(void);
 /* Joins non-daemon children and terminates daemon ones; safe to call more than once.
  * Registered as an exit hook (program end, child exit) by luamp_open_process. */
 void luamp_children_finish(void);

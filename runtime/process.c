@@ -106,6 +106,8 @@ static struct sigaction worker_inherited[N_WORKER_SIGNALS];
 
 int luamp_is_daemon(void) { return reg.in_daemon; }
 
+int luamp_children_live(void) { return reg.live != NULL; }
+
 static void list_remove(child *c) {
   if (c->prev) c->prev->next = c->next;
   else if (reg.live == c) reg.live = c->next;

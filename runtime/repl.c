@@ -130,7 +130,11 @@ static int decode_key(char *bytes, size_t *n, wchar_t *wc) {
  * prompt is shown, the thread first clears the prompt's line and, once the output is
  * written, wakes read_key through an eventfd, which has libedit redraw the prompt and
  * what was typed. Before the REPL writes, relay_settle asks the thread to write out what
- * the pty holds and waits for its answer (two more eventfds). The thread uses only
+ * the pty holds and waits for its answer (two more eventfds). The statements' own writes
+ * to the terminal (print, io.write, a write method on io.stdout/io.stderr: the REPL
+ * wraps them, relay_wrap_writes) settle first too, but only while children's output may
+ * be on its way (relay_before_user_write), so they cost nothing more when no child was
+ * forked or all are reaped and relayed. The thread uses only
  * poll/read/write/ioctl on fds it owns and atomics (no stdio, no locks), so a fork at any
  * moment is safe; it runs until the program ends, as children may outlive
  * the REPL. External commands (luamp.subprocess) keep the real terminal. */
@@ -144,12 +148,14 @@ static atomic_int relay_at_prompt;
 static atomic_int relay_alive;      /* the thread runs (it stops at a read error) */
 static atomic_ullong relay_asked;   /* settle requests made, by the main thread */
 static atomic_ullong relay_answered;/* the latest request whose output is all written */
+static atomic_int relay_holding;    /* the thread has read output it has not yet written */
+static atomic_int relay_children;   /* a child was forked since the relay was last found
+                                     * idle with none alive (relay_before_user_write) */
 static int child_stdio_fd = -1;     /* the pty's slave end, for children */
 
-/* A settle may chase at most this many times what the line discipline's buffer (4095
- * bytes) held when full: more may wait behind it, but a child printing without pause
- * must not hold the prompt up for ever. */
-#define RELAY_FULL 4095
+/* A settle counts what the pty holds again, once what it counted is written, at most
+ * this many times: more may have waited behind it (see relay_main), but a child printing
+ * without pause must not hold the prompt up for ever. */
 #define RELAY_MAX_REFILLS 16
 /* relay_settle waits at most this long for an answer; only a terminal that takes no
  * output (Ctrl-S) or a thread that never runs comes near it. */
@@ -159,6 +165,11 @@ static int child_stdio_fd = -1;     /* the pty's slave end, for children */
 static void relay_child_after_fork(void) {
   if (isatty(STDOUT_FILENO)) dup2(child_stdio_fd, STDOUT_FILENO);
   if (isatty(STDERR_FILENO)) dup2(child_stdio_fd, STDERR_FILENO);
+}
+
+static void relay_parent_after_fork(pid_t pid) {
+  (void)pid;
+  atomic_store_explicit(&relay_children, 1, memory_order_relaxed);
 }
 
 static void write_all(int fd, const char *p, size_t n) {
@@ -183,7 +194,9 @@ static void drain_event(int fd) {
 
 /* What the pty holds unread. poll() first: a child's write reaches the master's line
  * discipline through a kernel work item, after the write has returned, and FIONREAD
- * alone does not count what that item still carries; poll on the master completes it. */
+ * alone does not count what that item still carries; poll on the master completes it,
+ * but only when the line discipline holds nothing (with something there it answers at
+ * once), so a count of more than 0 may leave bytes out. */
 static int relay_unread(void) {
   struct pollfd pf = {.fd = relay_master, .events = POLLIN};
   int pending = 0;
@@ -192,22 +205,21 @@ static int relay_unread(void) {
 }
 
 /* The relay thread is the master's only reader, so it alone can say which bytes were
- * already in the pty when a settle was asked for: it counts FIONREAD at the request (its
- * own reads cannot run in between) and answers once that many more bytes are written to
- * the terminal. Output arriving later is not waited for, so a child that keeps printing
- * delays the prompt by at most RELAY_MAX_REFILLS full buffers, not for ever. */
+ * already in the pty when a settle was asked for: it counts them at the request (its own
+ * reads cannot run in between), writes that many to the terminal, and counts again, until
+ * a count finds the pty empty. Only such a count is sure to see everything written before
+ * it (relay_unread: a work item may still carry bytes behind those counted; and the line
+ * discipline's buffer holds 4095, more waits behind a full one). A child that keeps
+ * printing delays the answer by at most RELAY_MAX_REFILLS buffers, not for ever. */
 static void *relay_main(void *arg) {
   (void)arg;
   char buf[4096], out[4096 + 8];
   unsigned long long ticket = 0;   /* the request being served, 0: none */
   long owed = 0;                   /* bytes of it still to write */
-  int full = 0, refills = 0;       /* the pty's buffer was full when counted */
+  int refills = 0;                 /* counts again made for it */
   for (;;) {
     if (ticket && owed == 0) {
-      if (full && refills++ < RELAY_MAX_REFILLS) {
-        owed = relay_unread();
-        full = owed >= RELAY_FULL;
-      }
+      if (refills++ < RELAY_MAX_REFILLS) owed = relay_unread();
       if (owed == 0) {
         atomic_store(&relay_answered, ticket);
         post_event(relay_told);
@@ -225,12 +237,17 @@ static void *relay_main(void *arg) {
       ticket = atomic_load(&relay_asked);
       refills = 0;
       owed = relay_unread();
-      full = owed >= RELAY_FULL;
       continue;
     }
     if (!(pf[0].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+    /* set before the read: from when the bytes leave the pty until they are written,
+     * relay_quiet sees them here */
+    atomic_store(&relay_holding, 1);
     ssize_t n = read(relay_master, buf, sizeof buf);   /* non-blocking */
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
+      atomic_store(&relay_holding, 0);
+      continue;
+    }
     if (n <= 0) break;
     int prompt = atomic_load(&relay_at_prompt);
     size_t k = 0;
@@ -239,9 +256,11 @@ static void *relay_main(void *arg) {
     k += (size_t)n;
     if (prompt && buf[n - 1] != '\n') { out[k++] = '\r'; out[k++] = '\n'; }
     write_all(relay_tty, out, k);
+    atomic_store(&relay_holding, 0);
     if (prompt) post_event(relay_event);
     if (ticket) owed = owed > n ? owed - n : 0;
   }
+  atomic_store(&relay_holding, 0);
   atomic_store(&relay_alive, 0);
   post_event(relay_told);
   return NULL;
@@ -291,7 +310,7 @@ static void relay_start(void) {
     goto fail;
   }
   child_stdio_fd = slave;
-  luamp_atfork(NULL, NULL, relay_child_after_fork);
+  luamp_atfork(NULL, relay_parent_after_fork, relay_child_after_fork);
   return;
 fail:
   if (slave >= 0) close(slave);
@@ -302,22 +321,93 @@ fail:
   close(master);
 }
 
-/* Before the REPL writes (results, the prompt): what children wrote so far goes out
- * first, so that a child's line printed before p:join() returned shows above the result.
- * Asks the relay thread and waits for its answer (relay_main says which bytes that
- * covers), not for a quiet moment: the thread may hold a chunk it has read and not yet
- * written, which no look at the pty can see. */
+/* Before the REPL writes (results, the prompt, an error, a statement's print): what
+ * children wrote so far goes out first, so that a child's line printed before p:join()
+ * returned shows above what comes next. Asks the relay thread and waits for its answer
+ * (relay_main says which bytes that covers), not for a quiet moment: the thread may hold
+ * a chunk it has read and not yet written. A Ctrl-C ends the wait (within a
+ * LUAMP_WAIT_SLICE, should it land just before a poll): it is raised when the code goes
+ * on, or discards the line at the prompt. */
 static void relay_settle(void) {
   if (relay_master < 0 || !atomic_load(&relay_alive)) return;
   unsigned long long ticket = atomic_fetch_add(&relay_asked, 1) + 1;
   post_event(relay_ask);
   double deadline = luamp_now() + RELAY_SETTLE_GUARD_MS / 1000.0;
   while (atomic_load(&relay_answered) < ticket && atomic_load(&relay_alive)) {
+    if (prompt_interrupted || luamp_interrupt_pending()) return;
     double left = deadline - luamp_now();
     if (left <= 0) return;
+    if (left > LUAMP_WAIT_SLICE) left = LUAMP_WAIT_SLICE;
     struct pollfd pf = {.fd = relay_told, .events = POLLIN};
     if (poll(&pf, 1, (int)(left * 1000) + 1) > 0) drain_event(relay_told);
   }
+}
+
+/* Whether nothing children wrote is on its way: the pty holds nothing (poll also
+ * completes a write still in the kernel, see relay_unread) and the thread holds nothing.
+ * In that order: bytes gone from the pty when it is looked at were read with
+ * relay_holding set, which stays set until they are written. */
+static int relay_quiet(void) {
+  struct pollfd pf = {.fd = relay_master, .events = POLLIN};
+  if (poll(&pf, 1, 0) != 0) return 0;
+  return !atomic_load(&relay_holding);
+}
+
+/* Before a statement's own write to the terminal. Without a child forked since the relay
+ * was last idle with none alive, nothing can be on its way: no system call. */
+static void relay_before_user_write(void) {
+  if (!atomic_load_explicit(&relay_children, memory_order_relaxed)) return;
+  if (!relay_quiet()) {
+    relay_settle();
+  } else if (!luamp_children_live()) {
+    /* children are forked by this thread only, so none can come in between */
+    atomic_store_explicit(&relay_children, 0, memory_order_relaxed);
+  }
+}
+
+/* The wrappers: upvalue 1 is the function wrapped. */
+static int relay_call_wrapped(lua_State *L) {
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static int relay_print(lua_State *L) {
+  relay_before_user_write();
+  return relay_call_wrapped(L);
+}
+
+/* file:write: only a write to the terminal's streams waits; other files stay as fast. */
+static int relay_file_write(lua_State *L) {
+  const luaL_Stream *s = luaL_testudata(L, 1, LUA_FILEHANDLE);
+  if (s && s->closef && (s->f == stdout || s->f == stderr)) relay_before_user_write();
+  return relay_call_wrapped(L);
+}
+
+/* Replaces the function at t[name] (t on top) by fn wrapping it. */
+static void relay_wrap(lua_State *L, const char *name, lua_CFunction fn) {
+  if (lua_getfield(L, -1, name) != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushcclosure(L, fn, 1);
+  lua_setfield(L, -2, name);
+}
+
+/* With the relay running: print, io.write and the files' write method settle it first
+ * (io.write always: its file is io.output(), the terminal unless the code changed it). */
+static void relay_wrap_writes(lua_State *L) {
+  if (relay_master < 0) return;
+  int top = lua_gettop(L);
+  lua_pushglobaltable(L);
+  relay_wrap(L, "print", relay_print);
+  if (lua_getfield(L, -1, "io") == LUA_TTABLE) relay_wrap(L, "write", relay_print);
+  lua_settop(L, top);
+  if (luaL_getmetatable(L, LUA_FILEHANDLE) == LUA_TTABLE &&
+      lua_getfield(L, -1, "__index") == LUA_TTABLE)
+    relay_wrap(L, "write", relay_file_write);
+  lua_settop(L, top);
 }
 
 /* In read_key: output was written over the prompt; draw it again with what was typed. */
@@ -774,7 +864,7 @@ static void banner(void) {
          LUAMP_VERSION, LUA_RELEASE);
 }
 
-static void setup_terminal(repl *r) {
+static void setup_terminal(lua_State *L, repl *r) {
   rl_readline_name = "luamp";          /* for "luamp:" lines in ~/.editrc */
   rl_catch_signals = 0;
   rl_getc_function = read_key;
@@ -782,6 +872,7 @@ static void setup_terminal(repl *r) {
   char *saved = enter_user_locale();
   rl_initialize();
   relay_start();
+  relay_wrap_writes(L);
   history_begin(r);
   leave_user_locale(saved);
   banner();
@@ -793,7 +884,7 @@ static int repl_loop(lua_State *L) {
   lua_settop(L, 0);
   push_printer(L);
   r->printer = lua_gettop(L);
-  if (r->tty) setup_terminal(r);
+  if (r->tty) setup_terminal(L, r);
   for (;;) {
     int ended = 0;
     int status = next_statement(L, r, &ended);
@@ -802,8 +893,12 @@ static int repl_loop(lua_State *L) {
       continue;
     }
     if (status == LUA_OK) status = run(L, 0, LUA_MULTRET);
-    if (status == LUA_OK) print_results(L, r, r->printer);
-    else report(L, NULL);
+    if (status == LUA_OK) {
+      print_results(L, r, r->printer);
+    } else {
+      relay_settle();           /* the error shows below what children wrote before it */
+      report(L, NULL);
+    }
     lua_settop(L, r->printer);
     fflush(stdout);
     if (ended) break;

@@ -13,6 +13,8 @@ STEPS_FILE has one step per line:
                    keys (typed before that, ^C and ^D act as in a cooked terminal)
     signal NAME    send signal NAME (e.g. INT) to the program
     exit CODE      wait for the program to end with status CODE (-N: killed by signal N)
+    show           print everything the program wrote so far, between lines "<<<OUTPUT"
+                   and "OUTPUT>>>" (for checks a regular expression cannot make)
 Every wait gives up after TIMEOUT seconds (the machine may be loaded). On success
 prints "PASS"; on failure prints the failing step and the output seen, and exits 1.
 """
@@ -111,6 +113,11 @@ def main():
             if status != int(arg):
                 print("exit status %r, expected %s" % (status, arg))
                 fail(step)
+        elif verb == "show":
+            sys.stdout.write("<<<OUTPUT\n")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(out)
+            sys.stdout.write("\nOUTPUT>>>\n")
         else:
             fail(step)
     print("PASS")

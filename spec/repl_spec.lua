@@ -171,6 +171,62 @@ describe("REPL on a terminal", function()
     session(steps)
   end)
 
+  -- A child's lines written before join() returned (or before it answered through a
+  -- Queue) must be on the terminal before what the statement writes next, by print,
+  -- io.write or a file method on stdout/stderr, or the error it raises, not only before
+  -- the result or the prompt.
+  -- Before the fix AFTER landed among the child's lines in 1 to 6 rounds of 30 (every
+  -- run of 5, every kind of write); LUAMP_REPL_FLUSH_ROUNDS sets how many rounds.
+  it("prints a child's output before what the statement writes after join(), every time", function()
+    local rounds = tonumber(os.getenv("LUAMP_REPL_FLUSH_ROUNDS") or "60")
+    local child = "for i = 1, 300 do print('n' .. i) end"
+    local writes = {"print('AF' .. 'TER')", "io.write('AF' .. 'TER', '\\n')",
+      "io.stdout:write('AF' .. 'TER\\n')", "io.stderr:write('AF' .. 'TER\\n')",
+      "error('AF' .. 'TER', 0)"}
+    local steps = {P.prompt()}
+    for i = 1, rounds do
+      local stmt
+      if i % 6 == 0 then      -- the child goes on living: it tells the parent through a Queue
+        stmt = ("q = luamp.Queue(); p = luamp.Process{target = function() %s q:put(1) end}; " ..
+          "p:start(); q:get(); print('AF' .. 'TER'); p:join()"):format(child)
+      else
+        stmt = ("p = luamp.Process{target = function() %s end}; p:start(); p:join(); %s")
+          :format(child, writes[i % 6])
+      end
+      steps[#steps + 1] = P.send(stmt .. "\r")
+      steps[#steps + 1] = P.expect("AFTER\r\n")
+      steps[#steps + 1] = P.prompt()
+    end
+    steps[#steps + 1] = "show"
+    steps[#steps + 1] = P.send("\4")
+    steps[#steps + 1] = P.exit(0)
+    local ok, transcript = P.session({}, steps, {LUAMP_HISTORY = history})
+    assert(ok, transcript)
+    local out = assert(transcript:match("<<<OUTPUT\n(.*)\nOUTPUT>>>\n"), transcript)
+    -- per round, the child's lines n1..n300 in order, then AFTER; a prompt redraw's
+    -- escape sequence may start a line
+    local bad, seen, round = {}, {}, 0
+    for line in out:gmatch("[^\n]*") do
+      line = line:gsub("\r", ""):gsub("\27%[K", "")
+      local n = line:match("^n(%d+)$")
+      if n then
+        -- a round's child starts again at n1; lines of the round before still coming
+        -- after its AFTER are dropped (that round is counted bad already)
+        if n == "1" then seen = {} end
+        seen[#seen + 1] = tonumber(n)
+      elseif line == "AFTER" then
+        round = round + 1
+        local fine = #seen == 300
+        for k = 1, #seen do fine = fine and seen[k] == k end
+        if not fine then bad[#bad + 1] = ("%d (%d lines)"):format(round, #seen) end
+        seen = {}
+      end
+    end
+    assert.equal(rounds, round)
+    assert(#bad == 0, ("%d of %d rounds had AFTER among the child's lines (rounds %s)")
+      :format(#bad, rounds, table.concat(bad, ", ")))
+  end)
+
   it("interrupts the children started at the prompt too, as the terminal signals them", function()
     session({
       P.prompt(),
