@@ -165,6 +165,11 @@ static int child_stdio_fd = -1;     /* the pty's slave end, for children */
 static void relay_child_after_fork(void) {
   if (isatty(STDOUT_FILENO)) dup2(child_stdio_fd, STDOUT_FILENO);
   if (isatty(STDERR_FILENO)) dup2(child_stdio_fd, STDERR_FILENO);
+  /* the child has no relay thread: its wrapped print must not ask the parent's (the
+   * eventfds are shared), nor wait for an answer */
+  relay_master = -1;
+  atomic_store(&relay_alive, 0);
+  atomic_store(&relay_children, 0);
 }
 
 static void relay_parent_after_fork(pid_t pid) {
@@ -356,7 +361,7 @@ static int relay_quiet(void) {
 /* Before a statement's own write to the terminal. Without a child forked since the relay
  * was last idle with none alive, nothing can be on its way: no system call. */
 static void relay_before_user_write(void) {
-  if (!atomic_load_explicit(&relay_children, memory_order_relaxed)) return;
+  if (relay_master < 0 || !atomic_load_explicit(&relay_children, memory_order_relaxed)) return;
   if (!relay_quiet()) {
     relay_settle();
   } else if (!luamp_children_live()) {
@@ -365,12 +370,11 @@ static void relay_before_user_write(void) {
   }
 }
 
-/* The wrappers: upvalue 1 is the function wrapped. */
+/* The wrappers: upvalue 1 is the function wrapped, a C function without upvalues
+ * (relay_wrap sees to it), run in the wrapper's own frame: no call more, and an error or
+ * a traceback names the function as before. */
 static int relay_call_wrapped(lua_State *L) {
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-  return lua_gettop(L);
+  return lua_tocfunction(L, lua_upvalueindex(1))(L);
 }
 
 static int relay_print(lua_State *L) {
@@ -385,10 +389,13 @@ static int relay_file_write(lua_State *L) {
   return relay_call_wrapped(L);
 }
 
-/* Replaces the function at t[name] (t on top) by fn wrapping it. */
+/* Replaces the C function at t[name] (t on top) by fn wrapping it; anything else (a
+ * function the code replaced already) is left alone. */
 static void relay_wrap(lua_State *L, const char *name, lua_CFunction fn) {
-  if (lua_getfield(L, -1, name) != LUA_TFUNCTION) {
-    lua_pop(L, 1);
+  int top = lua_gettop(L);
+  lua_getfield(L, -1, name);
+  if (!lua_tocfunction(L, -1) || lua_getupvalue(L, -1, 1)) {
+    lua_settop(L, top);
     return;
   }
   lua_pushcclosure(L, fn, 1);

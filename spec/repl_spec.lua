@@ -227,6 +227,31 @@ describe("REPL on a terminal", function()
       :format(#bad, rounds, table.concat(bad, ", ")))
   end)
 
+  -- A child inherits the wrapped print, but not the relay thread: with another child
+  -- flooding the relay, its prints must not wait for an answer that never comes.
+  it("lets a child print at full speed while another floods the relay", function()
+    session({
+      P.prompt(),
+      P.send("a = luamp.Process{daemon = true, target = function() for i = 1, math.huge do print('a' .. i) end end}; " ..
+        "a:start(); n = 0; for k = 1, 3 do b = luamp.Process{target = function() for i = 1, 100 do print('b' .. i) end end}; " ..
+        "b:start(); b:join(4); n = n + (b.exitcode == 0 and 1 or 0); b:terminate(); b:join() end; " ..
+        "a:terminate(); a:join(); return 'finished in time: ' .. n\r"),
+      P.expect("finished in time: 3"),
+      P.prompt(), P.send("\4"), P.exit(0)})
+  end)
+
+  -- Each print settles the relay while a child floods it: Ctrl-C still stops the loop.
+  it("stops a printing loop on Ctrl-C while a child keeps printing", function()
+    session({
+      P.prompt(),
+      P.send("p = luamp.Process{daemon = true, target = function() for i = 1, math.huge do print('c' .. i) end end}; " ..
+        "p:start(); for i = 1, math.huge do print('m' .. i) end\r"),
+      P.expect("m200\r\n"), P.send("\3"), P.expect("luamp\\.Interrupted: interrupted"),
+      -- the terminal signalled the child too
+      P.prompt(), P.send("p:join(); return p.exitcode\r"), P.expect("\r\n1\r\n"),
+      P.prompt(), P.send("\4"), P.exit(0)})
+  end)
+
   it("interrupts the children started at the prompt too, as the terminal signals them", function()
     session({
       P.prompt(),
