@@ -115,8 +115,12 @@ end
 
 -- Writes a Lua script to a temp file and returns its path.
 function H.script(src)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w")); f:write(src); f:close()
+  -- (written into the file os.tmpname made, then renamed: a ".lua" beside it left the
+  -- empty base file behind, tens of thousands of them in /tmp)
+  local base = os.tmpname()
+  local f = assert(io.open(base, "w")); f:write(src); f:close()
+  local path = base .. ".lua"
+  assert(os.rename(base, path))
   return path
 end
 
