@@ -1238,13 +1238,19 @@ local function serve(listener, authkey, registry, address)
     return nil
   end
 
-  pin_own_object = function(s)
-    if s.ref.key ~= my_key then return false end
-    local entry = objects[s.id]
+  -- object id is never released from now on (a proxy to it is being handed on); id is the
+  -- peer's word: anything but an object's id pins nothing
+  local function pin_id(id)
+    local entry = mtype(id) == "integer" and objects[id]
     if entry and entry.owner then
-      entry.owner.ids[s.id] = nil
+      entry.owner.ids[id] = nil
       entry.owner = nil
     end
+  end
+
+  pin_own_object = function(s)
+    if s.ref.key ~= my_key then return false end
+    pin_id(s.id)
     return true
   end
 
@@ -1366,13 +1372,7 @@ local function serve(listener, authkey, registry, address)
       if method == "_rel" then return release_then(...) end
       if method == "_session" then return new_session(current_conn) end
       if method == "_pin" then
-        -- the caller is handing a proxy on: the object is never released from now on
-        local pid = ...
-        local entry = mtype(pid) == "integer" and objects[pid]
-        if entry and entry.owner then
-          entry.owner.ids[pid] = nil
-          entry.owner = nil
-        end
+        pin_id((...))
         return true
       end
       if method == "_count" then return nobjects end
