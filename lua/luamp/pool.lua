@@ -98,7 +98,7 @@ local STALL_MIN = 0.02          -- a busy worker's chunk this far past its estim
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
 local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
 local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
-local RUN_OWN_HEAP = 256        -- a worker's first run this long copies its heap (own_heap)
+local RUN_OWN_HEAP = 256        -- runs of this many items in all copy a worker's heap (own_heap)
 local TERM_GRACE = 1.0          -- seconds between SIGTERM and SIGKILL in terminate
 local NIL = setmetatable({}, {__name = "luamp.pool.nil"})   -- a nil result in a buffer
 local FAILED = {__name = "luamp.pool.failed"}   -- metatable of a failed chunk's mark
@@ -382,11 +382,15 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
   local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
-  -- before the first of them, or the first long run of small chunks: the heap left by
-  -- the fork is copied at once (core.own_heap), before the garbage collector's marking
-  -- writes into every page of it (a fault each, with a TLB flush: in a fresh Pool(2)
-  -- worker, 20,000 tasks of chunksize 1 took 14-19 ms of CPU instead of 2)
+  -- before the first of them, or once runs of small chunks have brought RUN_OWN_HEAP
+  -- items: the heap left by the fork is copied at once (core.own_heap), before the
+  -- garbage collector's marking writes into every page of it (a fault each, with a TLB
+  -- flush: in a fresh Pool(2) worker, 20,000 tasks of chunksize 1 took 14-19 ms of CPU
+  -- instead of 2). Counted over runs, not per run: a run holds at most MAX_AHEAD chunks,
+  -- so runs of chunksize 1 never reached RUN_OWN_HEAP on their own, and their workers
+  -- took ~90 copy-on-write faults from the collector in the middle of a map.
   local heap_owned = false
+  local run_total = 0
   local function big_tables()
     if not heap_owned then
       heap_owned = true
@@ -509,7 +513,10 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes = msg[i + 5]
-      if math.type(abytes) == "integer" and n >= RUN_OWN_HEAP then big_tables() end
+      if math.type(abytes) == "integer" and not heap_owned then
+        run_total = run_total + n
+        if run_total >= RUN_OWN_HEAP then big_tables() end
+      end
       if math.type(abytes) == "integer" and mode >= COALESCE and not maxtasks then
         if -abytes < 1 or not run_args then return 0 end
         if not run_coalesced(jobid, k, fid, mode - COALESCE, n, -abytes, run_args) then return 0 end
