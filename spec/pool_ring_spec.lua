@@ -697,6 +697,30 @@ describe("Pool over the ring", function()
       .. ncpu .. " CPUs (" .. table.concat(counts, ", ") .. " tasks)")
   end)
 
+  it("more workers than CPUs: workers left idle by tiny tasks answer at once when work comes back", function()
+    -- while tiny tasks run on one worker per CPU, the others leave the list of workers
+    -- the pool's waits look at (their doorbell words stay set): each must come back at
+    -- its first chunk, by every path, round after round
+    local p <close> = luamp.Pool(8)
+    local function sq(x) return x * x end
+    local function nap() luamp.sleep(0.01); return luamp.getpid() end
+    p:map(sq, range(1000), 1)   -- the pool learns that these tasks are tiny
+    for _ = 1, 4 do
+      local r = p:map(sq, range(20000), 1)
+      assert.equal(20000, r.n); assert.equal(400000000, r[20000])
+      local rs, pids = {}, {}
+      for i = 1, 8 do rs[i] = p:apply_async(nap) end   -- one to each idle worker
+      for i = 1, 8 do pids[#pids + 1] = rs[i]:get(30) end
+      assert.equal(8, distinct(pids))
+      r = p:map(sq, range(5000), 1)
+      assert.equal(25000000, r[5000])
+      assert.equal(8, distinct(p:map(nap, range(16), 1)))   -- chunks to every worker
+      local n = 0
+      for v, i in p:imap_unordered(sq, range(300), 1) do n = n + 1; assert.equal(i * i, v) end
+      assert.equal(300, n)
+    end
+  end)
+
   it("more workers than CPUs: tiny tasks of every kind keep their results (SPIN_OK)", function()
     -- a cpu_job's messages to an oversubscribed pool's workers say they may spin (a bit
     -- on the mode of the first chunk): every kind of chunk must still run as it is
