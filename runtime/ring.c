@@ -16,8 +16,9 @@
  * written: a marker (length with MARKER set, the tag, no bytes) goes in its place and the caller
  * sends the message on the pool's socket, after the marker, so the receiver takes
  * messages from both paths in the producer's order. Messages carrying descriptors always
- * go by the socket (the caller decides). The Pool never has more than a few dozen
- * messages outstanding on a ring, so a marker always fits.
+ * go by the socket (the caller decides). A marker always fits while fewer than
+ * MARKER_ROOM messages are outstanding: the Pool holds a worker to fewer chunks than that
+ * (it reads _core.ring_marker_room), each answered by one message at most.
  *
  * Whole records, few pages. A record never crosses the end of its area: a PAD header (the
  * rest of the area is unused) goes before one that would. So every record lies in one
@@ -76,7 +77,7 @@
 #define HDR_SIZE 4096u
 #define MARKER 0x80000000u
 #define PAD 0xffffffffu                   /* the rest of the area up to its end is unused */
-#define MARKER_ROOM 256u                  /* markers that always fit after a record */
+#define MARKER_ROOM 1024u                 /* markers that always fit after a record */
 #define MAP_STEP (64u << 10)              /* bytes of a ring area mapped ahead at once */
 
 typedef struct {
@@ -756,5 +757,7 @@ int luamp_open_ring(lua_State *L) {
   lua_setfield(L, -2, RING_MT);
   lua_pop(L, 1);
   luaL_setfuncs(L, fns, 1);   /* (the metatable, left on the stack, is their upvalue) */
+  lua_pushinteger(L, MARKER_ROOM);
+  lua_setfield(L, -2, "ring_marker_room");
   return 0;
 }

@@ -100,8 +100,9 @@ describe("Pool and Ctrl-C", function()
     local luamp = require "luamp"
     local p = luamp.Pool(2)
     -- (a little work per item: a bare x * x over a million items of 3 once ended within
-    -- the 100 ms before the signal)
-    local function sq(x) for _ = 1, 200 do end return x * x end
+    -- the 100 ms before the signal, and so did 200 turns of an empty loop per item once
+    -- batches of tiny tasks grew to 512; the run ends at the Ctrl-C, so more costs nothing)
+    local function sq(x) for _ = 1, 2000 do end return x * x end
     p:map(sq, {1, 2, 3, 4})
     local input = {}
     for i = 1, 1000000 do input[i] = i end

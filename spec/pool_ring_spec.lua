@@ -194,6 +194,36 @@ describe("pool ring", function()
     r:close()
   end)
 
+  it("keeps room for ring_marker_room markers whatever the records before them did", function()
+    -- The Pool holds a worker to fewer chunks than this, each answered by one message
+    -- at most: a worker must never find its ring without room for the next one's marker.
+    -- The hardest case: the ring went back to the start of its area (an empty ring whose
+    -- next record fits before the write offset), so only the bytes before that offset
+    -- are free until the reader passes the pad. (With 512 chunks a worker against room
+    -- for 256 markers, timed chunks filled a ring this way and killed their workers.)
+    local room = core.ring_marker_room
+    assert.is_true(room >= 2 * 512)
+    for _, first in ipairs({0, 1, 100, 8 * room, 8 * room + 100, 64 * 1024}) do
+      local r = core.ring_new()
+      assert.is_true(r:put(1, string.rep("a", first)))
+      assert.equal(first, #r:take(1))
+      assert.is_true(r:put(1, "b"))   -- may go back to the start, behind a pad
+      for i = 1, room - 1 do
+        assert(r:put(1, string.rep("c", 64 * 1024)) ~= nil, i)
+      end
+      local n, markers = 0, 0
+      while true do
+        local m = r:take(1)
+        if m == nil then break end
+        n = n + 1
+        if m == false then markers = markers + 1 end
+      end
+      assert.equal(room, n)
+      assert.is_true(markers > 0, "the ring held every record: no marker was needed")
+      r:close()
+    end
+  end)
+
   it("rings the doorbell only while the consumer says it sleeps", function()
     local r = core.ring_new()
     local fd = r:doorbell_fd(0)
@@ -589,7 +619,7 @@ describe("Pool over the ring", function()
   end
 
   it("a worker that has run runs of tiny tasks owns its heap before its collector marks it", function()
-    -- Runs hold at most 128 chunks: counted per run, chunksize 1 never reached the 256
+    -- Runs held at most 128 chunks: counted per run, chunksize 1 never reached the 256
     -- items that copy the heap in one call, and the collector's marking then copied it a
     -- page per fault in the middle of the map (before: 328 of 532 KiB of the worker's
     -- heap still shared after 1,500 tasks, taken later by ~90 faults; now none). In a

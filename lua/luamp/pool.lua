@@ -90,7 +90,15 @@ local IDLE40 = MASK40
 local SEQMASK = (1 << 23) - 1
 local TIMEOUT_POLL = 0.01       -- how often a timed chunk not yet started is looked at
 local FN_CACHE = 64             -- functions a worker keeps
-local MAX_AHEAD = 128           -- chunks one worker may hold
+-- chunks one worker may hold (besides PREFETCH_TIME and AHEAD_BYTES): tiny tasks of
+-- chunksize 1 go out in batches of this many, and each batch costs the parent ~25 us
+-- and often a worker's wake-up: at 128, 20,000 tasks took 169 batches and the parent
+-- 9-10 ms of CPU; at 512, 40 batches and 6-7 ms (1.6M -> 2.1M tasks/s on Pool(2); on
+-- Pool(8), whose wake-ups more often land on the parent's CPU, 1.4M -> 2.1M). At most
+-- half the markers a ring keeps room for (ring.c): every chunk answered on its own is a
+-- message its worker may leave unread in the ring (at 512 against room for 256, timed
+-- chunks filled a ring and killed its worker).
+local MAX_AHEAD = math.min(512, core.ring_marker_room // 2)
 local PREFETCH_TIME = 0.002     -- seconds of queued work a busy worker may hold
 local TINY_CHUNK = 5e-5         -- a chunk this short runs on busy workers only (tiny_busy)
 local TINY_ITEM = 2e-6          -- items this short are computation only (see cpu_job)
@@ -386,9 +394,10 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   -- items: the heap left by the fork is copied at once (core.own_heap), before the
   -- garbage collector's marking writes into every page of it (a fault each, with a TLB
   -- flush: in a fresh Pool(2) worker, 20,000 tasks of chunksize 1 took 14-19 ms of CPU
-  -- instead of 2). Counted over runs, not per run: a run holds at most MAX_AHEAD chunks,
-  -- so runs of chunksize 1 never reached RUN_OWN_HEAP on their own, and their workers
-  -- took ~90 copy-on-write faults from the collector in the middle of a map.
+  -- instead of 2). Counted over runs, not per run: a run holds at most MAX_AHEAD chunks
+  -- (128 then), and fewer while the estimate is young, so runs of chunksize 1 did not
+  -- reach RUN_OWN_HEAP on their own, and their workers took ~90 copy-on-write faults
+  -- from the collector in the middle of a map.
   local heap_owned = false
   local run_total = 0
   local function big_tables()
