@@ -990,14 +990,17 @@ end
 
 -- ---- parent side: workers ------------------------------------------------------------
 
+-- (and whether some worker has no sentinel fd, so that the waits look at the workers'
+-- states every tick: see wait_once)
 local function rebuild_fds(st)
   local fds, by_fd = {}, {}
+  local no_sentinel = false
   for _, w in ipairs(st.workers) do
     if not w.eof then fds[#fds + 1] = w.cfd; by_fd[w.cfd] = w end
     fds[#fds + 1] = w.efd; by_fd[w.efd] = w
-    if w.sfd and w.sfd >= 0 then fds[#fds + 1] = w.sfd; by_fd[w.sfd] = w end
+    if w.sfd and w.sfd >= 0 then fds[#fds + 1] = w.sfd; by_fd[w.sfd] = w else no_sentinel = true end
   end
-  st.fds, st.by_fd, st.fds_dirty = fds, by_fd, false
+  st.fds, st.by_fd, st.fds_dirty, st.no_sentinel = fds, by_fd, false, no_sentinel
 end
 
 -- The workers that may have something to say: every one that holds chunks, has not
@@ -1905,7 +1908,7 @@ end
 -- look again (nil: no timed task is running).
 local function check_timeouts(st)
   local wake, killed
-  local ws = st.workers
+  local ws = st.active   -- (a worker holding a chunk is there)
   for i = 1, #ws do
     local w = ws[i]
     local c = w.inflight[w.inflight.first]
@@ -2191,12 +2194,7 @@ local function wait_once(st, deadline)
   local timeout
   if deadline then timeout = math.max(0, deadline - now()) end
   if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
-  local tick = false
-  local ws = st.workers
-  for i = 1, #ws do
-    local w = ws[i]
-    if not w.sfd or w.sfd < 0 then tick = true end
-  end
+  local tick = st.no_sentinel
   if tick then timeout = math.min(timeout or 0.05, 0.05) end
   if #fds == 0 and not tick and not deadline then
     raise("Value", "pool has no workers left to wait for")
