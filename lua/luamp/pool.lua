@@ -106,7 +106,6 @@ local STALL_MIN = 0.02          -- a busy worker's chunk this far past its estim
 local AHEAD_BYTES = 256 * 1024  -- bytes queued to a busy worker
 local INLINE_MAX = 16 * 1024    -- larger chunk arguments travel as a message of their own
 local SCRATCH_MIN = 1024        -- chunks this large are sliced into a reused table
-local RUN_OWN_HEAP = 256        -- runs of this many items in all copy a worker's heap (own_heap)
 local TERM_GRACE = 1.0          -- seconds between SIGTERM and SIGKILL in terminate
 local NIL = setmetatable({}, {__name = "luamp.pool.nil"})   -- a nil result in a buffer
 local FAILED = {__name = "luamp.pool.failed"}   -- metatable of a failed chunk's mark
@@ -390,16 +389,11 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
   end
   local out, out_n = nil, 0   -- the results table of big chunks, reused
   local argbuf, argbuf_n = nil, 0   -- the arguments table of big chunks, reused
-  -- before the first of them, or once runs of small chunks have brought RUN_OWN_HEAP
-  -- items: the heap left by the fork is copied at once (core.own_heap), before the
-  -- garbage collector's marking writes into every page of it (a fault each, with a TLB
-  -- flush: in a fresh Pool(2) worker, 20,000 tasks of chunksize 1 took 14-19 ms of CPU
-  -- instead of 2). Counted over runs, not per run: a run holds at most MAX_AHEAD chunks
-  -- (128 then), and fewer while the estimate is young, so runs of chunksize 1 did not
-  -- reach RUN_OWN_HEAP on their own, and their workers took ~90 copy-on-write faults
-  -- from the collector in the middle of a map.
+  -- before the first of them: the heap left by the fork is copied at once
+  -- (core.own_heap), before the collections their big tables bring write into every page
+  -- of it (a fault each, with a TLB flush). Small chunks leave it shared: the parent aged
+  -- its objects before the fork (age_heap), so the worker's young collections pass them by.
   local heap_owned = false
-  local run_total = 0
   local function big_tables()
     if not heap_owned then
       heap_owned = true
@@ -522,10 +516,6 @@ local function worker_loop(conn, ring, maxtasks, stamps, slot, epoch, spin)
     for i = 4, #msg, 6 do
       local jobid, k, fid, mode, n = msg[i], msg[i + 1], msg[i + 2], msg[i + 3], msg[i + 4]
       local abytes = msg[i + 5]
-      if math.type(abytes) == "integer" and not heap_owned then
-        run_total = run_total + n
-        if run_total >= RUN_OWN_HEAP then big_tables() end
-      end
       if math.type(abytes) == "integer" and mode >= COALESCE and not maxtasks then
         if -abytes < 1 or not run_args then return 0 end
         if not run_coalesced(jobid, k, fid, mode - COALESCE, n, -abytes, run_args) then return 0 end
@@ -1053,6 +1043,23 @@ local function unregister(st, w)
 end
 
 local worker_count = 0           -- names the workers PoolWorker-1, -2... (as Python does)
+
+-- Before workers are forked: two young collections, so that every object the workers
+-- inherit is old for good. Lua 5.4's generational collector re-marks the objects that
+-- turned old in its previous cycle at its next one; a worker forked between the two
+-- marked them all at its first collection, writing into every page of the heap it
+-- shares with the parent: each a copy-on-write fault with a TLB flush (509 faults for a
+-- 2 MiB heap; after two young steps, 30). A fresh Pool(8) worker took ~90 such faults in
+-- the middle of a map of tiny tasks. The steps cost the parent a young collection each,
+-- not a full one. (Nothing when the program stopped the collector; spawn and forkserver
+-- workers share no heap.)
+local function age_heap(st)
+  if st.method == "spawn" or st.method == "forkserver" or not collectgarbage("isrunning") then
+    return
+  end
+  collectgarbage("step", 0)
+  collectgarbage("step", 0)
+end
 
 function spawn(st)
   local a, b = Pipe()
@@ -1946,6 +1953,7 @@ end
 function repopulate(st)
   if st.state == "TERMINATE" or st.broken then return end
   if st.state == "CLOSE" and st.njobs == 0 then return end
+  if #st.workers - st.dying < st.processes then age_heap(st) end
   while #st.workers - st.dying < st.processes do spawn(st) end
 end
 
@@ -2851,6 +2859,7 @@ local function new_pool(opts)
   local self = setmetatable({}, Pool_mt)
   S[self] = st
   live_pools[st] = true
+  age_heap(st)
   local ok, err = pcall(function() for _ = 1, n do spawn(st) end end)   -- re-raised
   if not ok then
     terminate(st)
