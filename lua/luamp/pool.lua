@@ -996,10 +996,10 @@ end
 -- The workers that may have something to say: every one that holds chunks, has not
 -- reported its start, or owes a message, and perhaps some that no longer do (st.active,
 -- a superset). The loops of every round of a wait (tiny_busy, a dispatch to busy
--- workers, spin_for_result, drain_unannounced, set_awake) go over these alone: in
--- Pool(8) on 2 CPUs with tiny tasks, six of the eight hold nothing, and going over them
--- several times per round (a C call each in set_awake) cost 20,000 tasks of chunksize 1
--- about 6% of their throughput.
+-- workers, spin_for_result, drain_unannounced, set_awake, check_timeouts) go over these
+-- alone: in Pool(8) on 2 CPUs with tiny tasks, six of the eight hold nothing, and going
+-- over them several times per round (a C call each in set_awake) cost 20,000 tasks of
+-- chunksize 1 about 6% of their throughput.
 -- A worker joins when it starts or is given chunks; it leaves in prune_active, once it
 -- holds and owes nothing and has no message waiting, with its doorbell word set: a
 -- worker not in the list always rings the doorbell for whatever it sends.
