@@ -981,7 +981,7 @@ end
 -- ---- parent side: workers ------------------------------------------------------------
 
 -- (and whether some worker has no sentinel fd, so that the waits look at the workers'
--- states every tick: see wait_once)
+-- states every tick: see wait_once and wait_many)
 local function rebuild_fds(st)
   local fds, by_fd = {}, {}
   local no_sentinel = false
@@ -2036,7 +2036,7 @@ local function drain_unannounced(st)
     -- (a worker that has reported its start and holds no chunk has nothing to say: most
     -- of an oversubscribed pool's workers, while tiny tasks run on one per CPU; what it
     -- sends anyway is seen by the next wait, as set_awake finds it)
-    if w and not w.dead and (w.inflight.first <= w.inflight.last or not w.init_seen or w.owed > 0)
+    if w and not w.dead and not is_idle(w)
         and (w.ring:has(1) or w.owed > 0 and w.conn:_ready_now()) then
       drain(st, w)
       any = true
@@ -2236,9 +2236,7 @@ local function wait_many(sts, deadline)
     if wake then timeout = math.max(0, math.min(timeout or math.huge, wake - now())) end
     if st.fds_dirty then rebuild_fds(st) end
     for _, fd in ipairs(st.fds) do fds[#fds + 1] = fd; owner[fd] = st end
-    for _, w in ipairs(st.workers) do
-      if not w.sfd or w.sfd < 0 then timeout = math.min(timeout or 0.05, 0.05) end
-    end
+    if st.no_sentinel then timeout = math.min(timeout or 0.05, 0.05) end
   end
   if #fds == 0 and not timeout then
     raise("Value", "the pools have no workers left to wait for")
