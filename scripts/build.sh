@@ -11,15 +11,7 @@ cd "$(dirname "$0")/.."
 # Redis protocol), redis-server (its specs start their own).
 pkgs=(cmake gcc make pkg-config liblua5.4-dev lua5.4 libuv1-dev libedit-dev
       lua-busted luarocks python3 libhiredis-dev libsodium-dev redis-server)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+scripts/apt-install.sh "${pkgs[@]}"
 build=${LUAMP_BUILD:-build}
 # Not while a test run uses this build directory (scripts/test.sh holds a shared lock on
 # it): relinking $build/luamp under a running suite made the specs that exec it fail with

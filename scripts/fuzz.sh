@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 name=${1:?usage: scripts/fuzz.sh NAME [SECONDS]}
 secs=${2:-60}
 build=${LUAMP_FUZZ_BUILD:-build-fuzz}
-command -v clang >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang >/dev/null; }
+command -v clang >/dev/null || scripts/apt-install.sh clang
 CC=clang cmake -S . -B "$build" -DLUAMP_SANITIZE=ON -DLUAMP_FUZZ=ON >/dev/null
 cmake --build "$build" -j2 --target "fuzz_$name"
 work="$build/corpus_$name"

@@ -26,7 +26,7 @@ py=/usr/bin/python3
 have_py() { "$py" -c "import $1" 2>/dev/null; }
 if ! have_py rq || ! have_py celery; then
   if [[ $(id -u) == 0 ]]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-rq python3-celery >/dev/null 2>&1 || true
+    scripts/apt-install.sh python3-rq python3-celery >/dev/null 2>&1 || true
   fi
 fi
 

@@ -32,11 +32,8 @@ done
 
 # The Pool figures' thread-pool peer is Debian's lua-luv (a Lua 5.4 module): installed
 # here when missing and this is root with apt, else its columns read "-" and its goals n/a.
-if ! dpkg-query -W -f='${Status}' lua-luv 2>/dev/null | grep -q "ok installed" \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "installing: lua-luv"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua-luv >/dev/null) \
-    || echo "lua-luv could not be installed: the luv columns will read -"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  scripts/apt-install.sh lua-luv || echo "lua-luv could not be installed: the luv columns will read -"
 fi
 
 declare -A GOALS=(
